@@ -1,0 +1,187 @@
+//! The allocation table of an address space: every device-memory allocation, the pages that
+//! still reference it (reverse map), and release exactly once when the last page is gone.
+
+use crate::backend::{DevmemBacking, DevmemOps};
+use crate::page::{MAX_ALLOC_SLOTS, RmapEntry};
+use crate::types::{PageSize, PagemapId, Pfn};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A handle to one device-memory allocation of an address space. Stale handles (released
+/// allocations whose slot was reused) are recognised by their generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllocId {
+    pub(crate) slot: u32,
+    pub(crate) generation: u32,
+}
+
+impl fmt::Display for AllocId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}.{}", self.slot, self.generation)
+    }
+}
+
+/// Where an allocation is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocState {
+    /// Allocated, not yet migrated into.
+    Reserved,
+    /// A migration into it is running.
+    Migrating,
+    /// Its pages hold data of the address space.
+    Live,
+}
+
+/// A public snapshot of one allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocationInfo {
+    /// Its handle.
+    pub id: AllocId,
+    /// The pagemap it belongs to.
+    pub pagemap: PagemapId,
+    /// Pages allocated.
+    pub npages: usize,
+    /// Page size.
+    pub page_size: PageSize,
+    /// Pages of the address space that still reference it.
+    pub live_pages: usize,
+    /// Its state.
+    pub state: AllocState,
+    /// Until when a CPU access leaves its pages on the device (the timeslice).
+    pub expires: Instant,
+}
+
+pub(crate) struct AllocRecord {
+    pub generation: u32,
+    pub state: AllocState,
+    pub pagemap: PagemapId,
+    pub page_size: PageSize,
+    pub pfns: Vec<Pfn>,
+    pub rmap: Vec<RmapEntry>,
+    pub live: u32,
+    pub expires: Instant,
+    pub backing: Option<DevmemBacking>,
+    pub devmem: Arc<dyn DevmemOps>,
+}
+
+/// What must be released after the table's lock is dropped.
+pub(crate) type Release = (Arc<dyn DevmemOps>, DevmemBacking);
+
+#[derive(Default)]
+pub(crate) struct AllocTable {
+    slots: Vec<Option<AllocRecord>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    released: u64,
+}
+
+impl AllocTable {
+    pub(crate) fn insert(&mut self, mut rec: AllocRecord) -> Option<AllocId> {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                if self.slots.len() as u32 >= MAX_ALLOC_SLOTS {
+                    return None;
+                }
+                self.slots.push(None);
+                self.generations.push(0);
+                self.slots.len() as u32 - 1
+            }
+        };
+        let generation = self.generations[slot as usize].wrapping_add(1);
+        self.generations[slot as usize] = generation;
+        rec.generation = generation;
+        self.slots[slot as usize] = Some(rec);
+        Some(AllocId { slot, generation })
+    }
+
+    pub(crate) fn get(&self, id: AllocId) -> Option<&AllocRecord> {
+        self.slots
+            .get(id.slot as usize)?
+            .as_ref()
+            .filter(|r| r.generation == id.generation)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: AllocId) -> Option<&mut AllocRecord> {
+        self.slots
+            .get_mut(id.slot as usize)?
+            .as_mut()
+            .filter(|r| r.generation == id.generation)
+    }
+
+    /// The record in `slot`, whatever its generation (page entries carry slots only).
+    pub(crate) fn by_slot(&self, slot: u32) -> &AllocRecord {
+        self.slots[slot as usize]
+            .as_ref()
+            .expect("a page references a released allocation")
+    }
+
+    pub(crate) fn by_slot_mut(&mut self, slot: u32) -> &mut AllocRecord {
+        self.slots[slot as usize]
+            .as_mut()
+            .expect("a page references a released allocation")
+    }
+
+    pub(crate) fn id_of_slot(&self, slot: u32) -> AllocId {
+        AllocId {
+            slot,
+            generation: self.by_slot(slot).generation,
+        }
+    }
+
+    /// Removes the allocation and hands back what to release. Exactly once per allocation:
+    /// the record (and its backing) leaves the table here.
+    pub(crate) fn remove(&mut self, slot: u32) -> Option<Release> {
+        let rec = self.slots.get_mut(slot as usize)?.take()?;
+        self.free.push(slot);
+        self.released += 1;
+        rec.backing.map(|b| (rec.devmem, b))
+    }
+
+    /// Drops `n` page references of `slot`; removes it when none is left.
+    pub(crate) fn put_pages(&mut self, slot: u32, n: u32, out: &mut Vec<Release>) {
+        let rec = self.by_slot_mut(slot);
+        debug_assert!(rec.live >= n);
+        rec.live -= n;
+        if rec.live == 0 && rec.state == AllocState::Live {
+            out.extend(self.remove(slot));
+        }
+    }
+
+    pub(crate) fn info(&self, id: AllocId) -> Option<AllocationInfo> {
+        let r = self.get(id)?;
+        Some(AllocationInfo {
+            id,
+            pagemap: r.pagemap,
+            npages: r.pfns.len(),
+            page_size: r.page_size,
+            live_pages: r.live as usize,
+            state: r.state,
+            expires: r.expires,
+        })
+    }
+
+    pub(crate) fn all(&self) -> Vec<AllocationInfo> {
+        (0..self.slots.len() as u32)
+            .filter_map(|s| {
+                let g = self.slots[s as usize].as_ref()?.generation;
+                self.info(AllocId {
+                    slot: s,
+                    generation: g,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) fn released(&self) -> u64 {
+        self.released
+    }
+}
+
+/// Releases allocations (outside any lock).
+pub(crate) fn release_all(list: Vec<Release>) {
+    for (ops, backing) in list {
+        ops.devmem_release(backing);
+    }
+}

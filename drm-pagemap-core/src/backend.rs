@@ -1,0 +1,281 @@
+//! What a backend implements. The backend provides memory, mappings and copies; the core
+//! decides what moves where.
+//!
+//! # Shape
+//! - [`HostMemory`]: the system memory of an address space, as frames that every device of
+//!   the backend can reach (pinned and device-mapped on CUDA), so mapping a system page for a
+//!   device is an address computation.
+//! - [`PagemapOps`]: `device_map` / `device_unmap` of one pagemap: the address by which a
+//!   device reaches one of this pagemap's pages (its own device: a local address; a peer: a
+//!   peer address).
+//! - [`DevmemOps`]: device-memory allocations of one pagemap and the copies its device
+//!   executes: `copy_to_devmem` (write into its own pages) and `copy_to_ram` (read its own
+//!   pages, write through the addresses given, which may be system pages or another
+//!   pagemap's pages: the source push).
+//!
+//! # Copy contract
+//! Copy operations are **asynchronous**: they submit work and return a [`Fence`] that
+//! signals when every byte has landed (or signals an error). They must not write any
+//! destination byte before `pre_fence` has signalled: a backend expresses that as a device
+//! dependency where it can (a CUDA event: `cuStreamWaitEvent`; a Level Zero event: a wait
+//! event of the first command) and waits on the CPU otherwise. A pre-fence that signalled an
+//! error must make the returned fence fail. Entries whose address is [`DmaAddr::NONE`] are
+//! skipped. Each call carries one executor's pages only; the core issues the calls of every
+//! executor before it waits for any, so devices copy concurrently.
+//!
+//! # Memory access contract
+//! While a copy involving a page is in flight, the core does not read, write, free or reuse
+//! that page: pages under migration are locked in the page table. Backends may rely on it.
+
+use crate::error::BackendError;
+use crate::fence::Fence;
+use crate::types::{DeviceId, Direction, DmaAddr, HostFrame, OwnerId, PageSize, PagemapId, Pfn};
+use std::fmt;
+use std::sync::Arc;
+
+/// One copy call: the executor's own device pages and, for each, the other side's address as
+/// mapped for the executor's device. `pages.len() == addrs.len()`.
+#[derive(Clone, Copy, Debug)]
+pub struct CopyRequest<'a> {
+    /// The page size of every entry.
+    pub page_size: PageSize,
+    /// The executor's device pages: destinations for `copy_to_devmem`, sources for `copy_to_ram`.
+    pub pages: &'a [Pfn],
+    /// The other side of each entry; [`DmaAddr::NONE`] entries are skipped.
+    pub addrs: &'a [DmaAddr],
+    /// No destination byte may be written before this fence signals.
+    pub pre_fence: Option<&'a Fence>,
+}
+
+/// The system memory of an address space, as frames reachable by the backend's devices.
+///
+/// Frames are numbered in 4 KiB granules; a frame of a larger page size spans several.
+/// `read`/`write`/`zero` are CPU accesses; the core never calls them on a frame with a copy in
+/// flight (see the module's memory access contract).
+pub trait HostMemory: Send + Sync {
+    /// Allocates `count` frames of `page_size`, appending them to `out`. All or nothing.
+    fn alloc_frames(
+        &self,
+        count: usize,
+        page_size: PageSize,
+        out: &mut Vec<HostFrame>,
+    ) -> Result<(), BackendError>;
+    /// Returns frames to the pool.
+    fn free_frames(&self, frames: &[HostFrame], page_size: PageSize);
+    /// Copies bytes out of a frame, from `offset` (must stay inside the page).
+    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]);
+    /// Copies bytes into a frame, at `offset` (must stay inside the page).
+    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]);
+    /// Fills a whole page with zeros.
+    fn zero(&self, frame: HostFrame, page_size: PageSize);
+    /// The addresses by which `device` reaches `frames`.
+    fn map_frames(
+        &self,
+        device: DeviceId,
+        frames: &[HostFrame],
+        page_size: PageSize,
+        dir: Direction,
+        out: &mut [DmaAddr],
+    ) -> Result<(), BackendError>;
+    /// Undoes [`HostMemory::map_frames`]. `NONE` entries are skipped.
+    fn unmap_frames(&self, device: DeviceId, addrs: &[DmaAddr], page_size: PageSize, dir: Direction);
+    /// Bytes of frames the pool can hand out in total.
+    fn capacity_bytes(&self) -> u64;
+}
+
+/// Mapping of one pagemap's pages for devices (upstream `drm_pagemap_ops`).
+pub trait PagemapOps: Send + Sync {
+    /// The addresses by which `device` reaches `pfns` of this pagemap. Fails with
+    /// [`crate::BackendErrorKind::MapFailed`] where `device` cannot reach them.
+    fn device_map(
+        &self,
+        device: DeviceId,
+        pfns: &[Pfn],
+        page_size: PageSize,
+        dir: Direction,
+        out: &mut [DmaAddr],
+    ) -> Result<(), BackendError>;
+    /// Undoes [`PagemapOps::device_map`]. `NONE` entries are skipped.
+    fn device_unmap(&self, device: DeviceId, addrs: &[DmaAddr], page_size: PageSize, dir: Direction);
+}
+
+/// The backend's side of one device-memory allocation: an opaque cookie, its size, and the
+/// fence that must signal before its pages may be written (typically their clear).
+#[derive(Debug)]
+pub struct DevmemBacking {
+    /// Backend-private identification of the allocation.
+    pub cookie: u64,
+    /// Number of pages.
+    pub npages: usize,
+    /// Size of each page.
+    pub page_size: PageSize,
+    /// Signals when the pages are ready to be written (and read as zeros).
+    pub pre_migrate_fence: Option<Fence>,
+}
+
+/// Device memory of one pagemap: allocations and the copies its device executes
+/// (upstream `drm_pagemap_devmem_ops`, plus the allocation the driver makes itself).
+pub trait DevmemOps: Send + Sync {
+    /// Allocates `npages` pages of `page_size`. Their content must read as zeros once the
+    /// returned pre-migrate fence has signalled.
+    fn allocate(&self, npages: usize, page_size: PageSize) -> Result<DevmemBacking, BackendError>;
+    /// Writes the pfns of the allocation's pages, in address order, into `out`
+    /// (`out.len() == backing.npages`).
+    fn populate_devmem_pfn(&self, backing: &DevmemBacking, out: &mut [Pfn]) -> Result<(), BackendError>;
+    /// Copies into this device's pages `req.pages[i]` from `req.addrs[i]`.
+    fn copy_to_devmem(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError>;
+    /// Copies this device's pages `req.pages[i]` out to `req.addrs[i]`.
+    fn copy_to_ram(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError>;
+    /// Frees the allocation. Called exactly once per allocation, when no page uses it.
+    fn devmem_release(&self, backing: DevmemBacking);
+    /// Total bytes this pagemap can allocate.
+    fn capacity_bytes(&self) -> u64;
+}
+
+/// A device-memory provider: id, owner, device, and its operations (upstream `drm_pagemap`).
+#[derive(Clone)]
+pub struct Pagemap {
+    id: PagemapId,
+    owner: OwnerId,
+    device: DeviceId,
+    name: String,
+    ops: Arc<dyn PagemapOps>,
+    devmem: Arc<dyn DevmemOps>,
+}
+
+impl fmt::Debug for Pagemap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pagemap")
+            .field("id", &self.id)
+            .field("owner", &self.owner)
+            .field("device", &self.device)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pagemap {
+    /// A pagemap with the given identity and operations.
+    pub fn new(
+        id: PagemapId,
+        owner: OwnerId,
+        device: DeviceId,
+        name: impl Into<String>,
+        ops: Arc<dyn PagemapOps>,
+        devmem: Arc<dyn DevmemOps>,
+    ) -> Pagemap {
+        Pagemap {
+            id,
+            owner,
+            device,
+            name: name.into(),
+            ops,
+            devmem,
+        }
+    }
+
+    /// The id pages record.
+    pub fn id(&self) -> PagemapId {
+        self.id
+    }
+    /// The owner: pagemaps of one owner exchange pages directly.
+    pub fn owner(&self) -> OwnerId {
+        self.owner
+    }
+    /// The device whose memory this is and which executes this pagemap's copies.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+    /// A name for messages and tables.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The mapping operations.
+    pub fn ops(&self) -> &Arc<dyn PagemapOps> {
+        &self.ops
+    }
+    /// The allocation and copy operations.
+    pub fn devmem(&self) -> &Arc<dyn DevmemOps> {
+        &self.devmem
+    }
+    /// The same pagemap with other operations (used to wrap them, e.g. for fault injection).
+    pub fn with_ops(&self, ops: Arc<dyn PagemapOps>, devmem: Arc<dyn DevmemOps>) -> Pagemap {
+        Pagemap {
+            ops,
+            devmem,
+            ..self.clone()
+        }
+    }
+    /// The same pagemap with another owner.
+    pub fn with_owner(&self, owner: OwnerId) -> Pagemap {
+        Pagemap {
+            owner,
+            ..self.clone()
+        }
+    }
+}
+
+/// What to create a pagemap with.
+#[derive(Clone, Debug)]
+pub struct PagemapSpec {
+    /// The id to give it.
+    pub id: PagemapId,
+    /// The device whose memory it provides.
+    pub device: DeviceId,
+    /// Its owner; `None`: the backend's owner for that device's interconnect group.
+    pub owner: Option<OwnerId>,
+    /// Bytes of device memory it may hand out.
+    pub capacity_bytes: u64,
+}
+
+/// What to open a backend with. Fields a backend does not use are ignored.
+#[derive(Clone, Debug, Default)]
+pub struct BackendConfig {
+    /// Number of devices (simulated backends); `None`: the backend's default.
+    pub devices: Option<usize>,
+    /// Bytes of device memory per device (simulated backends).
+    pub device_capacity: Option<u64>,
+    /// Bytes of host memory for system pages.
+    pub host_capacity: Option<u64>,
+}
+
+/// Description of one device.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    /// Its id.
+    pub id: DeviceId,
+    /// A name for tables, e.g. "NVIDIA H100 80GB HBM3".
+    pub name: String,
+    /// Bytes of device memory.
+    pub memory_bytes: u64,
+}
+
+/// An opened backend: devices, host memory, and pagemaps on demand.
+pub trait Backend: Send + Sync {
+    /// The backend's name ("sim", "cuda").
+    fn name(&self) -> &str;
+    /// Its devices.
+    fn devices(&self) -> Vec<DeviceInfo>;
+    /// The host memory system pages of address spaces used with this backend live in.
+    fn host_memory(&self) -> Arc<dyn HostMemory>;
+    /// Creates a pagemap on `spec.device`.
+    fn create_pagemap(&self, spec: &PagemapSpec) -> Result<Pagemap, BackendError>;
+    /// Whether `a`'s copy engine can write into `b`'s memory directly.
+    fn can_access_peer(&self, a: DeviceId, b: DeviceId) -> bool;
+}
+
+/// A built-in backend, registered with `inventory::submit!` (the facade crate does it for
+/// the built-in ones).
+#[derive(Debug)]
+pub struct BackendRegistration {
+    /// Its name on the command line ("sim", "cuda").
+    pub name: &'static str,
+    /// Whether it drives real GPUs (preferred by `auto` when available).
+    pub is_gpu: bool,
+    /// Whether it can be used here; `Err` says why not. Must never panic.
+    pub probe: fn() -> Result<(), String>,
+    /// Opens it.
+    pub open: fn(&BackendConfig) -> Result<Box<dyn Backend>, BackendError>,
+}
+
+inventory::collect!(BackendRegistration);

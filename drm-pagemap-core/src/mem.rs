@@ -1,0 +1,435 @@
+//! Safe memory building blocks for backends without special host memory: an extent allocator
+//! over 4 KiB granules, and an arena of real bytes that devices (threads) and the CPU may touch
+//! concurrently without undefined behaviour (it is made of atomic words, backed lazily in 2 MiB
+//! chunks so a large capacity costs nothing until used).
+
+use crate::types::GRANULE;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// Hands out aligned runs of granules from `[0, total)`. First fit; frees merge neighbours.
+#[derive(Debug)]
+pub struct ExtentAllocator {
+    inner: Mutex<Extents>,
+}
+
+#[derive(Debug)]
+struct Extents {
+    /// Free extents: start -> length, in granules; never adjacent (merged on free).
+    free: BTreeMap<u64, u64>,
+    free_granules: u64,
+    total: u64,
+}
+
+impl ExtentAllocator {
+    /// An allocator of `total` granules, all free.
+    pub fn new(total: u64) -> ExtentAllocator {
+        let mut free = BTreeMap::new();
+        if total > 0 {
+            free.insert(0, total);
+        }
+        ExtentAllocator {
+            inner: Mutex::new(Extents {
+                free,
+                free_granules: total,
+                total,
+            }),
+        }
+    }
+
+    /// Total granules managed.
+    pub fn total(&self) -> u64 {
+        self.lock().total
+    }
+
+    /// Granules not allocated.
+    pub fn free_granules(&self) -> u64 {
+        self.lock().free_granules
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Extents> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One run of `len` granules starting at a multiple of `align`, or `None`.
+    pub fn alloc(&self, len: u64, align: u64) -> Option<u64> {
+        self.lock().alloc(len, align)
+    }
+
+    /// `count` pages of `page` granules each, appended to `out` as page starts: one contiguous
+    /// run when one fits, else page by page. All or nothing.
+    pub fn alloc_pages(&self, count: usize, page: u64, out: &mut Vec<u64>) -> bool {
+        let mut ex = self.lock();
+        let need = count as u64 * page;
+        if need > ex.free_granules {
+            return false;
+        }
+        if let Some(start) = ex.alloc(need, page) {
+            out.extend((0..count as u64).map(|i| start + i * page));
+            return true;
+        }
+        let mark = out.len();
+        for _ in 0..count {
+            match ex.alloc(page, page) {
+                Some(s) => out.push(s),
+                None => {
+                    for &s in &out[mark..] {
+                        ex.free(s, page);
+                    }
+                    out.truncate(mark);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Returns `len` granules at `start`.
+    pub fn free(&self, start: u64, len: u64) {
+        self.lock().free(start, len)
+    }
+
+    /// Returns pages of `page` granules, merging runs of consecutive starts.
+    pub fn free_pages(&self, starts: &[u64], page: u64) {
+        let mut ex = self.lock();
+        let mut i = 0;
+        while i < starts.len() {
+            let mut j = i + 1;
+            while j < starts.len() && starts[j] == starts[j - 1] + page {
+                j += 1;
+            }
+            ex.free(starts[i], (j - i) as u64 * page);
+            i = j;
+        }
+    }
+}
+
+impl Extents {
+    fn alloc(&mut self, len: u64, align: u64) -> Option<u64> {
+        if len == 0 || len > self.free_granules {
+            return None;
+        }
+        let align = align.max(1);
+        let (start, elen, at) = self.free.iter().find_map(|(&s, &l)| {
+            let at = s.div_ceil(align) * align;
+            (at + len <= s + l).then_some((s, l, at))
+        })?;
+        self.free.remove(&start);
+        if at > start {
+            self.free.insert(start, at - start);
+        }
+        if at + len < start + elen {
+            self.free.insert(at + len, start + elen - at - len);
+        }
+        self.free_granules -= len;
+        Some(at)
+    }
+
+    fn free(&mut self, start: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let mut s = start;
+        let mut l = len;
+        if let Some((&ps, &pl)) = self.free.range(..start).next_back()
+            && ps + pl == start
+        {
+            self.free.remove(&ps);
+            s = ps;
+            l += pl;
+        }
+        if let Some(&nl) = self.free.get(&(start + len)) {
+            self.free.remove(&(start + len));
+            l += nl;
+        }
+        self.free.insert(s, l);
+        self.free_granules += len;
+    }
+}
+
+const CHUNK_BYTES: u64 = 2 << 20;
+const CHUNK_WORDS: usize = (CHUNK_BYTES / 8) as usize;
+
+/// Real bytes, shared between threads without data races: words are atomics (relaxed
+/// accesses; ordering comes from the fences that guard copies). Chunks of 2 MiB are
+/// allocated on first write; unwritten memory reads as zeros.
+#[derive(Debug)]
+pub struct AtomicArena {
+    chunks: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    bytes: u64,
+}
+
+impl AtomicArena {
+    /// An arena of `bytes` (rounded up to 2 MiB), all zero.
+    pub fn new(bytes: u64) -> AtomicArena {
+        let n = bytes.div_ceil(CHUNK_BYTES) as usize;
+        AtomicArena {
+            chunks: (0..n).map(|_| OnceLock::new()).collect(),
+            bytes: n as u64 * CHUNK_BYTES,
+        }
+    }
+
+    /// Its size in bytes.
+    pub fn len(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    fn chunk(&self, i: usize) -> &[AtomicU64] {
+        self.chunks[i].get_or_init(|| (0..CHUNK_WORDS).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn chunk_if_present(&self, i: usize) -> Option<&[AtomicU64]> {
+        self.chunks[i].get().map(|b| &b[..])
+    }
+
+    /// Copies `buf.len()` bytes at `offset` out. Panics if out of bounds (a backend bug).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) {
+        assert!(offset + buf.len() as u64 <= self.bytes, "arena read out of bounds");
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let ci = (at / CHUNK_BYTES) as usize;
+            let in_chunk = (at % CHUNK_BYTES) as usize;
+            let n = (buf.len() - done).min(CHUNK_BYTES as usize - in_chunk);
+            let dst = &mut buf[done..done + n];
+            match self.chunk_if_present(ci) {
+                None => dst.fill(0),
+                Some(words) => read_words(words, in_chunk, dst),
+            }
+            done += n;
+        }
+    }
+
+    /// Copies `data` in at `offset`. Panics if out of bounds (a backend bug).
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        assert!(offset + data.len() as u64 <= self.bytes, "arena write out of bounds");
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let ci = (at / CHUNK_BYTES) as usize;
+            let in_chunk = (at % CHUNK_BYTES) as usize;
+            let n = (data.len() - done).min(CHUNK_BYTES as usize - in_chunk);
+            write_words(self.chunk(ci), in_chunk, &data[done..done + n]);
+            done += n;
+        }
+    }
+
+    /// Zeroes `len` bytes at `offset`.
+    pub fn zero(&self, offset: u64, len: u64) {
+        let mut done = 0u64;
+        while done < len {
+            let at = offset + done;
+            let ci = (at / CHUNK_BYTES) as usize;
+            let in_chunk = at % CHUNK_BYTES;
+            let n = (len - done).min(CHUNK_BYTES - in_chunk);
+            if let Some(words) = self.chunk_if_present(ci) {
+                if in_chunk % 8 == 0 && n % 8 == 0 {
+                    let w = (in_chunk / 8) as usize;
+                    for x in &words[w..w + (n / 8) as usize] {
+                        x.store(0, Ordering::Relaxed);
+                    }
+                } else {
+                    write_words(words, in_chunk as usize, &vec![0u8; n as usize]);
+                }
+            }
+            done += n;
+        }
+    }
+
+    /// Copies `len` bytes from `src` at `src_off` into `dst` at `dst_off` (8-byte aligned
+    /// offsets and length take the fast word path).
+    pub fn copy(src: &AtomicArena, src_off: u64, dst: &AtomicArena, dst_off: u64, len: u64) {
+        assert!(src_off + len <= src.bytes && dst_off + len <= dst.bytes, "arena copy out of bounds");
+        let aligned = src_off % 8 == 0 && dst_off % 8 == 0 && len % 8 == 0;
+        let mut done = 0u64;
+        let mut bounce = Vec::new();
+        while done < len {
+            let s = src_off + done;
+            let d = dst_off + done;
+            let n = (len - done)
+                .min(CHUNK_BYTES - s % CHUNK_BYTES)
+                .min(CHUNK_BYTES - d % CHUNK_BYTES);
+            let dw = dst.chunk((d / CHUNK_BYTES) as usize);
+            match src.chunk_if_present((s / CHUNK_BYTES) as usize) {
+                None => dst.zero(d, n),
+                Some(sw) if aligned => {
+                    let si = ((s % CHUNK_BYTES) / 8) as usize;
+                    let di = ((d % CHUNK_BYTES) / 8) as usize;
+                    let nw = (n / 8) as usize;
+                    for (a, b) in sw[si..si + nw].iter().zip(&dw[di..di + nw]) {
+                        b.store(a.load(Ordering::Relaxed), Ordering::Relaxed);
+                    }
+                }
+                Some(_) => {
+                    bounce.resize(n as usize, 0);
+                    src.read(s, &mut bounce);
+                    dst.write(d, &bounce);
+                }
+            }
+            done += n;
+        }
+    }
+}
+
+fn read_words(words: &[AtomicU64], byte_off: usize, dst: &mut [u8]) {
+    let mut i = 0usize;
+    while i < dst.len() {
+        let at = byte_off + i;
+        let w = words[at / 8].load(Ordering::Relaxed).to_le_bytes();
+        let k = at % 8;
+        let n = (8 - k).min(dst.len() - i);
+        dst[i..i + n].copy_from_slice(&w[k..k + n]);
+        i += n;
+    }
+}
+
+fn write_words(words: &[AtomicU64], byte_off: usize, src: &[u8]) {
+    let mut i = 0usize;
+    while i < src.len() {
+        let at = byte_off + i;
+        let k = at % 8;
+        let n = (8 - k).min(src.len() - i);
+        let slot = &words[at / 8];
+        if n == 8 {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&src[i..i + 8]);
+            slot.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        } else {
+            let mut b = slot.load(Ordering::Relaxed).to_le_bytes();
+            b[k..k + n].copy_from_slice(&src[i..i + n]);
+            slot.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        }
+        i += n;
+    }
+}
+
+/// Granule count of `bytes`, rounded up.
+pub fn granules_of(bytes: u64) -> u64 {
+    bytes.div_ceil(GRANULE)
+}
+
+/// Address encoding for arena-backed memory: the top 16 bits name the memory (never 0, so
+/// an encoded address is never [`crate::DmaAddr::NONE`]), the low 48 bits are a byte offset.
+pub mod arena_addr {
+    use crate::types::DmaAddr;
+
+    /// Encodes `offset` in memory `mem` (`mem != 0`).
+    pub const fn encode(mem: u16, offset: u64) -> DmaAddr {
+        DmaAddr(((mem as u64) << 48) | (offset & ((1 << 48) - 1)))
+    }
+
+    /// The memory id and byte offset of an encoded address.
+    pub const fn decode(addr: DmaAddr) -> (u16, u64) {
+        ((addr.0 >> 48) as u16, addr.0 & ((1 << 48) - 1))
+    }
+}
+
+/// [`crate::HostMemory`] over an [`AtomicArena`]: frames are 4 KiB granules of the arena;
+/// every device reaches them at [`arena_addr::encode`]`(mem_id, byte offset)`.
+#[derive(Debug)]
+pub struct ArenaHostMemory {
+    mem_id: u16,
+    arena: std::sync::Arc<AtomicArena>,
+    frames: ExtentAllocator,
+}
+
+impl ArenaHostMemory {
+    /// Host memory of `bytes`, addressed as memory `mem_id` (non-zero).
+    pub fn new(mem_id: u16, bytes: u64) -> ArenaHostMemory {
+        assert_ne!(mem_id, 0, "memory id 0 is reserved for 'nothing mapped'");
+        let arena = std::sync::Arc::new(AtomicArena::new(bytes));
+        let frames = ExtentAllocator::new(arena.len() / GRANULE);
+        ArenaHostMemory {
+            mem_id,
+            arena,
+            frames,
+        }
+    }
+
+    /// The memory id in its addresses.
+    pub fn mem_id(&self) -> u16 {
+        self.mem_id
+    }
+
+    /// The bytes behind it.
+    pub fn arena(&self) -> &std::sync::Arc<AtomicArena> {
+        &self.arena
+    }
+
+    /// Frames not handed out, in granules.
+    pub fn free_granules(&self) -> u64 {
+        self.frames.free_granules()
+    }
+}
+
+impl crate::HostMemory for ArenaHostMemory {
+    fn alloc_frames(
+        &self,
+        count: usize,
+        page_size: crate::PageSize,
+        out: &mut Vec<crate::HostFrame>,
+    ) -> Result<(), crate::BackendError> {
+        let mut starts = Vec::with_capacity(count);
+        if !self.frames.alloc_pages(count, page_size.granules(), &mut starts) {
+            return Err(crate::BackendError::new(
+                crate::BackendErrorKind::OutOfMemory,
+                format!(
+                    "host memory: {count} pages of {page_size} requested, {} KiB free",
+                    self.frames.free_granules() * 4
+                ),
+            ));
+        }
+        out.extend(starts.into_iter().map(crate::HostFrame));
+        Ok(())
+    }
+
+    fn free_frames(&self, frames: &[crate::HostFrame], page_size: crate::PageSize) {
+        let starts: Vec<u64> = frames.iter().map(|f| f.0).collect();
+        self.frames.free_pages(&starts, page_size.granules());
+    }
+
+    fn read(&self, frame: crate::HostFrame, offset: usize, buf: &mut [u8]) {
+        self.arena.read(frame.0 * GRANULE + offset as u64, buf)
+    }
+
+    fn write(&self, frame: crate::HostFrame, offset: usize, data: &[u8]) {
+        self.arena.write(frame.0 * GRANULE + offset as u64, data)
+    }
+
+    fn zero(&self, frame: crate::HostFrame, page_size: crate::PageSize) {
+        self.arena.zero(frame.0 * GRANULE, page_size.bytes())
+    }
+
+    fn map_frames(
+        &self,
+        _device: crate::DeviceId,
+        frames: &[crate::HostFrame],
+        _page_size: crate::PageSize,
+        _dir: crate::Direction,
+        out: &mut [crate::DmaAddr],
+    ) -> Result<(), crate::BackendError> {
+        for (o, f) in out.iter_mut().zip(frames) {
+            *o = arena_addr::encode(self.mem_id, f.0 * GRANULE);
+        }
+        Ok(())
+    }
+
+    fn unmap_frames(
+        &self,
+        _device: crate::DeviceId,
+        _addrs: &[crate::DmaAddr],
+        _page_size: crate::PageSize,
+        _dir: crate::Direction,
+    ) {
+    }
+
+    fn capacity_bytes(&self) -> u64 {
+        self.arena.len()
+    }
+}

@@ -1,0 +1,614 @@
+//! Migration to device memory: collect -> classify -> plan -> map -> issue every call ->
+//! wait once -> commit all pages, or roll back leaving every source page as it was.
+
+use crate::alloc::{AllocId, AllocState, Release, release_all};
+use crate::backend::{CopyRequest, Pagemap};
+use crate::error::{BackendError, Error, RangeProblem, Result};
+use crate::fence::Fence;
+use crate::mm::{AddressSpace, Deferred, Span, flush_run};
+use crate::page::{Kind, PageEntry, RmapEntry};
+use crate::plan::{Classified, Coalesce, Plan, PlanParams, plan};
+use crate::types::{CopyOp, DeviceId, Direction, DmaAddr, HostFrame, PageSize, PagemapId, Pfn, VaRange};
+use std::time::{Duration, Instant};
+
+/// How a migration behaves (upstream `drm_pagemap_migrate_details`, plus our choices).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrateDetails {
+    /// How long the new device pages stay before a CPU access may move them back.
+    pub timeslice: Duration,
+    /// The copy engine can copy pages already in the destination pagemap.
+    pub can_migrate_same_pagemap: bool,
+    /// Pages of a peer pagemap are pushed by their own device (`copy_to_ram` of the source)
+    /// rather than read by the destination (`copy_to_devmem`).
+    pub source_peer_migrates: bool,
+    /// How pages are grouped into copy calls.
+    pub coalesce: Coalesce,
+    /// Longest wait for any fence; `None`: no limit. On timeout the migration fails with
+    /// every source page intact; the destination is released once its copies signal.
+    pub fence_timeout: Option<Duration>,
+}
+
+impl Default for MigrateDetails {
+    fn default() -> Self {
+        MigrateDetails {
+            timeslice: Duration::ZERO,
+            can_migrate_same_pagemap: false,
+            source_peer_migrates: true,
+            coalesce: Coalesce::BySource,
+            fence_timeout: None,
+        }
+    }
+}
+
+/// One copy call that was issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyCall {
+    /// The pagemap whose device executed it.
+    pub executor: PagemapId,
+    /// That device.
+    pub device: DeviceId,
+    /// The operation.
+    pub op: CopyOp,
+    /// Pages it moved.
+    pub pages: usize,
+    /// Index (in the range) of its first page.
+    pub first_page: usize,
+}
+
+/// What a migration did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrateOutcome {
+    /// Pages moved; the allocation holds them.
+    Migrated,
+    /// Every page already lived in the destination; nothing was copied.
+    NotNeeded,
+}
+
+/// Where the time of a migration went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrateTiming {
+    /// Collecting, classifying and coalescing.
+    pub plan: Duration,
+    /// Mapping pages for the executing devices.
+    pub map: Duration,
+    /// Issuing the copy calls.
+    pub issue: Duration,
+    /// Waiting for the copies (and the pre-migrate fence).
+    pub wait: Duration,
+    /// Committing the page table and freeing the old pages.
+    pub commit: Duration,
+}
+
+/// The result of a successful migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrateReport {
+    /// Whether pages moved.
+    pub outcome: MigrateOutcome,
+    /// The allocation now holding the pages (`None` when not needed).
+    pub alloc: Option<AllocId>,
+    /// Pages in the range.
+    pub pages: usize,
+    /// The copy calls, in issue order.
+    pub calls: Vec<CopyCall>,
+    /// Where the time went.
+    pub timing: MigrateTiming,
+}
+
+/// Which memory a mapping record came from (to undo it through the same provider).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MapSource {
+    Host,
+    Pagemap(PagemapId),
+}
+
+/// Mappings made for one migration: every address, and the records to undo them.
+#[derive(Default)]
+pub(crate) struct Mappings {
+    pub addrs: Vec<DmaAddr>,
+    pub records: Vec<(MapSource, DeviceId, Direction, usize, usize)>,
+    pub page_size: Option<PageSize>,
+}
+
+impl AddressSpace {
+    /// Migrates `range` to `to`'s device memory: allocates the destination, then
+    /// [`AddressSpace::migrate_to_devmem`].
+    pub fn migrate(&self, range: VaRange, to: PagemapId, details: &MigrateDetails) -> Result<MigrateReport> {
+        self.migrate_traced(range, to, details, &mut Vec::new())
+    }
+
+    /// [`AddressSpace::migrate`], recording every copy call issued in `trace` (also when the
+    /// migration then fails).
+    pub fn migrate_traced(
+        &self,
+        range: VaRange,
+        to: PagemapId,
+        details: &MigrateDetails,
+        trace: &mut Vec<CopyCall>,
+    ) -> Result<MigrateReport> {
+        self.pagemap_for(range, to)?;
+        let span = self.lock().locate(range, true)?;
+        let alloc = self.allocate_devmem(to, span.count, span.page_size, range)?;
+        self.migrate_into(alloc, range, details, trace)
+    }
+
+    /// Migrates `range` into the pages of `alloc` (reserved with
+    /// [`AddressSpace::allocate_devmem`]; consumed in every outcome: it holds the pages after
+    /// a migration, and is released otherwise). All pages or none.
+    pub fn migrate_to_devmem(&self, alloc: AllocId, range: VaRange, details: &MigrateDetails) -> Result<MigrateReport> {
+        self.migrate_into(alloc, range, details, &mut Vec::new())
+    }
+
+    fn migrate_into(
+        &self,
+        alloc: AllocId,
+        range: VaRange,
+        details: &MigrateDetails,
+        trace: &mut Vec<CopyCall>,
+    ) -> Result<MigrateReport> {
+        self.reap_deferred();
+        let t0 = Instant::now();
+        let mut timing = MigrateTiming::default();
+        // Collect: validate, snapshot and lock the pages.
+        let (span, dest, snapshot, src_pfns, dst_pfns, pre_fence) = {
+            let mut st = self.lock();
+            let Some(rec) = st.allocs.get(alloc) else {
+                return Err(Error::NoSuchAllocation { alloc });
+            };
+            if rec.state != AllocState::Reserved {
+                return Err(Error::NoSuchAllocation { alloc });
+            }
+            let dest_id = rec.pagemap;
+            let fail = |st: &mut crate::mm::MmState, e: Error| -> Result<MigrateReport> {
+                if let Some(r) = st.allocs.remove(alloc.slot) {
+                    release_all(vec![r]);
+                }
+                Err(e)
+            };
+            let span = match st.locate(range, true) {
+                Ok(s) => s,
+                Err(e) => return fail(&mut st, e),
+            };
+            let rec = st.allocs.get(alloc).expect("checked above");
+            if rec.page_size != span.page_size {
+                let e = Error::PageSizeMismatch {
+                    range,
+                    expected: span.page_size,
+                    given: rec.page_size,
+                };
+                return fail(&mut st, e);
+            }
+            if rec.pfns.len() != span.count {
+                let e = Error::BadRange {
+                    range,
+                    problem: RangeProblem::OutOfRange,
+                };
+                return fail(&mut st, e);
+            }
+            let Some(dest) = self.pagemap(dest_id) else {
+                return fail(&mut st, Error::UnknownPagemap { range, pagemap: dest_id });
+            };
+            let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
+            if pages.iter().any(|p| p.is_locked()) {
+                let e = Error::Busy {
+                    range,
+                    pagemap: dest_id,
+                    device: dest.device(),
+                    reason: crate::BusyReason::PageLocked,
+                };
+                return fail(&mut st, e);
+            }
+            let snapshot: Vec<PageEntry> = pages.to_vec();
+            let mut src_pfns = vec![Pfn(0); span.count];
+            for (o, e) in src_pfns.iter_mut().zip(&snapshot) {
+                if e.kind() == Kind::Device {
+                    *o = st.allocs.by_slot(e.slot()).pfns[e.index() as usize];
+                }
+            }
+            let rec = st.allocs.get_mut(alloc).expect("checked above");
+            rec.state = AllocState::Migrating;
+            let dst_pfns = rec.pfns.clone();
+            let pre_fence = rec.backing.as_ref().and_then(|b| b.pre_migrate_fence.clone());
+            st.set_locked(span, true);
+            (span, dest, snapshot, src_pfns, dst_pfns, pre_fence)
+        };
+        let job = Job {
+            mm: self,
+            range,
+            span,
+            alloc,
+            dest: &dest,
+            snapshot: &snapshot,
+            src_pfns: &src_pfns,
+            dst_pfns: &dst_pfns,
+        };
+        // Classify and coalesce.
+        let classified = {
+            let t = self.pagemaps.read().unwrap_or_else(|p| p.into_inner());
+            plan(
+                &snapshot,
+                &PlanParams {
+                    dest: dest.id(),
+                    owners: &t.owners,
+                    source_peer_migrates: details.source_peer_migrates,
+                    can_migrate_same_pagemap: details.can_migrate_same_pagemap,
+                    coalesce: details.coalesce,
+                },
+            )
+        };
+        timing.plan = t0.elapsed();
+        let plan = match classified {
+            Classified::NotNeeded => {
+                job.roll_back(None);
+                return Ok(MigrateReport {
+                    outcome: MigrateOutcome::NotNeeded,
+                    alloc: None,
+                    pages: span.count,
+                    calls: Vec::new(),
+                    timing,
+                });
+            }
+            Classified::Busy(reason, _) => {
+                job.roll_back(None);
+                return Err(Error::Busy {
+                    range,
+                    pagemap: dest.id(),
+                    device: dest.device(),
+                    reason,
+                });
+            }
+            Classified::Plan(p) => p,
+        };
+        // Map.
+        let t = Instant::now();
+        let mut maps = Mappings {
+            page_size: Some(span.page_size),
+            ..Mappings::default()
+        };
+        let mut pages = vec![Pfn(0); plan.order.len()];
+        maps.addrs = vec![DmaAddr::NONE; plan.order.len()];
+        if let Err(e) = job.map_all(&plan, &mut pages, &mut maps) {
+            self.unmap(&maps);
+            job.roll_back(None);
+            return Err(e);
+        }
+        timing.map = t.elapsed();
+        // Issue every call before waiting for any.
+        let t = Instant::now();
+        let mut fences: Vec<(usize, Fence)> = Vec::with_capacity(plan.calls.len());
+        let mut failure: Option<Error> = None;
+        for (ci, call) in plan.calls.iter().enumerate() {
+            let exec = match self.pagemap_for(range, call.executor) {
+                Ok(p) => p,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            let (s, e) = (call.start as usize, call.end as usize);
+            let req = CopyRequest {
+                page_size: span.page_size,
+                pages: &pages[s..e],
+                addrs: &maps.addrs[s..e],
+                pre_fence: pre_fence.as_ref(),
+            };
+            let issued = match call.op {
+                CopyOp::ToDevmem => exec.devmem().copy_to_devmem(&req),
+                CopyOp::ToRam => exec.devmem().copy_to_ram(&req),
+            };
+            match issued {
+                Ok(f) => {
+                    trace.push(CopyCall {
+                        executor: call.executor,
+                        device: exec.device(),
+                        op: call.op,
+                        pages: call.pages(),
+                        first_page: call.first_page as usize,
+                    });
+                    fences.push((ci, f));
+                }
+                Err(source) => {
+                    failure = Some(Error::Backend {
+                        range,
+                        op: call.op.name(),
+                        pagemap: Some(call.executor),
+                        device: Some(exec.device()),
+                        source,
+                    });
+                    break;
+                }
+            }
+        }
+        timing.issue = t.elapsed();
+        // Wait once for everything issued, then for the pre-migrate fence (it orders the
+        // clear of pages no call wrote, such as holes, and carries its error).
+        let t = Instant::now();
+        let mut timed_out = false;
+        for (ci, f) in &fences {
+            if let Err(source) = f.wait_for(details.fence_timeout) {
+                timed_out |= matches!(source, crate::FenceError::Timeout(_));
+                let call = plan.calls[*ci];
+                failure.get_or_insert(Error::Fence {
+                    range,
+                    what: "copy",
+                    pagemap: Some(call.executor),
+                    device: self.device_of(call.executor),
+                    source,
+                });
+                if timed_out {
+                    break;
+                }
+            }
+        }
+        if failure.is_none()
+            && let Some(pf) = &pre_fence
+            && let Err(source) = pf.wait_for(details.fence_timeout)
+        {
+            timed_out |= matches!(source, crate::FenceError::Timeout(_));
+            failure = Some(Error::Fence {
+                range,
+                what: "pre-migrate",
+                pagemap: Some(dest.id()),
+                device: Some(dest.device()),
+                source,
+            });
+        }
+        timing.wait = t.elapsed();
+        if let Some(err) = failure {
+            if timed_out {
+                // Copies may still be writing into the destination: keep it (and its
+                // mappings) until their fences signal. The sources are untouched.
+                let deferred = Deferred {
+                    fences: fences.into_iter().map(|(_, f)| f).collect(),
+                    unmap: maps,
+                    slot: alloc.slot,
+                };
+                job.roll_back(Some(deferred));
+            } else {
+                self.unmap(&maps);
+                job.roll_back(None);
+            }
+            return Err(err);
+        }
+        self.unmap(&maps);
+        // Commit.
+        let t = Instant::now();
+        job.commit(details.timeslice);
+        timing.commit = t.elapsed();
+        let calls = plan
+            .calls
+            .iter()
+            .map(|c| CopyCall {
+                executor: c.executor,
+                device: self.device_of(c.executor).unwrap_or(DeviceId(u32::MAX)),
+                op: c.op,
+                pages: c.pages(),
+                first_page: c.first_page as usize,
+            })
+            .collect();
+        Ok(MigrateReport {
+            outcome: MigrateOutcome::Migrated,
+            alloc: Some(alloc),
+            pages: span.count,
+            calls,
+            timing,
+        })
+    }
+
+    pub(crate) fn unmap(&self, maps: &Mappings) {
+        let Some(ps) = maps.page_size else { return };
+        for &(src, dev, dir, s, e) in &maps.records {
+            let addrs = &maps.addrs[s..e];
+            match src {
+                MapSource::Host => self.host.unmap_frames(dev, addrs, ps, dir),
+                MapSource::Pagemap(id) => {
+                    if let Some(pm) = self.pagemap(id) {
+                        pm.ops().device_unmap(dev, addrs, ps, dir)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finishes deferred cleanups whose fences have all signalled.
+    pub(crate) fn reap_deferred(&self) {
+        let ready: Vec<Deferred> = {
+            let mut st = self.lock();
+            if st.deferred.is_empty() {
+                return;
+            }
+            let (ready, pending) = std::mem::take(&mut st.deferred)
+                .into_iter()
+                .partition(|d| d.fences.iter().all(Fence::is_signaled));
+            st.deferred = pending;
+            ready
+        };
+        for d in ready {
+            self.unmap(&d.unmap);
+            let rel = self.lock().allocs.remove(d.slot);
+            release_all(rel.into_iter().collect());
+        }
+    }
+
+    /// Migrations whose cleanup waits for late copy fences.
+    pub fn deferred_cleanups(&self) -> usize {
+        self.reap_deferred();
+        self.lock().deferred.len()
+    }
+}
+
+/// One migration in progress, between collect and commit.
+struct Job<'a> {
+    mm: &'a AddressSpace,
+    range: VaRange,
+    span: Span,
+    alloc: AllocId,
+    dest: &'a Pagemap,
+    snapshot: &'a [PageEntry],
+    src_pfns: &'a [Pfn],
+    dst_pfns: &'a [Pfn],
+}
+
+impl Job<'_> {
+    /// Fills `pages` and `maps` for every call of `plan`.
+    fn map_all(&self, plan: &Plan, pages: &mut [Pfn], maps: &mut Mappings) -> Result<()> {
+        let mut frames: Vec<HostFrame> = Vec::new();
+        let mut pfns: Vec<Pfn> = Vec::new();
+        for call in &plan.calls {
+            let (s, e) = (call.start as usize, call.end as usize);
+            let idx = &plan.order[s..e];
+            match call.op {
+                CopyOp::ToRam => {
+                    // The executor pushes its own pages into the destination's pages,
+                    // mapped for the executor's device.
+                    let exec = self.mm.pagemap_for(self.range, call.executor)?;
+                    pfns.clear();
+                    for (k, &i) in idx.iter().enumerate() {
+                        pages[s + k] = self.src_pfns[i as usize];
+                        pfns.push(self.dst_pfns[i as usize]);
+                    }
+                    self.map(
+                        MapSource::Pagemap(self.dest.id()),
+                        exec.device(),
+                        Direction::FromDevice,
+                        &[],
+                        &pfns,
+                        s,
+                        maps,
+                    )?;
+                }
+                CopyOp::ToDevmem => {
+                    // The destination reads every source: group by provider, map per group.
+                    let mut k = 0;
+                    while k < idx.len() {
+                        let src = self.source_of(idx[k]);
+                        let mut j = k;
+                        frames.clear();
+                        pfns.clear();
+                        while j < idx.len() && self.source_of(idx[j]) == src {
+                            let i = idx[j] as usize;
+                            pages[s + j] = self.dst_pfns[i];
+                            match src {
+                                MapSource::Host => frames.push(self.snapshot[i].frame()),
+                                MapSource::Pagemap(_) => pfns.push(self.src_pfns[i]),
+                            }
+                            j += 1;
+                        }
+                        self.map(src, self.dest.device(), Direction::ToDevice, &frames, &pfns, s + k, maps)?;
+                        k = j;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn source_of(&self, i: u32) -> MapSource {
+        let e = self.snapshot[i as usize];
+        match e.kind() {
+            Kind::Device => MapSource::Pagemap(e.pagemap()),
+            _ => MapSource::Host,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn map(
+        &self,
+        src: MapSource,
+        device: DeviceId,
+        dir: Direction,
+        frames: &[HostFrame],
+        pfns: &[Pfn],
+        at: usize,
+        maps: &mut Mappings,
+    ) -> Result<()> {
+        let ps = self.span.page_size;
+        let n = frames.len() + pfns.len();
+        let out = &mut maps.addrs[at..at + n];
+        let res: std::result::Result<(), BackendError> = match src {
+            MapSource::Host => self.mm.host.map_frames(device, frames, ps, dir, out),
+            MapSource::Pagemap(id) => {
+                let pm = self.mm.pagemap_for(self.range, id)?;
+                pm.ops().device_map(device, pfns, ps, dir, out)
+            }
+        };
+        match res {
+            Ok(()) => {
+                maps.records.push((src, device, dir, at, at + n));
+                Ok(())
+            }
+            Err(source) => {
+                out.fill(DmaAddr::NONE);
+                Err(Error::Backend {
+                    range: self.range,
+                    op: match src {
+                        MapSource::Host => "map_frames",
+                        MapSource::Pagemap(_) => "device_map",
+                    },
+                    pagemap: match src {
+                        MapSource::Host => None,
+                        MapSource::Pagemap(id) => Some(id),
+                    },
+                    device: Some(device),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Unlocks the pages (unchanged) and releases the destination, or parks it.
+    fn roll_back(&self, deferred: Option<Deferred>) {
+        let rel = {
+            let mut st = self.mm.lock();
+            st.set_locked(self.span, false);
+            let rel = match deferred {
+                Some(d) => {
+                    st.deferred.push(d);
+                    None
+                }
+                None => st.allocs.remove(self.alloc.slot),
+            };
+            self.mm.unlocked.notify_all();
+            rel
+        };
+        release_all(rel.into_iter().collect());
+    }
+
+    /// Switches every page to the destination, frees the old pages, unlocks.
+    fn commit(&self, timeslice: Duration) {
+        let mut releases: Vec<Release> = Vec::new();
+        let mut frames: Vec<(HostFrame, PageSize)> = Vec::new();
+        {
+            let mut st = self.mm.lock();
+            let span = self.span;
+            let slot = self.alloc.slot;
+            let dest = self.dest.id();
+            {
+                let rec = st.allocs.get_mut(self.alloc).expect("allocation of a running migration");
+                rec.state = AllocState::Live;
+                rec.live = span.count as u32;
+                rec.expires = Instant::now() + timeslice;
+                for (k, r) in rec.rmap.iter_mut().enumerate() {
+                    *r = RmapEntry::new(span.slot, (span.first + k) as u32);
+                }
+            }
+            let mut run = None;
+            for (k, &old) in self.snapshot.iter().enumerate() {
+                match old.kind() {
+                    Kind::Hole => {}
+                    Kind::System => frames.push((old.frame(), span.page_size)),
+                    Kind::Device => {
+                        st.allocs.by_slot_mut(old.slot()).rmap[old.index() as usize] = RmapEntry::EMPTY;
+                        run = flush_run(&mut st.allocs, run, old.slot(), &mut releases);
+                    }
+                }
+                st.range_mut(span.slot).pages[span.first + k] = PageEntry::device(dest, slot, k as u32);
+            }
+            if let Some((s, n)) = run {
+                st.allocs.put_pages(s, n, &mut releases);
+            }
+            self.mm.unlocked.notify_all();
+        }
+        self.mm.free_frames(&frames);
+        release_all(releases);
+    }
+}

@@ -1,0 +1,607 @@
+//! The address space: ranges of pages in packed arrays, the pagemaps it may use, CPU access.
+
+use crate::alloc::{AllocId, AllocRecord, AllocState, AllocTable, AllocationInfo, Release, release_all};
+use crate::backend::{HostMemory, Pagemap};
+use crate::error::{Error, RangeProblem, Result};
+use crate::layout::LayoutPage;
+use crate::page::{Kind, PageEntry, RmapEntry};
+use crate::types::{DeviceId, HostFrame, OwnerId, PageSize, PagemapId, VaRange};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+/// Where one page lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageLocation {
+    /// Not populated (reads as zeros).
+    Unpopulated,
+    /// In system memory.
+    System,
+    /// In a pagemap's device memory, part of an allocation.
+    Device {
+        /// The pagemap.
+        pagemap: PagemapId,
+        /// The allocation.
+        alloc: AllocId,
+    },
+}
+
+impl PageLocation {
+    /// The layout character of this location.
+    pub fn layout(self) -> LayoutPage {
+        match self {
+            PageLocation::Unpopulated => LayoutPage::Hole,
+            PageLocation::System => LayoutPage::System,
+            PageLocation::Device { pagemap, .. } => LayoutPage::Device(pagemap.0),
+        }
+    }
+}
+
+pub(crate) struct RangeRecord {
+    pub va: VaRange,
+    pub page_size: PageSize,
+    pub pages: Vec<PageEntry>,
+}
+
+/// Deferred cleanup of a migration whose copies did not finish in time: the destination
+/// allocation stays reserved (and mapped) until its fences signal.
+pub(crate) struct Deferred {
+    pub fences: Vec<crate::Fence>,
+    pub unmap: crate::migrate::Mappings,
+    pub slot: u32,
+}
+
+#[derive(Default)]
+pub(crate) struct MmState {
+    pub ranges: BTreeMap<u64, u32>,
+    pub range_slots: Vec<Option<RangeRecord>>,
+    pub free_range_slots: Vec<u32>,
+    pub allocs: AllocTable,
+    pub deferred: Vec<Deferred>,
+}
+
+/// The pagemaps an address space may place pages in.
+pub(crate) struct PagemapTable {
+    pub maps: Vec<Option<Pagemap>>,
+    pub owners: [Option<OwnerId>; PagemapId::MAX_PAGEMAPS],
+}
+
+/// One address space (the user-space counterpart of an `mm`): ranges of pages, each page
+/// unpopulated, in system memory, or in a pagemap's device memory. Thread-safe: share it
+/// with `Arc`. Copies run without holding its lock; pages under migration are locked
+/// individually (a bit in their entry) and CPU accesses to them wait.
+pub struct AddressSpace {
+    pub(crate) host: Arc<dyn HostMemory>,
+    pub(crate) pagemaps: RwLock<PagemapTable>,
+    pub(crate) state: Mutex<MmState>,
+    pub(crate) unlocked: Condvar,
+}
+
+impl std::fmt::Debug for AddressSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddressSpace").finish_non_exhaustive()
+    }
+}
+
+/// Where a span of bytes or pages lies.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Span {
+    pub slot: u32,
+    pub first: usize,
+    pub count: usize,
+    pub page_size: PageSize,
+    pub range_start: u64,
+}
+
+impl MmState {
+    /// The range slot holding `span`, and the pages it covers. `pages` demands page
+    /// alignment of start and length.
+    pub(crate) fn locate(&self, span: VaRange, pages: bool) -> Result<Span> {
+        let bad = |problem| Error::BadRange { range: span, problem };
+        if span.len == 0 {
+            return Err(bad(RangeProblem::Empty));
+        }
+        let end = span.checked_end().ok_or(bad(RangeProblem::Overflow))?;
+        let (_, &slot) = self
+            .ranges
+            .range(..=span.start)
+            .next_back()
+            .ok_or(bad(RangeProblem::NotMapped))?;
+        let rec = self.range(slot);
+        if span.start >= rec.va.end() {
+            return Err(bad(RangeProblem::NotMapped));
+        }
+        if end > rec.va.end() {
+            return Err(bad(RangeProblem::OutOfRange));
+        }
+        let ps = rec.page_size.bytes();
+        if pages && (span.start % ps != 0 || span.len % ps != 0) {
+            return Err(bad(RangeProblem::Unaligned));
+        }
+        let first = ((span.start - rec.va.start) / ps) as usize;
+        let last = ((end - 1 - rec.va.start) / ps) as usize;
+        Ok(Span {
+            slot,
+            first,
+            count: last - first + 1,
+            page_size: rec.page_size,
+            range_start: rec.va.start,
+        })
+    }
+
+    pub(crate) fn range(&self, slot: u32) -> &RangeRecord {
+        self.range_slots[slot as usize]
+            .as_ref()
+            .expect("range slot in use")
+    }
+
+    pub(crate) fn range_mut(&mut self, slot: u32) -> &mut RangeRecord {
+        self.range_slots[slot as usize]
+            .as_mut()
+            .expect("range slot in use")
+    }
+
+    pub(crate) fn location_of(&self, e: PageEntry) -> PageLocation {
+        match e.kind() {
+            Kind::Hole => PageLocation::Unpopulated,
+            Kind::System => PageLocation::System,
+            Kind::Device => PageLocation::Device {
+                pagemap: e.pagemap(),
+                alloc: self.allocs.id_of_slot(e.slot()),
+            },
+        }
+    }
+
+    /// Sets or clears the lock bit of pages.
+    pub(crate) fn set_locked(&mut self, span: Span, locked: bool) {
+        let pages = &mut self.range_mut(span.slot).pages[span.first..span.first + span.count];
+        for p in pages {
+            *p = if locked { p.locked() } else { p.unlocked() };
+        }
+    }
+}
+
+/// What a scan for CPU access found.
+enum CpuScan {
+    Ready,
+    Locked,
+    Device(PageEntry, usize),
+}
+
+impl AddressSpace {
+    /// An address space whose system pages live in `host`.
+    pub fn new(host: Arc<dyn HostMemory>) -> AddressSpace {
+        AddressSpace {
+            host,
+            pagemaps: RwLock::new(PagemapTable {
+                maps: vec![None; PagemapId::MAX_PAGEMAPS],
+                owners: [None; PagemapId::MAX_PAGEMAPS],
+            }),
+            state: Mutex::new(MmState::default()),
+            unlocked: Condvar::new(),
+        }
+    }
+
+    /// The host memory of the address space.
+    pub fn host(&self) -> &Arc<dyn HostMemory> {
+        &self.host
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, MmState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn wait_unlocked<'a>(&self, g: MutexGuard<'a, MmState>) -> MutexGuard<'a, MmState> {
+        // A timeout guards against a missed wake-up; callers re-check their condition.
+        self.unlocked
+            .wait_timeout(g, Duration::from_millis(50))
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+    }
+
+    /// Makes `pagemap` usable by this address space. Its id must be new.
+    pub fn add_pagemap(&self, pagemap: Pagemap) -> Result<()> {
+        let mut t = self.pagemaps.write().unwrap_or_else(|p| p.into_inner());
+        let i = pagemap.id().0 as usize;
+        if t.maps[i].is_some() {
+            return Err(Error::BadPagemap {
+                pagemap: pagemap.id(),
+                reason: "a pagemap with this id exists already",
+            });
+        }
+        t.owners[i] = Some(pagemap.owner());
+        t.maps[i] = Some(pagemap);
+        Ok(())
+    }
+
+    /// The pagemap with `id`, if added.
+    pub fn pagemap(&self, id: PagemapId) -> Option<Pagemap> {
+        self.pagemaps.read().unwrap_or_else(|p| p.into_inner()).maps[id.0 as usize].clone()
+    }
+
+    /// Every pagemap added, by id.
+    pub fn pagemaps(&self) -> Vec<Pagemap> {
+        let t = self.pagemaps.read().unwrap_or_else(|p| p.into_inner());
+        t.maps.iter().flatten().cloned().collect()
+    }
+
+    pub(crate) fn pagemap_for(&self, range: VaRange, id: PagemapId) -> Result<Pagemap> {
+        self.pagemap(id).ok_or(Error::UnknownPagemap { range, pagemap: id })
+    }
+
+    /// Creates a range of unpopulated pages of `page_size` at `range`.
+    pub fn create_range(&self, range: VaRange, page_size: PageSize) -> Result<()> {
+        let bad = |problem| Error::BadRange { range, problem };
+        if range.len == 0 {
+            return Err(bad(RangeProblem::Empty));
+        }
+        if range.checked_end().is_none() {
+            return Err(bad(RangeProblem::Overflow));
+        }
+        let ps = page_size.bytes();
+        if range.start % ps != 0 || range.len % ps != 0 {
+            return Err(bad(RangeProblem::Unaligned));
+        }
+        let npages = range.len / ps;
+        if npages > u32::MAX as u64 {
+            return Err(bad(RangeProblem::Overflow));
+        }
+        let mut st = self.lock();
+        let before = st.ranges.range(..range.end()).next_back().map(|(_, &s)| s);
+        if let Some(s) = before
+            && st.range(s).va.overlaps(&range)
+        {
+            return Err(bad(RangeProblem::Overlapping));
+        }
+        let rec = RangeRecord {
+            va: range,
+            page_size,
+            pages: vec![PageEntry::HOLE; npages as usize],
+        };
+        let slot = match st.free_range_slots.pop() {
+            Some(s) => {
+                st.range_slots[s as usize] = Some(rec);
+                s
+            }
+            None => {
+                st.range_slots.push(Some(rec));
+                st.range_slots.len() as u32 - 1
+            }
+        };
+        st.ranges.insert(range.start, slot);
+        Ok(())
+    }
+
+    /// Frees the range that starts at `start`: its system pages return to host memory, its
+    /// device pages drop their allocation references (an allocation is released when its last
+    /// page goes). Waits for migrations running on its pages.
+    pub fn free_range(&self, start: u64) -> Result<()> {
+        let mut releases = Vec::new();
+        let mut frames: Vec<(HostFrame, PageSize)> = Vec::new();
+        {
+            let mut st = self.lock();
+            let slot = loop {
+                let Some(&slot) = st.ranges.get(&start) else {
+                    return Err(Error::BadRange {
+                        range: VaRange::new(start, 0),
+                        problem: RangeProblem::NotMapped,
+                    });
+                };
+                if st.range(slot).pages.iter().any(|p| p.is_locked()) {
+                    st = self.wait_unlocked(st);
+                    continue;
+                }
+                break slot;
+            };
+            st.ranges.remove(&start);
+            let rec = st.range_slots[slot as usize].take().expect("range slot in use");
+            st.free_range_slots.push(slot);
+            let mut run: Option<(u32, u32)> = None;
+            for e in &rec.pages {
+                match e.kind() {
+                    Kind::Hole => {}
+                    Kind::System => frames.push((e.frame(), rec.page_size)),
+                    Kind::Device => {
+                        let a = st.allocs.by_slot_mut(e.slot());
+                        a.rmap[e.index() as usize] = RmapEntry::EMPTY;
+                        run = flush_run(&mut st.allocs, run, e.slot(), &mut releases);
+                    }
+                }
+            }
+            if let Some((s, n)) = run {
+                st.allocs.put_pages(s, n, &mut releases);
+            }
+            self.unlocked.notify_all();
+        }
+        self.free_frames(&frames);
+        release_all(releases);
+        Ok(())
+    }
+
+    pub(crate) fn free_frames(&self, frames: &[(HostFrame, PageSize)]) {
+        let mut i = 0;
+        while i < frames.len() {
+            let ps = frames[i].1;
+            let mut j = i;
+            while j < frames.len() && frames[j].1 == ps {
+                j += 1;
+            }
+            let list: Vec<HostFrame> = frames[i..j].iter().map(|f| f.0).collect();
+            self.host.free_frames(&list, ps);
+            i = j;
+        }
+    }
+
+    /// The ranges of the address space and their page sizes.
+    pub fn ranges(&self) -> Vec<(VaRange, PageSize)> {
+        let st = self.lock();
+        st.ranges.values().map(|&s| (st.range(s).va, st.range(s).page_size)).collect()
+    }
+
+    /// Where the page holding `va` lives.
+    pub fn location(&self, va: u64) -> Result<PageLocation> {
+        let st = self.lock();
+        let span = st.locate(VaRange::new(va, 1), false)?;
+        let e = st.range(span.slot).pages[span.first].unlocked();
+        Ok(st.location_of(e))
+    }
+
+    /// Where every page of `range` (page aligned) lives, in order.
+    pub fn locations(&self, range: VaRange) -> Result<Vec<PageLocation>> {
+        let st = self.lock();
+        let span = st.locate(range, true)?;
+        let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
+        Ok(pages.iter().map(|e| st.location_of(e.unlocked())).collect())
+    }
+
+    /// The layout of `range` (see [`crate::layout`]).
+    pub fn layout(&self, range: VaRange) -> Result<Vec<LayoutPage>> {
+        Ok(self.locations(range)?.into_iter().map(PageLocation::layout).collect())
+    }
+
+    /// A snapshot of one allocation, if it exists.
+    pub fn allocation(&self, id: AllocId) -> Option<AllocationInfo> {
+        self.lock().allocs.info(id)
+    }
+
+    /// Snapshots of every allocation that exists.
+    pub fn allocations(&self) -> Vec<AllocationInfo> {
+        self.lock().allocs.all()
+    }
+
+    /// How many allocations were released so far.
+    pub fn released_allocations(&self) -> u64 {
+        self.lock().allocs.released()
+    }
+
+    /// Reserves `npages` pages of `page_size` in `pagemap`'s device memory for a later
+    /// [`AddressSpace::migrate_to_devmem`]. `range` only names the request in errors.
+    pub fn allocate_devmem(
+        &self,
+        pagemap: PagemapId,
+        npages: usize,
+        page_size: PageSize,
+        range: VaRange,
+    ) -> Result<AllocId> {
+        let pm = self.pagemap_for(range, pagemap)?;
+        let bytes = npages as u64 * page_size.bytes();
+        let capacity = pm.devmem().capacity_bytes();
+        if bytes > capacity || npages == 0 || npages > u32::MAX as usize {
+            return Err(Error::TooLarge {
+                range,
+                pagemap,
+                device: pm.device(),
+                bytes,
+                capacity,
+            });
+        }
+        let backend_err = |op, source| Error::Backend {
+            range,
+            op,
+            pagemap: Some(pagemap),
+            device: Some(pm.device()),
+            source,
+        };
+        let backing = pm
+            .devmem()
+            .allocate(npages, page_size)
+            .map_err(|e| backend_err("allocate", e))?;
+        let mut pfns = vec![crate::Pfn(0); npages];
+        if let Err(e) = pm.devmem().populate_devmem_pfn(&backing, &mut pfns) {
+            pm.devmem().devmem_release(backing);
+            return Err(backend_err("populate_devmem_pfn", e));
+        }
+        let rec = AllocRecord {
+            generation: 0,
+            state: AllocState::Reserved,
+            pagemap,
+            page_size,
+            pfns,
+            rmap: vec![RmapEntry::EMPTY; npages],
+            live: 0,
+            expires: Instant::now(),
+            backing: Some(backing),
+            devmem: pm.devmem().clone(),
+        };
+        let mut st = self.lock();
+        match st.allocs.insert(rec) {
+            Some(id) => Ok(id),
+            None => Err(Error::BadPagemap {
+                pagemap,
+                reason: "too many live allocations in this address space",
+            }),
+        }
+    }
+
+    /// Releases an allocation reserved with [`AddressSpace::allocate_devmem`] that was never
+    /// migrated into. Live allocations leave through eviction instead.
+    pub fn release_devmem(&self, id: AllocId) -> Result<()> {
+        let rel = {
+            let mut st = self.lock();
+            match st.allocs.get(id) {
+                Some(r) if r.state == AllocState::Reserved => st.allocs.remove(id.slot),
+                Some(_) => return self.evict_to_ram(id).map(|_| ()),
+                None => return Err(Error::NoSuchAllocation { alloc: id }),
+            }
+        };
+        release_all(rel.into_iter().collect());
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `va` (inside one range). Device pages are first migrated
+    /// back to system memory by their device (the CPU-fault path), once their allocation's
+    /// timeslice has expired; unpopulated pages read as zeros.
+    pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<()> {
+        self.cpu_access(VaRange::new(va, buf.len() as u64), |st, span| {
+            self.copy_out(st, span, va, buf);
+            Ok(())
+        })
+    }
+
+    /// Writes `data` at `va` (inside one range), populating system pages as needed. Device
+    /// pages are first migrated back, as for [`AddressSpace::read`].
+    pub fn write(&self, va: u64, data: &[u8]) -> Result<()> {
+        let range = VaRange::new(va, data.len() as u64);
+        self.cpu_access(range, |st, span| {
+            self.populate(st, span, range)?;
+            self.copy_in(st, span, va, data);
+            Ok(())
+        })
+    }
+
+    fn cpu_access<F>(&self, range: VaRange, access: F) -> Result<()>
+    where
+        F: FnOnce(&mut MmState, Span) -> Result<()>,
+    {
+        let mut st = self.lock();
+        loop {
+            let span = st.locate(range, false)?;
+            match scan_for_cpu(&st, span) {
+                CpuScan::Ready => return access(&mut st, span),
+                CpuScan::Locked => st = self.wait_unlocked(st),
+                CpuScan::Device(e, page) => {
+                    let alloc = st.allocs.id_of_slot(e.slot());
+                    let expires = st.allocs.by_slot(e.slot()).expires;
+                    drop(st);
+                    let now = Instant::now();
+                    if now < expires {
+                        // The device keeps pages it just received for its timeslice.
+                        std::thread::sleep(expires - now);
+                    } else {
+                        let fault_va = span.range_start + page as u64 * span.page_size.bytes();
+                        self.cpu_fault(alloc, fault_va, range)?;
+                    }
+                    st = self.lock();
+                }
+            }
+        }
+    }
+
+    fn populate(&self, st: &mut MmState, span: Span, range: VaRange) -> Result<()> {
+        let rec = st.range(span.slot);
+        let holes = rec.pages[span.first..span.first + span.count]
+            .iter()
+            .filter(|e| e.kind() == Kind::Hole)
+            .count();
+        if holes == 0 {
+            return Ok(());
+        }
+        let mut frames = Vec::with_capacity(holes);
+        self.host
+            .alloc_frames(holes, span.page_size, &mut frames)
+            .map_err(|source| Error::Backend {
+                range,
+                op: "host frame allocation",
+                pagemap: None,
+                device: None,
+                source,
+            })?;
+        let ps = span.page_size;
+        let rec = st.range_mut(span.slot);
+        let mut next = frames.into_iter();
+        for (i, e) in rec.pages[span.first..span.first + span.count].iter_mut().enumerate() {
+            if e.kind() == Kind::Hole {
+                let f = next.next().expect("one frame per hole");
+                let page_va = rec.va.start + (span.first + i) as u64 * ps.bytes();
+                // Fresh frames may hold old bytes: clear what the write will not cover.
+                if page_va < range.start || page_va + ps.bytes() > range.end() {
+                    self.host.zero(f, ps);
+                }
+                *e = PageEntry::system(f);
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_out(&self, st: &MmState, span: Span, va: u64, buf: &mut [u8]) {
+        let rec = st.range(span.slot);
+        let ps = span.page_size.bytes();
+        let mut done = 0usize;
+        for i in span.first..span.first + span.count {
+            let page_va = rec.va.start + i as u64 * ps;
+            let at = va + done as u64;
+            let off = (at - page_va) as usize;
+            let n = (ps as usize - off).min(buf.len() - done);
+            let dst = &mut buf[done..done + n];
+            match rec.pages[i].kind() {
+                Kind::System => self.host.read(rec.pages[i].frame(), off, dst),
+                _ => dst.fill(0),
+            }
+            done += n;
+        }
+    }
+
+    fn copy_in(&self, st: &MmState, span: Span, va: u64, data: &[u8]) {
+        let rec = st.range(span.slot);
+        let ps = span.page_size.bytes();
+        let mut done = 0usize;
+        for i in span.first..span.first + span.count {
+            let page_va = rec.va.start + i as u64 * ps;
+            let at = va + done as u64;
+            let off = (at - page_va) as usize;
+            let n = (ps as usize - off).min(data.len() - done);
+            self.host.write(rec.pages[i].frame(), off, &data[done..done + n]);
+            done += n;
+        }
+    }
+
+    /// The device of a pagemap (for messages).
+    pub(crate) fn device_of(&self, id: PagemapId) -> Option<DeviceId> {
+        self.pagemap(id).map(|p| p.device())
+    }
+}
+
+fn scan_for_cpu(st: &MmState, span: Span) -> CpuScan {
+    let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
+    let mut device = None;
+    for (i, e) in pages.iter().enumerate() {
+        if e.is_locked() {
+            return CpuScan::Locked;
+        }
+        if device.is_none() && e.kind() == Kind::Device {
+            device = Some((*e, span.first + i));
+        }
+    }
+    match device {
+        Some((e, i)) => CpuScan::Device(e, i),
+        None => CpuScan::Ready,
+    }
+}
+
+/// Counts page references per allocation in runs, so a commit touches each allocation's
+/// counter once per run rather than once per page.
+pub(crate) fn flush_run(
+    allocs: &mut AllocTable,
+    run: Option<(u32, u32)>,
+    slot: u32,
+    releases: &mut Vec<Release>,
+) -> Option<(u32, u32)> {
+    match run {
+        Some((s, n)) if s == slot => Some((s, n + 1)),
+        Some((s, n)) => {
+            allocs.put_pages(s, n, releases);
+            Some((slot, 1))
+        }
+        None => Some((slot, 1)),
+    }
+}

@@ -1,0 +1,353 @@
+//! Planning a migration: classify every page by who copies it and with which operation, then
+//! group pages into copy calls. Pure functions over the packed entries; two linear passes,
+//! no allocation per page.
+//!
+//! Key of a page = (executor pagemap, op):
+//! - hole or system page: (destination, `copy_to_devmem`); holes move no data.
+//! - page of a peer pagemap (same owner): with `source_peer_migrates` (peer, `copy_to_ram`),
+//!   the source pushes; without it (destination, `copy_to_devmem`), the destination reads.
+//! - page already in the destination: with `can_migrate_same_pagemap`, as upstream's table
+//!   (section 3.7): (destination, `copy_to_ram`) with `source_peer_migrates`, else
+//!   (destination, `copy_to_devmem`). Without it: all local → "not needed"; some → Busy.
+//! - page of another owner: Busy, nothing collected.
+
+use crate::error::BusyReason;
+use crate::page::{Kind, PageEntry};
+use crate::types::{CopyOp, OwnerId, PagemapId};
+
+/// How pages of one key are grouped into copy calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Coalesce {
+    /// One copy call per distinct (executor, op) over the whole range, ordered by each key's
+    /// first page. A source that reappears costs nothing extra.
+    #[default]
+    BySource,
+    /// The seed's order: a new call at every change of key; holes share the destination's
+    /// `copy_to_devmem` key. Kept so benches can compare.
+    Consecutive,
+}
+
+/// One planned copy call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlannedCall {
+    /// The pagemap whose device executes it.
+    pub executor: PagemapId,
+    /// The operation.
+    pub op: CopyOp,
+    /// Index (in the range) of the call's first page.
+    pub first_page: u32,
+    /// The call's pages are `order[start..end]`.
+    pub start: u32,
+    /// End of the call's pages in `order`.
+    pub end: u32,
+}
+
+impl PlannedCall {
+    /// Pages the call moves.
+    pub fn pages(&self) -> usize {
+        (self.end - self.start) as usize
+    }
+}
+
+/// The copy calls of one migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Calls in issue order.
+    pub calls: Vec<PlannedCall>,
+    /// Page indices (in the range), grouped by call. Holes do not appear.
+    pub order: Vec<u32>,
+}
+
+/// What planning concluded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Classified {
+    /// Every page is already in the destination pagemap.
+    NotNeeded,
+    /// The migration cannot proceed; the pagemap is the one that caused it, if any.
+    Busy(BusyReason, Option<PagemapId>),
+    /// Copy calls to issue.
+    Plan(Plan),
+}
+
+/// The inputs that classify a page.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PlanParams<'a> {
+    pub dest: PagemapId,
+    /// Owner of each pagemap id (`None`: unknown).
+    pub owners: &'a [Option<OwnerId>; PagemapId::MAX_PAGEMAPS],
+    pub source_peer_migrates: bool,
+    pub can_migrate_same_pagemap: bool,
+    pub coalesce: Coalesce,
+}
+
+const HOLE_KEY: u16 = u16::MAX;
+
+#[inline]
+const fn key(executor: PagemapId, op: CopyOp) -> u16 {
+    ((executor.0 as u16) << 1) | matches!(op, CopyOp::ToRam) as u16
+}
+
+#[inline]
+const fn unkey(k: u16) -> (PagemapId, CopyOp) {
+    (
+        PagemapId((k >> 1) as u8),
+        if k & 1 == 1 {
+            CopyOp::ToRam
+        } else {
+            CopyOp::ToDevmem
+        },
+    )
+}
+
+/// Key of one page (holes: `HOLE_KEY`), given the page is collectable.
+#[inline]
+fn page_key(e: PageEntry, p: &PlanParams<'_>, dest_devmem: u16) -> u16 {
+    match e.kind() {
+        Kind::Hole => HOLE_KEY,
+        Kind::System => dest_devmem,
+        Kind::Device => {
+            let src = e.pagemap();
+            if p.source_peer_migrates {
+                key(src, CopyOp::ToRam)
+            } else {
+                dest_devmem
+            }
+        }
+    }
+}
+
+/// Classifies `entries` (unlocked values) and plans the copy calls.
+pub(crate) fn plan(entries: &[PageEntry], p: &PlanParams<'_>) -> Classified {
+    let dest_owner = p.owners[p.dest.0 as usize];
+    let dest_devmem = key(p.dest, CopyOp::ToDevmem);
+    // Pass 1: ownership checks, local count, per-key counts and first pages.
+    let mut own = 0usize;
+    let mut count = [0u32; 512];
+    let mut first = [u32::MAX; 512];
+    for (i, &e) in entries.iter().enumerate() {
+        if e.kind() == Kind::Device {
+            let src = e.pagemap();
+            if p.owners[src.0 as usize] != dest_owner || dest_owner.is_none() {
+                return Classified::Busy(BusyReason::ForeignOwner, Some(src));
+            }
+            own += (src == p.dest) as usize;
+        }
+        let k = page_key(e, p, dest_devmem);
+        if k != HOLE_KEY {
+            let k = k as usize;
+            count[k] += 1;
+            if first[k] == u32::MAX {
+                first[k] = i as u32;
+            }
+        }
+    }
+    if own == entries.len() {
+        return Classified::NotNeeded;
+    }
+    if own > 0 && !p.can_migrate_same_pagemap {
+        return Classified::Busy(BusyReason::Fragmentation, Some(p.dest));
+    }
+    let moved: usize = count.iter().map(|&c| c as usize).sum();
+    let mut order = vec![0u32; moved];
+    let calls = match p.coalesce {
+        Coalesce::BySource => by_source(entries, p, dest_devmem, &count, &first, &mut order),
+        Coalesce::Consecutive => consecutive(entries, p, dest_devmem, &mut order),
+    };
+    Classified::Plan(Plan { calls, order })
+}
+
+fn by_source(
+    entries: &[PageEntry],
+    p: &PlanParams<'_>,
+    dest_devmem: u16,
+    count: &[u32; 512],
+    first: &[u32; 512],
+    order: &mut [u32],
+) -> Vec<PlannedCall> {
+    let mut keys: Vec<u16> = (0..512u16).filter(|&k| count[k as usize] > 0).collect();
+    keys.sort_unstable_by_key(|&k| first[k as usize]);
+    let mut cursor = [0u32; 512];
+    let mut calls = Vec::with_capacity(keys.len());
+    let mut at = 0u32;
+    for &k in &keys {
+        let (executor, op) = unkey(k);
+        cursor[k as usize] = at;
+        let n = count[k as usize];
+        calls.push(PlannedCall {
+            executor,
+            op,
+            first_page: first[k as usize],
+            start: at,
+            end: at + n,
+        });
+        at += n;
+    }
+    for (i, &e) in entries.iter().enumerate() {
+        let k = page_key(e, p, dest_devmem);
+        if k != HOLE_KEY {
+            let c = &mut cursor[k as usize];
+            order[*c as usize] = i as u32;
+            *c += 1;
+        }
+    }
+    calls
+}
+
+fn consecutive(
+    entries: &[PageEntry],
+    p: &PlanParams<'_>,
+    dest_devmem: u16,
+    order: &mut [u32],
+) -> Vec<PlannedCall> {
+    let mut calls = Vec::new();
+    let mut at = 0u32;
+    let mut run_key = u16::MAX - 1;
+    let mut run_first = 0u32;
+    let mut run_start = 0u32;
+    let flush = |calls: &mut Vec<PlannedCall>, k: u16, first: u32, start: u32, end: u32| {
+        // A run of holes only moves nothing: no call.
+        if end > start {
+            let (executor, op) = unkey(k);
+            calls.push(PlannedCall {
+                executor,
+                op,
+                first_page: first,
+                start,
+                end,
+            });
+        }
+    };
+    for (i, &e) in entries.iter().enumerate() {
+        let k = page_key(e, p, dest_devmem);
+        // Holes share the destination's copy_to_devmem key (the seed's rule).
+        let run = if k == HOLE_KEY { dest_devmem } else { k };
+        if run != run_key {
+            if i > 0 {
+                flush(&mut calls, run_key, run_first, run_start, at);
+            }
+            run_key = run;
+            run_first = i as u32;
+            run_start = at;
+        }
+        if k != HOLE_KEY {
+            if at == run_start {
+                run_first = i as u32;
+            }
+            order[at as usize] = i as u32;
+            at += 1;
+        }
+    }
+    if !entries.is_empty() {
+        flush(&mut calls, run_key, run_first, run_start, at);
+    }
+    calls
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::HostFrame;
+
+    fn entries(layout: &str) -> Vec<PageEntry> {
+        layout
+            .chars()
+            .enumerate()
+            .map(|(i, c)| match c {
+                's' => PageEntry::system(HostFrame(i as u64)),
+                '.' => PageEntry::HOLE,
+                d => PageEntry::device(PagemapId(d as u8 - b'0'), 0, i as u32),
+            })
+            .collect()
+    }
+
+    fn owners() -> [Option<OwnerId>; 256] {
+        let mut o = [None; 256];
+        for (i, slot) in o.iter_mut().enumerate().take(8) {
+            *slot = Some(OwnerId(if i == 7 { 99 } else { 1 }));
+        }
+        o
+    }
+
+    fn calls(layout: &str, dest: u8, spm: bool, cms: bool, coalesce: Coalesce) -> Classified {
+        let o = owners();
+        plan(
+            &entries(layout),
+            &PlanParams {
+                dest: PagemapId(dest),
+                owners: &o,
+                source_peer_migrates: spm,
+                can_migrate_same_pagemap: cms,
+                coalesce,
+            },
+        )
+    }
+
+    fn summary(c: &Classified) -> Vec<(u8, CopyOp, usize)> {
+        match c {
+            Classified::Plan(p) => p.calls.iter().map(|c| (c.executor.0, c.op, c.pages())).collect(),
+            other => panic!("not a plan: {other:?}"),
+        }
+    }
+
+    use CopyOp::{ToDevmem as D, ToRam as R};
+
+    #[test]
+    fn issue_example_by_source_and_consecutive() {
+        let c = calls("ss00s11s0", 2, true, false, Coalesce::BySource);
+        assert_eq!(summary(&c), vec![(2, D, 4), (0, R, 3), (1, R, 2)]);
+        let c = calls("ss00s11s0", 2, true, false, Coalesce::Consecutive);
+        assert_eq!(
+            summary(&c),
+            vec![(2, D, 2), (0, R, 2), (2, D, 1), (1, R, 2), (2, D, 1), (0, R, 1)]
+        );
+    }
+
+    #[test]
+    fn by_source_order_holds_the_pages_of_each_call() {
+        let Classified::Plan(p) = calls("1s.1s", 0, true, false, Coalesce::BySource) else {
+            panic!()
+        };
+        assert_eq!(p.order, vec![0, 3, 1, 4]);
+        assert_eq!(p.calls[0].first_page, 0);
+        assert_eq!(p.calls[1].first_page, 1);
+    }
+
+    #[test]
+    fn holes_split_peer_runs_only_in_consecutive_mode() {
+        // Upstream scenario 7: A H A.
+        let c = calls("1.1", 0, true, false, Coalesce::Consecutive);
+        assert_eq!(summary(&c), vec![(1, R, 1), (1, R, 1)]);
+        let c = calls("1.1", 0, true, false, Coalesce::BySource);
+        assert_eq!(summary(&c), vec![(1, R, 2)]);
+        // Holes join the destination's system run.
+        let c = calls("s.s", 0, true, false, Coalesce::Consecutive);
+        assert_eq!(summary(&c), vec![(0, D, 2)]);
+    }
+
+    #[test]
+    fn local_and_foreign_pages() {
+        assert_eq!(calls("0000", 0, true, false, Coalesce::BySource), Classified::NotNeeded);
+        assert_eq!(calls("0000", 0, true, true, Coalesce::BySource), Classified::NotNeeded);
+        assert_eq!(
+            calls("0sss", 0, true, false, Coalesce::BySource),
+            Classified::Busy(BusyReason::Fragmentation, Some(PagemapId(0)))
+        );
+        assert_eq!(summary(&calls("0sss", 0, true, true, Coalesce::BySource)), vec![(0, R, 1), (0, D, 3)]);
+        assert_eq!(summary(&calls("0sss", 0, false, true, Coalesce::BySource)), vec![(0, D, 4)]);
+        assert_eq!(
+            calls("7sss", 0, true, false, Coalesce::BySource),
+            Classified::Busy(BusyReason::ForeignOwner, Some(PagemapId(7)))
+        );
+    }
+
+    #[test]
+    fn destination_reads_peers_without_source_peer_migrates() {
+        assert_eq!(summary(&calls("11ss", 0, false, false, Coalesce::BySource)), vec![(0, D, 4)]);
+    }
+
+    #[test]
+    fn holes_only_issue_no_call() {
+        assert_eq!(summary(&calls("....", 0, true, false, Coalesce::BySource)), vec![]);
+        assert_eq!(summary(&calls("....", 0, true, false, Coalesce::Consecutive)), vec![]);
+    }
+}

@@ -1,0 +1,239 @@
+//! Back to system memory: eviction of an allocation and the CPU-fault path. Always executed
+//! by the device that owns the pages (`copy_to_ram` of the allocation's pagemap), never with a
+//! pre-migrate fence. All pages of one pass or none.
+
+use crate::alloc::{AllocId, AllocState, Release, release_all};
+use crate::backend::CopyRequest;
+use crate::error::{BusyReason, Error, Result};
+use crate::mm::AddressSpace;
+use crate::page::{PageEntry, RmapEntry};
+use crate::types::{Direction, DmaAddr, HostFrame, Pfn, VaRange};
+
+/// What an eviction did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvictReport {
+    /// Pages copied back to system memory.
+    pub pages: usize,
+    /// Whether the allocation was released (it always is on success).
+    pub released: bool,
+}
+
+/// Which pages of an allocation one pass moves.
+#[derive(Clone, Copy)]
+struct Window {
+    range_slot: u32,
+    first: u32,
+    end: u32,
+}
+
+/// One pass's outcome.
+struct Pass {
+    moved: usize,
+    busy: usize,
+    gone: bool,
+}
+
+const EVICT_TRIES: usize = 3;
+
+impl AddressSpace {
+    /// Moves every page of `alloc` back to system memory and releases it (upstream
+    /// `drm_pagemap_evict_to_ram`). Pages locked by a running migration are waited for; after
+    /// three passes that leave pages behind: Busy.
+    pub fn evict_to_ram(&self, alloc: AllocId) -> Result<EvictReport> {
+        self.reap_deferred();
+        let mut moved = 0;
+        for _ in 0..EVICT_TRIES {
+            let pass = self.to_ram_pass(alloc, None, VaRange::new(0, 0))?;
+            moved += pass.moved;
+            if pass.gone {
+                return Ok(EvictReport {
+                    pages: moved,
+                    released: true,
+                });
+            }
+            if pass.busy > 0 {
+                drop(self.wait_unlocked(self.lock()));
+            }
+        }
+        let (pagemap, device) = {
+            let st = self.lock();
+            let pm = st.allocs.get(alloc).map(|r| r.pagemap);
+            (pm, pm.and_then(|p| self.device_of(p)))
+        };
+        Err(Error::Busy {
+            range: VaRange::new(0, 0),
+            pagemap: pagemap.unwrap_or(crate::PagemapId(0)),
+            device: device.unwrap_or(crate::DeviceId(0)),
+            reason: BusyReason::EvictIncomplete,
+        })
+    }
+
+    /// The CPU touched `fault_va`, a page of `alloc`: move that allocation's pages inside the
+    /// allocation-sized window around it (clamped to the range) back to system memory.
+    pub(crate) fn cpu_fault(&self, alloc: AllocId, fault_va: u64, access: VaRange) -> Result<()> {
+        let window = {
+            let st = self.lock();
+            let Some(rec) = st.allocs.get(alloc) else {
+                return Ok(()); // Released meanwhile: the caller re-scans.
+            };
+            let span = st.locate(VaRange::new(fault_va, 1), false)?;
+            let range = st.range(span.slot);
+            let ps = range.page_size.bytes();
+            let size = rec.pfns.len() as u64 * ps;
+            let start = (fault_va - fault_va % size).max(range.va.start);
+            let end = (fault_va - fault_va % size).saturating_add(size).min(range.va.end());
+            Window {
+                range_slot: span.slot,
+                first: ((start - range.va.start) / ps) as u32,
+                end: ((end - range.va.start) / ps) as u32,
+            }
+        };
+        self.to_ram_pass(alloc, Some(window), access).map(|_| ())
+    }
+
+    fn to_ram_pass(&self, alloc: AllocId, window: Option<Window>, range: VaRange) -> Result<Pass> {
+        // Collect and lock the pages of `alloc` (inside `window`).
+        let (pm_id, ps, picked, pages) = {
+            let mut st = self.lock();
+            let Some(rec) = st.allocs.get(alloc) else {
+                return Err(Error::NoSuchAllocation { alloc });
+            };
+            if rec.state == AllocState::Reserved || (rec.state == AllocState::Live && rec.live == 0) {
+                let rel = st.allocs.remove(alloc.slot);
+                drop(st);
+                release_all(rel.into_iter().collect());
+                return Ok(Pass {
+                    moved: 0,
+                    busy: 0,
+                    gone: true,
+                });
+            }
+            if rec.state == AllocState::Migrating {
+                return Ok(Pass {
+                    moved: 0,
+                    busy: rec.pfns.len(),
+                    gone: false,
+                });
+            }
+            let (pm_id, ps) = (rec.pagemap, rec.page_size);
+            let mut picked: Vec<(u32, RmapEntry)> = Vec::new();
+            let mut pages: Vec<Pfn> = Vec::new();
+            let mut busy = 0;
+            for (j, r) in rec.rmap.iter().enumerate() {
+                if r.is_empty() {
+                    continue;
+                }
+                if let Some(w) = window
+                    && (r.range_slot() != w.range_slot || r.page() < w.first || r.page() >= w.end)
+                {
+                    continue;
+                }
+                picked.push((j as u32, *r));
+                pages.push(rec.pfns[j]);
+            }
+            picked.retain(|(_, r)| {
+                let e = st.range(r.range_slot()).pages[r.page() as usize];
+                let free = !e.is_locked();
+                busy += (!free) as usize;
+                free
+            });
+            if busy > 0 {
+                pages = picked
+                    .iter()
+                    .map(|&(j, _)| st.allocs.get(alloc).expect("exists").pfns[j as usize])
+                    .collect();
+            }
+            for &(_, r) in &picked {
+                let p = &mut st.range_mut(r.range_slot()).pages[r.page() as usize];
+                *p = p.locked();
+            }
+            if picked.is_empty() {
+                return Ok(Pass {
+                    moved: 0,
+                    busy,
+                    gone: false,
+                });
+            }
+            (pm_id, ps, picked, pages)
+        };
+        let n = picked.len();
+        let unlock = |mm: &AddressSpace| {
+            let mut st = mm.lock();
+            for &(_, r) in &picked {
+                let p = &mut st.range_mut(r.range_slot()).pages[r.page() as usize];
+                *p = p.unlocked();
+            }
+            mm.unlocked.notify_all();
+        };
+        let pm = match self.pagemap_for(range, pm_id) {
+            Ok(p) => p,
+            Err(e) => {
+                unlock(self);
+                return Err(e);
+            }
+        };
+        let dev = pm.device();
+        let backend = |op, source| Error::Backend {
+            range,
+            op,
+            pagemap: Some(pm_id),
+            device: Some(dev),
+            source,
+        };
+        // Destination frames, mapped for the owning device.
+        let mut frames: Vec<HostFrame> = Vec::with_capacity(n);
+        if let Err(e) = self.host.alloc_frames(n, ps, &mut frames) {
+            unlock(self);
+            return Err(backend("host frame allocation", e));
+        }
+        let mut addrs = vec![DmaAddr::NONE; n];
+        if let Err(e) = self.host.map_frames(dev, &frames, ps, Direction::FromDevice, &mut addrs) {
+            self.host.free_frames(&frames, ps);
+            unlock(self);
+            return Err(backend("map_frames", e));
+        }
+        let req = CopyRequest {
+            page_size: ps,
+            pages: &pages,
+            addrs: &addrs,
+            pre_fence: None,
+        };
+        let result = pm
+            .devmem()
+            .copy_to_ram(&req)
+            .map_err(|e| backend("copy_to_ram", e))
+            .and_then(|f| {
+                f.wait().map_err(|source| Error::Fence {
+                    range,
+                    what: "copy",
+                    pagemap: Some(pm_id),
+                    device: Some(dev),
+                    source,
+                })
+            });
+        self.host.unmap_frames(dev, &addrs, ps, Direction::FromDevice);
+        if let Err(e) = result {
+            self.host.free_frames(&frames, ps);
+            unlock(self);
+            return Err(e);
+        }
+        // Commit: the pages become system pages; the allocation loses them.
+        let mut releases: Vec<Release> = Vec::new();
+        let gone = {
+            let mut st = self.lock();
+            for (&(j, r), &f) in picked.iter().zip(&frames) {
+                st.range_mut(r.range_slot()).pages[r.page() as usize] = PageEntry::system(f);
+                st.allocs.get_mut(alloc).expect("live").rmap[j as usize] = RmapEntry::EMPTY;
+            }
+            st.allocs.put_pages(alloc.slot, n as u32, &mut releases);
+            self.unlocked.notify_all();
+            st.allocs.get(alloc).is_none()
+        };
+        release_all(releases);
+        Ok(Pass {
+            moved: n,
+            busy: 0,
+            gone,
+        })
+    }
+}
