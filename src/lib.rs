@@ -1,1 +1,158 @@
-//! facade
+//! # drm-pagemap
+//!
+//! Page-granular migration of memory between system RAM and the device memory of several
+//! GPUs, after the Linux kernel's `drm_pagemap` (Intel Xe multi-device SVM). This facade
+//! re-exports the engine ([`drm_pagemap_core`]) and owns the registry of built-in backends:
+//! each registers through `inventory`, the registry lists each with "available" or the reason
+//! it is not, and `auto` picks a GPU backend when one is available, else the simulated one.
+//!
+//! ```
+//! use drm_pagemap::{AddressSpace, MigrateDetails, PageSize, PagemapId, VaRange, BackendConfig};
+//!
+//! let machine = drm_pagemap::Machine::open("sim", &BackendConfig::default(), 2)?;
+//! let mm = &machine.mm;
+//! let range = VaRange::new(1 << 30, 16 * 4096);
+//! mm.create_range(range, PageSize::Size4K)?;
+//! mm.write(range.start, b"hello")?;
+//! let report = mm.migrate(range, PagemapId(1), &MigrateDetails::default())?;
+//! assert_eq!(report.calls.len(), 1); // one copy_to_devmem by the destination
+//! let mut back = [0u8; 5];
+//! mm.read(range.start, &mut back)?; // the CPU-fault path brings the page home
+//! assert_eq!(&back, b"hello");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub use drm_pagemap_core::*;
+/// The simulated backend.
+pub use drm_pagemap_sim as sim;
+
+use std::sync::Arc;
+
+inventory::submit! {
+    BackendRegistration {
+        name: "sim",
+        is_gpu: false,
+        probe: || Ok(()),
+        open: drm_pagemap_sim::open,
+    }
+}
+
+/// A backend as the registry sees it.
+#[derive(Clone, Debug)]
+pub struct BackendStatus {
+    /// Its name ("sim", "cuda").
+    pub name: &'static str,
+    /// Whether it drives real GPUs.
+    pub is_gpu: bool,
+    /// `Ok` when usable here, else why not.
+    pub available: Result<(), String>,
+}
+
+/// Every registered backend with its availability: GPU backends first, then by name.
+pub fn backends() -> Vec<BackendStatus> {
+    let mut list: Vec<BackendStatus> = inventory::iter::<BackendRegistration>
+        .into_iter()
+        .map(|r| BackendStatus {
+            name: r.name,
+            is_gpu: r.is_gpu,
+            available: (r.probe)(),
+        })
+        .collect();
+    list.sort_by_key(|b| (!b.is_gpu, b.name));
+    list
+}
+
+/// The backend `auto` resolves to: the first available GPU backend, else "sim".
+pub fn auto_backend() -> &'static str {
+    backends()
+        .into_iter()
+        .find(|b| b.is_gpu && b.available.is_ok())
+        .map(|b| b.name)
+        .unwrap_or("sim")
+}
+
+/// Opens backend `name` ("auto" picks with [`auto_backend`]).
+pub fn open_backend(name: &str, config: &BackendConfig) -> Result<Box<dyn Backend>, Error> {
+    let name = if name == "auto" { auto_backend() } else { name };
+    let reg = inventory::iter::<BackendRegistration>
+        .into_iter()
+        .find(|r| r.name == name)
+        .ok_or_else(|| Error::BackendUnavailable {
+            name: name.into(),
+            reason: format!(
+                "no such backend (known: {})",
+                backends().iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+    (reg.probe)().map_err(|reason| Error::BackendUnavailable {
+        name: name.into(),
+        reason,
+    })?;
+    (reg.open)(config).map_err(|e| Error::BackendUnavailable {
+        name: name.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// A backend, `n` pagemaps on it and an address space using them: the usual set-up.
+pub struct Machine {
+    /// The backend.
+    pub backend: Arc<dyn Backend>,
+    /// Pagemaps 0..n. On a backend with fewer devices than pagemaps, pagemaps share devices
+    /// round-robin (several memory regions of one device).
+    pub pagemaps: Vec<Pagemap>,
+    /// The address space, with every pagemap added.
+    pub mm: AddressSpace,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("backend", &self.backend.name())
+            .field("pagemaps", &self.pagemaps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// Opens `backend` and creates `n` pagemaps, each with an equal share of its device.
+    pub fn open(backend: &str, config: &BackendConfig, n: usize) -> Result<Machine, Error> {
+        let backend: Arc<dyn Backend> = Arc::from(open_backend(backend, config)?);
+        Machine::with_backend(backend, n, &[])
+    }
+
+    /// Creates `n` pagemaps on `backend`; pagemaps listed in `foreign` get an owner of their
+    /// own (their pages are never collected by the others).
+    pub fn with_backend(backend: Arc<dyn Backend>, n: usize, foreign: &[usize]) -> Result<Machine, Error> {
+        let devices = backend.devices();
+        if devices.is_empty() || n == 0 || n > PagemapId::MAX_PAGEMAPS {
+            return Err(Error::BackendUnavailable {
+                name: backend.name().into(),
+                reason: format!("{n} pagemaps requested on {} devices", devices.len()),
+            });
+        }
+        let mm = AddressSpace::new(backend.host_memory());
+        let mut pagemaps = Vec::with_capacity(n);
+        for k in 0..n {
+            let dev = &devices[k % devices.len()];
+            let sharing = n.div_ceil(devices.len()) as u64;
+            let spec = PagemapSpec {
+                id: PagemapId(k as u8),
+                device: dev.id,
+                owner: foreign.contains(&k).then_some(OwnerId(0x1000 + k as u32)),
+                capacity_bytes: dev.memory_bytes / sharing,
+            };
+            let pm = backend
+                .create_pagemap(&spec)
+                .map_err(|e| Error::BackendUnavailable {
+                    name: backend.name().into(),
+                    reason: format!("creating pagemap {k}: {e}"),
+                })?;
+            mm.add_pagemap(pm.clone())?;
+            pagemaps.push(pm);
+        }
+        Ok(Machine { backend, pagemaps, mm })
+    }
+}

@@ -1,0 +1,244 @@
+//! # drm-pagemap-sim
+//!
+//! A backend of simulated devices that needs no GPU: the default when none is present, and
+//! the engine's test vehicle. Everything is real except the hardware:
+//! - each device has a device-memory arena of real bytes with a capacity, carved into pages
+//!   by an extent allocator (several pagemaps may share one device);
+//! - each device has a copy engine: a worker thread that executes copy calls in order,
+//!   waits for their input fence first, and signals a fence when the bytes have landed;
+//! - fresh allocations are cleared asynchronously on that engine and the clear is their
+//!   pre-migrate fence;
+//! - devices are grouped into owner groups (devices of one group reach each other's memory);
+//! - faults can be injected through [`drm_pagemap_core::inject::FaultInjector`]: the Nth
+//!   allocation, map or copy fails, or the Nth copy fence signals an error or never signals.
+//!
+//! Memory is made of atomic words ([`drm_pagemap_core::mem::AtomicArena`]), so the backend
+//! needs no `unsafe`.
+
+#![forbid(unsafe_code)]
+
+mod device;
+mod pagemap;
+
+pub use device::SimStats;
+use device::{Memories, SimDevice};
+use drm_pagemap_core::inject::FaultInjector;
+use drm_pagemap_core::mem::ArenaHostMemory;
+use drm_pagemap_core::{
+    Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, HostMemory, OwnerId, Pagemap,
+    PagemapId, PagemapSpec,
+};
+use pagemap::SimPagemap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The memory id of host memory in sim addresses; device `d` is `FIRST_DEVICE_MEM + d`.
+pub const HOST_MEM: u16 = 1;
+const FIRST_DEVICE_MEM: u16 = 2;
+
+/// How to build a simulated machine.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Number of devices.
+    pub devices: usize,
+    /// Bytes of device memory per device.
+    pub device_capacity: u64,
+    /// Bytes of host memory for system pages.
+    pub host_capacity: u64,
+    /// Owner group of each device (devices of one group reach each other); `None`: one group.
+    pub owner_groups: Option<Vec<u32>>,
+    /// Extra time each copy call takes (to widen race windows in tests).
+    pub copy_latency: Duration,
+    /// Fault injection shared by every pagemap and the host memory.
+    pub faults: Option<Arc<FaultInjector>>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            devices: 3,
+            device_capacity: 4 << 30,
+            host_capacity: 8 << 30,
+            owner_groups: None,
+            copy_latency: Duration::ZERO,
+            faults: None,
+        }
+    }
+}
+
+impl SimConfig {
+    /// A config from the generic backend config (missing fields keep their defaults).
+    pub fn from_backend_config(c: &BackendConfig) -> SimConfig {
+        let d = SimConfig::default();
+        SimConfig {
+            devices: c.devices.unwrap_or(d.devices),
+            device_capacity: c.device_capacity.unwrap_or(d.device_capacity),
+            host_capacity: c.host_capacity.unwrap_or(d.host_capacity),
+            ..d
+        }
+    }
+}
+
+/// A simulated machine: devices, host memory, pagemaps.
+pub struct SimBackend {
+    config: SimConfig,
+    devices: Vec<Arc<SimDevice>>,
+    host: Arc<ArenaHostMemory>,
+    pagemaps: Mutex<Vec<(PagemapId, Arc<SimPagemap>)>>,
+}
+
+impl std::fmt::Debug for SimBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimBackend").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl SimBackend {
+    /// Builds the machine. Fails on a config that cannot work (no device, a group list of
+    /// the wrong length).
+    pub fn new(config: SimConfig) -> Result<SimBackend, BackendError> {
+        let bad = |m: String| BackendError::new(BackendErrorKind::Unsupported, m);
+        if config.devices == 0 || config.devices > 64 {
+            return Err(bad(format!("sim: {} devices requested (1 to 64 allowed)", config.devices)));
+        }
+        if let Some(g) = &config.owner_groups
+            && g.len() != config.devices
+        {
+            return Err(bad(format!(
+                "sim: {} owner groups given for {} devices",
+                g.len(),
+                config.devices
+            )));
+        }
+        let host = Arc::new(ArenaHostMemory::new(HOST_MEM, config.host_capacity));
+        let mut arenas = vec![host.arena().clone()];
+        let mut devices = Vec::new();
+        for d in 0..config.devices {
+            let dev = SimDevice::new(DeviceId(d as u32), FIRST_DEVICE_MEM + d as u16, config.device_capacity);
+            arenas.push(dev.arena.clone());
+            devices.push(dev);
+        }
+        let memories = Arc::new(Memories::new(arenas));
+        for dev in &devices {
+            dev.start(memories.clone(), config.copy_latency);
+        }
+        Ok(SimBackend {
+            config,
+            devices,
+            host,
+            pagemaps: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The owner group of `device`.
+    pub fn owner_group(&self, device: DeviceId) -> u32 {
+        self.config
+            .owner_groups
+            .as_ref()
+            .and_then(|g| g.get(device.0 as usize).copied())
+            .unwrap_or(0)
+    }
+
+    /// The fault injector, if the config has one.
+    pub fn faults(&self) -> Option<&Arc<FaultInjector>> {
+        self.config.faults.as_ref()
+    }
+
+    /// The statistics of pagemap `id`, if this backend created it.
+    pub fn stats(&self, id: PagemapId) -> Option<SimStats> {
+        let maps = self.pagemaps.lock().unwrap_or_else(|p| p.into_inner());
+        maps.iter().find(|(i, _)| *i == id).map(|(_, p)| p.stats())
+    }
+
+    /// The host memory as the concrete type (free-frame counts for tests).
+    pub fn arena_host(&self) -> &Arc<ArenaHostMemory> {
+        &self.host
+    }
+
+    /// Creates one pagemap per device (ids 0..n, owner = the device's group) with the whole
+    /// device as capacity: the usual set-up.
+    pub fn pagemap_per_device(&self) -> Result<Vec<Pagemap>, BackendError> {
+        (0..self.devices.len())
+            .map(|d| {
+                self.create_pagemap(&PagemapSpec {
+                    id: PagemapId(d as u8),
+                    device: DeviceId(d as u32),
+                    owner: None,
+                    capacity_bytes: self.config.device_capacity,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Backend for SimBackend {
+    fn name(&self) -> &str {
+        "sim"
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        self.devices
+            .iter()
+            .map(|d| DeviceInfo {
+                id: d.id,
+                name: format!("simulated device {}", d.id.0),
+                memory_bytes: self.config.device_capacity,
+            })
+            .collect()
+    }
+
+    fn host_memory(&self) -> Arc<dyn HostMemory> {
+        let host: Arc<dyn HostMemory> = self.host.clone();
+        match &self.config.faults {
+            Some(f) => f.wrap_host(host),
+            None => host,
+        }
+    }
+
+    fn create_pagemap(&self, spec: &PagemapSpec) -> Result<Pagemap, BackendError> {
+        let dev = self
+            .devices
+            .get(spec.device.0 as usize)
+            .ok_or_else(|| {
+                BackendError::new(
+                    BackendErrorKind::Unsupported,
+                    format!("sim: {} does not exist ({} devices)", spec.device, self.devices.len()),
+                )
+            })?
+            .clone();
+        let owner = spec.owner.unwrap_or(OwnerId(self.owner_group(spec.device)));
+        let groups: Vec<u32> = (0..self.devices.len())
+            .map(|d| self.owner_group(DeviceId(d as u32)))
+            .collect();
+        let pm = Arc::new(SimPagemap::new(
+            dev,
+            spec.capacity_bytes.min(self.config.device_capacity),
+            groups,
+        ));
+        self.pagemaps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((spec.id, pm.clone()));
+        let pagemap = Pagemap::new(
+            spec.id,
+            owner,
+            spec.device,
+            format!("sim{}:{}", spec.device.0, spec.id.0),
+            pm.clone(),
+            pm,
+        );
+        Ok(match &self.config.faults {
+            Some(f) => f.wrap_pagemap(&pagemap),
+            None => pagemap,
+        })
+    }
+
+    fn can_access_peer(&self, a: DeviceId, b: DeviceId) -> bool {
+        self.owner_group(a) == self.owner_group(b)
+    }
+}
+
+/// Opens the sim backend from a generic config (used by the registry).
+pub fn open(config: &BackendConfig) -> Result<Box<dyn Backend>, BackendError> {
+    Ok(Box::new(SimBackend::new(SimConfig::from_backend_config(config))?))
+}
