@@ -1,0 +1,1 @@
+//! drm-pagemap-cuda: the CUDA backend (being written).

@@ -1,0 +1,1 @@
+//! Criterion benches of drm-pagemap live in `benches/`.

@@ -1,0 +1,1 @@
+//! xe-svm: the SVM layer (being written).
