@@ -120,12 +120,23 @@ impl Machine {
     /// Opens `backend` and creates `n` pagemaps, each with an equal share of its device.
     pub fn open(backend: &str, config: &BackendConfig, n: usize) -> Result<Machine, Error> {
         let backend: Arc<dyn Backend> = Arc::from(open_backend(backend, config)?);
-        Machine::with_backend(backend, n, &[])
+        Machine::build(backend, n, &[], config.device_capacity)
     }
 
     /// Creates `n` pagemaps on `backend`; pagemaps listed in `foreign` get an owner of their
     /// own (their pages are never collected by the others).
     pub fn with_backend(backend: Arc<dyn Backend>, n: usize, foreign: &[usize]) -> Result<Machine, Error> {
+        Machine::build(backend, n, foreign, None)
+    }
+
+    /// Creates `n` pagemaps on `backend`, each with an equal share of its device but at most
+    /// `pagemap_capacity` bytes; pagemaps listed in `foreign` get an owner of their own.
+    pub fn build(
+        backend: Arc<dyn Backend>,
+        n: usize,
+        foreign: &[usize],
+        pagemap_capacity: Option<u64>,
+    ) -> Result<Machine, Error> {
         let devices = backend.devices();
         if devices.is_empty() || n == 0 || n > PagemapId::MAX_PAGEMAPS {
             return Err(Error::BackendUnavailable {
@@ -142,7 +153,7 @@ impl Machine {
                 id: PagemapId(k as u8),
                 device: dev.id,
                 owner: foreign.contains(&k).then_some(OwnerId(0x1000 + k as u32)),
-                capacity_bytes: dev.memory_bytes / sharing,
+                capacity_bytes: (dev.memory_bytes / sharing).min(pagemap_capacity.unwrap_or(u64::MAX)),
             };
             let pm = backend
                 .create_pagemap(&spec)
