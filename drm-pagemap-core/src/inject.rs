@@ -99,7 +99,7 @@ impl FaultInjector {
         if self.hit(site) {
             Err(BackendError::new(
                 BackendErrorKind::Injected,
-                format!("{what} #{} failed on purpose", self.seen(site)),
+                format!("{what} failed on purpose"),
             ))
         } else {
             Ok(())

@@ -394,6 +394,37 @@ impl AddressSpace {
         })
     }
 
+    /// Plans the migration of `range` to `to` without performing it: collects the pages'
+    /// state, classifies every page and coalesces the copy calls exactly as
+    /// [`AddressSpace::migrate`] would, and returns what it would do. Nothing changes.
+    pub fn plan(&self, range: VaRange, to: PagemapId, details: &MigrateDetails) -> Result<Classified> {
+        let dest = self.pagemap_for(range, to)?;
+        let snapshot = {
+            let st = self.lock();
+            let span = st.locate(range, true)?;
+            st.range(span.slot).pages[span.first..span.first + span.count].to_vec()
+        };
+        if snapshot.iter().any(|p| p.is_locked()) {
+            return Err(Error::Busy {
+                range,
+                pagemap: to,
+                device: dest.device(),
+                reason: crate::BusyReason::PageLocked,
+            });
+        }
+        let t = self.pagemaps.read().unwrap_or_else(|p| p.into_inner());
+        Ok(plan(
+            &snapshot,
+            &PlanParams {
+                dest: to,
+                owners: &t.owners,
+                source_peer_migrates: details.source_peer_migrates,
+                can_migrate_same_pagemap: details.can_migrate_same_pagemap,
+                coalesce: details.coalesce,
+            },
+        ))
+    }
+
     pub(crate) fn unmap(&self, maps: &Mappings) {
         let Some(ps) = maps.page_size else { return };
         for &(src, dev, dir, s, e) in &maps.records {
