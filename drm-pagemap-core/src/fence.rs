@@ -155,7 +155,9 @@ impl Fence {
     }
 }
 
-static NEXT_CONTEXT: AtomicU64 = AtomicU64::new(1);
+/// Process-wide, so always a `std` atomic (a loom atomic cannot live in a `static`, and the
+/// counter is not part of what the loom models check).
+static NEXT_CONTEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Allocates fence contexts (timeline ids), unique for the process.
 #[derive(Clone, Copy, Debug)]
@@ -165,7 +167,7 @@ impl FenceContext {
     /// A fresh context id.
     #[allow(clippy::new_ret_no_self)]
     pub fn new() -> u64 {
-        NEXT_CONTEXT.fetch_add(1, Ordering::Relaxed)
+        NEXT_CONTEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
