@@ -16,8 +16,8 @@
 use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::layout::{self, LayoutPage};
 use drm_pagemap::{
-    AddressSpace, Backend, BackendConfig, Coalesce, CopyCall, CopyOp, Error, MigrateDetails, MigrateOutcome,
-    PageSize, PagemapId, VaRange,
+    AddressSpace, Backend, BackendConfig, Coalesce, CopyCall, CopyOp, Error, MigrateDetails,
+    MigrateOutcome, PageSize, PagemapId, VaRange,
 };
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -68,7 +68,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         it.next().ok_or_else(|| format!("{flag} needs a value"))
     }
     fn number<T: std::str::FromStr>(text: &str, flag: &str) -> Result<T, String> {
-        text.parse().map_err(|_| format!("{flag}: {text:?} is not a valid number"))
+        text.parse()
+            .map_err(|_| format!("{flag}: {text:?} is not a valid number"))
     }
     while let Some(arg) = it.next() {
         // Accept both `--flag value` and `--flag=value`.
@@ -86,13 +87,19 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--backend" => {
                 a.backend = val()?;
                 if !["auto", "sim", "cuda"].contains(&a.backend.as_str()) {
-                    return Err(format!("--backend: {:?} is not one of auto, sim, cuda", a.backend));
+                    return Err(format!(
+                        "--backend: {:?} is not one of auto, sim, cuda",
+                        a.backend
+                    ));
                 }
             }
             "--devices" => {
                 a.devices = number(&val()?, "--devices")?;
                 if !(1..=10).contains(&a.devices) {
-                    return Err(format!("--devices: {} is out of range (1 to 10)", a.devices));
+                    return Err(format!(
+                        "--devices: {} is out of range (1 to 10)",
+                        a.devices
+                    ));
                 }
             }
             "--page-size" => {
@@ -108,7 +115,11 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                 a.coalesce = match val()?.as_str() {
                     "by-source" => Coalesce::BySource,
                     "consecutive" => Coalesce::Consecutive,
-                    other => return Err(format!("--coalesce: {other:?} is not by-source or consecutive")),
+                    other => {
+                        return Err(format!(
+                            "--coalesce: {other:?} is not by-source or consecutive"
+                        ));
+                    }
                 }
             }
             "--foreign" => a.foreign.push(number(&val()?, "--foreign")?),
@@ -125,10 +136,16 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         }
     }
     if a.to >= a.devices {
-        return Err(format!("--to: pagemap {} does not exist (--devices {})", a.to, a.devices));
+        return Err(format!(
+            "--to: pagemap {} does not exist (--devices {})",
+            a.to, a.devices
+        ));
     }
     if let Some(&k) = a.foreign.iter().find(|&&k| k >= a.devices) {
-        return Err(format!("--foreign: pagemap {k} does not exist (--devices {})", a.devices));
+        return Err(format!(
+            "--foreign: pagemap {k} does not exist (--devices {})",
+            a.devices
+        ));
     }
     Ok(a)
 }
@@ -138,19 +155,29 @@ fn wanted_layout(a: &Args) -> Result<Vec<LayoutPage>, String> {
     match &a.layout {
         Some(text) => {
             let pages = layout::parse(text).map_err(|e| format!("--layout: {e}"))?;
-            if let Some(LayoutPage::Device(k)) =
-                pages.iter().find(|p| matches!(p, LayoutPage::Device(k) if *k as usize >= a.devices))
+            if let Some(LayoutPage::Device(k)) = pages
+                .iter()
+                .find(|p| matches!(p, LayoutPage::Device(k) if *k as usize >= a.devices))
             {
-                return Err(format!("--layout: pagemap {k} does not exist (--devices {})", a.devices));
+                return Err(format!(
+                    "--layout: pagemap {k} does not exist (--devices {})",
+                    a.devices
+                ));
             }
             Ok(pages)
         }
         None => {
             // System memory and every pagemap but the destination, in runs of 16 pages.
             let mut sources = vec![LayoutPage::System];
-            sources.extend((0..a.devices).filter(|&k| k != a.to).map(|k| LayoutPage::Device(k as u8)));
+            sources.extend(
+                (0..a.devices)
+                    .filter(|&k| k != a.to)
+                    .map(|k| LayoutPage::Device(k as u8)),
+            );
             let n = (DEFAULT_BYTES / a.page_size.bytes()) as usize;
-            Ok((0..n).map(|i| sources[(i / DEFAULT_RUN) % sources.len()]).collect())
+            Ok((0..n)
+                .map(|i| sources[(i / DEFAULT_RUN) % sources.len()])
+                .collect())
         }
     }
 }
@@ -198,7 +225,9 @@ impl Progress {
         if self.tty && (finished || self.last.elapsed() > Duration::from_millis(100)) {
             self.last = Instant::now();
             let pct = if total == 0 { 100 } else { done * 100 / total };
-            let bar: String = (0..40).map(|k| if k * 100 / 40 < pct { '#' } else { '.' }).collect();
+            let bar: String = (0..40)
+                .map(|k| if k * 100 / 40 < pct { '#' } else { '.' })
+                .collect();
             eprint!("\r{phase:<10} [{bar}] {pct:3}%");
             let _ = std::io::stderr().flush();
         }
@@ -213,7 +242,13 @@ impl Progress {
 
 /// Writes every page's pattern (holes stay unpopulated) and moves pages to the pagemaps the
 /// layout names, run by run.
-fn build(mm: &AddressSpace, range: VaRange, ps: PageSize, pages: &[LayoutPage], p: &mut Progress) -> Result<(), Error> {
+fn build(
+    mm: &AddressSpace,
+    range: VaRange,
+    ps: PageSize,
+    pages: &[LayoutPage],
+    p: &mut Progress,
+) -> Result<(), Error> {
     let psz = ps.bytes();
     let mut buf = vec![0u8; psz as usize];
     for (i, page) in pages.iter().enumerate() {
@@ -245,7 +280,13 @@ fn build(mm: &AddressSpace, range: VaRange, ps: PageSize, pages: &[LayoutPage], 
 }
 
 /// Reads the range back through the CPU path; true if every byte is as written.
-fn verify(mm: &AddressSpace, range: VaRange, ps: PageSize, pages: &[LayoutPage], p: &mut Progress) -> Result<bool, Error> {
+fn verify(
+    mm: &AddressSpace,
+    range: VaRange,
+    ps: PageSize,
+    pages: &[LayoutPage],
+    p: &mut Progress,
+) -> Result<bool, Error> {
     let psz = ps.bytes() as usize;
     let mut want = vec![0u8; psz];
     // Read in chunks of up to 8 MiB to keep the CPU path's calls few.
@@ -329,7 +370,11 @@ fn print_table(a: &Args, backend: &dyn Backend, o: &Outcome) {
     println!(
         "backend {} ({}), {} pagemaps, page size {}, {} pages ({} MiB) -> pagemap {}, coalesce {:?}",
         backend.name(),
-        backend.devices().first().map(|d| d.name.as_str()).unwrap_or("?"),
+        backend
+            .devices()
+            .first()
+            .map(|d| d.name.as_str())
+            .unwrap_or("?"),
         a.devices,
         a.page_size,
         o.before.len(),
@@ -337,7 +382,10 @@ fn print_table(a: &Args, backend: &dyn Backend, o: &Outcome) {
         a.to,
         a.coalesce
     );
-    println!("{:<22} {:>10} {:>6} {:>12}", "source", "pages", "calls", "MiB");
+    println!(
+        "{:<22} {:>10} {:>6} {:>12}",
+        "source", "pages", "calls", "MiB"
+    );
     let mut sources: Vec<LayoutPage> = Vec::new();
     for p in &o.before {
         if !sources.contains(p) {
@@ -364,7 +412,10 @@ fn print_table(a: &Args, backend: &dyn Backend, o: &Outcome) {
             }
         };
         let calls = calls.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
-        println!("{name:<22} {pages:>10} {calls:>6} {:>12.1}", (pages as u64 * psz) as f64 / (1 << 20) as f64);
+        println!(
+            "{name:<22} {pages:>10} {calls:>6} {:>12.1}",
+            (pages as u64 * psz) as f64 / (1 << 20) as f64
+        );
     }
     let moved: usize = o.trace.iter().map(|c| c.pages).sum();
     let bytes = moved as u64 * psz;
@@ -434,7 +485,12 @@ fn run(args: &Args, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
     };
     let backend: Arc<dyn Backend> = Arc::from(drm_pagemap::open_backend(&args.backend, &config)?);
     let injector = FaultInjector::new();
-    let machine = drm_pagemap::Machine::build(backend.clone(), args.devices, &args.foreign, config.device_capacity)?;
+    let machine = drm_pagemap::Machine::build(
+        backend.clone(),
+        args.devices,
+        &args.foreign,
+        config.device_capacity,
+    )?;
     // Wrap every pagemap so `--fail-copy` works on any backend.
     let mm = AddressSpace::new(backend.host_memory());
     for pm in &machine.pagemaps {

@@ -83,7 +83,11 @@ pub fn open_backend(name: &str, config: &BackendConfig) -> Result<Box<dyn Backen
             name: name.into(),
             reason: format!(
                 "no such backend (known: {})",
-                backends().iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
+                backends()
+                    .iter()
+                    .map(|b| b.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         })?;
     (reg.probe)().map_err(|reason| Error::BackendUnavailable {
@@ -125,7 +129,11 @@ impl Machine {
 
     /// Creates `n` pagemaps on `backend`; pagemaps listed in `foreign` get an owner of their
     /// own (their pages are never collected by the others).
-    pub fn with_backend(backend: Arc<dyn Backend>, n: usize, foreign: &[usize]) -> Result<Machine, Error> {
+    pub fn with_backend(
+        backend: Arc<dyn Backend>,
+        n: usize,
+        foreign: &[usize],
+    ) -> Result<Machine, Error> {
         Machine::build(backend, n, foreign, None)
     }
 
@@ -153,7 +161,8 @@ impl Machine {
                 id: PagemapId(k as u8),
                 device: dev.id,
                 owner: foreign.contains(&k).then_some(OwnerId(0x1000 + k as u32)),
-                capacity_bytes: (dev.memory_bytes / sharing).min(pagemap_capacity.unwrap_or(u64::MAX)),
+                capacity_bytes: (dev.memory_bytes / sharing)
+                    .min(pagemap_capacity.unwrap_or(u64::MAX)),
             };
             let pm = backend
                 .create_pagemap(&spec)
@@ -164,6 +173,10 @@ impl Machine {
             mm.add_pagemap(pm.clone())?;
             pagemaps.push(pm);
         }
-        Ok(Machine { backend, pagemaps, mm })
+        Ok(Machine {
+            backend,
+            pagemaps,
+            mm,
+        })
     }
 }

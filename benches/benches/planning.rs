@@ -62,7 +62,10 @@ fn planning(c: &mut Criterion) {
     let mut g = c.benchmark_group("plan_1M_pages");
     g.throughput(Throughput::Elements(PAGES));
     g.sample_size(20);
-    for (name, coalesce) in [("by-source", Coalesce::BySource), ("consecutive", Coalesce::Consecutive)] {
+    for (name, coalesce) in [
+        ("by-source", Coalesce::BySource),
+        ("consecutive", Coalesce::Consecutive),
+    ] {
         let details = MigrateDetails {
             coalesce,
             ..MigrateDetails::default()

@@ -78,7 +78,13 @@ pub trait HostMemory: Send + Sync {
         out: &mut [DmaAddr],
     ) -> Result<(), BackendError>;
     /// Undoes [`HostMemory::map_frames`]. `NONE` entries are skipped.
-    fn unmap_frames(&self, device: DeviceId, addrs: &[DmaAddr], page_size: PageSize, dir: Direction);
+    fn unmap_frames(
+        &self,
+        device: DeviceId,
+        addrs: &[DmaAddr],
+        page_size: PageSize,
+        dir: Direction,
+    );
     /// Bytes of frames the pool can hand out in total.
     fn capacity_bytes(&self) -> u64;
 }
@@ -96,7 +102,13 @@ pub trait PagemapOps: Send + Sync {
         out: &mut [DmaAddr],
     ) -> Result<(), BackendError>;
     /// Undoes [`PagemapOps::device_map`]. `NONE` entries are skipped.
-    fn device_unmap(&self, device: DeviceId, addrs: &[DmaAddr], page_size: PageSize, dir: Direction);
+    fn device_unmap(
+        &self,
+        device: DeviceId,
+        addrs: &[DmaAddr],
+        page_size: PageSize,
+        dir: Direction,
+    );
 }
 
 /// The backend's side of one device-memory allocation: an opaque cookie, its size, and the
@@ -121,7 +133,11 @@ pub trait DevmemOps: Send + Sync {
     fn allocate(&self, npages: usize, page_size: PageSize) -> Result<DevmemBacking, BackendError>;
     /// Writes the pfns of the allocation's pages, in address order, into `out`
     /// (`out.len() == backing.npages`).
-    fn populate_devmem_pfn(&self, backing: &DevmemBacking, out: &mut [Pfn]) -> Result<(), BackendError>;
+    fn populate_devmem_pfn(
+        &self,
+        backing: &DevmemBacking,
+        out: &mut [Pfn],
+    ) -> Result<(), BackendError>;
     /// Copies into this device's pages `req.pages[i]` from `req.addrs[i]`.
     fn copy_to_devmem(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError>;
     /// Copies this device's pages `req.pages[i]` out to `req.addrs[i]`.

@@ -205,7 +205,9 @@ pub enum Error {
         alloc: crate::AllocId,
     },
     /// A device-memory allocation larger than the pagemap can ever hold.
-    #[error("range {range}: {bytes} bytes do not fit in {pagemap} on {device} (capacity {capacity} bytes)")]
+    #[error(
+        "range {range}: {bytes} bytes do not fit in {pagemap} on {device} (capacity {capacity} bytes)"
+    )]
     TooLarge {
         /// The range.
         range: VaRange,

@@ -135,9 +135,15 @@ impl FaultInjector {
         if self.hit(FaultSite::FenceError) {
             let error = BackendError::new(
                 BackendErrorKind::Injected,
-                format!("copy fence #{} signalled an error on purpose", self.seen(FaultSite::FenceError)),
+                format!(
+                    "copy fence #{} signalled an error on purpose",
+                    self.seen(FaultSite::FenceError)
+                ),
             );
-            return Fence::new(FailingFence { inner: fence, error });
+            return Fence::new(FailingFence {
+                inner: fence,
+                error,
+            });
         }
         fence
     }
@@ -161,7 +167,13 @@ impl PagemapOps for InjectedPagemapOps {
         self.inner.device_map(device, pfns, page_size, dir, out)
     }
 
-    fn device_unmap(&self, device: DeviceId, addrs: &[DmaAddr], page_size: PageSize, dir: Direction) {
+    fn device_unmap(
+        &self,
+        device: DeviceId,
+        addrs: &[DmaAddr],
+        page_size: PageSize,
+        dir: Direction,
+    ) {
         self.inner.device_unmap(device, addrs, page_size, dir)
     }
 }
@@ -177,7 +189,11 @@ impl DevmemOps for InjectedDevmem {
         self.inner.allocate(npages, page_size)
     }
 
-    fn populate_devmem_pfn(&self, backing: &DevmemBacking, out: &mut [Pfn]) -> Result<(), BackendError> {
+    fn populate_devmem_pfn(
+        &self,
+        backing: &DevmemBacking,
+        out: &mut [Pfn],
+    ) -> Result<(), BackendError> {
         self.inner.populate_devmem_pfn(backing, out)
     }
 
@@ -208,7 +224,12 @@ struct InjectedHost {
 }
 
 impl HostMemory for InjectedHost {
-    fn alloc_frames(&self, count: usize, page_size: PageSize, out: &mut Vec<HostFrame>) -> Result<(), BackendError> {
+    fn alloc_frames(
+        &self,
+        count: usize,
+        page_size: PageSize,
+        out: &mut Vec<HostFrame>,
+    ) -> Result<(), BackendError> {
         self.inj.check(FaultSite::Alloc, "host frame allocation")?;
         self.inner.alloc_frames(count, page_size, out)
     }
@@ -235,7 +256,13 @@ impl HostMemory for InjectedHost {
         self.inj.check(FaultSite::Map, "map_frames")?;
         self.inner.map_frames(device, frames, page_size, dir, out)
     }
-    fn unmap_frames(&self, device: DeviceId, addrs: &[DmaAddr], page_size: PageSize, dir: Direction) {
+    fn unmap_frames(
+        &self,
+        device: DeviceId,
+        addrs: &[DmaAddr],
+        page_size: PageSize,
+        dir: Direction,
+    ) {
         self.inner.unmap_frames(device, addrs, page_size, dir)
     }
     fn capacity_bytes(&self) -> u64 {

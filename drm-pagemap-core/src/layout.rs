@@ -172,11 +172,17 @@ mod tests {
     #[test]
     fn refuses_bad_text() {
         assert_eq!(parse(""), Err(LayoutError::Empty));
-        assert!(matches!(parse("sx"), Err(LayoutError::BadChar { ch: 'x', .. })));
+        assert!(matches!(
+            parse("sx"),
+            Err(LayoutError::BadChar { ch: 'x', .. })
+        ));
         assert!(matches!(parse("s*0"), Err(LayoutError::BadCount { .. })));
         assert!(matches!(parse("s*-1"), Err(LayoutError::BadCount { .. })));
         assert!(matches!(parse("ss*2"), Err(LayoutError::BadCount { .. })));
-        assert!(matches!(parse("s*99999999999"), Err(LayoutError::TooLong { .. })));
+        assert!(matches!(
+            parse("s*99999999999"),
+            Err(LayoutError::TooLong { .. })
+        ));
     }
 
     #[test]

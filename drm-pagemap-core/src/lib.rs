@@ -46,16 +46,21 @@ mod types;
 
 pub use alloc::{AllocId, AllocState, AllocationInfo};
 pub use backend::{
-    Backend, BackendConfig, BackendRegistration, CopyRequest, DeviceInfo, DevmemBacking, DevmemOps, HostMemory,
-    Pagemap, PagemapOps, PagemapSpec,
+    Backend, BackendConfig, BackendRegistration, CopyRequest, DeviceInfo, DevmemBacking, DevmemOps,
+    HostMemory, Pagemap, PagemapOps, PagemapSpec,
 };
-pub use error::{BackendError, BackendErrorKind, BusyReason, Error, FenceError, RangeProblem, Result};
+pub use error::{
+    BackendError, BackendErrorKind, BusyReason, Error, FenceError, RangeProblem, Result,
+};
 pub use fence::{Fence, FenceArray, FenceContext, FenceOps, FenceStatus, FenceTimeline, HostFence};
 pub use migrate::{CopyCall, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming};
 pub use mm::{AddressSpace, PageLocation};
 pub use plan::Coalesce;
 pub use to_ram::EvictReport;
-pub use types::{CopyOp, DeviceId, Direction, DmaAddr, GRANULE, HostFrame, OwnerId, PageSize, PagemapId, Pfn, VaRange};
+pub use types::{
+    CopyOp, DeviceId, Direction, DmaAddr, GRANULE, HostFrame, OwnerId, PageSize, PagemapId, Pfn,
+    VaRange,
+};
 
 /// Re-exported so backends can register with `inventory::submit!` without naming the crate.
 pub use inventory;

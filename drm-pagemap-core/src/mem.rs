@@ -190,7 +190,10 @@ impl AtomicArena {
 
     /// Copies `buf.len()` bytes at `offset` out. Panics if out of bounds (a backend bug).
     pub fn read(&self, offset: u64, buf: &mut [u8]) {
-        assert!(offset + buf.len() as u64 <= self.bytes, "arena read out of bounds");
+        assert!(
+            offset + buf.len() as u64 <= self.bytes,
+            "arena read out of bounds"
+        );
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -208,7 +211,10 @@ impl AtomicArena {
 
     /// Copies `data` in at `offset`. Panics if out of bounds (a backend bug).
     pub fn write(&self, offset: u64, data: &[u8]) {
-        assert!(offset + data.len() as u64 <= self.bytes, "arena write out of bounds");
+        assert!(
+            offset + data.len() as u64 <= self.bytes,
+            "arena write out of bounds"
+        );
         let mut done = 0usize;
         while done < data.len() {
             let at = offset + done as u64;
@@ -245,7 +251,10 @@ impl AtomicArena {
     /// Copies `len` bytes from `src` at `src_off` into `dst` at `dst_off` (8-byte aligned
     /// offsets and length take the fast word path).
     pub fn copy(src: &AtomicArena, src_off: u64, dst: &AtomicArena, dst_off: u64, len: u64) {
-        assert!(src_off + len <= src.bytes && dst_off + len <= dst.bytes, "arena copy out of bounds");
+        assert!(
+            src_off + len <= src.bytes && dst_off + len <= dst.bytes,
+            "arena copy out of bounds"
+        );
         let aligned = src_off % 8 == 0 && dst_off % 8 == 0 && len % 8 == 0;
         let mut done = 0u64;
         let mut bounce = Vec::new();
@@ -376,7 +385,10 @@ impl crate::HostMemory for ArenaHostMemory {
         out: &mut Vec<crate::HostFrame>,
     ) -> Result<(), crate::BackendError> {
         let mut starts = Vec::with_capacity(count);
-        if !self.frames.alloc_pages(count, page_size.granules(), &mut starts) {
+        if !self
+            .frames
+            .alloc_pages(count, page_size.granules(), &mut starts)
+        {
             return Err(crate::BackendError::new(
                 crate::BackendErrorKind::OutOfMemory,
                 format!(

@@ -8,7 +8,9 @@ use crate::fence::Fence;
 use crate::mm::{AddressSpace, Deferred, Span, flush_run};
 use crate::page::{Kind, PageEntry, RmapEntry};
 use crate::plan::{Classified, Coalesce, Plan, PlanParams, plan};
-use crate::types::{CopyOp, DeviceId, Direction, DmaAddr, HostFrame, PageSize, PagemapId, Pfn, VaRange};
+use crate::types::{
+    CopyOp, DeviceId, Direction, DmaAddr, HostFrame, PageSize, PagemapId, Pfn, VaRange,
+};
 use std::time::{Duration, Instant};
 
 /// How a migration behaves (upstream `drm_pagemap_migrate_details`, plus our choices).
@@ -112,7 +114,12 @@ pub(crate) struct Mappings {
 impl AddressSpace {
     /// Migrates `range` to `to`'s device memory: allocates the destination, then
     /// [`AddressSpace::migrate_to_devmem`].
-    pub fn migrate(&self, range: VaRange, to: PagemapId, details: &MigrateDetails) -> Result<MigrateReport> {
+    pub fn migrate(
+        &self,
+        range: VaRange,
+        to: PagemapId,
+        details: &MigrateDetails,
+    ) -> Result<MigrateReport> {
         self.migrate_traced(range, to, details, &mut Vec::new())
     }
 
@@ -134,7 +141,12 @@ impl AddressSpace {
     /// Migrates `range` into the pages of `alloc` (reserved with
     /// [`AddressSpace::allocate_devmem`]; consumed in every outcome: it holds the pages after
     /// a migration, and is released otherwise). All pages or none.
-    pub fn migrate_to_devmem(&self, alloc: AllocId, range: VaRange, details: &MigrateDetails) -> Result<MigrateReport> {
+    pub fn migrate_to_devmem(
+        &self,
+        alloc: AllocId,
+        range: VaRange,
+        details: &MigrateDetails,
+    ) -> Result<MigrateReport> {
         self.migrate_into(alloc, range, details, &mut Vec::new())
     }
 
@@ -185,7 +197,13 @@ impl AddressSpace {
                 return fail(&mut st, e);
             }
             let Some(dest) = self.pagemap(dest_id) else {
-                return fail(&mut st, Error::UnknownPagemap { range, pagemap: dest_id });
+                return fail(
+                    &mut st,
+                    Error::UnknownPagemap {
+                        range,
+                        pagemap: dest_id,
+                    },
+                );
             };
             let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
             if pages.iter().any(|p| p.is_locked()) {
@@ -207,7 +225,10 @@ impl AddressSpace {
             let rec = st.allocs.get_mut(alloc).expect("checked above");
             rec.state = AllocState::Migrating;
             let dst_pfns = rec.pfns.clone();
-            let pre_fence = rec.backing.as_ref().and_then(|b| b.pre_migrate_fence.clone());
+            let pre_fence = rec
+                .backing
+                .as_ref()
+                .and_then(|b| b.pre_migrate_fence.clone());
             st.set_locked(span, true);
             (span, dest, snapshot, src_pfns, dst_pfns, pre_fence)
         };
@@ -397,7 +418,12 @@ impl AddressSpace {
     /// Plans the migration of `range` to `to` without performing it: collects the pages'
     /// state, classifies every page and coalesces the copy calls exactly as
     /// [`AddressSpace::migrate`] would, and returns what it would do. Nothing changes.
-    pub fn plan(&self, range: VaRange, to: PagemapId, details: &MigrateDetails) -> Result<Classified> {
+    pub fn plan(
+        &self,
+        range: VaRange,
+        to: PagemapId,
+        details: &MigrateDetails,
+    ) -> Result<Classified> {
         let dest = self.pagemap_for(range, to)?;
         let snapshot = {
             let st = self.lock();
@@ -524,7 +550,15 @@ impl Job<'_> {
                             }
                             j += 1;
                         }
-                        self.map(src, self.dest.device(), Direction::ToDevice, &frames, &pfns, s + k, maps)?;
+                        self.map(
+                            src,
+                            self.dest.device(),
+                            Direction::ToDevice,
+                            &frames,
+                            &pfns,
+                            s + k,
+                            maps,
+                        )?;
                         k = j;
                     }
                 }
@@ -614,7 +648,10 @@ impl Job<'_> {
             let slot = self.alloc.slot;
             let dest = self.dest.id();
             {
-                let rec = st.allocs.get_mut(self.alloc).expect("allocation of a running migration");
+                let rec = st
+                    .allocs
+                    .get_mut(self.alloc)
+                    .expect("allocation of a running migration");
                 rec.state = AllocState::Live;
                 rec.live = span.count as u32;
                 rec.expires = Instant::now() + timeslice;
@@ -628,11 +665,13 @@ impl Job<'_> {
                     Kind::Hole => {}
                     Kind::System => frames.push((old.frame(), span.page_size)),
                     Kind::Device => {
-                        st.allocs.by_slot_mut(old.slot()).rmap[old.index() as usize] = RmapEntry::EMPTY;
+                        st.allocs.by_slot_mut(old.slot()).rmap[old.index() as usize] =
+                            RmapEntry::EMPTY;
                         run = flush_run(&mut st.allocs, run, old.slot(), &mut releases);
                     }
                 }
-                st.range_mut(span.slot).pages[span.first + k] = PageEntry::device(dest, slot, k as u32);
+                st.range_mut(span.slot).pages[span.first + k] =
+                    PageEntry::device(dest, slot, k as u32);
             }
             if let Some((s, n)) = run {
                 st.allocs.put_pages(s, n, &mut releases);

@@ -1,6 +1,8 @@
 //! The address space: ranges of pages in packed arrays, the pagemaps it may use, CPU access.
 
-use crate::alloc::{AllocId, AllocRecord, AllocState, AllocTable, AllocationInfo, Release, release_all};
+use crate::alloc::{
+    AllocId, AllocRecord, AllocState, AllocTable, AllocationInfo, Release, release_all,
+};
 use crate::backend::{HostMemory, Pagemap};
 use crate::error::{Error, RangeProblem, Result};
 use crate::layout::LayoutPage;
@@ -97,7 +99,10 @@ impl MmState {
     /// The range slot holding `span`, and the pages it covers. `pages` demands page
     /// alignment of start and length.
     pub(crate) fn locate(&self, span: VaRange, pages: bool) -> Result<Span> {
-        let bad = |problem| Error::BadRange { range: span, problem };
+        let bad = |problem| Error::BadRange {
+            range: span,
+            problem,
+        };
         if span.len == 0 {
             return Err(bad(RangeProblem::Empty));
         }
@@ -226,7 +231,8 @@ impl AddressSpace {
     }
 
     pub(crate) fn pagemap_for(&self, range: VaRange, id: PagemapId) -> Result<Pagemap> {
-        self.pagemap(id).ok_or(Error::UnknownPagemap { range, pagemap: id })
+        self.pagemap(id)
+            .ok_or(Error::UnknownPagemap { range, pagemap: id })
     }
 
     /// Creates a range of unpopulated pages of `page_size` at `range`.
@@ -294,7 +300,9 @@ impl AddressSpace {
                 break slot;
             };
             st.ranges.remove(&start);
-            let rec = st.range_slots[slot as usize].take().expect("range slot in use");
+            let rec = st.range_slots[slot as usize]
+                .take()
+                .expect("range slot in use");
             st.free_range_slots.push(slot);
             let mut run: Option<(u32, u32)> = None;
             for e in &rec.pages {
@@ -335,7 +343,10 @@ impl AddressSpace {
     /// The ranges of the address space and their page sizes.
     pub fn ranges(&self) -> Vec<(VaRange, PageSize)> {
         let st = self.lock();
-        st.ranges.values().map(|&s| (st.range(s).va, st.range(s).page_size)).collect()
+        st.ranges
+            .values()
+            .map(|&s| (st.range(s).va, st.range(s).page_size))
+            .collect()
     }
 
     /// Where the page holding `va` lives.
@@ -356,7 +367,11 @@ impl AddressSpace {
 
     /// The layout of `range` (see [`crate::layout`]).
     pub fn layout(&self, range: VaRange) -> Result<Vec<LayoutPage>> {
-        Ok(self.locations(range)?.into_iter().map(PageLocation::layout).collect())
+        Ok(self
+            .locations(range)?
+            .into_iter()
+            .map(PageLocation::layout)
+            .collect())
     }
 
     /// A snapshot of one allocation, if it exists.
@@ -519,7 +534,10 @@ impl AddressSpace {
         let ps = span.page_size;
         let rec = st.range_mut(span.slot);
         let mut next = frames.into_iter();
-        for (i, e) in rec.pages[span.first..span.first + span.count].iter_mut().enumerate() {
+        for (i, e) in rec.pages[span.first..span.first + span.count]
+            .iter_mut()
+            .enumerate()
+        {
             if e.kind() == Kind::Hole {
                 let f = next.next().expect("one frame per hole");
                 let page_va = rec.va.start + (span.first + i) as u64 * ps.bytes();
@@ -560,7 +578,8 @@ impl AddressSpace {
             let at = va + done as u64;
             let off = (at - page_va) as usize;
             let n = (ps as usize - off).min(data.len() - done);
-            self.host.write(rec.pages[i].frame(), off, &data[done..done + n]);
+            self.host
+                .write(rec.pages[i].frame(), off, &data[done..done + n]);
             done += n;
         }
     }

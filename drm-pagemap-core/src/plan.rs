@@ -284,7 +284,11 @@ mod tests {
 
     fn summary(c: &Classified) -> Vec<(u8, CopyOp, usize)> {
         match c {
-            Classified::Plan(p) => p.calls.iter().map(|c| (c.executor.0, c.op, c.pages())).collect(),
+            Classified::Plan(p) => p
+                .calls
+                .iter()
+                .map(|c| (c.executor.0, c.op, c.pages()))
+                .collect(),
             other => panic!("not a plan: {other:?}"),
         }
     }
@@ -298,7 +302,14 @@ mod tests {
         let c = calls("ss00s11s0", 2, true, false, Coalesce::Consecutive);
         assert_eq!(
             summary(&c),
-            vec![(2, D, 2), (0, R, 2), (2, D, 1), (1, R, 2), (2, D, 1), (0, R, 1)]
+            vec![
+                (2, D, 2),
+                (0, R, 2),
+                (2, D, 1),
+                (1, R, 2),
+                (2, D, 1),
+                (0, R, 1)
+            ]
         );
     }
 
@@ -326,14 +337,26 @@ mod tests {
 
     #[test]
     fn local_and_foreign_pages() {
-        assert_eq!(calls("0000", 0, true, false, Coalesce::BySource), Classified::NotNeeded);
-        assert_eq!(calls("0000", 0, true, true, Coalesce::BySource), Classified::NotNeeded);
+        assert_eq!(
+            calls("0000", 0, true, false, Coalesce::BySource),
+            Classified::NotNeeded
+        );
+        assert_eq!(
+            calls("0000", 0, true, true, Coalesce::BySource),
+            Classified::NotNeeded
+        );
         assert_eq!(
             calls("0sss", 0, true, false, Coalesce::BySource),
             Classified::Busy(BusyReason::Fragmentation, Some(PagemapId(0)))
         );
-        assert_eq!(summary(&calls("0sss", 0, true, true, Coalesce::BySource)), vec![(0, R, 1), (0, D, 3)]);
-        assert_eq!(summary(&calls("0sss", 0, false, true, Coalesce::BySource)), vec![(0, D, 4)]);
+        assert_eq!(
+            summary(&calls("0sss", 0, true, true, Coalesce::BySource)),
+            vec![(0, R, 1), (0, D, 3)]
+        );
+        assert_eq!(
+            summary(&calls("0sss", 0, false, true, Coalesce::BySource)),
+            vec![(0, D, 4)]
+        );
         assert_eq!(
             calls("7sss", 0, true, false, Coalesce::BySource),
             Classified::Busy(BusyReason::ForeignOwner, Some(PagemapId(7)))
@@ -342,12 +365,21 @@ mod tests {
 
     #[test]
     fn destination_reads_peers_without_source_peer_migrates() {
-        assert_eq!(summary(&calls("11ss", 0, false, false, Coalesce::BySource)), vec![(0, D, 4)]);
+        assert_eq!(
+            summary(&calls("11ss", 0, false, false, Coalesce::BySource)),
+            vec![(0, D, 4)]
+        );
     }
 
     #[test]
     fn holes_only_issue_no_call() {
-        assert_eq!(summary(&calls("....", 0, true, false, Coalesce::BySource)), vec![]);
-        assert_eq!(summary(&calls("....", 0, true, false, Coalesce::Consecutive)), vec![]);
+        assert_eq!(
+            summary(&calls("....", 0, true, false, Coalesce::BySource)),
+            vec![]
+        );
+        assert_eq!(
+            summary(&calls("....", 0, true, false, Coalesce::Consecutive)),
+            vec![]
+        );
     }
 }

@@ -81,7 +81,9 @@ impl AddressSpace {
             let ps = range.page_size.bytes();
             let size = rec.pfns.len() as u64 * ps;
             let start = (fault_va - fault_va % size).max(range.va.start);
-            let end = (fault_va - fault_va % size).saturating_add(size).min(range.va.end());
+            let end = (fault_va - fault_va % size)
+                .saturating_add(size)
+                .min(range.va.end());
             Window {
                 range_slot: span.slot,
                 first: ((start - range.va.start) / ps) as u32,
@@ -98,7 +100,8 @@ impl AddressSpace {
             let Some(rec) = st.allocs.get(alloc) else {
                 return Err(Error::NoSuchAllocation { alloc });
             };
-            if rec.state == AllocState::Reserved || (rec.state == AllocState::Live && rec.live == 0) {
+            if rec.state == AllocState::Reserved || (rec.state == AllocState::Live && rec.live == 0)
+            {
                 let rel = st.allocs.remove(alloc.slot);
                 drop(st);
                 release_all(rel.into_iter().collect());
@@ -187,7 +190,10 @@ impl AddressSpace {
             return Err(backend("host frame allocation", e));
         }
         let mut addrs = vec![DmaAddr::NONE; n];
-        if let Err(e) = self.host.map_frames(dev, &frames, ps, Direction::FromDevice, &mut addrs) {
+        if let Err(e) = self
+            .host
+            .map_frames(dev, &frames, ps, Direction::FromDevice, &mut addrs)
+        {
             self.host.free_frames(&frames, ps);
             unlock(self);
             return Err(backend("map_frames", e));
@@ -211,7 +217,8 @@ impl AddressSpace {
                     source,
                 })
             });
-        self.host.unmap_frames(dev, &addrs, ps, Direction::FromDevice);
+        self.host
+            .unmap_frames(dev, &addrs, ps, Direction::FromDevice);
         if let Err(e) = result {
             self.host.free_frames(&frames, ps);
             unlock(self);

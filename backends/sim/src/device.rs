@@ -1,7 +1,9 @@
 //! A simulated device: its memory arena and its copy engine (an in-order worker thread).
 
 use drm_pagemap_core::mem::{AtomicArena, ExtentAllocator, arena_addr};
-use drm_pagemap_core::{BackendError, BackendErrorKind, DeviceId, DmaAddr, Fence, FenceTimeline, GRANULE, HostFence};
+use drm_pagemap_core::{
+    BackendError, BackendErrorKind, DeviceId, DmaAddr, Fence, FenceTimeline, GRANULE, HostFence,
+};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,13 +20,20 @@ impl Memories {
     }
 
     /// The arena and offset an address names, checked to hold `len` bytes.
-    pub(crate) fn resolve(&self, addr: DmaAddr, len: u64) -> Result<(&AtomicArena, u64), BackendError> {
+    pub(crate) fn resolve(
+        &self,
+        addr: DmaAddr,
+        len: u64,
+    ) -> Result<(&AtomicArena, u64), BackendError> {
         let (mem, off) = arena_addr::decode(addr);
         let arena = mem
             .checked_sub(1)
             .and_then(|i| self.arenas.get(i as usize))
             .ok_or_else(|| {
-                BackendError::new(BackendErrorKind::CopyFailed, format!("sim: address {:#x} names no memory", addr.0))
+                BackendError::new(
+                    BackendErrorKind::CopyFailed,
+                    format!("sim: address {:#x} names no memory", addr.0),
+                )
             })?;
         if off + len > arena.len() {
             return Err(BackendError::new(
@@ -39,7 +48,10 @@ impl Memories {
 /// Work for a copy engine.
 pub(crate) enum Work {
     /// Copy `bytes` from each `(src, dst)` pair.
-    Copy { pairs: Vec<(DmaAddr, DmaAddr)>, bytes: u64 },
+    Copy {
+        pairs: Vec<(DmaAddr, DmaAddr)>,
+        bytes: u64,
+    },
     /// Zero each `(offset, len)` of the device's own arena.
     Clear { extents: Vec<(u64, u64)> },
 }
@@ -136,10 +148,18 @@ fn engine(rx: Receiver<Job>, memories: Arc<Memories>, own: Arc<AtomicArena>, lat
     }
 }
 
-fn run(job: &Job, memories: &Memories, own: &AtomicArena, latency: Duration) -> Result<(), BackendError> {
+fn run(
+    job: &Job,
+    memories: &Memories,
+    own: &AtomicArena,
+    latency: Duration,
+) -> Result<(), BackendError> {
     if let Some(f) = &job.after {
         f.wait().map_err(|e| {
-            BackendError::new(BackendErrorKind::CopyFailed, format!("sim: input fence failed: {e}"))
+            BackendError::new(
+                BackendErrorKind::CopyFailed,
+                format!("sim: input fence failed: {e}"),
+            )
         })?;
     }
     if !latency.is_zero() {

@@ -25,8 +25,8 @@ use device::{Memories, SimDevice};
 use drm_pagemap_core::inject::FaultInjector;
 use drm_pagemap_core::mem::ArenaHostMemory;
 use drm_pagemap_core::{
-    Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, HostMemory, OwnerId, Pagemap,
-    PagemapId, PagemapSpec,
+    Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, HostMemory,
+    OwnerId, Pagemap, PagemapId, PagemapSpec,
 };
 use pagemap::SimPagemap;
 use std::sync::{Arc, Mutex};
@@ -89,7 +89,9 @@ pub struct SimBackend {
 
 impl std::fmt::Debug for SimBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimBackend").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("SimBackend")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -99,7 +101,10 @@ impl SimBackend {
     pub fn new(config: SimConfig) -> Result<SimBackend, BackendError> {
         let bad = |m: String| BackendError::new(BackendErrorKind::Unsupported, m);
         if config.devices == 0 || config.devices > 64 {
-            return Err(bad(format!("sim: {} devices requested (1 to 64 allowed)", config.devices)));
+            return Err(bad(format!(
+                "sim: {} devices requested (1 to 64 allowed)",
+                config.devices
+            )));
         }
         if let Some(g) = &config.owner_groups
             && g.len() != config.devices
@@ -114,7 +119,11 @@ impl SimBackend {
         let mut arenas = vec![host.arena().clone()];
         let mut devices = Vec::new();
         for d in 0..config.devices {
-            let dev = SimDevice::new(DeviceId(d as u32), FIRST_DEVICE_MEM + d as u16, config.device_capacity);
+            let dev = SimDevice::new(
+                DeviceId(d as u32),
+                FIRST_DEVICE_MEM + d as u16,
+                config.device_capacity,
+            );
             arenas.push(dev.arena.clone());
             devices.push(dev);
         }
@@ -202,7 +211,11 @@ impl Backend for SimBackend {
             .ok_or_else(|| {
                 BackendError::new(
                     BackendErrorKind::Unsupported,
-                    format!("sim: {} does not exist ({} devices)", spec.device, self.devices.len()),
+                    format!(
+                        "sim: {} does not exist ({} devices)",
+                        spec.device,
+                        self.devices.len()
+                    ),
                 )
             })?
             .clone();
@@ -240,5 +253,7 @@ impl Backend for SimBackend {
 
 /// Opens the sim backend from a generic config (used by the registry).
 pub fn open(config: &BackendConfig) -> Result<Box<dyn Backend>, BackendError> {
-    Ok(Box::new(SimBackend::new(SimConfig::from_backend_config(config))?))
+    Ok(Box::new(SimBackend::new(SimConfig::from_backend_config(
+        config,
+    ))?))
 }

@@ -4,8 +4,8 @@
 use crate::device::{SimDevice, SimStats, Work};
 use drm_pagemap_core::mem::arena_addr;
 use drm_pagemap_core::{
-    BackendError, BackendErrorKind, CopyRequest, DeviceId, DevmemBacking, DevmemOps, Direction, DmaAddr, Fence,
-    GRANULE, PageSize, PagemapOps, Pfn,
+    BackendError, BackendErrorKind, CopyRequest, DeviceId, DevmemBacking, DevmemOps, Direction,
+    DmaAddr, Fence, GRANULE, PageSize, PagemapOps, Pfn,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,7 +66,12 @@ impl SimPagemap {
         if req.pages.len() != req.addrs.len() {
             return Err(BackendError::new(
                 BackendErrorKind::CopyFailed,
-                format!("sim {}: {} pages but {} addresses", self.device.id, req.pages.len(), req.addrs.len()),
+                format!(
+                    "sim {}: {} pages but {} addresses",
+                    self.device.id,
+                    req.pages.len(),
+                    req.addrs.len()
+                ),
             ));
         }
         let pairs: Vec<(DmaAddr, DmaAddr)> = req
@@ -74,9 +79,16 @@ impl SimPagemap {
             .iter()
             .zip(req.addrs)
             .filter(|(_, a)| !a.is_none())
-            .map(|(&p, &a)| if own_is_dst { (a, self.addr(p)) } else { (self.addr(p), a) })
+            .map(|(&p, &a)| {
+                if own_is_dst {
+                    (a, self.addr(p))
+                } else {
+                    (self.addr(p), a)
+                }
+            })
             .collect();
-        self.pages_copied.fetch_add(pairs.len() as u64, Ordering::SeqCst);
+        self.pages_copied
+            .fetch_add(pairs.len() as u64, Ordering::SeqCst);
         let work = Work::Copy {
             pairs,
             bytes: req.page_size.bytes(),
@@ -109,7 +121,14 @@ impl PagemapOps for SimPagemap {
         Ok(())
     }
 
-    fn device_unmap(&self, _device: DeviceId, _addrs: &[DmaAddr], _page_size: PageSize, _dir: Direction) {}
+    fn device_unmap(
+        &self,
+        _device: DeviceId,
+        _addrs: &[DmaAddr],
+        _page_size: PageSize,
+        _dir: Direction,
+    ) {
+    }
 }
 
 impl DevmemOps for SimPagemap {
@@ -132,7 +151,11 @@ impl DevmemOps for SimPagemap {
             return Err(oom());
         }
         let mut starts = Vec::with_capacity(npages);
-        if !self.device.frames.alloc_pages(npages, page_size.granules(), &mut starts) {
+        if !self
+            .device
+            .frames
+            .alloc_pages(npages, page_size.granules(), &mut starts)
+        {
             self.used.fetch_sub(bytes, Ordering::SeqCst);
             return Err(oom());
         }
@@ -155,7 +178,10 @@ impl DevmemOps for SimPagemap {
         };
         let cookie = self.next_cookie.fetch_add(1, Ordering::SeqCst);
         let pfns = starts.into_iter().map(|s| Pfn(s as u32)).collect();
-        self.allocs.lock().unwrap_or_else(|p| p.into_inner()).insert(cookie, pfns);
+        self.allocs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cookie, pfns);
         self.allocations.fetch_add(1, Ordering::SeqCst);
         Ok(DevmemBacking {
             cookie,
@@ -165,18 +191,30 @@ impl DevmemOps for SimPagemap {
         })
     }
 
-    fn populate_devmem_pfn(&self, backing: &DevmemBacking, out: &mut [Pfn]) -> Result<(), BackendError> {
+    fn populate_devmem_pfn(
+        &self,
+        backing: &DevmemBacking,
+        out: &mut [Pfn],
+    ) -> Result<(), BackendError> {
         let allocs = self.allocs.lock().unwrap_or_else(|p| p.into_inner());
         let pfns = allocs.get(&backing.cookie).ok_or_else(|| {
             BackendError::new(
                 BackendErrorKind::Unsupported,
-                format!("sim {}: allocation {} is unknown", self.device.id, backing.cookie),
+                format!(
+                    "sim {}: allocation {} is unknown",
+                    self.device.id, backing.cookie
+                ),
             )
         })?;
         if out.len() != pfns.len() {
             return Err(BackendError::new(
                 BackendErrorKind::Unsupported,
-                format!("sim {}: {} pfns asked of a {}-page allocation", self.device.id, out.len(), pfns.len()),
+                format!(
+                    "sim {}: {} pfns asked of a {}-page allocation",
+                    self.device.id,
+                    out.len(),
+                    pfns.len()
+                ),
             ));
         }
         out.copy_from_slice(pfns);
@@ -201,9 +239,13 @@ impl DevmemOps for SimPagemap {
             .remove(&backing.cookie);
         if let Some(pfns) = pfns {
             let starts: Vec<u64> = pfns.iter().map(|p| p.0 as u64).collect();
-            self.device.frames.free_pages(&starts, backing.page_size.granules());
-            self.used
-                .fetch_sub(backing.npages as u64 * backing.page_size.bytes(), Ordering::SeqCst);
+            self.device
+                .frames
+                .free_pages(&starts, backing.page_size.granules());
+            self.used.fetch_sub(
+                backing.npages as u64 * backing.page_size.bytes(),
+                Ordering::SeqCst,
+            );
             self.releases.fetch_add(1, Ordering::SeqCst);
         }
     }
