@@ -235,7 +235,7 @@ impl AtomicArena {
             let in_chunk = at % CHUNK_BYTES;
             let n = (len - done).min(CHUNK_BYTES - in_chunk);
             if let Some(words) = self.chunk_if_present(ci) {
-                if in_chunk % 8 == 0 && n % 8 == 0 {
+                if in_chunk.is_multiple_of(8) && n.is_multiple_of(8) {
                     let w = (in_chunk / 8) as usize;
                     for x in &words[w..w + (n / 8) as usize] {
                         x.store(0, Ordering::Relaxed);
@@ -255,7 +255,8 @@ impl AtomicArena {
             src_off + len <= src.bytes && dst_off + len <= dst.bytes,
             "arena copy out of bounds"
         );
-        let aligned = src_off % 8 == 0 && dst_off % 8 == 0 && len % 8 == 0;
+        let aligned =
+            src_off.is_multiple_of(8) && dst_off.is_multiple_of(8) && len.is_multiple_of(8);
         let mut done = 0u64;
         let mut bounce = Vec::new();
         while done < len {

@@ -120,7 +120,7 @@ impl MmState {
             return Err(bad(RangeProblem::OutOfRange));
         }
         let ps = rec.page_size.bytes();
-        if pages && (span.start % ps != 0 || span.len % ps != 0) {
+        if pages && (!span.start.is_multiple_of(ps) || !span.len.is_multiple_of(ps)) {
             return Err(bad(RangeProblem::Unaligned));
         }
         let first = ((span.start - rec.va.start) / ps) as usize;
@@ -245,7 +245,7 @@ impl AddressSpace {
             return Err(bad(RangeProblem::Overflow));
         }
         let ps = page_size.bytes();
-        if range.start % ps != 0 || range.len % ps != 0 {
+        if !range.start.is_multiple_of(ps) || !range.len.is_multiple_of(ps) {
             return Err(bad(RangeProblem::Unaligned));
         }
         let npages = range.len / ps;

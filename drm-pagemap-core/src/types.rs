@@ -6,9 +6,10 @@ use std::fmt;
 pub const GRANULE: u64 = 4096;
 
 /// The page size of a range. Every page of one range has the same size.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PageSize {
     /// 4 KiB pages (the default).
+    #[default]
     Size4K,
     /// 64 KiB pages.
     Size64K,
@@ -39,12 +40,6 @@ impl PageSize {
             2097152 => Some(PageSize::Size2M),
             _ => None,
         }
-    }
-}
-
-impl Default for PageSize {
-    fn default() -> Self {
-        PageSize::Size4K
     }
 }
 
