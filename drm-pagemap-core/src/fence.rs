@@ -370,10 +370,7 @@ impl FenceOps for FenceArray {
         let start = Instant::now();
         let mut first_err = None;
         for m in &self.members {
-            let left = match timeout {
-                None => None,
-                Some(t) => Some(t.saturating_sub(start.elapsed())),
-            };
+            let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
             match m.wait_for(left) {
                 Ok(()) => {}
                 Err(FenceError::Timeout(_)) => {
