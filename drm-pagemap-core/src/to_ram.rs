@@ -131,20 +131,12 @@ impl AddressSpace {
                 {
                     continue;
                 }
+                if st.range(r.range_slot()).pages[r.page() as usize].is_locked() {
+                    busy += 1;
+                    continue;
+                }
                 picked.push((j as u32, *r));
                 pages.push(rec.pfns[j]);
-            }
-            picked.retain(|(_, r)| {
-                let e = st.range(r.range_slot()).pages[r.page() as usize];
-                let free = !e.is_locked();
-                busy += (!free) as usize;
-                free
-            });
-            if busy > 0 {
-                pages = picked
-                    .iter()
-                    .map(|&(j, _)| st.allocs.get(alloc).expect("exists").pfns[j as usize])
-                    .collect();
             }
             for &(_, r) in &picked {
                 let p = &mut st.range_mut(r.range_slot()).pages[r.page() as usize];
