@@ -54,7 +54,7 @@ pub use error::{
 };
 pub use fence::{Fence, FenceArray, FenceContext, FenceOps, FenceStatus, FenceTimeline, HostFence};
 pub use migrate::{CopyCall, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming};
-pub use mm::{AddressSpace, PageLocation};
+pub use mm::{AddressSpace, PageBacking, PageLocation};
 pub use plan::Coalesce;
 pub use to_ram::EvictReport;
 pub use types::{

@@ -7,7 +7,7 @@ use crate::backend::{HostMemory, Pagemap};
 use crate::error::{Error, RangeProblem, Result};
 use crate::layout::LayoutPage;
 use crate::page::{Kind, PageEntry, RmapEntry};
-use crate::types::{DeviceId, HostFrame, OwnerId, PageSize, PagemapId, VaRange};
+use crate::types::{DeviceId, HostFrame, OwnerId, PageSize, PagemapId, Pfn, VaRange};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -37,6 +37,24 @@ impl PageLocation {
             PageLocation::Device { pagemap, .. } => LayoutPage::Device(pagemap.0),
         }
     }
+}
+
+/// What backs one page, as a device page table needs it (see [`AddressSpace::backing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageBacking {
+    /// Not populated.
+    Unpopulated,
+    /// A system page: this frame of the address space's host memory.
+    System(HostFrame),
+    /// A device page: page `pfn` of `pagemap`, part of allocation `alloc`.
+    Device {
+        /// The pagemap.
+        pagemap: PagemapId,
+        /// The allocation.
+        alloc: AllocId,
+        /// The page inside the pagemap's memory.
+        pfn: Pfn,
+    },
 }
 
 pub(crate) struct RangeRecord {
@@ -478,10 +496,48 @@ impl AddressSpace {
     pub fn write(&self, va: u64, data: &[u8]) -> Result<()> {
         let range = VaRange::new(va, data.len() as u64);
         self.cpu_access(range, |st, span| {
-            self.populate(st, span, range)?;
+            self.populate_holes(st, span, range, range)?;
             self.copy_in(st, span, va, data);
             Ok(())
         })
+    }
+
+    /// Makes every page of `range` a system page, as a device that maps system memory needs
+    /// them: device pages are first migrated back by their device (as for
+    /// [`AddressSpace::read`], honouring the timeslice), unpopulated pages get zeroed frames.
+    /// Data already in system memory is untouched.
+    pub fn populate(&self, range: VaRange) -> Result<()> {
+        let written = VaRange::new(range.start, 0);
+        self.cpu_access(range, |st, span| {
+            self.populate_holes(st, span, range, written)
+        })
+    }
+
+    /// The backing of every page of `range` (page aligned), in order, into `out` (cleared
+    /// first): the frames and device pages a device page table maps. Waits while a migration
+    /// runs on any page of the range, so the snapshot never shows a page in flight; it stays
+    /// true until the next migration, eviction or CPU access touches those pages.
+    pub fn backing(&self, range: VaRange, out: &mut Vec<PageBacking>) -> Result<()> {
+        out.clear();
+        let mut st = self.lock();
+        loop {
+            let span = st.locate(range, true)?;
+            let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
+            if pages.iter().any(|e| e.is_locked()) {
+                st = self.wait_unlocked(st);
+                continue;
+            }
+            out.extend(pages.iter().map(|&e| match e.kind() {
+                Kind::Hole => PageBacking::Unpopulated,
+                Kind::System => PageBacking::System(e.frame()),
+                Kind::Device => PageBacking::Device {
+                    pagemap: e.pagemap(),
+                    alloc: st.allocs.id_of_slot(e.slot()),
+                    pfn: st.allocs.by_slot(e.slot()).pfns[e.index() as usize],
+                },
+            }));
+            return Ok(());
+        }
     }
 
     fn cpu_access<F>(&self, range: VaRange, access: F) -> Result<()>
@@ -512,7 +568,15 @@ impl AddressSpace {
         }
     }
 
-    fn populate(&self, st: &mut MmState, span: Span, range: VaRange) -> Result<()> {
+    /// Gives the holes of `span` zeroed system frames; bytes inside `written` are left for the
+    /// caller to write.
+    fn populate_holes(
+        &self,
+        st: &mut MmState,
+        span: Span,
+        range: VaRange,
+        written: VaRange,
+    ) -> Result<()> {
         let rec = st.range(span.slot);
         let holes = rec.pages[span.first..span.first + span.count]
             .iter()
@@ -542,7 +606,7 @@ impl AddressSpace {
                 let f = next.next().expect("one frame per hole");
                 let page_va = rec.va.start + (span.first + i) as u64 * ps.bytes();
                 // Fresh frames may hold old bytes: clear what the write will not cover.
-                if page_va < range.start || page_va + ps.bytes() > range.end() {
+                if page_va < written.start || page_va + ps.bytes() > written.end() {
                     self.host.zero(f, ps);
                 }
                 *e = PageEntry::system(f);
@@ -622,5 +686,36 @@ pub(crate) fn flush_run(
             Some((slot, 1))
         }
         None => Some((slot, 1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::ArenaHostMemory;
+
+    #[test]
+    fn populate_zeroes_holes_keeps_data_and_backing_reports_frames() {
+        let host = Arc::new(ArenaHostMemory::new(1, 1 << 20));
+        // Dirty every frame so that a hole populated without clearing would show it.
+        host.arena().write(0, &vec![0xAB; 1 << 20]);
+        let mm = AddressSpace::new(host.clone());
+        let r = VaRange::new(1 << 20, 4 * 4096);
+        mm.create_range(r, PageSize::Size4K).unwrap();
+        mm.write(r.start + 4096, &[7u8; 4096]).unwrap();
+        let mut b = Vec::new();
+        mm.backing(r, &mut b).unwrap();
+        assert_eq!(b[0], PageBacking::Unpopulated);
+        assert!(matches!(b[1], PageBacking::System(_)));
+        mm.populate(r).unwrap();
+        mm.backing(r, &mut b).unwrap();
+        assert_eq!(b.len(), 4);
+        assert!(b.iter().all(|p| matches!(p, PageBacking::System(_))));
+        let mut buf = vec![1u8; 4 * 4096];
+        mm.read(r.start, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&x| x == 0));
+        assert!(buf[4096..8192].iter().all(|&x| x == 7));
+        assert!(buf[8192..].iter().all(|&x| x == 0));
+        assert!(mm.backing(VaRange::new(r.start, 100), &mut b).is_err());
     }
 }
