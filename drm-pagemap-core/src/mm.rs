@@ -417,7 +417,8 @@ impl AddressSpace {
         range: VaRange,
     ) -> Result<AllocId> {
         let pm = self.pagemap_for(range, pagemap)?;
-        let bytes = npages as u64 * page_size.bytes();
+        // Saturating: an absurd page count is "too large", not an arithmetic overflow.
+        let bytes = (npages as u64).saturating_mul(page_size.bytes());
         let capacity = pm.devmem().capacity_bytes();
         if bytes > capacity || npages == 0 || npages > u32::MAX as usize {
             return Err(Error::TooLarge {

@@ -1,0 +1,816 @@
+//! Bad input: each case of the list gives a typed error, a message that names what is
+//! wrong, and no state change (page layout and bytes unchanged, no allocation leaked, device
+//! and host memory as before).
+//!
+//! Zero-length, unaligned, out-of-range and overlapping ranges, unknown pagemap, a
+//! destination of another owner, a freed range, double free, page-size mismatch, an
+//! allocation larger than the device, a fence that never signals (timeout) — plus a few
+//! neighbours (overflowing ranges, stale allocation handles, absurd page counts).
+
+use drm_pagemap::inject::{FaultInjector, FaultSite};
+use drm_pagemap::sim::{SimBackend, SimConfig};
+use drm_pagemap::{
+    AddressSpace, AllocId, AllocState, Backend, BusyReason, Error, FenceError, MigrateDetails,
+    PageLocation, PageSize, PagemapId, RangeProblem, VaRange, layout,
+};
+use std::sync::Arc;
+use std::time::Duration;
+
+const PS: u64 = 4096;
+const BASE: u64 = 1 << 30;
+/// A second range, 64 KiB pages.
+const BIG: u64 = 2 << 30;
+const CAPACITY: u64 = 1 << 20;
+
+/// Device 0, 1: one owner; device 2: another owner.
+struct Rig {
+    sim: SimBackend,
+    mm: AddressSpace,
+    inj: Arc<FaultInjector>,
+}
+
+/// Everything observable that bad input must not change.
+#[derive(Debug, PartialEq)]
+struct State {
+    ranges: Vec<(VaRange, PageSize)>,
+    layouts: Vec<String>,
+    locations: Vec<Vec<PageLocation>>,
+    bytes: Vec<Vec<u8>>,
+    allocations: Vec<AllocId>,
+    used: Vec<u64>,
+    /// Allocations minus releases, per pagemap: a refused request may allocate and release
+    /// internally, but must leave nothing behind.
+    balance: Vec<u64>,
+    host_free: u64,
+    deferred: usize,
+}
+
+impl Rig {
+    /// Range A at BASE: 8 pages `ss00s1s.`-like content; range B at BIG: 2 pages of 64 KiB
+    /// on device 2 (another owner).
+    fn new() -> Rig {
+        let inj = FaultInjector::new();
+        let sim = SimBackend::new(SimConfig {
+            devices: 3,
+            device_capacity: CAPACITY,
+            host_capacity: 16 << 20,
+            owner_groups: Some(vec![0, 0, 1]),
+            faults: Some(inj.clone()),
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let mm = AddressSpace::new(sim.host_memory());
+        for pm in sim.pagemap_per_device().unwrap() {
+            mm.add_pagemap(pm).unwrap();
+        }
+        mm.create_range(VaRange::new(BASE, 8 * PS), PageSize::Size4K)
+            .unwrap();
+        for i in 0..7 {
+            mm.write(BASE + i * PS + 7, &[i as u8 + 1; 100]).unwrap();
+        }
+        let d = MigrateDetails::default();
+        mm.migrate(VaRange::new(BASE + 2 * PS, 2 * PS), PagemapId(0), &d)
+            .unwrap();
+        mm.migrate(VaRange::new(BASE + 5 * PS, PS), PagemapId(1), &d)
+            .unwrap();
+        mm.create_range(VaRange::new(BIG, 2 << 16), PageSize::Size64K)
+            .unwrap();
+        mm.write(BIG + 3, b"other owner").unwrap();
+        mm.migrate(VaRange::new(BIG, 2 << 16), PagemapId(2), &d)
+            .unwrap();
+        let rig = Rig { sim, mm, inj };
+        assert_eq!(rig.layout(BASE, 8), "ss00s1s.");
+        rig
+    }
+
+    fn layout(&self, start: u64, pages: u64) -> String {
+        layout::format(&self.mm.layout(VaRange::new(start, pages * PS)).unwrap())
+    }
+
+    /// Reads without disturbing: locations are captured before, and a read faults device
+    /// pages home, so bytes are compared through a twin rig where needed. Here: bytes of
+    /// system pages only, read directly; device pages are checked by location + a final
+    /// read-back in each test.
+    fn state(&self) -> State {
+        let ranges = self.mm.ranges();
+        let mut layouts = Vec::new();
+        let mut locations = Vec::new();
+        let mut bytes = Vec::new();
+        for &(r, _) in &ranges {
+            let locs = self.mm.locations(r).unwrap();
+            layouts.push(layout::format(&self.mm.layout(r).unwrap()));
+            let ps = r.len / locs.len() as u64;
+            let mut b = Vec::new();
+            for (i, l) in locs.iter().enumerate() {
+                if *l == PageLocation::System {
+                    let mut page = vec![0u8; ps as usize];
+                    self.mm.read(r.start + i as u64 * ps, &mut page).unwrap();
+                    b.extend(page);
+                }
+            }
+            locations.push(locs);
+            bytes.push(b);
+        }
+        State {
+            ranges,
+            layouts,
+            locations,
+            bytes,
+            allocations: self.mm.allocations().iter().map(|a| a.id).collect(),
+            used: (0..3)
+                .map(|k| self.sim.stats(PagemapId(k)).unwrap().used_bytes)
+                .collect(),
+            balance: (0..3)
+                .map(|k| {
+                    let s = self.sim.stats(PagemapId(k)).unwrap();
+                    s.allocations - s.releases
+                })
+                .collect(),
+            host_free: self.sim.arena_host().free_granules(),
+            deferred: self.mm.deferred_cleanups(),
+        }
+    }
+
+    /// Reads range A whole (faulting everything home) and checks the content written by
+    /// `new`.
+    fn check_bytes(&self) {
+        let mut b = vec![0u8; 8 * PS as usize];
+        self.mm.read(BASE, &mut b).unwrap();
+        for i in 0..8usize {
+            let page = &b[i * PS as usize..(i + 1) * PS as usize];
+            for (j, &x) in page.iter().enumerate() {
+                let want = if i < 7 && (7..107).contains(&j) {
+                    i as u8 + 1
+                } else {
+                    0
+                };
+                assert_eq!(x, want, "page {i} byte {j}");
+            }
+        }
+        let mut o = [0u8; 11];
+        self.mm.read(BIG + 3, &mut o).unwrap();
+        assert_eq!(&o, b"other owner");
+    }
+}
+
+/// Runs `bad` and checks: it failed, `check` accepts the error, the message contains every
+/// word of `names`, and nothing observable changed.
+fn refuse<T: std::fmt::Debug>(
+    rig: &Rig,
+    what: &str,
+    bad: impl FnOnce(&AddressSpace) -> Result<T, Error>,
+    check: impl FnOnce(&Error) -> bool,
+    names: &[&str],
+) {
+    let before = rig.state();
+    let r = bad(&rig.mm);
+    let err = match r {
+        Ok(v) => panic!("{what}: accepted ({v:?})"),
+        Err(e) => e,
+    };
+    assert!(check(&err), "{what}: wrong error {err:?}");
+    let msg = err.to_string();
+    for n in names {
+        assert!(
+            msg.contains(n),
+            "{what}: message {msg:?} does not name {n:?}"
+        );
+    }
+    assert_eq!(rig.state(), before, "{what}: state changed");
+}
+
+fn range_problem(p: RangeProblem) -> impl Fn(&Error) -> bool {
+    move |e| matches!(e, Error::BadRange { problem, .. } if *problem == p)
+}
+
+#[test]
+fn zero_length_ranges() {
+    let rig = Rig::new();
+    let d = MigrateDetails::default();
+    let empty = VaRange::new(BASE, 0);
+    let names = ["[0x40000000, 0x40000000)", "is empty"];
+    refuse(
+        &rig,
+        "create",
+        |mm| mm.create_range(VaRange::new(3 << 30, 0), PageSize::Size4K),
+        range_problem(RangeProblem::Empty),
+        &["is empty"],
+    );
+    refuse(
+        &rig,
+        "migrate",
+        |mm| mm.migrate(empty, PagemapId(1), &d),
+        range_problem(RangeProblem::Empty),
+        &names,
+    );
+    refuse(
+        &rig,
+        "read",
+        |mm| mm.read(BASE, &mut []),
+        range_problem(RangeProblem::Empty),
+        &names,
+    );
+    refuse(
+        &rig,
+        "write",
+        |mm| mm.write(BASE, &[]),
+        range_problem(RangeProblem::Empty),
+        &names,
+    );
+    refuse(
+        &rig,
+        "locations",
+        |mm| mm.locations(empty),
+        range_problem(RangeProblem::Empty),
+        &names,
+    );
+    refuse(
+        &rig,
+        "allocate 0 pages",
+        |mm| mm.allocate_devmem(PagemapId(0), 0, PageSize::Size4K, empty),
+        |e| matches!(e, Error::TooLarge { .. }),
+        &["0 bytes", "pagemap 0"],
+    );
+    rig.check_bytes();
+}
+
+#[test]
+fn unaligned_ranges() {
+    let rig = Rig::new();
+    let d = MigrateDetails::default();
+    refuse(
+        &rig,
+        "create start",
+        |mm| mm.create_range(VaRange::new((3 << 30) + 512, PS), PageSize::Size4K),
+        range_problem(RangeProblem::Unaligned),
+        &["0xc0000200", "not aligned"],
+    );
+    refuse(
+        &rig,
+        "create length",
+        |mm| mm.create_range(VaRange::new(3 << 30, PS + 1), PageSize::Size4K),
+        range_problem(RangeProblem::Unaligned),
+        &["not aligned"],
+    );
+    refuse(
+        &rig,
+        "create 64K on 4K",
+        |mm| mm.create_range(VaRange::new((3 << 30) + PS, 1 << 16), PageSize::Size64K),
+        range_problem(RangeProblem::Unaligned),
+        &["not aligned"],
+    );
+    refuse(
+        &rig,
+        "migrate start",
+        |mm| mm.migrate(VaRange::new(BASE + 1, PS), PagemapId(1), &d),
+        range_problem(RangeProblem::Unaligned),
+        &["0x40000001", "not aligned"],
+    );
+    refuse(
+        &rig,
+        "migrate length",
+        |mm| mm.migrate(VaRange::new(BASE, PS + 8), PagemapId(1), &d),
+        range_problem(RangeProblem::Unaligned),
+        &["not aligned"],
+    );
+    refuse(
+        &rig,
+        "migrate 4K inside 64K pages",
+        |mm| mm.migrate(VaRange::new(BIG, PS), PagemapId(2), &d),
+        range_problem(RangeProblem::Unaligned),
+        &["0x80000000", "not aligned"],
+    );
+    refuse(
+        &rig,
+        "layout",
+        |mm| mm.layout(VaRange::new(BASE + 16, PS)),
+        range_problem(RangeProblem::Unaligned),
+        &["not aligned"],
+    );
+    rig.check_bytes();
+}
+
+#[test]
+fn out_of_range_and_overflowing_ranges() {
+    let rig = Rig::new();
+    let d = MigrateDetails::default();
+    let past = VaRange::new(BASE + 6 * PS, 4 * PS);
+    refuse(
+        &rig,
+        "migrate past the end",
+        |mm| mm.migrate(past, PagemapId(1), &d),
+        range_problem(RangeProblem::OutOfRange),
+        &["0x40006000", "runs past the end"],
+    );
+    refuse(
+        &rig,
+        "read past the end",
+        |mm| mm.read(BASE + 8 * PS - 2, &mut [0u8; 4]),
+        range_problem(RangeProblem::OutOfRange),
+        &["runs past the end"],
+    );
+    refuse(
+        &rig,
+        "write past the end",
+        |mm| mm.write(BASE + 8 * PS - 2, &[1u8; 4]),
+        range_problem(RangeProblem::OutOfRange),
+        &["runs past the end"],
+    );
+    refuse(
+        &rig,
+        "migrate below every range",
+        |mm| mm.migrate(VaRange::new(PS, PS), PagemapId(1), &d),
+        range_problem(RangeProblem::NotMapped),
+        &["not mapped"],
+    );
+    refuse(
+        &rig,
+        "migrate between ranges",
+        |mm| mm.migrate(VaRange::new(BASE + (1 << 20), PS), PagemapId(1), &d),
+        range_problem(RangeProblem::NotMapped),
+        &["not mapped"],
+    );
+    refuse(
+        &rig,
+        "create wrapping",
+        |mm| mm.create_range(VaRange::new(u64::MAX - PS + 1, 2 * PS), PageSize::Size4K),
+        range_problem(RangeProblem::Overflow),
+        &["wraps around"],
+    );
+    refuse(
+        &rig,
+        "migrate wrapping",
+        |mm| mm.migrate(VaRange::new(u64::MAX - PS + 1, 2 * PS), PagemapId(0), &d),
+        range_problem(RangeProblem::Overflow),
+        &["wraps around"],
+    );
+    refuse(
+        &rig,
+        "read wrapping",
+        |mm| mm.read(u64::MAX, &mut [0u8; 2]),
+        range_problem(RangeProblem::Overflow),
+        &["wraps around"],
+    );
+    rig.check_bytes();
+}
+
+#[test]
+fn overlapping_ranges() {
+    let rig = Rig::new();
+    for (what, r) in [
+        ("same start", VaRange::new(BASE, PS)),
+        ("inside", VaRange::new(BASE + 2 * PS, PS)),
+        ("over the end", VaRange::new(BASE + 7 * PS, 4 * PS)),
+        ("over the start", VaRange::new(BASE - 2 * PS, 4 * PS)),
+        ("around", VaRange::new(BASE - 4 * PS, 64 * PS)),
+    ] {
+        refuse(
+            &rig,
+            what,
+            |mm| mm.create_range(r, PageSize::Size4K),
+            range_problem(RangeProblem::Overlapping),
+            &["overlaps an existing range"],
+        );
+    }
+    rig.check_bytes();
+}
+
+#[test]
+fn unknown_pagemap() {
+    let rig = Rig::new();
+    let d = MigrateDetails::default();
+    let r = VaRange::new(BASE, 2 * PS);
+    let unknown = |e: &Error| {
+        matches!(
+            e,
+            Error::UnknownPagemap {
+                pagemap: PagemapId(9),
+                ..
+            }
+        )
+    };
+    refuse(
+        &rig,
+        "migrate",
+        |mm| mm.migrate(r, PagemapId(9), &d),
+        unknown,
+        &["unknown pagemap 9", "0x40000000"],
+    );
+    refuse(
+        &rig,
+        "allocate",
+        |mm| mm.allocate_devmem(PagemapId(9), 1, PageSize::Size4K, r),
+        unknown,
+        &["unknown pagemap 9"],
+    );
+    // A pagemap id that is taken already.
+    let again = rig.sim.create_pagemap(&drm_pagemap::PagemapSpec {
+        id: PagemapId(1),
+        device: drm_pagemap::DeviceId(1),
+        owner: None,
+        capacity_bytes: 1 << 20,
+    });
+    refuse(
+        &rig,
+        "add a pagemap twice",
+        |mm| mm.add_pagemap(again.unwrap()),
+        |e| {
+            matches!(
+                e,
+                Error::BadPagemap {
+                    pagemap: PagemapId(1),
+                    ..
+                }
+            )
+        },
+        &["pagemap 1", "exists already"],
+    );
+    rig.check_bytes();
+}
+
+#[test]
+fn destination_of_another_owner() {
+    let rig = Rig::new();
+    let d = MigrateDetails::default();
+    let foreign = |e: &Error| {
+        matches!(
+            e,
+            Error::Busy {
+                reason: BusyReason::ForeignOwner,
+                ..
+            }
+        )
+    };
+    // Pages of devices 0 and 1 to device 2 (another owner).
+    refuse(
+        &rig,
+        "to another owner",
+        |mm| mm.migrate(VaRange::new(BASE, 8 * PS), PagemapId(2), &d),
+        foreign,
+        &["pagemap 2", "device 2", "another owner"],
+    );
+    // Pages of device 2 to device 0.
+    refuse(
+        &rig,
+        "from another owner",
+        |mm| mm.migrate(VaRange::new(BIG, 2 << 16), PagemapId(0), &d),
+        foreign,
+        &["pagemap 0", "another owner"],
+    );
+    // Explicit reservation: the reservation is consumed, nothing else changes.
+    let before = rig.state();
+    let id = rig
+        .mm
+        .allocate_devmem(
+            PagemapId(2),
+            8,
+            PageSize::Size4K,
+            VaRange::new(BASE, 8 * PS),
+        )
+        .unwrap();
+    let e = rig
+        .mm
+        .migrate_to_devmem(id, VaRange::new(BASE, 8 * PS), &d)
+        .unwrap_err();
+    assert!(foreign(&e), "{e:?}");
+    assert!(
+        rig.mm.allocation(id).is_none(),
+        "the reservation was not released"
+    );
+    assert_eq!(rig.state(), before);
+    let s = rig.sim.stats(PagemapId(2)).unwrap();
+    assert_eq!(
+        s.allocations,
+        s.releases + 1,
+        "only the live allocation of range B remains"
+    );
+    rig.check_bytes();
+}
+
+#[test]
+fn freed_range_and_double_free() {
+    let rig = Rig::new();
+    let d = MigrateDetails::default();
+    let r = VaRange::new(3 << 30, 4 * PS);
+    rig.mm.create_range(r, PageSize::Size4K).unwrap();
+    rig.mm.write(r.start, b"gone").unwrap();
+    rig.mm.migrate(r, PagemapId(1), &d).unwrap();
+    rig.mm.free_range(r.start).unwrap();
+    let names = ["0xc0000000", "not mapped"];
+    let nm = range_problem(RangeProblem::NotMapped);
+    refuse(&rig, "double free", |mm| mm.free_range(r.start), nm, &names);
+    refuse(
+        &rig,
+        "read freed",
+        |mm| mm.read(r.start, &mut [0u8; 4]),
+        range_problem(RangeProblem::NotMapped),
+        &names,
+    );
+    refuse(
+        &rig,
+        "write freed",
+        |mm| mm.write(r.start, b"x"),
+        range_problem(RangeProblem::NotMapped),
+        &names,
+    );
+    refuse(
+        &rig,
+        "migrate freed",
+        |mm| mm.migrate(r, PagemapId(0), &d),
+        range_problem(RangeProblem::NotMapped),
+        &names,
+    );
+    refuse(
+        &rig,
+        "locations of freed",
+        |mm| mm.locations(r),
+        range_problem(RangeProblem::NotMapped),
+        &names,
+    );
+    refuse(
+        &rig,
+        "free inside a range",
+        |mm| mm.free_range(BASE + PS),
+        range_problem(RangeProblem::NotMapped),
+        &["0x40001000", "not mapped"],
+    );
+    // The freed range's allocation went with it; a stale handle to it is refused.
+    let s = rig.sim.stats(PagemapId(1)).unwrap();
+    assert_eq!(s.used_bytes, PS, "only range A's page remains on device 1");
+    rig.check_bytes();
+}
+
+#[test]
+fn stale_and_foreign_allocation_handles() {
+    let rig = Rig::new();
+    let d = MigrateDetails::default();
+    let PageLocation::Device { alloc, .. } = rig.mm.location(BASE + 5 * PS).unwrap() else {
+        panic!()
+    };
+    rig.mm.evict_to_ram(alloc).unwrap();
+    let stale = |e: &Error| matches!(e, Error::NoSuchAllocation { .. });
+    refuse(
+        &rig,
+        "evict stale",
+        |mm| mm.evict_to_ram(alloc),
+        stale,
+        &[&alloc.to_string(), "does not exist"],
+    );
+    refuse(
+        &rig,
+        "release stale",
+        |mm| mm.release_devmem(alloc),
+        stale,
+        &["does not exist"],
+    );
+    refuse(
+        &rig,
+        "migrate into stale",
+        |mm| mm.migrate_to_devmem(alloc, VaRange::new(BASE + 5 * PS, PS), &d),
+        stale,
+        &["does not exist"],
+    );
+    // A live allocation (not a reservation) cannot be migrated into again.
+    let PageLocation::Device { alloc: live, .. } = rig.mm.location(BASE + 2 * PS).unwrap() else {
+        panic!()
+    };
+    refuse(
+        &rig,
+        "migrate into a live allocation",
+        |mm| mm.migrate_to_devmem(live, VaRange::new(BASE + 6 * PS, PS), &d),
+        stale,
+        &[&live.to_string()],
+    );
+    rig.check_bytes();
+}
+
+#[test]
+fn page_size_mismatch() {
+    let rig = Rig::new();
+    let d = MigrateDetails::default();
+    let before = rig.state();
+    let r = VaRange::new(BASE + 6 * PS, PS);
+    let id = rig
+        .mm
+        .allocate_devmem(PagemapId(1), 1, PageSize::Size64K, r)
+        .unwrap();
+    let e = rig.mm.migrate_to_devmem(id, r, &d).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::PageSizeMismatch {
+                expected: PageSize::Size4K,
+                given: PageSize::Size64K,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    for n in ["0x40006000", "page size 64 KiB", "4 KiB"] {
+        assert!(msg.contains(n), "{msg:?} does not name {n:?}");
+    }
+    // The reservation is consumed (released exactly once), nothing else changed.
+    assert!(rig.mm.allocation(id).is_none());
+    let released = rig.mm.released_allocations();
+    assert_eq!(rig.state(), before);
+    let s = rig.sim.stats(PagemapId(1)).unwrap();
+    assert_eq!(
+        s.allocations,
+        s.releases + 1,
+        "only range A's page remains on device 1"
+    );
+    assert!(released > 0);
+    // A page count that does not match the range is refused the same way.
+    let id = rig
+        .mm
+        .allocate_devmem(PagemapId(1), 3, PageSize::Size4K, r)
+        .unwrap();
+    let e = rig.mm.migrate_to_devmem(id, r, &d).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::BadRange {
+                problem: RangeProblem::OutOfRange,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(rig.mm.allocation(id).is_none());
+    assert_eq!(rig.state().used, before.used);
+    rig.check_bytes();
+}
+
+#[test]
+fn allocation_larger_than_the_device() {
+    let rig = Rig::new();
+    let d = MigrateDetails::default();
+    let huge = VaRange::new(4 << 30, 2 * CAPACITY);
+    rig.mm.create_range(huge, PageSize::Size4K).unwrap();
+    rig.mm.write(huge.start + 5, b"big").unwrap();
+    let too_large = |e: &Error| matches!(e, Error::TooLarge { .. });
+    refuse(
+        &rig,
+        "migrate",
+        |mm| mm.migrate(huge, PagemapId(1), &d),
+        too_large,
+        &[
+            "0x100000000",
+            "2097152 bytes",
+            "pagemap 1",
+            "device 1",
+            "capacity 1048576",
+        ],
+    );
+    refuse(
+        &rig,
+        "allocate",
+        |mm| mm.allocate_devmem(PagemapId(0), 257, PageSize::Size4K, huge),
+        too_large,
+        &["1052672 bytes", "capacity 1048576"],
+    );
+    // Absurd page counts: a typed error, never an arithmetic overflow.
+    for (n, ps) in [
+        (usize::MAX, PageSize::Size2M),
+        (usize::MAX / 2, PageSize::Size64K),
+        (1 << 43, PageSize::Size2M),
+    ] {
+        refuse(
+            &rig,
+            "allocate an absurd count",
+            |mm| mm.allocate_devmem(PagemapId(0), n, ps, huge),
+            too_large,
+            &["pagemap 0", "capacity"],
+        );
+    }
+    // Fits in bytes but not in free memory: the device's own out-of-memory, nothing changed.
+    let half = VaRange::new(huge.start, CAPACITY);
+    refuse(
+        &rig,
+        "out of device memory",
+        |mm| mm.migrate(half, PagemapId(0), &d),
+        |e| matches!(e, Error::Backend { op: "allocate", .. }),
+        &["allocate", "pagemap 0", "out of memory"],
+    );
+    let mut b = [0u8; 3];
+    rig.mm.read(huge.start + 5, &mut b).unwrap();
+    assert_eq!(&b, b"big");
+    rig.check_bytes();
+}
+
+#[test]
+fn fence_that_never_signals_times_out() {
+    let rig = Rig::new();
+    let d = MigrateDetails {
+        fence_timeout: Some(Duration::from_millis(50)),
+        ..MigrateDetails::default()
+    };
+    let before = rig.state();
+    // The first copy call of the next migration gets a fence that never signals.
+    rig.inj.fail_nth(FaultSite::FenceHang, 1);
+    let r = VaRange::new(BASE, 5 * PS);
+    let e = rig.mm.migrate(r, PagemapId(1), &d).unwrap_err();
+    rig.inj.disarm();
+    assert!(
+        matches!(&e, Error::Fence { what: "copy", source: FenceError::Timeout(t), .. } if *t == Duration::from_millis(50)),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    for n in ["0x40000000", "copy fence", "timed out"] {
+        assert!(msg.contains(n), "{msg:?} does not name {n:?}");
+    }
+    // Every page is where it was, with its bytes. The destination is not released while a
+    // copy may still write into it: it is parked as one deferred cleanup (with a fence that
+    // never signals it stays parked; it is accounted for, not lost).
+    let after = rig.state();
+    assert_eq!(after.deferred, 1, "the destination is parked");
+    assert_eq!(after.layouts, before.layouts);
+    assert_eq!(after.locations, before.locations);
+    assert_eq!(after.bytes, before.bytes);
+    // The parked destination is listed, still migrating, on device 1; nothing else is new.
+    let parked: Vec<_> = rig
+        .mm
+        .allocations()
+        .into_iter()
+        .filter(|a| !before.allocations.contains(&a.id))
+        .collect();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(
+        (parked[0].pagemap, parked[0].state, parked[0].live_pages),
+        (PagemapId(1), AllocState::Migrating, 0)
+    );
+    assert!(
+        before
+            .allocations
+            .iter()
+            .all(|a| after.allocations.contains(a))
+    );
+    assert_eq!(after.used[0], before.used[0]);
+    assert_eq!(after.used[2], before.used[2]);
+    assert_eq!(
+        after.used[1],
+        before.used[1] + 5 * PS,
+        "device 1 keeps the parked destination"
+    );
+    // The engine still works: the same range migrates with fences that signal.
+    rig.mm
+        .migrate(r, PagemapId(1), &MigrateDetails::default())
+        .unwrap();
+    assert_eq!(rig.layout(BASE, 8), "1*6,s.");
+    rig.check_bytes();
+}
+
+#[test]
+fn a_fence_that_signals_late_is_cleaned_up() {
+    // A copy that completes after the wait gave up: the destination stays parked until its
+    // fence signals, then the next engine call releases it. The copy engine sleeps 2 s per
+    // call, the wait gives up after 1 ms: the order does not depend on machine speed in
+    // any realistic way.
+    let sim = SimBackend::new(SimConfig {
+        devices: 2,
+        device_capacity: CAPACITY,
+        copy_latency: Duration::from_secs(2),
+        ..SimConfig::default()
+    })
+    .unwrap();
+    let mm = AddressSpace::new(sim.host_memory());
+    for pm in sim.pagemap_per_device().unwrap() {
+        mm.add_pagemap(pm).unwrap();
+    }
+    let r = VaRange::new(BASE, 2 * PS);
+    mm.create_range(r, PageSize::Size4K).unwrap();
+    mm.write(BASE, b"late").unwrap();
+    let d = MigrateDetails {
+        fence_timeout: Some(Duration::from_millis(1)),
+        ..MigrateDetails::default()
+    };
+    let e = mm.migrate(r, PagemapId(0), &d).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Fence {
+                source: FenceError::Timeout(_),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(layout::format(&mm.layout(r).unwrap()), "s.");
+    // Wait for the late copy (generously), then the parked destination is released.
+    let t = std::time::Instant::now();
+    while mm.deferred_cleanups() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the late fence never got reaped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = sim.stats(PagemapId(0)).unwrap();
+    assert_eq!((s.used_bytes, s.allocations, s.releases), (0, 1, 1));
+    let mut b = [0u8; 4];
+    mm.read(BASE, &mut b).unwrap();
+    assert_eq!(&b, b"late");
+    mm.free_range(BASE).unwrap();
+    assert!(mm.allocations().is_empty());
+}
