@@ -1,0 +1,1556 @@
+//! Model-based property test of the engine on the simulated backend.
+//!
+//! Random sequences of: create range, CPU write, CPU read, migrate to device k (random
+//! `can_migrate_same_pagemap`, `source_peer_migrates`, coalescing, timeslice, fence timeout),
+//! migrate through an explicit `allocate_devmem` + `migrate_to_devmem` (sometimes with a
+//! mismatched page size or page count), reserve + release, evict, evict a stale allocation,
+//! free — with faults injected at random (allocation, map, copy call, copy fence error) in
+//! the middle of any of them.
+//!
+//! The machine: 4 simulated devices, pagemap k on device k; devices 0-2 share an owner,
+//! device 3 has another (its pages are never collected by the others, it cannot reach
+//! theirs). Device memory is small (256 KiB per pagemap) so allocations run out and some
+//! ranges are too large for a device.
+//!
+//! Checked after every step:
+//! - every CPU read returns exactly the bytes of the reference model (the bytes last written);
+//! - an operation fails if and only if an injected fault fired in it, or the model predicts
+//!   the failure (bad slot, busy, foreign owner, too large, out of device memory); a
+//!   migration that succeeds is `NotNeeded` exactly when the model says so;
+//! - a failed operation changes no byte; a failed migration or eviction changes no page's
+//!   location; a successful migration leaves every page of the range in one new allocation
+//!   of the destination, with one copy call per (executor, operation) under `BySource`;
+//! - accounting: every page on a device references a live allocation whose page count is the
+//!   number of pages referencing it; each pagemap's used bytes equal the sizes of its live
+//!   allocations; allocations minus releases equals the live allocations.
+//!
+//! Checked at the end of every case (after reading every range back and freeing them all):
+//! no allocation left, every device byte free (`used_bytes == 0`), every allocation released
+//! exactly once (sim `allocations == releases`, and an audit layer that counts
+//! `devmem_release` per allocation), no deferred cleanup, every host frame back.
+//!
+//! Sizes: 2,000 cases of up to 40 steps by default (CI). `DRM_PAGEMAP_LONG=1` runs 50,000
+//! cases of up to 80 steps; `DRM_PAGEMAP_MODEL_CASES=n` sets the case count.
+//!
+//! GPU faults through xe-svm are not part of the sequences yet: see RELIABILITY.md.
+
+use drm_pagemap::inject::{FaultInjector, FaultSite};
+use drm_pagemap::sim::{SimBackend, SimConfig};
+use drm_pagemap::{
+    AddressSpace, AllocId, AllocState, Backend, BackendError, BackendErrorKind, BusyReason,
+    Coalesce, CopyOp, CopyRequest, DevmemBacking, DevmemOps, Error, Fence, FenceError,
+    MigrateDetails, MigrateOutcome, PageLocation, PageSize, PagemapId, Pfn, RangeProblem, VaRange,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const DEVICES: usize = 4;
+/// Owner group of each device: device 3 belongs to another owner.
+const GROUPS: [u32; DEVICES] = [0, 0, 0, 1];
+const DEVICE_CAPACITY: u64 = 256 << 10;
+const HOST_CAPACITY: u64 = 4 << 20;
+const SLOTS: usize = 4;
+const BASE: u64 = 1 << 30;
+const SLOT_STRIDE: u64 = 4 << 20;
+const MAX_4K_PAGES: usize = 16;
+const MAX_64K_PAGES: usize = 5;
+
+fn long() -> bool {
+    std::env::var_os("DRM_PAGEMAP_LONG").is_some_and(|v| v != "0" && !v.is_empty())
+}
+
+// ---------------------------------------------------------------------------------------
+// Audit layer: counts allocations and releases per backing, so a double release (which the
+// sim would silently ignore) or a release of something never allocated is caught.
+
+#[derive(Default, Debug)]
+struct AuditLog {
+    /// (pagemap, cookie) -> releases seen.
+    live: Mutex<HashMap<(u8, u64), u32>>,
+    violations: Mutex<Vec<String>>,
+}
+
+impl AuditLog {
+    fn violations(&self) -> Vec<String> {
+        self.violations.lock().unwrap().clone()
+    }
+    fn outstanding(&self) -> Vec<(u8, u64)> {
+        let live = self.live.lock().unwrap();
+        live.iter()
+            .filter(|&(_, &n)| n == 0)
+            .map(|(&k, _)| k)
+            .collect()
+    }
+}
+
+struct AuditedDevmem {
+    pagemap: u8,
+    inner: Arc<dyn DevmemOps>,
+    log: Arc<AuditLog>,
+}
+
+impl DevmemOps for AuditedDevmem {
+    fn allocate(&self, npages: usize, page_size: PageSize) -> Result<DevmemBacking, BackendError> {
+        let b = self.inner.allocate(npages, page_size)?;
+        let prev = self
+            .log
+            .live
+            .lock()
+            .unwrap()
+            .insert((self.pagemap, b.cookie), 0);
+        if prev.is_some() {
+            self.log.violations.lock().unwrap().push(format!(
+                "pagemap {}: cookie {} handed out twice",
+                self.pagemap, b.cookie
+            ));
+        }
+        Ok(b)
+    }
+    fn populate_devmem_pfn(
+        &self,
+        backing: &DevmemBacking,
+        out: &mut [Pfn],
+    ) -> Result<(), BackendError> {
+        self.inner.populate_devmem_pfn(backing, out)
+    }
+    fn copy_to_devmem(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError> {
+        self.inner.copy_to_devmem(req)
+    }
+    fn copy_to_ram(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError> {
+        self.inner.copy_to_ram(req)
+    }
+    fn devmem_release(&self, backing: DevmemBacking) {
+        {
+            let mut live = self.log.live.lock().unwrap();
+            match live.get_mut(&(self.pagemap, backing.cookie)) {
+                Some(n) => {
+                    *n += 1;
+                    if *n > 1 {
+                        self.log.violations.lock().unwrap().push(format!(
+                            "pagemap {}: allocation {} released {} times",
+                            self.pagemap, backing.cookie, n
+                        ));
+                    }
+                }
+                None => self.log.violations.lock().unwrap().push(format!(
+                    "pagemap {}: release of unknown allocation {}",
+                    self.pagemap, backing.cookie
+                )),
+            }
+        }
+        self.inner.devmem_release(backing)
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.inner.capacity_bytes()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Operations.
+
+#[derive(Clone, Copy, Debug)]
+struct Fault {
+    site: FaultSite,
+    nth: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Flags {
+    same: bool,
+    spm: bool,
+    consecutive: bool,
+    timeslice: bool,
+    timeout: bool,
+}
+
+impl Flags {
+    fn details(&self) -> MigrateDetails {
+        MigrateDetails {
+            timeslice: if self.timeslice {
+                Duration::from_micros(300)
+            } else {
+                Duration::ZERO
+            },
+            can_migrate_same_pagemap: self.same,
+            source_peer_migrates: self.spm,
+            coalesce: if self.consecutive {
+                Coalesce::Consecutive
+            } else {
+                Coalesce::BySource
+            },
+            fence_timeout: self.timeout.then_some(Duration::from_secs(120)),
+        }
+    }
+}
+
+/// How an explicit reservation is misused.
+#[derive(Clone, Copy, Debug)]
+enum Misuse {
+    None,
+    WrongPageSize,
+    WrongCount,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create {
+        slot: usize,
+        pages: usize,
+        big: bool,
+    },
+    Free {
+        slot: usize,
+    },
+    Write {
+        slot: usize,
+        at: u64,
+        len: u64,
+        seed: u8,
+        fault: Option<Fault>,
+    },
+    Read {
+        slot: usize,
+        at: u64,
+        len: u64,
+        fault: Option<Fault>,
+    },
+    Migrate {
+        slot: usize,
+        first: usize,
+        count: usize,
+        to: u8,
+        flags: Flags,
+        fault: Option<Fault>,
+    },
+    Reserve {
+        slot: usize,
+        first: usize,
+        count: usize,
+        to: u8,
+        flags: Flags,
+        misuse: Misuse,
+        fault: Option<Fault>,
+    },
+    ReserveRelease {
+        to: u8,
+        count: usize,
+        fault: Option<Fault>,
+    },
+    Evict {
+        slot: usize,
+        page: usize,
+        fault: Option<Fault>,
+    },
+    EvictStale,
+}
+
+fn fault() -> impl Strategy<Value = Option<Fault>> {
+    prop_oneof![
+        2 => Just(None),
+        1 => (
+            prop_oneof![
+                2 => Just(FaultSite::Alloc),
+                3 => Just(FaultSite::Map),
+                3 => Just(FaultSite::Copy),
+                3 => Just(FaultSite::FenceError)
+            ],
+            1u64..3
+        )
+            .prop_map(|(site, nth)| Some(Fault { site, nth })),
+    ]
+}
+
+fn flags() -> impl Strategy<Value = Flags> {
+    (
+        any::<bool>(),
+        prop::bool::weighted(0.8),
+        any::<bool>(),
+        prop::bool::weighted(0.1),
+        any::<bool>(),
+    )
+        .prop_map(|(same, spm, consecutive, timeslice, timeout)| Flags {
+            same,
+            spm,
+            consecutive,
+            timeslice,
+            timeout,
+        })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let slot = 0..SLOTS;
+    prop_oneof![
+        2 => (slot.clone(), 1..=MAX_4K_PAGES, prop::bool::weighted(0.25))
+            .prop_map(|(slot, pages, big)| Op::Create { slot, pages, big }),
+        1 => slot.clone().prop_map(|slot| Op::Free { slot }),
+        4 => (slot.clone(), any::<u64>(), any::<u64>(), any::<u8>(), fault())
+            .prop_map(|(slot, at, len, seed, fault)| Op::Write { slot, at, len, seed, fault }),
+        3 => (slot.clone(), any::<u64>(), any::<u64>(), fault())
+            .prop_map(|(slot, at, len, fault)| Op::Read { slot, at, len, fault }),
+        5 => (slot.clone(), any::<usize>(), any::<usize>(), 0..DEVICES as u8, flags(), fault())
+            .prop_map(|(slot, first, count, to, flags, fault)| Op::Migrate { slot, first, count, to, flags, fault }),
+        1 => (
+            slot.clone(),
+            any::<usize>(),
+            any::<usize>(),
+            0..DEVICES as u8,
+            flags(),
+            prop_oneof![4 => Just(Misuse::None), 1 => Just(Misuse::WrongPageSize), 1 => Just(Misuse::WrongCount)],
+            fault()
+        )
+            .prop_map(|(slot, first, count, to, flags, misuse, fault)| Op::Reserve {
+                slot,
+                first,
+                count,
+                to,
+                flags,
+                misuse,
+                fault
+            }),
+        1 => (0..DEVICES as u8, 1usize..8, fault()).prop_map(|(to, count, fault)| Op::ReserveRelease { to, count, fault }),
+        3 => (slot, any::<usize>(), fault()).prop_map(|(slot, page, fault)| Op::Evict { slot, page, fault }),
+        1 => Just(Op::EvictStale),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------
+// The world: the engine under test and the reference model.
+
+#[derive(Clone, Debug)]
+struct SlotModel {
+    ps: PageSize,
+    pages: usize,
+    bytes: Vec<u8>,
+}
+
+impl SlotModel {
+    fn range(&self, slot: usize) -> VaRange {
+        VaRange::new(slot_base(slot), self.pages as u64 * self.ps.bytes())
+    }
+}
+
+fn slot_base(slot: usize) -> u64 {
+    BASE + slot as u64 * SLOT_STRIDE
+}
+
+/// A deliberately wrong reference model, to show the checks can fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mutation {
+    None,
+    /// The model forgets writes that landed on pages that were in device memory: what an
+    /// engine that loses a write on the CPU-fault path would look like.
+    LoseWritesToDevicePages,
+    /// The end of the case forgets to free the ranges: what a leaked allocation looks like.
+    LeakAtEnd,
+}
+
+#[derive(Default)]
+struct Totals {
+    cases: AtomicU64,
+    steps: AtomicU64,
+    faults: [AtomicU64; 4],
+    failed_ops: AtomicU64,
+    migrations: AtomicU64,
+    not_needed: AtomicU64,
+    evictions: AtomicU64,
+    reads_checked: AtomicU64,
+    bytes_checked: AtomicU64,
+    max_layout_devices: AtomicU64,
+}
+
+static TOTALS: Totals = Totals {
+    cases: AtomicU64::new(0),
+    steps: AtomicU64::new(0),
+    faults: [
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    ],
+    failed_ops: AtomicU64::new(0),
+    migrations: AtomicU64::new(0),
+    not_needed: AtomicU64::new(0),
+    evictions: AtomicU64::new(0),
+    reads_checked: AtomicU64::new(0),
+    bytes_checked: AtomicU64::new(0),
+    max_layout_devices: AtomicU64::new(0),
+};
+
+fn site_index(s: FaultSite) -> usize {
+    match s {
+        FaultSite::Alloc => 0,
+        FaultSite::Map => 1,
+        FaultSite::Copy => 2,
+        _ => 3,
+    }
+}
+
+struct World {
+    sim: SimBackend,
+    mm: AddressSpace,
+    inj: Arc<FaultInjector>,
+    audit: Arc<AuditLog>,
+    slots: [Option<SlotModel>; SLOTS],
+    stale: Vec<AllocId>,
+    host_free: u64,
+    mutation: Mutation,
+}
+
+type Check = Result<(), String>;
+
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+fn injected(e: &Error) -> bool {
+    match e {
+        Error::Backend { source, .. } => source.kind == BackendErrorKind::Injected,
+        Error::Fence {
+            source: FenceError::Failed(b),
+            ..
+        } => b.kind == BackendErrorKind::Injected,
+        _ => false,
+    }
+}
+
+fn out_of_memory(e: &Error) -> bool {
+    matches!(e, Error::Backend { op: "allocate", source, .. } if source.kind == BackendErrorKind::OutOfMemory)
+}
+
+impl World {
+    fn new(mutation: Mutation) -> World {
+        let inj = FaultInjector::new();
+        let sim = SimBackend::new(SimConfig {
+            devices: DEVICES,
+            device_capacity: DEVICE_CAPACITY,
+            host_capacity: HOST_CAPACITY,
+            owner_groups: Some(GROUPS.to_vec()),
+            copy_latency: Duration::ZERO,
+            faults: Some(inj.clone()),
+        })
+        .expect("sim backend");
+        let mm = AddressSpace::new(sim.host_memory());
+        let audit = Arc::new(AuditLog::default());
+        for pm in sim.pagemap_per_device().expect("pagemaps") {
+            let dm = Arc::new(AuditedDevmem {
+                pagemap: pm.id().0,
+                inner: pm.devmem().clone(),
+                log: audit.clone(),
+            });
+            mm.add_pagemap(pm.with_ops(pm.ops().clone(), dm))
+                .expect("add pagemap");
+        }
+        let host_free = sim.arena_host().free_granules();
+        World {
+            sim,
+            mm,
+            inj,
+            audit,
+            slots: Default::default(),
+            stale: Vec::new(),
+            host_free,
+            mutation,
+        }
+    }
+
+    /// Every location of every live slot.
+    fn snapshot(&self) -> Result<BTreeMap<usize, Vec<PageLocation>>, String> {
+        let mut out = BTreeMap::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if let Some(s) = s {
+                let l = self
+                    .mm
+                    .locations(s.range(i))
+                    .map_err(|e| format!("locations of slot {i}: {e}"))?;
+                ensure!(
+                    l.len() == s.pages,
+                    "slot {i}: {} locations for {} pages",
+                    l.len(),
+                    s.pages
+                );
+                out.insert(i, l);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` with `fault` armed; returns its result and whether the fault fired in it.
+    fn with_fault<T>(&self, fault: Option<Fault>, f: impl FnOnce() -> T) -> (T, bool) {
+        let before = self.inj.injected();
+        if let Some(fl) = fault {
+            self.inj.fail_nth(fl.site, fl.nth);
+        }
+        let r = f();
+        self.inj.disarm();
+        let fired = self.inj.injected() > before;
+        if fired && let Some(fl) = fault {
+            TOTALS.faults[site_index(fl.site)].fetch_add(1, Ordering::Relaxed);
+        }
+        (r, fired)
+    }
+
+    fn used(&self, pm: u8) -> u64 {
+        self.sim.stats(PagemapId(pm)).expect("stats").used_bytes
+    }
+
+    /// The accounting invariants that hold between operations.
+    fn check_invariants(&self) -> Check {
+        let snap = self.snapshot()?;
+        let allocs = self.mm.allocations();
+        let mut refs: HashMap<AllocId, usize> = HashMap::new();
+        let mut devices = 0u64;
+        for locs in snap.values() {
+            for l in locs {
+                if let PageLocation::Device { pagemap, alloc } = *l {
+                    *refs.entry(alloc).or_default() += 1;
+                    let info = self.mm.allocation(alloc).ok_or(format!(
+                        "a page references allocation {alloc} which does not exist"
+                    ))?;
+                    ensure!(
+                        info.pagemap == pagemap,
+                        "allocation {alloc} is in {} but a page says {pagemap}",
+                        info.pagemap
+                    );
+                    devices |= 1 << pagemap.0;
+                }
+            }
+        }
+        TOTALS
+            .max_layout_devices
+            .fetch_max(devices.count_ones() as u64, Ordering::Relaxed);
+        for a in &allocs {
+            ensure!(
+                a.state == AllocState::Live,
+                "allocation {} left in state {:?} between operations",
+                a.id,
+                a.state
+            );
+            let n = refs.get(&a.id).copied().unwrap_or(0);
+            ensure!(
+                n > 0,
+                "allocation {} is live with no page referencing it (leak)",
+                a.id
+            );
+            ensure!(
+                a.live_pages == n,
+                "allocation {}: {} live pages counted, {n} pages reference it",
+                a.id,
+                a.live_pages
+            );
+        }
+        ensure!(
+            refs.len() == allocs.len(),
+            "{} allocations referenced, {} listed",
+            refs.len(),
+            allocs.len()
+        );
+        for pm in 0..DEVICES as u8 {
+            let st = self.sim.stats(PagemapId(pm)).expect("stats");
+            let mine: Vec<_> = allocs
+                .iter()
+                .filter(|a| a.pagemap == PagemapId(pm))
+                .collect();
+            let bytes: u64 = mine
+                .iter()
+                .map(|a| a.npages as u64 * a.page_size.bytes())
+                .sum();
+            ensure!(
+                st.used_bytes == bytes,
+                "pagemap {pm}: {} bytes used, live allocations hold {bytes}",
+                st.used_bytes
+            );
+            ensure!(
+                st.allocations - st.releases == mine.len() as u64,
+                "pagemap {pm}: {} allocations, {} releases, {} live",
+                st.allocations,
+                st.releases,
+                mine.len()
+            );
+        }
+        ensure!(
+            self.mm.deferred_cleanups() == 0,
+            "a deferred cleanup without a timed-out fence"
+        );
+        let v = self.audit.violations();
+        ensure!(v.is_empty(), "release audit: {v:?}");
+        Ok(())
+    }
+
+    fn step(&mut self, op: &Op) -> Check {
+        match *op {
+            Op::Create { slot, pages, big } => self.create(slot, pages, big),
+            Op::Free { slot } => self.free(slot),
+            Op::Write {
+                slot,
+                at,
+                len,
+                seed,
+                fault,
+            } => self.write(slot, at, len, seed, fault),
+            Op::Read {
+                slot,
+                at,
+                len,
+                fault,
+            } => self.read(slot, at, len, fault),
+            Op::Migrate {
+                slot,
+                first,
+                count,
+                to,
+                ref flags,
+                fault,
+            } => self.migrate(slot, first, count, to, flags, Misuse::None, false, fault),
+            Op::Reserve {
+                slot,
+                first,
+                count,
+                to,
+                ref flags,
+                misuse,
+                fault,
+            } => self.migrate(slot, first, count, to, flags, misuse, true, fault),
+            Op::ReserveRelease { to, count, fault } => self.reserve_release(to, count, fault),
+            Op::Evict { slot, page, fault } => self.evict(slot, page, fault),
+            Op::EvictStale => self.evict_stale(),
+        }
+    }
+
+    fn create(&mut self, slot: usize, pages: usize, big: bool) -> Check {
+        let (ps, pages) = if big {
+            (PageSize::Size64K, 1 + (pages - 1) % MAX_64K_PAGES)
+        } else {
+            (PageSize::Size4K, pages)
+        };
+        let range = VaRange::new(slot_base(slot), pages as u64 * ps.bytes());
+        let r = self.mm.create_range(range, ps);
+        match (&self.slots[slot], r) {
+            (None, Ok(())) => {
+                self.slots[slot] = Some(SlotModel {
+                    ps,
+                    pages,
+                    bytes: vec![0; range.len as usize],
+                });
+                let l = self.mm.locations(range).map_err(|e| e.to_string())?;
+                ensure!(
+                    l.iter().all(|l| *l == PageLocation::Unpopulated),
+                    "a new range is not all holes: {l:?}"
+                );
+                Ok(())
+            }
+            (
+                Some(_),
+                Err(Error::BadRange {
+                    problem: RangeProblem::Overlapping,
+                    ..
+                }),
+            ) => Ok(()),
+            (s, r) => Err(format!("create slot {slot} (live: {}): {r:?}", s.is_some())),
+        }
+    }
+
+    fn free(&mut self, slot: usize) -> Check {
+        let r = self.mm.free_range(slot_base(slot));
+        match (&self.slots[slot], r) {
+            (Some(_), Ok(())) => {
+                self.slots[slot] = None;
+                Ok(())
+            }
+            (
+                None,
+                Err(Error::BadRange {
+                    problem: RangeProblem::NotMapped,
+                    ..
+                }),
+            ) => Ok(()),
+            (s, r) => Err(format!("free slot {slot} (live: {}): {r:?}", s.is_some())),
+        }
+    }
+
+    /// Resolves random (at, len) into a byte span of the slot, at most 3 pages long.
+    fn span(s: &SlotModel, at: u64, len: u64) -> (u64, u64) {
+        let size = s.bytes.len() as u64;
+        let off = at % size;
+        let max = (size - off).min(3 * s.ps.bytes());
+        (off, 1 + len % max)
+    }
+
+    /// Locations may only move device -> system outside `touched` pages; inside, `inside`
+    /// says what is allowed.
+    fn check_cpu_locations(
+        before: &BTreeMap<usize, Vec<PageLocation>>,
+        after: &BTreeMap<usize, Vec<PageLocation>>,
+        touched: Option<(usize, usize, usize)>,
+        write: bool,
+    ) -> Check {
+        ensure!(
+            before.len() == after.len(),
+            "CPU access changed the set of ranges"
+        );
+        for (slot, b) in before {
+            let a = &after[slot];
+            for (p, (lb, la)) in b.iter().zip(a).enumerate() {
+                let inside = touched.is_some_and(|(s, f, e)| s == *slot && p >= f && p < e);
+                let ok = if inside {
+                    match (lb, la) {
+                        (_, PageLocation::System) => true,
+                        (PageLocation::Unpopulated, PageLocation::Unpopulated) => !write,
+                        _ => false,
+                    }
+                } else {
+                    lb == la
+                        || (matches!(lb, PageLocation::Device { .. })
+                            && *la == PageLocation::System)
+                };
+                ensure!(
+                    ok,
+                    "slot {slot} page {p}: {lb:?} -> {la:?} after a CPU {} (touched {touched:?})",
+                    if write { "write" } else { "read" }
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, slot: usize, at: u64, len: u64, seed: u8, fault: Option<Fault>) -> Check {
+        let Some(s) = self.slots[slot].clone() else {
+            let r = self.mm.write(slot_base(slot) + at % 4096, &[seed]);
+            ensure!(
+                matches!(
+                    r,
+                    Err(Error::BadRange {
+                        problem: RangeProblem::NotMapped,
+                        ..
+                    })
+                ),
+                "write to freed slot {slot}: {r:?}"
+            );
+            return Ok(());
+        };
+        let (off, n) = Self::span(&s, at, len);
+        let data: Vec<u8> = (0..n)
+            .map(|i| seed.wrapping_add((i as u8).wrapping_mul(31)) ^ (i >> 8) as u8)
+            .collect();
+        let before = self.snapshot()?;
+        let va = slot_base(slot) + off;
+        let (r, fired) = self.with_fault(fault, || self.mm.write(va, &data));
+        let after = self.snapshot()?;
+        let ps = s.ps.bytes();
+        let (f, e) = ((off / ps) as usize, (off + n).div_ceil(ps) as usize);
+        match r {
+            Ok(()) => {
+                ensure!(
+                    !fired,
+                    "write succeeded although an injected fault fired in it"
+                );
+                let was_device = before[&slot][f..e]
+                    .iter()
+                    .any(|l| matches!(l, PageLocation::Device { .. }));
+                if !(self.mutation == Mutation::LoseWritesToDevicePages && was_device) {
+                    let m = self.slots[slot].as_mut().expect("live");
+                    m.bytes[off as usize..(off + n) as usize].copy_from_slice(&data);
+                }
+                Self::check_cpu_locations(&before, &after, Some((slot, f, e)), true)
+            }
+            Err(err) => {
+                TOTALS.failed_ops.fetch_add(1, Ordering::Relaxed);
+                ensure!(
+                    fired && injected(&err),
+                    "write failed without an injected fault: {err}"
+                );
+                Self::check_cpu_locations(&before, &after, None, true)
+            }
+        }
+    }
+
+    fn read(&mut self, slot: usize, at: u64, len: u64, fault: Option<Fault>) -> Check {
+        let Some(s) = self.slots[slot].clone() else {
+            let mut b = [0u8; 1];
+            let r = self.mm.read(slot_base(slot) + at % 4096, &mut b);
+            ensure!(
+                matches!(
+                    r,
+                    Err(Error::BadRange {
+                        problem: RangeProblem::NotMapped,
+                        ..
+                    })
+                ),
+                "read of freed slot {slot}: {r:?}"
+            );
+            return Ok(());
+        };
+        let (off, n) = Self::span(&s, at, len);
+        let before = self.snapshot()?;
+        let mut buf = vec![0xA5u8; n as usize];
+        let (r, fired) = self.with_fault(fault, || self.mm.read(slot_base(slot) + off, &mut buf));
+        let after = self.snapshot()?;
+        let ps = s.ps.bytes();
+        let (f, e) = ((off / ps) as usize, (off + n).div_ceil(ps) as usize);
+        match r {
+            Ok(()) => {
+                ensure!(
+                    !fired,
+                    "read succeeded although an injected fault fired in it"
+                );
+                let want = &s.bytes[off as usize..(off + n) as usize];
+                if buf != want {
+                    let i = buf.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+                    return Err(format!(
+                        "read mismatch: slot {slot} byte {} reads {:#x}, model says {:#x}",
+                        off as usize + i,
+                        buf[i],
+                        want[i]
+                    ));
+                }
+                TOTALS.reads_checked.fetch_add(1, Ordering::Relaxed);
+                TOTALS.bytes_checked.fetch_add(n, Ordering::Relaxed);
+                Self::check_cpu_locations(&before, &after, Some((slot, f, e)), false)
+            }
+            Err(err) => {
+                TOTALS.failed_ops.fetch_add(1, Ordering::Relaxed);
+                ensure!(
+                    fired && injected(&err),
+                    "read failed without an injected fault: {err}"
+                );
+                Self::check_cpu_locations(&before, &after, None, false)
+            }
+        }
+    }
+
+    /// What the model predicts for a migration of `locs` to `to`, once allocated.
+    fn predict_plan(
+        locs: &[PageLocation],
+        to: u8,
+        same: bool,
+    ) -> Result<MigrateOutcome, BusyReason> {
+        let mut own = 0;
+        for l in locs {
+            if let PageLocation::Device { pagemap, .. } = l {
+                if GROUPS[pagemap.0 as usize] != GROUPS[to as usize] {
+                    return Err(BusyReason::ForeignOwner);
+                }
+                own += (pagemap.0 == to) as usize;
+            }
+        }
+        if own == locs.len() {
+            Ok(MigrateOutcome::NotNeeded)
+        } else if own > 0 && !same {
+            Err(BusyReason::Fragmentation)
+        } else {
+            Ok(MigrateOutcome::Migrated)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn migrate(
+        &mut self,
+        slot: usize,
+        first: usize,
+        count: usize,
+        to: u8,
+        flags: &Flags,
+        misuse: Misuse,
+        reserve: bool,
+        fault: Option<Fault>,
+    ) -> Check {
+        let details = flags.details();
+        let Some(s) = self.slots[slot].clone() else {
+            let range = VaRange::new(slot_base(slot), 4096);
+            let r = self.mm.migrate(range, PagemapId(to), &details);
+            ensure!(
+                matches!(
+                    r,
+                    Err(Error::BadRange {
+                        problem: RangeProblem::NotMapped,
+                        ..
+                    })
+                ),
+                "migrate of freed slot {slot}: {r:?}"
+            );
+            return Ok(());
+        };
+        let first = first % s.pages;
+        let count = 1 + count % (s.pages - first);
+        let ps = s.ps.bytes();
+        let range = VaRange::new(slot_base(slot) + first as u64 * ps, count as u64 * ps);
+        let before = self.snapshot()?;
+        let locs = &before[&slot][first..first + count];
+        let need = count as u64 * ps;
+        let used = self.used(to);
+        let stats0: Vec<_> = (0..DEVICES as u8)
+            .map(|k| self.sim.stats(PagemapId(k)).expect("stats"))
+            .collect();
+        let mut reserved = None;
+        let (r, fired) = self.with_fault(fault, || {
+            if !reserve {
+                return self.mm.migrate(range, PagemapId(to), &details);
+            }
+            let (n, p) = match misuse {
+                Misuse::None => (count, s.ps),
+                Misuse::WrongCount => (count + 1, s.ps),
+                Misuse::WrongPageSize => (
+                    count,
+                    if s.ps == PageSize::Size4K {
+                        PageSize::Size64K
+                    } else {
+                        PageSize::Size4K
+                    },
+                ),
+            };
+            let id = self.mm.allocate_devmem(PagemapId(to), n, p, range)?;
+            reserved = Some(id);
+            self.mm.migrate_to_devmem(id, range, &details)
+        });
+        let after = self.snapshot()?;
+        let res_bytes = match misuse {
+            Misuse::WrongCount if reserve => need + ps,
+            Misuse::WrongPageSize if reserve => {
+                count as u64
+                    * if s.ps == PageSize::Size4K {
+                        64 << 10
+                    } else {
+                        4 << 10
+                    }
+            }
+            _ => need,
+        };
+        let fragmented = s.ps != PageSize::Size4K || (reserve && !matches!(misuse, Misuse::None));
+        match r {
+            Ok(rep) => {
+                ensure!(
+                    !fired,
+                    "migration succeeded although an injected fault fired in it"
+                );
+                ensure!(
+                    res_bytes <= DEVICE_CAPACITY,
+                    "a {res_bytes}-byte allocation succeeded on a {DEVICE_CAPACITY}-byte device"
+                );
+                ensure!(
+                    !reserve || matches!(misuse, Misuse::None),
+                    "migrate_to_devmem accepted a reservation misused with {misuse:?}"
+                );
+                let want = Self::predict_plan(locs, to, flags.same);
+                ensure!(
+                    want == Ok(rep.outcome),
+                    "migration outcome {:?}, model says {want:?}",
+                    rep.outcome
+                );
+                ensure!(
+                    rep.pages == count,
+                    "report counts {} pages for {count}",
+                    rep.pages
+                );
+                match rep.outcome {
+                    MigrateOutcome::NotNeeded => {
+                        TOTALS.not_needed.fetch_add(1, Ordering::Relaxed);
+                        ensure!(
+                            before == after,
+                            "a migration that was not needed moved pages"
+                        );
+                        ensure!(
+                            rep.alloc.is_none() && rep.calls.is_empty(),
+                            "not needed yet {rep:?}"
+                        );
+                    }
+                    MigrateOutcome::Migrated => {
+                        TOTALS.migrations.fetch_add(1, Ordering::Relaxed);
+                        let id = rep.alloc.ok_or("a migration without its allocation")?;
+                        if let Some(r) = reserved {
+                            ensure!(
+                                r == id,
+                                "migrate_to_devmem used {id}, not the reservation {r}"
+                            );
+                        }
+                        for (sl, b) in &before {
+                            for (p, (lb, la)) in b.iter().zip(&after[sl]).enumerate() {
+                                let inside = *sl == slot && p >= first && p < first + count;
+                                if inside {
+                                    ensure!(
+                                        *la == PageLocation::Device {
+                                            pagemap: PagemapId(to),
+                                            alloc: id
+                                        },
+                                        "slot {sl} page {p} is {la:?} after migrating to {to}"
+                                    );
+                                } else {
+                                    ensure!(
+                                        lb == la,
+                                        "slot {sl} page {p} outside the range moved: {lb:?} -> {la:?}"
+                                    );
+                                }
+                            }
+                        }
+                        self.check_calls(locs, to, flags, &rep.calls, &stats0)?;
+                    }
+                }
+                Ok(())
+            }
+            Err(err) => {
+                TOTALS.failed_ops.fetch_add(1, Ordering::Relaxed);
+                ensure!(before == after, "failed migration ({err}) moved pages");
+                ensure!(!err.to_string().is_empty(), "empty error message");
+                if fired {
+                    ensure!(
+                        injected(&err),
+                        "an injected fault fired but the error is {err}"
+                    );
+                } else if res_bytes > DEVICE_CAPACITY {
+                    ensure!(
+                        matches!(err, Error::TooLarge { .. }),
+                        "expected TooLarge, got {err}"
+                    );
+                } else if out_of_memory(&err) {
+                    ensure!(
+                        used + res_bytes > DEVICE_CAPACITY || fragmented,
+                        "out of memory with {used} of {DEVICE_CAPACITY} used, {res_bytes} asked"
+                    );
+                } else if reserve && matches!(misuse, Misuse::WrongPageSize) {
+                    ensure!(
+                        matches!(err, Error::PageSizeMismatch { .. }),
+                        "expected PageSizeMismatch, got {err}"
+                    );
+                } else if reserve && matches!(misuse, Misuse::WrongCount) {
+                    ensure!(
+                        matches!(
+                            err,
+                            Error::BadRange {
+                                problem: RangeProblem::OutOfRange,
+                                ..
+                            }
+                        ),
+                        "expected a page-count mismatch error, got {err}"
+                    );
+                } else {
+                    match (Self::predict_plan(locs, to, flags.same), &err) {
+                        (Err(want), Error::Busy { reason, .. }) if want == *reason => {}
+                        (want, _) => {
+                            return Err(format!(
+                                "migration failed with {err}, model says {want:?}"
+                            ));
+                        }
+                    }
+                }
+                if let Some(id) = reserved {
+                    ensure!(
+                        self.mm.allocation(id).is_none(),
+                        "a failed migrate_to_devmem did not consume reservation {id}"
+                    );
+                    self.stale.push(id);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// With `BySource`, one call per distinct (executor, op), carrying every non-hole page;
+    /// the sim's call counters moved by exactly the calls reported.
+    fn check_calls(
+        &self,
+        locs: &[PageLocation],
+        to: u8,
+        flags: &Flags,
+        calls: &[drm_pagemap::CopyCall],
+        stats0: &[drm_pagemap::sim::SimStats],
+    ) -> Check {
+        let moved = locs
+            .iter()
+            .filter(|l| **l != PageLocation::Unpopulated)
+            .count();
+        let total: usize = calls.iter().map(|c| c.pages).sum();
+        ensure!(
+            total == moved,
+            "copy calls carry {total} pages, {moved} had data"
+        );
+        let key = |l: &PageLocation| match l {
+            PageLocation::Unpopulated => None,
+            PageLocation::System => Some((to, CopyOp::ToDevmem)),
+            PageLocation::Device { pagemap, .. } if flags.spm => Some((pagemap.0, CopyOp::ToRam)),
+            PageLocation::Device { .. } => Some((to, CopyOp::ToDevmem)),
+        };
+        if !flags.consecutive {
+            let mut keys: Vec<(u8, CopyOp)> = Vec::new();
+            for k in locs.iter().filter_map(key) {
+                if !keys.contains(&k) {
+                    keys.push(k);
+                }
+            }
+            let got: Vec<(u8, CopyOp)> = calls.iter().map(|c| (c.executor.0, c.op)).collect();
+            ensure!(
+                got == keys,
+                "BySource issued {got:?}, expected one call per source in first-page order {keys:?}"
+            );
+        }
+        for k in 0..DEVICES as u8 {
+            let now = self.sim.stats(PagemapId(k)).expect("stats");
+            let d = calls
+                .iter()
+                .filter(|c| c.executor.0 == k && c.op == CopyOp::ToDevmem)
+                .count() as u64;
+            let r = calls
+                .iter()
+                .filter(|c| c.executor.0 == k && c.op == CopyOp::ToRam)
+                .count() as u64;
+            ensure!(
+                now.copy_to_devmem_calls - stats0[k as usize].copy_to_devmem_calls == d
+                    && now.copy_to_ram_calls - stats0[k as usize].copy_to_ram_calls == r,
+                "pagemap {k}: the sim saw other copy calls than the report lists"
+            );
+        }
+        Ok(())
+    }
+
+    fn reserve_release(&mut self, to: u8, count: usize, fault: Option<Fault>) -> Check {
+        let range = VaRange::new(BASE - (1 << 20), 4096);
+        let ((r, rel), fired) = self.with_fault(fault, || {
+            match self
+                .mm
+                .allocate_devmem(PagemapId(to), count, PageSize::Size4K, range)
+            {
+                Ok(id) => {
+                    let mid = self.mm.allocation(id).map(|a| a.state);
+                    (Ok((id, mid)), self.mm.release_devmem(id))
+                }
+                Err(e) => (Err(e), Ok(())),
+            }
+        });
+        match r {
+            Ok((id, state)) => {
+                ensure!(
+                    !fired,
+                    "a reservation succeeded although its allocation fault fired"
+                );
+                ensure!(
+                    state == Some(AllocState::Reserved),
+                    "a fresh reservation is {state:?}"
+                );
+                ensure!(rel.is_ok(), "release_devmem of a reservation: {rel:?}");
+                ensure!(
+                    self.mm.allocation(id).is_none(),
+                    "released reservation {id} still listed"
+                );
+                let again = self.mm.release_devmem(id);
+                ensure!(
+                    matches!(again, Err(Error::NoSuchAllocation { .. })),
+                    "second release_devmem: {again:?}"
+                );
+                self.stale.push(id);
+            }
+            Err(e) => {
+                let ok = (fired && injected(&e)) || out_of_memory(&e);
+                ensure!(ok, "reservation failed: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn evict(&mut self, slot: usize, page: usize, fault: Option<Fault>) -> Check {
+        let Some(s) = &self.slots[slot] else {
+            return Ok(());
+        };
+        let page = page % s.pages;
+        let before = self.snapshot()?;
+        let PageLocation::Device { alloc, .. } = before[&slot][page] else {
+            return Ok(());
+        };
+        let refs = before
+            .values()
+            .flatten()
+            .filter(|l| matches!(l, PageLocation::Device { alloc: a, .. } if *a == alloc))
+            .count();
+        let (r, fired) = self.with_fault(fault, || self.mm.evict_to_ram(alloc));
+        let after = self.snapshot()?;
+        match r {
+            Ok(rep) => {
+                ensure!(
+                    !fired,
+                    "eviction succeeded although an injected fault fired in it"
+                );
+                TOTALS.evictions.fetch_add(1, Ordering::Relaxed);
+                ensure!(
+                    rep.pages == refs && rep.released,
+                    "eviction of {refs} pages reports {rep:?}"
+                );
+                ensure!(
+                    self.mm.allocation(alloc).is_none(),
+                    "evicted allocation {alloc} still exists"
+                );
+                for (sl, b) in &before {
+                    for (p, (lb, la)) in b.iter().zip(&after[sl]).enumerate() {
+                        let mine =
+                            matches!(lb, PageLocation::Device { alloc: a, .. } if *a == alloc);
+                        let ok = if mine {
+                            *la == PageLocation::System
+                        } else {
+                            lb == la
+                        };
+                        ensure!(
+                            ok,
+                            "slot {sl} page {p}: {lb:?} -> {la:?} after evicting {alloc}"
+                        );
+                    }
+                }
+                self.stale.push(alloc);
+                Ok(())
+            }
+            Err(err) => {
+                TOTALS.failed_ops.fetch_add(1, Ordering::Relaxed);
+                ensure!(
+                    fired && injected(&err),
+                    "eviction failed without an injected fault: {err}"
+                );
+                ensure!(before == after, "failed eviction ({err}) moved pages");
+                Ok(())
+            }
+        }
+    }
+
+    fn evict_stale(&mut self) -> Check {
+        let Some(&id) = self.stale.last() else {
+            return Ok(());
+        };
+        ensure!(
+            self.mm.allocation(id).is_none(),
+            "stale handle {id} names a live allocation"
+        );
+        let before = self.snapshot()?;
+        let r = self.mm.evict_to_ram(id);
+        ensure!(
+            matches!(r, Err(Error::NoSuchAllocation { alloc }) if alloc == id),
+            "evict of stale {id}: {r:?}"
+        );
+        let r = self.mm.release_devmem(id);
+        ensure!(
+            matches!(r, Err(Error::NoSuchAllocation { .. })),
+            "release_devmem of stale {id}: {r:?}"
+        );
+        ensure!(before == self.snapshot()?, "a stale handle moved pages");
+        Ok(())
+    }
+
+    /// Reads every range back whole, frees everything, checks nothing is left.
+    fn finish(&mut self) -> Check {
+        self.inj.disarm();
+        for slot in 0..SLOTS {
+            let Some(s) = self.slots[slot].clone() else {
+                continue;
+            };
+            let mut buf = vec![0x5Au8; s.bytes.len()];
+            self.mm
+                .read(slot_base(slot), &mut buf)
+                .map_err(|e| format!("final read: {e}"))?;
+            if buf != s.bytes {
+                let i = buf
+                    .iter()
+                    .zip(&s.bytes)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                return Err(format!(
+                    "read mismatch at the end: slot {slot} byte {i} reads {:#x}, model says {:#x}",
+                    buf[i], s.bytes[i]
+                ));
+            }
+            TOTALS
+                .bytes_checked
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            if self.mutation != Mutation::LeakAtEnd {
+                self.mm
+                    .free_range(slot_base(slot))
+                    .map_err(|e| format!("final free: {e}"))?;
+                self.slots[slot] = None;
+            }
+        }
+        // The final reads moved every page home, so nothing may be on a device even when
+        // ranges are kept; freeing must then return every host frame too.
+        ensure!(
+            self.mm.allocations().is_empty(),
+            "allocations left: {:?}",
+            self.mm.allocations()
+        );
+        ensure!(self.mm.deferred_cleanups() == 0, "deferred cleanups left");
+        let mut allocated = 0;
+        for pm in 0..DEVICES as u8 {
+            let st = self.sim.stats(PagemapId(pm)).expect("stats");
+            ensure!(
+                st.used_bytes == 0,
+                "pagemap {pm}: {} device bytes still in use",
+                st.used_bytes
+            );
+            ensure!(
+                st.allocations == st.releases,
+                "pagemap {pm}: {} allocations, {} releases",
+                st.allocations,
+                st.releases
+            );
+            allocated += st.allocations;
+        }
+        ensure!(
+            self.mm.released_allocations() == allocated,
+            "{} allocations made, the address space released {}",
+            allocated,
+            self.mm.released_allocations()
+        );
+        let v = self.audit.violations();
+        ensure!(v.is_empty(), "release audit: {v:?}");
+        let o = self.audit.outstanding();
+        ensure!(o.is_empty(), "never released: {o:?}");
+        let free = self.sim.arena_host().free_granules();
+        ensure!(
+            free == self.host_free,
+            "host frames leaked: {} of {} granules free",
+            free,
+            self.host_free
+        );
+        Ok(())
+    }
+}
+
+fn run_case(ops: &[Op], mutation: Mutation) -> Check {
+    let mut w = World::new(mutation);
+    for (i, op) in ops.iter().enumerate() {
+        w.step(op).map_err(|e| format!("step {i} {op:?}: {e}"))?;
+        w.check_invariants()
+            .map_err(|e| format!("after step {i} {op:?}: {e}"))?;
+        TOTALS.steps.fetch_add(1, Ordering::Relaxed);
+    }
+    w.finish().map_err(|e| format!("end of case: {e}"))?;
+    TOTALS.cases.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+#[test]
+fn engine_matches_the_reference_model() {
+    let cases: u32 = std::env::var("DRM_PAGEMAP_MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if long() { 50_000 } else { 2_000 });
+    let max_ops = if long() { 80 } else { 40 };
+    let mut runner = TestRunner::new(Config {
+        cases,
+        max_shrink_iters: 2_000,
+        ..Config::default()
+    });
+    let t = std::time::Instant::now();
+    // Every case starts by creating a few ranges, so the random steps have pages to work on.
+    let creates = prop::collection::vec(
+        (0..SLOTS, 1..=MAX_4K_PAGES, prop::bool::weighted(0.25))
+            .prop_map(|(slot, pages, big)| Op::Create { slot, pages, big }),
+        1..=SLOTS,
+    );
+    let sequences = (creates, prop::collection::vec(op(), 1..max_ops)).prop_map(|(mut c, ops)| {
+        c.extend(ops);
+        c
+    });
+    let result = runner.run(&sequences, |ops| {
+        run_case(&ops, Mutation::None).map_err(TestCaseError::fail)
+    });
+    if let Err(e) = result {
+        match e {
+            TestError::Fail(why, ops) => panic!(
+                "model test failed: {why}\nminimal sequence ({} steps):\n{ops:#?}",
+                ops.len()
+            ),
+            TestError::Abort(why) => panic!("model test aborted: {why}"),
+        }
+    }
+    let f: Vec<u64> = TOTALS
+        .faults
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .collect();
+    eprintln!(
+        "model: {} cases, {} steps in {:.1?}; faults injected: alloc {} map {} copy {} fence-error {}; \
+         {} operations failed as predicted; {} migrations ({} not needed), {} evictions; \
+         {} reads checked, {} bytes compared; up to {} devices in one layout",
+        TOTALS.cases.load(Ordering::Relaxed),
+        TOTALS.steps.load(Ordering::Relaxed),
+        t.elapsed(),
+        f[0],
+        f[1],
+        f[2],
+        f[3],
+        TOTALS.failed_ops.load(Ordering::Relaxed),
+        TOTALS.migrations.load(Ordering::Relaxed),
+        TOTALS.not_needed.load(Ordering::Relaxed),
+        TOTALS.evictions.load(Ordering::Relaxed),
+        TOTALS.reads_checked.load(Ordering::Relaxed),
+        TOTALS.bytes_checked.load(Ordering::Relaxed),
+        TOTALS.max_layout_devices.load(Ordering::Relaxed),
+    );
+    // The run exercised what it claims to: every kind of fault fired somewhere.
+    for (site, n) in ["alloc", "map", "copy", "fence error"].iter().zip(&f) {
+        assert!(*n > 0, "no {site} fault fired in {cases} cases");
+    }
+    assert!(
+        TOTALS.migrations.load(Ordering::Relaxed) > 0
+            && TOTALS.evictions.load(Ordering::Relaxed) > 0
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The checks can fail: a wrong model, a leak and a double release are each caught.
+
+fn flags0() -> Flags {
+    Flags {
+        same: false,
+        spm: true,
+        consecutive: false,
+        timeslice: false,
+        timeout: false,
+    }
+}
+
+/// Write, move to device 1, write again (CPU-fault path), read back.
+fn lost_write_sequence() -> Vec<Op> {
+    vec![
+        Op::Create {
+            slot: 0,
+            pages: 4,
+            big: false,
+        },
+        Op::Write {
+            slot: 0,
+            at: 0,
+            len: 4 * 4096 - 1,
+            seed: 1,
+            fault: None,
+        },
+        Op::Migrate {
+            slot: 0,
+            first: 0,
+            count: 3,
+            to: 1,
+            flags: flags0(),
+            fault: None,
+        },
+        Op::Write {
+            slot: 0,
+            at: 100,
+            len: 99,
+            seed: 77,
+            fault: None,
+        },
+        Op::Read {
+            slot: 0,
+            at: 0,
+            len: 4096 - 1,
+            fault: None,
+        },
+    ]
+}
+
+#[test]
+fn a_lost_write_is_detected() {
+    let ops = lost_write_sequence();
+    assert_eq!(run_case(&ops, Mutation::None), Ok(()));
+    let r = run_case(&ops, Mutation::LoseWritesToDevicePages);
+    assert!(matches!(&r, Err(e) if e.contains("read mismatch")), "{r:?}");
+}
+
+#[test]
+fn a_leaked_allocation_is_detected() {
+    // Keep a range on device 0 without reading it back or freeing it.
+    let ops = vec![
+        Op::Create {
+            slot: 2,
+            pages: 2,
+            big: false,
+        },
+        Op::Write {
+            slot: 2,
+            at: 5,
+            len: 10,
+            seed: 9,
+            fault: None,
+        },
+        Op::Migrate {
+            slot: 2,
+            first: 0,
+            count: 2,
+            to: 0,
+            flags: flags0(),
+            fault: None,
+        },
+    ];
+    let mut w = World::new(Mutation::LeakAtEnd);
+    for op in &ops {
+        w.step(op).unwrap();
+    }
+    // Skip the final reads too: the pages stay on the device.
+    w.slots = Default::default();
+    let r = w.finish();
+    assert!(
+        matches!(&r, Err(e) if e.contains("allocations left")),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn the_release_audit_catches_a_double_release() {
+    let sim = SimBackend::new(SimConfig::default()).unwrap();
+    let pm = &sim.pagemap_per_device().unwrap()[0];
+    let log = Arc::new(AuditLog::default());
+    let a = AuditedDevmem {
+        pagemap: 0,
+        inner: pm.devmem().clone(),
+        log: log.clone(),
+    };
+    let b = a.allocate(2, PageSize::Size4K).unwrap();
+    let copy = DevmemBacking {
+        cookie: b.cookie,
+        npages: b.npages,
+        page_size: b.page_size,
+        pre_migrate_fence: None,
+    };
+    a.devmem_release(b);
+    assert!(log.violations().is_empty());
+    a.devmem_release(copy);
+    assert_eq!(log.violations().len(), 1, "{:?}", log.violations());
+}
+
+#[test]
+fn a_fault_that_fires_is_reported_as_a_failure() {
+    // The fault plumbing of the model: an armed copy fault fails the migration, and the
+    // model accepts exactly that.
+    let ops = vec![
+        Op::Create {
+            slot: 1,
+            pages: 3,
+            big: false,
+        },
+        Op::Write {
+            slot: 1,
+            at: 0,
+            len: 3 * 4096 - 1,
+            seed: 3,
+            fault: None,
+        },
+        Op::Migrate {
+            slot: 1,
+            first: 0,
+            count: 3,
+            to: 2,
+            flags: flags0(),
+            fault: Some(Fault {
+                site: FaultSite::Copy,
+                nth: 1,
+            }),
+        },
+        Op::Read {
+            slot: 1,
+            at: 0,
+            len: 3 * 4096 - 1,
+            fault: None,
+        },
+    ];
+    let before = TOTALS.faults[site_index(FaultSite::Copy)].load(Ordering::Relaxed);
+    assert_eq!(run_case(&ops, Mutation::None), Ok(()));
+    assert!(TOTALS.faults[site_index(FaultSite::Copy)].load(Ordering::Relaxed) > before);
+}
