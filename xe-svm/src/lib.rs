@@ -1,1 +1,78 @@
-//! xe-svm: the SVM layer (being written).
+//! # xe-svm
+//!
+//! The layer a GPU runtime talks to, modelled on Intel Xe's shared virtual memory (SVM) over
+//! `drm_pagemap`: per device a GPU VM that mirrors the CPU's address space, cut into SVM
+//! ranges of 2 MiB, 64 KiB or 4 KiB; a GPU fault handler that places a range where it should
+//! live and builds the device's page table for it; madvise-like attributes; the copy path's
+//! fence policy; device-memory accounting with least-recently-used eviction; and statistics
+//! cheap enough to stay on. Backend-neutral: it runs over any [`drm_pagemap_core::Backend`]
+//! (the simulated one, CUDA).
+//!
+//! ## The contract
+//! - **Faults** ([`GpuVm::handle_gpu_fault`]): on success the VM's page table for the SVM
+//!   range holding the address maps every page for the faulting device, at the place the
+//!   attributes and the access ask for (atomic: the device's own memory; otherwise the
+//!   preferred location, or system memory when device memory cannot be had). A range already
+//!   resident with a valid page table costs no migration. On error (typed [`SvmError`]) every
+//!   page's data is readable where it was; nothing is lost.
+//! - **Migrations** allocate device memory whose clear is the pre-migrate fence and let peer
+//!   devices push their own pages (`source_peer_migrates`). A Busy migration is retried once
+//!   after evicting the range, under a context-wide lock taken for write (faults take it for
+//!   read), so racing migrations cannot keep invalidating each other.
+//! - **Timeslice**: pages a device received stay there for the range's timeslice before
+//!   another device (or the CPU) takes them: fault ping-pong costs at most one migration of a
+//!   range per timeslice.
+//! - **Copies** (every copy the engine makes through the context's pagemaps): commands of at
+//!   most 8 MiB of contiguous device pages; the pre-migrate fence is a device dependency of
+//!   each call's first command when a device can wait on it, a CPU wait otherwise (host-only
+//!   or container fences); ordering is checked and repaired; fence errors propagate. See
+//!   [`copy`].
+//! - **Device memory** of each pagemap is accounted against a capacity ([`SvmConfig`]); a
+//!   fault that does not fit evicts least-recently-used allocations to system memory until it
+//!   does, so a workload that oversubscribes device memory keeps running with correct data.
+//! - **Statistics** ([`Stats`]): faults, migrations, evictions, bytes, commands and
+//!   microseconds by direction and size bucket, CPU fence waits; relaxed atomics only.
+//!
+//! ```
+//! use drm_pagemap_core::{AddressSpace, Backend, PageSize, VaRange};
+//! use drm_pagemap_sim::{SimBackend, SimConfig};
+//! use std::sync::Arc;
+//! use xe_svm::{Access, FaultAction, Placement, Svm, SvmConfig};
+//!
+//! let sim = SimBackend::new(SimConfig { devices: 2, device_capacity: 64 << 20, ..SimConfig::default() })?;
+//! let mm = Arc::new(AddressSpace::new(sim.host_memory()));
+//! let svm = Svm::new(mm.clone(), sim.pagemap_per_device()?, SvmConfig::default())?;
+//! let gpu0 = svm.vm(drm_pagemap_core::PagemapId(0))?;
+//! let buf = VaRange::new(1 << 30, 4 << 20);
+//! mm.create_range(buf, PageSize::Size4K)?;
+//! mm.write(buf.start, b"shared")?;
+//! let fault = gpu0.handle_gpu_fault(buf.start, Access::Write)?;
+//! assert_eq!(fault.range.len, 2 << 20); // a 2 MiB SVM range
+//! assert!(matches!(fault.action, FaultAction::Migrated { .. }));
+//! let local = gpu0.with_page_table(buf.start, |pt| pt.ptes.iter().all(|p| p.placement == Placement::Device(gpu0.local_pagemap())));
+//! assert_eq!(local, Some(true));
+//! let mut back = [0u8; 6];
+//! mm.read(buf.start, &mut back)?; // the CPU fault brings the page home
+//! assert_eq!(&back, b"shared");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod accounting;
+mod attrs;
+pub mod copy;
+mod error;
+mod fences;
+mod range;
+mod stats;
+mod svm;
+mod vm;
+
+pub use accounting::MemoryUsage;
+pub use attrs::{AtomicAccess, Attributes, PreferredLocation};
+pub use error::SvmError;
+pub use range::{CHUNK_SIZES, PageTable, Placement, Pte};
+pub use stats::{Bucket, CopyTally, Stats, Tally};
+pub use svm::{Svm, SvmConfig};
+pub use vm::{Access, FaultAction, FaultReport, GpuVm, Target};

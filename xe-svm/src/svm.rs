@@ -1,0 +1,420 @@
+//! The SVM context: one address space, the pagemaps of its devices (with the copy policy and
+//! accounting installed), the migrate lock, statistics, and the moves every VM shares
+//! (migrate a range in with room made by LRU eviction, evict a range, make it system-resident).
+
+use crate::accounting::{Account, MemoryUsage};
+use crate::copy::PolicyOps;
+use crate::error::SvmError;
+use crate::fences::QueueContexts;
+use crate::stats::{Bucket, Counters, Stats};
+use crate::vm::GpuVm;
+use drm_pagemap_core::{
+    AddressSpace, AllocId, BackendErrorKind, Coalesce, DeviceId, Error as CoreError,
+    MigrateDetails, MigrateOutcome, OwnerId, PageBacking, PageSize, Pagemap, PagemapId, PagemapOps,
+    VaRange,
+};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// How an SVM context behaves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SvmConfig {
+    /// Most bytes of device memory each pagemap may hold at once; `None`: the pagemap's own
+    /// capacity. When a fault needs more, least-recently-used allocations are evicted.
+    pub capacity: Option<u64>,
+    /// Longest wait for any fence (copies, pre-migrate fences); `None`: no limit.
+    pub fence_timeout: Option<Duration>,
+}
+
+/// What the context knows of one of its pagemaps.
+pub(crate) struct PagemapInfo {
+    pub device: DeviceId,
+    pub owner: OwnerId,
+    pub ops: Arc<dyn PagemapOps>,
+    pub account: Arc<Account>,
+}
+
+/// Shared by the context and its VMs.
+pub(crate) struct SvmInner {
+    pub mm: Arc<AddressSpace>,
+    pub config: SvmConfig,
+    /// Taken for read by every fault that migrates, for write by the evict-and-retry path of
+    /// a Busy migration: that path then runs with no other migration of this context racing it.
+    pub migrate_lock: RwLock<()>,
+    pagemaps: Vec<Option<PagemapInfo>>,
+    devices: Vec<(DeviceId, Arc<Counters>)>,
+}
+
+/// How long one wait for memory to free up lasts before the state is looked at again.
+const STALL: Duration = Duration::from_millis(5);
+/// How many such waits (and refused evictions) one allocation tolerates.
+const MAX_STALLS: u32 = 400;
+
+impl SvmInner {
+    pub(crate) fn info(&self, id: PagemapId) -> Option<&PagemapInfo> {
+        self.pagemaps.get(id.0 as usize)?.as_ref()
+    }
+
+    pub(crate) fn counters(&self, device: DeviceId) -> Arc<Counters> {
+        self.devices
+            .iter()
+            .find(|(d, _)| *d == device)
+            .map(|(_, c)| c.clone())
+            .expect("every device of a pagemap has counters")
+    }
+
+    /// The mapping operations of a pagemap (also one added to the address space by others).
+    pub(crate) fn ops_of(&self, id: PagemapId) -> Option<Arc<dyn PagemapOps>> {
+        match self.info(id) {
+            Some(i) => Some(i.ops.clone()),
+            None => self.mm.pagemap(id).map(|p| p.ops().clone()),
+        }
+    }
+
+    /// Allocates `npages` in `pm` for `va`, evicting least-recently-used allocations of `pm`
+    /// until it fits. The allocation counts as in flight until [`Account::end_inflight`].
+    fn allocate_room(
+        &self,
+        pm: PagemapId,
+        info: &PagemapInfo,
+        npages: usize,
+        ps: PageSize,
+        va: VaRange,
+        stats: &Counters,
+        device: DeviceId,
+    ) -> Result<AllocId, SvmError> {
+        let acct = &info.account;
+        let mut stalls = 0;
+        loop {
+            match self.mm.allocate_devmem(pm, npages, ps, va) {
+                Ok(id) => {
+                    acct.begin_inflight();
+                    return Ok(id);
+                }
+                Err(CoreError::Backend { source, .. })
+                    if source.kind == BackendErrorKind::OutOfMemory => {}
+                Err(source) => {
+                    return Err(SvmError::Migrate {
+                        range: va,
+                        pagemap: pm,
+                        device,
+                        source,
+                    });
+                }
+            }
+            if let Some((victim, bytes)) = acct.pop_oldest() {
+                let t = Instant::now();
+                match self.mm.evict_to_ram(victim) {
+                    Ok(_) => stats.lru_evictions.add(bytes, t.elapsed()),
+                    Err(CoreError::NoSuchAllocation { .. }) => {}
+                    Err(CoreError::Busy { .. }) => {
+                        // Its pages are being moved by someone else; it will likely be
+                        // released by that move. Try it again later.
+                        acct.requeue(victim, bytes);
+                        stalls += 1;
+                        acct.wait_change(STALL);
+                    }
+                    Err(source) => {
+                        return Err(SvmError::ToSystem {
+                            range: va,
+                            device,
+                            source,
+                        });
+                    }
+                }
+            } else if acct.inflight() > 0 {
+                // Other faults' allocations are being migrated into: they become evictable
+                // (or are released) when those migrations end.
+                stalls += 1;
+                acct.wait_change(STALL);
+            } else {
+                stalls = MAX_STALLS + 1;
+            }
+            if stalls > MAX_STALLS {
+                return Err(SvmError::OutOfDeviceMemory {
+                    range: va,
+                    pagemap: pm,
+                    device,
+                    needed: npages as u64 * ps.bytes(),
+                    used: acct.used(),
+                    capacity: acct.capacity,
+                });
+            }
+        }
+    }
+
+    /// Migrates `va` into `pm` (all pages or none), with the peer sources pushing their own
+    /// pages. Returns the pages copied (0 when they were all there already).
+    pub(crate) fn migrate_range(
+        &self,
+        va: VaRange,
+        ps: PageSize,
+        pm: PagemapId,
+        timeslice: Duration,
+        device: DeviceId,
+        stats: &Counters,
+    ) -> Result<usize, SvmError> {
+        let info = self
+            .info(pm)
+            .ok_or(SvmError::UnknownPagemap { pagemap: pm })?;
+        let npages = (va.len / ps.bytes()) as usize;
+        let alloc = self.allocate_room(pm, info, npages, ps, va, stats, device)?;
+        let details = MigrateDetails {
+            timeslice,
+            can_migrate_same_pagemap: false,
+            source_peer_migrates: true,
+            coalesce: Coalesce::BySource,
+            fence_timeout: self.config.fence_timeout,
+        };
+        let t = Instant::now();
+        match self.mm.migrate_to_devmem(alloc, va, &details) {
+            Ok(rep) if rep.outcome == MigrateOutcome::Migrated => {
+                info.account.end_inflight(Some((alloc, va.len)));
+                let pages: usize = rep.calls.iter().map(|c| c.pages).sum();
+                stats.to_device[Bucket::of(va.len).index()]
+                    .add(pages as u64 * ps.bytes(), t.elapsed());
+                if info.account.needs_prune() {
+                    info.account.prune(|id| self.mm.allocation(id).is_some());
+                }
+                Ok(pages)
+            }
+            Ok(_) => {
+                info.account.end_inflight(None);
+                Ok(0)
+            }
+            Err(source) => {
+                info.account.end_inflight(None);
+                Err(SvmError::Migrate {
+                    range: va,
+                    pagemap: pm,
+                    device,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Moves every device page of `va` to system memory (evicting the allocations that hold
+    /// them). `buf` is scratch space. Returns the pages moved.
+    pub(crate) fn evict_range(
+        &self,
+        va: VaRange,
+        ps: PageSize,
+        device: DeviceId,
+        stats: &Counters,
+        buf: &mut Vec<PageBacking>,
+    ) -> Result<usize, SvmError> {
+        let to_sys = |source| SvmError::ToSystem {
+            range: va,
+            device,
+            source,
+        };
+        self.mm.backing(va, buf).map_err(to_sys)?;
+        let mut allocs: Vec<AllocId> = Vec::new();
+        for b in buf.iter() {
+            if let PageBacking::Device { alloc, .. } = *b
+                && !allocs.contains(&alloc)
+            {
+                allocs.push(alloc);
+            }
+        }
+        let mut moved = 0;
+        for a in allocs {
+            let t = Instant::now();
+            match self.mm.evict_to_ram(a) {
+                Ok(rep) => {
+                    moved += rep.pages;
+                    stats.to_system[Bucket::of(va.len).index()]
+                        .add(rep.pages as u64 * ps.bytes(), t.elapsed());
+                }
+                Err(CoreError::NoSuchAllocation { .. }) => {}
+                Err(e) => return Err(to_sys(e)),
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Makes every page of `va` a system page (device pages come back through their device,
+    /// honouring timeslices; holes get zeroed pages). `before` is the backing seen last.
+    pub(crate) fn to_system(
+        &self,
+        va: VaRange,
+        ps: PageSize,
+        device: DeviceId,
+        stats: &Counters,
+        before: &[PageBacking],
+    ) -> Result<(), SvmError> {
+        let device_pages = before
+            .iter()
+            .filter(|b| matches!(b, PageBacking::Device { .. }))
+            .count();
+        let t = Instant::now();
+        self.mm.populate(va).map_err(|source| SvmError::ToSystem {
+            range: va,
+            device,
+            source,
+        })?;
+        if device_pages > 0 {
+            stats.to_system[Bucket::of(va.len).index()]
+                .add(device_pages as u64 * ps.bytes(), t.elapsed());
+        }
+        Ok(())
+    }
+}
+
+/// An SVM context: the address space every device mirrors, the device memory of each device
+/// (one pagemap per device memory region), and the statistics. Create one GPU VM per device
+/// (or per device memory region) with [`Svm::vm`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Svm {
+    inner: Arc<SvmInner>,
+}
+
+impl std::fmt::Debug for Svm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Svm")
+            .field("config", &self.inner.config)
+            .field("devices", &self.devices())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Svm {
+    /// Builds the context over `mm` and adds `pagemaps` to it, each with the copy path's
+    /// fence policy and the device-memory accounting installed around its operations. The
+    /// pagemaps must not be in `mm` yet (pages of pagemaps added behind the context's back
+    /// are still mapped, but their memory is neither accounted nor copied with the policy).
+    pub fn new(
+        mm: Arc<AddressSpace>,
+        pagemaps: Vec<Pagemap>,
+        config: SvmConfig,
+    ) -> Result<Svm, SvmError> {
+        let mut infos: Vec<Option<PagemapInfo>> =
+            (0..PagemapId::MAX_PAGEMAPS).map(|_| None).collect();
+        let mut devices: Vec<(DeviceId, Arc<Counters>)> = Vec::new();
+        for pm in &pagemaps {
+            let dup = pagemaps.iter().filter(|p| p.id() == pm.id()).count() > 1;
+            if dup || mm.pagemap(pm.id()).is_some() {
+                return Err(SvmError::Core(CoreError::BadPagemap {
+                    pagemap: pm.id(),
+                    reason: "given twice, or already in the address space",
+                }));
+            }
+        }
+        let queues = Arc::new(QueueContexts::default());
+        let mut wrapped = Vec::with_capacity(pagemaps.len());
+        for pm in pagemaps {
+            let device = pm.device();
+            let stats = match devices.iter().find(|(d, _)| *d == device) {
+                Some((_, c)) => c.clone(),
+                None => {
+                    let c = Arc::new(Counters::default());
+                    devices.push((device, c.clone()));
+                    c
+                }
+            };
+            let capacity = pm
+                .devmem()
+                .capacity_bytes()
+                .min(config.capacity.unwrap_or(u64::MAX));
+            let account = Arc::new(Account::new(pm.id(), device, capacity));
+            let policy = PolicyOps {
+                inner: pm.devmem().clone(),
+                pagemap: pm.id(),
+                device,
+                stats,
+                queues: queues.clone(),
+                account: account.clone(),
+                fence_timeout: config.fence_timeout,
+            };
+            infos[pm.id().0 as usize] = Some(PagemapInfo {
+                device,
+                owner: pm.owner(),
+                ops: pm.ops().clone(),
+                account,
+            });
+            wrapped.push(pm.with_ops(pm.ops().clone(), Arc::new(policy)));
+        }
+        for pm in wrapped {
+            mm.add_pagemap(pm)?;
+        }
+        devices.sort_by_key(|(d, _)| *d);
+        Ok(Svm {
+            inner: Arc::new(SvmInner {
+                mm,
+                config,
+                migrate_lock: RwLock::new(()),
+                pagemaps: infos,
+                devices,
+            }),
+        })
+    }
+
+    /// The address space (CPU access: `create_range`, `read`, `write`, ...).
+    pub fn mm(&self) -> &Arc<AddressSpace> {
+        &self.inner.mm
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SvmConfig {
+        &self.inner.config
+    }
+
+    /// A new GPU VM for the device of `local`, whose own memory is `local`.
+    pub fn vm(&self, local: PagemapId) -> Result<GpuVm, SvmError> {
+        let info = self
+            .inner
+            .info(local)
+            .ok_or(SvmError::UnknownPagemap { pagemap: local })?;
+        Ok(GpuVm::new(
+            self.inner.clone(),
+            local,
+            info.device,
+            info.owner,
+        ))
+    }
+
+    /// The devices of the context's pagemaps, in order.
+    pub fn devices(&self) -> Vec<DeviceId> {
+        self.inner.devices.iter().map(|(d, _)| *d).collect()
+    }
+
+    /// The statistics of `device` (zeros for a device the context does not know).
+    pub fn stats(&self, device: DeviceId) -> Stats {
+        self.inner
+            .devices
+            .iter()
+            .find(|(d, _)| *d == device)
+            .map(|(_, c)| c.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// The statistics summed over every device.
+    pub fn total_stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for (_, c) in &self.inner.devices {
+            s.merge(&c.snapshot());
+        }
+        s
+    }
+
+    /// Sets every counter back to zero.
+    pub fn reset_stats(&self) {
+        for (_, c) in &self.inner.devices {
+            c.reset();
+        }
+    }
+
+    /// The device-memory accounting of `pagemap`.
+    pub fn memory(&self, pagemap: PagemapId) -> Option<MemoryUsage> {
+        self.inner.info(pagemap).map(|i| i.account.usage())
+    }
+
+    /// The allocations of `pagemap` that eviction would pick, least recently used first.
+    pub fn lru(&self, pagemap: PagemapId) -> Vec<AllocId> {
+        self.inner
+            .info(pagemap)
+            .map(|i| i.account.lru_order())
+            .unwrap_or_default()
+    }
+}
