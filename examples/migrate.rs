@@ -382,6 +382,14 @@ fn print_table(a: &Args, backend: &dyn Backend, o: &Outcome) {
         a.to,
         a.coalesce
     );
+    let list: Vec<String> = drm_pagemap::backends()
+        .into_iter()
+        .map(|b| match b.available {
+            Ok(()) => format!("{} (available)", b.name),
+            Err(why) => format!("{} (unavailable: {why})", b.name),
+        })
+        .collect();
+    println!("backends: {}", list.join(", "));
     println!(
         "{:<22} {:>10} {:>6} {:>12}",
         "source", "pages", "calls", "MiB"
