@@ -13,7 +13,7 @@ use drm_pagemap_core::{
     MigrateDetails, MigrateOutcome, OwnerId, PageBacking, PageSize, Pagemap, PagemapId, PagemapOps,
     VaRange,
 };
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 /// How an SVM context behaves.
@@ -41,9 +41,16 @@ pub(crate) struct SvmInner {
     /// Taken for read by every fault that migrates, for write by the evict-and-retry path of
     /// a Busy migration: that path then runs with no other migration of this context racing it.
     pub migrate_lock: RwLock<()>,
+    /// Serialise migrations of one 2 MiB block of addresses (every SVM range lies in one),
+    /// whichever VM makes them: the timeslice check and the migration then see the same
+    /// pages. Striped: blocks share [`STRIPES`] locks.
+    stripes: Vec<Mutex<()>>,
     pagemaps: Vec<Option<PagemapInfo>>,
     devices: Vec<(DeviceId, Arc<Counters>)>,
 }
+
+/// How many block locks there are.
+const STRIPES: usize = 64;
 
 /// How long one wait for memory to free up lasts before the state is looked at again.
 const STALL: Duration = Duration::from_millis(5);
@@ -51,6 +58,13 @@ const STALL: Duration = Duration::from_millis(5);
 const MAX_STALLS: u32 = 400;
 
 impl SvmInner {
+    /// The lock of the 2 MiB block holding `va`.
+    pub(crate) fn block_lock(&self, va: VaRange) -> MutexGuard<'_, ()> {
+        let block = va.start / PageSize::Size2M.bytes();
+        let i = (block ^ (block >> 17)) as usize % STRIPES;
+        self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn info(&self, id: PagemapId) -> Option<&PagemapInfo> {
         self.pagemaps.get(id.0 as usize)?.as_ref()
     }
@@ -344,6 +358,7 @@ impl Svm {
                 mm,
                 config,
                 migrate_lock: RwLock::new(()),
+                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 pagemaps: infos,
                 devices,
             }),

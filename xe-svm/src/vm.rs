@@ -654,7 +654,8 @@ impl GpuVm {
     }
 
     /// One migration attempt into `pm`: under the read lock; on Busy, evict the range and
-    /// retry once under the write lock.
+    /// retry once under the write lock. Both hold the range's block lock from the timeslice
+    /// check to the end of the migration.
     fn migrate(
         &self,
         range: &SvmRange,
@@ -672,7 +673,8 @@ impl GpuVm {
         );
         {
             let _r = svm.migrate_lock.read().unwrap_or_else(|p| p.into_inner());
-            self.wait_timeslices(range, st, pm);
+            let _b = svm.block_lock(va);
+            self.wait_timeslices(range, st, pm)?;
             match svm.migrate_range(va, ps, pm, timeslice, device, stats) {
                 Err(e) if e.is_busy() => {}
                 other => return other,
@@ -681,17 +683,29 @@ impl GpuVm {
         *busy_retry = true;
         stats.busy_retries.inc();
         let _w = svm.migrate_lock.write().unwrap_or_else(|p| p.into_inner());
+        let _b = svm.block_lock(va);
+        self.wait_timeslices(range, st, pm)?;
         svm.evict_range(va, ps, device, stats, &mut st.scratch)?;
         svm.migrate_range(va, ps, pm, timeslice, device, stats)
     }
 
     /// Sleeps until no page of the range is held by another pagemap's allocation whose
-    /// timeslice has not expired (the bound on ping-pong between devices). `st.scratch`
-    /// holds a recent backing of the range.
-    fn wait_timeslices(&self, range: &SvmRange, st: &mut crate::range::RangeState, pm: PagemapId) {
+    /// timeslice has not expired (the bound on ping-pong between devices).
+    fn wait_timeslices(
+        &self,
+        range: &SvmRange,
+        st: &mut crate::range::RangeState,
+        pm: PagemapId,
+    ) -> Result<(), SvmError> {
         let mm = &self.inner.svm.mm;
         let mut waited = Duration::ZERO;
         loop {
+            mm.backing(range.va, &mut st.scratch)
+                .map_err(|source| SvmError::PageTable {
+                    range: range.va,
+                    device: self.inner.device,
+                    source,
+                })?;
             let now = Instant::now();
             let mut until: Option<Instant> = None;
             let mut seen = FewAllocs::default();
@@ -709,12 +723,10 @@ impl GpuVm {
             let d = until - now;
             std::thread::sleep(d);
             waited += d;
-            if mm.backing(range.va, &mut st.scratch).is_err() {
-                break;
-            }
         }
         if !waited.is_zero() {
             self.inner.stats.timeslice_waits.add(0, waited);
         }
+        Ok(())
     }
 }
