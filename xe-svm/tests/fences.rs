@@ -1,0 +1,221 @@
+//! Fence errors, hangs and submission failures on sim: the fault reports a typed error,
+//! every page's data stays where it was, every allocation is released, and the next fault
+//! works.
+
+mod common;
+
+use common::*;
+use drm_pagemap_core::inject::{FaultInjector, FaultSite};
+use drm_pagemap_core::{
+    Error as CoreError, FenceError, PageLocation, PageSize, PagemapId, VaRange,
+};
+use std::time::Duration;
+use xe_svm::{Access, FaultAction, Placement, SvmConfig, SvmError};
+
+fn injected(svm: SvmConfig) -> (Rig, std::sync::Arc<FaultInjector>) {
+    let inj = FaultInjector::new();
+    let rig = rig(Opts {
+        faults: Some(inj.clone()),
+        svm,
+        ..Opts::default()
+    });
+    (rig, inj)
+}
+
+fn released(rig: &Rig) {
+    assert!(
+        rig.mm.allocations().is_empty(),
+        "{:?}",
+        rig.mm.allocations()
+    );
+    for pm in 0..3u8 {
+        assert_eq!(
+            rig.svm.memory(PagemapId(pm)).unwrap().used,
+            0,
+            "pagemap {pm}"
+        );
+    }
+}
+
+#[test]
+fn copy_fence_error_fails_the_fault_and_loses_nothing() {
+    let (rig, inj) = injected(SvmConfig::default());
+    let buf = VaRange::new(BASE, M2);
+    create(&rig.mm, buf, PageSize::Size4K);
+    fill(&rig.mm, buf, 1);
+    inj.fail_nth(FaultSite::FenceError, 1);
+    let vm = &rig.vms[0];
+    let e = vm.handle_gpu_fault(BASE, Access::Write).unwrap_err();
+    match &e {
+        SvmError::Migrate {
+            source:
+                CoreError::Fence {
+                    source: FenceError::Failed(_),
+                    ..
+                },
+            pagemap,
+            ..
+        } => assert_eq!(*pagemap, PagemapId(0)),
+        other => panic!("{other}"),
+    }
+    assert!(e.to_string().contains("pagemap 0"), "{e}");
+    let s = rig.svm.stats(vm.device());
+    assert_eq!(s.fault_errors, 1);
+    assert_eq!(s.fence_errors, 1, "the failed copy fence was seen");
+    assert!(
+        rig.mm
+            .locations(buf)
+            .unwrap()
+            .iter()
+            .all(|l| *l == PageLocation::System)
+    );
+    released(&rig);
+    check(&rig.mm, buf, 1);
+    // The next fault works.
+    let r = vm.handle_gpu_fault(BASE, Access::Write).unwrap();
+    assert_eq!(r.action, FaultAction::Migrated { pages: 512 });
+    check_page_table(&rig, vm, BASE, Placement::Device(PagemapId(0)), None);
+    check(&rig.mm, buf, 1);
+}
+
+#[test]
+fn peer_push_fence_error_leaves_pages_on_the_peer() {
+    let (rig, inj) = injected(SvmConfig::default());
+    let buf = VaRange::new(BASE, M2);
+    create(&rig.mm, buf, PageSize::Size4K);
+    fill(&rig.mm, buf, 2);
+    rig.vms[1].handle_gpu_fault(BASE, Access::Write).unwrap();
+    inj.fail_nth(FaultSite::FenceError, 1);
+    let e = rig.vms[2]
+        .handle_gpu_fault(BASE, Access::Atomic)
+        .unwrap_err();
+    assert!(matches!(e, SvmError::Migrate { .. }), "{e}");
+    // The source still holds every page; its page table still matches.
+    assert!(rig.mm.locations(buf).unwrap().iter().all(|l| matches!(
+        l,
+        PageLocation::Device {
+            pagemap: PagemapId(1),
+            ..
+        }
+    )));
+    assert!(rig.vms[1].is_valid(BASE));
+    assert_eq!(
+        rig.mm.allocations().len(),
+        1,
+        "only the source's allocation lives"
+    );
+    assert_eq!(rig.svm.memory(PagemapId(2)).unwrap().used, 0);
+    assert_eq!(
+        rig.svm.stats(rig.vms[1].device()).fence_errors,
+        1,
+        "the pushing device's fence"
+    );
+    check(&rig.mm, buf, 2);
+    released(&rig);
+}
+
+#[test]
+fn copy_submission_and_allocation_failures_are_typed() {
+    let (rig, inj) = injected(SvmConfig::default());
+    let buf = VaRange::new(BASE, M2);
+    create(&rig.mm, buf, PageSize::Size4K);
+    fill(&rig.mm, buf, 3);
+    let vm = &rig.vms[0];
+    inj.fail_nth(FaultSite::Copy, 1);
+    let e = vm.handle_gpu_fault(BASE, Access::Read).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            SvmError::Migrate {
+                source: CoreError::Backend { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    released(&rig);
+    inj.fail_nth(FaultSite::Alloc, 1);
+    let e = vm.handle_gpu_fault(BASE, Access::Read).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            SvmError::Migrate {
+                source: CoreError::Backend { op: "allocate", .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    released(&rig);
+    inj.fail_nth(FaultSite::Map, 1);
+    assert!(vm.handle_gpu_fault(BASE, Access::Read).is_err());
+    released(&rig);
+    check(&rig.mm, buf, 3);
+    assert_eq!(rig.svm.stats(vm.device()).fault_errors, 3);
+    vm.handle_gpu_fault(BASE, Access::Read).unwrap();
+    check(&rig.mm, buf, 3);
+}
+
+#[test]
+fn hanging_copy_fence_times_out_and_is_cleaned_up_later() {
+    let (rig, inj) = injected(SvmConfig {
+        fence_timeout: Some(Duration::from_millis(100)),
+        ..SvmConfig::default()
+    });
+    let buf = VaRange::new(BASE, K64);
+    create(&rig.mm, buf, PageSize::Size4K);
+    fill(&rig.mm, buf, 4);
+    inj.fail_nth(FaultSite::FenceHang, 1);
+    let e = rig.vms[0]
+        .handle_gpu_fault(BASE, Access::Write)
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            SvmError::Migrate {
+                source: CoreError::Fence {
+                    source: FenceError::Timeout(_),
+                    ..
+                },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    check(&rig.mm, buf, 4);
+    // The hanging fence never signals: its destination stays reserved (not reused while a
+    // copy might still write it), and the next fault uses fresh memory.
+    assert_eq!(rig.mm.deferred_cleanups(), 1);
+    rig.vms[0].handle_gpu_fault(BASE, Access::Write).unwrap();
+    check_page_table(
+        &rig,
+        &rig.vms[0],
+        BASE,
+        Placement::Device(PagemapId(0)),
+        None,
+    );
+    check(&rig.mm, buf, 4);
+}
+
+#[test]
+fn sim_clear_fences_are_device_dependencies_never_cpu_waits() {
+    // The sim's clears run on the device queues, whose contexts the policy learns: a pending
+    // clear is a dependency of the first command, never a CPU wait.
+    let rig = rig(Opts {
+        copy_latency: Duration::from_millis(2),
+        ..Opts::default()
+    });
+    let buf = VaRange::new(BASE, 4 * M2);
+    create(&rig.mm, buf, PageSize::Size4K);
+    fill(&rig.mm, buf, 5);
+    for i in 0..4 {
+        for vm in &rig.vms {
+            vm.handle_gpu_fault(BASE + i * M2, Access::Write).unwrap();
+        }
+    }
+    let s = rig.svm.total_stats();
+    assert_eq!(s.cpu_fence_waits.count, 0, "{s}");
+    assert!(s.fence_dependencies <= s.total_copy_calls());
+    assert_eq!(s.ordering_repairs, 0);
+    check(&rig.mm, buf, 5);
+}
