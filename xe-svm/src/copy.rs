@@ -141,7 +141,7 @@ impl PolicyOps {
         op: CopyOp,
         req: &CopyRequest<'_>,
         pre: &Fence,
-        issued: &mut Vec<Issued>,
+        issued: &mut [Issued],
     ) -> Result<(), BackendError> {
         let (ctx, seq, first_container) = {
             let f0 = &issued[0].fence;

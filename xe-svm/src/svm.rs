@@ -89,7 +89,6 @@ impl SvmInner {
     /// until it fits. The allocation counts as in flight until [`Account::end_inflight`].
     fn allocate_room(
         &self,
-        pm: PagemapId,
         info: &PagemapInfo,
         npages: usize,
         ps: PageSize,
@@ -98,6 +97,7 @@ impl SvmInner {
         device: DeviceId,
     ) -> Result<AllocId, SvmError> {
         let acct = &info.account;
+        let pm = acct.pagemap;
         let mut stalls = 0;
         loop {
             match self.mm.allocate_devmem(pm, npages, ps, va) {
@@ -172,7 +172,7 @@ impl SvmInner {
             .info(pm)
             .ok_or(SvmError::UnknownPagemap { pagemap: pm })?;
         let npages = (va.len / ps.bytes()) as usize;
-        let alloc = self.allocate_room(pm, info, npages, ps, va, stats, device)?;
+        let alloc = self.allocate_room(info, npages, ps, va, stats, device)?;
         let details = MigrateDetails {
             timeslice,
             can_migrate_same_pagemap: false,

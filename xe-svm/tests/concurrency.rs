@@ -73,7 +73,7 @@ fn many_threads_on_overlapping_ranges() {
                 let mut seed = 0x1234_5678_9abc_def1 ^ (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 let mut retryable = 0u32;
                 for _ in 0..FAULTS_PER_THREAD {
-                    let (range, r) = if next(&mut seed) % 5 == 0 {
+                    let (range, r) = if next(&mut seed).is_multiple_of(5) {
                         (SMALL, next(&mut seed) % SMALL.len)
                     } else {
                         (BUF, next(&mut seed) % BUF.len)
@@ -136,7 +136,7 @@ fn many_threads_on_overlapping_ranges() {
     });
     // Faults mostly succeed.
     let s = rig.svm.total_stats();
-    assert!(s.total_faults() >= (FAULT_THREADS as u64 * FAULTS_PER_THREAD as u64) - errors as u64);
+    assert!(s.total_faults() >= (FAULT_THREADS * FAULTS_PER_THREAD as u64) - errors as u64);
     // Every valid page table points where the pages are.
     for vm in &rig.vms {
         for (va, _) in vm.svm_ranges() {

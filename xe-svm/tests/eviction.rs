@@ -150,7 +150,7 @@ fn twice_oversubscribed_workload_keeps_correct_data() {
     create(&rig.mm, buf, PageSize::Size4K);
     fill(&rig.mm, buf, 4);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut version = vec![4u8; 8];
+    let mut version = [4u8; 8];
     for step in 0..200 {
         let i = next(&mut seed) % 8;
         let d = (next(&mut seed) % 2) as usize;
@@ -229,7 +229,7 @@ fn oversubscribed_concurrent_faults_keep_running() {
                     for _ in 0..60 {
                         let i = next(&mut seed) % 12;
                         let vm = &rig.vms[(t % 2) as usize];
-                        let access = if next(&mut seed) % 2 == 0 {
+                        let access = if next(&mut seed).is_multiple_of(2) {
                             Access::Read
                         } else {
                             Access::Write
