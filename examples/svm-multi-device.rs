@@ -1,1 +1,514 @@
-fn main() {}
+//! `svm-multi-device`: three devices share one buffer through xe-svm on the best available
+//! backend (a GPU backend when one is available, else the simulated one).
+//!
+//! ```text
+//! cargo run --release --example svm-multi-device -- [--backend auto|sim|cuda] [--mib N]
+//!     [--rounds N] [--capacity-mib N]
+//! cargo run --release --example svm-multi-device -- latency [--backend auto|sim|cuda]
+//!     [--iters N]
+//! ```
+//!
+//! Default mode: the three devices take turns faulting (write, atomic, read) on the whole
+//! buffer, so each migration pulls the pages from the previous device (the source pushes its
+//! own pages); then each faults a disjoint third of it at the same time, and the thirds
+//! rotate; then one device maps a peer's memory through a preferred location. After each
+//! phase every page table is checked (every entry mapped, placed where the fault wanted it)
+//! and the CPU reads the buffer back and checks every byte. Prints the statistics of every
+//! device. With `--capacity-mib` smaller than the buffer, device memory is oversubscribed
+//! and LRU eviction keeps it running.
+//!
+//! `latency`: CPU wall time of GPU fault -> migrate -> page table for a 2 MiB and a 64 KiB
+//! range whose pages are in system memory (4 KiB pages, and one page of the range's size),
+//! and of a fault that finds the range already resident. Prints a table.
+//!
+//! Exit codes: 0 success; 1 a check failed or the backend is unavailable; 2 bad arguments.
+
+use drm_pagemap::{AddressSpace, BackendConfig, Machine, PageSize, PagemapId, VaRange};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use xe_svm::{
+    Access, Attributes, FaultAction, GpuVm, Placement, PreferredLocation, Svm, SvmConfig,
+};
+
+const BASE: u64 = 1 << 40;
+const M2: u64 = 2 << 20;
+
+#[derive(Debug)]
+struct Args {
+    latency: bool,
+    backend: String,
+    mib: u64,
+    rounds: usize,
+    capacity_mib: Option<u64>,
+    iters: usize,
+}
+
+const USAGE: &str = "usage: svm-multi-device [latency] [--backend auto|sim|cuda] [--mib N] [--rounds N] \
+[--capacity-mib N] [--iters N]";
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut a = Args {
+        latency: false,
+        backend: "auto".into(),
+        mib: 16,
+        rounds: 2,
+        capacity_mib: None,
+        iters: 200,
+    };
+    let num = |v: Option<String>, what: &str| -> Result<u64, String> {
+        v.ok_or(format!("{what} needs a value"))?
+            .parse::<u64>()
+            .map_err(|e| format!("{what}: {e}"))
+    };
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "latency" => a.latency = true,
+            "--backend" => a.backend = it.next().ok_or("--backend needs a value")?,
+            "--mib" => a.mib = num(it.next(), "--mib")?,
+            "--rounds" => a.rounds = num(it.next(), "--rounds")? as usize,
+            "--capacity-mib" => a.capacity_mib = Some(num(it.next(), "--capacity-mib")?),
+            "--iters" => a.iters = num(it.next(), "--iters")?.max(1) as usize,
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if a.mib < 6 || !a.mib.is_multiple_of(2) {
+        return Err("--mib must be even and at least 6".into());
+    }
+    Ok(a)
+}
+
+/// The three VMs over three pagemaps of the backend (on a machine with fewer devices,
+/// several pagemaps share a device).
+struct Setup {
+    backend: String,
+    devices: Vec<String>,
+    svm: Svm,
+    vms: Vec<GpuVm>,
+}
+
+fn setup(backend: &str, capacity: Option<u64>, host_bytes: u64) -> Result<Setup, String> {
+    let config = BackendConfig {
+        devices: Some(3),
+        device_capacity: Some(1 << 30),
+        host_capacity: Some(host_bytes),
+    };
+    let machine = Machine::open(backend, &config, 3).map_err(|e| e.to_string())?;
+    let mm = Arc::new(AddressSpace::new(machine.backend.host_memory()));
+    let svm = Svm::new(
+        mm,
+        machine.pagemaps.clone(),
+        SvmConfig {
+            capacity,
+            fence_timeout: Some(Duration::from_secs(30)),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let mut vms = Vec::with_capacity(3);
+    for k in 0..3u8 {
+        vms.push(svm.vm(PagemapId(k)).map_err(|e| e.to_string())?);
+    }
+    Ok(Setup {
+        backend: machine.backend.name().to_string(),
+        devices: machine
+            .backend
+            .devices()
+            .iter()
+            .map(|d| d.name.clone())
+            .collect(),
+        svm,
+        vms,
+    })
+}
+
+fn byte(va: u64, seed: u8) -> u8 {
+    ((va >> 12) as u8).wrapping_mul(29) ^ (va as u8).rotate_left(3) ^ seed
+}
+
+fn pattern(range: VaRange, seed: u8) -> Vec<u8> {
+    (range.start..range.end())
+        .map(|va| byte(va, seed))
+        .collect()
+}
+
+/// Counts what failed, with a line for each of the first few.
+#[derive(Default)]
+struct Checks {
+    failed: usize,
+}
+
+impl Checks {
+    fn fail(&mut self, what: String) {
+        self.failed += 1;
+        if self.failed <= 10 {
+            eprintln!("CHECK FAILED: {what}");
+        }
+    }
+
+    /// The CPU reads `range` back and compares every byte with the pattern of `seed`.
+    fn data(&mut self, mm: &AddressSpace, range: VaRange, seed: u8, phase: &str) {
+        let mut got = vec![0u8; range.len as usize];
+        if let Err(e) = mm.read(range.start, &mut got) {
+            return self.fail(format!("{phase}: reading {range}: {e}"));
+        }
+        let want = pattern(range, seed);
+        if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+            self.fail(format!(
+                "{phase}: byte at {:#x} is {:#x}, want {:#x}",
+                range.start + i as u64,
+                got[i],
+                want[i]
+            ));
+        }
+    }
+
+    /// `vm`'s page table for the SVM range at `va`: every entry mapped and placed at `want`.
+    fn table(&mut self, vm: &GpuVm, va: u64, want: Placement, phase: &str) {
+        let r = vm.with_page_table(va, |pt| {
+            pt.ptes
+                .iter()
+                .position(|p| p.placement != want || p.addr.is_none())
+                .map(|i| (pt.range, i, pt.ptes[i]))
+        });
+        match r {
+            None => self.fail(format!(
+                "{phase}: {:?} has no page table at {va:#x}",
+                vm.device()
+            )),
+            Some(Some((range, i, pte))) => self.fail(format!(
+                "{phase}: {:?} page {i} of {range}: {pte:?}, want {want:?}",
+                vm.device()
+            )),
+            Some(None) => {}
+        }
+    }
+
+    /// A fault that must succeed.
+    fn fault(
+        &mut self,
+        vm: &GpuVm,
+        va: u64,
+        access: Access,
+        phase: &str,
+    ) -> Option<xe_svm::FaultReport> {
+        match vm.handle_gpu_fault(va, access) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.fail(format!("{phase}: {access:?} fault at {va:#x}: {e}"));
+                None
+            }
+        }
+    }
+}
+
+fn demo(a: &Args) -> Result<usize, String> {
+    let bytes = a.mib << 20;
+    let capacity = a.capacity_mib.map(|m| m << 20);
+    let s = setup(&a.backend, capacity, (bytes * 4).max(256 << 20))?;
+    let mm = s.svm.mm().clone();
+    println!(
+        "backend {} ({}), 3 pagemaps on devices {:?}, buffer {} MiB, device memory per pagemap {}",
+        s.backend,
+        s.devices.join(", "),
+        s.svm.devices(),
+        a.mib,
+        capacity.map_or("uncapped".to_string(), |c| format!("{} MiB", c >> 20))
+    );
+    let buf = VaRange::new(BASE, bytes);
+    mm.create_range(buf, PageSize::Size4K)
+        .map_err(|e| e.to_string())?;
+    let ranges: Vec<u64> = (0..bytes / M2).map(|i| BASE + i * M2).collect();
+    let mut c = Checks::default();
+    let t0 = Instant::now();
+    // Phase 1: turns on the whole buffer.
+    let accesses = [Access::Write, Access::Atomic, Access::Read];
+    for round in 0..a.rounds {
+        let seed = round as u8 + 1;
+        mm.write(buf.start, &pattern(buf, seed))
+            .map_err(|e| e.to_string())?;
+        for (d, vm) in s.vms.iter().enumerate() {
+            let phase = format!("turns round {round}, device {d}");
+            for &va in &ranges {
+                if c.fault(vm, va, accesses[(d + round) % 3], &phase).is_some()
+                    && capacity.is_none()
+                {
+                    c.table(vm, va, Placement::Device(vm.local_pagemap()), &phase);
+                }
+            }
+        }
+        c.data(&mm, buf, seed, &format!("turns round {round}"));
+    }
+    // Phase 2: disjoint thirds at the same time, then rotated.
+    let seed = 0x40;
+    mm.write(buf.start, &pattern(buf, seed))
+        .map_err(|e| e.to_string())?;
+    for shift in 0..3 {
+        let results: Vec<Vec<String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = s
+                .vms
+                .iter()
+                .enumerate()
+                .map(|(d, vm)| {
+                    let mine: Vec<u64> = ranges
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| (i + shift) % 3 == d)
+                        .map(|(_, &va)| va)
+                        .collect();
+                    scope.spawn(move || {
+                        let mut errs = Vec::new();
+                        for va in mine {
+                            if let Err(e) = vm.handle_gpu_fault(va, Access::Write) {
+                                errs.push(format!(
+                                    "pieces shift {shift}, device {d}: fault at {va:#x}: {e}"
+                                ));
+                            }
+                        }
+                        errs
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        for e in results.into_iter().flatten() {
+            c.fail(e);
+        }
+        if capacity.is_none() {
+            for (i, &va) in ranges.iter().enumerate() {
+                let d = (0..3).find(|d| (i + shift) % 3 == *d).unwrap_or(0);
+                let vm = &s.vms[d];
+                c.table(
+                    vm,
+                    va,
+                    Placement::Device(vm.local_pagemap()),
+                    &format!("pieces shift {shift}"),
+                );
+            }
+        }
+    }
+    c.data(&mm, buf, seed, "pieces");
+    // Phase 3: device 0 prefers device 1's memory and maps it remotely.
+    let (vm0, vm1) = (&s.vms[0], &s.vms[1]);
+    vm0.madvise(
+        buf,
+        Attributes {
+            preferred: PreferredLocation::Pagemap(vm1.local_pagemap()),
+            ..Attributes::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    for &va in &ranges {
+        if let Some(r) = c.fault(vm0, va, Access::Read, "peer mapping")
+            && r.action != FaultAction::FellBack
+        {
+            c.table(
+                vm0,
+                va,
+                Placement::Device(vm1.local_pagemap()),
+                "peer mapping",
+            );
+        }
+    }
+    c.data(&mm, buf, seed, "peer mapping");
+    let elapsed = t0.elapsed();
+    for d in s.svm.devices() {
+        print!("\n== {d} ==\n{}", s.svm.stats(d));
+    }
+    println!("== device memory ==");
+    for k in 0..3u8 {
+        if let Some(m) = s.svm.memory(PagemapId(k)) {
+            println!(
+                "pagemap {k} on {}: capacity {} MiB, peak {} MiB, in use {} MiB",
+                m.device,
+                m.capacity >> 20,
+                m.peak.div_ceil(1 << 20),
+                m.used.div_ceil(1 << 20)
+            );
+        }
+    }
+    let total = s.svm.total_stats();
+    println!(
+        "\n{} faults, {} migrations, {} LRU evictions in {:.1} ms; verification: {}",
+        total.total_faults(),
+        total.total_to_device(),
+        total.lru_evictions.count,
+        elapsed.as_secs_f64() * 1e3,
+        if c.failed == 0 {
+            "every byte and page table checked, OK".to_string()
+        } else {
+            format!("{} checks FAILED", c.failed)
+        }
+    );
+    Ok(c.failed)
+}
+
+fn size_label(len: u64) -> &'static str {
+    if len == M2 { "2 MiB" } else { "64 KiB" }
+}
+
+fn pages_label(len: u64, ps: PageSize) -> String {
+    let p = match ps {
+        PageSize::Size4K => "4K",
+        PageSize::Size64K => "64K",
+        PageSize::Size2M => "2M",
+    };
+    format!("{}x{p}", len / ps.bytes())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+fn latency(a: &Args) -> Result<usize, String> {
+    let s = setup(&a.backend, None, 256 << 20)?;
+    let mm = s.svm.mm().clone();
+    let vm = &s.vms[0];
+    println!(
+        "backend {} ({}); GPU fault -> migrate -> page table, pages from system memory, {} faults each",
+        s.backend,
+        s.devices.join(", "),
+        a.iters
+    );
+    println!(
+        "{:<8} {:<8} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10}",
+        "range",
+        "pages",
+        "count",
+        "min us",
+        "median us",
+        "p90 us",
+        "p99 us",
+        "mean us",
+        "resident us",
+        "target us"
+    );
+    let cases = [
+        (M2, PageSize::Size4K, 80.0),
+        (M2, PageSize::Size2M, 80.0),
+        (64 << 10, PageSize::Size4K, 15.0),
+        (64 << 10, PageSize::Size64K, 15.0),
+    ];
+    let mut c = Checks::default();
+    let mut parts = Vec::new();
+    for (k, &(len, ps, target)) in cases.iter().enumerate() {
+        let range = VaRange::new(BASE + k as u64 * (4 * M2), len);
+        mm.create_range(range, ps).map_err(|e| e.to_string())?;
+        mm.write(range.start, &pattern(range, k as u8))
+            .map_err(|e| e.to_string())?;
+        let warmup = 5.min(a.iters);
+        let mut breakdown = xe_svm::Stats::default();
+        let mut cold = Vec::with_capacity(a.iters);
+        let mut warm = Vec::with_capacity(a.iters);
+        for i in 0..a.iters + warmup {
+            // Back to system memory (not timed).
+            vm.evict_range(range).map_err(|e| e.to_string())?;
+            s.svm.reset_stats();
+            let t = Instant::now();
+            let r = vm.handle_gpu_fault(range.start, Access::Write);
+            let dt = t.elapsed();
+            if i >= warmup {
+                breakdown.merge(&s.svm.total_stats());
+            }
+            match r {
+                Ok(r) if matches!(r.action, FaultAction::Migrated { .. }) => {}
+                Ok(r) => c.fail(format!("{range}: fault did not migrate: {r:?}")),
+                Err(e) => return Err(format!("{range}: {e}")),
+            }
+            let t = Instant::now();
+            let again = vm.handle_gpu_fault(range.start, Access::Write);
+            let dw = t.elapsed();
+            if !matches!(again, Ok(ref r) if r.action == FaultAction::Valid) {
+                c.fail(format!(
+                    "{range}: second fault was not a valid fault: {again:?}"
+                ));
+            }
+            if i >= warmup {
+                cold.push(dt);
+                warm.push(dw);
+            }
+        }
+        c.table(
+            vm,
+            range.start,
+            Placement::Device(vm.local_pagemap()),
+            "latency",
+        );
+        c.data(&mm, range, k as u8, "latency");
+        cold.sort();
+        warm.sort();
+        let mean = cold.iter().map(|d| d.as_secs_f64()).sum::<f64>() / cold.len() as f64 * 1e6;
+        println!(
+            "{:<8} {:<8} {:>6} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12.2} {:>10.0}",
+            size_label(len),
+            pages_label(len, ps),
+            cold.len(),
+            percentile(&cold, 0.0),
+            percentile(&cold, 0.5),
+            percentile(&cold, 0.9),
+            percentile(&cold, 0.99),
+            mean,
+            percentile(&warm, 0.5),
+            target
+        );
+        parts.push((range, ps, breakdown));
+    }
+    // Where a cold fault's time goes (averages, microseconds): allocation + migration in the
+    // engine (clear, copies, waits, commit), the page table, and the rest of the SVM layer
+    // (lookups, backing snapshots, locks, accounting).
+    println!(
+        "\n{:<8} {:<8} {:>14} {:>12} {:>12} {:>12} {:>10}",
+        "range", "pages", "alloc+migrate", "copy calls", "page table", "svm layer", "fault"
+    );
+    for (range, ps, b) in parts {
+        let n = b.total_faults().max(1) as f64;
+        let fault: u64 = b.faults.iter().map(|t| t.micros).sum();
+        let migrate: u64 = b.to_device.iter().map(|t| t.micros).sum();
+        let copies: u64 = b.copy_to_devmem.iter().map(|t| t.micros).sum();
+        let pt = b.page_tables.micros;
+        println!(
+            "{:<8} {:<8} {:>14.1} {:>12.1} {:>12.1} {:>12.1} {:>10.1}",
+            size_label(range.len),
+            pages_label(range.len, ps),
+            migrate as f64 / n,
+            copies as f64 / n,
+            pt as f64 / n,
+            fault.saturating_sub(migrate + pt) as f64 / n,
+            fault as f64 / n
+        );
+    }
+    if c.failed > 0 {
+        println!("{} checks FAILED", c.failed);
+    }
+    Ok(c.failed)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("{e}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let r = if args.latency {
+        latency(&args)
+    } else {
+        demo(&args)
+    };
+    match r {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -128,7 +128,8 @@ pub struct Stats {
     pub busy_retries: u64,
     /// Time spent waiting for another device's timeslice before migrating.
     pub timeslice_waits: Tally,
-    /// Migrations into device memory, by SVM range size; bytes: bytes copied.
+    /// Migrations into device memory, by SVM range size; bytes: bytes copied; time: the
+    /// allocation (with any LRU eviction it needed) and the migration.
     pub to_device: [Tally; 4],
     /// Moves to system memory on behalf of faults (system placement, busy retries), by SVM
     /// range size; bytes: device bytes moved back.

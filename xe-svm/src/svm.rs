@@ -172,6 +172,7 @@ impl SvmInner {
             .info(pm)
             .ok_or(SvmError::UnknownPagemap { pagemap: pm })?;
         let npages = (va.len / ps.bytes()) as usize;
+        let t = Instant::now();
         let alloc = self.allocate_room(info, npages, ps, va, stats, device)?;
         let details = MigrateDetails {
             timeslice,
@@ -180,7 +181,6 @@ impl SvmInner {
             coalesce: Coalesce::BySource,
             fence_timeout: self.config.fence_timeout,
         };
-        let t = Instant::now();
         match self.mm.migrate_to_devmem(alloc, va, &details) {
             Ok(rep) if rep.outcome == MigrateOutcome::Migrated => {
                 info.account.end_inflight(Some((alloc, va.len)));

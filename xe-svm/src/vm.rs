@@ -10,8 +10,8 @@
 //!    the pages, nothing is done (a *valid* fault; the allocation becomes most recently used).
 //! 3. **Place.** System target: the pages are made system-resident (device pages come back
 //!    through their device, holes get zeroed pages). Device target, under the context's
-//!    migrate lock taken for read: wait until no page is held by another device's unexpired
-//!    timeslice, allocate device memory (evicting least-recently-used allocations until it
+//!    migrate lock taken for read and the range's block lock: wait until no page is held by
+//!    another device's unexpired timeslice, allocate device memory (evicting least-recently-used allocations until it
 //!    fits; the allocation's clear is the pre-migrate fence) and migrate with
 //!    `source_peer_migrates`. On Busy, the lock is taken for write, the range is evicted to
 //!    system memory and the migration retried once. An atomic fault makes up to three such
@@ -22,8 +22,14 @@
 //!    again (bounded), so the table it leaves matches the pages it saw last.
 //!
 //! # Locks
-//! Order: an SVM range's lock, then the migrate lock, then the engine's. The VM's range map
-//! is only locked briefly and never while waiting for a range's lock.
+//! Order: an SVM range's lock (one fault at a time per range of a VM), then the context's
+//! migrate lock (read, or write for the evict-and-retry path), then the lock of the 2 MiB
+//! block of addresses the range lies in (one migration at a time per block across every VM,
+//! held from the timeslice check to the end of the migration, so the check and the
+//! migration see the same pages), then the engine's. The VM's range map is only locked
+//! briefly and never while waiting for a range's lock. Nothing that holds a later lock waits
+//! for an earlier one; waits for memory (LRU eviction, migrations in flight) and for page
+//! locks are bounded in the engine and here.
 
 use crate::attrs::{AtomicAccess, AttrMap, Attributes, PreferredLocation};
 use crate::error::SvmError;
