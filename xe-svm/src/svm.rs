@@ -54,8 +54,11 @@ const STRIPES: usize = 64;
 
 /// How long one wait for memory to free up lasts before the state is looked at again.
 const STALL: Duration = Duration::from_millis(5);
-/// How many such waits (and refused evictions) one allocation tolerates.
+/// How many such waits one allocation tolerates (about two seconds).
 const MAX_STALLS: u32 = 400;
+/// How many refused evictions (each bounded by the engine's own retries) one allocation
+/// tolerates.
+const MAX_REFUSED: u32 = 16;
 
 impl SvmInner {
     /// The lock of the 2 MiB block holding `va`.
@@ -98,7 +101,7 @@ impl SvmInner {
     ) -> Result<AllocId, SvmError> {
         let acct = &info.account;
         let pm = acct.pagemap;
-        let mut stalls = 0;
+        let (mut stalls, mut refused) = (0, 0);
         loop {
             match self.mm.allocate_devmem(pm, npages, ps, va) {
                 Ok(id) => {
@@ -125,10 +128,12 @@ impl SvmInner {
                         // Its pages are being moved by someone else; it will likely be
                         // released by that move. Try it again later.
                         acct.requeue(victim, bytes);
-                        stalls += 1;
+                        refused += 1;
                         acct.wait_change(STALL);
                     }
                     Err(source) => {
+                        // Still allocated: keep it a candidate.
+                        acct.requeue(victim, bytes);
                         return Err(SvmError::ToSystem {
                             range: va,
                             device,
@@ -144,7 +149,7 @@ impl SvmInner {
             } else {
                 stalls = MAX_STALLS + 1;
             }
-            if stalls > MAX_STALLS {
+            if stalls > MAX_STALLS || refused > MAX_REFUSED {
                 return Err(SvmError::OutOfDeviceMemory {
                     range: va,
                     pagemap: pm,

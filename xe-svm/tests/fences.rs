@@ -219,3 +219,49 @@ fn sim_clear_fences_are_device_dependencies_never_cpu_waits() {
     assert_eq!(s.ordering_repairs, 0);
     check(&rig.mm, buf, 5);
 }
+
+#[test]
+fn failed_lru_eviction_is_typed_and_the_victim_stays_a_candidate() {
+    let (rig, inj) = injected(SvmConfig {
+        capacity: Some(M2),
+        ..SvmConfig::default()
+    });
+    let buf = VaRange::new(BASE, 2 * M2);
+    create(&rig.mm, buf, PageSize::Size4K);
+    fill(&rig.mm, buf, 6);
+    let vm = &rig.vms[0];
+    vm.handle_gpu_fault(BASE, Access::Write).unwrap();
+    // Room for the second range needs the first evicted; that eviction's copy fails.
+    inj.fail_nth(FaultSite::FenceError, 1);
+    let e = vm.handle_gpu_fault(BASE + M2, Access::Atomic).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            SvmError::ToSystem {
+                source: CoreError::Fence { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        rig.mm
+            .locations(VaRange::new(BASE, M2))
+            .unwrap()
+            .iter()
+            .all(|l| matches!(
+                l,
+                PageLocation::Device {
+                    pagemap: PagemapId(0),
+                    ..
+                }
+            ))
+    );
+    assert_eq!(rig.svm.lru(PagemapId(0)).len(), 1, "still evictable");
+    // Next time the eviction works.
+    let r = vm.handle_gpu_fault(BASE + M2, Access::Atomic).unwrap();
+    assert!(matches!(r.action, FaultAction::Migrated { .. }));
+    assert_eq!(rig.svm.stats(vm.device()).lru_evictions.count, 1);
+    check(&rig.mm, buf, 6);
+    released(&rig);
+}
