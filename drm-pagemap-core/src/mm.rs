@@ -472,9 +472,13 @@ impl AddressSpace {
     pub fn release_devmem(&self, id: AllocId) -> Result<()> {
         let rel = {
             let mut st = self.lock();
-            match st.allocs.get(id) {
-                Some(r) if r.state == AllocState::Reserved => st.allocs.remove(id.slot),
-                Some(_) => return self.evict_to_ram(id).map(|_| ()),
+            match st.allocs.get(id).map(|r| r.state) {
+                Some(AllocState::Reserved) => st.allocs.remove(id.slot),
+                Some(_) => {
+                    // Eviction takes the lock itself.
+                    drop(st);
+                    return self.evict_to_ram(id).map(|_| ());
+                }
                 None => return Err(Error::NoSuchAllocation { alloc: id }),
             }
         };
