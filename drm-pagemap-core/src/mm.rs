@@ -532,32 +532,30 @@ impl AddressSpace {
                 st = self.wait_unlocked(st);
                 continue;
             }
-            out.reserve(pages.len());
             // Neighbouring pages mostly share an allocation: look it up once per run.
+            let allocs = &st.allocs;
             let mut run: Option<(u32, AllocId, &[Pfn])> = None;
-            for &e in pages {
-                out.push(match e.kind() {
-                    Kind::Hole => PageBacking::Unpopulated,
-                    Kind::System => PageBacking::System(e.frame()),
-                    Kind::Device => {
-                        let slot = e.slot();
-                        let (alloc, pfns) = match run {
-                            Some((s, id, pfns)) if s == slot => (id, pfns),
-                            _ => {
-                                let rec = st.allocs.by_slot(slot);
-                                let id = st.allocs.id_of_slot(slot);
-                                run = Some((slot, id, &rec.pfns));
-                                (id, &rec.pfns[..])
-                            }
-                        };
-                        PageBacking::Device {
-                            pagemap: e.pagemap(),
-                            alloc,
-                            pfn: pfns[e.index() as usize],
+            out.extend(pages.iter().map(|&e| match e.kind() {
+                Kind::Hole => PageBacking::Unpopulated,
+                Kind::System => PageBacking::System(e.frame()),
+                Kind::Device => {
+                    let slot = e.slot();
+                    let (alloc, pfns) = match run {
+                        Some((s, id, pfns)) if s == slot => (id, pfns),
+                        _ => {
+                            let pfns = &allocs.by_slot(slot).pfns[..];
+                            let id = allocs.id_of_slot(slot);
+                            run = Some((slot, id, pfns));
+                            (id, pfns)
                         }
+                    };
+                    PageBacking::Device {
+                        pagemap: e.pagemap(),
+                        alloc,
+                        pfn: pfns[e.index() as usize],
                     }
-                });
-            }
+                }
+            }));
             return Ok(());
         }
     }

@@ -9,12 +9,12 @@
 //! 2. **Already there?** If every page lives in the target and the page table still matches
 //!    the pages, nothing is done (a *valid* fault; the allocation becomes most recently used).
 //! 3. **Place.** System target: the pages are made system-resident (device pages come back
-//!    through their device, holes get zeroed pages). Device target, under the context's
-//!    migrate lock taken for read and the range's block lock: wait until no page is held by
-//!    another device's unexpired timeslice, allocate device memory (evicting least-recently-used allocations until it
-//!    fits; the allocation's clear is the pre-migrate fence) and migrate with
-//!    `source_peer_migrates`. On Busy, the lock is taken for write, the range is evicted to
-//!    system memory and the migration retried once. An atomic fault makes up to three such
+//!    through their device, holes get zeroed pages). Device target: wait until no page is
+//!    held by another device's unexpired timeslice, allocate device memory (evicting
+//!    least-recently-used allocations until it fits; the allocation's clear is the
+//!    pre-migrate fence) and migrate with `source_peer_migrates`. On Busy, the context's
+//!    migrate lock is taken for write, the range is evicted to system memory and the
+//!    migration retried once. An atomic fault makes up to three such
 //!    attempts, doubling the timeslice; a non-atomic fault that cannot get device memory
 //!    (full, busy) is served from system memory instead.
 //! 4. **Page table.** Per page, the address by which the device reaches it: its own memory,
@@ -23,13 +23,14 @@
 //!
 //! # Locks
 //! Order: an SVM range's lock (one fault at a time per range of a VM), then the context's
-//! migrate lock (read, or write for the evict-and-retry path), then the lock of the 2 MiB
-//! block of addresses the range lies in (one migration at a time per block across every VM,
-//! held from the timeslice check to the end of the migration, so the check and the
-//! migration see the same pages), then the engine's. The VM's range map is only locked
-//! briefly and never while waiting for a range's lock. Nothing that holds a later lock waits
-//! for an earlier one; waits for memory (LRU eviction, migrations in flight) and for page
-//! locks are bounded in the engine and here.
+//! migrate lock, then the lock of the 2 MiB block of addresses the range lies in (one fault
+//! at a time per block across every VM), then the engine's. A fault holds the migrate lock
+//! for read and the block lock from its first look at the pages to its page table, so the
+//! timeslice check, the migration and the table see the same pages; the evict-and-retry
+//! path lets both go and takes the migrate lock for write, then the block lock again. The
+//! VM's range map is only locked briefly and never while waiting for a range's lock. Nothing
+//! that holds a later lock waits for an earlier one; waits for memory (LRU eviction,
+//! migrations in flight) and for page locks are bounded in the engine and here.
 
 use crate::attrs::{AtomicAccess, AttrMap, Attributes, PreferredLocation};
 use crate::error::SvmError;
@@ -41,7 +42,7 @@ use drm_pagemap_core::{
     RangeProblem, VaRange,
 };
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 /// How a device accesses memory in a fault.
@@ -109,6 +110,48 @@ pub struct FaultReport {
 
 /// How many times one fault looks again after the pages moved under it.
 const MAX_ROUNDS: usize = 4;
+
+/// The context's migrate lock (read, or write on the evict-and-retry path) and the lock of
+/// the range's 2 MiB block, held for a whole fault: the pages the fault looks at, the
+/// timeslice check and the migration all see the same state. Fields drop in order: the block
+/// lock before the migrate lock.
+struct Locks<'a> {
+    svm: &'a SvmInner,
+    va: VaRange,
+    block: Option<MutexGuard<'a, ()>>,
+    read: Option<RwLockReadGuard<'a, ()>>,
+    write: Option<RwLockWriteGuard<'a, ()>>,
+}
+
+impl<'a> Locks<'a> {
+    fn read(svm: &'a SvmInner, va: VaRange) -> Locks<'a> {
+        let read = svm.migrate_lock.read().unwrap_or_else(|p| p.into_inner());
+        let block = svm.block_lock(va);
+        Locks {
+            svm,
+            va,
+            block: Some(block),
+            read: Some(read),
+            write: None,
+        }
+    }
+
+    /// Trades the read side for the write side (both locks are let go in between).
+    fn upgrade(&mut self) {
+        if self.write.is_some() {
+            return;
+        }
+        self.block = None;
+        self.read = None;
+        self.write = Some(
+            self.svm
+                .migrate_lock
+                .write()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        self.block = Some(self.svm.block_lock(self.va));
+    }
+}
 
 struct VmInner {
     svm: Arc<SvmInner>,
@@ -553,6 +596,7 @@ impl GpuVm {
         };
         let mut action = None;
         let mut busy_retry = false;
+        let mut locks = Locks::read(svm, range.va);
         for round in 0..MAX_ROUNDS {
             match svm.mm.backing(range.va, &mut st.scratch) {
                 Ok(()) => {}
@@ -604,7 +648,8 @@ impl GpuVm {
                     Err(_) => {}
                 }
             }
-            let (a, retried) = self.place(range, st, target, need_dev, &attrs)?;
+            // `st.scratch` is the backing as seen under the locks still held.
+            let (a, retried) = self.place(range, st, target, need_dev, &attrs, &mut locks)?;
             action = Some(a);
             busy_retry |= retried;
         }
@@ -622,6 +667,7 @@ impl GpuVm {
         target: Target,
         need_dev: bool,
         attrs: &Attributes,
+        locks: &mut Locks<'_>,
     ) -> Result<(FaultAction, bool), SvmError> {
         let svm = &self.inner.svm;
         let (va, ps, device, stats) = (
@@ -641,8 +687,10 @@ impl GpuVm {
         let mut timeslice = attrs.timeslice;
         let mut busy_retry = false;
         let mut last = None;
-        for _ in 0..attempts {
-            match self.migrate(range, st, pm, timeslice, &mut busy_retry) {
+        for attempt in 0..attempts {
+            // The first attempt starts from the backing the caller just looked at.
+            let fresh = attempt == 0;
+            match self.migrate(range, st, pm, timeslice, &mut busy_retry, locks, fresh) {
                 Ok(pages) => return Ok((FaultAction::Migrated { pages }, busy_retry)),
                 Err(e) if e.is_busy() || e.allows_fallback() => {
                     last = Some(e);
@@ -659,9 +707,10 @@ impl GpuVm {
         Err(e)
     }
 
-    /// One migration attempt into `pm`: under the read lock; on Busy, evict the range and
-    /// retry once under the write lock. Both hold the range's block lock from the timeslice
-    /// check to the end of the migration.
+    /// One migration attempt into `pm` under the read lock; on Busy, the write lock is taken
+    /// instead, the range evicted and the migration retried once. `fresh`: `st.scratch` holds
+    /// the backing as seen under the locks held now.
+    #[allow(clippy::too_many_arguments)]
     fn migrate(
         &self,
         range: &SvmRange,
@@ -669,6 +718,8 @@ impl GpuVm {
         pm: PagemapId,
         timeslice: Duration,
         busy_retry: &mut bool,
+        locks: &mut Locks<'_>,
+        fresh: bool,
     ) -> Result<usize, SvmError> {
         let svm = &self.inner.svm;
         let (va, ps, device, stats) = (
@@ -677,41 +728,42 @@ impl GpuVm {
             self.inner.device,
             &*self.inner.stats,
         );
-        {
-            let _r = svm.migrate_lock.read().unwrap_or_else(|p| p.into_inner());
-            let _b = svm.block_lock(va);
-            self.wait_timeslices(range, st, pm)?;
-            match svm.migrate_range(va, ps, pm, timeslice, device, stats) {
-                Err(e) if e.is_busy() => {}
-                other => return other,
-            }
+        self.wait_timeslices(range, st, pm, fresh)?;
+        match svm.migrate_range(va, ps, pm, timeslice, device, stats) {
+            Err(e) if e.is_busy() => {}
+            other => return other,
         }
         *busy_retry = true;
         stats.busy_retries.inc();
-        let _w = svm.migrate_lock.write().unwrap_or_else(|p| p.into_inner());
-        let _b = svm.block_lock(va);
-        self.wait_timeslices(range, st, pm)?;
+        locks.upgrade();
+        self.wait_timeslices(range, st, pm, false)?;
         svm.evict_range(va, ps, device, stats, &mut st.scratch)?;
         svm.migrate_range(va, ps, pm, timeslice, device, stats)
     }
 
     /// Sleeps until no page of the range is held by another pagemap's allocation whose
     /// timeslice has not expired (the bound on ping-pong between devices).
+    /// `fresh`: `st.scratch` already holds the current backing.
     fn wait_timeslices(
         &self,
         range: &SvmRange,
         st: &mut crate::range::RangeState,
         pm: PagemapId,
+        fresh: bool,
     ) -> Result<(), SvmError> {
         let mm = &self.inner.svm.mm;
         let mut waited = Duration::ZERO;
+        let mut look = !fresh;
         loop {
-            mm.backing(range.va, &mut st.scratch)
-                .map_err(|source| SvmError::PageTable {
-                    range: range.va,
-                    device: self.inner.device,
-                    source,
-                })?;
+            if look {
+                mm.backing(range.va, &mut st.scratch)
+                    .map_err(|source| SvmError::PageTable {
+                        range: range.va,
+                        device: self.inner.device,
+                        source,
+                    })?;
+            }
+            look = true;
             let now = Instant::now();
             let mut until: Option<Instant> = None;
             let mut seen = FewAllocs::default();
