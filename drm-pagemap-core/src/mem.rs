@@ -180,6 +180,11 @@ impl AtomicArena {
         self.bytes == 0
     }
 
+    /// Bytes actually backed (chunks written at least once).
+    pub fn resident_bytes(&self) -> u64 {
+        self.chunks.iter().filter(|c| c.get().is_some()).count() as u64 * CHUNK_BYTES
+    }
+
     fn chunk(&self, i: usize) -> &[AtomicU64] {
         self.chunks[i].get_or_init(|| (0..CHUNK_WORDS).map(|_| AtomicU64::new(0)).collect())
     }
@@ -265,10 +270,12 @@ impl AtomicArena {
             let n = (len - done)
                 .min(CHUNK_BYTES - s % CHUNK_BYTES)
                 .min(CHUNK_BYTES - d % CHUNK_BYTES);
-            let dw = dst.chunk((d / CHUNK_BYTES) as usize);
             match src.chunk_if_present((s / CHUNK_BYTES) as usize) {
+                // Never-written source bytes read as zeros: zero the destination where it
+                // has bytes, and leave it unbacked where it has none (it reads as zeros).
                 None => dst.zero(d, n),
                 Some(sw) if aligned => {
+                    let dw = dst.chunk((d / CHUNK_BYTES) as usize);
                     let si = ((s % CHUNK_BYTES) / 8) as usize;
                     let di = ((d % CHUNK_BYTES) / 8) as usize;
                     let nw = (n / 8) as usize;
@@ -444,5 +451,33 @@ impl crate::HostMemory for ArenaHostMemory {
 
     fn capacity_bytes(&self) -> u64 {
         self.arena.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copying_unwritten_memory_backs_nothing_and_reads_as_zeros() {
+        let src = AtomicArena::new(8 << 20);
+        let dst = AtomicArena::new(8 << 20);
+        // Regression: the destination chunk used to be materialised before looking at the
+        // source, so moving never-written pages cost their full size in memory.
+        AtomicArena::copy(&src, 0, &dst, 2 << 20, 4 << 20);
+        assert_eq!(dst.resident_bytes(), 0);
+        // Where the destination has bytes, they become zeros.
+        dst.write(4096, &[0xAB; 64]);
+        assert_eq!(dst.resident_bytes(), 2 << 20);
+        AtomicArena::copy(&src, 4096, &dst, 4096, 4096);
+        let mut buf = [1u8; 64];
+        dst.read(4096, &mut buf);
+        assert_eq!(buf, [0u8; 64]);
+        // Written source bytes still land.
+        src.write(0, &[7u8; 4096]);
+        AtomicArena::copy(&src, 0, &dst, 6 << 20, 4096);
+        dst.read(6 << 20, &mut buf);
+        assert_eq!(buf, [7u8; 64]);
+        assert_eq!(dst.resident_bytes(), 4 << 20);
     }
 }

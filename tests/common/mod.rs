@@ -933,12 +933,17 @@ pub fn build(layout_text: &str, devices: usize, page_size: PageSize, opts: Optio
 }
 
 /// The calls of a report as (executor, op, pages).
-pub fn calls(c: &[CopyCall]) -> Vec<(u8, CopyOp, usize)> {
+pub fn calls(c: &[CopyCall]) -> Calls {
     c.iter().map(|c| (c.executor.0, c.op, c.pages)).collect()
 }
 
-/// Shorthands for call summaries.
-pub use CopyOp::{ToDevmem as D, ToRam as R};
+/// Shorthand for `copy_to_devmem` in call summaries.
+pub const D: CopyOp = CopyOp::ToDevmem;
+/// Shorthand for `copy_to_ram` in call summaries.
+pub const R: CopyOp = CopyOp::ToRam;
+
+/// Copy calls summarised as (executor, op, pages).
+pub type Calls = Vec<(u8, CopyOp, usize)>;
 
 impl Rig {
     /// The address of page `i`.

@@ -1,0 +1,495 @@
+//! Failures injected at every step of a migration, on mixed layouts: destination allocation,
+//! `populate_devmem_pfn`, every mapping (host `map_frames` and `device_map`), every copy
+//! submission, every copy fence signalling an error, and (sim-only) every copy fence hanging
+//! past `fence_timeout`. After each: the right typed error naming the range and the pagemap,
+//! the layout unchanged, every byte readable where it was, the destination released exactly
+//! once (or, for a hang, held until its fences signal), and a retry without faults that
+//! succeeds with the data intact.
+//!
+//! Each case first runs cleanly to count the operations of every kind, then fails each one
+//! in turn, so "first, middle and last" are all covered whatever the layout issues.
+
+mod common;
+
+use common::{Calls, Gate, Options, backends, build, calls};
+use drm_pagemap::inject::{FaultInjector, FaultSite};
+use drm_pagemap::{
+    AllocState, Coalesce, CopyOp, Error, FenceError, MigrateDetails, PageSize, PagemapId,
+};
+use std::time::Duration;
+
+#[derive(Clone)]
+struct Case {
+    layout: &'static str,
+    devices: usize,
+    to: u8,
+    details: MigrateDetails,
+}
+
+fn cases() -> Vec<Case> {
+    let d = MigrateDetails::default();
+    vec![
+        Case {
+            layout: "ss00s11s0",
+            devices: 3,
+            to: 2,
+            details: d.clone(),
+        },
+        Case {
+            layout: "1.s2s.21",
+            devices: 3,
+            to: 0,
+            details: d.clone(),
+        },
+        Case {
+            layout: "0s1.2s",
+            devices: 3,
+            to: 0,
+            details: MigrateDetails {
+                can_migrate_same_pagemap: true,
+                ..d.clone()
+            },
+        },
+        Case {
+            layout: "ss00s11s0",
+            devices: 3,
+            to: 2,
+            details: MigrateDetails {
+                source_peer_migrates: false,
+                ..d.clone()
+            },
+        },
+        Case {
+            layout: "ss00s11s0",
+            devices: 3,
+            to: 2,
+            details: MigrateDetails {
+                coalesce: Coalesce::Consecutive,
+                ..d
+            },
+        },
+    ]
+}
+
+const SITES: [FaultSite; 4] = [
+    FaultSite::Alloc,
+    FaultSite::Map,
+    FaultSite::Copy,
+    FaultSite::FenceError,
+];
+
+/// What a clean migration of `case` does: its calls and how many operations of each site.
+fn clean(b: &'static str, case: &Case) -> (Calls, Vec<(FaultSite, u64)>) {
+    let inj = FaultInjector::new();
+    let rig = build(
+        case.layout,
+        case.devices,
+        PageSize::Size4K,
+        Options::on(b).faults(&inj),
+    );
+    let all = [
+        FaultSite::Alloc,
+        FaultSite::Map,
+        FaultSite::Copy,
+        FaultSite::FenceError,
+        FaultSite::FenceHang,
+    ];
+    let before: Vec<u64> = all.iter().map(|&s| inj.seen(s)).collect();
+    let r = rig
+        .migrate(case.to, &case.details)
+        .expect("clean migration");
+    let counts = all
+        .iter()
+        .zip(before)
+        .map(|(&s, b0)| (s, inj.seen(s) - b0))
+        .collect();
+    let c = calls(&r.calls);
+    rig.verify();
+    rig.finish();
+    (c, counts)
+}
+
+/// Checks the error of a migration that failed at `site`, operation `n`.
+fn check_error(
+    err: &Error,
+    site: FaultSite,
+    n: u64,
+    case: &Case,
+    want: &[(u8, CopyOp, usize)],
+    range: drm_pagemap::VaRange,
+) {
+    let to = PagemapId(case.to);
+    match site {
+        FaultSite::Alloc => {
+            assert!(
+                matches!(err, Error::Backend { op: "allocate", pagemap: Some(p), .. } if *p == to),
+                "{err}"
+            );
+            common::assert_names(err, range, &[&to.to_string()]);
+        }
+        FaultSite::Map => match err {
+            Error::Backend {
+                op: "map_frames",
+                pagemap: None,
+                device: Some(d),
+                ..
+            } => common::assert_names(err, range, &[&d.to_string()]),
+            Error::Backend {
+                op: "device_map",
+                pagemap: Some(p),
+                ..
+            } => common::assert_names(err, range, &[&p.to_string()]),
+            other => panic!("map failure reported as {other}"),
+        },
+        FaultSite::Copy => {
+            let (exec, op, _) = want[n as usize - 1];
+            match err {
+                Error::Backend {
+                    op: o,
+                    pagemap: Some(p),
+                    ..
+                } => {
+                    assert_eq!(*o, op.name());
+                    assert_eq!(*p, PagemapId(exec));
+                }
+                other => panic!("copy failure reported as {other}"),
+            }
+            common::assert_names(err, range, &[&PagemapId(exec).to_string()]);
+        }
+        FaultSite::FenceError | FaultSite::FenceHang => {
+            let (exec, _, _) = want[n as usize - 1];
+            match err {
+                Error::Fence {
+                    what: "copy",
+                    pagemap: Some(p),
+                    source,
+                    ..
+                } => {
+                    assert_eq!(*p, PagemapId(exec), "{err}");
+                    if site == FaultSite::FenceHang {
+                        assert!(matches!(source, FenceError::Timeout(_)), "{err}");
+                    } else {
+                        assert!(matches!(source, FenceError::Failed(_)), "{err}");
+                    }
+                }
+                other => panic!("fence failure reported as {other}"),
+            }
+            common::assert_names(err, range, &[&PagemapId(exec).to_string()]);
+        }
+    }
+}
+
+/// Fails operation `n` of `site` in a migration of `case`; checks everything; retries.
+fn inject(b: &'static str, case: &Case, site: FaultSite, n: u64, want: &[(u8, CopyOp, usize)]) {
+    let hang = site == FaultSite::FenceHang;
+    let mut details = case.details.clone();
+    if hang {
+        details.fence_timeout = Some(Duration::from_millis(150));
+    }
+    let ctx = format!("{b}: {} to {} failing {site:?} #{n}", case.layout, case.to);
+    // Two rigs: on the first the data is read back right after the failure; on the second
+    // the migration is retried first.
+    for retry in [false, true] {
+        let inj = FaultInjector::new();
+        let rig = build(
+            case.layout,
+            case.devices,
+            PageSize::Size4K,
+            Options::on(b).faults(&inj),
+        );
+        let allocs_before = rig.mm.allocations();
+        let mark = rig.audit.mark();
+        inj.fail_nth(site, n);
+        let (r, trace) = rig.migrate_traced(case.to, &details);
+        let err = r.expect_err(&ctx);
+        assert_eq!(inj.injected(), 1, "{ctx}: the fault fired");
+        check_error(&err, site, n, case, want, rig.range);
+        // Calls issued before the failure: copies fail at submission, so only the earlier
+        // ones; fence failures come after every call was issued; earlier steps issue none.
+        let issued = match site {
+            FaultSite::Copy => want[..n as usize - 1].to_vec(),
+            FaultSite::FenceError | FaultSite::FenceHang => want.to_vec(),
+            _ => Vec::new(),
+        };
+        assert_eq!(calls(&trace), issued, "{ctx}: calls issued");
+        rig.assert_layout(case.layout);
+        // The allocations holding pages are unchanged (a hung destination stays reserved).
+        let (held, deferred): (Vec<_>, Vec<_>) = rig
+            .mm
+            .allocations()
+            .into_iter()
+            .partition(|a| a.state != AllocState::Migrating);
+        assert_eq!(held, allocs_before, "{ctx}: allocations holding pages");
+        assert_eq!(
+            deferred.len(),
+            usize::from(hang),
+            "{ctx}: deferred destinations"
+        );
+        let made = rig.audit.allocs_since(mark).len();
+        assert_eq!(
+            made,
+            usize::from(site != FaultSite::Alloc),
+            "{ctx}: destination allocations"
+        );
+        if hang {
+            // The copy may still land in the destination: it stays reserved (and mapped)
+            // until its fences signal, which a hung fence never does.
+            assert_eq!(rig.mm.deferred_cleanups(), 1, "{ctx}");
+            rig.audit.assert_not_released_since(mark);
+        } else {
+            assert_eq!(rig.mm.deferred_cleanups(), 0, "{ctx}");
+            rig.audit.assert_released_once_since(mark);
+            rig.audit.assert_mappings_balanced_since(mark);
+        }
+        if retry {
+            let r = rig
+                .migrate(case.to, &case.details)
+                .unwrap_or_else(|e| panic!("{ctx}: retry: {e}"));
+            assert_eq!(calls(&r.calls), want, "{ctx}: retry calls");
+            rig.assert_layout(&format!("{}*{}", case.to, rig.npages()));
+        }
+        // The sources were unlocked and every byte reads back.
+        rig.verify();
+        if hang {
+            rig.mm.free_range(rig.range.start).unwrap();
+            let left = rig.mm.allocations();
+            assert_eq!(
+                left.len(),
+                1,
+                "{ctx}: only the deferred destination is left"
+            );
+            assert_eq!(left[0].state, AllocState::Migrating);
+            assert_eq!(left[0].pagemap, PagemapId(case.to));
+        } else {
+            rig.finish();
+        }
+    }
+}
+
+fn every_step(b: &'static str, sites: &[FaultSite]) {
+    for case in cases() {
+        let (want, counts) = clean(b, &case);
+        assert!(!want.is_empty());
+        for &site in sites {
+            let count = counts.iter().find(|(s, _)| *s == site).unwrap().1;
+            assert!(count > 0, "{b}: {} has no {site:?} step", case.layout);
+            for n in 1..=count {
+                inject(b, &case, site, n, &want);
+            }
+        }
+    }
+}
+
+#[test]
+fn allocation_failure() {
+    for b in backends() {
+        every_step(b, &[SITES[0]]);
+    }
+}
+
+#[test]
+fn every_mapping_fails_in_turn() {
+    for b in backends() {
+        every_step(b, &[SITES[1]]);
+    }
+}
+
+#[test]
+fn every_copy_submission_fails_in_turn() {
+    for b in backends() {
+        every_step(b, &[SITES[2]]);
+    }
+}
+
+#[test]
+fn every_copy_fence_signals_an_error_in_turn() {
+    for b in backends() {
+        every_step(b, &[SITES[3]]);
+    }
+}
+
+#[test]
+fn sim_only_every_copy_fence_hangs_in_turn() {
+    // Sim-only: a hung fence costs the timeout each time; the engine logic is generic.
+    every_step("sim", &[FaultSite::FenceHang]);
+}
+
+#[test]
+fn populate_failure() {
+    for b in backends() {
+        for case in cases() {
+            let (want, _) = clean(b, &case);
+            let rig = build(case.layout, case.devices, PageSize::Size4K, Options::on(b));
+            let mark = rig.audit.mark();
+            rig.audit.fail_populate(1);
+            let (r, trace) = rig.migrate_traced(case.to, &case.details);
+            let err = r.unwrap_err();
+            assert!(
+                matches!(&err, Error::Backend { op: "populate_devmem_pfn", pagemap: Some(p), .. } if *p == PagemapId(case.to)),
+                "{err}"
+            );
+            common::assert_names(&err, rig.range, &[&PagemapId(case.to).to_string()]);
+            assert!(trace.is_empty());
+            assert_eq!(rig.audit.allocs_since(mark).len(), 1);
+            rig.audit.assert_released_once_since(mark);
+            assert!(rig.audit.maps_since(mark).is_empty());
+            rig.assert_layout(case.layout);
+            let r = rig.migrate(case.to, &case.details).unwrap();
+            assert_eq!(calls(&r.calls), want);
+            rig.verify();
+            rig.finish();
+        }
+    }
+}
+
+#[test]
+fn late_copy_fence_releases_the_destination_once_it_signals() {
+    for b in backends() {
+        // A copy fence that signals only after the timeout: the migration fails, the
+        // destination is held, and released exactly once when the fence finally signals.
+        let rig = build("s1.2s0", 3, PageSize::Size4K, Options::on(b));
+        let gate = Gate::new();
+        let mark = rig.audit.mark();
+        rig.audit.hold_copies(Some(&gate));
+        let details = MigrateDetails {
+            fence_timeout: Some(Duration::from_millis(100)),
+            can_migrate_same_pagemap: true,
+            ..MigrateDetails::default()
+        };
+        let err = rig.migrate(0, &details).unwrap_err();
+        rig.audit.hold_copies(None);
+        assert!(
+            matches!(
+                err,
+                Error::Fence {
+                    source: FenceError::Timeout(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        rig.assert_layout("s1.2s0");
+        assert_eq!(rig.mm.deferred_cleanups(), 1);
+        rig.audit.assert_not_released_since(mark);
+        gate.open();
+        assert_eq!(rig.mm.deferred_cleanups(), 0);
+        rig.audit.assert_released_once_since(mark);
+        rig.audit.assert_mappings_balanced_since(mark);
+        // Nothing changed, and a retry works.
+        let r = rig.migrate(0, &details).unwrap();
+        assert_eq!(
+            calls(&r.calls),
+            vec![
+                (0, common::D, 2),
+                (1, common::R, 1),
+                (2, common::R, 1),
+                (0, common::R, 1)
+            ]
+        );
+        rig.verify();
+        rig.finish();
+    }
+}
+
+#[test]
+fn pre_migrate_fence_that_is_late_fails_the_migration_cleanly() {
+    for b in backends() {
+        // The destination's pre-migrate fence signals only after the timeout: copies wait
+        // for it, so their fences time out; the destination is held until they signal.
+        let rig = build("s11s", 3, PageSize::Size4K, Options::on(b));
+        let gate = Gate::new();
+        let mark = rig.audit.mark();
+        rig.audit.hold_pre_fence(Some(&gate));
+        let details = MigrateDetails {
+            fence_timeout: Some(Duration::from_millis(100)),
+            ..MigrateDetails::default()
+        };
+        let err = rig.migrate(0, &details).unwrap_err();
+        rig.audit.hold_pre_fence(None);
+        assert!(
+            matches!(
+                err,
+                Error::Fence {
+                    source: FenceError::Timeout(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        rig.assert_layout("s11s");
+        rig.audit.assert_not_released_since(mark);
+        gate.open();
+        // The held copies now run and signal; the destination goes exactly once.
+        let t0 = std::time::Instant::now();
+        while rig.mm.deferred_cleanups() != 0 {
+            assert!(
+                t0.elapsed() < common::DEADLOCK,
+                "the deferred destination was never released"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        rig.audit.assert_released_once_since(mark);
+        let r = rig.migrate(0, &MigrateDetails::default()).unwrap();
+        assert_eq!(calls(&r.calls), vec![(0, common::D, 2), (1, common::R, 2)]);
+        rig.verify();
+        rig.finish();
+    }
+}
+
+#[test]
+fn pre_migrate_fence_error_fails_the_migration_cleanly() {
+    for b in backends() {
+        // A clear that fails: every copy ordered after it fails, and so does the migration.
+        let rig = build("s1.s", 3, PageSize::Size4K, Options::on(b));
+        let gate = Gate::new();
+        let mark = rig.audit.mark();
+        rig.audit.hold_pre_fence(Some(&gate));
+        let failing = gate.clone();
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            failing.fail();
+        });
+        let err = rig.migrate(0, &MigrateDetails::default()).unwrap_err();
+        opener.join().unwrap();
+        rig.audit.hold_pre_fence(None);
+        assert!(matches!(err, Error::Fence { .. }), "{err}");
+        common::assert_names(&err, rig.range, &["pagemap"]);
+        rig.assert_layout("s1.s");
+        assert_eq!(rig.mm.deferred_cleanups(), 0);
+        rig.audit.assert_released_once_since(mark);
+        rig.audit.assert_mappings_balanced_since(mark);
+        let r = rig.migrate(0, &MigrateDetails::default()).unwrap();
+        assert_eq!(calls(&r.calls), vec![(0, common::D, 2), (1, common::R, 1)]);
+        rig.verify();
+        rig.finish();
+    }
+}
+
+#[test]
+fn holes_only_with_failing_pre_migrate_fence() {
+    for b in backends() {
+        // No copy at all: the engine's own wait for the pre-migrate fence carries its error.
+        let rig = build("....", 3, PageSize::Size4K, Options::on(b));
+        let gate = Gate::new();
+        let mark = rig.audit.mark();
+        rig.audit.hold_pre_fence(Some(&gate));
+        gate.fail();
+        let err = rig.migrate(0, &MigrateDetails::default()).unwrap_err();
+        rig.audit.hold_pre_fence(None);
+        assert!(
+            matches!(
+                err,
+                Error::Fence {
+                    what: "pre-migrate",
+                    pagemap: Some(PagemapId(0)),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        rig.assert_layout("....");
+        rig.audit.assert_released_once_since(mark);
+        rig.verify();
+        rig.finish();
+    }
+}
