@@ -38,12 +38,24 @@ const EVICT_TRIES: usize = 3;
 impl AddressSpace {
     /// Moves every page of `alloc` back to system memory and releases it (upstream
     /// `drm_pagemap_evict_to_ram`). Pages locked by a running migration are waited for; after
-    /// three passes that leave pages behind: Busy.
+    /// three passes that leave pages behind: Busy. If a concurrent migration takes its last
+    /// pages meanwhile (releasing it), the eviction succeeded.
     pub fn evict_to_ram(&self, alloc: AllocId) -> Result<EvictReport> {
         self.reap_deferred();
         let mut moved = 0;
-        for _ in 0..EVICT_TRIES {
-            let pass = self.to_ram_pass(alloc, None, VaRange::new(0, 0))?;
+        for attempt in 0..EVICT_TRIES {
+            let pass = match self.to_ram_pass(alloc, None, VaRange::new(0, 0)) {
+                // It existed when the first pass ran: a concurrent migration took its last
+                // pages and released it. Emptied and released is what was asked (upstream
+                // returns 0 once the allocation is detached).
+                Err(Error::NoSuchAllocation { .. }) if attempt > 0 => {
+                    return Ok(EvictReport {
+                        pages: moved,
+                        released: true,
+                    });
+                }
+                other => other?,
+            };
             moved += pass.moved;
             if pass.gone {
                 return Ok(EvictReport {
