@@ -240,6 +240,14 @@ enum Op {
         count: usize,
         fault: Option<Fault>,
     },
+    /// A GPU page fault through xe-svm (only in the GPU variant of the test).
+    GpuFault {
+        slot: usize,
+        at: u64,
+        device: u8,
+        access: u8,
+        fault: Option<Fault>,
+    },
     /// Migrates single pages of a slot (those whose bit is set in `mask`) to devices picked
     /// by `devs` (2 bits per page), then the whole range to `gather`: a mixed layout with
     /// sources that reappear, the case source-peer migration and coalescing are about.
@@ -311,6 +319,23 @@ fn byte_span() -> impl Strategy<Value = (u64, u64)> {
         1 => Just((0, u64::MAX)),
         4 => (any::<u64>(), any::<u64>()),
     ]
+}
+
+fn gpu_fault_op() -> impl Strategy<Value = Op> {
+    (
+        0..SLOTS,
+        any::<u64>(),
+        0..DEVICES as u8,
+        any::<u8>(),
+        fault(),
+    )
+        .prop_map(|(slot, at, device, access, fault)| Op::GpuFault {
+            slot,
+            at,
+            device,
+            access,
+            fault,
+        })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -395,26 +420,18 @@ struct Totals {
     bytes_checked: AtomicU64,
     max_layout_devices: AtomicU64,
     reappearing_sources: AtomicU64,
+    gpu_faults: AtomicU64,
+    gpu_migrations: AtomicU64,
 }
 
-static TOTALS: Totals = Totals {
-    cases: AtomicU64::new(0),
-    steps: AtomicU64::new(0),
-    faults: [
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-    ],
-    failed_ops: AtomicU64::new(0),
-    migrations: AtomicU64::new(0),
-    not_needed: AtomicU64::new(0),
-    evictions: AtomicU64::new(0),
-    reads_checked: AtomicU64::new(0),
-    bytes_checked: AtomicU64::new(0),
-    max_layout_devices: AtomicU64::new(0),
-    reappearing_sources: AtomicU64::new(0),
-};
+thread_local! {
+    /// Per test thread, so the two model tests running side by side report their own figures.
+    static TOTALS: &'static Totals = Box::leak(Box::default());
+}
+
+fn totals() -> &'static Totals {
+    TOTALS.with(|t| *t)
+}
 
 fn site_index(s: FaultSite) -> usize {
     match s {
@@ -427,7 +444,10 @@ fn site_index(s: FaultSite) -> usize {
 
 struct World {
     sim: SimBackend,
-    mm: AddressSpace,
+    mm: Arc<AddressSpace>,
+    /// With GPU faults: the xe-svm context (it owns the pagemaps' registration) and one GPU
+    /// VM per device.
+    svm: Option<(xe_svm::Svm, Vec<xe_svm::GpuVm>)>,
     inj: Arc<FaultInjector>,
     audit: Arc<AuditLog>,
     slots: [Option<SlotModel>; SLOTS],
@@ -463,6 +483,10 @@ fn out_of_memory(e: &Error) -> bool {
 
 impl World {
     fn new(mutation: Mutation) -> World {
+        World::build(mutation, false)
+    }
+
+    fn build(mutation: Mutation, gpu: bool) -> World {
         let inj = FaultInjector::new();
         let sim = SimBackend::new(SimConfig {
             devices: DEVICES,
@@ -473,21 +497,35 @@ impl World {
             faults: Some(inj.clone()),
         })
         .expect("sim backend");
-        let mm = AddressSpace::new(sim.host_memory());
+        let mm = Arc::new(AddressSpace::new(sim.host_memory()));
         let audit = Arc::new(AuditLog::default());
+        let mut audited = Vec::new();
         for pm in sim.pagemap_per_device().expect("pagemaps") {
             let dm = Arc::new(AuditedDevmem {
                 pagemap: pm.id().0,
                 inner: pm.devmem().clone(),
                 log: audit.clone(),
             });
-            mm.add_pagemap(pm.with_ops(pm.ops().clone(), dm))
-                .expect("add pagemap");
+            audited.push(pm.with_ops(pm.ops().clone(), dm));
         }
+        let svm = if gpu {
+            let svm = xe_svm::Svm::new(mm.clone(), audited, xe_svm::SvmConfig::default())
+                .expect("svm context");
+            let vms = (0..DEVICES as u8)
+                .map(|k| svm.vm(PagemapId(k)).expect("gpu vm"))
+                .collect();
+            Some((svm, vms))
+        } else {
+            for pm in audited {
+                mm.add_pagemap(pm).expect("add pagemap");
+            }
+            None
+        };
         let host_free = sim.arena_host().free_granules();
         World {
             sim,
             mm,
+            svm,
             inj,
             audit,
             slots: Default::default(),
@@ -528,7 +566,7 @@ impl World {
         self.inj.disarm();
         let fired = self.inj.injected() > before;
         if fired && let Some(fl) = fault {
-            TOTALS.faults[site_index(fl.site)].fetch_add(1, Ordering::Relaxed);
+            totals().faults[site_index(fl.site)].fetch_add(1, Ordering::Relaxed);
         }
         (r, fired)
     }
@@ -559,7 +597,7 @@ impl World {
                 }
             }
         }
-        TOTALS
+        totals()
             .max_layout_devices
             .fetch_max(devices.count_ones() as u64, Ordering::Relaxed);
         for a in &allocs {
@@ -657,6 +695,13 @@ impl World {
             Op::ReserveRelease { to, count, fault } => self.reserve_release(to, count, fault),
             Op::Evict { slot, page, fault } => self.evict(slot, page, fault),
             Op::EvictStale => self.evict_stale(),
+            Op::GpuFault {
+                slot,
+                at,
+                device,
+                access,
+                fault,
+            } => self.gpu_fault(slot, at, device, access, fault),
             Op::Scatter {
                 slot,
                 mask,
@@ -825,7 +870,7 @@ impl World {
                 Self::check_cpu_locations(&before, &after, Some((slot, f, e)), true)
             }
             Err(err) => {
-                TOTALS.failed_ops.fetch_add(1, Ordering::Relaxed);
+                totals().failed_ops.fetch_add(1, Ordering::Relaxed);
                 ensure!(
                     fired && injected(&err),
                     "write failed without an injected fault: {err}"
@@ -874,12 +919,12 @@ impl World {
                         want[i]
                     ));
                 }
-                TOTALS.reads_checked.fetch_add(1, Ordering::Relaxed);
-                TOTALS.bytes_checked.fetch_add(n, Ordering::Relaxed);
+                totals().reads_checked.fetch_add(1, Ordering::Relaxed);
+                totals().bytes_checked.fetch_add(n, Ordering::Relaxed);
                 Self::check_cpu_locations(&before, &after, Some((slot, f, e)), false)
             }
             Err(err) => {
-                TOTALS.failed_ops.fetch_add(1, Ordering::Relaxed);
+                totals().failed_ops.fetch_add(1, Ordering::Relaxed);
                 ensure!(
                     fired && injected(&err),
                     "read failed without an injected fault: {err}"
@@ -1018,7 +1063,7 @@ impl World {
                 );
                 match rep.outcome {
                     MigrateOutcome::NotNeeded => {
-                        TOTALS.not_needed.fetch_add(1, Ordering::Relaxed);
+                        totals().not_needed.fetch_add(1, Ordering::Relaxed);
                         ensure!(
                             before == after,
                             "a migration that was not needed moved pages"
@@ -1029,7 +1074,7 @@ impl World {
                         );
                     }
                     MigrateOutcome::Migrated => {
-                        TOTALS.migrations.fetch_add(1, Ordering::Relaxed);
+                        totals().migrations.fetch_add(1, Ordering::Relaxed);
                         let id = rep.alloc.ok_or("a migration without its allocation")?;
                         if let Some(r) = reserved {
                             ensure!(
@@ -1062,7 +1107,7 @@ impl World {
                 Ok(())
             }
             Err(err) => {
-                TOTALS.failed_ops.fetch_add(1, Ordering::Relaxed);
+                totals().failed_ops.fetch_add(1, Ordering::Relaxed);
                 ensure!(before == after, "failed migration ({err}) moved pages");
                 ensure!(!err.to_string().is_empty(), "empty error message");
                 if fired {
@@ -1158,10 +1203,12 @@ impl World {
                 "BySource issued {got:?}, expected one call per source in first-page order {keys:?}"
             );
             if !data.is_empty() && runs > keys.len() {
-                TOTALS.reappearing_sources.fetch_add(1, Ordering::Relaxed);
+                totals().reappearing_sources.fetch_add(1, Ordering::Relaxed);
             }
         }
-        for k in 0..DEVICES as u8 {
+        // Under xe-svm the copy policy may split a call into several backend commands
+        // (contiguous device pages each): the sim's counters then count commands.
+        for k in (0..DEVICES as u8).filter(|_| self.svm.is_none()) {
             let now = self.sim.stats(PagemapId(k)).expect("stats");
             let d = calls
                 .iter()
@@ -1246,7 +1293,7 @@ impl World {
                     !fired,
                     "eviction succeeded although an injected fault fired in it"
                 );
-                TOTALS.evictions.fetch_add(1, Ordering::Relaxed);
+                totals().evictions.fetch_add(1, Ordering::Relaxed);
                 ensure!(
                     rep.pages == refs && rep.released,
                     "eviction of {refs} pages reports {rep:?}"
@@ -1274,7 +1321,7 @@ impl World {
                 Ok(())
             }
             Err(err) => {
-                TOTALS.failed_ops.fetch_add(1, Ordering::Relaxed);
+                totals().failed_ops.fetch_add(1, Ordering::Relaxed);
                 ensure!(
                     fired && injected(&err),
                     "eviction failed without an injected fault: {err}"
@@ -1283,6 +1330,88 @@ impl World {
                 Ok(())
             }
         }
+    }
+
+    /// A GPU fault changes no byte; on success the SVM range it served lives where the report
+    /// says (every page in the target's memory, or in system memory when served from there).
+    fn gpu_fault(
+        &mut self,
+        slot: usize,
+        at: u64,
+        device: u8,
+        access: u8,
+        fault: Option<Fault>,
+    ) -> Check {
+        let Some((_, vms)) = &self.svm else {
+            return Ok(());
+        };
+        let vm = vms[device as usize % DEVICES].clone();
+        let access = match access % 4 {
+            0 | 1 => xe_svm::Access::Read,
+            2 => xe_svm::Access::Write,
+            _ => xe_svm::Access::Atomic,
+        };
+        let Some(s) = self.slots[slot].clone() else {
+            let r = vm.handle_gpu_fault(slot_base(slot) + at % 4096, access);
+            ensure!(
+                matches!(r, Err(xe_svm::SvmError::NotMirrored { .. })),
+                "GPU fault on freed slot {slot}: {r:?}"
+            );
+            return Ok(());
+        };
+        let va = slot_base(slot) + at % s.bytes.len() as u64;
+        let (r, _fired) = self.with_fault(fault, || vm.handle_gpu_fault(va, access));
+        totals().gpu_faults.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok(rep) => {
+                ensure!(
+                    rep.range.start <= va && va < rep.range.end(),
+                    "fault at {va:#x} served {}",
+                    rep.range
+                );
+                let locs = self
+                    .mm
+                    .locations(rep.range)
+                    .map_err(|e| format!("locations of the served range: {e}"))?;
+                let want_system = matches!(
+                    rep.action,
+                    xe_svm::FaultAction::ToSystem | xe_svm::FaultAction::FellBack
+                );
+                for (i, l) in locs.iter().enumerate() {
+                    let ok = match (want_system, rep.target, l) {
+                        (true, _, PageLocation::System) => true,
+                        (false, xe_svm::Target::System, PageLocation::System) => true,
+                        (
+                            false,
+                            xe_svm::Target::Device(pm),
+                            PageLocation::Device { pagemap, .. },
+                        ) => *pagemap == pm,
+                        _ => false,
+                    };
+                    ensure!(
+                        ok,
+                        "after a {:?} GPU fault ({:?}, target {:?}) page {i} of {} is {l:?}",
+                        access,
+                        rep.action,
+                        rep.target,
+                        rep.range
+                    );
+                }
+                if matches!(rep.action, xe_svm::FaultAction::Migrated { .. }) {
+                    totals().gpu_migrations.fetch_add(1, Ordering::Relaxed);
+                }
+                let valid = vm.is_valid(va);
+                ensure!(
+                    valid,
+                    "the page table is not valid right after the fault at {va:#x}"
+                );
+            }
+            Err(e) => {
+                totals().failed_ops.fetch_add(1, Ordering::Relaxed);
+                ensure!(!e.to_string().is_empty(), "empty message");
+            }
+        }
+        Ok(())
     }
 
     fn evict_stale(&mut self) -> Check {
@@ -1330,7 +1459,7 @@ impl World {
                     buf[i], s.bytes[i]
                 ));
             }
-            TOTALS
+            totals()
                 .bytes_checked
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
             if self.mutation != Mutation::LeakAtEnd {
@@ -1386,28 +1515,33 @@ impl World {
 }
 
 fn run_case(ops: &[Op], mutation: Mutation) -> Check {
-    let mut w = World::new(mutation);
+    run_world(World::new(mutation), ops)
+}
+
+fn run_world(mut w: World, ops: &[Op]) -> Check {
     for (i, op) in ops.iter().enumerate() {
         w.step(op).map_err(|e| format!("step {i} {op:?}: {e}"))?;
         w.check_invariants()
             .map_err(|e| format!("after step {i} {op:?}: {e}"))?;
-        TOTALS.steps.fetch_add(1, Ordering::Relaxed);
+        totals().steps.fetch_add(1, Ordering::Relaxed);
     }
     w.finish().map_err(|e| format!("end of case: {e}"))?;
-    TOTALS.cases.fetch_add(1, Ordering::Relaxed);
+    totals().cases.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
-#[test]
-fn engine_matches_the_reference_model() {
+/// Runs `cases` random sequences (GPU faults included when `gpu`); prints the figures.
+fn run_model(name: &str, gpu: bool, cases: u32) {
     let cases: u32 = std::env::var("DRM_PAGEMAP_MODEL_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if long() { 50_000 } else { 2_000 });
+        .unwrap_or(cases);
     let max_ops = if long() { 80 } else { 40 };
     let mut runner = TestRunner::new(Config {
         cases,
         max_shrink_iters: 2_000,
+        // The minimal failing sequence is printed; nothing is written next to the sources.
+        failure_persistence: None,
         ..Config::default()
     });
     let t = std::time::Instant::now();
@@ -1435,13 +1569,18 @@ fn engine_matches_the_reference_model() {
             }),
         1..=SLOTS,
     );
-    let sequences = (creates, prop::collection::vec(op(), 1..max_ops)).prop_map(|(c, ops)| {
+    let steps = if gpu {
+        prop_oneof![3 => op(), 1 => gpu_fault_op()].boxed()
+    } else {
+        op().boxed()
+    };
+    let sequences = (creates, prop::collection::vec(steps, 1..max_ops)).prop_map(|(c, ops)| {
         let mut all: Vec<Op> = c.into_iter().flatten().collect();
         all.extend(ops);
         all
     });
     let result = runner.run(&sequences, |ops| {
-        run_case(&ops, Mutation::None).map_err(TestCaseError::fail)
+        run_world(World::build(Mutation::None, gpu), &ops).map_err(TestCaseError::fail)
     });
     if let Err(e) = result {
         match e {
@@ -1452,44 +1591,62 @@ fn engine_matches_the_reference_model() {
             TestError::Abort(why) => panic!("model test aborted: {why}"),
         }
     }
-    let f: Vec<u64> = TOTALS
+    let f: Vec<u64> = totals()
         .faults
         .iter()
         .map(|a| a.load(Ordering::Relaxed))
         .collect();
     eprintln!(
-        "model: {} cases, {} steps in {:.1?}; faults injected: alloc {} map {} copy {} fence-error {}; \
+        "{name}: {} cases, {} steps in {:.1?}; faults injected: alloc {} map {} copy {} fence-error {}; \
          {} operations failed as predicted; {} migrations ({} not needed), {} evictions; \
          {} reads checked, {} bytes compared; up to {} devices in one layout; \
-         {} BySource migrations with a source that reappears",
-        TOTALS.cases.load(Ordering::Relaxed),
-        TOTALS.steps.load(Ordering::Relaxed),
+         {} BySource migrations with a source that reappears; {} GPU faults ({} migrated)",
+        totals().cases.load(Ordering::Relaxed),
+        totals().steps.load(Ordering::Relaxed),
         t.elapsed(),
         f[0],
         f[1],
         f[2],
         f[3],
-        TOTALS.failed_ops.load(Ordering::Relaxed),
-        TOTALS.migrations.load(Ordering::Relaxed),
-        TOTALS.not_needed.load(Ordering::Relaxed),
-        TOTALS.evictions.load(Ordering::Relaxed),
-        TOTALS.reads_checked.load(Ordering::Relaxed),
-        TOTALS.bytes_checked.load(Ordering::Relaxed),
-        TOTALS.max_layout_devices.load(Ordering::Relaxed),
-        TOTALS.reappearing_sources.load(Ordering::Relaxed),
+        totals().failed_ops.load(Ordering::Relaxed),
+        totals().migrations.load(Ordering::Relaxed),
+        totals().not_needed.load(Ordering::Relaxed),
+        totals().evictions.load(Ordering::Relaxed),
+        totals().reads_checked.load(Ordering::Relaxed),
+        totals().bytes_checked.load(Ordering::Relaxed),
+        totals().max_layout_devices.load(Ordering::Relaxed),
+        totals().reappearing_sources.load(Ordering::Relaxed),
+        totals().gpu_faults.load(Ordering::Relaxed),
+        totals().gpu_migrations.load(Ordering::Relaxed),
     );
     // The run exercised what it claims to: every kind of fault fired somewhere.
     for (site, n) in ["alloc", "map", "copy", "fence error"].iter().zip(&f) {
         assert!(*n > 0, "no {site} fault fired in {cases} cases");
     }
     assert!(
-        TOTALS.migrations.load(Ordering::Relaxed) > 0
-            && TOTALS.evictions.load(Ordering::Relaxed) > 0
+        totals().migrations.load(Ordering::Relaxed) > 0
+            && totals().evictions.load(Ordering::Relaxed) > 0
     );
     assert!(
-        TOTALS.reappearing_sources.load(Ordering::Relaxed) > 0,
+        totals().reappearing_sources.load(Ordering::Relaxed) > 0,
         "no migration had a source that reappears"
     );
+    if gpu {
+        assert!(
+            totals().gpu_migrations.load(Ordering::Relaxed) > 0,
+            "no GPU fault migrated anything"
+        );
+    }
+}
+
+#[test]
+fn engine_matches_the_reference_model() {
+    run_model("model", false, if long() { 50_000 } else { 2_000 });
+}
+
+#[test]
+fn engine_and_gpu_faults_match_the_reference_model() {
+    run_model("model+xe-svm", true, if long() { 10_000 } else { 400 });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1648,9 +1805,9 @@ fn a_fault_that_fires_is_reported_as_a_failure() {
             fault: None,
         },
     ];
-    let before = TOTALS.faults[site_index(FaultSite::Copy)].load(Ordering::Relaxed);
+    let before = totals().faults[site_index(FaultSite::Copy)].load(Ordering::Relaxed);
     assert_eq!(run_case(&ops, Mutation::None), Ok(()));
-    assert!(TOTALS.faults[site_index(FaultSite::Copy)].load(Ordering::Relaxed) > before);
+    assert!(totals().faults[site_index(FaultSite::Copy)].load(Ordering::Relaxed) > before);
 }
 
 #[test]

@@ -495,7 +495,11 @@ fn run(faults: bool) {
     let seed = std::env::var("DRM_PAGEMAP_STRESS_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| Instant::now().elapsed().as_nanos() as u64 ^ 0x5EED_0F57_2E55);
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0x5EED, |d| d.as_nanos() as u64)
+        });
     let t0 = Instant::now();
     let mut workers = Vec::new();
     for t in 0..WORKERS {
