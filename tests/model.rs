@@ -1360,7 +1360,9 @@ impl World {
             return Ok(());
         };
         let va = slot_base(slot) + at % s.bytes.len() as u64;
-        let (r, _fired) = self.with_fault(fault, || vm.handle_gpu_fault(va, access));
+        let (r, _fired) = self.with_fault(fault, || {
+            vm.handle_gpu_fault(va, access).map_err(|e| e.to_string())
+        });
         totals().gpu_faults.fetch_add(1, Ordering::Relaxed);
         match r {
             Ok(rep) => {
@@ -1408,7 +1410,7 @@ impl World {
             }
             Err(e) => {
                 totals().failed_ops.fetch_add(1, Ordering::Relaxed);
-                ensure!(!e.to_string().is_empty(), "empty message");
+                ensure!(!e.is_empty(), "empty message");
             }
         }
         Ok(())
