@@ -493,3 +493,37 @@ fn holes_only_with_failing_pre_migrate_fence() {
         rig.finish();
     }
 }
+
+#[test]
+fn sim_only_out_of_device_memory_then_evict_and_retry() {
+    // Sim-only (device capacity): pagemap 1 holds 16 pages, 8 of them in use. Migrating the
+    // 16-page range there fails to allocate; nothing changes; evicting the 8 pages and
+    // retrying (what xe does on -EBUSY / -ENOMEM) succeeds.
+    let mut opts = Options::on("sim");
+    opts.device_capacity = Some(16 * 4096);
+    let rig = build("1*8,s*8", 3, PageSize::Size4K, opts);
+    let x = rig.alloc_of(0);
+    let details = MigrateDetails {
+        can_migrate_same_pagemap: true,
+        ..MigrateDetails::default()
+    };
+    let mark = rig.audit.mark();
+    let err = rig.migrate(1, &details).unwrap_err();
+    match &err {
+        Error::Backend {
+            op: "allocate",
+            pagemap: Some(PagemapId(1)),
+            source,
+            ..
+        } => assert_eq!(source.kind, drm_pagemap::BackendErrorKind::OutOfMemory),
+        other => panic!("{other}"),
+    }
+    common::assert_names(&err, rig.range, &["pagemap 1"]);
+    assert!(rig.audit.allocs_since(mark).is_empty());
+    rig.assert_layout("1*8,s*8");
+    rig.mm.evict_to_ram(x).unwrap();
+    let r = rig.migrate(1, &details).unwrap();
+    assert_eq!(calls(&r.calls), vec![(1, common::D, 16)]);
+    rig.verify();
+    rig.finish();
+}

@@ -48,6 +48,7 @@ fn run_ok(
     want: &[(u8, CopyOp, usize)],
 ) {
     let rig = build(layout, devices, page_size, Options::on(backend));
+    let before = rig.layout();
     let mark = rig.audit.mark();
     let (r, trace) = rig.migrate_traced(to, details);
     let r = r.unwrap_or_else(|e| panic!("{backend}: {layout} to {to}: {e}"));
@@ -59,6 +60,8 @@ fn run_ok(
         "{backend}: calls of {layout} to {to}"
     );
     assert_eq!(calls(&trace), want, "{backend}: traced calls");
+    assert_eq!(trace, r.calls, "{backend}: trace and report agree");
+    common::check_first_pages(&before, to, details, &r.calls);
     assert_eq!(
         rig.audit.copies_since(mark),
         want,

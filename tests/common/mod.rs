@@ -937,6 +937,38 @@ pub fn calls(c: &[CopyCall]) -> Calls {
     c.iter().map(|c| (c.executor.0, c.op, c.pages)).collect()
 }
 
+/// Who copies a page of `layout` kind `page` in a migration to `to` (`None`: nobody, a
+/// hole), as the engine's contract states it.
+pub fn key_of(page: LayoutPage, to: u8, details: &MigrateDetails) -> Option<(u8, CopyOp)> {
+    match page {
+        LayoutPage::Hole => None,
+        LayoutPage::System => Some((to, D)),
+        LayoutPage::Device(k) if details.source_peer_migrates => Some((k, R)),
+        LayoutPage::Device(_) => Some((to, D)),
+    }
+}
+
+/// Checks each call's first page: a page of the call's key; with by-source coalescing, the
+/// first page of that key in the layout.
+pub fn check_first_pages(layout: &[LayoutPage], to: u8, details: &MigrateDetails, c: &[CopyCall]) {
+    for call in c {
+        let key = Some((call.executor.0, call.op));
+        assert_eq!(
+            key_of(layout[call.first_page], to, details),
+            key,
+            "call {call:?} starts at a page of another source"
+        );
+        if details.coalesce == drm_pagemap::Coalesce::BySource {
+            let first = layout.iter().position(|&p| key_of(p, to, details) == key);
+            assert_eq!(
+                first,
+                Some(call.first_page),
+                "call {call:?}: first page of its source"
+            );
+        }
+    }
+}
+
 /// Shorthand for `copy_to_devmem` in call summaries.
 pub const D: CopyOp = CopyOp::ToDevmem;
 /// Shorthand for `copy_to_ram` in call summaries.
@@ -1132,6 +1164,13 @@ impl Rig {
                 );
                 assert_eq!(s.used_bytes, 0, "sim pagemap {k}: bytes still in use");
             }
+            // Sim-only: every system frame went back to the pool.
+            let host = sim.arena_host();
+            assert_eq!(
+                host.free_granules(),
+                host.arena().len() / 4096,
+                "system frames leaked"
+            );
         }
     }
 }
