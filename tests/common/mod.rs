@@ -48,11 +48,18 @@ pub fn backends() -> Vec<&'static str> {
         Some(b) if b.available.is_ok() => out.push("cuda"),
         Some(b) => {
             let reason = b.available.clone().err().unwrap_or_default();
-            SKIP_CUDA.call_once(|| eprintln!("skipped: cuda: {reason}"));
+            SKIP_CUDA.call_once(|| say_skipped(&reason));
         }
-        None => SKIP_CUDA.call_once(|| eprintln!("skipped: cuda: not registered in this build")),
+        None => SKIP_CUDA.call_once(|| say_skipped("not registered in this build")),
     }
     out
+}
+
+/// Prints the skip line straight to stderr (the test harness captures `eprintln!` of
+/// passing tests; this line is meant to be seen).
+fn say_skipped(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: cuda: {reason}");
 }
 
 /// How pages are filled with their pattern.
