@@ -130,10 +130,10 @@ fn check_error(
         FaultSite::Map => match err {
             Error::Backend {
                 op: "map_frames",
-                pagemap: None,
+                pagemap: Some(p),
                 device: Some(d),
                 ..
-            } => common::assert_names(err, range, &[&d.to_string()]),
+            } if *p == to => common::assert_names(err, range, &[&d.to_string(), &to.to_string()]),
             Error::Backend {
                 op: "device_map",
                 pagemap: Some(p),
@@ -488,6 +488,48 @@ fn holes_only_with_failing_pre_migrate_fence() {
             "{err}"
         );
         rig.assert_layout("....");
+        rig.audit.assert_released_once_since(mark);
+        rig.verify();
+        rig.finish();
+    }
+}
+
+#[test]
+fn late_pre_migrate_fence_keeps_the_destination_until_it_signals() {
+    for b in backends() {
+        // Holes only: no copy is issued, so the clear behind the pre-migrate fence is the
+        // only work that may still write into the destination when the wait times out. The
+        // allocation must stay held until that fence signals, then be released once.
+        let rig = build("....", 3, PageSize::Size4K, Options::on(b));
+        let gate = Gate::new();
+        let mark = rig.audit.mark();
+        rig.audit.hold_pre_fence(Some(&gate));
+        let details = MigrateDetails {
+            fence_timeout: Some(Duration::from_millis(50)),
+            ..MigrateDetails::default()
+        };
+        let err = rig.migrate(0, &details).unwrap_err();
+        rig.audit.hold_pre_fence(None);
+        assert!(
+            matches!(
+                err,
+                Error::Fence {
+                    what: "pre-migrate",
+                    source: FenceError::Timeout(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        rig.assert_layout("....");
+        assert_eq!(
+            rig.mm.deferred_cleanups(),
+            1,
+            "destination released under a running clear"
+        );
+        rig.audit.assert_not_released_since(mark);
+        gate.open();
+        assert_eq!(rig.mm.deferred_cleanups(), 0);
         rig.audit.assert_released_once_since(mark);
         rig.verify();
         rig.finish();

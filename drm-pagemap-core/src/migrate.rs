@@ -376,10 +376,15 @@ impl AddressSpace {
         timing.wait = t.elapsed();
         if let Some(err) = failure {
             if timed_out {
-                // Copies may still be writing into the destination: keep it (and its
-                // mappings) until their fences signal. The sources are untouched.
+                // Copies (or the clear behind the pre-migrate fence) may still be writing
+                // into the destination: keep it (and its mappings) until their fences
+                // signal. The sources are untouched.
                 let deferred = Deferred {
-                    fences: fences.into_iter().map(|(_, f)| f).collect(),
+                    fences: fences
+                        .into_iter()
+                        .map(|(_, f)| f)
+                        .chain(pre_fence.clone())
+                        .collect(),
                     unmap: maps,
                     slot: alloc.slot,
                 };
@@ -609,8 +614,9 @@ impl Job<'_> {
                         MapSource::Host => "map_frames",
                         MapSource::Pagemap(_) => "device_map",
                     },
+                    // System memory has no pagemap: name the destination.
                     pagemap: match src {
-                        MapSource::Host => None,
+                        MapSource::Host => Some(self.dest.id()),
                         MapSource::Pagemap(id) => Some(id),
                     },
                     device: Some(device),
