@@ -153,6 +153,16 @@ impl Progress {
     }
 }
 
+/// Counts a thread as finished when dropped, also when it panics (the panic then surfaces
+/// at `join`, not as a suspected deadlock).
+struct Done(Arc<AtomicUsize>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 /// Waits for `done` to reach `threads`; fails when the total progress stalls for `limit`.
 fn watchdog(
     progress: &Progress,
@@ -505,8 +515,8 @@ fn run(faults: bool) {
     for t in 0..WORKERS {
         let (sh, done) = (sh.clone(), done.clone());
         workers.push(thread::spawn(move || {
+            let _done = Done(done);
             let r = worker(&sh, t, seed.wrapping_add(t as u64 * 0x9E37_79B9));
-            done.fetch_add(1, Ordering::SeqCst);
             r
         }));
     }
@@ -514,8 +524,8 @@ fn run(faults: bool) {
     {
         let (sh, done) = (sh.clone(), done.clone());
         others.push(thread::spawn(move || {
+            let _done = Done(done);
             churn(&sh, WORKERS);
-            done.fetch_add(1, Ordering::SeqCst);
         }));
     }
     if faults {
@@ -530,7 +540,7 @@ fn run(faults: bool) {
             }
             sh.progress.set(WORKERS + 1, "done");
             inj.disarm();
-            done.fetch_add(1, Ordering::SeqCst);
+            drop(Done(done));
         }));
     }
     if let Err(e) = watchdog(&sh.progress, &done, threads, STALL_LIMIT) {
