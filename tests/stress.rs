@@ -197,10 +197,13 @@ struct Counts {
     evictions: AtomicU64,
     failed_injected: AtomicU64,
     churns: AtomicU64,
+    gpu_faults: AtomicU64,
 }
 
 struct Shared {
-    mm: AddressSpace,
+    mm: Arc<AddressSpace>,
+    /// GPU VMs (one per device) of an xe-svm context, in the GPU variant.
+    vms: Vec<xe_svm::GpuVm>,
     stop: AtomicBool,
     faults: bool,
     counts: Counts,
@@ -224,6 +227,20 @@ fn injected(e: &Error) -> bool {
             source: FenceError::Failed(b),
             ..
         } => b.kind == BackendErrorKind::Injected,
+        _ => false,
+    }
+}
+
+/// Errors a racing GPU fault may legitimately meet: the engine's, wrapped, or the SVM
+/// layer's own "pages kept moving" and "no room".
+fn tolerated_svm(sh: &Shared, e: &xe_svm::SvmError) -> bool {
+    use xe_svm::SvmError as S;
+    match e {
+        S::Unstable { .. } | S::OutOfDeviceMemory { .. } => true,
+        S::Migrate { source, .. }
+        | S::ToSystem { source, .. }
+        | S::PageTable { source, .. }
+        | S::Core(source) => tolerated(sh, source),
         _ => false,
     }
 }
@@ -365,6 +382,25 @@ fn worker(sh: &Shared, t: usize, seed: u64) -> Vec<Vec<u64>> {
                     Err(e) => sh.fail(format!("worker {t}: migrate {range} to {to}: {e}")),
                 }
             }
+            85..=94 if !sh.vms.is_empty() && rng.chance(50) => {
+                sh.progress.set(t, "GPU fault");
+                let vm = &sh.vms[rng.below(sh.vms.len() as u64) as usize];
+                let access = match rng.below(3) {
+                    0 => xe_svm::Access::Read,
+                    1 => xe_svm::Access::Write,
+                    _ => xe_svm::Access::Atomic,
+                };
+                let va = slot_va(r, page, rng.below(WORKERS as u64) as usize);
+                match vm.handle_gpu_fault(va, access) {
+                    Ok(_) => {
+                        sh.counts.gpu_faults.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) if tolerated_svm(sh, &e) => {}
+                    Err(e) => sh.fail(format!(
+                        "worker {t}: GPU fault at {va:#x} ({access:?}): {e}"
+                    )),
+                }
+            }
             85..=94 => {
                 sh.progress.set(t, "evict");
                 // Either the allocation under a page, or any allocation of the address space
@@ -472,7 +508,7 @@ fn arm_random_fault(inj: &FaultInjector, rng: &mut Rng) {
     thread::sleep(Duration::from_millis(2));
 }
 
-fn run(faults: bool) {
+fn run(faults: bool, gpu: bool) {
     let inj = FaultInjector::new();
     let sim = SimBackend::new(SimConfig {
         devices: DEVICES,
@@ -483,10 +519,25 @@ fn run(faults: bool) {
         faults: faults.then(|| inj.clone()),
     })
     .unwrap();
-    let mm = AddressSpace::new(sim.host_memory());
-    for pm in sim.pagemap_per_device().unwrap() {
-        mm.add_pagemap(pm).unwrap();
-    }
+    let mm = Arc::new(AddressSpace::new(sim.host_memory()));
+    let mut vms = Vec::new();
+    let svm = if gpu {
+        let svm = xe_svm::Svm::new(
+            mm.clone(),
+            sim.pagemap_per_device().unwrap(),
+            xe_svm::SvmConfig::default(),
+        )
+        .expect("svm context");
+        vms = (0..DEVICES as u8)
+            .map(|k| svm.vm(PagemapId(k)).expect("gpu vm"))
+            .collect();
+        Some(svm)
+    } else {
+        for pm in sim.pagemap_per_device().unwrap() {
+            mm.add_pagemap(pm).unwrap();
+        }
+        None
+    };
     for &(start, pages, ps) in &RANGES {
         mm.create_range(VaRange::new(start, pages as u64 * ps.bytes()), ps)
             .unwrap();
@@ -495,6 +546,7 @@ fn run(faults: bool) {
     let threads = WORKERS + 1 + faults as usize;
     let sh = Arc::new(Shared {
         mm,
+        vms,
         stop: AtomicBool::new(false),
         faults,
         counts: Counts::default(),
@@ -555,14 +607,20 @@ fn run(faults: bool) {
     inj.disarm();
     let c = &sh.counts;
     eprintln!(
-        "stress ({}): {threads} threads, {elapsed:.1?}, {} operations: {} writes, {} reads, {} migrations, {} busy, {} evictions, {} failures by {} injected faults, {} range churns (seed {seed})",
+        "stress ({}{}): {threads} threads, {elapsed:.1?}, {} operations: {} writes, {} reads, {} migrations, {} busy, {} evictions, {} GPU faults, {} failures by {} injected faults, {} range churns (seed {seed})",
         if faults { "with faults" } else { "no faults" },
+        if gpu {
+            ", GPU faults through xe-svm"
+        } else {
+            ""
+        },
         sh.progress.total(),
         c.writes.load(Ordering::Relaxed),
         c.reads.load(Ordering::Relaxed),
         c.migrations.load(Ordering::Relaxed),
         c.busy.load(Ordering::Relaxed),
         c.evictions.load(Ordering::Relaxed),
+        c.gpu_faults.load(Ordering::Relaxed),
         c.failed_injected.load(Ordering::Relaxed),
         inj.injected(),
         c.churns.load(Ordering::Relaxed),
@@ -623,16 +681,28 @@ fn run(faults: bool) {
     if faults {
         assert!(inj.injected() > 0, "no fault was injected");
     }
+    if gpu {
+        assert!(
+            c.gpu_faults.load(Ordering::Relaxed) > 0,
+            "no GPU fault succeeded"
+        );
+    }
+    drop(svm);
 }
 
 #[test]
 fn threads_fault_migrate_evict_and_read() {
-    run(false);
+    run(false, false);
 }
 
 #[test]
 fn threads_with_injected_faults() {
-    run(true);
+    run(true, false);
+}
+
+#[test]
+fn threads_with_gpu_faults_through_xe_svm() {
+    run(false, true);
 }
 
 #[test]
