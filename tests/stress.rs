@@ -568,8 +568,7 @@ fn run(faults: bool, gpu: bool) {
         let (sh, done) = (sh.clone(), done.clone());
         workers.push(thread::spawn(move || {
             let _done = Done(done);
-            let r = worker(&sh, t, seed.wrapping_add(t as u64 * 0x9E37_79B9));
-            r
+            worker(&sh, t, seed.wrapping_add(t as u64 * 0x9E37_79B9))
         }));
     }
     let mut others = Vec::new();
