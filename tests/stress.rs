@@ -733,3 +733,8 @@ fn stamps_detect_torn_and_foreign_bytes() {
     mixed[128..].copy_from_slice(&s[128..]);
     assert!(decode(&mixed, 3, 1, 7).is_err(), "half of an older stamp");
 }
+
+#[test]
+fn threads_with_gpu_faults_and_injected_faults() {
+    run(true, true);
+}
