@@ -10,8 +10,9 @@
 use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::sim::{SimBackend, SimConfig};
 use drm_pagemap::{
-    AddressSpace, AllocId, AllocState, Backend, BusyReason, Error, FenceError, MigrateDetails,
-    PageLocation, PageSize, PagemapId, RangeProblem, VaRange, layout,
+    AddressSpace, AllocId, AllocState, Backend, BackendError, BusyReason, CopyRequest,
+    DevmemBacking, DevmemOps, Error, Fence, FenceArray, FenceContext, FenceError, HostFence,
+    MigrateDetails, PageLocation, PageSize, PagemapId, Pfn, RangeProblem, VaRange, layout,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -761,28 +762,69 @@ fn fence_that_never_signals_times_out() {
     rig.check_bytes();
 }
 
+/// Copies of a wrapped pagemap complete only once the test opens `gate` (their fence is the
+/// real copy fence and the gate together): a fence that signals late, deterministically.
+struct GatedDevmem {
+    inner: Arc<dyn DevmemOps>,
+    gate: Arc<HostFence>,
+}
+
+impl GatedDevmem {
+    fn gated(&self, f: Fence) -> Fence {
+        Fence::new(FenceArray::new(vec![
+            f,
+            Fence::from_host(self.gate.clone()),
+        ]))
+    }
+}
+
+impl DevmemOps for GatedDevmem {
+    fn allocate(&self, npages: usize, page_size: PageSize) -> Result<DevmemBacking, BackendError> {
+        self.inner.allocate(npages, page_size)
+    }
+    fn populate_devmem_pfn(&self, b: &DevmemBacking, out: &mut [Pfn]) -> Result<(), BackendError> {
+        self.inner.populate_devmem_pfn(b, out)
+    }
+    fn copy_to_devmem(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError> {
+        self.inner.copy_to_devmem(req).map(|f| self.gated(f))
+    }
+    fn copy_to_ram(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError> {
+        self.inner.copy_to_ram(req).map(|f| self.gated(f))
+    }
+    fn devmem_release(&self, b: DevmemBacking) {
+        self.inner.devmem_release(b)
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.inner.capacity_bytes()
+    }
+}
+
 #[test]
 fn a_fence_that_signals_late_is_cleaned_up() {
-    // A copy that completes after the wait gave up: the destination stays parked until its
-    // fence signals, then the next engine call releases it. The copy engine sleeps 2 s per
-    // call, the wait gives up after 1 ms: the order does not depend on machine speed in
-    // any realistic way.
+    // The copy's fence signals only after the wait gave up: the migration fails with every
+    // page where it was, the destination stays parked while the copy could still write, and
+    // is released (once) by the first engine call after the fence signalled.
     let sim = SimBackend::new(SimConfig {
         devices: 2,
         device_capacity: CAPACITY,
-        copy_latency: Duration::from_secs(2),
         ..SimConfig::default()
     })
     .unwrap();
     let mm = AddressSpace::new(sim.host_memory());
+    let gate = HostFence::new(FenceContext::new(), 1);
     for pm in sim.pagemap_per_device().unwrap() {
-        mm.add_pagemap(pm).unwrap();
+        let gated = Arc::new(GatedDevmem {
+            inner: pm.devmem().clone(),
+            gate: gate.clone(),
+        });
+        mm.add_pagemap(pm.with_ops(pm.ops().clone(), gated))
+            .unwrap();
     }
     let r = VaRange::new(BASE, 2 * PS);
     mm.create_range(r, PageSize::Size4K).unwrap();
     mm.write(BASE, b"late").unwrap();
     let d = MigrateDetails {
-        fence_timeout: Some(Duration::from_millis(1)),
+        fence_timeout: Some(Duration::from_millis(10)),
         ..MigrateDetails::default()
     };
     let e = mm.migrate(r, PagemapId(0), &d).unwrap_err();
@@ -790,6 +832,7 @@ fn a_fence_that_signals_late_is_cleaned_up() {
         matches!(
             e,
             Error::Fence {
+                what: "copy",
                 source: FenceError::Timeout(_),
                 ..
             }
@@ -797,14 +840,21 @@ fn a_fence_that_signals_late_is_cleaned_up() {
         "{e:?}"
     );
     assert_eq!(layout::format(&mm.layout(r).unwrap()), "s.");
-    // Wait for the late copy (generously), then the parked destination is released.
+    assert_eq!(
+        mm.deferred_cleanups(),
+        1,
+        "the destination is parked while the gate is shut"
+    );
+    assert_eq!(sim.stats(PagemapId(0)).unwrap().used_bytes, 2 * PS);
+    gate.signal();
+    // The real copy fence may still be a moment behind the gate: wait (generously).
     let t = std::time::Instant::now();
     while mm.deferred_cleanups() > 0 {
         assert!(
             t.elapsed() < Duration::from_secs(120),
             "the late fence never got reaped"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
     let s = sim.stats(PagemapId(0)).unwrap();
     assert_eq!((s.used_bytes, s.allocations, s.releases), (0, 1, 1));
