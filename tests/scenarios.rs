@@ -841,7 +841,7 @@ fn scenario_27_system_page_mapping_fails() {
                     e,
                     Error::Backend {
                         op: "map_frames",
-                        pagemap: None,
+                        pagemap: Some(PagemapId(0)),
                         ..
                     }
                 ),

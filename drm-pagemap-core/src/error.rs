@@ -204,6 +204,21 @@ pub enum Error {
         /// The allocation handle.
         alloc: crate::AllocId,
     },
+    /// The allocation exists but cannot be migrated into: only a reserved allocation (from
+    /// `allocate_devmem`, never used) can receive a migration.
+    #[error(
+        "range {range}: allocation {alloc} of {pagemap} is {state:?}, not reserved: it cannot receive a migration"
+    )]
+    AllocationNotReserved {
+        /// The range of the request.
+        range: VaRange,
+        /// The allocation handle.
+        alloc: crate::AllocId,
+        /// Its pagemap.
+        pagemap: PagemapId,
+        /// Its state.
+        state: crate::AllocState,
+    },
     /// A device-memory allocation larger than the pagemap can ever hold.
     #[error(
         "range {range}: {bytes} bytes do not fit in {pagemap} on {device} (capacity {capacity} bytes)"

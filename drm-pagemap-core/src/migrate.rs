@@ -167,7 +167,12 @@ impl AddressSpace {
                 return Err(Error::NoSuchAllocation { alloc });
             };
             if rec.state != AllocState::Reserved {
-                return Err(Error::NoSuchAllocation { alloc });
+                return Err(Error::AllocationNotReserved {
+                    range,
+                    alloc,
+                    pagemap: rec.pagemap,
+                    state: rec.state,
+                });
             }
             let dest_id = rec.pagemap;
             let fail = |st: &mut crate::mm::MmState, e: Error| -> Result<MigrateReport> {

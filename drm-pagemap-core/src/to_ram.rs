@@ -67,15 +67,33 @@ impl AddressSpace {
                 drop(self.wait_unlocked(self.lock()));
             }
         }
-        let (pagemap, device) = {
+        let (pagemap, range) = {
             let st = self.lock();
-            let pm = st.allocs.get(alloc).map(|r| r.pagemap);
-            (pm, pm.and_then(|p| self.device_of(p)))
+            let Some(rec) = st.allocs.get(alloc) else {
+                // Gone after all: a concurrent migration took its last pages.
+                return Ok(EvictReport {
+                    pages: moved,
+                    released: true,
+                });
+            };
+            // The span of virtual addresses its remaining pages occupy.
+            let mut span: Option<(u64, u64)> = None;
+            for r in rec.rmap.iter().filter(|r| !r.is_empty()) {
+                let range = st.range(r.range_slot());
+                let ps = range.page_size.bytes();
+                let va = range.va.start + r.page() as u64 * ps;
+                span = Some(match span {
+                    None => (va, va + ps),
+                    Some((a, b)) => (a.min(va), b.max(va + ps)),
+                });
+            }
+            let (a, b) = span.unwrap_or((0, 0));
+            (rec.pagemap, VaRange::new(a, b - a))
         };
         Err(Error::Busy {
-            range: VaRange::new(0, 0),
-            pagemap: pagemap.unwrap_or(crate::PagemapId(0)),
-            device: device.unwrap_or(crate::DeviceId(0)),
+            range,
+            pagemap,
+            device: self.device_of(pagemap).unwrap_or(crate::DeviceId(u32::MAX)),
             reason: BusyReason::EvictIncomplete,
         })
     }
