@@ -39,6 +39,15 @@ inventory::submit! {
     }
 }
 
+inventory::submit! {
+    BackendRegistration {
+        name: "cuda",
+        is_gpu: true,
+        probe: drm_pagemap_cuda::probe,
+        open: drm_pagemap_cuda::open,
+    }
+}
+
 /// A backend as the registry sees it.
 #[derive(Clone, Debug)]
 pub struct BackendStatus {

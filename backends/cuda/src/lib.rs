@@ -1,1 +1,398 @@
-//! drm-pagemap-cuda: the CUDA backend (being written).
+//! # drm-pagemap-cuda
+//!
+//! The CUDA backend of drm-pagemap: the core's traits on NVIDIA GPUs through cudarc's
+//! driver bindings, loaded at run time (the crate builds and its tests pass on machines
+//! without CUDA; there [`probe`] says why the backend is unavailable and [`open`] fails —
+//! nothing panics).
+//!
+//! - **Pagemaps** are device-memory arenas: one contiguous virtual range per pagemap, backed
+//!   lazily by the virtual memory management API (`cuMemAddressReserve`/`cuMemCreate`/
+//!   `cuMemMap`), split into 4 KiB granules (pfns). Several pagemaps may live on one GPU
+//!   (two memory regions of one device); pagemaps on different GPUs reach each other where
+//!   `cuDeviceCanAccessPeer` allows both ways (peer access is enabled and the owner group is
+//!   shared); elsewhere mapping fails and owner groups differ, so the core stages through
+//!   system memory.
+//! - **System pages** ([`PinnedHostMemory`]) live in pinned, device-mapped, portable host
+//!   memory (`cuMemHostAlloc(DEVICEMAP | PORTABLE)`, not write-combined, so CPU reads are
+//!   fast), allocated in chunks as needed. Mapping one for a device is an address
+//!   computation (unified addressing).
+//! - **Copies** run on the executing pagemap's stream. A call is split into runs that are
+//!   contiguous on both sides; runs of at least the DMA crossover go to `cuMemcpyAsync`
+//!   (direction and peer inferred through unified addressing), everything else to **one**
+//!   launch of a gather/scatter kernel (one warp per 4 KiB, reading the call's page lists
+//!   from pinned staging memory). The kernel is compiled with NVRTC at first use, or loaded
+//!   from the checked-in PTX when NVRTC is missing. Crossovers: [`CudaConfig`].
+//! - **Fences** ([`CudaFence`]) are CUDA events recorded on the copy stream. A pre-fence
+//!   that is a queued CUDA fence of this backend (any context, any GPU; also inside a
+//!   [`drm_pagemap_core::FenceArray`]) becomes `cuStreamWaitEvent`; any other pending fence is
+//!   waited for on the CPU by a helper thread that then queues the copy (the call returns at
+//!   once; a stream never waits for the host). New allocations are cleared by a kernel on the
+//!   copy stream; that clear is their pre-migrate fence. Driver errors keep their `CUresult`
+//!   ([`drm_pagemap_core::BackendErrorKind::Driver`]).
+//!
+//! Tests hold a stream deterministically with [`CudaPagemap::hold`]; while a stream is held,
+//! an implicitly synchronising driver call of any thread (allocations) waits for it.
+
+mod device;
+mod driver;
+mod fence;
+mod gate;
+mod host;
+mod kernel;
+mod pagemap;
+pub mod plan;
+
+pub use fence::CudaFence;
+pub use gate::Hold;
+pub use host::{HOST_CHUNK, PinnedHostMemory};
+pub use kernel::{BLOCK_THREADS, FALLBACK_PTX, KERNEL_SOURCE, KernelSource};
+pub use pagemap::{CudaPagemap, CudaStats};
+
+/// cudarc's driver bindings, as this crate was built with them (benches use them).
+pub use cudarc::driver::sys;
+
+use device::CudaDevice;
+use drm_pagemap_core::{
+    Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, HostMemory,
+    OwnerId, Pagemap, PagemapId, PagemapSpec,
+};
+use std::sync::{Arc, Mutex};
+
+/// Default DMA crossover for runs that touch system memory: a run of at least this many
+/// bytes is one `cuMemcpyAsync`. From the crossover sweep in BENCHMARKS-cuda.md.
+pub const DEFAULT_DMA_MIN_HOST: u64 = 2 << 20;
+/// Default DMA crossover for device-to-device runs. On the H100 the kernel was faster than
+/// one DMA per run for every run length measured (up to 64 MiB, where they were within 3%),
+/// so only runs longer than any layout produces in practice go to the copy engine.
+pub const DEFAULT_DMA_MIN_DEVICE: u64 = 256 << 20;
+/// Default bytes of host memory for system pages (pinned lazily, 256 MiB at a time).
+pub const DEFAULT_HOST_CAPACITY: u64 = 16 << 30;
+
+/// How to open the CUDA backend.
+#[derive(Clone, Debug)]
+pub struct CudaConfig {
+    /// Use at most this many GPUs (`None`: all).
+    pub devices: Option<usize>,
+    /// Bytes of device memory offered per GPU (`None`: its total memory).
+    pub device_capacity: Option<u64>,
+    /// Bytes of host memory for system pages.
+    pub host_capacity: u64,
+    /// DMA crossover (bytes) for runs touching system memory.
+    pub dma_min_host: u64,
+    /// DMA crossover (bytes) for device-to-device runs.
+    pub dma_min_device: u64,
+    /// Where the gather/scatter kernel comes from.
+    pub kernel: KernelSource,
+    /// Back pagemaps lazily with the virtual memory management API (else one `cuMemAlloc`
+    /// of the whole capacity per pagemap).
+    pub vmm: bool,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        CudaConfig {
+            devices: None,
+            device_capacity: None,
+            host_capacity: DEFAULT_HOST_CAPACITY,
+            dma_min_host: env("DRM_PAGEMAP_CUDA_DMA_MIN_HOST").unwrap_or(DEFAULT_DMA_MIN_HOST),
+            dma_min_device: env("DRM_PAGEMAP_CUDA_DMA_MIN_DEVICE")
+                .unwrap_or(DEFAULT_DMA_MIN_DEVICE),
+            kernel: KernelSource::from_env(),
+            vmm: std::env::var("DRM_PAGEMAP_CUDA_VMM").map_or(true, |v| v != "0"),
+        }
+    }
+}
+
+impl CudaConfig {
+    /// A config from the generic backend config (missing fields keep their defaults).
+    /// `device_capacity` is for simulated devices and is not used: a GPU offers its memory
+    /// (pagemaps back it lazily; their own capacity comes with each [`PagemapSpec`]).
+    pub fn from_backend_config(c: &BackendConfig) -> CudaConfig {
+        let d = CudaConfig::default();
+        CudaConfig {
+            devices: c.devices,
+            host_capacity: c.host_capacity.unwrap_or(d.host_capacity),
+            ..d
+        }
+    }
+}
+
+/// Whether the backend can be used here; `Err` says why not ("no NVIDIA driver: ...",
+/// "no CUDA device"). Never panics.
+pub fn probe() -> Result<(), String> {
+    driver::probe().map(|_| ())
+}
+
+/// The CUDA driver version (e.g. 13000), when a driver is present.
+pub fn driver_version() -> Option<i32> {
+    driver::probe().ok().map(|p| p.driver_version)
+}
+
+/// Opens the backend from a generic config (used by the registry).
+pub fn open(config: &BackendConfig) -> Result<Box<dyn Backend>, BackendError> {
+    Ok(Box::new(CudaBackend::new(
+        CudaConfig::from_backend_config(config),
+    )?))
+}
+
+/// The CUDA backend: GPUs, host memory, pagemaps.
+pub struct CudaBackend {
+    // Field order is drop order: pagemaps and host memory before the devices.
+    pagemaps: Mutex<Vec<(PagemapId, Arc<CudaPagemap>)>>,
+    host: Arc<PinnedHostMemory>,
+    devices: Vec<Arc<CudaDevice>>,
+    /// Owner group of each device (devices of one group have peer access both ways).
+    groups: Vec<u32>,
+    config: CudaConfig,
+    driver_version: i32,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field(
+                "devices",
+                &self.devices.iter().map(|d| &d.name).collect::<Vec<_>>(),
+            )
+            .field("groups", &self.groups)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaBackend {
+    /// Opens every GPU (up to `config.devices`), enables peer access where both directions
+    /// allow it, and sets up the host memory. Fails (never panics) without a driver or GPU.
+    pub fn new(config: CudaConfig) -> Result<CudaBackend, BackendError> {
+        let info =
+            driver::probe().map_err(|r| BackendError::new(BackendErrorKind::Unavailable, r))?;
+        let n = config
+            .devices
+            .map_or(info.devices as usize, |d| d.min(info.devices as usize));
+        if n == 0 {
+            return Err(BackendError::new(
+                BackendErrorKind::Unavailable,
+                "cuda: 0 devices requested",
+            ));
+        }
+        let mut devices = Vec::with_capacity(n);
+        for i in 0..n {
+            devices.push(Arc::new(CudaDevice::open(
+                i as i32,
+                DeviceId(i as u32),
+                config.vmm,
+                config.kernel,
+            )?));
+        }
+        let groups = peer_groups(&devices);
+        let host = Arc::new(PinnedHostMemory::new(
+            devices[0].ctx.clone(),
+            config.host_capacity,
+            n as u32,
+        ));
+        Ok(CudaBackend {
+            pagemaps: Mutex::new(Vec::new()),
+            host,
+            devices,
+            groups,
+            config,
+            driver_version: info.driver_version,
+        })
+    }
+
+    /// The driver's CUDA version (e.g. 13000).
+    pub fn driver_version(&self) -> i32 {
+        self.driver_version
+    }
+
+    /// The host memory as the concrete type.
+    pub fn pinned_host(&self) -> &Arc<PinnedHostMemory> {
+        &self.host
+    }
+
+    /// The owner group of `device`.
+    pub fn owner_group(&self, device: DeviceId) -> u32 {
+        self.groups
+            .get(device.0 as usize)
+            .copied()
+            .unwrap_or(u32::MAX)
+    }
+
+    /// Pagemap `id` as the concrete type, if this backend created it.
+    pub fn cuda_pagemap(&self, id: PagemapId) -> Option<Arc<CudaPagemap>> {
+        let maps = self.pagemaps.lock().unwrap_or_else(|p| p.into_inner());
+        maps.iter()
+            .rev()
+            .find(|(i, _)| *i == id)
+            .map(|(_, p)| p.clone())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CudaConfig {
+        &self.config
+    }
+
+    fn device_capacity(&self, d: &CudaDevice) -> u64 {
+        match self.config.device_capacity {
+            Some(c) => c.min(d.total_mem),
+            // Eager arenas claim their whole capacity at once: offer half the device.
+            None if !d.vmm => d.total_mem / 2,
+            None => d.total_mem,
+        }
+    }
+}
+
+/// Enables peer access between devices that allow it both ways; returns each device's group
+/// (connected components of that relation).
+fn peer_groups(devices: &[Arc<CudaDevice>]) -> Vec<u32> {
+    let n = devices.len();
+    let mut group: Vec<u32> = (0..n as u32).collect();
+    fn find(g: &mut [u32], i: u32) -> u32 {
+        let mut r = i;
+        while g[r as usize] != r {
+            r = g[r as usize];
+        }
+        g[i as usize] = r;
+        r
+    }
+    for i in 0..n {
+        for j in i + 1..n {
+            let can = |a: &CudaDevice, b: &CudaDevice| {
+                let mut v = 0;
+                // SAFETY: writes one int; both are valid device handles.
+                let r = unsafe { sys::cuDeviceCanAccessPeer(&mut v, a.ctx.dev, b.ctx.dev) };
+                r == sys::CUresult::CUDA_SUCCESS && v != 0
+            };
+            let (a, b) = (&devices[i], &devices[j]);
+            if !(can(a, b) && can(b, a)) {
+                continue;
+            }
+            let enable = |from: &CudaDevice, to: &CudaDevice| {
+                if from.ctx.bind().is_err() {
+                    return false;
+                }
+                // SAFETY: enables access from the current context to `to`'s context.
+                let r = unsafe { sys::cuCtxEnablePeerAccess(to.ctx.ctx, 0) };
+                r == sys::CUresult::CUDA_SUCCESS
+                    || r == sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
+            };
+            if enable(a, b) && enable(b, a) {
+                let (ra, rb) = (find(&mut group, i as u32), find(&mut group, j as u32));
+                group[ra.max(rb) as usize] = ra.min(rb);
+            }
+        }
+    }
+    (0..n as u32).map(|i| find(&mut group, i)).collect()
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &str {
+        "cuda"
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        self.devices
+            .iter()
+            .map(|d| DeviceInfo {
+                id: d.id,
+                name: d.name.clone(),
+                memory_bytes: self.device_capacity(d),
+            })
+            .collect()
+    }
+
+    fn host_memory(&self) -> Arc<dyn HostMemory> {
+        self.host.clone()
+    }
+
+    fn create_pagemap(&self, spec: &PagemapSpec) -> Result<Pagemap, BackendError> {
+        let dev = self
+            .devices
+            .get(spec.device.0 as usize)
+            .ok_or_else(|| {
+                BackendError::new(
+                    BackendErrorKind::Unsupported,
+                    format!(
+                        "cuda: {} does not exist ({} devices)",
+                        spec.device,
+                        self.devices.len()
+                    ),
+                )
+            })?
+            .clone();
+        let g = self.owner_group(spec.device);
+        let group: Vec<DeviceId> = self
+            .devices
+            .iter()
+            .filter(|d| self.owner_group(d.id) == g)
+            .map(|d| d.id)
+            .collect();
+        let peers: Vec<i32> = self
+            .devices
+            .iter()
+            .filter(|d| d.id != spec.device && self.owner_group(d.id) == g)
+            .map(|d| d.ordinal)
+            .collect();
+        let capacity = spec.capacity_bytes.min(self.device_capacity(&dev));
+        let pm = Arc::new(CudaPagemap::new(
+            dev.clone(),
+            group,
+            &peers,
+            self.host.clone(),
+            capacity,
+            self.config.dma_min_host,
+            self.config.dma_min_device,
+        )?);
+        pm.set_self();
+        self.pagemaps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((spec.id, pm.clone()));
+        Ok(Pagemap::new(
+            spec.id,
+            spec.owner.unwrap_or(OwnerId(g)),
+            spec.device,
+            format!("cuda{}:{}", spec.device.0, spec.id.0),
+            pm.clone(),
+            pm,
+        ))
+    }
+
+    fn can_access_peer(&self, a: DeviceId, b: DeviceId) -> bool {
+        a.0 < self.devices.len() as u32 && self.owner_group(a) == self.owner_group(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_and_open_never_panic() {
+        match probe() {
+            Ok(()) => {
+                let b = open(&BackendConfig::default()).expect("probe said yes");
+                assert!(!b.devices().is_empty());
+            }
+            Err(reason) => {
+                assert!(!reason.is_empty());
+                let e = open(&BackendConfig::default())
+                    .err()
+                    .expect("no driver: open fails");
+                assert_eq!(e.kind, BackendErrorKind::Unavailable);
+                assert!(e.to_string().starts_with("unavailable: "), "{e}");
+            }
+        }
+        // Cached: asking again gives the same answer.
+        assert_eq!(probe().is_ok(), probe().is_ok());
+    }
+
+    #[test]
+    fn kernel_sources_agree_on_names() {
+        for name in ["dpm_copy_pages", "dpm_spin"] {
+            assert!(KERNEL_SOURCE.contains(name));
+            assert!(FALLBACK_PTX.contains(&format!(".entry {name}")));
+        }
+    }
+}

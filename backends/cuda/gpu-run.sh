@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The CUDA backend's GPU batch: tests (NVRTC kernel, fallback PTX, eager arenas), the tests
+# under compute-sanitizer memcheck, the `migrate` example on the GPU, the backend-generic
+# scenario suites of the root crate (when packed), and the copy benches. Logs go to $OUT;
+# a short table is printed at the end.
+#
+# Here (no GPU needed), from the repository root:
+#   ../shared/tools/gpu-pack test -p drm-pagemap-cuda
+#   ../shared/tools/gpu-pack bench -p drm-pagemap-cuda
+#   ../shared/tools/gpu-pack example migrate
+#   ../shared/tools/gpu-pack test -p drm-pagemap --test scenarios --test engine_faults
+# On the GPU machine, from the repository root:  OUT=/some/dir backends/cuda/gpu-run.sh
+# Steps run in priority order, each under its own time limit, so a cut-off run still leaves
+# the logs of what finished.
+set -u
+OUT=${OUT:-/tmp/cuda-gpu-run}
+L=$OUT/logs
+mkdir -p "$L"
+B=.gpu/bin
+rows=()
+step() {
+    local name=$1 limit=$2
+    shift 2
+    want "$name" || return 0
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$L/$name.log" 2>&1
+    local rc=$?
+    rows+=("$(printf '%-16s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+    printf '== %-16s rc=%s %ss\n' "$name" "$rc" "$((SECONDS - t0))"
+}
+have() { [ -x "$B/$1" ]; }
+# STEPS=tests,memcheck,... runs only those steps (default: all).
+want() { [ -z "${STEPS:-}" ] || [[ ",$STEPS," == *",$1,"* ]]; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv >"$L/gpu.txt" 2>&1
+cat "$L/gpu.txt"
+command -v compute-sanitizer >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+
+step tests 45 "$B/test-gpu" --include-ignored
+step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 50 \
+    "$B/test-gpu" --include-ignored --skip device_fault_fails_the_fence_with_its_curesult
+step tests-lib 20 "$B/test-lib-drm_pagemap_cuda" --include-ignored
+if have migrate; then
+    step example 30 bash -c "
+        set -x
+        $B/migrate --backend cuda; echo \"exit \$?\"
+        $B/migrate --backend auto --page-size 65536; echo \"exit \$?\"
+        $B/migrate --backend cuda --page-size 2097152; echo \"exit \$?\"
+        $B/migrate --backend cuda --coalesce consecutive; echo \"exit \$?\"
+        $B/migrate --backend cuda --layout 's*1000,1*500,.,2*7,s1s2s' --to 0; echo \"exit \$?\"
+        $B/migrate --backend cuda --fail-copy 2; echo \"exit \$? (1 expected: failed, data verified)\"
+    "
+fi
+have bench-cuda_copy && step bench 140 env DRM_PAGEMAP_CUDA_BENCH=${DRM_PAGEMAP_CUDA_BENCH:-} "$B/bench-cuda_copy" --bench
+for t in engine_faults scenarios; do
+    have "test-$t" && step "$t" 60 "$B/test-$t"
+done
+step tests-ptx 20 env DRM_PAGEMAP_CUDA_KERNEL=ptx "$B/test-gpu" --include-ignored
+step tests-eager 40 env DRM_PAGEMAP_CUDA_VMM=0 "$B/test-gpu" --include-ignored
+
+{
+    echo "== summary"
+    cat "$L/gpu.txt"
+    printf '%s\n' "${rows[@]}"
+    for f in tests tests-ptx tests-eager tests-lib scenarios engine_faults; do
+        [ -f "$L/$f.log" ] && echo "$f: $(grep -E '^test result' "$L/$f.log" | tail -1)"
+    done
+    grep -h -E 'kernel: forced|device fault reported|device 0:|stall ' "$L/tests.log" 2>/dev/null
+    grep -h -E '^test .*FAILED|panicked' "$L"/tests*.log 2>/dev/null | head -20
+    grep -h 'ERROR SUMMARY' "$L/memcheck.log" 2>/dev/null
+    grep -h -E '^exit|^\+ \.gpu|migration failed|^copy calls' "$L/example.log" 2>/dev/null
+    grep -h -E '^(== drm|TARGET|note)' "$L/bench.log" 2>/dev/null
+} | tee "$L/summary.txt"
+# At most 8 files come back: the summary, the bench log, and everything else in one archive.
+cp "$L/summary.txt" "$OUT/summary.txt"
+[ -f "$L/bench.log" ] && cp "$L/bench.log" "$OUT/bench.log"
+tar -C "$OUT" -czf "$OUT/logs.tgz" logs && rm -rf "$L"

@@ -1,0 +1,72 @@
+// drm-pagemap-cuda: the gather/scatter kernel, compiled with NVRTC at first use.
+// kernels/pages.ll is the same kernel in LLVM IR; kernels/pages.ptx (generated from it by
+// kernels/regen.sh) is loaded when NVRTC is missing or its PTX does not load.
+//
+// A copy call moves `n` pages of one size. Entry e: the executor's own page starts at
+// own_base + pfns[e] * 4096, the other side at addrs[e] (0: skip). Work is split into 4 KiB
+// items (a page of 2^item_shift items); one warp copies one item: 8 loads of 16 bytes per
+// lane in flight, then 8 stores. to_own != 0: other -> own (copy_to_devmem), else own -> other.
+// abort: 0, or the address of a gate word (see dpm_wait); when it reads ABORT the call's
+// pre-fence failed and nothing is copied.
+typedef unsigned long long u64;
+typedef unsigned int u32;
+
+#define DPM_ABORT 2u
+
+extern "C" __global__ void __launch_bounds__(256)
+dpm_copy_pages(const u32* pfns, const u64* addrs, u64 n_items, u64 own_base, u32 item_shift, u32 to_own,
+               const volatile u32* abort)
+{
+    if (abort != 0 && *abort == DPM_ABORT) return;
+    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    u64 nwarps = ((u64)gridDim.x * blockDim.x) >> 5;
+    u32 lane = threadIdx.x & 31;
+    for (u64 item = warp; item < n_items; item += nwarps) {
+        u64 e = item >> item_shift;
+        u64 other = addrs[e];
+        if (other == 0) continue;
+        u64 sub = (item & ((1ull << item_shift) - 1)) << 12;
+        u64 own = own_base + ((u64)pfns[e] << 12) + sub;
+        other += sub;
+        const uint4* src = (const uint4*)(to_own ? other : own);
+        uint4* dst = (uint4*)(to_own ? own : other);
+        uint4 v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = src[lane + 32 * k];
+#pragma unroll
+        for (int k = 0; k < 8; k++) dst[lane + 32 * k] = v[k];
+    }
+}
+
+// Zeroes `bytes` (a multiple of 16) at `dst`: the clear of new allocations. A kernel rather
+// than cuMemsetD*Async, which the driver may serialise against every stream of the device.
+extern "C" __global__ void __launch_bounds__(256) dpm_zero(u64 dst, u64 bytes)
+{
+    uint4* d = (uint4*)dst;
+    u64 n = bytes >> 4;
+    uint4 z = make_uint4(0, 0, 0, 0);
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        d[i] = z;
+}
+
+// Busy-waits at least `ns` nanoseconds of GPU time by %globaltimer and at least `ns` SM
+// cycles (benches hold a stream with it while they queue work).
+extern "C" __global__ void dpm_spin(u64 ns)
+{
+    u64 t0, t;
+    long long c0 = clock64();
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns || (u64)(clock64() - c0) < ns);
+}
+
+// Holds a stream until the host writes a non-zero word at `flag` (pinned, mapped host
+// memory), or `max_cycles` SM cycles pass (0: no limit). Host pre-fences and tests use it.
+extern "C" __global__ void dpm_wait(const volatile u32* flag, u64 max_cycles)
+{
+    long long c0 = clock64();
+    while (*flag == 0) {
+        if (max_cycles != 0 && (u64)(clock64() - c0) >= max_cycles) break;
+    }
+}

@@ -1,0 +1,217 @@
+//! Copy fences: CUDA events recorded on a pagemap's copy stream.
+
+use crate::driver::Event;
+use drm_pagemap_core::{BackendError, DeviceId, Fence, FenceError, FenceOps, FenceStatus};
+use std::any::Any;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A fence of this backend: a CUDA event recorded on a copy stream after the work it guards.
+///
+/// - `status` polls the event (`cuEventQuery`); `wait` without a limit blocks in
+///   `cuEventSynchronize`, with a limit it polls (spinning briefly, then sleeping).
+/// - A driver error (a sticky context error such as `CUDA_ERROR_ILLEGAL_ADDRESS`) makes the
+///   fence fail with [`drm_pagemap_core::BackendErrorKind::Driver`], keeping the `CUresult`.
+/// - Fences the guarded work was ordered after (its pre-fence) are kept: the fence signals
+///   once they have, and fails if one of them failed.
+/// - A copy whose pre-fence is not a CUDA fence is queued by a helper thread once that fence
+///   has signalled (the stream never waits for the host); until then the fence has no event
+///   and reports pending. Such a fence has a context of its own.
+/// - Another copy of this backend, on any stream or GPU, that gets this fence as its
+///   pre-fence waits for it on the device ([`CudaFence::event_handle`]).
+pub struct CudaFence {
+    context: u64,
+    seqno: u64,
+    device: DeviceId,
+    event: OnceLock<Arc<Event>>,
+    deps: Vec<Fence>,
+    outcome: OnceLock<Result<(), BackendError>>,
+}
+
+impl fmt::Debug for CudaFence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CudaFence")
+            .field("context", &self.context)
+            .field("seqno", &self.seqno)
+            .field("device", &self.device)
+            .field("queued", &self.event.get().is_some())
+            .field("deps", &self.deps.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaFence {
+    pub(crate) fn new(
+        context: u64,
+        seqno: u64,
+        device: DeviceId,
+        event: Arc<Event>,
+        deps: Vec<Fence>,
+    ) -> CudaFence {
+        let f = CudaFence::deferred(context, seqno, device, deps);
+        let _ = f.event.set(event);
+        f
+    }
+
+    /// A fence whose work is not queued yet: [`CudaFence::queued`] or [`CudaFence::fail`]
+    /// completes it.
+    pub(crate) fn deferred(
+        context: u64,
+        seqno: u64,
+        device: DeviceId,
+        deps: Vec<Fence>,
+    ) -> CudaFence {
+        CudaFence {
+            context,
+            seqno,
+            device,
+            event: OnceLock::new(),
+            deps,
+            outcome: OnceLock::new(),
+        }
+    }
+
+    /// A fence that has already failed with `error` (the work was never queued).
+    pub(crate) fn failed(
+        context: u64,
+        seqno: u64,
+        device: DeviceId,
+        error: BackendError,
+    ) -> CudaFence {
+        let f = CudaFence::deferred(context, seqno, device, Vec::new());
+        f.fail(error);
+        f
+    }
+
+    /// The deferred work is queued; `event` follows it.
+    pub(crate) fn queued(&self, event: Arc<Event>) {
+        let _ = self.event.set(event);
+    }
+
+    /// The deferred work will never be queued.
+    pub(crate) fn fail(&self, error: BackendError) {
+        let _ = self.outcome.set(Err(error));
+    }
+
+    /// The device whose stream records the event.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    /// The raw `CUevent` (as an integer), for a stream of another component to wait on with
+    /// `cuStreamWaitEvent`. `None` while the work is not queued (or never will be). Valid
+    /// while this fence lives.
+    pub fn event_handle(&self) -> Option<usize> {
+        self.event.get().map(|e| e.raw as usize)
+    }
+
+    pub(crate) fn event(&self) -> Option<&Arc<Event>> {
+        self.event.get()
+    }
+
+    /// The outcome of the dependencies: `None` while one is pending, else the first error.
+    fn deps_outcome(&self) -> Option<Result<(), BackendError>> {
+        let mut first = None;
+        for d in &self.deps {
+            match d.status() {
+                FenceStatus::Pending => return None,
+                FenceStatus::Signaled => {}
+                FenceStatus::Failed(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        Some(match first {
+            None => Ok(()),
+            Some(e) => Err(BackendError::new(
+                e.kind.clone(),
+                format!("copy ordered after a failed fence: {}", e.message),
+            )),
+        })
+    }
+
+    fn finish(&self, r: Result<(), BackendError>) -> Result<(), BackendError> {
+        self.outcome.get_or_init(|| r).clone()
+    }
+
+    fn poll(&self) -> Option<Result<(), BackendError>> {
+        if let Some(o) = self.outcome.get() {
+            return Some(o.clone());
+        }
+        let ev = self.event.get()?;
+        match ev.query() {
+            Ok(false) => None,
+            Ok(true) => self.deps_outcome().map(|r| self.finish(r)),
+            Err(e) => Some(self.finish(Err(e))),
+        }
+    }
+}
+
+impl FenceOps for CudaFence {
+    fn context(&self) -> u64 {
+        self.context
+    }
+
+    fn seqno(&self) -> u64 {
+        self.seqno
+    }
+
+    fn status(&self) -> FenceStatus {
+        match self.poll() {
+            None => FenceStatus::Pending,
+            Some(Ok(())) => FenceStatus::Signaled,
+            Some(Err(e)) => FenceStatus::Failed(e),
+        }
+    }
+
+    fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
+        let done = |r: Result<(), BackendError>| r.map_err(FenceError::Failed);
+        if let Some(r) = self.poll() {
+            return done(r);
+        }
+        if timeout.is_none()
+            && let Some(ev) = self.event.get()
+        {
+            if let Err(e) = ev.synchronize() {
+                return done(self.finish(Err(e)));
+            }
+            // The dependencies completed before the event (the stream waited for them, or
+            // the work was queued after them); a host fence may take a moment to report it.
+            for d in &self.deps {
+                let _ = d.wait();
+            }
+            return done(self.deps_outcome().map_or(Ok(()), |r| self.finish(r)));
+        }
+        // With a limit, or while deferred work is not queued yet: poll.
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if let Some(r) = self.poll() {
+                return done(r);
+            }
+            let elapsed = start.elapsed();
+            if let Some(limit) = timeout
+                && elapsed >= limit
+            {
+                return Err(FenceError::Timeout(limit));
+            }
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                let nap = Duration::from_micros(if spins < 1000 { 20 } else { 200 });
+                let nap = timeout.map_or(nap, |l| nap.min(l.saturating_sub(elapsed)));
+                std::thread::sleep(nap);
+            }
+            // Deferred work queued meanwhile: block in the driver instead of polling.
+            if timeout.is_none() && self.event.get().is_some() {
+                return self.wait(None);
+            }
+        }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,272 @@
+//! System pages: pinned, device-mapped, portable host memory (`cuMemHostAlloc` with
+//! `DEVICEMAP | PORTABLE`, not write-combined, so CPU reads stay fast), carved into 4 KiB
+//! frames. Backed lazily in chunks; with unified addressing a frame's device address is its
+//! host address, the same for every GPU, so `map_frames` is arithmetic.
+
+use crate::driver::{Context, check, err};
+use cudarc::driver::sys;
+use drm_pagemap_core::mem::ExtentAllocator;
+use drm_pagemap_core::{
+    BackendError, BackendErrorKind, DeviceId, Direction, DmaAddr, GRANULE, HostFrame, HostMemory,
+    PageSize,
+};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Bytes of one lazily allocated chunk (a multiple of the largest page size).
+pub const HOST_CHUNK: u64 = 64 << 20;
+
+struct Chunk {
+    host: *mut u8,
+    dev: u64,
+}
+
+// SAFETY: pinned host memory may be accessed from any thread; accesses follow the core's
+// memory access contract (no CPU access to a frame with a copy in flight).
+unsafe impl Send for Chunk {}
+// SAFETY: as above.
+unsafe impl Sync for Chunk {}
+
+/// The host memory of an address space on the CUDA backend.
+pub struct PinnedHostMemory {
+    ctx: Arc<Context>,
+    chunks: Box<[OnceLock<Chunk>]>,
+    grow: Mutex<()>,
+    frames: ExtentAllocator,
+    capacity: u64,
+    devices: u32,
+}
+
+impl std::fmt::Debug for PinnedHostMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedHostMemory")
+            .field("capacity", &self.capacity)
+            .field("backed_bytes", &self.backed_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PinnedHostMemory {
+    /// Host memory of `capacity` bytes (rounded up to whole chunks), allocated through `ctx`
+    /// (portable: every context of the process reaches it) for `devices` devices.
+    pub(crate) fn new(ctx: Arc<Context>, capacity: u64, devices: u32) -> PinnedHostMemory {
+        let n = capacity.div_ceil(HOST_CHUNK).max(1) as usize;
+        PinnedHostMemory {
+            ctx,
+            chunks: (0..n).map(|_| OnceLock::new()).collect(),
+            grow: Mutex::new(()),
+            frames: ExtentAllocator::new(n as u64 * HOST_CHUNK / GRANULE),
+            capacity: n as u64 * HOST_CHUNK,
+            devices,
+        }
+    }
+
+    /// Bytes pinned so far.
+    pub fn backed_bytes(&self) -> u64 {
+        self.chunks.iter().filter(|c| c.get().is_some()).count() as u64 * HOST_CHUNK
+    }
+
+    /// Granules not handed out.
+    pub fn free_granules(&self) -> u64 {
+        self.frames.free_granules()
+    }
+
+    /// Whether `addr` (a device address) lies in this host memory.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.chunks
+            .iter()
+            .filter_map(|c| c.get())
+            .any(|c| addr >= c.dev && addr < c.dev + HOST_CHUNK)
+    }
+
+    fn back(&self, idx: usize) -> Result<(), BackendError> {
+        if self.chunks[idx].get().is_some() {
+            return Ok(());
+        }
+        let _g = self.grow.lock().unwrap_or_else(|p| p.into_inner());
+        if self.chunks[idx].get().is_some() {
+            return Ok(());
+        }
+        self.ctx.bind()?;
+        let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: writes one pointer; freed in Drop.
+        let r = unsafe { sys::cuMemHostAlloc(&mut p, HOST_CHUNK as usize, flags) };
+        if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            return Err(err(
+                BackendErrorKind::OutOfMemory,
+                format!(
+                    "cuda host memory: pinning another {} MiB failed",
+                    HOST_CHUNK >> 20
+                ),
+            ));
+        }
+        check("cuMemHostAlloc", r, "pinned host chunk")?;
+        let mut dev = 0u64;
+        // SAFETY: `p` was just allocated with DEVICEMAP.
+        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0) };
+        if let Err(e) = check("cuMemHostGetDevicePointer", r, "pinned host chunk") {
+            // SAFETY: allocated above, not shared yet.
+            unsafe {
+                sys::cuMemFreeHost(p);
+            }
+            return Err(e);
+        }
+        if dev != p as u64 {
+            // Unified addressing gives one address for the host and every device; a portable
+            // mapping that differs would be per-context, which this backend does not track.
+            // SAFETY: allocated above, not shared yet.
+            unsafe {
+                sys::cuMemFreeHost(p);
+            }
+            return Err(err(
+                BackendErrorKind::Unsupported,
+                "cuda host memory: device pointer differs from host pointer (no unified addressing)",
+            ));
+        }
+        let _ = self.chunks[idx].set(Chunk {
+            host: p as *mut u8,
+            dev,
+        });
+        Ok(())
+    }
+
+    /// The host pointer of `frame` (its chunk must be backed).
+    fn ptr(&self, frame: HostFrame) -> *mut u8 {
+        let byte = frame.0 * GRANULE;
+        let c = self.chunks[(byte / HOST_CHUNK) as usize]
+            .get()
+            .expect("a frame handed out lies in a backed chunk");
+        // SAFETY: the offset stays inside the chunk (frames never straddle chunks).
+        unsafe { c.host.add((byte % HOST_CHUNK) as usize) }
+    }
+
+    /// The device (and host) address of `frame`.
+    pub fn frame_addr(&self, frame: HostFrame) -> u64 {
+        self.ptr(frame) as u64
+    }
+
+    fn check_span(&self, frame: HostFrame, offset: usize, len: usize, page: u64) {
+        let start = frame.0 * GRANULE;
+        let in_chunk = start % HOST_CHUNK + offset as u64 + len as u64;
+        assert!(
+            (offset + len) as u64 <= page && start < self.capacity && in_chunk <= HOST_CHUNK,
+            "host memory access out of bounds: frame {}, offset {offset}, {len} bytes",
+            frame.0
+        );
+    }
+}
+
+impl Drop for PinnedHostMemory {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind();
+        for c in self.chunks.iter_mut() {
+            if let Some(c) = c.take() {
+                // SAFETY: allocated by cuMemHostAlloc; no copy is in flight once the address
+                // spaces and pagemaps using it are gone.
+                unsafe {
+                    sys::cuMemFreeHost(c.host as *mut std::ffi::c_void);
+                }
+            }
+        }
+    }
+}
+
+impl HostMemory for PinnedHostMemory {
+    fn alloc_frames(
+        &self,
+        count: usize,
+        page_size: PageSize,
+        out: &mut Vec<HostFrame>,
+    ) -> Result<(), BackendError> {
+        let g = page_size.granules();
+        let mut starts = Vec::with_capacity(count);
+        if !self.frames.alloc_pages(count, g, &mut starts) {
+            return Err(err(
+                BackendErrorKind::OutOfMemory,
+                format!(
+                    "cuda host memory: {count} pages of {page_size} requested, {} KiB free of {} MiB",
+                    self.frames.free_granules() * 4,
+                    self.capacity >> 20
+                ),
+            ));
+        }
+        let per_chunk = HOST_CHUNK / GRANULE;
+        let mut last = usize::MAX;
+        for &s in &starts {
+            let idx = (s / per_chunk) as usize;
+            if idx != last {
+                if let Err(e) = self.back(idx) {
+                    self.frames.free_pages(&starts, g);
+                    return Err(e);
+                }
+                last = idx;
+            }
+        }
+        out.extend(starts.into_iter().map(HostFrame));
+        Ok(())
+    }
+
+    fn free_frames(&self, frames: &[HostFrame], page_size: PageSize) {
+        let starts: Vec<u64> = frames.iter().map(|f| f.0).collect();
+        self.frames.free_pages(&starts, page_size.granules());
+    }
+
+    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) {
+        self.check_span(frame, offset, buf.len(), PageSize::Size2M.bytes());
+        // SAFETY: in bounds of a backed chunk (checked); no device writes this page now (core
+        // contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr(frame).add(offset), buf.as_mut_ptr(), buf.len())
+        }
+    }
+
+    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) {
+        self.check_span(frame, offset, data.len(), PageSize::Size2M.bytes());
+        // SAFETY: as in `read`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr(frame).add(offset), data.len())
+        }
+    }
+
+    fn zero(&self, frame: HostFrame, page_size: PageSize) {
+        self.check_span(frame, 0, page_size.bytes() as usize, page_size.bytes());
+        // SAFETY: as in `read`.
+        unsafe { std::ptr::write_bytes(self.ptr(frame), 0, page_size.bytes() as usize) }
+    }
+
+    fn map_frames(
+        &self,
+        device: DeviceId,
+        frames: &[HostFrame],
+        _page_size: PageSize,
+        _dir: Direction,
+        out: &mut [DmaAddr],
+    ) -> Result<(), BackendError> {
+        if device.0 >= self.devices {
+            return Err(err(
+                BackendErrorKind::MapFailed,
+                format!(
+                    "cuda host memory: {device} does not exist ({} devices)",
+                    self.devices
+                ),
+            ));
+        }
+        for (o, &f) in out.iter_mut().zip(frames) {
+            *o = DmaAddr(self.ptr(f) as u64);
+        }
+        Ok(())
+    }
+
+    fn unmap_frames(
+        &self,
+        _device: DeviceId,
+        _addrs: &[DmaAddr],
+        _page_size: PageSize,
+        _dir: Direction,
+    ) {
+    }
+
+    fn capacity_bytes(&self) -> u64 {
+        self.capacity
+    }
+}

@@ -1,0 +1,1019 @@
+//! A pagemap: a device-memory arena on one GPU (one contiguous virtual range, backed lazily
+//! through the virtual memory management API), split into 4 KiB granules; its copy stream;
+//! its copies.
+
+use crate::device::CudaDevice;
+use crate::driver::{Event, Stream, check, driver_error, err};
+use crate::fence::CudaFence;
+use crate::gate::{ControlPage, Gates, Hold};
+use crate::host::PinnedHostMemory;
+use crate::kernel::GATE_ABORT;
+use crate::plan;
+use cudarc::driver::sys;
+use drm_pagemap_core::mem::ExtentAllocator;
+use drm_pagemap_core::{
+    BackendError, BackendErrorKind, CopyRequest, DeviceId, DevmemBacking, DevmemOps, Direction,
+    DmaAddr, Fence, FenceArray, FenceContext, FenceStatus, FenceTimeline, GRANULE, PageSize,
+    PagemapOps, Pfn,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Staging buffers kept per pagemap before a call waits for one to come free.
+const MAX_SLOTS: usize = 8;
+/// Staging buffers made with the pagemap, and their size (2 MiB: 174 762 entries a call).
+const PRESET_SLOTS: usize = 4;
+const SLOT_BYTES: usize = 2 << 20;
+/// Bytes of device memory for page lists of large-page calls.
+const LISTS_DEV_BYTES: usize = 1 << 20;
+
+/// Virtual memory is backed in steps of this many bytes (rounded to the granularity).
+const GROW_STEP: u64 = 64 << 20;
+
+/// Counters of one pagemap, for tests and tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudaStats {
+    /// Successful `allocate` calls.
+    pub allocations: u64,
+    /// `devmem_release` calls.
+    pub releases: u64,
+    /// `copy_to_devmem` calls.
+    pub copy_to_devmem_calls: u64,
+    /// `copy_to_ram` calls.
+    pub copy_to_ram_calls: u64,
+    /// Gather/scatter kernel launches.
+    pub kernel_launches: u64,
+    /// DMA copies (`cuMemcpyAsync`).
+    pub dma_copies: u64,
+    /// Pages copied by this pagemap's calls.
+    pub pages_copied: u64,
+    /// Pre-fences turned into stream dependencies (`cuStreamWaitEvent`).
+    pub stream_waits: u64,
+    /// Pre-fences waited for on the CPU.
+    pub cpu_waits: u64,
+    /// Bytes allocated now.
+    pub used_bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    allocations: AtomicU64,
+    releases: AtomicU64,
+    to_devmem: AtomicU64,
+    to_ram: AtomicU64,
+    kernels: AtomicU64,
+    dmas: AtomicU64,
+    pages: AtomicU64,
+    stream_waits: AtomicU64,
+    cpu_waits: AtomicU64,
+    used: AtomicU64,
+}
+
+/// The device memory of one pagemap.
+struct Arena {
+    base: u64,
+    reserved: u64,
+    capacity: u64,
+    vmm: bool,
+    granularity: u64,
+    /// Mapped prefix and the mapped segments (offset, size), for unmapping.
+    mapped: Mutex<(u64, Vec<(u64, u64)>)>,
+    /// Devices that must reach this memory (its own and its peers).
+    access: Vec<i32>,
+    ordinal: i32,
+}
+
+impl Arena {
+    fn new(dev: &CudaDevice, capacity: u64, peers: &[i32]) -> Result<Arena, BackendError> {
+        dev.ctx.bind()?;
+        let mut access = vec![dev.ordinal];
+        access.extend(peers.iter().copied().filter(|&p| p != dev.ordinal));
+        if dev.vmm {
+            let prop = alloc_prop(dev.ordinal);
+            let mut g = 0usize;
+            let min = sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM;
+            // SAFETY: writes one size; `prop` is a valid description.
+            let r = unsafe { sys::cuMemGetAllocationGranularity(&mut g, &prop, min) };
+            check("cuMemGetAllocationGranularity", r, "pagemap arena")?;
+            let g = (g as u64).max(GRANULE);
+            let reserved = capacity.div_ceil(g) * g;
+            let mut base = 0u64;
+            // SAFETY: reserves address space only; freed in Drop.
+            let r =
+                unsafe { sys::cuMemAddressReserve(&mut base, reserved as usize, g as usize, 0, 0) };
+            check(
+                "cuMemAddressReserve",
+                r,
+                format_args!("{} MiB of address space", reserved >> 20),
+            )?;
+            Ok(Arena {
+                base,
+                reserved,
+                capacity,
+                vmm: true,
+                granularity: g,
+                mapped: Mutex::new((0, Vec::new())),
+                access,
+                ordinal: dev.ordinal,
+            })
+        } else {
+            let mut base = 0u64;
+            // SAFETY: writes one pointer; freed in Drop.
+            let r = unsafe { sys::cuMemAlloc_v2(&mut base, capacity as usize) };
+            if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                return Err(err(
+                    BackendErrorKind::OutOfMemory,
+                    format!(
+                        "cuda device {}: a {} MiB pagemap does not fit",
+                        dev.ordinal,
+                        capacity >> 20
+                    ),
+                ));
+            }
+            check("cuMemAlloc", r, "pagemap arena")?;
+            Ok(Arena {
+                base,
+                reserved: capacity,
+                capacity,
+                vmm: false,
+                granularity: GRANULE,
+                mapped: Mutex::new((capacity, Vec::new())),
+                access,
+                ordinal: dev.ordinal,
+            })
+        }
+    }
+
+    /// Makes sure bytes `[0, end)` are backed by device memory.
+    fn ensure(&self, end: u64) -> Result<(), BackendError> {
+        let mut m = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
+        if end <= m.0 {
+            return Ok(());
+        }
+        let step = GROW_STEP.div_ceil(self.granularity) * self.granularity;
+        let target = (end.div_ceil(step) * step).min(self.reserved);
+        let size = target - m.0;
+        let at = self.base + m.0;
+        let prop = alloc_prop(self.ordinal);
+        let mut handle = 0;
+        // SAFETY: creates a physical allocation; released right after mapping (the mapping
+        // keeps it alive).
+        let r = unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) };
+        if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            return Err(err(
+                BackendErrorKind::OutOfMemory,
+                format!(
+                    "cuda device {}: no device memory for another {} MiB",
+                    self.ordinal,
+                    size >> 20
+                ),
+            ));
+        }
+        check("cuMemCreate", r, format_args!("{} MiB", size >> 20))?;
+        // SAFETY: maps the whole handle at a reserved, unmapped, aligned address.
+        let r = unsafe { sys::cuMemMap(at, size as usize, 0, handle, 0) };
+        // SAFETY: the mapping (if made) holds the memory; the handle is not used again.
+        unsafe {
+            sys::cuMemRelease(handle);
+        }
+        check("cuMemMap", r, "pagemap arena")?;
+        let descs: Vec<sys::CUmemAccessDesc> = self
+            .access
+            .iter()
+            .map(|&d| sys::CUmemAccessDesc {
+                location: sys::CUmemLocation {
+                    type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                    id: d,
+                },
+                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            })
+            .collect();
+        // SAFETY: the range was just mapped; `descs` describes devices of this process.
+        let r = unsafe { sys::cuMemSetAccess(at, size as usize, descs.as_ptr(), descs.len()) };
+        if let Err(e) = check("cuMemSetAccess", r, "pagemap arena") {
+            // SAFETY: unmaps what was mapped above.
+            unsafe {
+                sys::cuMemUnmap(at, size as usize);
+            }
+            return Err(e);
+        }
+        let from = m.0;
+        m.1.push((from, size));
+        m.0 = target;
+        Ok(())
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // The owner has bound the context and synchronised its stream.
+        // SAFETY: every segment was mapped by `ensure`; the reservation by `new`.
+        unsafe {
+            if self.vmm {
+                let m = self.mapped.get_mut().unwrap_or_else(|p| p.into_inner());
+                for &(off, size) in &m.1 {
+                    sys::cuMemUnmap(self.base + off, size as usize);
+                }
+                sys::cuMemAddressFree(self.base, self.reserved as usize);
+            } else {
+                sys::cuMemFree_v2(self.base);
+            }
+        }
+    }
+}
+
+fn alloc_prop(ordinal: i32) -> sys::CUmemAllocationProp {
+    // SAFETY: an all-zero CUmemAllocationProp is valid (plain integers and a null pointer).
+    let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location = sys::CUmemLocation {
+        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+        id: ordinal,
+    };
+    prop
+}
+
+/// A pinned, device-mapped buffer for one call's page lists (cached: the CPU fills it with
+/// plain copies; write-combined memory measured slower for that).
+struct Slot {
+    host: *mut u8,
+    dev: u64,
+    cap: usize,
+    busy: Option<Arc<Event>>,
+}
+
+impl Slot {
+    fn is_free(&self) -> bool {
+        self.busy
+            .as_ref()
+            .is_none_or(|e| e.query().unwrap_or(false))
+    }
+}
+
+/// Submission state of the copy stream (under one lock, so seqnos follow stream order).
+struct Submit {
+    slots: Vec<Slot>,
+    gates: Gates,
+    /// Device memory the page lists of large-page calls are copied to before the kernel
+    /// runs (one buffer: the stream orders its uses), and its size.
+    lists_dev: u64,
+    lists_cap: usize,
+}
+
+// SAFETY: the raw pointers are pinned host buffers owned by this struct.
+unsafe impl Send for Submit {}
+
+/// A pagemap of the CUDA backend. Reached through [`drm_pagemap_core::Pagemap`]; the
+/// concrete type offers a few extras for tests and benches.
+pub struct CudaPagemap {
+    // Field order is drop order: the stream (synchronised), then the arena, then the device
+    // (whose context both need).
+    submit: Mutex<Submit>,
+    stream: Stream,
+    arena: Arena,
+    device: Arc<CudaDevice>,
+    /// Devices whose copies may read and write this memory directly (its owner group).
+    group: Vec<DeviceId>,
+    host: Arc<PinnedHostMemory>,
+    frames: ExtentAllocator,
+    timeline: FenceTimeline,
+    /// This pagemap, for helper threads that queue deferred copies.
+    me: std::sync::OnceLock<std::sync::Weak<CudaPagemap>>,
+    allocs: Mutex<HashMap<u64, Vec<Pfn>>>,
+    next_cookie: AtomicU64,
+    dma_min_host: AtomicU64,
+    dma_min_device: AtomicU64,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for CudaPagemap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaPagemap")
+            .field("device", &self.device.id)
+            .field("base", &format_args!("{:#x}", self.arena.base))
+            .field("capacity", &self.arena.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaPagemap {
+    pub(crate) fn new(
+        device: Arc<CudaDevice>,
+        group: Vec<DeviceId>,
+        peer_ordinals: &[i32],
+        host: Arc<PinnedHostMemory>,
+        capacity: u64,
+        dma_min_host: u64,
+        dma_min_device: u64,
+    ) -> Result<CudaPagemap, BackendError> {
+        let capacity = capacity / PageSize::Size2M.bytes() * PageSize::Size2M.bytes();
+        if capacity == 0 || capacity / GRANULE > u32::MAX as u64 {
+            return Err(err(
+                BackendErrorKind::Unsupported,
+                format!("cuda: a pagemap of {capacity} bytes (2 MiB to 16 TiB allowed)"),
+            ));
+        }
+        let arena = Arena::new(&device, capacity, peer_ordinals)?;
+        let stream = Stream::new(&device.ctx)?;
+        let gates = Gates::new(ControlPage::new(&device.ctx)?);
+        let mut lists_dev = 0u64;
+        // SAFETY: writes one pointer; freed in Drop.
+        let r = unsafe { sys::cuMemAlloc_v2(&mut lists_dev, LISTS_DEV_BYTES) };
+        check("cuMemAlloc", r, "page-list buffer")?;
+        let slots = (0..PRESET_SLOTS)
+            .map(|_| new_slot(SLOT_BYTES))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(CudaPagemap {
+            frames: ExtentAllocator::new(capacity / GRANULE),
+            device,
+            group,
+            host,
+            arena,
+            stream,
+            timeline: FenceTimeline::new(),
+            me: std::sync::OnceLock::new(),
+            submit: Mutex::new(Submit {
+                slots,
+                gates,
+                lists_dev,
+                lists_cap: LISTS_DEV_BYTES,
+            }),
+            allocs: Mutex::new(HashMap::new()),
+            next_cookie: AtomicU64::new(1),
+            dma_min_host: AtomicU64::new(dma_min_host),
+            dma_min_device: AtomicU64::new(dma_min_device),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Lets helper threads reach this pagemap (called once it is in its `Arc`).
+    pub(crate) fn set_self(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    /// Counters of this pagemap.
+    pub fn stats(&self) -> CudaStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        CudaStats {
+            allocations: l(&c.allocations),
+            releases: l(&c.releases),
+            copy_to_devmem_calls: l(&c.to_devmem),
+            copy_to_ram_calls: l(&c.to_ram),
+            kernel_launches: l(&c.kernels),
+            dma_copies: l(&c.dmas),
+            pages_copied: l(&c.pages),
+            stream_waits: l(&c.stream_waits),
+            cpu_waits: l(&c.cpu_waits),
+            used_bytes: l(&c.used),
+        }
+    }
+
+    /// The device.
+    pub fn device_id(&self) -> DeviceId {
+        self.device.id
+    }
+
+    /// The device address of granule 0.
+    pub fn base(&self) -> u64 {
+        self.arena.base
+    }
+
+    /// The device address of `pfn`.
+    pub fn pfn_addr(&self, pfn: Pfn) -> u64 {
+        self.arena.base + pfn.0 as u64 * GRANULE
+    }
+
+    /// The raw `CUstream` of this pagemap's copies (benches record timing events on it).
+    pub fn stream_handle(&self) -> usize {
+        self.stream.raw as usize
+    }
+
+    /// Where the gather/scatter kernel of this device came from ("nvrtc (compute_90)",
+    /// "fallback ptx (...)"); loads it if needed.
+    pub fn kernel_origin(&self) -> Result<String, BackendError> {
+        self.device.kernels().map(|k| k.origin.clone())
+    }
+
+    /// Runs with the DMA crossover set to `host` bytes (runs touching system memory) and
+    /// `device` bytes (device-to-device runs): a run at least that long is one DMA copy.
+    pub fn set_dma_min(&self, host: u64, device: u64) {
+        self.dma_min_host.store(host, Ordering::SeqCst);
+        self.dma_min_device.store(device, Ordering::SeqCst);
+    }
+
+    /// The DMA crossover `(host, device)` in bytes.
+    pub fn dma_min(&self) -> (u64, u64) {
+        (
+            self.dma_min_host.load(Ordering::SeqCst),
+            self.dma_min_device.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Keeps the copy stream busy for `ns` nanoseconds of GPU time (tests widen race windows
+    /// with it; benches queue work behind it so only device time is measured).
+    pub fn stall(&self, ns: u64) -> Result<(), BackendError> {
+        let k = self.device.kernels()?;
+        let _g = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+        self.device.ctx.bind()?;
+        k.launch_spin(&self.stream, ns)
+    }
+
+    /// Holds the copy stream until the returned [`Hold`] is released or dropped: work queued
+    /// meanwhile waits on the device (tests use it to order things deterministically).
+    ///
+    /// While the stream is held, driver calls that synchronise the device implicitly (memory
+    /// allocations: a new pagemap, arena growth, more pinned host memory) wait for the
+    /// release, in every thread of the process: release it from a thread that makes none.
+    pub fn hold(&self) -> Result<Hold, BackendError> {
+        let k = self.device.kernels()?;
+        let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+        self.device.ctx.bind()?;
+        let g = sub.gates.take()?;
+        // SAFETY: the gate word lives in the control page, kept alive by the Hold.
+        let launched = unsafe { k.launch_wait(&self.stream, sub.gates.page.addr(g), 0) };
+        if let Err(e) = launched {
+            sub.gates.page.set(g, GATE_ABORT);
+            return Err(e);
+        }
+        let ev = Arc::new(self.device.events.get()?);
+        ev.record(&self.stream)?;
+        sub.gates.retire_after(g, ev);
+        Ok(Hold {
+            page: sub.gates.page.clone(),
+            gate: g,
+        })
+    }
+
+    /// Blocks until every copy queued on this pagemap's stream has run.
+    pub fn synchronize(&self) -> Result<(), BackendError> {
+        self.stream.synchronize()
+    }
+
+    /// A fence recorded on the copy stream now (signals when everything queued before it ran).
+    pub fn fence(&self) -> Result<Fence, BackendError> {
+        let _g = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+        self.device.ctx.bind()?;
+        self.record(Vec::new()).map(Fence::new)
+    }
+
+    fn record(&self, deps: Vec<Fence>) -> Result<CudaFence, BackendError> {
+        let ev = Arc::new(self.device.events.get()?);
+        ev.record(&self.stream)?;
+        Ok(CudaFence::new(
+            self.timeline.context(),
+            self.timeline.next_seqno(),
+            self.device.id,
+            ev,
+            deps,
+        ))
+    }
+
+    fn in_group(&self, d: DeviceId) -> bool {
+        self.group.contains(&d)
+    }
+
+    /// Sorts the pending parts of the pre-fence: CUDA fences of this backend (also inside
+    /// containers) become stream dependencies, anything else is waited for on the CPU by a
+    /// helper thread. Err: the pre-fence already failed.
+    fn gather_pre(
+        f: &Fence,
+        cuda: &mut Vec<Fence>,
+        host: &mut Vec<Fence>,
+    ) -> Result<(), BackendError> {
+        match f.status() {
+            FenceStatus::Signaled => return Ok(()),
+            FenceStatus::Failed(e) => return Err(e),
+            FenceStatus::Pending => {}
+        }
+        if let Some(cf) = f.downcast_ref::<CudaFence>()
+            && cf.event().is_some()
+        {
+            cuda.push(f.clone());
+        } else if let Some(arr) = f.downcast_ref::<FenceArray>() {
+            for m in arr.members() {
+                Self::gather_pre(m, cuda, host)?;
+            }
+        } else {
+            host.push(f.clone());
+        }
+        Ok(())
+    }
+
+    fn copy(&self, req: &CopyRequest<'_>, to_own: bool) -> Result<Fence, BackendError> {
+        let n = req.pages.len();
+        if n != req.addrs.len() {
+            return Err(err(
+                BackendErrorKind::CopyFailed,
+                format!(
+                    "cuda {}: {} pages but {} addresses",
+                    self.device.id,
+                    n,
+                    req.addrs.len()
+                ),
+            ));
+        }
+        let ps = req.page_size;
+        let (dma_host, dma_dev) = self.dma_min();
+        let host = &self.host;
+        let split = plan::split(req.pages, req.addrs, ps, dma_host.min(dma_dev), |a| {
+            if host.contains(a) { dma_host } else { dma_dev }
+        });
+        if split.pfn_end > self.arena.capacity / GRANULE {
+            return Err(err(
+                BackendErrorKind::CopyFailed,
+                format!(
+                    "cuda {}: pfn {} past the pagemap's {} granules",
+                    self.device.id,
+                    split.pfn_end,
+                    self.arena.capacity / GRANULE
+                ),
+            ));
+        }
+        // The pre-fence: what has failed already fails the call's fence (nothing queued).
+        let (mut cuda_waits, mut host_waits) = (Vec::new(), Vec::new());
+        if let Some(pf) = req.pre_fence
+            && let Err(e) = Self::gather_pre(pf, &mut cuda_waits, &mut host_waits)
+        {
+            let e = BackendError::new(e.kind.clone(), format!("pre-fence failed: {}", e.message));
+            return Ok(Fence::new(CudaFence::failed(
+                self.timeline.context(),
+                self.timeline.next_seqno(),
+                self.device.id,
+                e,
+            )));
+        }
+        self.counters
+            .pages
+            .fetch_add(split.live_entries as u64, Ordering::Relaxed);
+        if !host_waits.is_empty() {
+            return self.copy_deferred(req, to_own, split, cuda_waits, host_waits);
+        }
+        let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+        let ev = self.submit_locked(&mut sub, req, to_own, &split, &cuda_waits)?;
+        Ok(Fence::new(CudaFence::new(
+            self.timeline.context(),
+            self.timeline.next_seqno(),
+            self.device.id,
+            ev,
+            cuda_waits,
+        )))
+    }
+
+    /// A copy whose pre-fence includes fences of another kind: a helper thread waits for
+    /// them on the CPU, then queues the copy. The stream never waits for the host (a stream
+    /// held by the host would make every implicitly synchronising driver call of the
+    /// process, such as an allocation, wait for that host fence too).
+    fn copy_deferred(
+        &self,
+        req: &CopyRequest<'_>,
+        to_own: bool,
+        split: plan::Split,
+        cuda_waits: Vec<Fence>,
+        host_waits: Vec<Fence>,
+    ) -> Result<Fence, BackendError> {
+        let me = self
+            .me
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| {
+                err(
+                    BackendErrorKind::DeviceLost,
+                    "cuda: pagemap is being dropped",
+                )
+            })?;
+        self.counters.cpu_waits.fetch_add(1, Ordering::Relaxed);
+        let mut deps = cuda_waits.clone();
+        deps.extend(host_waits.iter().cloned());
+        let fence = Arc::new(CudaFence::deferred(
+            FenceContext::new(),
+            1,
+            self.device.id,
+            deps,
+        ));
+        let (page_size, pages, addrs) = (req.page_size, req.pages.to_vec(), req.addrs.to_vec());
+        let theirs = fence.clone();
+        let work = move || {
+            for f in &host_waits {
+                if let Err(e) = f.wait() {
+                    let e = match e {
+                        drm_pagemap_core::FenceError::Failed(b) => b,
+                        other => err(BackendErrorKind::CopyFailed, other.to_string()),
+                    };
+                    theirs.fail(BackendError::new(
+                        e.kind.clone(),
+                        format!("pre-fence failed: {}", e.message),
+                    ));
+                    return;
+                }
+            }
+            let req = CopyRequest {
+                page_size,
+                pages: &pages,
+                addrs: &addrs,
+                pre_fence: None,
+            };
+            let mut sub = me.submit.lock().unwrap_or_else(|p| p.into_inner());
+            match me.submit_locked(&mut sub, &req, to_own, &split, &cuda_waits) {
+                Ok(ev) => theirs.queued(ev),
+                Err(e) => theirs.fail(e),
+            }
+        };
+        run_on_helper(Box::new(work));
+        Ok(Fence::from_arc(fence))
+    }
+
+    /// Queues the copy on the stream (stream waits for `cuda_waits`, one kernel launch for
+    /// the scattered entries, one DMA per long run) and records its event.
+    fn submit_locked(
+        &self,
+        sub: &mut Submit,
+        req: &CopyRequest<'_>,
+        to_own: bool,
+        split: &plan::Split,
+        cuda_waits: &[Fence],
+    ) -> Result<Arc<Event>, BackendError> {
+        let n = req.pages.len();
+        let ps = req.page_size;
+        let kernels = if split.kernel_entries > 0 {
+            Some(self.device.kernels()?)
+        } else {
+            None
+        };
+        self.device.ctx.bind()?;
+        let mut issued = 0usize;
+        let result = (|| -> Result<Option<usize>, BackendError> {
+            for w in cuda_waits {
+                let cf = w
+                    .downcast_ref::<CudaFence>()
+                    .expect("gathered CUDA fences only");
+                if let Some(ev) = cf.event() {
+                    // SAFETY: both handles are alive; a stream may wait on an event of any
+                    // context.
+                    let r = unsafe { sys::cuStreamWaitEvent(self.stream.raw, ev.raw, 0) };
+                    check("cuStreamWaitEvent", r, "pre-fence")?;
+                    self.counters.stream_waits.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let mut slot_used = None;
+            if let Some(k) = &kernels {
+                let segs = plan::kernel_segments(split, n);
+                let entries: usize = segs.iter().map(|&(s, e)| e - s).sum();
+                let bytes = entries * 12 + 16;
+                let si = acquire_slot(sub, bytes)?;
+                let slot = &sub.slots[si];
+                let pfn_off = (entries * 8).next_multiple_of(16);
+                let mut at = 0usize;
+                for &(s, e) in &segs {
+                    let m = e - s;
+                    // SAFETY: the slot holds at least `bytes`; the device no longer reads it
+                    // (acquire_slot checked its event); the source slices have `m` entries.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            req.addrs[s..e].as_ptr() as *const u8,
+                            slot.host.add(at * 8),
+                            m * 8,
+                        );
+                        std::ptr::copy_nonoverlapping(
+                            req.pages[s..e].as_ptr() as *const u8,
+                            slot.host.add(pfn_off + at * 4),
+                            m * 4,
+                        );
+                    }
+                    at += m;
+                }
+                let shift = ps.granules().trailing_zeros();
+                // Large pages: hundreds of warps read each entry; give them device memory
+                // rather than host memory across the bus (the copy is tiny).
+                let mut lists = slot.dev;
+                if shift >= 9 && bytes <= sub.lists_cap {
+                    // SAFETY: both buffers hold `bytes`; the stream orders this copy after
+                    // the previous kernel that read the device buffer.
+                    let r = unsafe {
+                        sys::cuMemcpyAsync(sub.lists_dev, slot.dev, bytes, self.stream.raw)
+                    };
+                    check("cuMemcpyAsync", r, "page lists")?;
+                    lists = sub.lists_dev;
+                }
+                // SAFETY: the lists cover `entries` entries; own pages are inside the mapped
+                // arena (pfn_end checked; allocated pages are backed); other addresses were
+                // mapped for this device by the core.
+                unsafe {
+                    k.launch_copy(
+                        &self.stream,
+                        lists + pfn_off as u64,
+                        lists,
+                        (entries as u64) << shift,
+                        self.arena.base,
+                        shift,
+                        to_own,
+                        0,
+                    )?;
+                }
+                issued += 1;
+                self.counters.kernels.fetch_add(1, Ordering::Relaxed);
+                slot_used = Some(si);
+            }
+            let b = ps.bytes();
+            for &(s, len) in &split.dma {
+                let own = self.pfn_addr(req.pages[s]);
+                let other = req.addrs[s].0;
+                let (dst, src) = if to_own { (own, other) } else { (other, own) };
+                // SAFETY: both ranges are valid device-reachable memory of `len` pages
+                // (unified addressing: the driver infers the direction).
+                let r = unsafe {
+                    sys::cuMemcpyAsync(dst, src, (len as u64 * b) as usize, self.stream.raw)
+                };
+                check("cuMemcpyAsync", r, format_args!("{} bytes", len as u64 * b))?;
+                issued += 1;
+                self.counters.dmas.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(slot_used)
+        })();
+        let recorded = result.and_then(|slot| {
+            let ev = Arc::new(self.device.events.get()?);
+            ev.record(&self.stream)?;
+            Ok((slot, ev))
+        });
+        match recorded {
+            Ok((slot, ev)) => {
+                if let Some(si) = slot {
+                    sub.slots[si].busy = Some(ev.clone());
+                }
+                Ok(ev)
+            }
+            Err(e) => {
+                // Queued work must finish before the caller releases any memory.
+                if issued > 0 {
+                    let _ = self.stream.synchronize();
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Runs `work` on a helper thread (inline if no thread can be had: the call then blocks,
+/// but stays correct).
+fn run_on_helper(work: Box<dyn FnOnce() + Send>) {
+    type Work = Box<dyn FnOnce() + Send>;
+    let slot: Arc<Mutex<Option<Work>>> = Arc::new(Mutex::new(Some(work)));
+    let theirs = slot.clone();
+    let spawned = std::thread::Builder::new()
+        .name("cuda-pre-fence".into())
+        .spawn(move || {
+            let w = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(w) = w {
+                w()
+            }
+        });
+    if spawned.is_err() {
+        let w = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = w {
+            w()
+        }
+    }
+}
+
+/// A free staging slot of at least `bytes`: a free one; else, below [`MAX_SLOTS`], a new
+/// one; else the first big enough, once the device is done with it. (Pinning memory is an
+/// implicit synchronisation point of the device, so slots are made ahead: see `new`.)
+fn acquire_slot(sub: &mut Submit, bytes: usize) -> Result<usize, BackendError> {
+    if let Some(i) = sub.slots.iter().position(|s| s.cap >= bytes && s.is_free()) {
+        sub.slots[i].busy = None;
+        return Ok(i);
+    }
+    if sub.slots.len() >= MAX_SLOTS
+        && let Some(i) = sub.slots.iter().position(|s| s.cap >= bytes)
+    {
+        if let Some(e) = sub.slots[i].busy.take() {
+            e.synchronize()?;
+        }
+        return Ok(i);
+    }
+    sub.slots
+        .push(new_slot(bytes.next_power_of_two().max(SLOT_BYTES))?);
+    Ok(sub.slots.len() - 1)
+}
+
+/// A pinned, mapped staging buffer of `cap` bytes.
+fn new_slot(cap: usize) -> Result<Slot, BackendError> {
+    let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
+    let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+    // SAFETY: writes one pointer; freed when the pagemap drops.
+    let r = unsafe { sys::cuMemHostAlloc(&mut p, cap, flags) };
+    check("cuMemHostAlloc", r, "staging buffer")?;
+    let mut dev = 0u64;
+    // SAFETY: `p` was allocated with DEVICEMAP.
+    let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        // SAFETY: allocated above, unused.
+        unsafe {
+            sys::cuMemFreeHost(p);
+        }
+        return Err(driver_error(
+            "cuMemHostGetDevicePointer",
+            r,
+            "staging buffer",
+        ));
+    }
+    Ok(Slot {
+        host: p as *mut u8,
+        dev,
+        cap,
+        busy: None,
+    })
+}
+
+impl Drop for CudaPagemap {
+    fn drop(&mut self) {
+        // Nothing may stay blocked on a gate whose fence never signals.
+        self.submit
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .gates
+            .abort_all();
+        let _ = self.stream.synchronize();
+        let _ = self.device.ctx.bind();
+        let sub = self.submit.get_mut().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the stream is synchronised: no copy reads the buffer any more.
+        unsafe {
+            sys::cuMemFree_v2(sub.lists_dev);
+        }
+        for s in sub.slots.drain(..) {
+            // SAFETY: the stream is synchronised: no kernel reads the buffer any more.
+            unsafe {
+                sys::cuMemFreeHost(s.host as *mut std::ffi::c_void);
+            }
+        }
+        // The arena drops after this (fields drop in order): the context is bound.
+    }
+}
+
+impl PagemapOps for CudaPagemap {
+    fn device_map(
+        &self,
+        device: DeviceId,
+        pfns: &[Pfn],
+        _page_size: PageSize,
+        _dir: Direction,
+        out: &mut [DmaAddr],
+    ) -> Result<(), BackendError> {
+        if !self.in_group(device) {
+            return Err(err(
+                BackendErrorKind::MapFailed,
+                format!("cuda: {device} has no peer access to {}", self.device.id),
+            ));
+        }
+        for (o, &p) in out.iter_mut().zip(pfns) {
+            *o = DmaAddr(self.pfn_addr(p));
+        }
+        Ok(())
+    }
+
+    fn device_unmap(
+        &self,
+        _device: DeviceId,
+        _addrs: &[DmaAddr],
+        _page_size: PageSize,
+        _dir: Direction,
+    ) {
+    }
+}
+
+impl DevmemOps for CudaPagemap {
+    fn allocate(&self, npages: usize, page_size: PageSize) -> Result<DevmemBacking, BackendError> {
+        let g = page_size.granules();
+        let bytes = npages as u64 * page_size.bytes();
+        let mut starts = Vec::with_capacity(npages);
+        if npages == 0 || !self.frames.alloc_pages(npages, g, &mut starts) {
+            return Err(err(
+                BackendErrorKind::OutOfMemory,
+                format!(
+                    "cuda {}: {bytes} bytes requested, {} KiB free of {} MiB",
+                    self.device.id,
+                    self.frames.free_granules() * 4,
+                    self.arena.capacity >> 20
+                ),
+            ));
+        }
+        let undo = |e: BackendError| {
+            self.frames.free_pages(&starts, g);
+            Err(e)
+        };
+        let end = starts.iter().max().map_or(0, |&s| (s + g) * GRANULE);
+        if let Err(e) = self.arena.ensure(end) {
+            return undo(e);
+        }
+        // Clear asynchronously on the copy stream: the clear is the pre-migrate fence.
+        let mut extents: Vec<(u64, u64)> = Vec::new();
+        for &s in &starts {
+            let (off, len) = (s * GRANULE, page_size.bytes());
+            match extents.last_mut() {
+                Some(last) if last.0 + last.1 == off => last.1 += len,
+                _ => extents.push((off, len)),
+            }
+        }
+        let kernels = match self.device.kernels() {
+            Ok(k) => k,
+            Err(e) => return undo(e),
+        };
+        let fence = {
+            let _g = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+            let cleared = self.device.ctx.bind().and_then(|()| {
+                for &(off, len) in &extents {
+                    // SAFETY: the extent lies in the mapped arena and belongs to this
+                    // allocation; 4 KiB aligned. A kernel, not cuMemsetD32Async: a memset is
+                    // an implicit synchronisation point between the device's streams, which
+                    // would order this clear after the gates of every other stream.
+                    unsafe { kernels.launch_zero(&self.stream, self.arena.base + off, len)? };
+                }
+                self.record(Vec::new())
+            });
+            match cleared {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = self.stream.synchronize();
+                    return undo(e);
+                }
+            }
+        };
+        let cookie = self.next_cookie.fetch_add(1, Ordering::SeqCst);
+        let pfns = starts.iter().map(|&s| Pfn(s as u32)).collect();
+        self.allocs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cookie, pfns);
+        self.counters.allocations.fetch_add(1, Ordering::SeqCst);
+        self.counters.used.fetch_add(bytes, Ordering::SeqCst);
+        Ok(DevmemBacking {
+            cookie,
+            npages,
+            page_size,
+            pre_migrate_fence: Some(Fence::new(fence)),
+        })
+    }
+
+    fn populate_devmem_pfn(
+        &self,
+        backing: &DevmemBacking,
+        out: &mut [Pfn],
+    ) -> Result<(), BackendError> {
+        let allocs = self.allocs.lock().unwrap_or_else(|p| p.into_inner());
+        let pfns = allocs.get(&backing.cookie).ok_or_else(|| {
+            err(
+                BackendErrorKind::Unsupported,
+                format!(
+                    "cuda {}: allocation {} is unknown",
+                    self.device.id, backing.cookie
+                ),
+            )
+        })?;
+        if out.len() != pfns.len() {
+            return Err(err(
+                BackendErrorKind::Unsupported,
+                format!(
+                    "cuda {}: {} pfns asked of a {}-page allocation",
+                    self.device.id,
+                    out.len(),
+                    pfns.len()
+                ),
+            ));
+        }
+        out.copy_from_slice(pfns);
+        Ok(())
+    }
+
+    fn copy_to_devmem(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError> {
+        self.counters.to_devmem.fetch_add(1, Ordering::Relaxed);
+        self.copy(req, true)
+    }
+
+    fn copy_to_ram(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError> {
+        self.counters.to_ram.fetch_add(1, Ordering::Relaxed);
+        self.copy(req, false)
+    }
+
+    fn devmem_release(&self, backing: DevmemBacking) {
+        let pfns = self
+            .allocs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&backing.cookie);
+        if let Some(pfns) = pfns {
+            let starts: Vec<u64> = pfns.iter().map(|p| p.0 as u64).collect();
+            self.frames
+                .free_pages(&starts, backing.page_size.granules());
+            self.counters.used.fetch_sub(
+                backing.npages as u64 * backing.page_size.bytes(),
+                Ordering::SeqCst,
+            );
+            self.counters.releases.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn capacity_bytes(&self) -> u64 {
+        self.arena.capacity
+    }
+}
