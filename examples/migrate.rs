@@ -224,7 +224,7 @@ impl Progress {
         }
         if self.tty && (finished || self.last.elapsed() > Duration::from_millis(100)) {
             self.last = Instant::now();
-            let pct = if total == 0 { 100 } else { done * 100 / total };
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
             let bar: String = (0..40)
                 .map(|k| if k * 100 / 40 < pct { '#' } else { '.' })
                 .collect();
@@ -378,7 +378,7 @@ fn print_table(a: &Args, backend: &dyn Backend, o: &Outcome) {
         a.devices,
         a.page_size,
         o.before.len(),
-        o.before.len() as u64 * psz >> 20,
+        (o.before.len() as u64 * psz) >> 20,
         a.to,
         a.coalesce
     );

@@ -264,7 +264,7 @@ pub enum Error {
         source: FenceError,
     },
     /// A pagemap's registration was refused by the registry of backends.
-    #[error("backend {name}: {reason}")]
+    #[error("backend {name} unavailable: {reason}")]
     BackendUnavailable {
         /// The backend's name.
         name: String,

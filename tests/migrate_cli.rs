@@ -1,0 +1,157 @@
+//! The `migrate` tool's interface, which other tooling reads: the exact JSON of the issue's
+//! example in both coalescing modes, a failed copy (exit 1, data verified), bad arguments
+//! (exit 2, one line on stderr). Runs the example binary `cargo test` builds, on sim.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn migrate_bin() -> PathBuf {
+    // target/<profile>/deps/<this test> -> target/<profile>/examples/migrate
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target profile dir");
+    let bin = dir
+        .join("examples")
+        .join(format!("migrate{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test --workspace` (or `cargo build --example migrate`) builds it",
+        bin.display()
+    );
+    bin
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(migrate_bin())
+        .args(["--backend", "sim"])
+        .args(args)
+        .output()
+        .expect("run migrate");
+    (
+        out.status.code().expect("exit code"),
+        String::from_utf8(out.stdout).expect("utf-8 stdout"),
+        String::from_utf8(out.stderr).expect("utf-8 stderr"),
+    )
+}
+
+#[test]
+fn issue_example_by_source() {
+    let (code, out, _) = run(&[
+        "--devices",
+        "3",
+        "--layout",
+        "ss00s11s0",
+        "--to",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.trim(),
+        r#"{"result":"ok","error":null,"copies":[{"executor":2,"op":"copy_to_devmem","pages":4},{"executor":0,"op":"copy_to_ram","pages":3},{"executor":1,"op":"copy_to_ram","pages":2}],"layout_before":"ss00s11s0","layout_after":"2*9","verified":true}"#
+    );
+}
+
+#[test]
+fn issue_example_consecutive() {
+    let (code, out, _) = run(&[
+        "--devices",
+        "3",
+        "--layout",
+        "ss00s11s0",
+        "--to",
+        "2",
+        "--coalesce",
+        "consecutive",
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    let calls: Vec<(u64, String, u64)> = v["copies"]
+        .as_array()
+        .expect("copies")
+        .iter()
+        .map(|c| {
+            (
+                c["executor"].as_u64().unwrap(),
+                c["op"].as_str().unwrap().to_string(),
+                c["pages"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let d = || "copy_to_devmem".to_string();
+    let r = || "copy_to_ram".to_string();
+    assert_eq!(
+        calls,
+        vec![
+            (2, d(), 2),
+            (0, r(), 2),
+            (2, d(), 1),
+            (1, r(), 2),
+            (2, d(), 1),
+            (0, r(), 1)
+        ]
+    );
+}
+
+#[test]
+fn failed_copy_exits_1_with_data_verified_and_layout_unchanged() {
+    let (code, out, _) = run(&[
+        "--layout",
+        "ss00s11s0",
+        "--to",
+        "2",
+        "--fail-copy",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(v["result"], "error");
+    assert!(
+        v["error"].as_str().unwrap().contains("copy_to_ram"),
+        "{out}"
+    );
+    assert_eq!(v["layout_before"], "ss00s11s0");
+    assert_eq!(v["layout_after"], "ss00s11s0");
+    assert_eq!(v["verified"], true);
+    // Only the call issued before the failing one is listed.
+    assert_eq!(v["copies"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn bad_arguments_exit_2_with_one_line() {
+    for args in [
+        &["--layout", "s9"][..],
+        &["--layout", "sx"],
+        &["--to", "3"],
+        &["--page-size", "1000"],
+        &["--coalesce", "sideways"],
+        &["--fail-copy", "0"],
+        &["--foreign", "7"],
+        &["--devices"],
+        &["--bogus"],
+    ] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?} printed {out}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("migrate: "), "{err}");
+    }
+}
+
+#[test]
+fn foreign_owner_is_busy_with_nothing_moved() {
+    let (code, out, _) = run(&["--layout", "0s1", "--foreign", "1", "--json"]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert!(
+        v["error"].as_str().unwrap().contains("another owner"),
+        "{out}"
+    );
+    assert_eq!(v["copies"].as_array().unwrap().len(), 0);
+    assert_eq!(v["layout_after"], "0s1");
+    assert_eq!(v["verified"], true);
+}
