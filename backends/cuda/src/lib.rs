@@ -59,7 +59,7 @@ use drm_pagemap_core::{
 use std::sync::{Arc, Mutex};
 
 /// Default DMA crossover for runs that touch system memory: a run of at least this many
-/// bytes is one `cuMemcpyAsync`. From the crossover sweep in BENCHMARKS-cuda.md.
+/// bytes is one `cuMemcpyAsync`. From the crossover sweep in BENCHMARKS.md (CUDA section).
 pub const DEFAULT_DMA_MIN_HOST: u64 = 2 << 20;
 /// Default DMA crossover for device-to-device runs. On the H100 the kernel was faster than
 /// one DMA per run for every run length measured (up to 64 MiB, where they were within 3%),
