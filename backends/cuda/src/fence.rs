@@ -7,6 +7,9 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+/// How long a timed wait polls the event before it starts to sleep between polls.
+const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(500);
+
 /// A fence of this backend: a CUDA event recorded on a copy stream after the work it guards.
 ///
 /// - `status` polls the event (`cuEventQuery`); `wait` without a limit blocks in
@@ -197,7 +200,10 @@ impl FenceOps for CudaFence {
                 return Err(FenceError::Timeout(limit));
             }
             spins += 1;
-            if spins < 64 {
+            // Copies of a few MiB finish within tens of microseconds: poll for a while before
+            // sleeping, since a sleep of 20 us costs 50 us or more once the kernel's timer
+            // slack is added, and that lands on every fault's latency.
+            if elapsed < SPIN_BEFORE_SLEEP {
                 std::thread::yield_now();
             } else {
                 let nap = Duration::from_micros(if spins < 1000 { 20 } else { 200 });
