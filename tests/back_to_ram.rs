@@ -471,3 +471,64 @@ fn evict_succeeds_when_a_racing_migration_takes_the_last_pages() {
         rig.finish();
     }
 }
+
+#[test]
+fn sim_only_a_copy_back_that_never_signals_times_out_and_loses_nothing() {
+    // Sim-only (the hang is injected behind the sim's copy fence). The way back to RAM waits
+    // at most the address space's timeout: eviction and a CPU read both fail with a fence
+    // timeout, the pages stay on the device (readable once it answers), and the frames the
+    // hung copy may still write stay parked rather than being reused.
+    let inj = FaultInjector::new();
+    let rig = build("1111", 3, PageSize::Size4K, Options::on("sim").faults(&inj));
+    let alloc = rig.alloc_of(0);
+    rig.mm
+        .set_to_ram_fence_timeout(Some(Duration::from_millis(50)));
+
+    inj.fail_nth(FaultSite::FenceHang, 1);
+    let mm = rig.mm.clone();
+    let err = common::within("evict with a hung copy fence", move || {
+        mm.evict_to_ram(alloc)
+    })
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Fence {
+                source: FenceError::Timeout(_),
+                pagemap: Some(PagemapId(1)),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    rig.assert_layout("1111");
+    assert_eq!(
+        rig.mm.deferred_cleanups(),
+        1,
+        "the hung copy's frames are parked"
+    );
+
+    inj.fail_nth(FaultSite::FenceHang, 1);
+    let mut buf = [0u8; 8];
+    let err = rig.mm.read(rig.va(2), &mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Fence {
+                source: FenceError::Timeout(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    rig.assert_layout("1111");
+    assert_eq!(rig.mm.deferred_cleanups(), 2);
+
+    // The device answers again: every byte comes home intact.
+    rig.verify();
+    rig.assert_layout("ssss");
+    assert!(
+        rig.mm.allocations().is_empty(),
+        "the allocation left with its last page"
+    );
+}

@@ -391,7 +391,8 @@ impl AddressSpace {
                         .chain(pre_fence.clone())
                         .collect(),
                     unmap: maps,
-                    slot: alloc.slot,
+                    slot: Some(alloc.slot),
+                    frames: Vec::new(),
                 };
                 job.roll_back(Some(deferred));
             } else {
@@ -491,12 +492,14 @@ impl AddressSpace {
         };
         for d in ready {
             self.unmap(&d.unmap);
-            let rel = self.lock().allocs.remove(d.slot);
+            let rel = d.slot.and_then(|s| self.lock().allocs.remove(s));
             release_all(rel.into_iter().collect());
+            self.free_frames(&d.frames);
         }
     }
 
-    /// Migrations whose cleanup waits for late copy fences.
+    /// Cleanups waiting for late fences: destinations of timed-out migrations, and system
+    /// frames of timed-out copies back to RAM.
     pub fn deferred_cleanups(&self) -> usize {
         self.reap_deferred();
         self.lock().deferred.len()

@@ -68,7 +68,10 @@ pub(crate) struct RangeRecord {
 pub(crate) struct Deferred {
     pub fences: Vec<crate::Fence>,
     pub unmap: crate::migrate::Mappings,
-    pub slot: u32,
+    /// The destination allocation of a migration, released once the fences signal.
+    pub slot: Option<u32>,
+    /// Host frames a copy back to RAM may still write, freed once the fences signal.
+    pub frames: Vec<(HostFrame, PageSize)>,
 }
 
 #[derive(Default)]
@@ -95,6 +98,8 @@ pub struct AddressSpace {
     pub(crate) pagemaps: RwLock<PagemapTable>,
     pub(crate) state: Mutex<MmState>,
     pub(crate) unlocked: Condvar,
+    /// Longest wait for a copy fence on the way back to RAM (eviction, CPU faults).
+    pub(crate) to_ram_timeout: Mutex<Option<Duration>>,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -202,7 +207,27 @@ impl AddressSpace {
             }),
             state: Mutex::new(MmState::default()),
             unlocked: Condvar::new(),
+            to_ram_timeout: Mutex::new(None),
         }
+    }
+
+    /// Sets the longest wait for a copy fence on the way back to RAM (eviction and the
+    /// CPU-fault path); `None` (the default): no limit. On timeout the operation fails with
+    /// [`crate::FenceError::Timeout`], every page stays where it was (readable once the
+    /// device answers), and the system frames the copy may still write are kept aside until
+    /// its fence signals.
+    pub fn set_to_ram_fence_timeout(&self, timeout: Option<Duration>) {
+        *self
+            .to_ram_timeout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = timeout;
+    }
+
+    pub(crate) fn to_ram_fence_timeout(&self) -> Option<Duration> {
+        *self
+            .to_ram_timeout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The host memory of the address space.

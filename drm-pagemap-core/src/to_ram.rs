@@ -5,7 +5,8 @@
 use crate::alloc::{AllocId, AllocState, Release, release_all};
 use crate::backend::CopyRequest;
 use crate::error::{BusyReason, Error, Result};
-use crate::mm::AddressSpace;
+use crate::migrate::{MapSource, Mappings};
+use crate::mm::{AddressSpace, Deferred};
 use crate::page::{PageEntry, RmapEntry};
 use crate::types::{Direction, DmaAddr, HostFrame, Pfn, VaRange};
 
@@ -229,22 +230,49 @@ impl AddressSpace {
         let result = pm
             .devmem()
             .copy_to_ram(&req)
-            .map_err(|e| backend("copy_to_ram", e))
-            .and_then(|f| {
-                f.wait().map_err(|source| Error::Fence {
-                    range,
-                    what: "copy",
-                    pagemap: Some(pm_id),
-                    device: Some(dev),
-                    source,
-                })
+            .map_err(|e| (None, backend("copy_to_ram", e)))
+            .and_then(|f| match f.wait_for(self.to_ram_fence_timeout()) {
+                Ok(()) => Ok(()),
+                Err(source) => Err((
+                    matches!(source, crate::FenceError::Timeout(_)).then_some(f),
+                    Error::Fence {
+                        range,
+                        what: "copy",
+                        pagemap: Some(pm_id),
+                        device: Some(dev),
+                        source,
+                    },
+                )),
             });
-        self.host
-            .unmap_frames(dev, &addrs, ps, Direction::FromDevice);
-        if let Err(e) = result {
-            self.host.free_frames(&frames, ps);
-            unlock(self);
-            return Err(e);
+        match result {
+            Ok(()) => self
+                .host
+                .unmap_frames(dev, &addrs, ps, Direction::FromDevice),
+            Err((Some(late), e)) => {
+                // The copy may still write into the frames: keep them (and their mapping)
+                // until its fence signals. The device pages are untouched and stay valid.
+                let n = addrs.len();
+                let deferred = Deferred {
+                    fences: vec![late],
+                    unmap: Mappings {
+                        addrs,
+                        records: vec![(MapSource::Host, dev, Direction::FromDevice, 0, n)],
+                        page_size: Some(ps),
+                    },
+                    slot: None,
+                    frames: frames.iter().map(|&f| (f, ps)).collect(),
+                };
+                self.lock().deferred.push(deferred);
+                unlock(self);
+                return Err(e);
+            }
+            Err((None, e)) => {
+                self.host
+                    .unmap_frames(dev, &addrs, ps, Direction::FromDevice);
+                self.host.free_frames(&frames, ps);
+                unlock(self);
+                return Err(e);
+            }
         }
         // Commit: the pages become system pages; the allocation loses them.
         let mut releases: Vec<Release> = Vec::new();
