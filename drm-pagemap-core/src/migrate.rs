@@ -160,26 +160,25 @@ impl AddressSpace {
         self.reap_deferred();
         let t0 = Instant::now();
         let mut timing = MigrateTiming::default();
-        // Collect: validate, snapshot and lock the pages.
-        let (span, dest, snapshot, src_pfns, dst_pfns, pre_fence) = {
+        // Collect: validate, snapshot and lock the pages. A refused request still consumes
+        // the allocation; it is released after the lock is dropped.
+        let collected = (|| {
             let mut st = self.lock();
             let Some(rec) = st.allocs.get(alloc) else {
-                return Err(Error::NoSuchAllocation { alloc });
+                return Err(Box::new((None, Error::NoSuchAllocation { alloc })));
             };
             if rec.state != AllocState::Reserved {
-                return Err(Error::AllocationNotReserved {
+                let e = Error::AllocationNotReserved {
                     range,
                     alloc,
                     pagemap: rec.pagemap,
                     state: rec.state,
-                });
+                };
+                return Err(Box::new((None, e)));
             }
             let dest_id = rec.pagemap;
-            let fail = |st: &mut crate::mm::MmState, e: Error| -> Result<MigrateReport> {
-                if let Some(r) = st.allocs.remove(alloc.slot) {
-                    release_all(vec![r]);
-                }
-                Err(e)
+            let fail = |st: &mut crate::mm::MmState, e: Error| {
+                Err(Box::new((st.allocs.remove(alloc.slot), e)))
             };
             let span = match st.locate(range, true) {
                 Ok(s) => s,
@@ -235,7 +234,15 @@ impl AddressSpace {
                 .as_ref()
                 .and_then(|b| b.pre_migrate_fence.clone());
             st.set_locked(span, true);
-            (span, dest, snapshot, src_pfns, dst_pfns, pre_fence)
+            Ok((span, dest, snapshot, src_pfns, dst_pfns, pre_fence))
+        })();
+        let (span, dest, snapshot, src_pfns, dst_pfns, pre_fence) = match collected {
+            Ok(c) => c,
+            Err(refused) => {
+                let (release, e) = *refused;
+                release_all(release.into_iter().collect());
+                return Err(e);
+            }
         };
         let job = Job {
             mm: self,
@@ -248,19 +255,7 @@ impl AddressSpace {
             dst_pfns: &dst_pfns,
         };
         // Classify and coalesce.
-        let classified = {
-            let t = self.pagemaps.read().unwrap_or_else(|p| p.into_inner());
-            plan(
-                &snapshot,
-                &PlanParams {
-                    dest: dest.id(),
-                    owners: &t.owners,
-                    source_peer_migrates: details.source_peer_migrates,
-                    can_migrate_same_pagemap: details.can_migrate_same_pagemap,
-                    coalesce: details.coalesce,
-                },
-            )
-        };
+        let classified = self.classify(&snapshot, dest.id(), details);
         timing.plan = t0.elapsed();
         let plan = match classified {
             Classified::NotNeeded => {
@@ -449,17 +444,27 @@ impl AddressSpace {
                 reason: crate::BusyReason::PageLocked,
             });
         }
+        Ok(self.classify(&snapshot, to, details))
+    }
+
+    /// Classifies `snapshot` (unlocked entries) for a migration to `dest`.
+    fn classify(
+        &self,
+        snapshot: &[PageEntry],
+        dest: PagemapId,
+        details: &MigrateDetails,
+    ) -> Classified {
         let t = self.pagemaps.read().unwrap_or_else(|p| p.into_inner());
-        Ok(plan(
-            &snapshot,
+        plan(
+            snapshot,
             &PlanParams {
-                dest: to,
+                dest,
                 owners: &t.owners,
                 source_peer_migrates: details.source_peer_migrates,
                 can_migrate_same_pagemap: details.can_migrate_same_pagemap,
                 coalesce: details.coalesce,
             },
-        ))
+        )
     }
 
     pub(crate) fn unmap(&self, maps: &Mappings) {
