@@ -121,8 +121,17 @@ pub struct DevmemBacking {
     pub npages: usize,
     /// Size of each page.
     pub page_size: PageSize,
-    /// Signals when the pages are ready to be written (and read as zeros).
+    /// Signals when the pages are ready to be written (and read as zeros); `None` when they
+    /// are ready now (for example pages a backend cleared when they were last freed).
     pub pre_migrate_fence: Option<Fence>,
+}
+
+impl DevmemBacking {
+    /// Blocks until the pages are ready to be written: waits for the pre-migrate fence, if
+    /// there is one.
+    pub fn wait_ready(&self) -> Result<(), crate::FenceError> {
+        self.pre_migrate_fence.as_ref().map_or(Ok(()), |f| f.wait())
+    }
 }
 
 /// Device memory of one pagemap: allocations and the copies its device executes

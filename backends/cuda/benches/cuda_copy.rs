@@ -387,7 +387,7 @@ impl Scatter {
         let mut backings = Vec::new();
         let mut pfns = |k: usize, seed: u64| {
             let a = env.pms[k].allocate(n, ps).unwrap();
-            a.pre_migrate_fence.as_ref().unwrap().wait().unwrap();
+            a.wait_ready().unwrap();
             let mut p = vec![Pfn(0); n];
             env.pms[k].populate_devmem_pfn(&a, &mut p).unwrap();
             shuffle(&mut p, seed);
@@ -670,7 +670,7 @@ fn mixed(c: &mut Criterion, env: &Env) {
     let (ns, n0, n1) = (count(0), count(1), count(2));
     // Destination: one allocation of pagemap 2, pages in range order.
     let dst = env.pms[2].allocate(n, ps).unwrap();
-    dst.pre_migrate_fence.as_ref().unwrap().wait().unwrap();
+    dst.wait_ready().unwrap();
     let mut dpfns = vec![Pfn(0); n];
     env.pms[2].populate_devmem_pfn(&dst, &mut dpfns).unwrap();
     let mut d_addrs = vec![DmaAddr::NONE; n];
@@ -688,7 +688,7 @@ fn mixed(c: &mut Criterion, env: &Env) {
     let mut src_pfns = Vec::new();
     for (k, cnt) in [(0usize, n0), (1, n1)] {
         let a = env.pms[k].allocate(cnt, ps).unwrap();
-        a.pre_migrate_fence.as_ref().unwrap().wait().unwrap();
+        a.wait_ready().unwrap();
         let mut p = vec![Pfn(0); cnt];
         env.pms[k].populate_devmem_pfn(&a, &mut p).unwrap();
         src_allocs.push((k, a));
@@ -821,8 +821,8 @@ fn crossover(c: &mut Criterion, env: &Env) {
         .unwrap();
     let a0 = env.pms[0].allocate(n, ps).unwrap();
     let a1 = env.pms[1].allocate(n, ps).unwrap();
-    a0.pre_migrate_fence.as_ref().unwrap().wait().unwrap();
-    a1.pre_migrate_fence.as_ref().unwrap().wait().unwrap();
+    a0.wait_ready().unwrap();
+    a1.wait_ready().unwrap();
     let mut p0 = vec![Pfn(0); n];
     let mut p1 = vec![Pfn(0); n];
     env.pms[0].populate_devmem_pfn(&a0, &mut p0).unwrap();

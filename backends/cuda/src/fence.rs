@@ -109,6 +109,12 @@ impl CudaFence {
         self.event.get().map(|e| e.raw as usize)
     }
 
+    /// Whether the event was recorded on the stream of fence context `context` (a pagemap's
+    /// copy stream has one context; deferred copies have contexts of their own).
+    pub(crate) fn recorded_on(&self, context: u64) -> bool {
+        self.context == context && self.event.get().is_some()
+    }
+
     pub(crate) fn event(&self) -> Option<&Arc<Event>> {
         self.event.get()
     }

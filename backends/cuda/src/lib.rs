@@ -33,6 +33,7 @@
 //! Tests hold a stream deterministically with [`CudaPagemap::hold`]; while a stream is held,
 //! an implicitly synchronising driver call of any thread (allocations) waits for it.
 
+mod clean;
 mod device;
 mod driver;
 mod fence;
@@ -86,6 +87,12 @@ pub struct CudaConfig {
     /// Back pagemaps lazily with the virtual memory management API (else one `cuMemAlloc`
     /// of the whole capacity per pagemap).
     pub vmm: bool,
+    /// Clear device pages when they are freed (and arena memory when it is first mapped),
+    /// so that an allocation normally finds clean pages and queues no clear in front of the
+    /// migration's copies; pages whose clear could not be queued are cleared when they are
+    /// allocated again. `false`: every allocation clears its pages (the clear is its
+    /// pre-migrate fence). Default `true`; `DRM_PAGEMAP_CUDA_CLEAR_ON_FREE=0` turns it off.
+    pub clear_on_free: bool,
 }
 
 impl Default for CudaConfig {
@@ -100,6 +107,8 @@ impl Default for CudaConfig {
                 .unwrap_or(DEFAULT_DMA_MIN_DEVICE),
             kernel: KernelSource::from_env(),
             vmm: std::env::var("DRM_PAGEMAP_CUDA_VMM").map_or(true, |v| v != "0"),
+            clear_on_free: std::env::var("DRM_PAGEMAP_CUDA_CLEAR_ON_FREE")
+                .map_or(true, |v| v != "0"),
         }
     }
 }
@@ -341,8 +350,7 @@ impl Backend for CudaBackend {
             &peers,
             self.host.clone(),
             capacity,
-            self.config.dma_min_host,
-            self.config.dma_min_device,
+            &self.config,
         )?);
         pm.set_self();
         self.pagemaps

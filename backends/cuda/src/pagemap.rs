@@ -2,12 +2,13 @@
 //! through the virtual memory management API), split into 4 KiB granules; its copy stream;
 //! its copies.
 
+use crate::clean::{CleanMap, extents};
 use crate::device::CudaDevice;
 use crate::driver::{Event, Stream, check, driver_error, err};
 use crate::fence::CudaFence;
 use crate::gate::{ControlPage, Gates, Hold};
 use crate::host::PinnedHostMemory;
-use crate::kernel::GATE_ABORT;
+use crate::kernel::{GATE_ABORT, Kernels};
 use crate::plan;
 use cudarc::driver::sys;
 use drm_pagemap_core::mem::ExtentAllocator;
@@ -27,6 +28,11 @@ const PRESET_SLOTS: usize = 4;
 const SLOT_BYTES: usize = 2 << 20;
 /// Bytes of device memory for page lists of large-page calls.
 const LISTS_DEV_BYTES: usize = 1 << 20;
+/// Bytes of the zeroed device buffer that scattered pages are cleared from (the largest page).
+const ZERO_SRC_BYTES: usize = 2 << 20;
+/// Clears of up to this many extents are one zeroing kernel each; more, one copy kernel from
+/// the zeroed buffer over a page list.
+const ZERO_EXTENTS_DIRECT: usize = 4;
 
 /// Virtual memory is backed in steps of this many bytes (rounded to the granularity).
 const GROW_STEP: u64 = 64 << 20;
@@ -54,6 +60,11 @@ pub struct CudaStats {
     pub cpu_waits: u64,
     /// Bytes allocated now.
     pub used_bytes: u64,
+    /// Clears queued (on free, on first mapping, or on allocation): zeroing kernel launches.
+    pub clear_launches: u64,
+    /// Allocations that had to clear some of their pages themselves (pages never cleared
+    /// on free); the others found clean pages and queued nothing.
+    pub allocations_cleared: u64,
 }
 
 #[derive(Default)]
@@ -68,6 +79,8 @@ struct Counters {
     stream_waits: AtomicU64,
     cpu_waits: AtomicU64,
     used: AtomicU64,
+    clears: AtomicU64,
+    alloc_clears: AtomicU64,
 }
 
 /// The device memory of one pagemap.
@@ -145,8 +158,10 @@ impl Arena {
         }
     }
 
-    /// Makes sure bytes `[0, end)` are backed by device memory.
-    fn ensure(&self, end: u64) -> Result<(), BackendError> {
+    /// Makes sure bytes `[0, end)` are backed by device memory. `fresh(offset, bytes)` runs
+    /// on a segment this call maps, before any other caller can see it mapped (it queues
+    /// the segment's clear; its failure only leaves the segment dirty).
+    fn ensure(&self, end: u64, fresh: impl FnOnce(u64, u64)) -> Result<(), BackendError> {
         let mut m = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
         if end <= m.0 {
             return Ok(());
@@ -201,6 +216,7 @@ impl Arena {
         let from = m.0;
         m.1.push((from, size));
         m.0 = target;
+        fresh(from, size);
         Ok(())
     }
 }
@@ -259,6 +275,13 @@ struct Submit {
     /// runs (one buffer: the stream orders its uses), and its size.
     lists_dev: u64,
     lists_cap: usize,
+    /// [`ZERO_SRC_BYTES`] of zeroed device memory (scattered clears copy from it).
+    zero_src: u64,
+    /// Which free granules may hold old data.
+    clean: CleanMap,
+    /// The last clear queued on the stream, until it is seen signalled: the pre-migrate
+    /// fence of allocations that find their pages clean.
+    last_clear: Option<Fence>,
 }
 
 // SAFETY: the raw pointers are pinned host buffers owned by this struct.
@@ -284,6 +307,7 @@ pub struct CudaPagemap {
     next_cookie: AtomicU64,
     dma_min_host: AtomicU64,
     dma_min_device: AtomicU64,
+    clear_on_free: bool,
     counters: Counters,
 }
 
@@ -304,8 +328,7 @@ impl CudaPagemap {
         peer_ordinals: &[i32],
         host: Arc<PinnedHostMemory>,
         capacity: u64,
-        dma_min_host: u64,
-        dma_min_device: u64,
+        config: &crate::CudaConfig,
     ) -> Result<CudaPagemap, BackendError> {
         let capacity = capacity / PageSize::Size2M.bytes() * PageSize::Size2M.bytes();
         if capacity == 0 || capacity / GRANULE > u32::MAX as u64 {
@@ -321,9 +344,29 @@ impl CudaPagemap {
         // SAFETY: writes one pointer; freed in Drop.
         let r = unsafe { sys::cuMemAlloc_v2(&mut lists_dev, LISTS_DEV_BYTES) };
         check("cuMemAlloc", r, "page-list buffer")?;
+        let mut zero_src = 0u64;
+        // SAFETY: writes one pointer; freed in Drop (or right below on failure).
+        let r = unsafe { sys::cuMemAlloc_v2(&mut zero_src, ZERO_SRC_BYTES) };
+        if let Err(e) = check("cuMemAlloc", r, "zeroed buffer") {
+            // SAFETY: allocated above, unused.
+            unsafe { sys::cuMemFree_v2(lists_dev) };
+            return Err(e);
+        }
+        // On the copy stream: every clear that reads the buffer is queued behind this.
+        // SAFETY: the buffer holds ZERO_SRC_BYTES; the stream lives.
+        let r = unsafe { sys::cuMemsetD32Async(zero_src, 0, ZERO_SRC_BYTES / 4, stream.raw) };
+        if let Err(e) = check("cuMemsetD32Async", r, "zeroed buffer") {
+            // SAFETY: allocated above; nothing was queued that reads them.
+            unsafe {
+                sys::cuMemFree_v2(zero_src);
+                sys::cuMemFree_v2(lists_dev);
+            }
+            return Err(e);
+        }
         let slots = (0..PRESET_SLOTS)
             .map(|_| new_slot(SLOT_BYTES))
             .collect::<Result<Vec<_>, _>>()?;
+        let granules = capacity / GRANULE;
         Ok(CudaPagemap {
             frames: ExtentAllocator::new(capacity / GRANULE),
             device,
@@ -338,11 +381,15 @@ impl CudaPagemap {
                 gates,
                 lists_dev,
                 lists_cap: LISTS_DEV_BYTES,
+                zero_src,
+                clean: CleanMap::new(granules),
+                last_clear: None,
             }),
             allocs: Mutex::new(HashMap::new()),
             next_cookie: AtomicU64::new(1),
-            dma_min_host: AtomicU64::new(dma_min_host),
-            dma_min_device: AtomicU64::new(dma_min_device),
+            dma_min_host: AtomicU64::new(config.dma_min_host),
+            dma_min_device: AtomicU64::new(config.dma_min_device),
+            clear_on_free: config.clear_on_free,
             counters: Counters::default(),
         })
     }
@@ -367,6 +414,8 @@ impl CudaPagemap {
             stream_waits: l(&c.stream_waits),
             cpu_waits: l(&c.cpu_waits),
             used_bytes: l(&c.used),
+            clear_launches: l(&c.clears),
+            allocations_cleared: l(&c.alloc_clears),
         }
     }
 
@@ -468,6 +517,100 @@ impl CudaPagemap {
             ev,
             deps,
         ))
+    }
+
+    /// The last clear queued on the stream while it has not signalled (forgotten once it
+    /// has: later allocations then need no fence at all).
+    fn pending_clear(sub: &mut Submit) -> Option<Fence> {
+        match &sub.last_clear {
+            Some(f) if f.is_signaled() => {
+                sub.last_clear = None;
+                None
+            }
+            other => other.clone(),
+        }
+    }
+
+    /// Queues the clear of a freshly mapped arena segment `(offset, bytes)` and marks it
+    /// clean; on failure it stays dirty (allocations clear their pages themselves).
+    fn clear_fresh_segment(&self, kernels: &Kernels, off: u64, size: u64) {
+        let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+        let queued = self.device.ctx.bind().and_then(|()| {
+            // SAFETY: the segment was just mapped and nobody else can reach it yet.
+            unsafe { kernels.launch_zero(&self.stream, self.arena.base + off, size)? };
+            self.counters.clears.fetch_add(1, Ordering::Relaxed);
+            self.record(Vec::new())
+        });
+        if let Ok(f) = queued {
+            sub.clean.set(off / GRANULE, size / GRANULE, false);
+            sub.last_clear = Some(Fence::new(f));
+        }
+    }
+
+    /// Queues the clear of the pages at `starts` (granules, `g` each; allocated to the
+    /// caller, no copy in flight on them) on the copy stream and records its fence: one
+    /// zeroing kernel per extent when they are few, else one copy kernel from the zeroed
+    /// buffer over a page list. The caller has bound the context.
+    fn clear_pages_locked(
+        &self,
+        sub: &mut Submit,
+        kernels: &Kernels,
+        starts: &[u64],
+        g: u64,
+    ) -> Result<CudaFence, BackendError> {
+        let ext = extents(starts, g);
+        let mut slot_used = None;
+        if ext.len() <= ZERO_EXTENTS_DIRECT {
+            for &(s, len) in &ext {
+                // SAFETY: the extent lies in the mapped arena and belongs to the caller;
+                // 4 KiB aligned. A kernel, not cuMemsetD32Async: a memset is an implicit
+                // synchronisation point between the device's streams, which would order this
+                // clear after the gates of every other stream.
+                unsafe {
+                    kernels.launch_zero(
+                        &self.stream,
+                        self.arena.base + s * GRANULE,
+                        len * GRANULE,
+                    )?
+                };
+                self.counters.clears.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            let n = starts.len();
+            let pfn_off = (n * 8).next_multiple_of(16);
+            let si = acquire_slot(sub, pfn_off + n * 4)?;
+            let slot = &sub.slots[si];
+            for (k, &st) in starts.iter().enumerate() {
+                // SAFETY: the slot holds `pfn_off + n * 4` bytes and the device no longer
+                // reads it (acquire_slot checked its event); writes are aligned.
+                unsafe {
+                    (slot.host as *mut u64).add(k).write(sub.zero_src);
+                    (slot.host.add(pfn_off) as *mut u32).add(k).write(st as u32);
+                }
+            }
+            let shift = g.trailing_zeros();
+            // SAFETY: the lists cover `n` entries; every page is in the mapped arena and
+            // belongs to the caller; the zeroed buffer holds the largest page.
+            unsafe {
+                kernels.launch_copy(
+                    &self.stream,
+                    slot.dev + pfn_off as u64,
+                    slot.dev,
+                    (n as u64) << shift,
+                    self.arena.base,
+                    shift,
+                    true,
+                    0,
+                )?
+            };
+            self.counters.clears.fetch_add(1, Ordering::Relaxed);
+            slot_used = Some(si);
+        }
+        let f = self.record(Vec::new())?;
+        if let Some(si) = slot_used {
+            sub.slots[si].busy = f.event().cloned();
+        }
+        Ok(f)
     }
 
     fn in_group(&self, d: DeviceId) -> bool {
@@ -648,6 +791,10 @@ impl CudaPagemap {
                 let cf = w
                     .downcast_ref::<CudaFence>()
                     .expect("gathered CUDA fences only");
+                // Recorded on this stream: the copy is queued behind it already.
+                if cf.recorded_on(self.timeline.context()) {
+                    continue;
+                }
                 if let Some(ev) = cf.event() {
                     // SAFETY: both handles are alive; a stream may wait on an event of any
                     // context.
@@ -837,9 +984,10 @@ impl Drop for CudaPagemap {
         let _ = self.stream.synchronize();
         let _ = self.device.ctx.bind();
         let sub = self.submit.get_mut().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: the stream is synchronised: no copy reads the buffer any more.
+        // SAFETY: the stream is synchronised: no copy reads the buffers any more.
         unsafe {
             sys::cuMemFree_v2(sub.lists_dev);
+            sys::cuMemFree_v2(sub.zero_src);
         }
         for s in sub.slots.drain(..) {
             // SAFETY: the stream is synchronised: no kernel reads the buffer any more.
@@ -902,41 +1050,46 @@ impl DevmemOps for CudaPagemap {
             self.frames.free_pages(&starts, g);
             Err(e)
         };
-        let end = starts.iter().max().map_or(0, |&s| (s + g) * GRANULE);
-        if let Err(e) = self.arena.ensure(end) {
-            return undo(e);
-        }
-        // Clear asynchronously on the copy stream: the clear is the pre-migrate fence.
-        let mut extents: Vec<(u64, u64)> = Vec::new();
-        for &s in &starts {
-            let (off, len) = (s * GRANULE, page_size.bytes());
-            match extents.last_mut() {
-                Some(last) if last.0 + last.1 == off => last.1 += len,
-                _ => extents.push((off, len)),
-            }
-        }
         let kernels = match self.device.kernels() {
             Ok(k) => k,
             Err(e) => return undo(e),
         };
-        let fence = {
-            let _g = self.submit.lock().unwrap_or_else(|p| p.into_inner());
-            let cleared = self.device.ctx.bind().and_then(|()| {
-                for &(off, len) in &extents {
-                    // SAFETY: the extent lies in the mapped arena and belongs to this
-                    // allocation; 4 KiB aligned. A kernel, not cuMemsetD32Async: a memset is
-                    // an implicit synchronisation point between the device's streams, which
-                    // would order this clear after the gates of every other stream.
-                    unsafe { kernels.launch_zero(&self.stream, self.arena.base + off, len)? };
-                }
-                self.record(Vec::new())
-            });
-            match cleared {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = self.stream.synchronize();
-                    return undo(e);
-                }
+        let end = starts.iter().max().map_or(0, |&s| (s + g) * GRANULE);
+        let grown = self.arena.ensure(end, |off, size| {
+            if self.clear_on_free {
+                self.clear_fresh_segment(&kernels, off, size);
+            }
+        });
+        if let Err(e) = grown {
+            return undo(e);
+        }
+        // Pages cleared on free (or when first mapped) need nothing; the others are cleared
+        // now. The pre-migrate fence is the last clear queued, while it runs.
+        let pre = {
+            let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+            let mut dirty = Vec::new();
+            sub.clean.dirty_pages(&starts, g, &mut dirty);
+            if dirty.is_empty() {
+                Ok(Self::pending_clear(&mut sub))
+            } else {
+                self.counters.alloc_clears.fetch_add(1, Ordering::Relaxed);
+                self.device
+                    .ctx
+                    .bind()
+                    .and_then(|()| self.clear_pages_locked(&mut sub, &kernels, &dirty, g))
+                    .map(|f| {
+                        let f = Fence::new(f);
+                        sub.last_clear = Some(f.clone());
+                        Some(f)
+                    })
+            }
+        };
+        let pre = match pre {
+            Ok(p) => p,
+            Err(e) => {
+                // Nothing may still write these pages when someone else gets them.
+                let _ = self.stream.synchronize();
+                return undo(e);
             }
         };
         let cookie = self.next_cookie.fetch_add(1, Ordering::SeqCst);
@@ -951,7 +1104,7 @@ impl DevmemOps for CudaPagemap {
             cookie,
             npages,
             page_size,
-            pre_migrate_fence: Some(Fence::new(fence)),
+            pre_migrate_fence: pre,
         })
     }
 
@@ -1002,9 +1155,29 @@ impl DevmemOps for CudaPagemap {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&backing.cookie);
         if let Some(pfns) = pfns {
+            let g = backing.page_size.granules();
             let starts: Vec<u64> = pfns.iter().map(|p| p.0 as u64).collect();
-            self.frames
-                .free_pages(&starts, backing.page_size.granules());
+            // Clear on free, before the pages can be allocated again: whoever gets them finds
+            // them clean, with this clear (or a later one) as the pre-migrate fence. The core
+            // releases only what no copy still reads or writes.
+            {
+                let kernels = if self.clear_on_free {
+                    self.device.kernels().ok()
+                } else {
+                    None
+                };
+                let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+                let cleared = kernels.is_some_and(|k| {
+                    self.device
+                        .ctx
+                        .bind()
+                        .and_then(|()| self.clear_pages_locked(&mut sub, &k, &starts, g))
+                        .map(|f| sub.last_clear = Some(Fence::new(f)))
+                        .is_ok()
+                });
+                sub.clean.set_pages(&starts, g, !cleared);
+            }
+            self.frames.free_pages(&starts, g);
             self.counters.used.fetch_sub(
                 backing.npages as u64 * backing.page_size.bytes(),
                 Ordering::SeqCst,

@@ -360,7 +360,7 @@ fn holes_are_skipped_and_new_pages_read_as_zero() {
     // the memory held data before.
     let pm = &r.pms[0];
     let a = pm.allocate(n as usize, ps).unwrap();
-    a.pre_migrate_fence.as_ref().unwrap().wait().unwrap();
+    a.wait_ready().unwrap();
     let mut pfns = vec![Pfn(0); n as usize];
     pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
     let host = r.backend.pinned_host();
@@ -424,13 +424,17 @@ fn pre_migrate_fence_orders_a_source_push_after_the_clear() {
     // The destination's clear is held back on its stream; the push runs on the source's
     // stream and must wait for it on the device. (Back the destination's memory first:
     // mapping device memory is an implicit synchronisation point of the device, which would
-    // wait for the hold.)
+    // wait for the hold.) The pages are cleared when they are freed, so the clear that the
+    // new allocation must wait for is the one queued by the release behind the hold.
     let warm = dst.allocate(n, ps).unwrap();
-    warm.pre_migrate_fence.as_ref().unwrap().wait().unwrap();
-    dst.devmem_release(warm);
+    warm.wait_ready().unwrap();
     let hold = dst.hold().unwrap();
+    dst.devmem_release(warm);
     let b = dst.allocate(n, ps).unwrap();
-    let clear = b.pre_migrate_fence.clone().unwrap();
+    let clear = b
+        .pre_migrate_fence
+        .clone()
+        .expect("pages freed behind the hold are not clean yet");
     assert!(clear.downcast_ref::<CudaFence>().is_some());
     assert!(!clear.is_signaled(), "the clear waits behind the stall");
     let mut dpfns = vec![Pfn(0); n];
@@ -488,6 +492,206 @@ fn pre_migrate_fence_orders_a_source_push_after_the_clear() {
     dst.devmem_release(b);
 }
 
+/// Writes pattern `seed` into the pages `pfns` of `pm` from fresh host frames (waited).
+fn write_pages(r: &Rig, pm: &CudaPagemap, pfns: &[Pfn], ps: PageSize, seed: u64) {
+    let host = r.backend.pinned_host();
+    let mut frames = Vec::new();
+    host.alloc_frames(pfns.len(), ps, &mut frames).unwrap();
+    for (k, &f) in frames.iter().enumerate() {
+        host.write(f, 0, &pattern(seed, k as u64, ps.bytes()));
+    }
+    let mut addrs = vec![DmaAddr::NONE; pfns.len()];
+    host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
+        .unwrap();
+    pm.copy_to_devmem(&CopyRequest {
+        page_size: ps,
+        pages: pfns,
+        addrs: &addrs,
+        pre_fence: None,
+    })
+    .unwrap()
+    .wait()
+    .unwrap();
+    host.free_frames(&frames, ps);
+}
+
+/// Allocates `n` pages of `ps` one allocation each; their pfns.
+fn single_pages(pm: &CudaPagemap, n: usize, ps: PageSize) -> (Vec<DevmemBacking>, Vec<Pfn>) {
+    let mut backs = Vec::new();
+    let mut pfns = Vec::new();
+    for _ in 0..n {
+        let a = pm.allocate(1, ps).unwrap();
+        let mut p = [Pfn(0)];
+        pm.populate_devmem_pfn(&a, &mut p).unwrap();
+        a.wait_ready().unwrap();
+        backs.push(a);
+        pfns.push(p[0]);
+    }
+    (backs, pfns)
+}
+
+#[test]
+fn pages_are_cleared_when_freed_and_reallocated_without_a_clear() {
+    if !gpu() {
+        return;
+    }
+    let _gpu = shared();
+    let r = rig(1);
+    let pm = &r.pms[0];
+    // Map the memory the test uses first (a fresh segment's clear would count below).
+    let warm = pm.allocate(128, PageSize::Size2M).unwrap();
+    pm.devmem_release(warm);
+    // A small pagemap that single pages fill, so that an allocation gets scattered pages.
+    let cap = 32u64 << 20;
+    r.backend
+        .create_pagemap(&PagemapSpec {
+            id: PagemapId(9),
+            device: DeviceId(0),
+            owner: None,
+            capacity_bytes: cap,
+        })
+        .unwrap();
+    let small = r.backend.cuda_pagemap(PagemapId(9)).unwrap();
+    for ps in sizes() {
+        // Contiguous: written, freed (one zeroing kernel), allocated again with no clear.
+        let n = 16;
+        let a = pm.allocate(n, ps).unwrap();
+        a.wait_ready().unwrap();
+        let mut pfns = vec![Pfn(0); n];
+        pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
+        write_pages(&r, pm, &pfns, ps, 21);
+        let s0 = pm.stats();
+        pm.devmem_release(a);
+        assert_eq!(pm.stats().clear_launches, s0.clear_launches + 1, "{ps}");
+        let b = pm.allocate(n, ps).unwrap();
+        let s1 = pm.stats();
+        assert_eq!(s1.allocations_cleared, s0.allocations_cleared, "{ps}");
+        assert_eq!(
+            s1.clear_launches,
+            s0.clear_launches + 1,
+            "{ps}: nothing queued"
+        );
+        b.wait_ready().unwrap();
+        let mut bp = vec![Pfn(0); n];
+        pm.populate_devmem_pfn(&b, &mut bp).unwrap();
+        assert_eq!(bp, pfns, "{ps}: the same pages again");
+        for (k, x) in read_back(&r, pm, &bp, ps).iter().enumerate() {
+            assert!(x.iter().all(|&v| v == 0), "{ps}: page {k} reads as zeros");
+        }
+        pm.devmem_release(b);
+
+        // Scattered: fill the small pagemap with single pages, free every other one, and
+        // allocate them as one allocation (page by page, no run fits).
+        let total = (cap / ps.bytes()) as usize;
+        let (singles, spfns) = single_pages(&small, total, ps);
+        write_pages(&r, &small, &spfns, ps, 22);
+        let mut freed = Vec::new();
+        let mut kept = Vec::new();
+        for (k, b) in singles.into_iter().enumerate() {
+            if k % 2 == 0 {
+                freed.push(spfns[k]);
+                small.devmem_release(b);
+            } else {
+                kept.push((spfns[k], b));
+            }
+        }
+        let s0 = small.stats();
+        let c = small.allocate(total / 2, ps).unwrap();
+        assert_eq!(
+            small.stats().allocations_cleared,
+            s0.allocations_cleared,
+            "{ps}"
+        );
+        c.wait_ready().unwrap();
+        let mut cp = vec![Pfn(0); total / 2];
+        small.populate_devmem_pfn(&c, &mut cp).unwrap();
+        let mut sorted = cp.clone();
+        sorted.sort();
+        assert_eq!(sorted, freed, "{ps}: the freed pages, scattered");
+        for (k, x) in read_back(&r, &small, &cp, ps).iter().enumerate() {
+            assert!(
+                x.iter().all(|&v| v == 0),
+                "{ps}: scattered page {k} reads as zeros"
+            );
+        }
+        // Freed as one allocation of scattered pages: one page-list clear.
+        write_pages(&r, &small, &cp, ps, 24);
+        let s1 = small.stats();
+        small.devmem_release(c);
+        assert_eq!(small.stats().clear_launches, s1.clear_launches + 1, "{ps}");
+        let d = small.allocate(total / 2, ps).unwrap();
+        assert_eq!(
+            small.stats().allocations_cleared,
+            s1.allocations_cleared,
+            "{ps}"
+        );
+        d.wait_ready().unwrap();
+        let mut dp = vec![Pfn(0); total / 2];
+        small.populate_devmem_pfn(&d, &mut dp).unwrap();
+        for (k, x) in read_back(&r, &small, &dp, ps).iter().enumerate() {
+            assert!(
+                x.iter().all(|&v| v == 0),
+                "{ps}: page {k} cleared by the list"
+            );
+        }
+        // The pages kept still hold their data.
+        let kp: Vec<Pfn> = kept.iter().map(|(p, _)| *p).collect();
+        for (k, x) in read_back(&r, &small, &kp, ps).iter().enumerate() {
+            assert!(
+                *x == pattern(22, 2 * k as u64 + 1, ps.bytes()),
+                "{ps}: kept {k}"
+            );
+        }
+        small.devmem_release(d);
+        for (_, b) in kept {
+            small.devmem_release(b);
+        }
+    }
+}
+
+#[test]
+fn without_clear_on_free_every_allocation_clears_its_pages() {
+    if !gpu() {
+        return;
+    }
+    let _gpu = shared();
+    let r = rig_with(
+        CudaConfig {
+            clear_on_free: false,
+            ..config()
+        },
+        1,
+    );
+    let pm = &r.pms[0];
+    let ps = PageSize::Size64K;
+    let n = 16;
+    let a = pm.allocate(n, ps).unwrap();
+    a.wait_ready().unwrap();
+    let mut pfns = vec![Pfn(0); n];
+    pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
+    write_pages(&r, pm, &pfns, ps, 23);
+    let s0 = pm.stats();
+    pm.devmem_release(a);
+    assert_eq!(
+        pm.stats().clear_launches,
+        s0.clear_launches,
+        "no clear on free"
+    );
+    let b = pm.allocate(n, ps).unwrap();
+    assert_eq!(pm.stats().allocations_cleared, s0.allocations_cleared + 1);
+    assert!(
+        b.pre_migrate_fence.is_some(),
+        "the clear is the pre-migrate fence"
+    );
+    b.wait_ready().unwrap();
+    let mut bp = vec![Pfn(0); n];
+    pm.populate_devmem_pfn(&b, &mut bp).unwrap();
+    for (k, x) in read_back(&r, pm, &bp, ps).iter().enumerate() {
+        assert!(x.iter().all(|&v| v == 0), "page {k} reads as zeros");
+    }
+    pm.devmem_release(b);
+}
+
 /// Reads `pfns` of `pm` back into fresh host frames; returns their bytes.
 fn read_back(r: &Rig, pm: &CudaPagemap, pfns: &[Pfn], ps: PageSize) -> Vec<Vec<u8>> {
     let host = r.backend.pinned_host();
@@ -532,7 +736,7 @@ fn small_copy(r: &Rig, pm: &CudaPagemap, pre: Option<&Fence>) -> Small {
     let n = 8;
     let host = r.backend.pinned_host();
     let a = pm.allocate(n, ps).unwrap();
-    a.pre_migrate_fence.as_ref().unwrap().wait().unwrap();
+    a.wait_ready().unwrap();
     let mut pfns = vec![Pfn(0); n];
     pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
     pfns.reverse(); // scattered: the kernel path

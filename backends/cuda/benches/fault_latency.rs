@@ -1,0 +1,251 @@
+//! Latency of what a GPU fault asks of the backend, from a standing start: allocate device
+//! pages, copy system pages into them (the allocation's pre-migrate fence as the copy's
+//! pre-fence), wait for the copy's fence. CPU wall time per step, medians and p90 over many
+//! faults; the pages are freed between faults (untimed), as an eviction would.
+//!
+//! Baseline in the same run: one `cuMemcpyAsync` of the same bytes from contiguous pinned
+//! memory into a device buffer, its event recorded and polled the same way (the floor for
+//! moving those bytes when nothing else has to happen). Both clear policies are measured:
+//! pages cleared when freed (the default) and cleared by every allocation.
+//!
+//! `cargo bench -p drm-pagemap-cuda --bench fault_latency [-- --iters N]`.
+//! Without a GPU: one "skipped: <reason>" line, exit 0.
+
+use drm_pagemap_core::*;
+use drm_pagemap_cuda::sys;
+use drm_pagemap_cuda::{CudaBackend, CudaConfig};
+use std::ffi::c_void;
+use std::time::{Duration, Instant};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const LIMIT: Option<Duration> = Some(Duration::from_secs(5));
+
+fn ck(api: &str, r: sys::CUresult) {
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS, "{api} failed");
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Per-step timings of one case (microseconds).
+#[derive(Default)]
+struct Steps {
+    alloc: Vec<f64>,
+    submit: Vec<f64>,
+    wait: Vec<f64>,
+    total: Vec<f64>,
+    cleared: u64,
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// `iters` faults of `n` pages of `ps` from system memory into a pagemap of `backend`.
+fn faults(backend: &CudaBackend, id: u8, n: usize, ps: PageSize, iters: usize) -> Steps {
+    backend
+        .create_pagemap(&PagemapSpec {
+            id: PagemapId(id),
+            device: DeviceId(0),
+            owner: None,
+            capacity_bytes: 256 * MIB,
+        })
+        .unwrap();
+    let pm = backend.cuda_pagemap(PagemapId(id)).unwrap();
+    let host = backend.pinned_host();
+    let mut frames = Vec::new();
+    host.alloc_frames(n, ps, &mut frames).unwrap();
+    for (k, &f) in frames.iter().enumerate() {
+        host.write(f, 0, &(k as u64 + 1).to_le_bytes());
+    }
+    let mut addrs = vec![DmaAddr::NONE; n];
+    host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
+        .unwrap();
+    let mut pfns = vec![Pfn(0); n];
+    let mut s = Steps::default();
+    let before = pm.stats().allocations_cleared;
+    for i in 0..iters + 10 {
+        let t0 = Instant::now();
+        let a = pm.allocate(n, ps).unwrap();
+        let t1 = Instant::now();
+        pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
+        let f = pm
+            .copy_to_devmem(&CopyRequest {
+                page_size: ps,
+                pages: &pfns,
+                addrs: &addrs,
+                pre_fence: a.pre_migrate_fence.as_ref(),
+            })
+            .unwrap();
+        let t2 = Instant::now();
+        f.wait_for(LIMIT).unwrap();
+        let t3 = Instant::now();
+        if i >= 10 {
+            s.alloc.push(us(t1 - t0));
+            s.submit.push(us(t2 - t1));
+            s.wait.push(us(t3 - t2));
+            s.total.push(us(t3 - t0));
+        }
+        // Check a word of the last page, then free (untimed, like an eviction).
+        let mut one = [0u8; 8];
+        let mut back = Vec::new();
+        host.alloc_frames(1, ps, &mut back).unwrap();
+        let mut ba = [DmaAddr::NONE];
+        host.map_frames(DeviceId(0), &back, ps, Direction::FromDevice, &mut ba)
+            .unwrap();
+        pm.copy_to_ram(&CopyRequest {
+            page_size: ps,
+            pages: &pfns[n - 1..],
+            addrs: &ba,
+            pre_fence: None,
+        })
+        .unwrap()
+        .wait()
+        .unwrap();
+        host.read(back[0], 0, &mut one);
+        assert_eq!(u64::from_le_bytes(one), n as u64, "fault {i}: data arrived");
+        host.free_frames(&back, ps);
+        pm.devmem_release(a);
+    }
+    s.cleared = pm.stats().allocations_cleared - before;
+    host.free_frames(&frames, ps);
+    s
+}
+
+/// `iters` contiguous `cuMemcpyAsync`s of `bytes` host -> device on a fresh stream, each
+/// followed by an event polled until it completes; microseconds.
+fn memcpy_floor(bytes: u64, iters: usize) -> Vec<f64> {
+    let (mut hostp, mut dev): (*mut c_void, u64) = (std::ptr::null_mut(), 0);
+    let (mut stream, mut ev) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let (mut cudev, mut ctx) = (0, std::ptr::null_mut());
+    let mut out = Vec::with_capacity(iters);
+    // SAFETY: device 0's primary context (the backend retains it too), made current; plain
+    // allocations of `bytes`, freed below; the copies stay inside them.
+    unsafe {
+        ck("cuDeviceGet", sys::cuDeviceGet(&mut cudev, 0));
+        ck(
+            "cuDevicePrimaryCtxRetain",
+            sys::cuDevicePrimaryCtxRetain(&mut ctx, cudev),
+        );
+        ck("cuCtxSetCurrent", sys::cuCtxSetCurrent(ctx));
+        ck(
+            "cuMemHostAlloc",
+            sys::cuMemHostAlloc(
+                &mut hostp,
+                bytes as usize,
+                sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE,
+            ),
+        );
+        std::ptr::write_bytes(hostp as *mut u8, 1, bytes as usize);
+        ck("cuMemAlloc", sys::cuMemAlloc_v2(&mut dev, bytes as usize));
+        ck(
+            "cuStreamCreate",
+            sys::cuStreamCreate(
+                &mut stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            ),
+        );
+        ck(
+            "cuEventCreate",
+            sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32),
+        );
+        for i in 0..iters + 10 {
+            let t0 = Instant::now();
+            ck(
+                "cuMemcpyAsync",
+                sys::cuMemcpyAsync(dev, hostp as u64, bytes as usize, stream),
+            );
+            ck("cuEventRecord", sys::cuEventRecord(ev, stream));
+            loop {
+                match sys::cuEventQuery(ev) {
+                    sys::CUresult::CUDA_SUCCESS => break,
+                    sys::CUresult::CUDA_ERROR_NOT_READY => std::thread::yield_now(),
+                    r => ck("cuEventQuery", r),
+                }
+            }
+            if i >= 10 {
+                out.push(us(t0.elapsed()));
+            }
+        }
+        sys::cuEventDestroy_v2(ev);
+        sys::cuStreamDestroy_v2(stream);
+        sys::cuMemFree_v2(dev);
+        sys::cuMemFreeHost(hostp);
+        sys::cuDevicePrimaryCtxRelease_v2(cudev);
+    }
+    out
+}
+
+fn main() {
+    if let Err(reason) = drm_pagemap_cuda::probe() {
+        println!("skipped: {reason}");
+        return;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let iters = args
+        .iter()
+        .position(|a| a == "--iters")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300usize);
+    let cases = [
+        (64 * KIB, PageSize::Size4K),
+        (64 * KIB, PageSize::Size64K),
+        (2 * MIB, PageSize::Size4K),
+        (2 * MIB, PageSize::Size2M),
+    ];
+    let open = |clear_on_free| {
+        CudaBackend::new(CudaConfig {
+            devices: Some(1),
+            host_capacity: 256 * MIB,
+            clear_on_free,
+            ..CudaConfig::default()
+        })
+        .expect("open cuda")
+    };
+    let on_free = open(true);
+    let on_alloc = open(false);
+    println!(
+        "fault latency, backend level (allocate -> copy_to_devmem -> fence), {iters} faults each, \
+         medians (p90) in microseconds"
+    );
+    println!(
+        "{:<16} {:<14} {:>13} {:>13} {:>13} {:>15} {:>14} {:>8} {:>9}",
+        "case",
+        "clear",
+        "allocate",
+        "copy submit",
+        "copy wait",
+        "total",
+        "cuMemcpy+event",
+        "ratio",
+        "cleared"
+    );
+    let mut id = 0u8;
+    for &(bytes, ps) in &cases {
+        let n = (bytes / ps.bytes()) as usize;
+        let mut floor = memcpy_floor(bytes, iters);
+        let floor_med = pct(&mut floor, 0.5);
+        for (label, backend) in [("on free", &on_free), ("on allocate", &on_alloc)] {
+            let mut s = faults(backend, id, n, ps, iters);
+            id += 1;
+            let total = pct(&mut s.total, 0.5);
+            println!(
+                "{:<16} {:<14} {:>13.1} {:>13.1} {:>13.1} {:>7.1} ({:>5.1}) {:>14.1} {:>8.2} {:>9}",
+                format!("{} x{}", ps, n),
+                label,
+                pct(&mut s.alloc, 0.5),
+                pct(&mut s.submit, 0.5),
+                pct(&mut s.wait, 0.5),
+                total,
+                pct(&mut s.total, 0.9),
+                floor_med,
+                total / floor_med,
+                s.cleared
+            );
+        }
+    }
+}
