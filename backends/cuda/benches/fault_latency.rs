@@ -13,7 +13,7 @@
 
 use drm_pagemap_core::*;
 use drm_pagemap_cuda::sys;
-use drm_pagemap_cuda::{CudaBackend, CudaConfig};
+use drm_pagemap_cuda::{CudaBackend, CudaConfig, KernelSource};
 use std::ffi::c_void;
 use std::time::{Duration, Instant};
 
@@ -44,8 +44,9 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// `iters` faults of `n` pages of `ps` from system memory into a pagemap of `backend`.
-fn faults(backend: &CudaBackend, id: u8, n: usize, ps: PageSize, iters: usize) -> Steps {
+/// `iters` faults of `n` pages of `ps` from system memory into a pagemap of `backend`;
+/// `dma`: runs of any length go to DMA (else the default crossover).
+fn faults(backend: &CudaBackend, id: u8, n: usize, ps: PageSize, iters: usize, dma: bool) -> Steps {
     backend
         .create_pagemap(&PagemapSpec {
             id: PagemapId(id),
@@ -55,6 +56,9 @@ fn faults(backend: &CudaBackend, id: u8, n: usize, ps: PageSize, iters: usize) -
         })
         .unwrap();
     let pm = backend.cuda_pagemap(PagemapId(id)).unwrap();
+    if dma {
+        pm.set_dma_min(ps.bytes(), pm.dma_min().1);
+    }
     let host = backend.pinned_host();
     let mut frames = Vec::new();
     host.alloc_frames(n, ps, &mut frames).unwrap();
@@ -113,6 +117,30 @@ fn faults(backend: &CudaBackend, id: u8, n: usize, ps: PageSize, iters: usize) -
     s.cleared = pm.stats().allocations_cleared - before;
     host.free_frames(&frames, ps);
     s
+}
+
+/// `iters` empty kernel launches on a pagemap's stream through the backend (`stall(0)`, a
+/// fence recorded behind it, polled until it signals); microseconds.
+fn launch_floor(backend: &CudaBackend, id: u8, iters: usize) -> Vec<f64> {
+    backend
+        .create_pagemap(&PagemapSpec {
+            id: PagemapId(id),
+            device: DeviceId(0),
+            owner: None,
+            capacity_bytes: 2 * MIB,
+        })
+        .unwrap();
+    let pm = backend.cuda_pagemap(PagemapId(id)).unwrap();
+    let mut out = Vec::with_capacity(iters);
+    for i in 0..iters + 10 {
+        let t0 = Instant::now();
+        pm.stall(0).unwrap();
+        pm.fence().unwrap().wait_for(LIMIT).unwrap();
+        if i >= 10 {
+            out.push(us(t0.elapsed()));
+        }
+    }
+    out
 }
 
 /// `iters` contiguous `cuMemcpyAsync`s of `bytes` host -> device on a fresh stream, each
@@ -197,17 +225,21 @@ fn main() {
         (2 * MIB, PageSize::Size4K),
         (2 * MIB, PageSize::Size2M),
     ];
-    let open = |clear_on_free| {
+    let open = |clear_on_free, kernel| {
         CudaBackend::new(CudaConfig {
             devices: Some(1),
             host_capacity: 256 * MIB,
             clear_on_free,
+            kernel,
             ..CudaConfig::default()
         })
         .expect("open cuda")
     };
-    let on_free = open(true);
-    let on_alloc = open(false);
+    let on_free = open(true, KernelSource::Auto);
+    let on_alloc = open(false, KernelSource::Auto);
+    // The fallback PTX has no small-call kernel: its calls read their lists from a staging
+    // buffer in system memory.
+    let lists = open(true, KernelSource::Fallback);
     println!(
         "fault latency, backend level (allocate -> copy_to_devmem -> fence), {iters} faults each, \
          medians (p90) in microseconds"
@@ -225,12 +257,22 @@ fn main() {
         "cleared"
     );
     let mut id = 0u8;
+    let mut launch = launch_floor(&on_free, 99, iters);
     for &(bytes, ps) in &cases {
         let n = (bytes / ps.bytes()) as usize;
         let mut floor = memcpy_floor(bytes, iters);
         let floor_med = pct(&mut floor, 0.5);
-        for (label, backend) in [("on free", &on_free), ("on allocate", &on_alloc)] {
-            let mut s = faults(backend, id, n, ps, iters);
+        let runs = [
+            ("on free", &on_free, false),
+            ("on allocate", &on_alloc, false),
+            ("free, staged", &lists, false),
+            ("free, DMA", &on_free, true),
+        ];
+        for (label, backend, dma) in runs {
+            if dma && n == 1 && ps == PageSize::Size2M {
+                continue; // one 2 MiB run goes to DMA anyway
+            }
+            let mut s = faults(backend, id, n, ps, iters, dma);
             id += 1;
             let total = pct(&mut s.total, 0.5);
             println!(
@@ -248,4 +290,9 @@ fn main() {
             );
         }
     }
+    println!(
+        "empty kernel launch + fence through the backend: {:.1} us median ({:.1} p90)",
+        pct(&mut launch, 0.5),
+        pct(&mut launch, 0.9)
+    );
 }

@@ -38,6 +38,39 @@ dpm_copy_pages(const u32* pfns, const u64* addrs, u64 n_items, u64 own_base, u32
     }
 }
 
+// The same copy for calls of at most DPM_SMALL entries, with the page lists passed by value
+// as a kernel parameter: no staging buffer, and no read of the lists across the bus before
+// the first byte moves (the small calls of GPU faults are latency-bound). Not in pages.ll:
+// with the fallback PTX, small calls take dpm_copy_pages.
+#define DPM_SMALL 64
+struct dpm_small_lists {
+    u64 addrs[DPM_SMALL];
+    u32 pfns[DPM_SMALL];
+};
+
+extern "C" __global__ void __launch_bounds__(256)
+dpm_copy_small(const dpm_small_lists lists, u64 n_items, u64 own_base, u32 item_shift, u32 to_own)
+{
+    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    u64 nwarps = ((u64)gridDim.x * blockDim.x) >> 5;
+    u32 lane = threadIdx.x & 31;
+    for (u64 item = warp; item < n_items; item += nwarps) {
+        u64 e = item >> item_shift;
+        u64 other = lists.addrs[e];
+        if (other == 0) continue;
+        u64 sub = (item & ((1ull << item_shift) - 1)) << 12;
+        u64 own = own_base + ((u64)lists.pfns[e] << 12) + sub;
+        other += sub;
+        const uint4* src = (const uint4*)(to_own ? other : own);
+        uint4* dst = (uint4*)(to_own ? own : other);
+        uint4 v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = src[lane + 32 * k];
+#pragma unroll
+        for (int k = 0; k < 8; k++) dst[lane + 32 * k] = v[k];
+    }
+}
+
 // Zeroes `bytes` (a multiple of 16) at `dst`: the clear of new allocations. A kernel rather
 // than cuMemsetD*Async, which the driver may serialise against every stream of the device.
 extern "C" __global__ void __launch_bounds__(256) dpm_zero(u64 dst, u64 bytes)

@@ -71,28 +71,45 @@ impl CleanMap {
     /// Of the pages starting at `starts` (each `page` granules), appends those with a dirty
     /// granule to `out`.
     pub(crate) fn dirty_pages(&self, starts: &[u64], page: u64, out: &mut Vec<u64>) {
-        out.extend(starts.iter().copied().filter(|&s| self.any_dirty(s, page)));
+        // Runs of touching pages are checked a word at a time; only a dirty run page by page.
+        for (first, len) in runs(starts, page) {
+            let run = &starts[first..first + len];
+            if self.any_dirty(run[0], len as u64 * page) {
+                out.extend(run.iter().copied().filter(|&s| self.any_dirty(s, page)));
+            }
+        }
     }
 
     /// Marks every page of `starts` (each `page` granules) dirty or clean.
     pub(crate) fn set_pages(&mut self, starts: &[u64], page: u64, dirty: bool) {
-        for &s in starts {
-            self.set(s, page, dirty);
+        for (first, len) in runs(starts, page) {
+            self.set(starts[first], len as u64 * page, dirty);
         }
     }
+}
+
+/// Runs `(first index, pages)` of `starts` whose pages touch (each `page` granules).
+fn runs(starts: &[u64], page: u64) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= starts.len() {
+            return None;
+        }
+        let first = i;
+        i += 1;
+        while i < starts.len() && starts[i] == starts[i - 1] + page {
+            i += 1;
+        }
+        Some((first, i - first))
+    })
 }
 
 /// Pages (starts in granules, each `page` granules) merged into extents `(start, granules)`
 /// where consecutive pages touch; the order of `starts` is kept.
 pub(crate) fn extents(starts: &[u64], page: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &s in starts {
-        match out.last_mut() {
-            Some(last) if last.0 + last.1 == s => last.1 += page,
-            _ => out.push((s, page)),
-        }
-    }
-    out
+    runs(starts, page)
+        .map(|(first, len)| (starts[first], len as u64 * page))
+        .collect()
 }
 
 #[cfg(test)]

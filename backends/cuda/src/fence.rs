@@ -109,10 +109,13 @@ impl CudaFence {
         self.event.get().map(|e| e.raw as usize)
     }
 
-    /// Whether the event was recorded on the stream of fence context `context` (a pagemap's
-    /// copy stream has one context; deferred copies have contexts of their own).
-    pub(crate) fn recorded_on(&self, context: u64) -> bool {
-        self.context == context && self.event.get().is_some()
+    /// Whether work queued on the stream of fence context `context` (a pagemap's copy stream
+    /// has one; deferred copies have contexts of their own) is ordered after this fence and
+    /// learns of its failure without looking at it: its event was recorded on that stream
+    /// and it depends on nothing else (a failure on the stream is a sticky context error,
+    /// which every later event of the stream reports too).
+    pub(crate) fn ordered_by_stream(&self, context: u64) -> bool {
+        self.context == context && self.deps.is_empty() && self.event.get().is_some()
     }
 
     pub(crate) fn event(&self) -> Option<&Arc<Event>> {

@@ -21,6 +21,15 @@ pub(crate) const GATE_ABORT: u32 = 2;
 
 /// Threads per block of the copy kernel (8 warps, one 4 KiB item each).
 pub const BLOCK_THREADS: u32 = 256;
+/// Entries a small call passes to the kernel by value (`DPM_SMALL` in `pages.cu`).
+pub const SMALL_ENTRIES: usize = 64;
+
+/// The page lists of a small call, passed by value (layout of `dpm_small_lists`).
+#[repr(C)]
+pub(crate) struct SmallLists {
+    pub addrs: [u64; SMALL_ENTRIES],
+    pub pfns: [u32; SMALL_ENTRIES],
+}
 const MAX_BLOCKS: u64 = 1 << 20;
 
 /// Where the kernel comes from.
@@ -51,6 +60,8 @@ pub(crate) struct Kernels {
     ctx: Arc<Context>,
     module: sys::CUmodule,
     copy: sys::CUfunction,
+    /// `dpm_copy_small` (NVRTC builds; the fallback PTX has none).
+    small: sys::CUfunction,
     spin: sys::CUfunction,
     wait: sys::CUfunction,
     zero: sys::CUfunction,
@@ -131,6 +142,7 @@ fn load_ptx(ctx: &Arc<Context>, ptx: &str, origin: String) -> Result<Kernels, Ba
         ctx: ctx.clone(),
         module,
         copy: std::ptr::null_mut(),
+        small: std::ptr::null_mut(),
         spin: std::ptr::null_mut(),
         wait: std::ptr::null_mut(),
         zero: std::ptr::null_mut(),
@@ -158,6 +170,12 @@ fn load_ptx(ctx: &Arc<Context>, ptx: &str, origin: String) -> Result<Kernels, Ba
             sys::cuModuleGetFunction(&mut k.zero, module, c"dpm_zero".as_ptr()),
             "dpm_zero",
         )?;
+        // Optional: small calls take dpm_copy_pages without it.
+        if sys::cuModuleGetFunction(&mut k.small, module, c"dpm_copy_small".as_ptr())
+            != sys::CUresult::CUDA_SUCCESS
+        {
+            k.small = std::ptr::null_mut();
+        }
     }
     Ok(k)
 }
@@ -238,6 +256,64 @@ impl Kernels {
             )
         };
         check("cuLaunchKernel", r, "dpm_copy_pages")
+    }
+
+    /// Whether small calls can pass their lists by value ([`Kernels::launch_copy_small`]).
+    pub(crate) fn has_small(&self) -> bool {
+        !self.small.is_null()
+    }
+
+    /// Queues the copy of a small call whose lists are `lists` (entries `0..n_items >>
+    /// item_shift`), as [`Kernels::launch_copy`] with the lists by value. `Ok(false)`: this
+    /// module has no small-call kernel (nothing queued).
+    ///
+    /// # Safety
+    /// Every address the used entries name must be valid for the kernel's accesses until the
+    /// work completes.
+    pub(crate) unsafe fn launch_copy_small(
+        &self,
+        stream: &Stream,
+        lists: &SmallLists,
+        n_items: u64,
+        own_base: u64,
+        item_shift: u32,
+        to_own: bool,
+    ) -> Result<bool, BackendError> {
+        if self.small.is_null() {
+            return Ok(false);
+        }
+        let warps_per_block = (BLOCK_THREADS / 32) as u64;
+        let blocks = n_items.div_ceil(warps_per_block).clamp(1, MAX_BLOCKS) as u32;
+        let mut a_n = n_items;
+        let mut a_base = own_base;
+        let mut a_shift = item_shift;
+        let mut a_to_own = to_own as u32;
+        let mut params: [*mut c_void; 5] = [
+            lists as *const SmallLists as *mut c_void,
+            &mut a_n as *mut u64 as *mut c_void,
+            &mut a_base as *mut u64 as *mut c_void,
+            &mut a_shift as *mut u32 as *mut c_void,
+            &mut a_to_own as *mut u32 as *mut c_void,
+        ];
+        // SAFETY: the parameters match the kernel's signature (the struct by value, laid out
+        // as in pages.cu) and outlive the call (the driver copies them); the caller vouches
+        // for the addresses.
+        let r = unsafe {
+            sys::cuLaunchKernel(
+                self.small,
+                blocks,
+                1,
+                1,
+                BLOCK_THREADS,
+                1,
+                1,
+                0,
+                stream.raw,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        check("cuLaunchKernel", r, "dpm_copy_small").map(|()| true)
     }
 
     /// Queues a kernel that holds `stream` until the word at `flag` is non-zero (or
@@ -336,5 +412,21 @@ impl Kernels {
             )
         };
         check("cuLaunchKernel", r, "dpm_spin")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_lists_match_the_kernel_source() {
+        assert!(KERNEL_SOURCE.contains(&format!("#define DPM_SMALL {SMALL_ENTRIES}\n")));
+        assert_eq!(std::mem::size_of::<SmallLists>(), SMALL_ENTRIES * 12);
+        assert_eq!(std::mem::align_of::<SmallLists>(), 8);
+        assert!(
+            !FALLBACK_PTX.contains("dpm_copy_small"),
+            "the fallback PTX has no small-call kernel (loading treats it as optional)"
+        );
     }
 }

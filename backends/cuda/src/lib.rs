@@ -46,8 +46,8 @@ pub mod plan;
 pub use fence::CudaFence;
 pub use gate::Hold;
 pub use host::{HOST_CHUNK, PinnedHostMemory};
-pub use kernel::{BLOCK_THREADS, FALLBACK_PTX, KERNEL_SOURCE, KernelSource};
-pub use pagemap::{CudaPagemap, CudaStats};
+pub use kernel::{BLOCK_THREADS, FALLBACK_PTX, KERNEL_SOURCE, KernelSource, SMALL_ENTRIES};
+pub use pagemap::{CudaPagemap, CudaStats, LATENCY_DMA_RUNS};
 
 /// cudarc's driver bindings, as this crate was built with them (benches use them).
 pub use cudarc::driver::sys;

@@ -8,7 +8,7 @@ use crate::driver::{Event, Stream, check, driver_error, err};
 use crate::fence::CudaFence;
 use crate::gate::{ControlPage, Gates, Hold};
 use crate::host::PinnedHostMemory;
-use crate::kernel::{GATE_ABORT, Kernels};
+use crate::kernel::{GATE_ABORT, Kernels, SMALL_ENTRIES, SmallLists};
 use crate::plan;
 use cudarc::driver::sys;
 use drm_pagemap_core::mem::ExtentAllocator;
@@ -30,6 +30,9 @@ const SLOT_BYTES: usize = 2 << 20;
 const LISTS_DEV_BYTES: usize = 1 << 20;
 /// Bytes of the zeroed device buffer that scattered pages are cleared from (the largest page).
 const ZERO_SRC_BYTES: usize = 2 << 20;
+/// A call of at most [`SMALL_ENTRIES`] entries in at most this many runs copies its runs
+/// touching system memory with one DMA each, whatever their length (unless DMA is off).
+pub const LATENCY_DMA_RUNS: usize = 3;
 /// Clears of up to this many extents are one zeroing kernel each; more, one copy kernel from
 /// the zeroed buffer over a page list.
 const ZERO_EXTENTS_DIRECT: usize = 4;
@@ -447,6 +450,8 @@ impl CudaPagemap {
 
     /// Runs with the DMA crossover set to `host` bytes (runs touching system memory) and
     /// `device` bytes (device-to-device runs): a run at least that long is one DMA copy.
+    /// Besides, a call of at most [`LATENCY_DMA_RUNS`] runs copies its system-memory runs
+    /// by DMA whatever their length; `host == u64::MAX` turns DMA off for those as well.
     pub fn set_dma_min(&self, host: u64, device: u64) {
         self.dma_min_host.store(host, Ordering::SeqCst);
         self.dma_min_device.store(device, Ordering::SeqCst);
@@ -617,14 +622,21 @@ impl CudaPagemap {
         self.group.contains(&d)
     }
 
-    /// Sorts the pending parts of the pre-fence: CUDA fences of this backend (also inside
-    /// containers) become stream dependencies, anything else is waited for on the CPU by a
+    /// Sorts the pending parts of the pre-fence: fences of this stream that order everything
+    /// queued after them (clears) need nothing; other CUDA fences of this backend (also inside
+    /// containers) become stream dependencies; anything else is waited for on the CPU by a
     /// helper thread. Err: the pre-fence already failed.
     fn gather_pre(
+        &self,
         f: &Fence,
         cuda: &mut Vec<Fence>,
         host: &mut Vec<Fence>,
     ) -> Result<(), BackendError> {
+        if f.downcast_ref::<CudaFence>()
+            .is_some_and(|cf| cf.ordered_by_stream(self.timeline.context()))
+        {
+            return Ok(());
+        }
         match f.status() {
             FenceStatus::Signaled => return Ok(()),
             FenceStatus::Failed(e) => return Err(e),
@@ -636,7 +648,7 @@ impl CudaPagemap {
             cuda.push(f.clone());
         } else if let Some(arr) = f.downcast_ref::<FenceArray>() {
             for m in arr.members() {
-                Self::gather_pre(m, cuda, host)?;
+                self.gather_pre(m, cuda, host)?;
             }
         } else {
             host.push(f.clone());
@@ -658,7 +670,15 @@ impl CudaPagemap {
             ));
         }
         let ps = req.page_size;
-        let (dma_host, dma_dev) = self.dma_min();
+        let (mut dma_host, dma_dev) = self.dma_min();
+        // A small call of a few runs is latency-bound: a DMA per run touching system memory
+        // starts sooner than a kernel launch (measured by the fault_latency bench).
+        if dma_host != u64::MAX
+            && n <= SMALL_ENTRIES
+            && plan::count_runs(req.pages, req.addrs, ps, LATENCY_DMA_RUNS + 1) <= LATENCY_DMA_RUNS
+        {
+            dma_host = 0;
+        }
         let host = &self.host;
         let split = plan::split(req.pages, req.addrs, ps, dma_host.min(dma_dev), |a| {
             if host.contains(a) { dma_host } else { dma_dev }
@@ -677,7 +697,7 @@ impl CudaPagemap {
         // The pre-fence: what has failed already fails the call's fence (nothing queued).
         let (mut cuda_waits, mut host_waits) = (Vec::new(), Vec::new());
         if let Some(pf) = req.pre_fence
-            && let Err(e) = Self::gather_pre(pf, &mut cuda_waits, &mut host_waits)
+            && let Err(e) = self.gather_pre(pf, &mut cuda_waits, &mut host_waits)
         {
             let e = BackendError::new(e.kind.clone(), format!("pre-fence failed: {}", e.message));
             return Ok(Fence::new(CudaFence::failed(
@@ -791,10 +811,6 @@ impl CudaPagemap {
                 let cf = w
                     .downcast_ref::<CudaFence>()
                     .expect("gathered CUDA fences only");
-                // Recorded on this stream: the copy is queued behind it already.
-                if cf.recorded_on(self.timeline.context()) {
-                    continue;
-                }
                 if let Some(ev) = cf.event() {
                     // SAFETY: both handles are alive; a stream may wait on an event of any
                     // context.
@@ -804,9 +820,46 @@ impl CudaPagemap {
                 }
             }
             let mut slot_used = None;
-            if let Some(k) = &kernels {
-                let segs = plan::kernel_segments(split, n);
-                let entries: usize = segs.iter().map(|&(s, e)| e - s).sum();
+            let segs = if kernels.is_some() {
+                plan::kernel_segments(split, n)
+            } else {
+                Vec::new()
+            };
+            let entries: usize = segs.iter().map(|&(s, e)| e - s).sum();
+            let small = match &kernels {
+                Some(k) if entries <= SMALL_ENTRIES && k.has_small() => Some(k),
+                _ => None,
+            };
+            if let Some(k) = small {
+                // Lists by value: no staging buffer, nothing read across the bus first.
+                let mut lists = SmallLists {
+                    addrs: [0; SMALL_ENTRIES],
+                    pfns: [0; SMALL_ENTRIES],
+                };
+                let mut at = 0usize;
+                for &(s, e) in &segs {
+                    for i in s..e {
+                        lists.addrs[at] = req.addrs[i].0;
+                        lists.pfns[at] = req.pages[i].0;
+                        at += 1;
+                    }
+                }
+                let shift = ps.granules().trailing_zeros();
+                // SAFETY: own pages are inside the mapped arena (pfn_end checked; allocated
+                // pages are backed); other addresses were mapped for this device by the core.
+                unsafe {
+                    k.launch_copy_small(
+                        &self.stream,
+                        &lists,
+                        (entries as u64) << shift,
+                        self.arena.base,
+                        shift,
+                        to_own,
+                    )?
+                };
+                issued += 1;
+                self.counters.kernels.fetch_add(1, Ordering::Relaxed);
+            } else if let Some(k) = &kernels {
                 let bytes = entries * 12 + 16;
                 let si = acquire_slot(sub, bytes)?;
                 let slot = &sub.slots[si];

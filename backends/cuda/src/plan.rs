@@ -109,6 +109,31 @@ pub fn split(
     out
 }
 
+/// How many runs `pages`/`addrs` make (as [`split`] forms them; entries without an address
+/// belong to none), counting no further than `limit`.
+pub fn count_runs(pages: &[Pfn], addrs: &[DmaAddr], page_size: PageSize, limit: usize) -> usize {
+    let n = pages.len().min(addrs.len());
+    let g = page_size.granules() as u32;
+    let b = page_size.bytes();
+    let mut runs = 0;
+    for i in 0..n {
+        if addrs[i].0 == 0 {
+            continue;
+        }
+        let continues = i > 0
+            && addrs[i - 1].0 != 0
+            && pages[i].0 == pages[i - 1].0.wrapping_add(g)
+            && addrs[i].0 == addrs[i - 1].0.wrapping_add(b);
+        if !continues {
+            runs += 1;
+            if runs > limit {
+                break;
+            }
+        }
+    }
+    runs
+}
+
 /// The entry ranges `[start, end)` the kernel copies: everything between DMA runs.
 pub fn kernel_segments(split: &Split, n: usize) -> Vec<(usize, usize)> {
     let mut segs = Vec::with_capacity(split.dma.len() + 1);
@@ -253,6 +278,22 @@ mod tests {
                 "case {case}"
             );
         }
+    }
+
+    #[test]
+    fn count_runs_agrees_with_split() {
+        let pages = p(&[10, 11, 12, 13, 14, 20, 21, 40]);
+        let addrs = a(&[0x1000, 0x2000, 0x3000, 0x4000, 0, 0x9000, 0xa000, 0x5000]);
+        assert_eq!(count_runs(&pages, &addrs, PageSize::Size4K, 100), 3);
+        assert_eq!(
+            count_runs(&pages, &addrs, PageSize::Size4K, 1),
+            2,
+            "stops past the limit"
+        );
+        let s = split(&pages, &addrs, PageSize::Size4K, 0, |_| 0);
+        assert_eq!(s.dma.len(), 3);
+        assert_eq!(count_runs(&[], &[], PageSize::Size2M, 5), 0);
+        assert_eq!(count_runs(&p(&[1, 2]), &a(&[0, 0]), PageSize::Size4K, 5), 0);
     }
 
     #[test]

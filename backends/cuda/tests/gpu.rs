@@ -991,6 +991,38 @@ fn device_fault_fails_the_fence_with_its_curesult() {
 }
 
 #[test]
+fn small_calls_copy_every_page_size_with_either_kernel() {
+    if !gpu() {
+        return;
+    }
+    let _gpu = shared();
+    // Calls of up to 64 kernel entries pass their lists by value (NVRTC kernels); the
+    // fallback PTX stages them; 65 entries stage them either way.
+    for source in [KernelSource::Auto, KernelSource::Fallback] {
+        let r = rig_with(
+            CudaConfig {
+                kernel: source,
+                ..config()
+            },
+            2,
+        );
+        for ps in sizes() {
+            for (k, pages) in [1usize, 7, 64, 65].into_iter().enumerate() {
+                if ps == PageSize::Size2M && pages > 7 {
+                    continue;
+                }
+                let before = r.pms[0].stats().kernel_launches;
+                scattered_round_trip(&r, ps, pages, 0x5100 + k as u64, u64::MAX);
+                assert!(
+                    r.pms[0].stats().kernel_launches >= before + 2,
+                    "{ps} x{pages}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn fallback_ptx_and_nvrtc_kernels_copy_the_same_bytes() {
     if !gpu() {
         return;
