@@ -57,7 +57,8 @@ pub(crate) struct AllocRecord {
     pub state: AllocState,
     pub pagemap: PagemapId,
     pub page_size: PageSize,
-    pub pfns: Vec<Pfn>,
+    /// The pages, as `populate_devmem_pfn` gave them (shared: never changes).
+    pub pfns: Arc<[Pfn]>,
     pub rmap: Vec<RmapEntry>,
     pub live: u32,
     pub expires: Instant,

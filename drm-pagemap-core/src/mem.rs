@@ -92,15 +92,25 @@ impl ExtentAllocator {
 
     /// Returns pages of `page` granules, merging runs of consecutive starts.
     pub fn free_pages(&self, starts: &[u64], page: u64) {
+        self.free_page_iter(starts.iter().copied(), page)
+    }
+
+    /// [`ExtentAllocator::free_pages`] over any sequence of page starts (no list built).
+    pub fn free_page_iter(&self, starts: impl IntoIterator<Item = u64>, page: u64) {
         let mut ex = self.lock();
-        let mut i = 0;
-        while i < starts.len() {
-            let mut j = i + 1;
-            while j < starts.len() && starts[j] == starts[j - 1] + page {
-                j += 1;
-            }
-            ex.free(starts[i], (j - i) as u64 * page);
-            i = j;
+        let mut run: Option<(u64, u64)> = None;
+        for s in starts {
+            run = match run {
+                Some((a, n)) if a + n * page == s => Some((a, n + 1)),
+                Some((a, n)) => {
+                    ex.free(a, n * page);
+                    Some((s, 1))
+                }
+                None => Some((s, 1)),
+            };
+        }
+        if let Some((a, n)) = run {
+            ex.free(a, n * page);
         }
     }
 }
@@ -410,8 +420,8 @@ impl crate::HostMemory for ArenaHostMemory {
     }
 
     fn free_frames(&self, frames: &[crate::HostFrame], page_size: crate::PageSize) {
-        let starts: Vec<u64> = frames.iter().map(|f| f.0).collect();
-        self.frames.free_pages(&starts, page_size.granules());
+        self.frames
+            .free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
     }
 
     fn read(&self, frame: crate::HostFrame, offset: usize, buf: &mut [u8]) {

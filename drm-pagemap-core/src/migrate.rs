@@ -220,10 +220,14 @@ impl AddressSpace {
                 return fail(&mut st, e);
             }
             let snapshot: Vec<PageEntry> = pages.to_vec();
-            let mut src_pfns = vec![Pfn(0); span.count];
-            for (o, e) in src_pfns.iter_mut().zip(&snapshot) {
-                if e.kind() == Kind::Device {
-                    *o = st.allocs.by_slot(e.slot()).pfns[e.index() as usize];
+            // Source pfns of device pages (only those are read); none without device pages.
+            let mut src_pfns = Vec::new();
+            if snapshot.iter().any(|e| e.kind() == Kind::Device) {
+                src_pfns.resize(span.count, Pfn(0));
+                for (o, e) in src_pfns.iter_mut().zip(&snapshot) {
+                    if e.kind() == Kind::Device {
+                        *o = st.allocs.by_slot(e.slot()).pfns[e.index() as usize];
+                    }
                 }
             }
             let rec = st.allocs.get_mut(alloc).expect("checked above");
@@ -660,14 +664,19 @@ impl Job<'_> {
     /// Switches every page to the destination, frees the old pages, unlocks.
     fn commit(&self, timeslice: Duration) {
         let mut releases: Vec<Release> = Vec::new();
-        let mut frames: Vec<(HostFrame, PageSize)> = Vec::new();
+        let span = self.span;
+        let systems = self
+            .snapshot
+            .iter()
+            .filter(|e| e.kind() == Kind::System)
+            .count();
+        let mut frames: Vec<HostFrame> = Vec::with_capacity(systems);
         {
-            let mut st = self.mm.lock();
-            let span = self.span;
+            let mut guard = self.mm.lock();
             let slot = self.alloc.slot;
             let dest = self.dest.id();
             {
-                let rec = st
+                let rec = guard
                     .allocs
                     .get_mut(self.alloc)
                     .expect("allocation of a running migration");
@@ -678,26 +687,34 @@ impl Job<'_> {
                     *r = RmapEntry::new(span.slot, (span.first + k) as u32);
                 }
             }
+            guard.touch(span.slot, span.first, span.count);
+            let st = &mut *guard;
+            let pages = &mut st.range_slots[span.slot as usize]
+                .as_mut()
+                .expect("range slot in use")
+                .pages[span.first..span.first + span.count];
+            let allocs = &mut st.allocs;
             let mut run = None;
-            for (k, &old) in self.snapshot.iter().enumerate() {
+            for ((k, new), &old) in pages.iter_mut().enumerate().zip(self.snapshot) {
                 match old.kind() {
                     Kind::Hole => {}
-                    Kind::System => frames.push((old.frame(), span.page_size)),
+                    Kind::System => frames.push(old.frame()),
                     Kind::Device => {
-                        st.allocs.by_slot_mut(old.slot()).rmap[old.index() as usize] =
+                        allocs.by_slot_mut(old.slot()).rmap[old.index() as usize] =
                             RmapEntry::EMPTY;
-                        run = flush_run(&mut st.allocs, run, old.slot(), &mut releases);
+                        run = flush_run(allocs, run, old.slot(), &mut releases);
                     }
                 }
-                st.range_mut(span.slot).pages[span.first + k] =
-                    PageEntry::device(dest, slot, k as u32);
+                *new = PageEntry::device(dest, slot, k as u32);
             }
             if let Some((s, n)) = run {
-                st.allocs.put_pages(s, n, &mut releases);
+                allocs.put_pages(s, n, &mut releases);
             }
             self.mm.unlocked.notify_all();
         }
-        self.mm.free_frames(&frames);
+        if !frames.is_empty() {
+            self.mm.host.free_frames(&frames, span.page_size);
+        }
         release_all(releases);
     }
 }

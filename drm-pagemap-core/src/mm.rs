@@ -61,6 +61,23 @@ pub(crate) struct RangeRecord {
     pub va: VaRange,
     pub page_size: PageSize,
     pub pages: Vec<PageEntry>,
+    /// Per 2 MiB block of addresses the range overlaps: the address space's stamp when a
+    /// page of that block last changed (see [`AddressSpace::generation`]).
+    pub stamps: Vec<u64>,
+}
+
+/// Blocks of addresses that carry one stamp each.
+const STAMP_BLOCK_SHIFT: u32 = 21;
+
+impl RangeRecord {
+    /// The stamp blocks holding pages `first..first + count`.
+    fn blocks(&self, first: usize, count: usize) -> std::ops::RangeInclusive<usize> {
+        let ps = self.page_size.bytes();
+        let base = self.va.start >> STAMP_BLOCK_SHIFT;
+        let a = (self.va.start + first as u64 * ps) >> STAMP_BLOCK_SHIFT;
+        let b = (self.va.start + (first + count.max(1) - 1) as u64 * ps) >> STAMP_BLOCK_SHIFT;
+        (a - base) as usize..=(b - base) as usize
+    }
 }
 
 /// Deferred cleanup of a migration whose copies did not finish in time: the destination
@@ -76,6 +93,8 @@ pub(crate) struct Deferred {
 
 #[derive(Default)]
 pub(crate) struct MmState {
+    /// Bumped whenever a page entry changes; see [`RangeRecord::stamps`].
+    pub stamp: u64,
     pub ranges: BTreeMap<u64, u32>,
     pub range_slots: Vec<Option<RangeRecord>>,
     pub free_range_slots: Vec<u32>,
@@ -180,11 +199,47 @@ impl MmState {
         }
     }
 
+    /// The generation of `span`: the newest stamp of its blocks (stamps only grow).
+    pub(crate) fn generation_of(&self, span: Span) -> u64 {
+        let rec = self.range(span.slot);
+        rec.stamps[rec.blocks(span.first, span.count)]
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Records that pages `first..first + count` of range `slot` are about to change (entry,
+    /// lock bit): their blocks get a new stamp. Every write to a page entry goes with one.
+    pub(crate) fn touch(&mut self, slot: u32, first: usize, count: usize) {
+        self.stamp += 1;
+        let stamp = self.stamp;
+        let rec = self.range_slots[slot as usize]
+            .as_mut()
+            .expect("range slot in use");
+        let blocks = rec.blocks(first, count);
+        rec.stamps[blocks].fill(stamp);
+    }
+
+    /// The pages of `span`, for writing (their blocks are stamped).
+    pub(crate) fn pages_mut(&mut self, span: Span) -> &mut [PageEntry] {
+        self.touch(span.slot, span.first, span.count);
+        &mut self.range_mut(span.slot).pages[span.first..span.first + span.count]
+    }
+
+    /// Page `page` of range `slot`, for writing (its block is stamped).
+    pub(crate) fn page_mut(&mut self, slot: u32, page: usize) -> &mut PageEntry {
+        self.touch(slot, page, 1);
+        &mut self.range_mut(slot).pages[page]
+    }
+
     /// Sets or clears the lock bit of pages.
     pub(crate) fn set_locked(&mut self, span: Span, locked: bool) {
-        let pages = &mut self.range_mut(span.slot).pages[span.first..span.first + span.count];
-        for p in pages {
-            *p = if locked { p.locked() } else { p.unlocked() };
+        let pages = self.pages_mut(span);
+        if locked {
+            pages.iter_mut().for_each(|p| *p = p.locked());
+        } else {
+            pages.iter_mut().for_each(|p| *p = p.unlocked());
         }
     }
 }
@@ -302,10 +357,14 @@ impl AddressSpace {
         {
             return Err(bad(RangeProblem::Overlapping));
         }
+        st.stamp += 1;
+        let blocks = (range.end() - 1) >> STAMP_BLOCK_SHIFT;
+        let blocks = (blocks - (range.start >> STAMP_BLOCK_SHIFT) + 1) as usize;
         let rec = RangeRecord {
             va: range,
             page_size,
             pages: vec![PageEntry::HOLE; npages as usize],
+            stamps: vec![st.stamp; blocks],
         };
         let slot = match st.free_range_slots.pop() {
             Some(s) => {
@@ -475,7 +534,7 @@ impl AddressSpace {
             state: AllocState::Reserved,
             pagemap,
             page_size,
-            pfns,
+            pfns: pfns.into(),
             rmap: vec![RmapEntry::EMPTY; npages],
             live: 0,
             expires: Instant::now(),
@@ -548,6 +607,28 @@ impl AddressSpace {
     /// runs on any page of the range, so the snapshot never shows a page in flight; it stays
     /// true until the next migration, eviction or CPU access touches those pages.
     pub fn backing(&self, range: VaRange, out: &mut Vec<PageBacking>) -> Result<()> {
+        self.backing_with_generation(range, out).map(|_| ())
+    }
+
+    /// The generation of `range` (any byte range inside one range of the address space): a
+    /// number that stays the same while no page of `range` changes (location, backing, or a
+    /// migration locking it), and never comes back once it changed. It may also change when
+    /// only pages near `range` (in the same 2 MiB block of addresses) changed. O(1): a
+    /// caller that kept [`AddressSpace::backing_with_generation`]'s snapshot knows it is
+    /// still true when the generation is the same, without looking at every page.
+    pub fn generation(&self, range: VaRange) -> Result<u64> {
+        let st = self.lock();
+        let span = st.locate(range, false)?;
+        Ok(st.generation_of(span))
+    }
+
+    /// [`AddressSpace::backing`], also returning the generation of `range` at the time of the
+    /// snapshot (see [`AddressSpace::generation`]).
+    pub fn backing_with_generation(
+        &self,
+        range: VaRange,
+        out: &mut Vec<PageBacking>,
+    ) -> Result<u64> {
         out.clear();
         let mut st = self.lock();
         loop {
@@ -557,6 +638,7 @@ impl AddressSpace {
                 st = self.wait_unlocked(st);
                 continue;
             }
+            let generation = st.generation_of(span);
             // Neighbouring pages mostly share an allocation: look it up once per run.
             let allocs = &st.allocs;
             let mut run: Option<(u32, AllocId, &[Pfn])> = None;
@@ -581,7 +663,7 @@ impl AddressSpace {
                     }
                 }
             }));
-            return Ok(());
+            return Ok(generation);
         }
     }
 
@@ -641,6 +723,7 @@ impl AddressSpace {
                 source,
             })?;
         let ps = span.page_size;
+        st.touch(span.slot, span.first, span.count);
         let rec = st.range_mut(span.slot);
         let mut next = frames.into_iter();
         for (i, e) in rec.pages[span.first..span.first + span.count]

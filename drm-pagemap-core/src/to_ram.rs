@@ -170,7 +170,7 @@ impl AddressSpace {
                 pages.push(rec.pfns[j]);
             }
             for &(_, r) in &picked {
-                let p = &mut st.range_mut(r.range_slot()).pages[r.page() as usize];
+                let p = st.page_mut(r.range_slot(), r.page() as usize);
                 *p = p.locked();
             }
             if picked.is_empty() {
@@ -186,7 +186,7 @@ impl AddressSpace {
         let unlock = |mm: &AddressSpace| {
             let mut st = mm.lock();
             for &(_, r) in &picked {
-                let p = &mut st.range_mut(r.range_slot()).pages[r.page() as usize];
+                let p = st.page_mut(r.range_slot(), r.page() as usize);
                 *p = p.unlocked();
             }
             mm.unlocked.notify_all();
@@ -279,7 +279,7 @@ impl AddressSpace {
         let gone = {
             let mut st = self.lock();
             for (&(j, r), &f) in picked.iter().zip(&frames) {
-                st.range_mut(r.range_slot()).pages[r.page() as usize] = PageEntry::system(f);
+                *st.page_mut(r.range_slot(), r.page() as usize) = PageEntry::system(f);
                 st.allocs.get_mut(alloc).expect("live").rmap[j as usize] = RmapEntry::EMPTY;
             }
             st.allocs.put_pages(alloc.slot, n as u32, &mut releases);

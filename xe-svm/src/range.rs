@@ -15,8 +15,8 @@
 //! that, and a fault compares it with the pages' current backing.
 
 use drm_pagemap_core::{
-    AddressSpace, DeviceId, Direction, DmaAddr, Error as CoreError, HostFrame, PageBacking,
-    PageSize, PagemapId, PagemapOps, Pfn, VaRange,
+    AddressSpace, AllocId, DeviceId, Direction, DmaAddr, Error as CoreError, HostFrame,
+    PageBacking, PageSize, PagemapId, PagemapOps, Pfn, VaRange,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -65,6 +65,35 @@ enum MapSource {
     Pagemap(PagemapId),
 }
 
+/// A few distinct allocations, without a heap allocation.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct FewAllocs {
+    ids: [Option<AllocId>; 8],
+    n: usize,
+}
+
+impl FewAllocs {
+    /// Adds `id`; false if it was there already.
+    pub(crate) fn add(&mut self, id: AllocId) -> bool {
+        // Neighbouring pages mostly share an allocation: the last one answers most calls.
+        if self.n > 0 && self.ids[self.n - 1] == Some(id) {
+            return false;
+        }
+        if self.ids[..self.n].contains(&Some(id)) {
+            return false;
+        }
+        if self.n < self.ids.len() {
+            self.ids[self.n] = Some(id);
+            self.n += 1;
+        }
+        true
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = AllocId> + '_ {
+        self.ids[..self.n].iter().flatten().copied()
+    }
+}
+
 /// One SVM range of a VM.
 #[derive(Debug)]
 pub(crate) struct SvmRange {
@@ -90,6 +119,14 @@ pub(crate) struct RangeState {
     pub ptes: Vec<Pte>,
     /// The backing as last looked at (reused buffer).
     pub scratch: Vec<PageBacking>,
+    /// The address space's generation of the range when `backing` was taken: while it is
+    /// the same, `backing` still holds (checked in O(1)).
+    pub generation: u64,
+    /// Where every page of `backing` lives, if all in one place.
+    pub home: Option<Placement>,
+    /// The allocations holding `backing`'s device pages, in order of first appearance (at
+    /// most [`FewAllocs`]' capacity).
+    pub allocs: FewAllocs,
     maps: Vec<(MapSource, Direction, usize, usize)>,
     addrs: Vec<DmaAddr>,
     frames: Vec<HostFrame>,
@@ -144,6 +181,14 @@ pub(crate) fn choose_chunk(
     VaRange::new(addr - addr % ps, ps)
 }
 
+fn placement(b: PageBacking) -> Placement {
+    match b {
+        PageBacking::Unpopulated => Placement::None,
+        PageBacking::System(_) => Placement::System,
+        PageBacking::Device { pagemap, .. } => Placement::Device(pagemap),
+    }
+}
+
 fn source_of(b: PageBacking) -> Option<MapSource> {
     match b {
         PageBacking::Unpopulated => None,
@@ -185,9 +230,14 @@ impl RangeState {
         self.mapped = false;
     }
 
-    /// Builds the page table from `scratch` (the current backing), mapping every page for
-    /// the device. On failure nothing stays mapped.
-    pub(crate) fn build(&mut self, cx: &MapCtx<'_>, writable: bool) -> Result<(), CoreError> {
+    /// Builds the page table from `scratch` (the current backing, of `generation`), mapping
+    /// every page for the device. On failure nothing stays mapped.
+    pub(crate) fn build(
+        &mut self,
+        cx: &MapCtx<'_>,
+        writable: bool,
+        generation: u64,
+    ) -> Result<(), CoreError> {
         self.unmap(cx);
         let (mm, device, ps, range) = (cx.mm, cx.device, cx.page_size, cx.va);
         std::mem::swap(&mut self.backing, &mut self.scratch);
@@ -259,15 +309,21 @@ impl RangeState {
             i = j;
         }
         self.ptes.clear();
+        let mut allocs = FewAllocs::default();
+        let first = self.backing.first().map(|&b| placement(b));
+        let mut uniform = true;
         self.ptes
-            .extend(self.backing.iter().zip(&self.addrs).map(|(b, &addr)| Pte {
-                addr,
-                placement: match *b {
-                    PageBacking::Unpopulated => Placement::None,
-                    PageBacking::System(_) => Placement::System,
-                    PageBacking::Device { pagemap, .. } => Placement::Device(pagemap),
-                },
+            .extend(self.backing.iter().zip(&self.addrs).map(|(&b, &addr)| {
+                let placement = placement(b);
+                uniform &= Some(placement) == first;
+                if let PageBacking::Device { alloc, .. } = b {
+                    allocs.add(alloc);
+                }
+                Pte { addr, placement }
             }));
+        self.home = if uniform { first } else { None };
+        self.allocs = allocs;
+        self.generation = generation;
         self.mapped = true;
         self.writable = writable;
         Ok(())

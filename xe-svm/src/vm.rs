@@ -34,11 +34,11 @@
 
 use crate::attrs::{AtomicAccess, AttrMap, Attributes, PreferredLocation};
 use crate::error::SvmError;
-use crate::range::{MapCtx, PageTable, SvmRange, choose_chunk};
+use crate::range::{FewAllocs, MapCtx, PageTable, Placement, SvmRange, choose_chunk};
 use crate::stats::{Bucket, Counters};
 use crate::svm::SvmInner;
 use drm_pagemap_core::{
-    AllocId, DeviceId, Error as CoreError, OwnerId, PageBacking, PageSize, PagemapId, PagemapOps,
+    DeviceId, Error as CoreError, OwnerId, PageBacking, PageSize, PagemapId, PagemapOps,
     RangeProblem, VaRange,
 };
 use std::collections::BTreeMap;
@@ -176,35 +176,6 @@ impl std::fmt::Debug for GpuVm {
             .field("device", &self.inner.device)
             .field("local", &self.inner.local)
             .finish_non_exhaustive()
-    }
-}
-
-/// A few distinct allocations, without a heap allocation.
-#[derive(Default)]
-struct FewAllocs {
-    ids: [Option<AllocId>; 8],
-    n: usize,
-}
-
-impl FewAllocs {
-    /// Adds `id`; false if it was there already.
-    fn add(&mut self, id: AllocId) -> bool {
-        // Neighbouring pages mostly share an allocation: the last one answers most calls.
-        if self.n > 0 && self.ids[self.n - 1] == Some(id) {
-            return false;
-        }
-        if self.ids[..self.n].contains(&Some(id)) {
-            return false;
-        }
-        if self.n < self.ids.len() {
-            self.ids[self.n] = Some(id);
-            self.n += 1;
-        }
-        true
-    }
-
-    fn iter(&self) -> impl Iterator<Item = AllocId> + '_ {
-        self.ids[..self.n].iter().flatten().copied()
     }
 }
 
@@ -351,8 +322,12 @@ impl GpuVm {
         if st.dropped || !st.mapped {
             return false;
         }
+        let mm = &self.inner.svm.mm;
+        if mm.generation(range.va).is_ok_and(|g| g == st.generation) {
+            return true;
+        }
         let mut now = std::mem::take(&mut st.scratch);
-        let ok = self.inner.svm.mm.backing(range.va, &mut now).is_ok() && now == st.backing;
+        let ok = mm.backing(range.va, &mut now).is_ok() && now == st.backing;
         st.scratch = now;
         ok
     }
@@ -560,6 +535,18 @@ impl GpuVm {
         })
     }
 
+    /// [`GpuVm::touch`] for the backing the page table was built from (`st.backing`):
+    /// without a look at every page when they all live in `pm`.
+    fn touch_built(&self, st: &crate::range::RangeState, pm: PagemapId) {
+        if st.home == Some(Placement::Device(pm)) {
+            if let Some(info) = self.inner.svm.info(pm) {
+                info.account.touch(st.allocs.iter());
+            }
+        } else {
+            self.touch(&st.backing, pm);
+        }
+    }
+
     /// Marks the allocations holding the range's pages in `pm` as most recently used.
     fn touch(&self, backing: &[PageBacking], pm: PagemapId) {
         let Some(info) = self.inner.svm.info(pm) else {
@@ -601,9 +588,28 @@ impl GpuVm {
         let mut action = None;
         let mut busy_retry = false;
         let mut locks = Locks::read(svm, range.va);
+        let home = match target {
+            Target::System => Placement::System,
+            Target::Device(pm) => Placement::Device(pm),
+        };
+        // A valid fault without a look at every page: the pages have not changed since the
+        // page table was built (same generation), and they were all in the target then.
+        if st.mapped
+            && (st.writable || !writes)
+            && st.home == Some(home)
+            && svm
+                .mm
+                .generation(range.va)
+                .is_ok_and(|g| g == st.generation)
+        {
+            if let Target::Device(pm) = target {
+                self.touch_built(st, pm);
+            }
+            return Ok(Some(report(FaultAction::Valid, false)));
+        }
         for round in 0..MAX_ROUNDS {
-            match svm.mm.backing(range.va, &mut st.scratch) {
-                Ok(()) => {}
+            let generation = match svm.mm.backing_with_generation(range.va, &mut st.scratch) {
+                Ok(g) => g,
                 Err(CoreError::BadRange { .. } | CoreError::PageSizeMismatch { .. }) => {
                     return Ok(None);
                 }
@@ -614,7 +620,7 @@ impl GpuVm {
                         source,
                     });
                 }
-            }
+            };
             let at_target = resident(&st.scratch, target);
             if round == 0
                 && at_target
@@ -622,19 +628,21 @@ impl GpuVm {
                 && st.scratch == st.backing
                 && (st.writable || !writes)
             {
+                // The page table still matches (only a neighbour's generation moved).
+                st.generation = generation;
                 if let Target::Device(pm) = target {
-                    self.touch(&st.scratch, pm);
+                    self.touch_built(st, pm);
                 }
                 return Ok(Some(report(FaultAction::Valid, false)));
             }
             let usable = at_target || (round > 0 && !need_dev && self.reachable(&st.scratch));
             if usable {
                 let t = Instant::now();
-                match st.build(&cx, writes) {
+                match st.build(&cx, writes, generation) {
                     Ok(()) => {
                         self.inner.stats.page_tables.add(range.va.len, t.elapsed());
                         if let Target::Device(pm) = target {
-                            self.touch(&st.backing, pm);
+                            self.touch_built(st, pm);
                         }
                         return Ok(Some(report(
                             action.unwrap_or(FaultAction::Mapped),
