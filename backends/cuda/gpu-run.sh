@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA backend's GPU batch: tests (NVRTC kernel, fallback PTX, eager arenas), the tests
-# under compute-sanitizer memcheck, the `migrate` example on the GPU, the backend-generic
-# scenario suites of the root crate (when packed), and the copy benches. Logs go to $OUT;
+# under compute-sanitizer memcheck, clears on allocation, the `migrate` example, the backend-generic
+# scenario suites of the root crate (when packed), the copy and fault-latency benches. Logs: $OUT;
 # a short table is printed at the end.
 #
 # Here (no GPU needed), from the repository root:
@@ -57,6 +57,8 @@ for t in engine_faults scenarios; do
 done
 step tests-ptx 20 env DRM_PAGEMAP_CUDA_KERNEL=ptx "$B/test-gpu" --include-ignored
 step tests-eager 40 env DRM_PAGEMAP_CUDA_VMM=0 "$B/test-gpu" --include-ignored
+step tests-clear-on-alloc 40 env DRM_PAGEMAP_CUDA_CLEAR_ON_FREE=0 "$B/test-gpu" --include-ignored
+have bench-fault_latency && step latency 60 "$B/bench-fault_latency" --iters 300
 
 {
     echo "== summary"

@@ -7,7 +7,9 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long a timed wait polls the event before it starts to sleep between polls.
+/// How long a timed wait polls the event back to back (small copies finish within this).
+const SPIN_HOT: Duration = Duration::from_micros(50);
+/// How long a timed wait polls the event, yielding between polls, before it starts to sleep.
 const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(500);
 
 /// A fence of this backend: a CUDA event recorded on a copy stream after the work it guards.
@@ -197,7 +199,7 @@ impl FenceOps for CudaFence {
         }
         // With a limit, or while deferred work is not queued yet: poll.
         let start = Instant::now();
-        let mut spins = 0u32;
+        let mut naps = 0u32;
         loop {
             if let Some(r) = self.poll() {
                 return done(r);
@@ -208,14 +210,17 @@ impl FenceOps for CudaFence {
             {
                 return Err(FenceError::Timeout(limit));
             }
-            spins += 1;
             // Copies of a few MiB finish within tens of microseconds: poll for a while before
             // sleeping, since a sleep of 20 us costs 50 us or more once the kernel's timer
             // slack is added, and that lands on every fault's latency.
-            if elapsed < SPIN_BEFORE_SLEEP {
+            if elapsed < SPIN_HOT {
+                // A yield is a system call that may cost a microsecond of latency.
+                std::hint::spin_loop();
+            } else if elapsed < SPIN_BEFORE_SLEEP {
                 std::thread::yield_now();
             } else {
-                let nap = Duration::from_micros(if spins < 1000 { 20 } else { 200 });
+                naps += 1;
+                let nap = Duration::from_micros(if naps < 1000 { 20 } else { 200 });
                 let nap = timeout.map_or(nap, |l| nap.min(l.saturating_sub(elapsed)));
                 std::thread::sleep(nap);
             }

@@ -536,7 +536,13 @@ fn pages_are_cleared_when_freed_and_reallocated_without_a_clear() {
         return;
     }
     let _gpu = shared();
-    let r = rig(1);
+    let r = rig_with(
+        CudaConfig {
+            clear_on_free: true,
+            ..config()
+        },
+        1,
+    );
     let pm = &r.pms[0];
     // Map the memory the test uses first (a fresh segment's clear would count below).
     let warm = pm.allocate(128, PageSize::Size2M).unwrap();
