@@ -170,9 +170,11 @@ fn load_ptx(ctx: &Arc<Context>, ptx: &str, origin: String) -> Result<Kernels, Ba
             sys::cuModuleGetFunction(&mut k.zero, module, c"dpm_zero".as_ptr()),
             "dpm_zero",
         )?;
-        // Optional: small calls take dpm_copy_pages without it.
-        if sys::cuModuleGetFunction(&mut k.small, module, c"dpm_copy_small".as_ptr())
-            != sys::CUresult::CUDA_SUCCESS
+        // Optional (small calls take dpm_copy_pages without it); looked up only where the PTX
+        // defines it, so that no failing driver call is made (tools report those).
+        if ptx.contains(".entry dpm_copy_small")
+            && sys::cuModuleGetFunction(&mut k.small, module, c"dpm_copy_small".as_ptr())
+                != sys::CUresult::CUDA_SUCCESS
         {
             k.small = std::ptr::null_mut();
         }

@@ -448,6 +448,12 @@ impl CudaPagemap {
         self.device.kernels().map(|k| k.origin.clone())
     }
 
+    /// Whether small calls pass their lists to the kernel by value (the NVRTC kernels do;
+    /// the fallback PTX has no such kernel); loads the kernels if needed.
+    pub fn has_small_kernel(&self) -> Result<bool, BackendError> {
+        self.device.kernels().map(|k| k.has_small())
+    }
+
     /// Runs with the DMA crossover set to `host` bytes (runs touching system memory) and
     /// `device` bytes (device-to-device runs): a run at least that long is one DMA copy.
     /// Besides, a call of at most [`LATENCY_DMA_RUNS`] runs copies its system-memory runs

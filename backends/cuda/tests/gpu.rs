@@ -1012,6 +1012,12 @@ fn small_calls_copy_every_page_size_with_either_kernel() {
             },
             2,
         );
+        let origin = r.pms[0].kernel_origin().unwrap();
+        assert_eq!(
+            r.pms[0].has_small_kernel().unwrap(),
+            origin.starts_with("nvrtc"),
+            "{origin}"
+        );
         for ps in sizes() {
             for (k, pages) in [1usize, 7, 64, 65].into_iter().enumerate() {
                 if ps == PageSize::Size2M && pages > 7 {
