@@ -6,7 +6,7 @@ use crate::backend::{CopyRequest, Pagemap};
 use crate::error::{BackendError, Error, RangeProblem, Result};
 use crate::fence::Fence;
 use crate::mm::{AddressSpace, Deferred, Span, flush_run};
-use crate::page::{Kind, PageEntry, RmapEntry};
+use crate::page::{Kind, PageEntry, RmapEntry, Summary};
 use crate::plan::{Classified, Coalesce, Plan, PlanParams, plan};
 use crate::types::{
     CopyOp, DeviceId, Direction, DmaAddr, HostFrame, PageSize, PagemapId, Pfn, VaRange,
@@ -210,7 +210,8 @@ impl AddressSpace {
                 );
             };
             let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
-            if pages.iter().any(|p| p.is_locked()) {
+            let summary = Summary::of(pages);
+            if summary.any_locked() {
                 let e = Error::Busy {
                     range,
                     pagemap: dest_id,
@@ -222,7 +223,7 @@ impl AddressSpace {
             let snapshot: Vec<PageEntry> = pages.to_vec();
             // Source pfns of device pages (only those are read); none without device pages.
             let mut src_pfns = Vec::new();
-            if snapshot.iter().any(|e| e.kind() == Kind::Device) {
+            if summary.any_device() {
                 src_pfns.resize(span.count, Pfn(0));
                 for (o, e) in src_pfns.iter_mut().zip(&snapshot) {
                     if e.kind() == Kind::Device {
@@ -557,21 +558,38 @@ impl Job<'_> {
                 }
                 CopyOp::ToDevmem => {
                     // The destination reads every source: group by provider, map per group.
+                    for (p, &i) in pages[s..e].iter_mut().zip(idx) {
+                        *p = self.dst_pfns[i as usize];
+                    }
                     let mut k = 0;
                     while k < idx.len() {
                         let src = self.source_of(idx[k]);
-                        let mut j = k;
                         frames.clear();
                         pfns.clear();
-                        while j < idx.len() && self.source_of(idx[j]) == src {
-                            let i = idx[j] as usize;
-                            pages[s + j] = self.dst_pfns[i];
-                            match src {
-                                MapSource::Host => frames.push(self.snapshot[i].frame()),
-                                MapSource::Pagemap(_) => pfns.push(self.src_pfns[i]),
+                        // Holes are in no call: a page that is not a device page is a
+                        // system page.
+                        match src {
+                            MapSource::Host => {
+                                frames.reserve(idx.len() - k);
+                                for &i in &idx[k..] {
+                                    let e = self.snapshot[i as usize];
+                                    if e.kind() == Kind::Device {
+                                        break;
+                                    }
+                                    frames.push(e.frame());
+                                }
                             }
-                            j += 1;
+                            MapSource::Pagemap(pm) => {
+                                for &i in &idx[k..] {
+                                    let e = self.snapshot[i as usize];
+                                    if e.kind() != Kind::Device || e.pagemap() != pm {
+                                        break;
+                                    }
+                                    pfns.push(self.src_pfns[i as usize]);
+                                }
+                            }
                         }
+                        let j = k + frames.len() + pfns.len();
                         self.map(
                             src,
                             self.dest.device(),
@@ -655,7 +673,7 @@ impl Job<'_> {
                 }
                 None => st.allocs.remove(self.alloc.slot),
             };
-            self.mm.unlocked.notify_all();
+            self.mm.notify_unlocked(&st);
             rel
         };
         release_all(rel.into_iter().collect());
@@ -694,23 +712,28 @@ impl Job<'_> {
                 .expect("range slot in use")
                 .pages[span.first..span.first + span.count];
             let allocs = &mut st.allocs;
-            let mut run = None;
-            for ((k, new), &old) in pages.iter_mut().enumerate().zip(self.snapshot) {
-                match old.kind() {
-                    Kind::Hole => {}
-                    Kind::System => frames.push(old.frame()),
-                    Kind::Device => {
-                        allocs.by_slot_mut(old.slot()).rmap[old.index() as usize] =
-                            RmapEntry::EMPTY;
-                        run = flush_run(allocs, run, old.slot(), &mut releases);
-                    }
+            // Separate simple loops (the compiler vectorises them) rather than one loop
+            // that branches on every page's kind.
+            frames.extend(
+                self.snapshot
+                    .iter()
+                    .filter(|e| e.kind() == Kind::System)
+                    .map(|e| e.frame()),
+            );
+            if Summary::of(self.snapshot).any_device() {
+                let mut run = None;
+                for old in self.snapshot.iter().filter(|e| e.kind() == Kind::Device) {
+                    allocs.by_slot_mut(old.slot()).rmap[old.index() as usize] = RmapEntry::EMPTY;
+                    run = flush_run(allocs, run, old.slot(), &mut releases);
                 }
+                if let Some((s, n)) = run {
+                    allocs.put_pages(s, n, &mut releases);
+                }
+            }
+            for (k, new) in pages.iter_mut().enumerate() {
                 *new = PageEntry::device(dest, slot, k as u32);
             }
-            if let Some((s, n)) = run {
-                allocs.put_pages(s, n, &mut releases);
-            }
-            self.mm.unlocked.notify_all();
+            self.mm.notify_unlocked(st);
         }
         if !frames.is_empty() {
             self.mm.host.free_frames(&frames, span.page_size);

@@ -6,7 +6,7 @@ use crate::alloc::{
 use crate::backend::{HostMemory, Pagemap};
 use crate::error::{Error, RangeProblem, Result};
 use crate::layout::LayoutPage;
-use crate::page::{Kind, PageEntry, RmapEntry};
+use crate::page::{Kind, PageEntry, RmapEntry, Summary};
 use crate::types::{DeviceId, HostFrame, OwnerId, PageSize, PagemapId, Pfn, VaRange};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -95,6 +95,9 @@ pub(crate) struct Deferred {
 pub(crate) struct MmState {
     /// Bumped whenever a page entry changes; see [`RangeRecord::stamps`].
     pub stamp: u64,
+    /// Threads in [`AddressSpace::wait_unlocked`] (a wake-up is a system call: skipped when
+    /// nobody waits).
+    pub waiters: usize,
     pub ranges: BTreeMap<u64, u32>,
     pub range_slots: Vec<Option<RangeRecord>>,
     pub free_range_slots: Vec<u32>,
@@ -227,12 +230,6 @@ impl MmState {
         &mut self.range_mut(span.slot).pages[span.first..span.first + span.count]
     }
 
-    /// Page `page` of range `slot`, for writing (its block is stamped).
-    pub(crate) fn page_mut(&mut self, slot: u32, page: usize) -> &mut PageEntry {
-        self.touch(slot, page, 1);
-        &mut self.range_mut(slot).pages[page]
-    }
-
     /// Sets or clears the lock bit of pages.
     pub(crate) fn set_locked(&mut self, span: Span, locked: bool) {
         let pages = self.pages_mut(span);
@@ -294,12 +291,27 @@ impl AddressSpace {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn wait_unlocked<'a>(&self, g: MutexGuard<'a, MmState>) -> MutexGuard<'a, MmState> {
+    pub(crate) fn wait_unlocked<'a>(
+        &self,
+        mut g: MutexGuard<'a, MmState>,
+    ) -> MutexGuard<'a, MmState> {
         // A timeout guards against a missed wake-up; callers re-check their condition.
-        self.unlocked
+        g.waiters += 1;
+        let mut g = self
+            .unlocked
             .wait_timeout(g, Duration::from_millis(50))
             .unwrap_or_else(|p| p.into_inner())
-            .0
+            .0;
+        g.waiters -= 1;
+        g
+    }
+
+    /// Wakes the threads waiting for pages to unlock (or a range to go), if any. Called with
+    /// the state lock held (`st`), so no waiter can be missed.
+    pub(crate) fn notify_unlocked(&self, st: &MmState) {
+        if st.waiters > 0 {
+            self.unlocked.notify_all();
+        }
     }
 
     /// Makes `pagemap` usable by this address space. Its id must be new.
@@ -421,7 +433,7 @@ impl AddressSpace {
             if let Some((s, n)) = run {
                 st.allocs.put_pages(s, n, &mut releases);
             }
-            self.unlocked.notify_all();
+            self.notify_unlocked(&st);
         }
         self.free_frames(&frames);
         release_all(releases);
@@ -524,8 +536,9 @@ impl AddressSpace {
             .devmem()
             .allocate(npages, page_size)
             .map_err(|e| backend_err("allocate", e))?;
-        let mut pfns = vec![crate::Pfn(0); npages];
-        if let Err(e) = pm.devmem().populate_devmem_pfn(&backing, &mut pfns) {
+        let mut pfns: Arc<[Pfn]> = std::iter::repeat_n(Pfn(0), npages).collect();
+        let out = Arc::get_mut(&mut pfns).expect("not shared yet");
+        if let Err(e) = pm.devmem().populate_devmem_pfn(&backing, out) {
             pm.devmem().devmem_release(backing);
             return Err(backend_err("populate_devmem_pfn", e));
         }
@@ -534,7 +547,7 @@ impl AddressSpace {
             state: AllocState::Reserved,
             pagemap,
             page_size,
-            pfns: pfns.into(),
+            pfns,
             rmap: vec![RmapEntry::EMPTY; npages],
             live: 0,
             expires: Instant::now(),
@@ -634,7 +647,7 @@ impl AddressSpace {
         loop {
             let span = st.locate(range, true)?;
             let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
-            if pages.iter().any(|e| e.is_locked()) {
+            if Summary::of(pages).any_locked() {
                 st = self.wait_unlocked(st);
                 continue;
             }

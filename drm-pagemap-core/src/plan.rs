@@ -12,7 +12,7 @@
 //! - page of another owner: Busy, nothing collected.
 
 use crate::error::BusyReason;
-use crate::page::{Kind, PageEntry};
+use crate::page::{Kind, PageEntry, same_prefix};
 use crate::types::{CopyOp, OwnerId, PagemapId};
 
 /// How pages of one key are grouped into copy calls.
@@ -116,30 +116,53 @@ fn page_key(e: PageEntry, p: &PlanParams<'_>, dest_devmem: u16) -> u16 {
     }
 }
 
+/// Bits of an entry that decide its key: the kind, and for device pages the pagemap.
+const CLASS_MASK: u64 = (0b11 << 62) | (0xff << 53);
+
+/// The end of the run of pages from `i` that share `entries[i]`'s key (same kind, and the
+/// same pagemap for device pages; frames and allocation pages do not matter).
+#[inline]
+fn run_end(entries: &[PageEntry], i: usize) -> usize {
+    let e = entries[i];
+    let mask = if e.kind() == Kind::Device {
+        CLASS_MASK
+    } else {
+        0b11 << 62
+    };
+    i + 1 + same_prefix(&entries[i + 1..], mask, e.0 & mask)
+}
+
 /// Classifies `entries` (unlocked values) and plans the copy calls.
 pub(crate) fn plan(entries: &[PageEntry], p: &PlanParams<'_>) -> Classified {
     let dest_owner = p.owners[p.dest.0 as usize];
     let dest_devmem = key(p.dest, CopyOp::ToDevmem);
-    // Pass 1: ownership checks, local count, per-key counts and first pages.
+    // Pass 1 (a run of pages of one key at a time): ownership checks, local count, per-key
+    // counts and first pages.
     let mut own = 0usize;
     let mut count = [0u32; 512];
     let mut first = [u32::MAX; 512];
-    for (i, &e) in entries.iter().enumerate() {
+    let mut i = 0;
+    while i < entries.len() {
+        let e = entries[i];
+        let end = run_end(entries, i);
         if e.kind() == Kind::Device {
             let src = e.pagemap();
             if p.owners[src.0 as usize] != dest_owner || dest_owner.is_none() {
                 return Classified::Busy(BusyReason::ForeignOwner, Some(src));
             }
-            own += (src == p.dest) as usize;
+            if src == p.dest {
+                own += end - i;
+            }
         }
         let k = page_key(e, p, dest_devmem);
         if k != HOLE_KEY {
             let k = k as usize;
-            count[k] += 1;
+            count[k] += (end - i) as u32;
             if first[k] == u32::MAX {
                 first[k] = i as u32;
             }
         }
+        i = end;
     }
     if own == entries.len() {
         return Classified::NotNeeded;
@@ -182,13 +205,20 @@ fn by_source(
         });
         at += n;
     }
-    for (i, &e) in entries.iter().enumerate() {
-        let k = page_key(e, p, dest_devmem);
+    // Pass 2, a run at a time: each key's pages in address order.
+    let mut i = 0;
+    while i < entries.len() {
+        let end = run_end(entries, i);
+        let k = page_key(entries[i], p, dest_devmem);
         if k != HOLE_KEY {
             let c = &mut cursor[k as usize];
-            order[*c as usize] = i as u32;
-            *c += 1;
+            let out = &mut order[*c as usize..*c as usize + (end - i)];
+            for (o, page) in out.iter_mut().zip(i as u32..) {
+                *o = page;
+            }
+            *c += (end - i) as u32;
         }
+        i = end;
     }
     calls
 }

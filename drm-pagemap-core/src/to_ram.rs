@@ -6,7 +6,7 @@ use crate::alloc::{AllocId, AllocState, Release, release_all};
 use crate::backend::CopyRequest;
 use crate::error::{BusyReason, Error, Result};
 use crate::migrate::{MapSource, Mappings};
-use crate::mm::{AddressSpace, Deferred};
+use crate::mm::{AddressSpace, Deferred, MmState};
 use crate::page::{PageEntry, RmapEntry};
 use crate::types::{Direction, DmaAddr, HostFrame, Pfn, VaRange};
 
@@ -150,8 +150,8 @@ impl AddressSpace {
                 });
             }
             let (pm_id, ps) = (rec.pagemap, rec.page_size);
-            let mut picked: Vec<(u32, RmapEntry)> = Vec::new();
-            let mut pages: Vec<Pfn> = Vec::new();
+            let mut picked: Vec<(u32, RmapEntry)> = Vec::with_capacity(rec.rmap.len());
+            let mut pages: Vec<Pfn> = Vec::with_capacity(rec.rmap.len());
             let mut busy = 0;
             for (j, r) in rec.rmap.iter().enumerate() {
                 if r.is_empty() {
@@ -169,8 +169,9 @@ impl AddressSpace {
                 picked.push((j as u32, *r));
                 pages.push(rec.pfns[j]);
             }
+            touch_picked(&mut st, &picked);
             for &(_, r) in &picked {
-                let p = st.page_mut(r.range_slot(), r.page() as usize);
+                let p = &mut st.range_mut(r.range_slot()).pages[r.page() as usize];
                 *p = p.locked();
             }
             if picked.is_empty() {
@@ -185,11 +186,12 @@ impl AddressSpace {
         let n = picked.len();
         let unlock = |mm: &AddressSpace| {
             let mut st = mm.lock();
+            touch_picked(&mut st, &picked);
             for &(_, r) in &picked {
-                let p = st.page_mut(r.range_slot(), r.page() as usize);
+                let p = &mut st.range_mut(r.range_slot()).pages[r.page() as usize];
                 *p = p.unlocked();
             }
-            mm.unlocked.notify_all();
+            mm.notify_unlocked(&st);
         };
         let pm = match self.pagemap_for(range, pm_id) {
             Ok(p) => p,
@@ -278,12 +280,18 @@ impl AddressSpace {
         let mut releases: Vec<Release> = Vec::new();
         let gone = {
             let mut st = self.lock();
+            touch_picked(&mut st, &picked);
+            let st = &mut *st;
+            let rmap = &mut st.allocs.get_mut(alloc).expect("live").rmap;
             for (&(j, r), &f) in picked.iter().zip(&frames) {
-                *st.page_mut(r.range_slot(), r.page() as usize) = PageEntry::system(f);
-                st.allocs.get_mut(alloc).expect("live").rmap[j as usize] = RmapEntry::EMPTY;
+                st.range_slots[r.range_slot() as usize]
+                    .as_mut()
+                    .expect("range slot in use")
+                    .pages[r.page() as usize] = PageEntry::system(f);
+                rmap[j as usize] = RmapEntry::EMPTY;
             }
             st.allocs.put_pages(alloc.slot, n as u32, &mut releases);
-            self.unlocked.notify_all();
+            self.notify_unlocked(st);
             st.allocs.get(alloc).is_none()
         };
         release_all(releases);
@@ -292,5 +300,25 @@ impl AddressSpace {
             busy: 0,
             gone,
         })
+    }
+}
+
+/// Stamps the pages of `picked` (see [`MmState::touch`]): once per run of one range, over
+/// the span from its lowest to its highest page.
+fn touch_picked(st: &mut MmState, picked: &[(u32, RmapEntry)]) {
+    let mut run: Option<(u32, u32, u32)> = None;
+    for &(_, r) in picked {
+        let (slot, page) = (r.range_slot(), r.page());
+        run = match run {
+            Some((s, lo, hi)) if s == slot => Some((s, lo.min(page), hi.max(page))),
+            Some((s, lo, hi)) => {
+                st.touch(s, lo as usize, (hi - lo + 1) as usize);
+                Some((slot, page, page))
+            }
+            None => Some((slot, page, page)),
+        };
+    }
+    if let Some((s, lo, hi)) = run {
+        st.touch(s, lo as usize, (hi - lo + 1) as usize);
     }
 }
