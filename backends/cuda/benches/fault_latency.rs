@@ -145,7 +145,8 @@ fn launch_floor(backend: &CudaBackend, id: u8, iters: usize) -> Vec<f64> {
 
 /// `iters` contiguous `cuMemcpyAsync`s of `bytes` host -> device on a fresh stream, each
 /// followed by an event polled until it completes; microseconds.
-fn memcpy_floor(bytes: u64, iters: usize) -> Vec<f64> {
+/// `typed`: `cuMemcpyHtoDAsync` (direction given) instead of the unified `cuMemcpyAsync`.
+fn memcpy_floor(bytes: u64, iters: usize, typed: bool) -> Vec<f64> {
     let (mut hostp, mut dev): (*mut c_void, u64) = (std::ptr::null_mut(), 0);
     let (mut stream, mut ev) = (std::ptr::null_mut(), std::ptr::null_mut());
     let (mut cudev, mut ctx) = (0, std::ptr::null_mut());
@@ -182,10 +183,17 @@ fn memcpy_floor(bytes: u64, iters: usize) -> Vec<f64> {
         );
         for i in 0..iters + 10 {
             let t0 = Instant::now();
-            ck(
-                "cuMemcpyAsync",
-                sys::cuMemcpyAsync(dev, hostp as u64, bytes as usize, stream),
-            );
+            if typed {
+                ck(
+                    "cuMemcpyHtoDAsync",
+                    sys::cuMemcpyHtoDAsync_v2(dev, hostp, bytes as usize, stream),
+                );
+            } else {
+                ck(
+                    "cuMemcpyAsync",
+                    sys::cuMemcpyAsync(dev, hostp as u64, bytes as usize, stream),
+                );
+            }
             ck("cuEventRecord", sys::cuEventRecord(ev, stream));
             loop {
                 match sys::cuEventQuery(ev) {
@@ -260,8 +268,15 @@ fn main() {
     let mut launch = launch_floor(&on_free, 99, iters);
     for &(bytes, ps) in &cases {
         let n = (bytes / ps.bytes()) as usize;
-        let mut floor = memcpy_floor(bytes, iters);
+        let mut floor = memcpy_floor(bytes, iters, false);
         let floor_med = pct(&mut floor, 0.5);
+        let mut typed = memcpy_floor(bytes, iters, true);
+        println!(
+            "{:<16} cuMemcpyAsync + event {:.1} us, cuMemcpyHtoDAsync + event {:.1} us",
+            format!("{} bytes", bytes),
+            floor_med,
+            pct(&mut typed, 0.5)
+        );
         let runs = [
             ("on free", &on_free, false),
             ("on allocate", &on_alloc, false),
