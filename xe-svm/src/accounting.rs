@@ -9,7 +9,7 @@
 
 use drm_pagemap_core::{AllocId, DeviceId, PagemapId};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -53,6 +53,9 @@ pub(crate) struct Account {
     live: AtomicU64,
     lru: Mutex<Lru>,
     changed: Condvar,
+    /// Threads in [`Account::wait_change`]: a notification is a system call, made only when
+    /// someone waits (every fault ends an in-flight migration).
+    waiters: AtomicUsize,
 }
 
 impl Account {
@@ -66,11 +69,22 @@ impl Account {
             live: AtomicU64::new(0),
             lru: Mutex::new(Lru::default()),
             changed: Condvar::new(),
+            waiters: AtomicUsize::new(0),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Lru> {
         self.lru.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the threads in [`Account::wait_change`], if any. A waiter registers under the
+    /// lock and holds it until it sleeps, so taking the lock first means none is between
+    /// registering and sleeping (it would miss the notification).
+    fn notify(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            drop(self.lock());
+            self.changed.notify_all();
+        }
     }
 
     /// Takes `bytes` of the capacity; false if they do not fit.
@@ -98,7 +112,7 @@ impl Account {
     pub(crate) fn release(&self, bytes: u64) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
         self.live.fetch_sub(1, Ordering::Relaxed);
-        self.changed.notify_all();
+        self.notify();
     }
 
     pub(crate) fn used(&self) -> u64 {
@@ -124,7 +138,7 @@ impl Account {
             }
         }
         drop(l);
-        self.changed.notify_all();
+        self.notify();
     }
 
     /// Marks `ids` used now.
@@ -167,11 +181,14 @@ impl Account {
     /// Waits (briefly) for memory to be released or a migration to finish.
     pub(crate) fn wait_change(&self, limit: Duration) {
         let l = self.lock();
-        drop(
-            self.changed
-                .wait_timeout(l, limit)
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let l = self
+            .changed
+            .wait_timeout(l, limit)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        drop(l);
     }
 
     /// Whether the LRU list has grown past twice the live allocations (stale entries).
