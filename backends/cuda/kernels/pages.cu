@@ -13,6 +13,22 @@ typedef unsigned int u32;
 
 #define DPM_ABORT 2u
 
+// One warp copies 4 KiB item `item` of entry `e` (own page `pfn`, other side `other`).
+__device__ __forceinline__ void dpm_copy_item(u64 item, u32 item_shift, u32 pfn, u64 other,
+                                              u64 own_base, u32 to_own, u32 lane)
+{
+    u64 sub = (item & ((1ull << item_shift) - 1)) << 12;
+    u64 own = own_base + ((u64)pfn << 12) + sub;
+    other += sub;
+    const uint4* src = (const uint4*)(to_own ? other : own);
+    uint4* dst = (uint4*)(to_own ? own : other);
+    uint4 v[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) v[k] = src[lane + 32 * k];
+#pragma unroll
+    for (int k = 0; k < 8; k++) dst[lane + 32 * k] = v[k];
+}
+
 extern "C" __global__ void __launch_bounds__(256)
 dpm_copy_pages(const u32* pfns, const u64* addrs, u64 n_items, u64 own_base, u32 item_shift, u32 to_own,
                const volatile u32* abort)
@@ -24,17 +40,7 @@ dpm_copy_pages(const u32* pfns, const u64* addrs, u64 n_items, u64 own_base, u32
     for (u64 item = warp; item < n_items; item += nwarps) {
         u64 e = item >> item_shift;
         u64 other = addrs[e];
-        if (other == 0) continue;
-        u64 sub = (item & ((1ull << item_shift) - 1)) << 12;
-        u64 own = own_base + ((u64)pfns[e] << 12) + sub;
-        other += sub;
-        const uint4* src = (const uint4*)(to_own ? other : own);
-        uint4* dst = (uint4*)(to_own ? own : other);
-        uint4 v[8];
-#pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = src[lane + 32 * k];
-#pragma unroll
-        for (int k = 0; k < 8; k++) dst[lane + 32 * k] = v[k];
+        if (other != 0) dpm_copy_item(item, item_shift, pfns[e], other, own_base, to_own, lane);
     }
 }
 
@@ -57,17 +63,7 @@ dpm_copy_small(const dpm_small_lists lists, u64 n_items, u64 own_base, u32 item_
     for (u64 item = warp; item < n_items; item += nwarps) {
         u64 e = item >> item_shift;
         u64 other = lists.addrs[e];
-        if (other == 0) continue;
-        u64 sub = (item & ((1ull << item_shift) - 1)) << 12;
-        u64 own = own_base + ((u64)lists.pfns[e] << 12) + sub;
-        other += sub;
-        const uint4* src = (const uint4*)(to_own ? other : own);
-        uint4* dst = (uint4*)(to_own ? own : other);
-        uint4 v[8];
-#pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = src[lane + 32 * k];
-#pragma unroll
-        for (int k = 0; k < 8; k++) dst[lane + 32 * k] = v[k];
+        if (other != 0) dpm_copy_item(item, item_shift, lists.pfns[e], other, own_base, to_own, lane);
     }
 }
 

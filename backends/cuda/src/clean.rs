@@ -29,43 +29,41 @@ impl CleanMap {
 
     /// Marks `[start, start + len)` dirty or clean (clipped to the map).
     pub(crate) fn set(&mut self, start: u64, len: u64, dirty: bool) {
-        let end = (start + len).min(self.granules);
-        let mut g = start;
-        while g < end {
-            let (w, b) = ((g / 64) as usize, g % 64);
-            let n = (64 - b).min(end - g);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << b
-            };
+        for (w, mask) in self.words(start, len) {
             if dirty {
                 self.dirty[w] |= mask;
             } else {
                 self.dirty[w] &= !mask;
             }
-            g += n;
         }
     }
 
     /// Whether any granule of `[start, start + len)` is dirty.
     pub(crate) fn any_dirty(&self, start: u64, len: u64) -> bool {
-        let end = (start + len).min(self.granules);
+        self.words(start, len)
+            .any(|(w, mask)| self.dirty[w] & mask != 0)
+    }
+
+    /// The words and bit masks covering `[start, start + len)` (clipped to the map).
+    fn words(&self, start: u64, len: u64) -> impl Iterator<Item = (usize, u64)> + use<> {
+        let end = start.saturating_add(len).min(self.granules);
         let mut g = start;
-        while g < end {
+        std::iter::from_fn(move || {
+            if g >= end {
+                return None;
+            }
             let (w, b) = ((g / 64) as usize, g % 64);
             let n = (64 - b).min(end - g);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << b
-            };
-            if self.dirty[w] & mask != 0 {
-                return true;
-            }
             g += n;
-        }
-        false
+            Some((
+                w,
+                if n == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << n) - 1) << b
+                },
+            ))
+        })
     }
 
     /// Of the pages starting at `starts` (each `page` granules), appends those with a dirty

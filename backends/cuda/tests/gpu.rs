@@ -495,24 +495,61 @@ fn pre_migrate_fence_orders_a_source_push_after_the_clear() {
 /// Writes pattern `seed` into the pages `pfns` of `pm` from fresh host frames (waited).
 fn write_pages(r: &Rig, pm: &CudaPagemap, pfns: &[Pfn], ps: PageSize, seed: u64) {
     let host = r.backend.pinned_host();
+    let frames = through_host(r, pm, pfns, ps, true, |k, f| {
+        host.write(f, 0, &pattern(seed, k as u64, ps.bytes()))
+    });
+    host.free_frames(&frames, ps);
+}
+
+/// Copies between the pages `pfns` of `pm` and fresh host frames, one call, waited:
+/// `to_devmem` frames -> pages (after `fill(k, frame)` wrote each), else pages -> frames.
+/// Returns the frames (the caller frees them).
+fn through_host(
+    r: &Rig,
+    pm: &CudaPagemap,
+    pfns: &[Pfn],
+    ps: PageSize,
+    to_devmem: bool,
+    fill: impl Fn(usize, HostFrame),
+) -> Vec<HostFrame> {
+    let host = r.backend.pinned_host();
     let mut frames = Vec::new();
     host.alloc_frames(pfns.len(), ps, &mut frames).unwrap();
     for (k, &f) in frames.iter().enumerate() {
-        host.write(f, 0, &pattern(seed, k as u64, ps.bytes()));
+        fill(k, f);
     }
+    let dir = if to_devmem {
+        Direction::ToDevice
+    } else {
+        Direction::FromDevice
+    };
     let mut addrs = vec![DmaAddr::NONE; pfns.len()];
-    host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
+    host.map_frames(DeviceId(0), &frames, ps, dir, &mut addrs)
         .unwrap();
-    pm.copy_to_devmem(&CopyRequest {
+    let req = CopyRequest {
         page_size: ps,
         pages: pfns,
         addrs: &addrs,
         pre_fence: None,
-    })
-    .unwrap()
-    .wait()
-    .unwrap();
-    host.free_frames(&frames, ps);
+    };
+    let f = if to_devmem {
+        pm.copy_to_devmem(&req)
+    } else {
+        pm.copy_to_ram(&req)
+    };
+    f.unwrap().wait().unwrap();
+    frames
+}
+
+/// One pagemap, with pages cleared when freed (`true`) or on allocation.
+fn rig_clearing(on_free: bool) -> Rig {
+    rig_with(
+        CudaConfig {
+            clear_on_free: on_free,
+            ..config()
+        },
+        1,
+    )
 }
 
 /// Allocates `n` pages of `ps` one allocation each; their pfns.
@@ -536,13 +573,7 @@ fn pages_are_cleared_when_freed_and_reallocated_without_a_clear() {
         return;
     }
     let _gpu = shared();
-    let r = rig_with(
-        CudaConfig {
-            clear_on_free: true,
-            ..config()
-        },
-        1,
-    );
+    let r = rig_clearing(true);
     let pm = &r.pms[0];
     // Map the memory the test uses first (a fresh segment's clear would count below).
     let warm = pm.allocate(128, PageSize::Size2M).unwrap();
@@ -661,13 +692,7 @@ fn without_clear_on_free_every_allocation_clears_its_pages() {
         return;
     }
     let _gpu = shared();
-    let r = rig_with(
-        CudaConfig {
-            clear_on_free: false,
-            ..config()
-        },
-        1,
-    );
+    let r = rig_clearing(false);
     let pm = &r.pms[0];
     let ps = PageSize::Size64K;
     let n = 16;
@@ -701,20 +726,7 @@ fn without_clear_on_free_every_allocation_clears_its_pages() {
 /// Reads `pfns` of `pm` back into fresh host frames; returns their bytes.
 fn read_back(r: &Rig, pm: &CudaPagemap, pfns: &[Pfn], ps: PageSize) -> Vec<Vec<u8>> {
     let host = r.backend.pinned_host();
-    let mut frames = Vec::new();
-    host.alloc_frames(pfns.len(), ps, &mut frames).unwrap();
-    let mut addrs = vec![DmaAddr::NONE; pfns.len()];
-    host.map_frames(DeviceId(0), &frames, ps, Direction::FromDevice, &mut addrs)
-        .unwrap();
-    pm.copy_to_ram(&CopyRequest {
-        page_size: ps,
-        pages: pfns,
-        addrs: &addrs,
-        pre_fence: None,
-    })
-    .unwrap()
-    .wait()
-    .unwrap();
+    let frames = through_host(r, pm, pfns, ps, false, |_, _| {});
     let out = frames
         .iter()
         .map(|&f| {
@@ -994,6 +1006,33 @@ fn device_fault_fails_the_fence_with_its_curesult() {
     let code: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert_ne!(code, 0);
     let _ = writeln!(std::io::stdout(), "device fault reported as {line}");
+}
+
+#[test]
+fn nvrtc_compiles_the_kernel_source_where_nvrtc_exists() {
+    if !gpu() {
+        return;
+    }
+    let _gpu = shared();
+    let r = rig_with(
+        CudaConfig {
+            kernel: KernelSource::Nvrtc,
+            ..config()
+        },
+        1,
+    );
+    match r.pms[0].kernel_origin() {
+        Ok(origin) => {
+            assert!(origin.starts_with("nvrtc"), "{origin}");
+            assert!(r.pms[0].has_small_kernel().unwrap());
+        }
+        // A machine without NVRTC runs the fallback PTX (tested elsewhere); a source that
+        // does not compile is a failure.
+        Err(e) if e.message.contains("NVRTC not found") => {
+            let _ = writeln!(std::io::stdout(), "skipped: {e}");
+        }
+        Err(e) => panic!("kernels/pages.cu does not build with NVRTC: {e}"),
+    }
 }
 
 #[test]
