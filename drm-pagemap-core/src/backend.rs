@@ -163,7 +163,8 @@ pub struct Pagemap {
     id: PagemapId,
     owner: OwnerId,
     device: DeviceId,
-    name: String,
+    /// Shared: a lookup clones the pagemap, which must not allocate.
+    name: Arc<str>,
     ops: Arc<dyn PagemapOps>,
     devmem: Arc<dyn DevmemOps>,
 }
@@ -193,7 +194,7 @@ impl Pagemap {
             id,
             owner,
             device,
-            name: name.into(),
+            name: Arc::from(name.into()),
             ops,
             devmem,
         }

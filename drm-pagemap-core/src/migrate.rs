@@ -7,7 +7,7 @@ use crate::error::{BackendError, Error, RangeProblem, Result};
 use crate::fence::Fence;
 use crate::mm::{AddressSpace, Deferred, Span, flush_run};
 use crate::page::{Kind, PageEntry, RmapEntry, Summary};
-use crate::plan::{Classified, Coalesce, Plan, PlanParams, plan};
+use crate::plan::{Classified, Coalesce, Plan, PlanParams, Verdict, plan, plan_into};
 use crate::types::{
     CopyOp, DeviceId, Direction, DmaAddr, HostFrame, PageSize, PagemapId, Pfn, VaRange,
 };
@@ -111,6 +111,65 @@ pub(crate) struct Mappings {
     pub page_size: Option<PageSize>,
 }
 
+/// Buffers one migration uses, kept per thread between migrations so that a small
+/// migration makes no heap allocation of its own (a lookup in the thread's cache instead).
+#[derive(Default)]
+struct Scratch {
+    snapshot: Vec<PageEntry>,
+    src_pfns: Vec<Pfn>,
+    plan: Plan,
+    pages: Vec<Pfn>,
+    addrs: Vec<DmaAddr>,
+    records: Vec<(MapSource, DeviceId, Direction, usize, usize)>,
+    frames: Vec<HostFrame>,
+    pfns: Vec<Pfn>,
+    fences: Vec<(usize, Fence)>,
+}
+
+/// Buffers of more entries than this are not kept (a huge migration would pin its memory).
+const SCRATCH_KEEP: usize = 1 << 14;
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
+}
+
+impl Scratch {
+    /// The thread's buffers (fresh ones if another migration of this thread holds them).
+    fn take() -> Box<Scratch> {
+        SCRATCH.with(|c| c.take()).unwrap_or_default()
+    }
+
+    /// Empties the buffers (dropping the fences) and gives them back to the thread, unless
+    /// they grew too large to keep.
+    fn put_back(mut self: Box<Scratch>) {
+        let big = [
+            self.snapshot.capacity(),
+            self.src_pfns.capacity(),
+            self.plan.order.capacity(),
+            self.pages.capacity(),
+            self.addrs.capacity(),
+            self.frames.capacity(),
+            self.pfns.capacity(),
+        ]
+        .into_iter()
+        .any(|c| c > SCRATCH_KEEP);
+        if big || self.records.capacity() > SCRATCH_KEEP || self.fences.capacity() > 1024 {
+            return;
+        }
+        self.snapshot.clear();
+        self.src_pfns.clear();
+        self.plan.calls.clear();
+        self.plan.order.clear();
+        self.pages.clear();
+        self.addrs.clear();
+        self.records.clear();
+        self.frames.clear();
+        self.pfns.clear();
+        self.fences.clear();
+        SCRATCH.with(|c| c.set(Some(self)));
+    }
+}
+
 impl AddressSpace {
     /// Migrates `range` to `to`'s device memory: allocates the destination, then
     /// [`AddressSpace::migrate_to_devmem`].
@@ -135,7 +194,7 @@ impl AddressSpace {
         self.pagemap_for(range, to)?;
         let span = self.lock().locate(range, true)?;
         let alloc = self.allocate_devmem(to, span.count, span.page_size, range)?;
-        self.migrate_into(alloc, range, details, trace)
+        self.migrate_into(alloc, range, details, Some(trace))
     }
 
     /// Migrates `range` into the pages of `alloc` (reserved with
@@ -147,7 +206,7 @@ impl AddressSpace {
         range: VaRange,
         details: &MigrateDetails,
     ) -> Result<MigrateReport> {
-        self.migrate_into(alloc, range, details, &mut Vec::new())
+        self.migrate_into(alloc, range, details, None)
     }
 
     fn migrate_into(
@@ -155,13 +214,38 @@ impl AddressSpace {
         alloc: AllocId,
         range: VaRange,
         details: &MigrateDetails,
-        trace: &mut Vec<CopyCall>,
+        trace: Option<&mut Vec<CopyCall>>,
     ) -> Result<MigrateReport> {
         self.reap_deferred();
+        let mut sc = Scratch::take();
+        let r = self.migrate_with(alloc, range, details, trace, &mut sc);
+        sc.put_back();
+        r
+    }
+
+    fn migrate_with(
+        &self,
+        alloc: AllocId,
+        range: VaRange,
+        details: &MigrateDetails,
+        trace: Option<&mut Vec<CopyCall>>,
+        sc: &mut Scratch,
+    ) -> Result<MigrateReport> {
         let t0 = Instant::now();
         let mut timing = MigrateTiming::default();
         // Collect: validate, snapshot and lock the pages. A refused request still consumes
         // the allocation; it is released after the lock is dropped.
+        let Scratch {
+            snapshot,
+            src_pfns,
+            plan: planned,
+            pages,
+            addrs,
+            records,
+            frames,
+            pfns,
+            fences,
+        } = sc;
         let collected = (|| {
             let mut st = self.lock();
             let Some(rec) = st.allocs.get(alloc) else {
@@ -220,12 +304,11 @@ impl AddressSpace {
                 };
                 return fail(&mut st, e);
             }
-            let snapshot: Vec<PageEntry> = pages.to_vec();
+            snapshot.extend_from_slice(pages);
             // Source pfns of device pages (only those are read); none without device pages.
-            let mut src_pfns = Vec::new();
             if summary.any_device() {
                 src_pfns.resize(span.count, Pfn(0));
-                for (o, e) in src_pfns.iter_mut().zip(&snapshot) {
+                for (o, e) in src_pfns.iter_mut().zip(snapshot.iter()) {
                     if e.kind() == Kind::Device {
                         *o = st.allocs.by_slot(e.slot()).pfns[e.index() as usize];
                     }
@@ -239,9 +322,9 @@ impl AddressSpace {
                 .as_ref()
                 .and_then(|b| b.pre_migrate_fence.clone());
             st.set_locked(span, true);
-            Ok((span, dest, snapshot, src_pfns, dst_pfns, pre_fence))
+            Ok((span, dest, dst_pfns, pre_fence))
         })();
-        let (span, dest, snapshot, src_pfns, dst_pfns, pre_fence) = match collected {
+        let (span, dest, dst_pfns, pre_fence) = match collected {
             Ok(c) => c,
             Err(refused) => {
                 let (release, e) = *refused;
@@ -249,21 +332,23 @@ impl AddressSpace {
                 return Err(e);
             }
         };
+        let (snapshot, src_pfns): (&[PageEntry], &[Pfn]) = (snapshot, src_pfns);
         let job = Job {
             mm: self,
             range,
             span,
             alloc,
             dest: &dest,
-            snapshot: &snapshot,
-            src_pfns: &src_pfns,
+            snapshot,
+            src_pfns,
             dst_pfns: &dst_pfns,
         };
         // Classify and coalesce.
-        let classified = self.classify(&snapshot, dest.id(), details);
-        timing.plan = t0.elapsed();
-        let plan = match classified {
-            Classified::NotNeeded => {
+        let verdict = self.classify_into(snapshot, dest.id(), details, planned);
+        let t = Instant::now();
+        timing.plan = t - t0;
+        match verdict {
+            Verdict::NotNeeded => {
                 job.roll_back(None);
                 return Ok(MigrateReport {
                     outcome: MigrateOutcome::NotNeeded,
@@ -273,7 +358,7 @@ impl AddressSpace {
                     timing,
                 });
             }
-            Classified::Busy(reason, _) => {
+            Verdict::Busy(reason, _) => {
                 job.roll_back(None);
                 return Err(Error::Busy {
                     range,
@@ -282,32 +367,42 @@ impl AddressSpace {
                     reason,
                 });
             }
-            Classified::Plan(p) => p,
-        };
+            Verdict::Plan => {}
+        }
+        let plan = &*planned;
         // Map.
-        let t = Instant::now();
         let mut maps = Mappings {
+            addrs: std::mem::take(addrs),
+            records: std::mem::take(records),
             page_size: Some(span.page_size),
-            ..Mappings::default()
         };
-        let mut pages = vec![Pfn(0); plan.order.len()];
-        maps.addrs = vec![DmaAddr::NONE; plan.order.len()];
-        if let Err(e) = job.map_all(&plan, &mut pages, &mut maps) {
+        pages.resize(plan.order.len(), Pfn(0));
+        maps.addrs.resize(plan.order.len(), DmaAddr::NONE);
+        if let Err(e) = job.map_all(plan, pages, &mut maps, frames, pfns) {
             self.unmap(&maps);
             job.roll_back(None);
             return Err(e);
         }
-        timing.map = t.elapsed();
+        let t1 = Instant::now();
+        timing.map = t1 - t;
         // Issue every call before waiting for any.
-        let t = Instant::now();
-        let mut fences: Vec<(usize, Fence)> = Vec::with_capacity(plan.calls.len());
+        let mut calls: Vec<CopyCall> = Vec::with_capacity(plan.calls.len());
         let mut failure: Option<Error> = None;
         for (ci, call) in plan.calls.iter().enumerate() {
-            let exec = match self.pagemap_for(range, call.executor) {
-                Ok(p) => p,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
+            // The destination executes most calls: no lookup for it.
+            let looked_up;
+            let exec = if call.executor == dest.id() {
+                &dest
+            } else {
+                match self.pagemap_for(range, call.executor) {
+                    Ok(p) => {
+                        looked_up = p;
+                        &looked_up
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
             };
             let (s, e) = (call.start as usize, call.end as usize);
@@ -323,7 +418,7 @@ impl AddressSpace {
             };
             match issued {
                 Ok(f) => {
-                    trace.push(CopyCall {
+                    calls.push(CopyCall {
                         executor: call.executor,
                         device: exec.device(),
                         op: call.op,
@@ -344,20 +439,23 @@ impl AddressSpace {
                 }
             }
         }
-        timing.issue = t.elapsed();
+        if let Some(trace) = trace {
+            trace.extend_from_slice(&calls);
+        }
+        let t2 = Instant::now();
+        timing.issue = t2 - t1;
         // Wait once for everything issued, then for the pre-migrate fence (it orders the
         // clear of pages no call wrote, such as holes, and carries its error).
-        let t = Instant::now();
         let mut timed_out = false;
-        for (ci, f) in &fences {
+        for (k, (_, f)) in fences.iter().enumerate() {
             if let Err(source) = f.wait_for(details.fence_timeout) {
                 timed_out |= matches!(source, crate::FenceError::Timeout(_));
-                let call = plan.calls[*ci];
+                let call = calls[k];
                 failure.get_or_insert(Error::Fence {
                     range,
                     what: "copy",
                     pagemap: Some(call.executor),
-                    device: self.device_of(call.executor),
+                    device: Some(call.device),
                     source,
                 });
                 if timed_out {
@@ -378,7 +476,8 @@ impl AddressSpace {
                 source,
             });
         }
-        timing.wait = t.elapsed();
+        let t3 = Instant::now();
+        timing.wait = t3 - t2;
         if let Some(err) = failure {
             if timed_out {
                 // Copies (or the clear behind the pre-migrate fence) may still be writing
@@ -386,7 +485,7 @@ impl AddressSpace {
                 // signal. The sources are untouched.
                 let deferred = Deferred {
                     fences: fences
-                        .into_iter()
+                        .drain(..)
                         .map(|(_, f)| f)
                         .chain(pre_fence.clone())
                         .collect(),
@@ -402,21 +501,11 @@ impl AddressSpace {
             return Err(err);
         }
         self.unmap(&maps);
+        *addrs = maps.addrs;
+        *records = maps.records;
         // Commit.
-        let t = Instant::now();
-        job.commit(details.timeslice);
-        timing.commit = t.elapsed();
-        let calls = plan
-            .calls
-            .iter()
-            .map(|c| CopyCall {
-                executor: c.executor,
-                device: self.device_of(c.executor).unwrap_or(DeviceId(u32::MAX)),
-                op: c.op,
-                pages: c.pages(),
-                first_page: c.first_page as usize,
-            })
-            .collect();
+        job.commit(t3 + details.timeslice, frames);
+        timing.commit = t3.elapsed();
         Ok(MigrateReport {
             outcome: MigrateOutcome::Migrated,
             alloc: Some(alloc),
@@ -469,6 +558,28 @@ impl AddressSpace {
                 can_migrate_same_pagemap: details.can_migrate_same_pagemap,
                 coalesce: details.coalesce,
             },
+        )
+    }
+
+    /// [`AddressSpace::classify`] into `out`, reusing its buffers.
+    fn classify_into(
+        &self,
+        snapshot: &[PageEntry],
+        dest: PagemapId,
+        details: &MigrateDetails,
+        out: &mut Plan,
+    ) -> Verdict {
+        let t = self.pagemaps.read().unwrap_or_else(|p| p.into_inner());
+        plan_into(
+            snapshot,
+            &PlanParams {
+                dest,
+                owners: &t.owners,
+                source_peer_migrates: details.source_peer_migrates,
+                can_migrate_same_pagemap: details.can_migrate_same_pagemap,
+                coalesce: details.coalesce,
+            },
+            out,
         )
     }
 
@@ -530,9 +641,14 @@ struct Job<'a> {
 
 impl Job<'_> {
     /// Fills `pages` and `maps` for every call of `plan`.
-    fn map_all(&self, plan: &Plan, pages: &mut [Pfn], maps: &mut Mappings) -> Result<()> {
-        let mut frames: Vec<HostFrame> = Vec::new();
-        let mut pfns: Vec<Pfn> = Vec::new();
+    fn map_all(
+        &self,
+        plan: &Plan,
+        pages: &mut [Pfn],
+        maps: &mut Mappings,
+        frames: &mut Vec<HostFrame>,
+        pfns: &mut Vec<Pfn>,
+    ) -> Result<()> {
         for call in &plan.calls {
             let (s, e) = (call.start as usize, call.end as usize);
             let idx = &plan.order[s..e];
@@ -551,7 +667,7 @@ impl Job<'_> {
                         exec.device(),
                         Direction::FromDevice,
                         &[],
-                        &pfns,
+                        pfns,
                         s,
                         maps,
                     )?;
@@ -594,8 +710,8 @@ impl Job<'_> {
                             src,
                             self.dest.device(),
                             Direction::ToDevice,
-                            &frames,
-                            &pfns,
+                            frames,
+                            pfns,
                             s + k,
                             maps,
                         )?;
@@ -680,15 +796,11 @@ impl Job<'_> {
     }
 
     /// Switches every page to the destination, frees the old pages, unlocks.
-    fn commit(&self, timeslice: Duration) {
+    /// `frames`: scratch space (cleared first).
+    fn commit(&self, expires: Instant, frames: &mut Vec<HostFrame>) {
         let mut releases: Vec<Release> = Vec::new();
         let span = self.span;
-        let systems = self
-            .snapshot
-            .iter()
-            .filter(|e| e.kind() == Kind::System)
-            .count();
-        let mut frames: Vec<HostFrame> = Vec::with_capacity(systems);
+        frames.clear();
         {
             let mut guard = self.mm.lock();
             let slot = self.alloc.slot;
@@ -700,7 +812,7 @@ impl Job<'_> {
                     .expect("allocation of a running migration");
                 rec.state = AllocState::Live;
                 rec.live = span.count as u32;
-                rec.expires = Instant::now() + timeslice;
+                rec.expires = expires;
                 for (k, r) in rec.rmap.iter_mut().enumerate() {
                     *r = RmapEntry::new(span.slot, (span.first + k) as u32);
                 }
@@ -736,7 +848,7 @@ impl Job<'_> {
             self.mm.notify_unlocked(st);
         }
         if !frames.is_empty() {
-            self.mm.host.free_frames(&frames, span.page_size);
+            self.mm.host.free_frames(frames, span.page_size);
         }
         release_all(releases);
     }

@@ -132,15 +132,37 @@ fn run_end(entries: &[PageEntry], i: usize) -> usize {
     i + 1 + same_prefix(&entries[i + 1..], mask, e.0 & mask)
 }
 
+/// What [`plan_into`] concluded (the calls are in its output when it says `Plan`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    NotNeeded,
+    Busy(BusyReason, Option<PagemapId>),
+    Plan,
+}
+
 /// Classifies `entries` (unlocked values) and plans the copy calls.
 pub(crate) fn plan(entries: &[PageEntry], p: &PlanParams<'_>) -> Classified {
+    let mut out = Plan::default();
+    match plan_into(entries, p, &mut out) {
+        Verdict::NotNeeded => Classified::NotNeeded,
+        Verdict::Busy(reason, pm) => Classified::Busy(reason, pm),
+        Verdict::Plan => Classified::Plan(out),
+    }
+}
+
+/// [`plan`] into `out` (cleared first; its buffers are reused), for callers that plan often.
+pub(crate) fn plan_into(entries: &[PageEntry], p: &PlanParams<'_>, out: &mut Plan) -> Verdict {
     let dest_owner = p.owners[p.dest.0 as usize];
     let dest_devmem = key(p.dest, CopyOp::ToDevmem);
-    // Pass 1 (a run of pages of one key at a time): ownership checks, local count, per-key
-    // counts and first pages.
+    out.calls.clear();
+    out.order.clear();
+    // Pass 1 (a run of pages of one key at a time): ownership checks, local count, and one
+    // call per key in order of its first page (the walk is in address order), whose `end`
+    // counts the key's pages for now. `slot_of[key]`: the key's call.
     let mut own = 0usize;
-    let mut count = [0u32; 512];
-    let mut first = [u32::MAX; 512];
+    let mut moved = 0usize;
+    let mut slot_of = [u16::MAX; 512];
+    let calls = &mut out.calls;
     let mut i = 0;
     while i < entries.len() {
         let e = entries[i];
@@ -148,7 +170,7 @@ pub(crate) fn plan(entries: &[PageEntry], p: &PlanParams<'_>) -> Classified {
         if e.kind() == Kind::Device {
             let src = e.pagemap();
             if p.owners[src.0 as usize] != dest_owner || dest_owner.is_none() {
-                return Classified::Busy(BusyReason::ForeignOwner, Some(src));
+                return Verdict::Busy(BusyReason::ForeignOwner, Some(src));
             }
             if src == p.dest {
                 own += end - i;
@@ -156,53 +178,54 @@ pub(crate) fn plan(entries: &[PageEntry], p: &PlanParams<'_>) -> Classified {
         }
         let k = page_key(e, p, dest_devmem);
         if k != HOLE_KEY {
-            let k = k as usize;
-            count[k] += (end - i) as u32;
-            if first[k] == u32::MAX {
-                first[k] = i as u32;
+            let slot = &mut slot_of[k as usize];
+            if *slot == u16::MAX {
+                *slot = calls.len() as u16;
+                let (executor, op) = unkey(k);
+                calls.push(PlannedCall {
+                    executor,
+                    op,
+                    first_page: i as u32,
+                    start: 0,
+                    end: 0,
+                });
             }
+            calls[*slot as usize].end += (end - i) as u32;
+            moved += end - i;
         }
         i = end;
     }
     if own == entries.len() {
-        return Classified::NotNeeded;
+        return Verdict::NotNeeded;
     }
     if own > 0 && !p.can_migrate_same_pagemap {
-        return Classified::Busy(BusyReason::Fragmentation, Some(p.dest));
+        return Verdict::Busy(BusyReason::Fragmentation, Some(p.dest));
     }
-    let moved: usize = count.iter().map(|&c| c as usize).sum();
-    let mut order = vec![0u32; moved];
-    let calls = match p.coalesce {
-        Coalesce::BySource => by_source(entries, p, dest_devmem, &count, &first, &mut order),
-        Coalesce::Consecutive => consecutive(entries, p, dest_devmem, &mut order),
-    };
-    Classified::Plan(Plan { calls, order })
+    out.order.resize(moved, 0);
+    match p.coalesce {
+        Coalesce::BySource => by_source(entries, p, dest_devmem, &slot_of, out),
+        Coalesce::Consecutive => {
+            out.calls.clear();
+            consecutive(entries, p, dest_devmem, &mut out.calls, &mut out.order);
+        }
+    }
+    Verdict::Plan
 }
 
+/// Lays out the calls of pass 1 in `order` (each key's pages in address order).
 fn by_source(
     entries: &[PageEntry],
     p: &PlanParams<'_>,
     dest_devmem: u16,
-    count: &[u32; 512],
-    first: &[u32; 512],
-    order: &mut [u32],
-) -> Vec<PlannedCall> {
-    let mut keys: Vec<u16> = (0..512u16).filter(|&k| count[k as usize] > 0).collect();
-    keys.sort_unstable_by_key(|&k| first[k as usize]);
-    let mut cursor = [0u32; 512];
-    let mut calls = Vec::with_capacity(keys.len());
+    slot_of: &[u16; 512],
+    out: &mut Plan,
+) {
+    // Each call's pages start where the previous call's end; `end` becomes its cursor.
     let mut at = 0u32;
-    for &k in &keys {
-        let (executor, op) = unkey(k);
-        cursor[k as usize] = at;
-        let n = count[k as usize];
-        calls.push(PlannedCall {
-            executor,
-            op,
-            first_page: first[k as usize],
-            start: at,
-            end: at + n,
-        });
+    for c in &mut out.calls {
+        let n = c.end;
+        c.start = at;
+        c.end = at;
         at += n;
     }
     // Pass 2, a run at a time: each key's pages in address order.
@@ -211,25 +234,24 @@ fn by_source(
         let end = run_end(entries, i);
         let k = page_key(entries[i], p, dest_devmem);
         if k != HOLE_KEY {
-            let c = &mut cursor[k as usize];
-            let out = &mut order[*c as usize..*c as usize + (end - i)];
-            for (o, page) in out.iter_mut().zip(i as u32..) {
+            let c = &mut out.calls[slot_of[k as usize] as usize];
+            let o = &mut out.order[c.end as usize..c.end as usize + (end - i)];
+            for (o, page) in o.iter_mut().zip(i as u32..) {
                 *o = page;
             }
-            *c += (end - i) as u32;
+            c.end += (end - i) as u32;
         }
         i = end;
     }
-    calls
 }
 
 fn consecutive(
     entries: &[PageEntry],
     p: &PlanParams<'_>,
     dest_devmem: u16,
+    calls: &mut Vec<PlannedCall>,
     order: &mut [u32],
-) -> Vec<PlannedCall> {
-    let mut calls = Vec::new();
+) {
     let mut at = 0u32;
     let mut run_key = u16::MAX - 1;
     let mut run_first = 0u32;
@@ -253,7 +275,7 @@ fn consecutive(
         let run = if k == HOLE_KEY { dest_devmem } else { k };
         if run != run_key {
             if i > 0 {
-                flush(&mut calls, run_key, run_first, run_start, at);
+                flush(calls, run_key, run_first, run_start, at);
             }
             run_key = run;
             run_first = i as u32;
@@ -268,9 +290,8 @@ fn consecutive(
         }
     }
     if !entries.is_empty() {
-        flush(&mut calls, run_key, run_first, run_start, at);
+        flush(calls, run_key, run_first, run_start, at);
     }
-    calls
 }
 
 #[cfg(test)]
