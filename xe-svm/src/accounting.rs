@@ -32,11 +32,35 @@ pub struct MemoryUsage {
     pub lru_entries: usize,
 }
 
+/// A hasher for allocation ids (two small integers, not attacker-chosen): a multiply per
+/// word instead of SipHash's rounds.
+#[derive(Clone, Copy, Debug, Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(n as u64);
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type BuildIdHasher = std::hash::BuildHasherDefault<IdHasher>;
+
 #[derive(Debug, Default)]
 struct Lru {
     /// tick -> (allocation, bytes); the smallest tick is the least recently used.
     by_tick: BTreeMap<u64, (AllocId, u64)>,
-    tick_of: HashMap<AllocId, u64>,
+    tick_of: HashMap<AllocId, u64, BuildIdHasher>,
     next_tick: u64,
     /// Allocations made by faults and not yet migrated into (or released).
     inflight: usize,
@@ -146,6 +170,11 @@ impl Account {
         let mut l = self.lock();
         for id in ids {
             if let Some(old) = l.tick_of.get(&id).copied() {
+                if old + 1 == l.next_tick {
+                    // Already the most recently used (the fault that just migrated into
+                    // it): a new tick would not change the order.
+                    continue;
+                }
                 let t = l.next_tick;
                 l.next_tick += 1;
                 if let Some(e) = l.by_tick.remove(&old) {

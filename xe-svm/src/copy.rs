@@ -197,6 +197,9 @@ impl PolicyOps {
         let ps = req.page_size;
         let max = (MAX_COMMAND_BYTES / ps.bytes()).max(1) as usize;
         let gran = ps.granules();
+        // The first command waits in `one` (most calls are one command: no heap allocation);
+        // a second moves both into `issued`.
+        let mut one: Option<Issued> = None;
         let mut issued: Vec<Issued> = Vec::new();
         let mut dep_pending = dep.is_some();
         let mut entries = 0usize;
@@ -216,7 +219,7 @@ impl PolicyOps {
             {
                 i += 1;
             }
-            let first = issued.is_empty();
+            let first = one.is_none() && issued.is_empty();
             if !first && dep_pending {
                 dep_pending = dep.is_some_and(|f| !f.is_signaled());
             }
@@ -232,15 +235,24 @@ impl PolicyOps {
                         self.stats.fence_dependencies.inc();
                     }
                     entries += i - s;
-                    issued.push(Issued {
+                    let c = Issued {
                         start: s,
                         end: i,
                         fence,
                         unproven: !first && dep_pending,
-                    });
+                    };
+                    if first {
+                        one = Some(c);
+                    } else {
+                        issued.extend(one.take());
+                        issued.push(c);
+                    }
                 }
-                Err(e) if issued.is_empty() => return Err(e),
-                Err(e) => return Ok(self.fail_after(issued, e)),
+                Err(e) if first => return Err(e),
+                Err(e) => {
+                    issued.splice(0..0, one.take());
+                    return Ok(self.fail_after(issued, e));
+                }
             }
         }
         if let Some(pre) = dep
@@ -251,11 +263,13 @@ impl PolicyOps {
         }
         let bytes = entries as u64 * ps.bytes();
         let (opi, bucket) = (Self::op_index(op), Bucket::of(bytes).index());
-        self.stats.copies[opi][bucket].issued(issued.len() as u64, bytes);
-        let fence = match issued.len() {
-            0 => return Ok(dep.cloned().unwrap_or_else(Fence::signaled)),
-            1 => issued.pop().map(|c| c.fence).expect("one command"),
-            _ => Fence::new(FenceArray::new(
+        let commands = issued.len() + one.is_some() as usize;
+        self.stats.copies[opi][bucket].issued(commands as u64, bytes);
+        let fence = match (one, issued.len()) {
+            (Some(c), _) => c.fence,
+            (None, 0) => return Ok(dep.cloned().unwrap_or_else(Fence::signaled)),
+            (None, 1) => issued.pop().map(|c| c.fence).expect("one command"),
+            (None, _) => Fence::new(FenceArray::new(
                 issued.into_iter().map(|c| c.fence).collect(),
             )),
         };

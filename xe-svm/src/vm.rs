@@ -577,14 +577,15 @@ impl GpuVm {
         let writes = access.writes();
         let ops = |id| svm.ops_of(id);
         let cx = self.map_ctx(range, &ops);
-        let report = |action, busy_retry| FaultReport {
+        let report_at = |action, busy_retry, now: Instant| FaultReport {
             range: range.va,
             page_size: range.page_size,
             target,
             action,
             busy_retry,
-            elapsed: t0.elapsed(),
+            elapsed: now - t0,
         };
+        let report = |action, busy_retry| report_at(action, busy_retry, Instant::now());
         let mut action = None;
         let mut busy_retry = false;
         let mut locks = Locks::read(svm, range.va);
@@ -640,13 +641,15 @@ impl GpuVm {
                 let t = Instant::now();
                 match st.build(&cx, writes, generation) {
                     Ok(()) => {
-                        self.inner.stats.page_tables.add(range.va.len, t.elapsed());
+                        let built = Instant::now();
+                        self.inner.stats.page_tables.add(range.va.len, built - t);
                         if let Target::Device(pm) = target {
                             self.touch_built(st, pm);
                         }
-                        return Ok(Some(report(
+                        return Ok(Some(report_at(
                             action.unwrap_or(FaultAction::Mapped),
                             busy_retry,
+                            built,
                         )));
                     }
                     Err(source) if round + 1 == MAX_ROUNDS => {
@@ -776,7 +779,8 @@ impl GpuVm {
                     })?;
             }
             look = true;
-            let now = Instant::now();
+            // The clock is read only when a page of another pagemap is met.
+            let mut now: Option<Instant> = None;
             let mut until: Option<Instant> = None;
             let mut seen = FewAllocs::default();
             for b in &st.scratch {
@@ -784,12 +788,14 @@ impl GpuVm {
                     && pagemap != pm
                     && seen.add(alloc)
                     && let Some(info) = mm.allocation(alloc)
-                    && info.expires > now
+                    && info.expires > *now.get_or_insert_with(Instant::now)
                 {
                     until = Some(until.map_or(info.expires, |u| u.max(info.expires)));
                 }
             }
-            let Some(until) = until else { break };
+            let (Some(until), Some(now)) = (until, now) else {
+                break;
+            };
             let d = until - now;
             std::thread::sleep(d);
             waited += d;
