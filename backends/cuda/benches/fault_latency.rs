@@ -119,6 +119,57 @@ fn faults(backend: &CudaBackend, id: u8, n: usize, ps: PageSize, iters: usize, d
     s
 }
 
+/// Medians (microseconds) of the engine's steps for `iters` migrations of a range of `n`
+/// pages of `ps` from system memory into a pagemap of `backend` (evicted in between,
+/// untimed): allocate_devmem, then migrate_to_devmem's plan / map / issue / wait / commit,
+/// the total, and what the total has besides those.
+fn engine_steps(backend: &CudaBackend, id: u8, n: usize, ps: PageSize, iters: usize) -> [f64; 8] {
+    let mm = AddressSpace::new(backend.host_memory());
+    let pm = backend
+        .create_pagemap(&PagemapSpec {
+            id: PagemapId(id),
+            device: DeviceId(0),
+            owner: None,
+            capacity_bytes: 256 * MIB,
+        })
+        .unwrap();
+    mm.add_pagemap(pm).unwrap();
+    let range = VaRange::new(1 << 40, n as u64 * ps.bytes());
+    mm.create_range(range, ps).unwrap();
+    mm.write(range.start, &vec![7u8; range.len as usize])
+        .unwrap();
+    let details = MigrateDetails {
+        fence_timeout: LIMIT,
+        ..MigrateDetails::default()
+    };
+    let mut cols: [Vec<f64>; 8] = Default::default();
+    for i in 0..iters + 10 {
+        let t0 = Instant::now();
+        let alloc = mm.allocate_devmem(PagemapId(id), n, ps, range).unwrap();
+        let t1 = Instant::now();
+        let rep = mm.migrate_to_devmem(alloc, range, &details).unwrap();
+        let t2 = Instant::now();
+        assert_eq!(rep.outcome, MigrateOutcome::Migrated);
+        if i >= 10 {
+            let t = &rep.timing;
+            let steps = [t.plan, t.map, t.issue, t.wait, t.commit];
+            let total = us(t2 - t0);
+            cols[0].push(us(t1 - t0));
+            for (c, d) in cols[1..6].iter_mut().zip(steps) {
+                c.push(us(d));
+            }
+            cols[6].push(total);
+            cols[7].push(us(t2 - t1) - steps.iter().map(|&d| us(d)).sum::<f64>());
+        }
+        mm.evict_to_ram(alloc).unwrap();
+    }
+    let mut one = [0.0; 8];
+    for (o, c) in one.iter_mut().zip(cols.iter_mut()) {
+        *o = pct(c, 0.5);
+    }
+    one
+}
+
 /// `iters` empty kernel launches on a pagemap's stream through the backend (`stall(0)`, a
 /// fence recorded behind it, polled until it signals); microseconds.
 fn launch_floor(backend: &CudaBackend, id: u8, iters: usize) -> Vec<f64> {
@@ -265,6 +316,15 @@ fn main() {
         "cleared"
     );
     let mut id = 0u8;
+    let t = Instant::now();
+    let mut x = t;
+    for _ in 0..100_000 {
+        x = std::hint::black_box(Instant::now());
+    }
+    println!(
+        "one clock read (Instant::now): {:.0} ns",
+        (x - t).as_secs_f64() * 1e9 / 100_000.0
+    );
     let mut launch = launch_floor(&on_free, 99, iters);
     for &(bytes, ps) in &cases {
         let n = (bytes / ps.bytes()) as usize;
@@ -310,4 +370,29 @@ fn main() {
         pct(&mut launch, 0.5),
         pct(&mut launch, 0.9)
     );
+    println!(
+        "\nthe engine on this backend (allocate_devmem + migrate_to_devmem from system memory, \
+         evicted in between), medians in microseconds"
+    );
+    println!(
+        "{:<16} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+        "case", "allocate", "plan", "map", "issue", "wait", "commit", "rest", "total"
+    );
+    for &(bytes, ps) in &cases {
+        let n = (bytes / ps.bytes()) as usize;
+        let m = engine_steps(&on_free, id, n, ps, iters);
+        id += 1;
+        println!(
+            "{:<16} {:>9.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1}",
+            format!("{} x{}", ps, n),
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+            m[4],
+            m[5],
+            m[7],
+            m[6]
+        );
+    }
 }
