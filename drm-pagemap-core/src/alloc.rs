@@ -182,7 +182,85 @@ impl AllocTable {
 
 /// Releases allocations (outside any lock).
 pub(crate) fn release_all(list: Vec<Release>) {
-    for (ops, backing) in list {
-        ops.devmem_release(backing);
+    // One call per run of allocations of the same pagemap (the backend may batch them).
+    let mut list = list.into_iter().peekable();
+    while let Some((ops, first)) = list.next() {
+        if !list.peek().is_some_and(|(o, _)| Arc::ptr_eq(o, &ops)) {
+            ops.devmem_release(first);
+            continue;
+        }
+        let mut batch = vec![first];
+        while let Some((_, b)) = list.next_if(|(o, _)| Arc::ptr_eq(o, &ops)) {
+            batch.push(b);
+        }
+        ops.devmem_release_many(batch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BackendError, CopyRequest, Fence, PageSize};
+    use std::sync::Mutex;
+
+    /// Records the cookies of each release call: one vector per call.
+    #[derive(Default)]
+    struct Calls(Mutex<Vec<Vec<u64>>>);
+
+    impl DevmemOps for Calls {
+        fn allocate(&self, _: usize, _: PageSize) -> Result<DevmemBacking, BackendError> {
+            unreachable!()
+        }
+        fn populate_devmem_pfn(
+            &self,
+            _: &DevmemBacking,
+            _: &mut [Pfn],
+        ) -> Result<(), BackendError> {
+            unreachable!()
+        }
+        fn copy_to_devmem(&self, _: &CopyRequest<'_>) -> Result<Fence, BackendError> {
+            unreachable!()
+        }
+        fn copy_to_ram(&self, _: &CopyRequest<'_>) -> Result<Fence, BackendError> {
+            unreachable!()
+        }
+        fn devmem_release(&self, b: DevmemBacking) {
+            self.0.lock().unwrap().push(vec![b.cookie]);
+        }
+        fn devmem_release_many(&self, bs: Vec<DevmemBacking>) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(bs.iter().map(|b| b.cookie).collect());
+        }
+        fn capacity_bytes(&self) -> u64 {
+            0
+        }
+    }
+
+    fn backing(cookie: u64) -> DevmemBacking {
+        DevmemBacking {
+            cookie,
+            npages: 1,
+            page_size: PageSize::Size4K,
+            pre_migrate_fence: None,
+        }
+    }
+
+    #[test]
+    fn release_all_batches_runs_of_one_pagemap_and_releases_each_once() {
+        let (a, b) = (Arc::new(Calls::default()), Arc::new(Calls::default()));
+        let (da, db): (Arc<dyn DevmemOps>, Arc<dyn DevmemOps>) = (a.clone(), b.clone());
+        release_all(vec![
+            (da.clone(), backing(1)),
+            (da.clone(), backing(2)),
+            (da.clone(), backing(3)),
+            (db.clone(), backing(4)),
+            (da.clone(), backing(5)),
+        ]);
+        assert_eq!(*a.0.lock().unwrap(), vec![vec![1, 2, 3], vec![5]]);
+        assert_eq!(*b.0.lock().unwrap(), vec![vec![4]]);
+        release_all(Vec::new());
+        assert_eq!(a.0.lock().unwrap().len(), 2);
     }
 }

@@ -153,6 +153,14 @@ pub trait DevmemOps: Send + Sync {
     fn copy_to_ram(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError>;
     /// Frees the allocation. Called exactly once per allocation, when no page uses it.
     fn devmem_release(&self, backing: DevmemBacking);
+    /// Frees several allocations at once (a migration's commit or an eviction releases many
+    /// together): a backend can batch the work (one clear for all of them). Same contract as
+    /// [`DevmemOps::devmem_release`] for each; the default releases them one by one.
+    fn devmem_release_many(&self, backings: Vec<DevmemBacking>) {
+        for b in backings {
+            self.devmem_release(b);
+        }
+    }
     /// Total bytes this pagemap can allocate.
     fn capacity_bytes(&self) -> u64;
 }

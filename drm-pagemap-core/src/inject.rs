@@ -213,6 +213,10 @@ impl DevmemOps for InjectedDevmem {
         self.inner.devmem_release(backing)
     }
 
+    fn devmem_release_many(&self, backings: Vec<DevmemBacking>) {
+        self.inner.devmem_release_many(backings)
+    }
+
     fn capacity_bytes(&self) -> u64 {
         self.inner.capacity_bytes()
     }

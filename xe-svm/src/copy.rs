@@ -334,6 +334,17 @@ impl DevmemOps for PolicyOps {
         self.account.release(bytes);
     }
 
+    fn devmem_release_many(&self, backings: Vec<DevmemBacking>) {
+        let sizes: Vec<u64> = backings
+            .iter()
+            .map(|b| (b.npages as u64).saturating_mul(b.page_size.bytes()))
+            .collect();
+        self.inner.devmem_release_many(backings);
+        for bytes in sizes {
+            self.account.release(bytes);
+        }
+    }
+
     fn capacity_bytes(&self) -> u64 {
         self.inner.capacity_bytes().min(self.account.capacity)
     }

@@ -33,6 +33,8 @@ const ZERO_SRC_BYTES: usize = 2 << 20;
 /// A call of at most [`SMALL_ENTRIES`] entries in at most this many runs copies its runs
 /// touching system memory with one DMA each, whatever their length (unless DMA is off).
 pub const LATENCY_DMA_RUNS: usize = 3;
+/// The page sizes, in the order releases group them.
+const PAGE_SIZES: [PageSize; 3] = [PageSize::Size4K, PageSize::Size64K, PageSize::Size2M];
 /// Clears of up to this many extents are one zeroing kernel each; more, one copy kernel from
 /// the zeroed buffer over a page list.
 const ZERO_EXTENTS_DIRECT: usize = 4;
@@ -528,6 +530,31 @@ impl CudaPagemap {
             ev,
             deps,
         ))
+    }
+
+    /// Gives pages (starts in granules, `g` each) back to the allocator, cleared on the way
+    /// when clearing on free: whoever gets them finds them clean, with this clear (or a later
+    /// one) as the pre-migrate fence. The core releases only what no copy still reads or
+    /// writes.
+    fn free_cleared(&self, starts: &[u64], g: u64) {
+        {
+            let kernels = if self.clear_on_free {
+                self.device.kernels().ok()
+            } else {
+                None
+            };
+            let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+            let cleared = kernels.is_some_and(|k| {
+                self.device
+                    .ctx
+                    .bind()
+                    .and_then(|()| self.clear_pages_locked(&mut sub, &k, starts, g))
+                    .map(|f| sub.last_clear = Some(Fence::new(f)))
+                    .is_ok()
+            });
+            sub.clean.set_pages(starts, g, !cleared);
+        }
+        self.frames.free_pages(starts, g);
     }
 
     /// The last clear queued on the stream while it has not signalled (forgotten once it
@@ -1208,41 +1235,34 @@ impl DevmemOps for CudaPagemap {
     }
 
     fn devmem_release(&self, backing: DevmemBacking) {
-        let pfns = self
-            .allocs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&backing.cookie);
-        if let Some(pfns) = pfns {
-            let g = backing.page_size.granules();
-            let starts: Vec<u64> = pfns.iter().map(|p| p.0 as u64).collect();
-            // Clear on free, before the pages can be allocated again: whoever gets them finds
-            // them clean, with this clear (or a later one) as the pre-migrate fence. The core
-            // releases only what no copy still reads or writes.
-            {
-                let kernels = if self.clear_on_free {
-                    self.device.kernels().ok()
-                } else {
-                    None
-                };
-                let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
-                let cleared = kernels.is_some_and(|k| {
-                    self.device
-                        .ctx
-                        .bind()
-                        .and_then(|()| self.clear_pages_locked(&mut sub, &k, &starts, g))
-                        .map(|f| sub.last_clear = Some(Fence::new(f)))
-                        .is_ok()
-                });
-                sub.clean.set_pages(&starts, g, !cleared);
+        self.devmem_release_many(vec![backing]);
+    }
+
+    fn devmem_release_many(&self, backings: Vec<DevmemBacking>) {
+        // Page starts of every allocation, by page size: one clear per size for them all.
+        let mut by_size: [Vec<u64>; 3] = Default::default();
+        let (mut bytes, mut count) = (0u64, 0u64);
+        {
+            let mut allocs = self.allocs.lock().unwrap_or_else(|p| p.into_inner());
+            for b in &backings {
+                if let Some(pfns) = allocs.remove(&b.cookie) {
+                    let k = PAGE_SIZES
+                        .iter()
+                        .position(|&p| p == b.page_size)
+                        .expect("one of the page sizes");
+                    by_size[k].extend(pfns.iter().map(|p| p.0 as u64));
+                    bytes += b.npages as u64 * b.page_size.bytes();
+                    count += 1;
+                }
             }
-            self.frames.free_pages(&starts, g);
-            self.counters.used.fetch_sub(
-                backing.npages as u64 * backing.page_size.bytes(),
-                Ordering::SeqCst,
-            );
-            self.counters.releases.fetch_add(1, Ordering::SeqCst);
         }
+        for (starts, ps) in by_size.iter().zip(PAGE_SIZES) {
+            if !starts.is_empty() {
+                self.free_cleared(starts, ps.granules());
+            }
+        }
+        self.counters.used.fetch_sub(bytes, Ordering::SeqCst);
+        self.counters.releases.fetch_add(count, Ordering::SeqCst);
     }
 
     fn capacity_bytes(&self) -> u64 {

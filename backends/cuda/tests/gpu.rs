@@ -687,6 +687,46 @@ fn pages_are_cleared_when_freed_and_reallocated_without_a_clear() {
 }
 
 #[test]
+fn releasing_many_allocations_queues_one_clear() {
+    if !gpu() {
+        return;
+    }
+    let _gpu = shared();
+    let r = rig_clearing(true);
+    let pm = &r.pms[0];
+    let warm = pm.allocate(64, PageSize::Size2M).unwrap();
+    pm.devmem_release(warm);
+    // Single pages of two sizes, written, then released in one call.
+    let (mut backs, p4) = single_pages(pm, 40, PageSize::Size4K);
+    write_pages(&r, pm, &p4, PageSize::Size4K, 31);
+    let (b64, p64) = single_pages(pm, 9, PageSize::Size64K);
+    write_pages(&r, pm, &p64, PageSize::Size64K, 32);
+    backs.extend(b64);
+    let s0 = pm.stats();
+    pm.devmem_release_many(backs);
+    let s1 = pm.stats();
+    assert_eq!(s1.releases, s0.releases + 49);
+    assert_eq!(
+        s1.clear_launches,
+        s0.clear_launches + 2,
+        "one clear per page size"
+    );
+    assert_eq!(s1.used_bytes, 0);
+    // Allocated again: clean, nothing queued, zeros.
+    for (ps, n) in [(PageSize::Size4K, 40), (PageSize::Size64K, 9)] {
+        let a = pm.allocate(n, ps).unwrap();
+        a.wait_ready().unwrap();
+        let mut pfns = vec![Pfn(0); n];
+        pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
+        for (k, x) in read_back(&r, pm, &pfns, ps).iter().enumerate() {
+            assert!(x.iter().all(|&v| v == 0), "{ps}: page {k} reads as zeros");
+        }
+        pm.devmem_release(a);
+    }
+    assert_eq!(pm.stats().allocations_cleared, s1.allocations_cleared);
+}
+
+#[test]
 fn without_clear_on_free_every_allocation_clears_its_pages() {
     if !gpu() {
         return;
