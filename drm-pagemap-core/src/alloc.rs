@@ -180,20 +180,29 @@ impl AllocTable {
     }
 }
 
-/// Releases allocations (outside any lock).
+/// Releases allocations (outside any lock): one call per pagemap for all of its
+/// allocations in `list` (the backend may batch them; the order between pagemaps does not
+/// matter).
 pub(crate) fn release_all(list: Vec<Release>) {
-    // One call per run of allocations of the same pagemap (the backend may batch them).
-    let mut list = list.into_iter().peekable();
-    while let Some((ops, first)) = list.next() {
-        if !list.peek().is_some_and(|(o, _)| Arc::ptr_eq(o, &ops)) {
-            ops.devmem_release(first);
-            continue;
+    if list.len() == 1 {
+        for (ops, b) in list {
+            ops.devmem_release(b);
         }
-        let mut batch = vec![first];
-        while let Some((_, b)) = list.next_if(|(o, _)| Arc::ptr_eq(o, &ops)) {
-            batch.push(b);
+        return;
+    }
+    let mut groups: Vec<(Arc<dyn DevmemOps>, Vec<DevmemBacking>)> = Vec::new();
+    for (ops, b) in list {
+        match groups.iter_mut().find(|(o, _)| Arc::ptr_eq(o, &ops)) {
+            Some((_, v)) => v.push(b),
+            None => groups.push((ops, vec![b])),
         }
-        ops.devmem_release_many(batch);
+    }
+    for (ops, mut v) in groups {
+        if v.len() == 1 {
+            ops.devmem_release(v.pop().expect("one"));
+        } else {
+            ops.devmem_release_many(v);
+        }
     }
 }
 
@@ -248,7 +257,7 @@ mod tests {
     }
 
     #[test]
-    fn release_all_batches_runs_of_one_pagemap_and_releases_each_once() {
+    fn release_all_batches_each_pagemap_and_releases_each_once() {
         let (a, b) = (Arc::new(Calls::default()), Arc::new(Calls::default()));
         let (da, db): (Arc<dyn DevmemOps>, Arc<dyn DevmemOps>) = (a.clone(), b.clone());
         release_all(vec![
@@ -258,9 +267,10 @@ mod tests {
             (db.clone(), backing(4)),
             (da.clone(), backing(5)),
         ]);
-        assert_eq!(*a.0.lock().unwrap(), vec![vec![1, 2, 3], vec![5]]);
+        assert_eq!(*a.0.lock().unwrap(), vec![vec![1, 2, 3, 5]]);
         assert_eq!(*b.0.lock().unwrap(), vec![vec![4]]);
         release_all(Vec::new());
-        assert_eq!(a.0.lock().unwrap().len(), 2);
+        release_all(vec![(da.clone(), backing(6))]);
+        assert_eq!(*a.0.lock().unwrap(), vec![vec![1, 2, 3, 5], vec![6]]);
     }
 }
