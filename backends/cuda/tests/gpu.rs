@@ -1076,6 +1076,55 @@ fn nvrtc_compiles_the_kernel_source_where_nvrtc_exists() {
 }
 
 #[test]
+fn a_small_call_of_few_runs_goes_to_dma_behind_its_own_clear_without_a_stream_wait() {
+    if !gpu() {
+        return;
+    }
+    let _gpu = shared();
+    let r = rig_clearing(true);
+    let pm = &r.pms[0];
+    let ps = PageSize::Size4K;
+    // 16 contiguous pages (one run, far below the 2 MiB crossover): one DMA, no kernel.
+    let n = 16;
+    let a = pm.allocate(n, ps).unwrap();
+    a.wait_ready().unwrap();
+    pm.devmem_release(a);
+    // Allocated again right after the release: the pre-migrate fence is the release's clear
+    // on this stream, which orders the copy without a stream wait.
+    let b = pm.allocate(n, ps).unwrap();
+    let mut pfns = vec![Pfn(0); n];
+    pm.populate_devmem_pfn(&b, &mut pfns).unwrap();
+    let host = r.backend.pinned_host();
+    let mut frames = Vec::new();
+    host.alloc_frames(n, ps, &mut frames).unwrap();
+    for (k, &f) in frames.iter().enumerate() {
+        host.write(f, 0, &pattern(41, k as u64, ps.bytes()));
+    }
+    let mut addrs = vec![DmaAddr::NONE; n];
+    host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
+        .unwrap();
+    let s0 = pm.stats();
+    pm.copy_to_devmem(&CopyRequest {
+        page_size: ps,
+        pages: &pfns,
+        addrs: &addrs,
+        pre_fence: b.pre_migrate_fence.as_ref(),
+    })
+    .unwrap()
+    .wait()
+    .unwrap();
+    let s1 = pm.stats();
+    assert_eq!(s1.dma_copies, s0.dma_copies + 1, "{s1:?}");
+    assert_eq!(s1.kernel_launches, s0.kernel_launches, "{s1:?}");
+    assert_eq!(s1.stream_waits, s0.stream_waits, "{s1:?}");
+    for (k, x) in read_back(&r, pm, &pfns, ps).iter().enumerate() {
+        assert!(*x == pattern(41, k as u64, ps.bytes()), "page {k}");
+    }
+    host.free_frames(&frames, ps);
+    pm.devmem_release(b);
+}
+
+#[test]
 fn small_calls_copy_every_page_size_with_either_kernel() {
     if !gpu() {
         return;
