@@ -4,10 +4,10 @@
 //! kernel in front of every migration's copies (on the fault path, the clear is a kernel
 //! launch and a few microseconds of GPU time before the first byte moves). So the backend
 //! clears pages when they are **freed** and when arena memory is first mapped, off the
-//! fault path, and an allocation of clean pages queues nothing: its pre-migrate fence is the
-//! last clear still running on the copy stream, if any. A page whose clear could not be
-//! queued (a driver error, or clearing on free switched off) is marked dirty here and is
-//! cleared when it is allocated again, as before. No driver calls here.
+//! fault path and on a stream of their own (freed pages wait in [`crate::settle`] until
+//! their clear is done), and an allocation of clean pages queues nothing. A page whose
+//! clear could not be queued (a driver error, or clearing on free switched off) is marked
+//! dirty here and is cleared when it is allocated again, as before. No driver calls here.
 
 /// One bit per granule of the arena: set = the granule may hold old data (only meaningful
 /// while the granule is free; allocation reads it, release writes it).

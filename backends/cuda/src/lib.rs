@@ -26,8 +26,11 @@
 //!   that is a queued CUDA fence of this backend (any context, any GPU; also inside a
 //!   [`drm_pagemap_core::FenceArray`]) becomes `cuStreamWaitEvent`; any other pending fence is
 //!   waited for on the CPU by a helper thread that then queues the copy (the call returns at
-//!   once; a stream never waits for the host). New allocations are cleared by a kernel on the
-//!   copy stream; that clear is their pre-migrate fence. Driver errors keep their `CUresult`
+//!   once; a stream never waits for the host). Device pages are cleared when freed, on a
+//!   clear stream beside the copy stream, and reach the allocator again once that clear is
+//!   done, so new allocations are clean and queue nothing; pages that could not be cleared
+//!   then are cleared by the allocation on the copy stream, and that clear is its
+//!   pre-migrate fence. Driver errors keep their `CUresult`
 //!   ([`drm_pagemap_core::BackendErrorKind::Driver`]).
 //!
 //! Tests hold a stream deterministically with [`CudaPagemap::hold`]; while a stream is held,
@@ -42,6 +45,7 @@ mod host;
 mod kernel;
 mod pagemap;
 pub mod plan;
+mod settle;
 
 pub use fence::CudaFence;
 pub use gate::Hold;

@@ -10,6 +10,7 @@ use crate::gate::{ControlPage, Gates, Hold};
 use crate::host::PinnedHostMemory;
 use crate::kernel::{GATE_ABORT, Kernels, SMALL_ENTRIES, SmallLists};
 use crate::plan;
+use crate::settle::{Cleared, Settling};
 use cudarc::driver::sys;
 use drm_pagemap_core::mem::ExtentAllocator;
 use drm_pagemap_core::{
@@ -70,6 +71,12 @@ pub struct CudaStats {
     /// Allocations that had to clear some of their pages themselves (pages never cleared
     /// on free); the others found clean pages and queued nothing.
     pub allocations_cleared: u64,
+    /// Bytes freed whose clear has not been seen done yet (not allocatable until it has,
+    /// unless nothing else fits).
+    pub settling_bytes: u64,
+    /// Allocations that took settling pages before their clear was seen done (nothing else
+    /// fitted): their pre-migrate fence is that clear.
+    pub settling_taken: u64,
 }
 
 #[derive(Default)]
@@ -86,6 +93,7 @@ struct Counters {
     used: AtomicU64,
     clears: AtomicU64,
     alloc_clears: AtomicU64,
+    settling_taken: AtomicU64,
 }
 
 /// The device memory of one pagemap.
@@ -284,9 +292,13 @@ struct Submit {
     zero_src: u64,
     /// Which free granules may hold old data.
     clean: CleanMap,
-    /// The last clear queued on the stream, until it is seen signalled: the pre-migrate
-    /// fence of allocations that find their pages clean.
-    last_clear: Option<Fence>,
+    /// Pages cleared on free whose clear (on the clear stream) has not been seen done; the
+    /// allocator does not have them yet.
+    settling: Settling<Fence>,
+    /// The newest clear on the clear stream that pages the allocator has may still wait for
+    /// (a freshly mapped segment, or settling pages taken before their clear was seen done),
+    /// until it is seen signalled: the pre-migrate fence of allocations of clean pages.
+    unsettled_clear: Option<Fence>,
 }
 
 // SAFETY: the raw pointers are pinned host buffers owned by this struct.
@@ -299,6 +311,9 @@ pub struct CudaPagemap {
     // (whose context both need).
     submit: Mutex<Submit>,
     stream: Stream,
+    /// Clears of freed pages and fresh segments run here, beside the copies: a fault right
+    /// after an eviction does not queue its copy behind the eviction's clear.
+    clear_stream: Stream,
     arena: Arena,
     device: Arc<CudaDevice>,
     /// Devices whose copies may read and write this memory directly (its owner group).
@@ -306,6 +321,8 @@ pub struct CudaPagemap {
     host: Arc<PinnedHostMemory>,
     frames: ExtentAllocator,
     timeline: FenceTimeline,
+    /// Fence context of the clear stream (its fences are not ordered by the copy stream).
+    clear_timeline: FenceTimeline,
     /// This pagemap, for helper threads that queue deferred copies.
     me: std::sync::OnceLock<std::sync::Weak<CudaPagemap>>,
     allocs: Mutex<HashMap<u64, Vec<Pfn>>>,
@@ -344,6 +361,7 @@ impl CudaPagemap {
         }
         let arena = Arena::new(&device, capacity, peer_ordinals)?;
         let stream = Stream::new(&device.ctx)?;
+        let clear_stream = Stream::new(&device.ctx)?;
         let gates = Gates::new(ControlPage::new(&device.ctx)?);
         let mut lists_dev = 0u64;
         // SAFETY: writes one pointer; freed in Drop.
@@ -357,10 +375,10 @@ impl CudaPagemap {
             unsafe { sys::cuMemFree_v2(lists_dev) };
             return Err(e);
         }
-        // On the copy stream: every clear that reads the buffer is queued behind this.
+        // Clears on both streams read the buffer: it is zeroed before the pagemap exists.
         // SAFETY: the buffer holds ZERO_SRC_BYTES; the stream lives.
         let r = unsafe { sys::cuMemsetD32Async(zero_src, 0, ZERO_SRC_BYTES / 4, stream.raw) };
-        if let Err(e) = check("cuMemsetD32Async", r, "zeroed buffer") {
+        if let Err(e) = check("cuMemsetD32Async", r, "zeroed buffer").and(stream.synchronize()) {
             // SAFETY: allocated above; nothing was queued that reads them.
             unsafe {
                 sys::cuMemFree_v2(zero_src);
@@ -379,7 +397,9 @@ impl CudaPagemap {
             host,
             arena,
             stream,
+            clear_stream,
             timeline: FenceTimeline::new(),
+            clear_timeline: FenceTimeline::new(),
             me: std::sync::OnceLock::new(),
             submit: Mutex::new(Submit {
                 slots,
@@ -388,7 +408,8 @@ impl CudaPagemap {
                 lists_cap: LISTS_DEV_BYTES,
                 zero_src,
                 clean: CleanMap::new(granules),
-                last_clear: None,
+                settling: Settling::default(),
+                unsettled_clear: None,
             }),
             allocs: Mutex::new(HashMap::new()),
             next_cookie: AtomicU64::new(1),
@@ -408,6 +429,12 @@ impl CudaPagemap {
     pub fn stats(&self) -> CudaStats {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        let settling = self
+            .submit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settling
+            .granules();
         CudaStats {
             allocations: l(&c.allocations),
             releases: l(&c.releases),
@@ -421,6 +448,8 @@ impl CudaPagemap {
             used_bytes: l(&c.used),
             clear_launches: l(&c.clears),
             allocations_cleared: l(&c.alloc_clears),
+            settling_bytes: settling * GRANULE,
+            settling_taken: l(&c.settling_taken),
         }
     }
 
@@ -489,18 +518,28 @@ impl CudaPagemap {
     /// allocations: a new pagemap, arena growth, more pinned host memory) wait for the
     /// release, in every thread of the process: release it from a thread that makes none.
     pub fn hold(&self) -> Result<Hold, BackendError> {
+        self.hold_stream(&self.stream)
+    }
+
+    /// Holds the clear stream (clears of freed pages and of fresh segments) like
+    /// [`CudaPagemap::hold`] holds the copy stream.
+    pub fn hold_clears(&self) -> Result<Hold, BackendError> {
+        self.hold_stream(&self.clear_stream)
+    }
+
+    fn hold_stream(&self, stream: &Stream) -> Result<Hold, BackendError> {
         let k = self.device.kernels()?;
         let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
         self.device.ctx.bind()?;
         let g = sub.gates.take()?;
         // SAFETY: the gate word lives in the control page, kept alive by the Hold.
-        let launched = unsafe { k.launch_wait(&self.stream, sub.gates.page.addr(g), 0) };
+        let launched = unsafe { k.launch_wait(stream, sub.gates.page.addr(g), 0) };
         if let Err(e) = launched {
             sub.gates.page.set(g, GATE_ABORT);
             return Err(e);
         }
         let ev = Arc::new(self.device.events.get()?);
-        ev.record(&self.stream)?;
+        ev.record(stream)?;
         sub.gates.retire_after(g, ev);
         Ok(Hold {
             page: sub.gates.page.clone(),
@@ -508,9 +547,14 @@ impl CudaPagemap {
         })
     }
 
-    /// Blocks until every copy queued on this pagemap's stream has run.
+    /// Blocks until every copy and clear queued on this pagemap's streams has run; freed
+    /// pages whose clear has run go back to the allocator.
     pub fn synchronize(&self) -> Result<(), BackendError> {
-        self.stream.synchronize()
+        self.stream.synchronize()?;
+        self.clear_stream.synchronize()?;
+        let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+        self.reap_settled(&mut sub);
+        Ok(())
     }
 
     /// A fence recorded on the copy stream now (signals when everything queued before it ran).
@@ -521,81 +565,168 @@ impl CudaPagemap {
     }
 
     fn record(&self, deps: Vec<Fence>) -> Result<CudaFence, BackendError> {
+        self.record_on(&self.stream, &self.timeline, deps)
+    }
+
+    /// A fence of the clear stream (its own context: copies are not ordered by it).
+    fn record_clear(&self) -> Result<CudaFence, BackendError> {
+        self.record_on(&self.clear_stream, &self.clear_timeline, Vec::new())
+    }
+
+    fn record_on(
+        &self,
+        stream: &Stream,
+        timeline: &FenceTimeline,
+        deps: Vec<Fence>,
+    ) -> Result<CudaFence, BackendError> {
         let ev = Arc::new(self.device.events.get()?);
-        ev.record(&self.stream)?;
+        ev.record(stream)?;
         Ok(CudaFence::new(
-            self.timeline.context(),
-            self.timeline.next_seqno(),
+            timeline.context(),
+            timeline.next_seqno(),
             self.device.id,
             ev,
             deps,
         ))
     }
 
-    /// Gives pages (starts in granules, `g` each) back to the allocator, cleared on the way
-    /// when clearing on free: whoever gets them finds them clean, with this clear (or a later
-    /// one) as the pre-migrate fence. The core releases only what no copy still reads or
+    /// Gives pages (starts in granules, `g` each) back, cleared on the way when clearing on
+    /// free: the clear runs on the clear stream and the pages wait in `settling` until it is
+    /// seen done (batches whose clears are done by now go to the allocator first), so that
+    /// the next allocations get pages nobody has to wait for. Without a clear they go to the
+    /// allocator at once, marked dirty. The core releases only what no copy still reads or
     /// writes.
-    fn free_cleared(&self, starts: &[u64], g: u64) {
-        {
-            let kernels = if self.clear_on_free {
-                self.device.kernels().ok()
-            } else {
-                None
-            };
-            let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
-            let cleared = kernels.is_some_and(|k| {
-                self.device
-                    .ctx
-                    .bind()
-                    .and_then(|()| self.clear_pages_locked(&mut sub, &k, starts, g))
-                    .map(|f| sub.last_clear = Some(Fence::new(f)))
-                    .is_ok()
-            });
-            sub.clean.set_pages(starts, g, !cleared);
+    fn free_cleared(&self, starts: Vec<u64>, g: u64) {
+        let kernels = if self.clear_on_free {
+            self.device.kernels().ok()
+        } else {
+            None
+        };
+        let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+        self.reap_settled(&mut sub);
+        let cleared = kernels.and_then(|k| {
+            self.device
+                .ctx
+                .bind()
+                .and_then(|()| self.clear_pages_locked(&mut sub, &k, &starts, g, true))
+                .ok()
+        });
+        match cleared {
+            Some(f) => sub.settling.push(starts, g, Fence::new(f)),
+            None => {
+                sub.clean.set_pages(&starts, g, true);
+                drop(sub);
+                self.frames.free_pages(&starts, g);
+            }
         }
-        self.frames.free_pages(starts, g);
     }
 
-    /// The last clear queued on the stream while it has not signalled (forgotten once it
-    /// has: later allocations then need no fence at all).
+    /// Hands settling pages whose clear is done to the allocator (those whose clear failed
+    /// marked dirty). The caller holds the submit lock.
+    fn reap_settled(&self, sub: &mut Submit) {
+        let Submit {
+            settling, clean, ..
+        } = sub;
+        settling.reap_done(
+            |f| match f.status() {
+                FenceStatus::Pending => Cleared::Pending,
+                FenceStatus::Signaled => Cleared::Clean,
+                FenceStatus::Failed(_) => Cleared::Failed,
+            },
+            |starts, g, ok| {
+                clean.set_pages(starts, g, !ok);
+                self.frames.free_pages(starts, g);
+            },
+        );
+    }
+
+    /// Nothing else fits: hands every settling page to the allocator, done or not; the newest
+    /// of their clears becomes a clear that allocations of clean pages are ordered after.
+    /// Returns whether any page was handed over.
+    fn take_settling(&self, sub: &mut Submit) -> bool {
+        let Submit {
+            settling, clean, ..
+        } = sub;
+        let newest = settling.take_all(|starts, g| {
+            clean.set_pages(starts, g, false);
+            self.frames.free_pages(starts, g);
+        });
+        let Some(f) = newest else {
+            return false;
+        };
+        self.counters.settling_taken.fetch_add(1, Ordering::Relaxed);
+        Self::note_clear(sub, f);
+        true
+    }
+
+    /// `f`, a clear of the clear stream, now guards pages the allocator has: keep the newer
+    /// of it and the one kept (a later clear of the stream orders after every earlier one).
+    fn note_clear(sub: &mut Submit, f: Fence) {
+        if sub
+            .unsettled_clear
+            .as_ref()
+            .is_none_or(|old| old.seqno() < f.seqno())
+        {
+            sub.unsettled_clear = Some(f);
+        }
+    }
+
+    /// The clear of the clear stream that allocations of clean pages are ordered after, while
+    /// it has not signalled (forgotten once it has: later allocations then need no fence).
     fn pending_clear(sub: &mut Submit) -> Option<Fence> {
-        match &sub.last_clear {
+        match &sub.unsettled_clear {
             Some(f) if f.is_signaled() => {
-                sub.last_clear = None;
+                sub.unsettled_clear = None;
                 None
             }
             other => other.clone(),
         }
     }
 
-    /// Queues the clear of a freshly mapped arena segment `(offset, bytes)` and marks it
-    /// clean; on failure it stays dirty (allocations clear their pages themselves).
+    /// Queues the clear of a freshly mapped arena segment `(offset, bytes)` on the clear
+    /// stream and marks it clean; on failure it stays dirty (allocations clear their pages
+    /// themselves).
     fn clear_fresh_segment(&self, kernels: &Kernels, off: u64, size: u64) {
         let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
         let queued = self.device.ctx.bind().and_then(|()| {
             // SAFETY: the segment was just mapped and nobody else can reach it yet.
-            unsafe { kernels.launch_zero(&self.stream, self.arena.base + off, size)? };
+            unsafe { kernels.launch_zero(&self.clear_stream, self.arena.base + off, size)? };
             self.counters.clears.fetch_add(1, Ordering::Relaxed);
-            self.record(Vec::new())
+            self.record_clear()
         });
         if let Ok(f) = queued {
             sub.clean.set(off / GRANULE, size / GRANULE, false);
-            sub.last_clear = Some(Fence::new(f));
+            Self::note_clear(&mut sub, Fence::new(f));
         }
     }
 
-    /// Queues the clear of the pages at `starts` (granules, `g` each; allocated to the
-    /// caller, no copy in flight on them) on the copy stream and records its fence: one
-    /// zeroing kernel per extent when they are few, else one copy kernel from the zeroed
-    /// buffer over a page list. The caller has bound the context.
+    /// Queues the clear of the pages at `starts` (granules, `g` each; the caller's, no copy
+    /// in flight on them) on the clear stream (`on_clear_stream`: pages being freed) or on
+    /// the copy stream (pages being allocated: the clear then orders the copies after it
+    /// without a wait, and itself waits for the pending clear of the clear stream, if any)
+    /// and records its fence: one zeroing kernel per extent when they are few, else one copy
+    /// kernel from the zeroed buffer over a page list. The caller has bound the context.
     fn clear_pages_locked(
         &self,
         sub: &mut Submit,
         kernels: &Kernels,
         starts: &[u64],
         g: u64,
+        on_clear_stream: bool,
     ) -> Result<CudaFence, BackendError> {
+        let stream = if on_clear_stream {
+            &self.clear_stream
+        } else {
+            if let Some(f) = Self::pending_clear(sub)
+                && let Some(ev) = f.downcast_ref::<CudaFence>().and_then(CudaFence::event)
+            {
+                // SAFETY: both handles are alive.
+                let r = unsafe { sys::cuStreamWaitEvent(self.stream.raw, ev.raw, 0) };
+                check("cuStreamWaitEvent", r, "pending clear")?;
+                self.counters.stream_waits.fetch_add(1, Ordering::Relaxed);
+            }
+            &self.stream
+        };
         let ext = extents(starts, g);
         let mut slot_used = None;
         if ext.len() <= ZERO_EXTENTS_DIRECT {
@@ -605,11 +736,7 @@ impl CudaPagemap {
                 // synchronisation point between the device's streams, which would order this
                 // clear after the gates of every other stream.
                 unsafe {
-                    kernels.launch_zero(
-                        &self.stream,
-                        self.arena.base + s * GRANULE,
-                        len * GRANULE,
-                    )?
+                    kernels.launch_zero(stream, self.arena.base + s * GRANULE, len * GRANULE)?
                 };
                 self.counters.clears.fetch_add(1, Ordering::Relaxed);
             }
@@ -631,7 +758,7 @@ impl CudaPagemap {
             // belongs to the caller; the zeroed buffer holds the largest page.
             unsafe {
                 kernels.launch_copy(
-                    &self.stream,
+                    stream,
                     slot.dev + pfn_off as u64,
                     slot.dev,
                     (n as u64) << shift,
@@ -644,7 +771,11 @@ impl CudaPagemap {
             self.counters.clears.fetch_add(1, Ordering::Relaxed);
             slot_used = Some(si);
         }
-        let f = self.record(Vec::new())?;
+        let f = if on_clear_stream {
+            self.record_clear()?
+        } else {
+            self.record(Vec::new())?
+        };
         if let Some(si) = slot_used {
             sub.slots[si].busy = f.event().cloned();
         }
@@ -1068,9 +1199,10 @@ impl Drop for CudaPagemap {
             .gates
             .abort_all();
         let _ = self.stream.synchronize();
+        let _ = self.clear_stream.synchronize();
         let _ = self.device.ctx.bind();
         let sub = self.submit.get_mut().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: the stream is synchronised: no copy reads the buffers any more.
+        // SAFETY: the streams are synchronised: no copy or clear reads the buffers any more.
         unsafe {
             sys::cuMemFree_v2(sub.lists_dev);
             sys::cuMemFree_v2(sub.zero_src);
@@ -1121,7 +1253,17 @@ impl DevmemOps for CudaPagemap {
         let g = page_size.granules();
         let bytes = npages as u64 * page_size.bytes();
         let mut starts = Vec::with_capacity(npages);
-        if npages == 0 || !self.frames.alloc_pages(npages, g, &mut starts) {
+        // Pages still settling (freed, clear running) are taken only when nothing else fits.
+        let fits = npages > 0
+            && (self.frames.alloc_pages(npages, g, &mut starts) || {
+                let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+                self.take_settling(&mut sub) && {
+                    drop(sub);
+                    starts.clear();
+                    self.frames.alloc_pages(npages, g, &mut starts)
+                }
+            });
+        if !fits {
             return Err(err(
                 BackendErrorKind::OutOfMemory,
                 format!(
@@ -1150,7 +1292,9 @@ impl DevmemOps for CudaPagemap {
             return undo(e);
         }
         // Pages cleared on free (or when first mapped) need nothing; the others are cleared
-        // now. The pre-migrate fence is the last clear queued, while it runs.
+        // now, on the copy stream. The pre-migrate fence is the clear they wait for, while it
+        // runs: that one, or a clear of the clear stream (fresh segments, settling pages
+        // taken early).
         let pre = {
             let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
             let mut dirty = Vec::new();
@@ -1162,19 +1306,15 @@ impl DevmemOps for CudaPagemap {
                 self.device
                     .ctx
                     .bind()
-                    .and_then(|()| self.clear_pages_locked(&mut sub, &kernels, &dirty, g))
-                    .map(|f| {
-                        let f = Fence::new(f);
-                        sub.last_clear = Some(f.clone());
-                        Some(f)
-                    })
+                    .and_then(|()| self.clear_pages_locked(&mut sub, &kernels, &dirty, g, false))
+                    .map(|f| Some(Fence::new(f)))
             }
         };
         let pre = match pre {
             Ok(p) => p,
             Err(e) => {
                 // Nothing may still write these pages when someone else gets them.
-                let _ = self.stream.synchronize();
+                let _ = self.synchronize();
                 return undo(e);
             }
         };
@@ -1256,7 +1396,7 @@ impl DevmemOps for CudaPagemap {
                 }
             }
         }
-        for (starts, ps) in by_size.iter().zip(PAGE_SIZES) {
+        for (starts, ps) in by_size.into_iter().zip(PAGE_SIZES) {
             if !starts.is_empty() {
                 self.free_cleared(starts, ps.granules());
             }

@@ -395,7 +395,15 @@ fn pre_migrate_fence_orders_a_source_push_after_the_clear() {
         return;
     }
     let _gpu = alone();
-    let r = rig(2);
+    // Pages cleared on allocation: the clear is queued on the destination's copy stream,
+    // where the hold below keeps it.
+    let r = rig_with(
+        CudaConfig {
+            clear_on_free: false,
+            ..config()
+        },
+        2,
+    );
     let ps = PageSize::Size4K;
     let n = 256usize;
     let (src, dst) = (&r.pms[0], &r.pms[1]);
@@ -424,17 +432,16 @@ fn pre_migrate_fence_orders_a_source_push_after_the_clear() {
     // The destination's clear is held back on its stream; the push runs on the source's
     // stream and must wait for it on the device. (Back the destination's memory first:
     // mapping device memory is an implicit synchronisation point of the device, which would
-    // wait for the hold.) The pages are cleared when they are freed, so the clear that the
-    // new allocation must wait for is the one queued by the release behind the hold.
+    // wait for the hold.)
     let warm = dst.allocate(n, ps).unwrap();
     warm.wait_ready().unwrap();
-    let hold = dst.hold().unwrap();
     dst.devmem_release(warm);
+    let hold = dst.hold().unwrap();
     let b = dst.allocate(n, ps).unwrap();
     let clear = b
         .pre_migrate_fence
         .clone()
-        .expect("pages freed behind the hold are not clean yet");
+        .expect("the allocation's clear is queued behind the hold");
     assert!(clear.downcast_ref::<CudaFence>().is_some());
     assert!(!clear.is_signaled(), "the clear waits behind the stall");
     let mut dpfns = vec![Pfn(0); n];
@@ -578,6 +585,7 @@ fn pages_are_cleared_when_freed_and_reallocated_without_a_clear() {
     // Map the memory the test uses first (a fresh segment's clear would count below).
     let warm = pm.allocate(128, PageSize::Size2M).unwrap();
     pm.devmem_release(warm);
+    pm.synchronize().unwrap();
     // A small pagemap that single pages fill, so that an allocation gets scattered pages.
     let cap = 32u64 << 20;
     r.backend
@@ -590,8 +598,11 @@ fn pages_are_cleared_when_freed_and_reallocated_without_a_clear() {
         .unwrap();
     let small = r.backend.cuda_pagemap(PagemapId(9)).unwrap();
     for ps in sizes() {
-        // Contiguous: written, freed (one zeroing kernel), allocated again with no clear.
+        // Contiguous: written, freed (one zeroing kernel); the pages settle while their clear
+        // runs, so the next allocation gets others; once the clear has run they come back,
+        // with no clear of their own.
         let n = 16;
+        let bytes = n as u64 * ps.bytes();
         let a = pm.allocate(n, ps).unwrap();
         a.wait_ready().unwrap();
         let mut pfns = vec![Pfn(0); n];
@@ -599,23 +610,44 @@ fn pages_are_cleared_when_freed_and_reallocated_without_a_clear() {
         write_pages(&r, pm, &pfns, ps, 21);
         let s0 = pm.stats();
         pm.devmem_release(a);
-        assert_eq!(pm.stats().clear_launches, s0.clear_launches + 1, "{ps}");
-        let b = pm.allocate(n, ps).unwrap();
         let s1 = pm.stats();
-        assert_eq!(s1.allocations_cleared, s0.allocations_cleared, "{ps}");
+        assert_eq!(s1.clear_launches, s0.clear_launches + 1, "{ps}");
         assert_eq!(
-            s1.clear_launches,
-            s0.clear_launches + 1,
-            "{ps}: nothing queued"
+            s1.settling_bytes, bytes,
+            "{ps}: freed pages wait for their clear"
         );
+        let b = pm.allocate(n, ps).unwrap();
         b.wait_ready().unwrap();
         let mut bp = vec![Pfn(0); n];
         pm.populate_devmem_pfn(&b, &mut bp).unwrap();
-        assert_eq!(bp, pfns, "{ps}: the same pages again");
-        for (k, x) in read_back(&r, pm, &bp, ps).iter().enumerate() {
+        assert!(
+            bp.iter().all(|p| !pfns.contains(p)),
+            "{ps}: settling pages are not handed out while others fit"
+        );
+        pm.synchronize().unwrap();
+        assert_eq!(pm.stats().settling_bytes, 0, "{ps}: settled by synchronize");
+        let c = pm.allocate(n, ps).unwrap();
+        let s2 = pm.stats();
+        assert_eq!(s2.allocations_cleared, s0.allocations_cleared, "{ps}");
+        assert_eq!(
+            s2.clear_launches,
+            s0.clear_launches + 1,
+            "{ps}: nothing queued"
+        );
+        assert!(c.pre_migrate_fence.is_none(), "{ps}: nothing to wait for");
+        let mut cp = vec![Pfn(0); n];
+        pm.populate_devmem_pfn(&c, &mut cp).unwrap();
+        // First fit: the lowest free pages, which include the settled ones (the 4 KiB
+        // round's pages sit below this round's first allocation).
+        assert!(
+            cp.iter().filter(|p| pfns.contains(p)).count() >= n / 2,
+            "{ps}: the settled pages are handed out again: {cp:?} vs {pfns:?}"
+        );
+        for (k, x) in read_back(&r, pm, &cp, ps).iter().enumerate() {
             assert!(x.iter().all(|&v| v == 0), "{ps}: page {k} reads as zeros");
         }
-        pm.devmem_release(b);
+        pm.devmem_release_many(vec![b, c]);
+        pm.synchronize().unwrap();
 
         // Scattered: fill the small pagemap with single pages, free every other one, and
         // allocate them as one allocation (page by page, no run fits).
@@ -696,6 +728,7 @@ fn releasing_many_allocations_queues_one_clear() {
     let pm = &r.pms[0];
     let warm = pm.allocate(64, PageSize::Size2M).unwrap();
     pm.devmem_release(warm);
+    pm.synchronize().unwrap();
     // Single pages of two sizes, written, then released in one call.
     let (mut backs, p4) = single_pages(pm, 40, PageSize::Size4K);
     write_pages(&r, pm, &p4, PageSize::Size4K, 31);
@@ -712,12 +745,19 @@ fn releasing_many_allocations_queues_one_clear() {
         "one clear per page size"
     );
     assert_eq!(s1.used_bytes, 0);
-    // Allocated again: clean, nothing queued, zeros.
-    for (ps, n) in [(PageSize::Size4K, 40), (PageSize::Size64K, 9)] {
+    // The second release may find the first one's clear done already and settle it.
+    assert!(s1.settling_bytes >= 9 * 65536 && s1.settling_bytes <= 40 * 4096 + 9 * 65536);
+    // Settled, allocated again: the same pages, clean, nothing queued, zeros.
+    pm.synchronize().unwrap();
+    assert_eq!(pm.stats().settling_bytes, 0);
+    for (ps, n, was) in [(PageSize::Size4K, 40, &p4), (PageSize::Size64K, 9, &p64)] {
         let a = pm.allocate(n, ps).unwrap();
         a.wait_ready().unwrap();
         let mut pfns = vec![Pfn(0); n];
         pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
+        let mut sorted = pfns.clone();
+        sorted.sort();
+        assert_eq!(&sorted, was, "{ps}: the released pages");
         for (k, x) in read_back(&r, pm, &pfns, ps).iter().enumerate() {
             assert!(x.iter().all(|&v| v == 0), "{ps}: page {k} reads as zeros");
         }
@@ -1076,24 +1116,21 @@ fn nvrtc_compiles_the_kernel_source_where_nvrtc_exists() {
 }
 
 #[test]
-fn a_small_call_of_few_runs_goes_to_dma_behind_its_own_clear_without_a_stream_wait() {
+fn a_copy_right_after_a_release_goes_to_dma_and_waits_for_no_clear() {
     if !gpu() {
         return;
     }
-    let _gpu = shared();
+    let _gpu = alone();
     let r = rig_clearing(true);
     let pm = &r.pms[0];
     let ps = PageSize::Size4K;
     // 16 contiguous pages (one run, far below the 2 MiB crossover): one DMA, no kernel.
     let n = 16;
-    let a = pm.allocate(n, ps).unwrap();
-    a.wait_ready().unwrap();
-    pm.devmem_release(a);
-    // Allocated again right after the release: the pre-migrate fence is the release's clear
-    // on this stream, which orders the copy without a stream wait.
-    let b = pm.allocate(n, ps).unwrap();
-    let mut pfns = vec![Pfn(0); n];
-    pm.populate_devmem_pfn(&b, &mut pfns).unwrap();
+    // Map the arena and take the host frames first: both are implicit synchronisation
+    // points of the device, which would wait for the hold below.
+    let warm = pm.allocate(512, ps).unwrap();
+    pm.devmem_release(warm);
+    pm.synchronize().unwrap();
     let host = r.backend.pinned_host();
     let mut frames = Vec::new();
     host.alloc_frames(n, ps, &mut frames).unwrap();
@@ -1103,22 +1140,145 @@ fn a_small_call_of_few_runs_goes_to_dma_behind_its_own_clear_without_a_stream_wa
     let mut addrs = vec![DmaAddr::NONE; n];
     host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
         .unwrap();
+    let a = pm.allocate(n, ps).unwrap();
+    a.wait_ready().unwrap();
+    let mut apfns = vec![Pfn(0); n];
+    pm.populate_devmem_pfn(&a, &mut apfns).unwrap();
+    // An eviction frees `a`; its clear cannot run (held). A fault right after gets other
+    // pages, with nothing to wait for, and its copy completes while the clear is held.
+    let hold = pm.hold_clears().unwrap();
+    pm.devmem_release(a);
+    assert_eq!(pm.stats().settling_bytes, n as u64 * ps.bytes());
+    let b = pm.allocate(n, ps).unwrap();
+    assert!(
+        b.pre_migrate_fence.as_ref().is_none_or(Fence::is_signaled),
+        "clean pages of settled memory need no fence"
+    );
+    let mut pfns = vec![Pfn(0); n];
+    pm.populate_devmem_pfn(&b, &mut pfns).unwrap();
+    assert!(
+        pfns.iter().all(|p| !apfns.contains(p)),
+        "not the settling pages"
+    );
     let s0 = pm.stats();
-    pm.copy_to_devmem(&CopyRequest {
-        page_size: ps,
-        pages: &pfns,
-        addrs: &addrs,
-        pre_fence: b.pre_migrate_fence.as_ref(),
-    })
-    .unwrap()
-    .wait()
-    .unwrap();
+    let copy = pm
+        .copy_to_devmem(&CopyRequest {
+            page_size: ps,
+            pages: &pfns,
+            addrs: &addrs,
+            pre_fence: b.pre_migrate_fence.as_ref(),
+        })
+        .unwrap();
+    copy.wait_timeout(Duration::from_secs(5))
+        .expect("the copy does not wait for the held clear");
     let s1 = pm.stats();
     assert_eq!(s1.dma_copies, s0.dma_copies + 1, "{s1:?}");
     assert_eq!(s1.kernel_launches, s0.kernel_launches, "{s1:?}");
     assert_eq!(s1.stream_waits, s0.stream_waits, "{s1:?}");
+    assert_eq!(s1.settling_bytes, n as u64 * ps.bytes(), "still held");
+    hold.release();
+    pm.synchronize().unwrap();
+    assert_eq!(pm.stats().settling_bytes, 0);
     for (k, x) in read_back(&r, pm, &pfns, ps).iter().enumerate() {
         assert!(*x == pattern(41, k as u64, ps.bytes()), "page {k}");
+    }
+    // The evicted pages come back cleared.
+    let c = pm.allocate(n, ps).unwrap();
+    c.wait_ready().unwrap();
+    let mut cp = vec![Pfn(0); n];
+    pm.populate_devmem_pfn(&c, &mut cp).unwrap();
+    assert_eq!(cp, apfns);
+    for (k, x) in read_back(&r, pm, &cp, ps).iter().enumerate() {
+        assert!(x.iter().all(|&v| v == 0), "evicted page {k} reads as zeros");
+    }
+    host.free_frames(&frames, ps);
+    pm.devmem_release_many(vec![b, c]);
+}
+
+#[test]
+fn settling_pages_are_taken_when_nothing_else_fits_with_their_clear_as_the_fence() {
+    if !gpu() {
+        return;
+    }
+    let _gpu = alone();
+    let r = rig_clearing(true);
+    let ps = PageSize::Size4K;
+    // A pagemap of 2 MiB, filled by one allocation.
+    r.backend
+        .create_pagemap(&PagemapSpec {
+            id: PagemapId(9),
+            device: DeviceId(0),
+            owner: None,
+            capacity_bytes: 2 << 20,
+        })
+        .unwrap();
+    let pm = r.backend.cuda_pagemap(PagemapId(9)).unwrap();
+    let n = 512;
+    let a = pm.allocate(n, ps).unwrap();
+    a.wait_ready().unwrap();
+    let mut pfns = vec![Pfn(0); n];
+    pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
+    write_pages(&r, &pm, &pfns, ps, 51);
+    // Host frames for half the pages, taken before the hold.
+    let half = n / 2;
+    let host = r.backend.pinned_host();
+    let mut frames = Vec::new();
+    host.alloc_frames(half, ps, &mut frames).unwrap();
+    for (k, &f) in frames.iter().enumerate() {
+        host.write(f, 0, &pattern(52, k as u64, ps.bytes()));
+    }
+    let mut addrs = vec![DmaAddr::NONE; half];
+    host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
+        .unwrap();
+    let hold = pm.hold_clears().unwrap();
+    pm.devmem_release(a);
+    // Nothing else is free: the allocation takes the settling pages, ordered after their
+    // clear (still held).
+    let s0 = pm.stats();
+    let b = pm.allocate(n, ps).unwrap();
+    let s1 = pm.stats();
+    assert_eq!(s1.settling_taken, s0.settling_taken + 1);
+    assert_eq!(s1.settling_bytes, 0);
+    assert_eq!(
+        s1.allocations_cleared, s0.allocations_cleared,
+        "no clear of its own"
+    );
+    let clear = b
+        .pre_migrate_fence
+        .clone()
+        .expect("the held clear is the pre-migrate fence");
+    assert!(clear.downcast_ref::<CudaFence>().is_some());
+    assert!(!clear.is_signaled());
+    let mut bp = vec![Pfn(0); n];
+    pm.populate_devmem_pfn(&b, &mut bp).unwrap();
+    assert_eq!(bp, pfns, "the whole pagemap again");
+    // Half the pages get new data; the copy waits for the clear on the device.
+    let copy = pm
+        .copy_to_devmem(&CopyRequest {
+            page_size: ps,
+            pages: &bp[..half],
+            addrs: &addrs,
+            pre_fence: Some(&clear),
+        })
+        .unwrap();
+    assert_eq!(pm.stats().stream_waits, s1.stream_waits + 1);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(!copy.is_signaled(), "the copy waits for the clear");
+    hold.release();
+    copy.wait().unwrap();
+    let got = read_back(&r, &pm, &bp, ps);
+    for (k, x) in got.iter().enumerate() {
+        if k < half {
+            assert!(
+                *x == pattern(52, k as u64, ps.bytes()),
+                "page {k}: the new data"
+            );
+        } else {
+            assert!(
+                x.iter().all(|&v| v == 0),
+                "page {k}: cleared, not the old data"
+            );
+        }
     }
     host.free_frames(&frames, ps);
     pm.devmem_release(b);
