@@ -14,7 +14,8 @@ mod common;
 use common::{Calls, Gate, Options, backends, build, calls};
 use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::{
-    AllocState, Coalesce, CopyOp, Error, FenceError, MigrateDetails, PageSize, PagemapId,
+    AllocState, Coalesce, CopyOp, Error, FenceError, MigrateDetails, PageBacking, PageSize,
+    PagemapId,
 };
 use std::time::Duration;
 
@@ -568,4 +569,94 @@ fn sim_only_out_of_device_memory_then_evict_and_retry() {
     assert_eq!(calls(&r.calls), vec![(1, common::D, 16)]);
     rig.verify();
     rig.finish();
+}
+
+#[test]
+fn work_while_copying_runs_between_the_last_issue_and_the_wait() {
+    for b in backends() {
+        let rig = build("s1.2s0", 3, PageSize::Size4K, Options::on(b));
+        let (ps, n) = (
+            rig.page_size,
+            (rig.range.len / rig.page_size.bytes()) as usize,
+        );
+        let details = MigrateDetails {
+            can_migrate_same_pagemap: true,
+            fence_timeout: Some(Duration::from_secs(10)),
+            ..MigrateDetails::default()
+        };
+        // The copies are held: the work sees every call issued and the pages not committed,
+        // then lets the copies go (a wait before the work would time out instead).
+        let gate = Gate::new();
+        rig.audit.hold_copies(Some(&gate));
+        let mark = rig.audit.mark();
+        let before = rig.mm.generation(rig.range).unwrap();
+        let alloc = rig
+            .mm
+            .allocate_devmem(PagemapId(0), n, ps, rig.range)
+            .unwrap();
+        let mut seen = None;
+        let rep = rig
+            .mm
+            .migrate_to_devmem_with(alloc, rig.range, &details, &mut |pfns| {
+                let copies = rig
+                    .audit
+                    .since(mark)
+                    .iter()
+                    .filter(|e| matches!(e, common::Event::Copy { .. }))
+                    .count();
+                let generation = rig.mm.generation(rig.range).unwrap();
+                seen = Some((pfns.to_vec(), copies, generation));
+                gate.open();
+            })
+            .unwrap();
+        rig.audit.hold_copies(None);
+        let (pfns, copies_then, generation_then) = seen.expect("the work ran");
+        assert_eq!(copies_then, rep.calls.len(), "{b}: every call issued first");
+        assert_eq!(pfns.len(), n, "{b}: a pfn per page");
+        // Collecting locked the pages (a new generation); the commit came after the work.
+        assert!(generation_then > before, "{b}");
+        let after = rep.generation.expect("pages moved");
+        assert!(after > generation_then, "{b}: committed after the work");
+        // The report's generation names the backing: every page in the allocation, in order.
+        assert_eq!(rig.mm.generation(rig.range).unwrap(), after, "{b}");
+        let mut backing = Vec::new();
+        assert_eq!(
+            rig.mm
+                .backing_with_generation(rig.range, &mut backing)
+                .unwrap(),
+            after
+        );
+        let want: Vec<PageBacking> = pfns
+            .iter()
+            .map(|&pfn| PageBacking::Device {
+                pagemap: PagemapId(0),
+                alloc,
+                pfn,
+            })
+            .collect();
+        assert_eq!(backing, want, "{b}");
+        rig.verify();
+
+        // A submission that fails: the work does not run, nothing moves.
+        let inj = FaultInjector::new();
+        let rig = build("s1.2s0", 3, ps, Options::on(b).faults(&inj));
+        let alloc = rig
+            .mm
+            .allocate_devmem(PagemapId(0), n, ps, rig.range)
+            .unwrap();
+        inj.fail_nth(FaultSite::Copy, 2);
+        let mut ran = false;
+        let err = rig
+            .mm
+            .migrate_to_devmem_with(alloc, rig.range, &details, &mut |_| ran = true)
+            .unwrap_err();
+        assert!(matches!(err, Error::Backend { .. }), "{b}: {err}");
+        assert!(
+            !ran,
+            "{b}: no work for a migration that could not issue its copies"
+        );
+        rig.assert_layout("s1.2s0");
+        rig.verify();
+        rig.finish();
+    }
 }

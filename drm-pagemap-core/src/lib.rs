@@ -53,7 +53,9 @@ pub use error::{
     BackendError, BackendErrorKind, BusyReason, Error, FenceError, RangeProblem, Result,
 };
 pub use fence::{Fence, FenceArray, FenceContext, FenceOps, FenceStatus, FenceTimeline, HostFence};
-pub use migrate::{CopyCall, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming};
+pub use migrate::{
+    CopyCall, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming, WhileCopying,
+};
 pub use mm::{AddressSpace, PageBacking, PageLocation};
 pub use plan::Coalesce;
 pub use to_ram::EvictReport;

@@ -94,7 +94,17 @@ pub struct MigrateReport {
     pub calls: Vec<CopyCall>,
     /// Where the time went.
     pub timing: MigrateTiming,
+    /// The generation of the range right after the commit (see
+    /// [`AddressSpace::generation`]); `None` when nothing moved. Every page of the range
+    /// then lives in `alloc`, page `k` in the allocation's page `k`: a caller that knows
+    /// this generation knows the backing without another snapshot.
+    pub generation: Option<u64>,
 }
+
+/// Work a caller hands to [`AddressSpace::migrate_to_devmem_with`], run while the copies
+/// are in flight. It gets the destination allocation's pfns (page `k` of the range goes to
+/// `pfns[k]`).
+pub type WhileCopying<'a> = &'a mut dyn FnMut(&[Pfn]);
 
 /// Which memory a mapping record came from (to undo it through the same provider).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,7 +204,7 @@ impl AddressSpace {
         self.pagemap_for(range, to)?;
         let span = self.lock().locate(range, true)?;
         let alloc = self.allocate_devmem(to, span.count, span.page_size, range)?;
-        self.migrate_into(alloc, range, details, Some(trace))
+        self.migrate_into(alloc, range, details, Some(trace), None)
     }
 
     /// Migrates `range` into the pages of `alloc` (reserved with
@@ -206,7 +216,23 @@ impl AddressSpace {
         range: VaRange,
         details: &MigrateDetails,
     ) -> Result<MigrateReport> {
-        self.migrate_into(alloc, range, details, None)
+        self.migrate_into(alloc, range, details, None, None)
+    }
+
+    /// [`AddressSpace::migrate_to_devmem`], running `while_copying` once every copy is
+    /// issued and before the wait for them: work that depends on where the pages are going
+    /// (a device page table built from the destination's pfns) overlaps the copies instead
+    /// of following them. It runs only when every copy was issued; whether the migration
+    /// then commits is the returned result (on success, [`MigrateReport::generation`] is
+    /// the generation of the backing it prepared for).
+    pub fn migrate_to_devmem_with(
+        &self,
+        alloc: AllocId,
+        range: VaRange,
+        details: &MigrateDetails,
+        while_copying: WhileCopying<'_>,
+    ) -> Result<MigrateReport> {
+        self.migrate_into(alloc, range, details, None, Some(while_copying))
     }
 
     fn migrate_into(
@@ -215,10 +241,11 @@ impl AddressSpace {
         range: VaRange,
         details: &MigrateDetails,
         trace: Option<&mut Vec<CopyCall>>,
+        while_copying: Option<WhileCopying<'_>>,
     ) -> Result<MigrateReport> {
         self.reap_deferred();
         let mut sc = Scratch::take();
-        let r = self.migrate_with(alloc, range, details, trace, &mut sc);
+        let r = self.migrate_with(alloc, range, details, trace, while_copying, &mut sc);
         sc.put_back();
         r
     }
@@ -229,6 +256,7 @@ impl AddressSpace {
         range: VaRange,
         details: &MigrateDetails,
         trace: Option<&mut Vec<CopyCall>>,
+        while_copying: Option<WhileCopying<'_>>,
         sc: &mut Scratch,
     ) -> Result<MigrateReport> {
         let t0 = Instant::now();
@@ -356,6 +384,7 @@ impl AddressSpace {
                     pages: span.count,
                     calls: Vec::new(),
                     timing,
+                    generation: None,
                 });
             }
             Verdict::Busy(reason, _) => {
@@ -442,6 +471,11 @@ impl AddressSpace {
         if let Some(trace) = trace {
             trace.extend_from_slice(&calls);
         }
+        if failure.is_none()
+            && let Some(work) = while_copying
+        {
+            work(&dst_pfns);
+        }
         let t2 = Instant::now();
         timing.issue = t2 - t1;
         // Wait once for everything issued, then for the pre-migrate fence (it orders the
@@ -504,7 +538,7 @@ impl AddressSpace {
         *addrs = maps.addrs;
         *records = maps.records;
         // Commit.
-        job.commit(t3 + details.timeslice, frames);
+        let generation = job.commit(t3 + details.timeslice, frames);
         timing.commit = t3.elapsed();
         Ok(MigrateReport {
             outcome: MigrateOutcome::Migrated,
@@ -512,6 +546,7 @@ impl AddressSpace {
             pages: span.count,
             calls,
             timing,
+            generation: Some(generation),
         })
     }
 
@@ -797,11 +832,12 @@ impl Job<'_> {
 
     /// Switches every page to the destination, frees the old pages, unlocks.
     /// `frames`: scratch space (cleared first).
-    fn commit(&self, expires: Instant, frames: &mut Vec<HostFrame>) {
+    /// Commits; returns the range's generation right after.
+    fn commit(&self, expires: Instant, frames: &mut Vec<HostFrame>) -> u64 {
         let mut releases: Vec<Release> = Vec::new();
         let span = self.span;
         frames.clear();
-        {
+        let generation = {
             let mut guard = self.mm.lock();
             let slot = self.alloc.slot;
             let dest = self.dest.id();
@@ -846,10 +882,12 @@ impl Job<'_> {
                 *new = PageEntry::device(dest, slot, k as u32);
             }
             self.mm.notify_unlocked(st);
-        }
+            st.generation_of(span)
+        };
         if !frames.is_empty() {
             self.mm.host.free_frames(frames, span.page_size);
         }
         release_all(releases);
+        generation
     }
 }

@@ -127,6 +127,8 @@ pub(crate) struct RangeState {
     /// The allocations holding `backing`'s device pages, in order of first appearance (at
     /// most [`FewAllocs`]' capacity).
     pub allocs: FewAllocs,
+    /// The backing a migration in flight will leave (reused buffer).
+    predicted: Vec<PageBacking>,
     maps: Vec<(MapSource, Direction, usize, usize)>,
     addrs: Vec<DmaAddr>,
     frames: Vec<HostFrame>,
@@ -327,6 +329,45 @@ impl RangeState {
         self.mapped = true;
         self.writable = writable;
         Ok(())
+    }
+
+    /// Builds the page table for the backing a migration into `alloc` of `pagemap` leaves
+    /// once it commits (page `k` in `pfns[k]`), while its copies are still running. The
+    /// caller sets [`RangeState::generation`] once the migration has committed, or unmaps
+    /// if it did not. `scratch` is kept.
+    pub(crate) fn build_for(
+        &mut self,
+        cx: &MapCtx<'_>,
+        writable: bool,
+        pagemap: PagemapId,
+        alloc: AllocId,
+        pfns: &[Pfn],
+    ) -> Result<(), CoreError> {
+        self.predicted.clear();
+        self.predicted
+            .extend(pfns.iter().map(|&pfn| PageBacking::Device {
+                pagemap,
+                alloc,
+                pfn,
+            }));
+        // build() takes its backing from `scratch`: lend it the prediction and take the
+        // snapshot back afterwards.
+        std::mem::swap(&mut self.scratch, &mut self.predicted);
+        let r = self.build(cx, writable, 0);
+        std::mem::swap(&mut self.scratch, &mut self.predicted);
+        r
+    }
+
+    /// Whether `backing` is what the address space holds now for the range at generation
+    /// `generation` (a debug check of [`RangeState::build_for`]'s prediction): `None` when
+    /// the generation has moved on since.
+    #[cfg(debug_assertions)]
+    pub(crate) fn backing_matches(&mut self, cx: &MapCtx<'_>) -> Option<bool> {
+        let g = cx
+            .mm
+            .backing_with_generation(cx.va, &mut self.predicted)
+            .ok()?;
+        (g == self.generation).then(|| self.predicted == self.backing)
     }
 }
 

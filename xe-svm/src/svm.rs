@@ -11,7 +11,7 @@ use crate::vm::GpuVm;
 use drm_pagemap_core::{
     AddressSpace, AllocId, BackendErrorKind, Coalesce, DeviceId, Error as CoreError,
     MigrateDetails, MigrateOutcome, OwnerId, PageBacking, PageSize, Pagemap, PagemapId, PagemapOps,
-    VaRange,
+    Pfn, VaRange,
 };
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -163,7 +163,11 @@ impl SvmInner {
     }
 
     /// Migrates `va` into `pm` (all pages or none), with the peer sources pushing their own
-    /// pages. Returns the pages copied (0 when they were all there already).
+    /// pages; `while_copying` runs once the copies are issued, with the new allocation and
+    /// its pfns. Returns the pages copied (0 when they were all there already) and, when
+    /// pages moved, the range's generation right after (every page then in that
+    /// allocation, in order).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn migrate_range(
         &self,
         va: VaRange,
@@ -172,7 +176,8 @@ impl SvmInner {
         timeslice: Duration,
         device: DeviceId,
         stats: &Counters,
-    ) -> Result<usize, SvmError> {
+        while_copying: &mut dyn FnMut(AllocId, &[Pfn]),
+    ) -> Result<(usize, Option<u64>), SvmError> {
         let info = self
             .info(pm)
             .ok_or(SvmError::UnknownPagemap { pagemap: pm })?;
@@ -186,7 +191,11 @@ impl SvmInner {
             coalesce: Coalesce::BySource,
             fence_timeout: self.config.fence_timeout,
         };
-        match self.mm.migrate_to_devmem(alloc, va, &details) {
+        let mut work = |pfns: &[Pfn]| while_copying(alloc, pfns);
+        match self
+            .mm
+            .migrate_to_devmem_with(alloc, va, &details, &mut work)
+        {
             Ok(rep) if rep.outcome == MigrateOutcome::Migrated => {
                 info.account.end_inflight(Some((alloc, va.len)));
                 let pages: usize = rep.calls.iter().map(|c| c.pages).sum();
@@ -195,11 +204,11 @@ impl SvmInner {
                 if info.account.needs_prune() {
                     info.account.prune(|id| self.mm.allocation(id).is_some());
                 }
-                Ok(pages)
+                Ok((pages, rep.generation))
             }
             Ok(_) => {
                 info.account.end_inflight(None);
-                Ok(0)
+                Ok((0, None))
             }
             Err(source) => {
                 info.account.end_inflight(None);

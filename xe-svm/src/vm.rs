@@ -19,7 +19,11 @@
 //!    (full, busy) is served from system memory instead.
 //! 4. **Page table.** Per page, the address by which the device reaches it: its own memory,
 //!    a peer's (same owner), or system memory. If pages moved meanwhile the handler looks
-//!    again (bounded), so the table it leaves matches the pages it saw last.
+//!    again (bounded), so the table it leaves matches the pages it saw last. After a
+//!    migration the table is built while the copies run, for the backing the migration
+//!    leaves once it commits (every page in the new allocation, in order; the engine's
+//!    [`drm_pagemap_core::AddressSpace::migrate_to_devmem_with`]), and stamped with the
+//!    generation the commit reports; a migration that does not commit unmaps it again.
 //!
 //! # Locks
 //! Order: an SVM range's lock (one fault at a time per range of a VM), then the context's
@@ -110,6 +114,20 @@ pub struct FaultReport {
 
 /// How many times one fault looks again after the pages moved under it.
 const MAX_ROUNDS: usize = 4;
+
+/// How one migration of a fault places its range.
+struct Placing<'a, 'b> {
+    /// The destination pagemap.
+    pm: PagemapId,
+    /// How long the device keeps the pages.
+    timeslice: Duration,
+    /// `st.scratch` holds the backing as seen under the locks held now.
+    fresh: bool,
+    /// Mapping for the device's page table.
+    cx: &'a MapCtx<'b>,
+    /// The page table allows device writes.
+    writes: bool,
+}
 
 /// The context's migrate lock (read, or write on the evict-and-retry path) and the lock of
 /// the range's 2 MiB block, held for a whole fault: the pages the fault looks at, the
@@ -664,9 +682,18 @@ impl GpuVm {
                 }
             }
             // `st.scratch` is the backing as seen under the locks still held.
-            let (a, retried) = self.place(range, st, target, need_dev, &attrs, &mut locks)?;
+            let (a, retried, built) =
+                self.place(range, st, target, need_dev, &attrs, &mut locks, &cx, writes)?;
             action = Some(a);
             busy_retry |= retried;
+            if built {
+                // The page table was built while the copies ran, for the backing the
+                // migration committed: no second look at the pages.
+                if let Target::Device(pm) = target {
+                    self.touch_built(st, pm);
+                }
+                return Ok(Some(report(a, busy_retry)));
+            }
         }
         Err(SvmError::Unstable {
             range: range.va,
@@ -674,7 +701,10 @@ impl GpuVm {
         })
     }
 
-    /// Puts the range's pages in `target` (step 3 of the module documentation).
+    /// Puts the range's pages in `target` (step 3 of the module documentation). Returns
+    /// what was done, whether a Busy retry happened, and whether the page table for the
+    /// new placement is built already (a migration builds it while its copies run).
+    #[allow(clippy::too_many_arguments)]
     fn place(
         &self,
         range: &SvmRange,
@@ -683,7 +713,9 @@ impl GpuVm {
         need_dev: bool,
         attrs: &Attributes,
         locks: &mut Locks<'_>,
-    ) -> Result<(FaultAction, bool), SvmError> {
+        cx: &MapCtx<'_>,
+        writes: bool,
+    ) -> Result<(FaultAction, bool, bool), SvmError> {
         let svm = &self.inner.svm;
         let (va, ps, device, stats) = (
             range.va,
@@ -694,7 +726,7 @@ impl GpuVm {
         let pm = match target {
             Target::System => {
                 svm.to_system(va, ps, device, stats, &st.scratch)?;
-                return Ok((FaultAction::ToSystem, false));
+                return Ok((FaultAction::ToSystem, false, false));
             }
             Target::Device(pm) => pm,
         };
@@ -705,8 +737,17 @@ impl GpuVm {
         for attempt in 0..attempts {
             // The first attempt starts from the backing the caller just looked at.
             let fresh = attempt == 0;
-            match self.migrate(range, st, pm, timeslice, &mut busy_retry, locks, fresh) {
-                Ok(pages) => return Ok((FaultAction::Migrated { pages }, busy_retry)),
+            let how = Placing {
+                pm,
+                timeslice,
+                fresh,
+                cx,
+                writes,
+            };
+            match self.migrate(range, st, &how, &mut busy_retry, locks) {
+                Ok((pages, built)) => {
+                    return Ok((FaultAction::Migrated { pages }, busy_retry, built));
+                }
                 Err(e) if e.is_busy() || e.allows_fallback() => {
                     last = Some(e);
                     timeslice = timeslice.saturating_mul(2);
@@ -717,25 +758,22 @@ impl GpuVm {
         let e = last.expect("an attempt failed");
         if !need_dev && e.allows_fallback() {
             svm.to_system(va, ps, device, stats, &st.scratch)?;
-            return Ok((FaultAction::FellBack, busy_retry));
+            return Ok((FaultAction::FellBack, busy_retry, false));
         }
         Err(e)
     }
 
-    /// One migration attempt into `pm` under the read lock; on Busy, the write lock is taken
-    /// instead, the range evicted and the migration retried once. `fresh`: `st.scratch` holds
-    /// the backing as seen under the locks held now.
-    #[allow(clippy::too_many_arguments)]
+    /// One migration attempt into `how.pm` under the read lock; on Busy, the write lock is
+    /// taken instead, the range evicted and the migration retried once. Returns the pages
+    /// copied and whether the page table for them is built.
     fn migrate(
         &self,
         range: &SvmRange,
         st: &mut crate::range::RangeState,
-        pm: PagemapId,
-        timeslice: Duration,
+        how: &Placing<'_, '_>,
         busy_retry: &mut bool,
         locks: &mut Locks<'_>,
-        fresh: bool,
-    ) -> Result<usize, SvmError> {
+    ) -> Result<(usize, bool), SvmError> {
         let svm = &self.inner.svm;
         let (va, ps, device, stats) = (
             range.va,
@@ -743,17 +781,66 @@ impl GpuVm {
             self.inner.device,
             &*self.inner.stats,
         );
-        self.wait_timeslices(range, st, pm, fresh)?;
-        match svm.migrate_range(va, ps, pm, timeslice, device, stats) {
+        self.wait_timeslices(range, st, how.pm, how.fresh)?;
+        match self.migrate_building(range, st, how) {
             Err(e) if e.is_busy() => {}
             other => return other,
         }
         *busy_retry = true;
         stats.busy_retries.inc();
         locks.upgrade();
-        self.wait_timeslices(range, st, pm, false)?;
+        self.wait_timeslices(range, st, how.pm, false)?;
         svm.evict_range(va, ps, device, stats, &mut st.scratch)?;
-        svm.migrate_range(va, ps, pm, timeslice, device, stats)
+        self.migrate_building(range, st, how)
+    }
+
+    /// Migrates the range into `how.pm`, building the device's page table for the pages'
+    /// new home while the copies run (the backing a committed migration leaves is known
+    /// from its allocation). Returns the pages copied and whether the page table is built;
+    /// a page table built for a migration that did not commit is unmapped again.
+    fn migrate_building(
+        &self,
+        range: &SvmRange,
+        st: &mut crate::range::RangeState,
+        how: &Placing<'_, '_>,
+    ) -> Result<(usize, bool), SvmError> {
+        let stats = &*self.inner.stats;
+        let mut built: Option<Duration> = None;
+        let r = self.inner.svm.migrate_range(
+            range.va,
+            range.page_size,
+            how.pm,
+            how.timeslice,
+            self.inner.device,
+            stats,
+            &mut |alloc, pfns| {
+                let t = Instant::now();
+                if st
+                    .build_for(how.cx, how.writes, how.pm, alloc, pfns)
+                    .is_ok()
+                {
+                    built = Some(t.elapsed());
+                }
+            },
+        );
+        match (r, built) {
+            (Ok((pages, Some(generation))), Some(took)) => {
+                st.generation = generation;
+                stats.page_tables.add(range.va.len, took);
+                #[cfg(debug_assertions)]
+                if let Some(same) = st.backing_matches(how.cx) {
+                    debug_assert!(same, "{}: page table built for another backing", range.va);
+                }
+                Ok((pages, true))
+            }
+            (r, took) => {
+                if took.is_some() {
+                    // Built for pages that did not move.
+                    st.unmap(how.cx);
+                }
+                r.map(|(pages, _)| (pages, false))
+            }
+        }
     }
 
     /// Sleeps until no page of the range is held by another pagemap's allocation whose

@@ -71,6 +71,9 @@ fn copy_fence_error_fails_the_fault_and_loses_nothing() {
     );
     released(&rig);
     check(&rig.mm, buf, 1);
+    // The page table built while the copies ran, for pages that never moved, is gone.
+    assert!(vm.with_page_table(BASE, |_| ()).is_none());
+    assert!(!vm.is_valid(BASE));
     // The next fault works.
     let r = vm.handle_gpu_fault(BASE, Access::Write).unwrap();
     assert_eq!(r.action, FaultAction::Migrated { pages: 512 });
