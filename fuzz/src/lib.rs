@@ -18,8 +18,8 @@
 use drm_pagemap_core::inject::{FaultInjector, FaultSite};
 use drm_pagemap_core::layout::{self, LayoutPage, MAX_LAYOUT_PAGES};
 use drm_pagemap_core::{
-    AddressSpace, AllocState, Backend, Coalesce, Error, MigrateDetails, PageLocation, PageSize,
-    PagemapId, VaRange,
+    AddressSpace, AllocId, AllocState, Backend, Coalesce, Error, MigrateDetails, MigrateOutcome,
+    PageBacking, PageLocation, PageSize, PagemapId, Pfn, VaRange,
 };
 use drm_pagemap_sim::{SimBackend, SimConfig};
 use std::time::Duration;
@@ -228,6 +228,43 @@ impl Driver {
         );
     }
 
+    /// A migration into a reservation through `migrate_to_devmem_with`: the work runs at
+    /// most once, always when pages moved, and the report's generation names the committed
+    /// backing (every page in the reservation, in order; nothing else runs meanwhile).
+    fn migrate_overlapped(
+        &mut self,
+        id: AllocId,
+        pm: PagemapId,
+        r: VaRange,
+        d: &MigrateDetails,
+    ) -> Result<(), Error> {
+        let mut runs = 0;
+        let mut seen: Vec<Pfn> = Vec::new();
+        let rep = self.mm.migrate_to_devmem_with(id, r, d, &mut |pfns| {
+            runs += 1;
+            seen = pfns.to_vec();
+        })?;
+        assert!(runs <= 1, "the work ran {runs} times");
+        match rep.generation {
+            Some(g) => {
+                assert_eq!(runs, 1, "pages moved without the work");
+                let mut backing = Vec::new();
+                assert_eq!(self.mm.backing_with_generation(r, &mut backing), Ok(g));
+                let want: Vec<PageBacking> = seen
+                    .iter()
+                    .map(|&pfn| PageBacking::Device {
+                        pagemap: pm,
+                        alloc: id,
+                        pfn,
+                    })
+                    .collect();
+                assert_eq!(backing, want, "the committed backing");
+            }
+            None => assert_eq!(rep.outcome, MigrateOutcome::NotNeeded),
+        }
+        Ok(())
+    }
+
     fn details(&self, inp: &mut Input<'_>) -> MigrateDetails {
         let f = inp.u8();
         MigrateDetails {
@@ -392,15 +429,25 @@ impl Driver {
                 };
                 let ps = page_size(inp.u8());
                 let i = inp.u8() as usize % SLOTS;
-                let into = inp.u8() & 1 == 0;
+                let how = inp.u8();
+                let (into, overlapped) = (how & 1 == 0, how & 2 != 0);
                 let d = self.details(inp);
                 let r = match &self.slots[i] {
                     Some(s) => s.range(i),
                     None => VaRange::new(slot_base(i), 4096),
                 };
+                // The overlapped variant mostly reserves the right size, so it commits.
+                let (n, ps) = match &self.slots[i] {
+                    Some(s) if overlapped && how & 4 == 0 => {
+                        (s.bytes.len() / s.ps.bytes() as usize, s.ps)
+                    }
+                    _ => (n, ps),
+                };
                 match self.mm.allocate_devmem(pm, n, ps, r) {
                     Ok(id) => {
-                        let res = if into {
+                        let res = if into && overlapped {
+                            self.migrate_overlapped(id, pm, r, &d)
+                        } else if into {
                             self.mm.migrate_to_devmem(id, r, &d).map(|_| ())
                         } else {
                             self.mm.release_devmem(id)
