@@ -412,14 +412,7 @@ fn pre_migrate_fence_orders_a_source_push_after_the_clear() {
     let a = src.allocate(n, ps).unwrap();
     let mut spfns = vec![Pfn(0); n];
     src.populate_devmem_pfn(&a, &mut spfns).unwrap();
-    let mut frames = Vec::new();
-    host.alloc_frames(n, ps, &mut frames).unwrap();
-    for (k, &f) in frames.iter().enumerate() {
-        host.write(f, 0, &pattern(9, k as u64, ps.bytes()));
-    }
-    let mut addrs = vec![DmaAddr::NONE; n];
-    host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
-        .unwrap();
+    let (frames, addrs) = pattern_frames(&r, n, ps, 9);
     src.copy_to_devmem(&CopyRequest {
         page_size: ps,
         pages: &spfns,
@@ -497,6 +490,21 @@ fn pre_migrate_fence_orders_a_source_push_after_the_clear() {
     host.free_frames(&frames, ps);
     src.devmem_release(a);
     dst.devmem_release(b);
+}
+
+/// `n` fresh host frames holding pattern `seed`, mapped for device 0 to read; the caller
+/// frees them.
+fn pattern_frames(r: &Rig, n: usize, ps: PageSize, seed: u64) -> (Vec<HostFrame>, Vec<DmaAddr>) {
+    let host = r.backend.pinned_host();
+    let mut frames = Vec::new();
+    host.alloc_frames(n, ps, &mut frames).unwrap();
+    for (k, &f) in frames.iter().enumerate() {
+        host.write(f, 0, &pattern(seed, k as u64, ps.bytes()));
+    }
+    let mut addrs = vec![DmaAddr::NONE; n];
+    host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
+        .unwrap();
+    (frames, addrs)
 }
 
 /// Writes pattern `seed` into the pages `pfns` of `pm` from fresh host frames (waited).
@@ -832,20 +840,12 @@ struct Small {
 fn small_copy(r: &Rig, pm: &CudaPagemap, pre: Option<&Fence>) -> Small {
     let ps = PageSize::Size4K;
     let n = 8;
-    let host = r.backend.pinned_host();
     let a = pm.allocate(n, ps).unwrap();
     a.wait_ready().unwrap();
     let mut pfns = vec![Pfn(0); n];
     pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
     pfns.reverse(); // scattered: the kernel path
-    let mut frames = Vec::new();
-    host.alloc_frames(n, ps, &mut frames).unwrap();
-    for (k, &f) in frames.iter().enumerate() {
-        host.write(f, 0, &pattern(5, k as u64, ps.bytes()));
-    }
-    let mut addrs = vec![DmaAddr::NONE; n];
-    host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
-        .unwrap();
+    let (frames, addrs) = pattern_frames(r, n, ps, 5);
     let t = Instant::now();
     let fence = pm
         .copy_to_devmem(&CopyRequest {
@@ -1132,14 +1132,7 @@ fn a_copy_right_after_a_release_goes_to_dma_and_waits_for_no_clear() {
     pm.devmem_release(warm);
     pm.synchronize().unwrap();
     let host = r.backend.pinned_host();
-    let mut frames = Vec::new();
-    host.alloc_frames(n, ps, &mut frames).unwrap();
-    for (k, &f) in frames.iter().enumerate() {
-        host.write(f, 0, &pattern(41, k as u64, ps.bytes()));
-    }
-    let mut addrs = vec![DmaAddr::NONE; n];
-    host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
-        .unwrap();
+    let (frames, addrs) = pattern_frames(&r, n, ps, 41);
     let a = pm.allocate(n, ps).unwrap();
     a.wait_ready().unwrap();
     let mut apfns = vec![Pfn(0); n];
@@ -1222,14 +1215,7 @@ fn settling_pages_are_taken_when_nothing_else_fits_with_their_clear_as_the_fence
     // Host frames for half the pages, taken before the hold.
     let half = n / 2;
     let host = r.backend.pinned_host();
-    let mut frames = Vec::new();
-    host.alloc_frames(half, ps, &mut frames).unwrap();
-    for (k, &f) in frames.iter().enumerate() {
-        host.write(f, 0, &pattern(52, k as u64, ps.bytes()));
-    }
-    let mut addrs = vec![DmaAddr::NONE; half];
-    host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
-        .unwrap();
+    let (frames, addrs) = pattern_frames(&r, half, ps, 52);
     let hold = pm.hold_clears().unwrap();
     pm.devmem_release(a);
     // Nothing else is free: the allocation takes the settling pages, ordered after their
