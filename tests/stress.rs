@@ -20,6 +20,8 @@
 //! 3 s per variant by default; `DRM_PAGEMAP_LONG=1` runs 60 s per variant,
 //! `DRM_PAGEMAP_STRESS_SECS=n` sets it.
 
+mod common;
+
 use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::sim::{SimBackend, SimConfig};
 use drm_pagemap::{
@@ -508,8 +510,38 @@ fn arm_random_fault(inj: &FaultInjector, rng: &mut Rng) {
     thread::sleep(Duration::from_millis(2));
 }
 
+/// Where a run's devices come from: the simulated backend (small device memories, so that
+/// memory runs out; its own counters check for leaks), or any registered backend through the
+/// test rig (its audit checks that every allocation is released once and every mapping
+/// undone).
+enum Devices {
+    Sim { sim: SimBackend, host_free: u64 },
+    Rig(common::Rig),
+}
+
 fn run(faults: bool, gpu: bool) {
+    run_on("sim", faults, gpu);
+}
+
+/// One stress run on backend `b`; `gpu` (the xe-svm variant) on sim only.
+fn run_on(b: &'static str, faults: bool, gpu: bool) {
     let inj = FaultInjector::new();
+    if b != "sim" {
+        assert!(!gpu, "the xe-svm variant runs on sim");
+        let mut opts = common::Options::on(b);
+        if faults {
+            opts = opts.faults(&inj);
+        }
+        let rig = common::machine(DEVICES, &opts);
+        return drive(
+            rig.mm.clone(),
+            Vec::new(),
+            None,
+            Devices::Rig(rig),
+            faults,
+            &inj,
+        );
+    }
     let sim = SimBackend::new(SimConfig {
         devices: DEVICES,
         device_capacity: 16 << 20,
@@ -538,11 +570,25 @@ fn run(faults: bool, gpu: bool) {
         }
         None
     };
+    let host_free = sim.arena_host().free_granules();
+    drive(mm, vms, svm, Devices::Sim { sim, host_free }, faults, &inj);
+}
+
+/// Creates the ranges, runs the workers, the churn thread and (with `faults`) the fault
+/// armer, then checks every slot and that nothing leaked.
+fn drive(
+    mm: Arc<AddressSpace>,
+    vms: Vec<xe_svm::GpuVm>,
+    svm: Option<xe_svm::Svm>,
+    devices: Devices,
+    faults: bool,
+    inj: &Arc<FaultInjector>,
+) {
+    let gpu = svm.is_some();
     for &(start, pages, ps) in &RANGES {
         mm.create_range(VaRange::new(start, pages as u64 * ps.bytes()), ps)
             .unwrap();
     }
-    let host_free = sim.arena_host().free_granules();
     let threads = WORKERS + 1 + faults as usize;
     let sh = Arc::new(Shared {
         mm,
@@ -605,8 +651,12 @@ fn run(faults: bool, gpu: bool) {
     let elapsed = t0.elapsed();
     inj.disarm();
     let c = &sh.counts;
+    let backend = match &devices {
+        Devices::Sim { .. } => "sim",
+        Devices::Rig(r) => r.backend_name,
+    };
     eprintln!(
-        "stress ({}{}): {threads} threads, {elapsed:.1?}, {} operations: {} writes, {} reads, {} migrations, {} busy, {} evictions, {} GPU faults, {} failures by {} injected faults, {} range churns (seed {seed})",
+        "stress on {backend} ({}{}): {threads} threads, {elapsed:.1?}, {} operations: {} writes, {} reads, {} migrations, {} busy, {} evictions, {} GPU faults, {} failures by {} injected faults, {} range churns (seed {seed})",
         if faults { "with faults" } else { "no faults" },
         if gpu {
             ", GPU faults through xe-svm"
@@ -658,19 +708,27 @@ fn run(faults: bool, gpu: bool) {
         sh.mm.allocations()
     );
     assert_eq!(sh.mm.deferred_cleanups(), 0);
-    for k in 0..DEVICES as u8 {
-        let s = sim.stats(PagemapId(k)).unwrap();
-        assert_eq!(s.used_bytes, 0, "pagemap {k}: device bytes still in use");
-        assert_eq!(
-            s.allocations, s.releases,
-            "pagemap {k}: allocations and releases differ"
-        );
+    match &devices {
+        Devices::Sim { sim, host_free } => {
+            for k in 0..DEVICES as u8 {
+                let s = sim.stats(PagemapId(k)).unwrap();
+                assert_eq!(s.used_bytes, 0, "pagemap {k}: device bytes still in use");
+                assert_eq!(
+                    s.allocations, s.releases,
+                    "pagemap {k}: allocations and releases differ"
+                );
+            }
+            assert_eq!(
+                sim.arena_host().free_granules(),
+                *host_free,
+                "host frames leaked"
+            );
+        }
+        Devices::Rig(rig) => {
+            rig.audit.assert_all_released_once();
+            rig.audit.assert_mappings_balanced_since(0);
+        }
     }
-    assert_eq!(
-        sim.arena_host().free_granules(),
-        host_free,
-        "host frames leaked"
-    );
     // The run did what it claims: every kind of operation happened.
     assert!(
         c.migrations.load(Ordering::Relaxed) > 0
@@ -697,6 +755,16 @@ fn threads_fault_migrate_evict_and_read() {
 #[test]
 fn threads_with_injected_faults() {
     run(true, false);
+}
+
+#[test]
+fn threads_on_the_gpu_backends_with_and_without_faults() {
+    // Every registered backend other than sim that is available here (CUDA on a GPU
+    // machine; elsewhere `backends()` prints why it is skipped and this runs nothing).
+    for b in common::backends().into_iter().filter(|&b| b != "sim") {
+        run_on(b, false, false);
+        run_on(b, true, false);
+    }
 }
 
 #[test]

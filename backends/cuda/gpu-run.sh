@@ -8,7 +8,7 @@
 #   ../shared/tools/gpu-pack test -p drm-pagemap-cuda
 #   ../shared/tools/gpu-pack bench -p drm-pagemap-cuda
 #   ../shared/tools/gpu-pack example migrate
-#   ../shared/tools/gpu-pack test -p drm-pagemap --test scenarios --test engine_faults
+#   ../shared/tools/gpu-pack test -p drm-pagemap --test scenarios --test engine_faults --test stress
 # On the GPU machine, from the repository root:  OUT=/some/dir backends/cuda/gpu-run.sh
 # Steps run in priority order, each under its own time limit, so a cut-off run still leaves
 # the logs of what finished.
@@ -55,6 +55,7 @@ have bench-cuda_copy && step bench 140 env DRM_PAGEMAP_CUDA_BENCH=${DRM_PAGEMAP_
 for t in engine_faults scenarios; do
     have "test-$t" && step "$t" 60 "$B/test-$t"
 done
+have test-stress && step stress 120 "$B/test-stress" threads_on_the_gpu --nocapture
 step tests-ptx 20 env DRM_PAGEMAP_CUDA_KERNEL=ptx "$B/test-gpu" --include-ignored
 step tests-eager 40 env DRM_PAGEMAP_CUDA_VMM=0 "$B/test-gpu" --include-ignored
 step tests-clear-on-alloc 40 env DRM_PAGEMAP_CUDA_CLEAR_ON_FREE=0 "$B/test-gpu" --include-ignored
@@ -64,7 +65,7 @@ have bench-fault_latency && step latency 60 "$B/bench-fault_latency" --iters 300
     echo "== summary"
     cat "$L/gpu.txt"
     printf '%s\n' "${rows[@]}"
-    for f in tests tests-ptx tests-eager tests-lib scenarios engine_faults; do
+    for f in tests tests-ptx tests-eager tests-lib scenarios engine_faults stress; do
         [ -f "$L/$f.log" ] && echo "$f: $(grep -E '^test result' "$L/$f.log" | tail -1)"
     done
     grep -h -E 'kernel: forced|device fault reported|device 0:|stall ' "$L/tests.log" 2>/dev/null

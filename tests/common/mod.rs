@@ -414,7 +414,9 @@ impl Audit {
     /// Asserts every allocation ever made was released exactly once, and nothing else was.
     pub fn assert_all_released_once(&self) {
         let counts = self.release_counts();
-        let allocs = self.allocs_since(0);
+        // A set: stress runs make hundreds of thousands of allocations.
+        let allocs: std::collections::HashSet<(u8, u64)> =
+            self.allocs_since(0).into_iter().collect();
         for a in &allocs {
             assert_eq!(
                 counts.get(a).copied().unwrap_or(0),
