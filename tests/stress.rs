@@ -25,8 +25,8 @@ mod common;
 use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::sim::{SimBackend, SimConfig};
 use drm_pagemap::{
-    AddressSpace, Backend, BackendErrorKind, BusyReason, Coalesce, Error, FenceError,
-    MigrateDetails, PageLocation, PageSize, PagemapId, VaRange,
+    AddressSpace, Backend, BackendConfig, BackendErrorKind, BusyReason, Coalesce, Error,
+    FenceError, Machine, MigrateDetails, PageLocation, PageSize, PagemapId, VaRange,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -515,8 +515,14 @@ fn arm_random_fault(inj: &FaultInjector, rng: &mut Rng) {
 /// test rig (its audit checks that every allocation is released once and every mapping
 /// undone).
 enum Devices {
-    Sim { sim: SimBackend, host_free: u64 },
+    Sim {
+        sim: SimBackend,
+        host_free: u64,
+    },
     Rig(common::Rig),
+    /// Any backend under an xe-svm context (the context adds the pagemaps itself): the
+    /// address space's own checks only.
+    Svm(&'static str),
 }
 
 fn run(faults: bool, gpu: bool) {
@@ -526,8 +532,32 @@ fn run(faults: bool, gpu: bool) {
 /// One stress run on backend `b`; `gpu` (the xe-svm variant) on sim only.
 fn run_on(b: &'static str, faults: bool, gpu: bool) {
     let inj = FaultInjector::new();
+    if b != "sim" && gpu {
+        let cfg = BackendConfig {
+            devices: Some(DEVICES),
+            ..BackendConfig::default()
+        };
+        let backend: Arc<dyn Backend> =
+            Arc::from(drm_pagemap::open_backend(b, &cfg).expect("open backend"));
+        // 16 MiB per pagemap, as on sim.
+        let m = Machine::build(backend.clone(), DEVICES, &[], Some(16 << 20)).expect("pagemaps");
+        let (host, pagemaps) = if faults {
+            (
+                inj.wrap_host(backend.host_memory()),
+                m.pagemaps.iter().map(|p| inj.wrap_pagemap(p)).collect(),
+            )
+        } else {
+            (backend.host_memory(), m.pagemaps.clone())
+        };
+        let mm = Arc::new(AddressSpace::new(host));
+        let svm = xe_svm::Svm::new(mm.clone(), pagemaps, xe_svm::SvmConfig::default())
+            .expect("svm context");
+        let vms = (0..DEVICES as u8)
+            .map(|k| svm.vm(PagemapId(k)).expect("gpu vm"))
+            .collect();
+        return drive(mm, vms, Some(svm), Devices::Svm(b), faults, &inj);
+    }
     if b != "sim" {
-        assert!(!gpu, "the xe-svm variant runs on sim");
         let mut opts = common::Options::on(b);
         if faults {
             opts = opts.faults(&inj);
@@ -654,6 +684,7 @@ fn drive(
     let backend = match &devices {
         Devices::Sim { .. } => "sim",
         Devices::Rig(r) => r.backend_name,
+        Devices::Svm(b) => b,
     };
     eprintln!(
         "stress on {backend} ({}{}): {threads} threads, {elapsed:.1?}, {} operations: {} writes, {} reads, {} migrations, {} busy, {} evictions, {} GPU faults, {} failures by {} injected faults, {} range churns (seed {seed})",
@@ -728,6 +759,14 @@ fn drive(
             rig.audit.assert_all_released_once();
             rig.audit.assert_mappings_balanced_since(0);
         }
+        Devices::Svm(_) => {
+            if let Some(svm) = &svm {
+                for k in 0..DEVICES as u8 {
+                    let used = svm.memory(PagemapId(k)).expect("pagemap").used;
+                    assert_eq!(used, 0, "pagemap {k}: xe-svm still accounts {used} bytes");
+                }
+            }
+        }
     }
     // The run did what it claims: every kind of operation happened.
     assert!(
@@ -764,6 +803,15 @@ fn threads_on_the_gpu_backends_with_and_without_faults() {
     for b in common::backends().into_iter().filter(|&b| b != "sim") {
         run_on(b, false, false);
         run_on(b, true, false);
+    }
+}
+
+#[test]
+fn threads_with_gpu_faults_on_the_gpu_backends() {
+    // As above, through an xe-svm context: GPU faults of every device race the workers.
+    for b in common::backends().into_iter().filter(|&b| b != "sim") {
+        run_on(b, false, true);
+        run_on(b, true, true);
     }
 }
 

@@ -55,7 +55,7 @@ have bench-cuda_copy && step bench 140 env DRM_PAGEMAP_CUDA_BENCH=${DRM_PAGEMAP_
 for t in engine_faults scenarios; do
     have "test-$t" && step "$t" 60 "$B/test-$t"
 done
-have test-stress && step stress 120 "$B/test-stress" threads_on_the_gpu --nocapture
+have test-stress && step stress 120 "$B/test-stress" on_the_gpu --nocapture
 step tests-ptx 20 env DRM_PAGEMAP_CUDA_KERNEL=ptx "$B/test-gpu" --include-ignored
 step tests-eager 40 env DRM_PAGEMAP_CUDA_VMM=0 "$B/test-gpu" --include-ignored
 step tests-clear-on-alloc 40 env DRM_PAGEMAP_CUDA_CLEAR_ON_FREE=0 "$B/test-gpu" --include-ignored
