@@ -5,7 +5,7 @@ use crate::alloc::{AllocId, AllocState, Release, release_all};
 use crate::backend::{CopyRequest, Pagemap};
 use crate::error::{BackendError, Error, RangeProblem, Result};
 use crate::fence::Fence;
-use crate::mm::{AddressSpace, Deferred, Span, flush_run};
+use crate::mm::{AddressSpace, Deferred, Span};
 use crate::page::{Kind, PageEntry, RmapEntry, Summary};
 use crate::plan::{Classified, Coalesce, Plan, PlanParams, Verdict, plan, plan_into};
 use crate::types::{
@@ -869,13 +869,24 @@ impl Job<'_> {
                     .map(|e| e.frame()),
             );
             if Summary::of(self.snapshot).any_device() {
-                let mut run = None;
-                for old in self.snapshot.iter().filter(|e| e.kind() == Kind::Device) {
-                    allocs.by_slot_mut(old.slot()).rmap[old.index() as usize] = RmapEntry::EMPTY;
-                    run = flush_run(allocs, run, old.slot(), &mut releases);
-                }
-                if let Some((s, n)) = run {
-                    allocs.put_pages(s, n, &mut releases);
+                // A run of neighbouring pages of one source allocation at a time: one lookup
+                // of the allocation, its reverse-map entries cleared, its pages given back.
+                let snap = self.snapshot;
+                let mut i = 0;
+                while i < snap.len() {
+                    if snap[i].kind() != Kind::Device {
+                        i += 1;
+                        continue;
+                    }
+                    let slot = snap[i].slot();
+                    let rmap = &mut allocs.by_slot_mut(slot).rmap;
+                    let start = i;
+                    while i < snap.len() && snap[i].kind() == Kind::Device && snap[i].slot() == slot
+                    {
+                        rmap[snap[i].index() as usize] = RmapEntry::EMPTY;
+                        i += 1;
+                    }
+                    allocs.put_pages(slot, (i - start) as u32, &mut releases);
                 }
             }
             for (k, new) in pages.iter_mut().enumerate() {

@@ -814,7 +814,7 @@ fn scan_for_cpu(st: &MmState, span: Span) -> CpuScan {
 
 /// Counts page references per allocation in runs, so a commit touches each allocation's
 /// counter once per run rather than once per page.
-pub(crate) fn flush_run(
+fn flush_run(
     allocs: &mut AllocTable,
     run: Option<(u32, u32)>,
     slot: u32,

@@ -207,8 +207,8 @@ impl HostMemory for PinnedHostMemory {
     }
 
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize) {
-        let starts: Vec<u64> = frames.iter().map(|f| f.0).collect();
-        self.frames.free_pages(&starts, page_size.granules());
+        self.frames
+            .free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
     }
 
     fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) {

@@ -36,6 +36,7 @@
 //! Tests hold a stream deterministically with [`CudaPagemap::hold`]; while a stream is held,
 //! an implicitly synchronising driver call of any thread (allocations) waits for it.
 
+mod allocs;
 mod clean;
 mod device;
 mod driver;

@@ -2,6 +2,7 @@
 //! through the virtual memory management API), split into 4 KiB granules; its copy stream;
 //! its copies.
 
+use crate::allocs::AllocTable;
 use crate::clean::{CleanMap, extents};
 use crate::device::CudaDevice;
 use crate::driver::{Event, Stream, check, driver_error, err};
@@ -18,7 +19,6 @@ use drm_pagemap_core::{
     DmaAddr, Fence, FenceArray, FenceContext, FenceStatus, FenceTimeline, GRANULE, PageSize,
     PagemapOps, Pfn,
 };
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -325,8 +325,7 @@ pub struct CudaPagemap {
     clear_timeline: FenceTimeline,
     /// This pagemap, for helper threads that queue deferred copies.
     me: std::sync::OnceLock<std::sync::Weak<CudaPagemap>>,
-    allocs: Mutex<HashMap<u64, Vec<Pfn>>>,
-    next_cookie: AtomicU64,
+    allocs: Mutex<AllocTable>,
     dma_min_host: AtomicU64,
     dma_min_device: AtomicU64,
     clear_on_free: bool,
@@ -411,8 +410,7 @@ impl CudaPagemap {
                 settling: Settling::default(),
                 unsettled_clear: None,
             }),
-            allocs: Mutex::new(HashMap::new()),
-            next_cookie: AtomicU64::new(1),
+            allocs: Mutex::new(AllocTable::default()),
             dma_min_host: AtomicU64::new(config.dma_min_host),
             dma_min_device: AtomicU64::new(config.dma_min_device),
             clear_on_free: config.clear_on_free,
@@ -1318,12 +1316,11 @@ impl DevmemOps for CudaPagemap {
                 return undo(e);
             }
         };
-        let cookie = self.next_cookie.fetch_add(1, Ordering::SeqCst);
-        let pfns = starts.iter().map(|&s| Pfn(s as u32)).collect();
-        self.allocs
+        let cookie = self
+            .allocs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(cookie, pfns);
+            .insert(&starts, g);
         self.counters.allocations.fetch_add(1, Ordering::SeqCst);
         self.counters.used.fetch_add(bytes, Ordering::SeqCst);
         Ok(DevmemBacking {
@@ -1340,7 +1337,7 @@ impl DevmemOps for CudaPagemap {
         out: &mut [Pfn],
     ) -> Result<(), BackendError> {
         let allocs = self.allocs.lock().unwrap_or_else(|p| p.into_inner());
-        let pfns = allocs.get(&backing.cookie).ok_or_else(|| {
+        let n = allocs.len(backing.cookie).ok_or_else(|| {
             err(
                 BackendErrorKind::Unsupported,
                 format!(
@@ -1349,18 +1346,16 @@ impl DevmemOps for CudaPagemap {
                 ),
             )
         })?;
-        if out.len() != pfns.len() {
+        if !allocs.pfns_into(backing.cookie, out) {
             return Err(err(
                 BackendErrorKind::Unsupported,
                 format!(
-                    "cuda {}: {} pfns asked of a {}-page allocation",
+                    "cuda {}: {} pfns asked of a {n}-page allocation",
                     self.device.id,
                     out.len(),
-                    pfns.len()
                 ),
             ));
         }
-        out.copy_from_slice(pfns);
         Ok(())
     }
 
@@ -1385,12 +1380,11 @@ impl DevmemOps for CudaPagemap {
         {
             let mut allocs = self.allocs.lock().unwrap_or_else(|p| p.into_inner());
             for b in &backings {
-                if let Some(pfns) = allocs.remove(&b.cookie) {
-                    let k = PAGE_SIZES
-                        .iter()
-                        .position(|&p| p == b.page_size)
-                        .expect("one of the page sizes");
-                    by_size[k].extend(pfns.iter().map(|p| p.0 as u64));
+                let k = PAGE_SIZES
+                    .iter()
+                    .position(|&p| p == b.page_size)
+                    .expect("one of the page sizes");
+                if allocs.remove_into(b.cookie, &mut by_size[k]) {
                     bytes += b.npages as u64 * b.page_size.bytes();
                     count += 1;
                 }
