@@ -611,12 +611,15 @@ impl CudaPagemap {
         });
         match cleared {
             Some(f) => sub.settling.push(starts, g, Fence::new(f)),
-            None => {
-                sub.clean.set_pages(&starts, g, true);
-                drop(sub);
-                self.frames.free_pages(&starts, g);
-            }
+            None => self.to_allocator(&mut sub.clean, &starts, g, true),
         }
+    }
+
+    /// Gives pages (starts in granules, `g` each) to the allocator, recording whether they may
+    /// hold old data. The caller holds the submit lock (`clean` is under it).
+    fn to_allocator(&self, clean: &mut CleanMap, starts: &[u64], g: u64, dirty: bool) {
+        clean.set_pages(starts, g, dirty);
+        self.frames.free_pages(starts, g);
     }
 
     /// Hands settling pages whose clear is done to the allocator (those whose clear failed
@@ -631,10 +634,7 @@ impl CudaPagemap {
                 FenceStatus::Signaled => Cleared::Clean,
                 FenceStatus::Failed(_) => Cleared::Failed,
             },
-            |starts, g, ok| {
-                clean.set_pages(starts, g, !ok);
-                self.frames.free_pages(starts, g);
-            },
+            |starts, g, ok| self.to_allocator(clean, starts, g, !ok),
         );
     }
 
@@ -645,10 +645,7 @@ impl CudaPagemap {
         let Submit {
             settling, clean, ..
         } = sub;
-        let newest = settling.take_all(|starts, g| {
-            clean.set_pages(starts, g, false);
-            self.frames.free_pages(starts, g);
-        });
+        let newest = settling.take_all(|starts, g| self.to_allocator(clean, starts, g, false));
         let Some(f) = newest else {
             return false;
         };
