@@ -337,8 +337,9 @@ fn not_needed(cms_flag: bool) {
         assert!(r.calls.is_empty());
         assert!(rig.audit.copies_since(mark).is_empty());
         assert!(rig.audit.maps_since(mark).is_empty());
-        // The destination allocation made for the call was released, exactly once.
-        assert_eq!(rig.audit.allocs_since(mark).len(), 1);
+        // Nothing was allocated (so nothing cleared): `migrate` classifies before it
+        // allocates (issue 11, D3).
+        assert!(rig.audit.allocs_since(mark).is_empty());
         rig.audit.assert_released_once_since(mark);
         // The pages' allocation is untouched, timeslice included (like upstream).
         assert_eq!(rig.mm.allocation(held).unwrap(), before);

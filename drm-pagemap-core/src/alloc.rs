@@ -78,12 +78,13 @@ pub(crate) struct AllocTable {
 }
 
 impl AllocTable {
-    pub(crate) fn insert(&mut self, mut rec: AllocRecord) -> Option<AllocId> {
+    /// Enters `rec`; gives it back when every slot is taken.
+    pub(crate) fn insert(&mut self, mut rec: AllocRecord) -> Result<AllocId, Box<AllocRecord>> {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
                 if self.slots.len() as u32 >= MAX_ALLOC_SLOTS {
-                    return None;
+                    return Err(Box::new(rec));
                 }
                 self.slots.push(None);
                 self.generations.push(0);
@@ -94,7 +95,7 @@ impl AllocTable {
         self.generations[slot as usize] = generation;
         rec.generation = generation;
         self.slots[slot as usize] = Some(rec);
-        Some(AllocId { slot, generation })
+        Ok(AllocId { slot, generation })
     }
 
     pub(crate) fn get(&self, id: AllocId) -> Option<&AllocRecord> {

@@ -90,6 +90,9 @@ pub enum BusyReason {
     PageLocked,
     /// The pages of an allocation could not all be moved back after several tries.
     EvictIncomplete,
+    /// A CPU access is waiting for these pages (a timeslice, its fault back to system
+    /// memory): no migration takes them until it is done.
+    CpuAccess,
 }
 
 impl fmt::Display for BusyReason {
@@ -101,6 +104,7 @@ impl fmt::Display for BusyReason {
             BusyReason::ForeignOwner => "a page belongs to a pagemap of another owner",
             BusyReason::PageLocked => "a page is being migrated concurrently",
             BusyReason::EvictIncomplete => "pages of the allocation stayed busy",
+            BusyReason::CpuAccess => "a CPU access is bringing these pages to system memory",
         })
     }
 }
@@ -197,6 +201,18 @@ pub enum Error {
         device: DeviceId,
         /// Why.
         reason: BusyReason,
+    },
+    /// A CPU access with a deadline ([`crate::AddressSpace::read_timeout`]) found its pages
+    /// still held (by a device's timeslice or a running migration) when the deadline
+    /// passed; nothing was read or written.
+    #[error(
+        "range {range}: CPU access gave up after {waited:?}: pages still held by a device's timeslice or a migration"
+    )]
+    CpuAccessTimeout {
+        /// The bytes accessed.
+        range: VaRange,
+        /// How long the access waited.
+        waited: std::time::Duration,
     },
     /// The allocation does not exist (never created, or already released).
     #[error("allocation {alloc} does not exist (never created, or already released)")]

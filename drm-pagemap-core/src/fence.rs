@@ -283,7 +283,8 @@ impl FenceOps for HostFence {
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
-        let deadline = timeout.map(|t| (Instant::now() + t, t));
+        // `None` past any reachable instant: `Duration::MAX` waits for ever, it never overflows.
+        let deadline = timeout.and_then(|t| Some((crate::time::deadline(Instant::now(), t)?, t)));
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(r) = Self::outcome(&st) {

@@ -45,6 +45,8 @@ pub struct FaultInjector {
     /// Absolute operation number (1-based) that fails; 0: disarmed.
     target: [AtomicU64; SITES],
     injected: AtomicU64,
+    /// Armed faults panic instead of failing (see [`FaultInjector::set_panics`]).
+    panics: std::sync::atomic::AtomicBool,
 }
 
 impl FaultInjector {
@@ -63,6 +65,17 @@ impl FaultInjector {
             self.seen[i].load(Ordering::SeqCst) + n
         };
         self.target[i].store(t, Ordering::SeqCst);
+    }
+
+    /// With `true`, an armed fault panics inside the backend call instead of returning an
+    /// error (a fence fault: its wait panics once the copy is done), to prove that a panic
+    /// in a backend leaves every page readable and no lock held. `FenceHang` still hangs.
+    pub fn set_panics(&self, on: bool) {
+        self.panics.store(on, Ordering::SeqCst);
+    }
+
+    fn panics(&self) -> bool {
+        self.panics.load(Ordering::SeqCst)
     }
 
     /// Disarms every site.
@@ -97,6 +110,9 @@ impl FaultInjector {
 
     fn check(&self, site: FaultSite, what: &str) -> Result<(), BackendError> {
         if self.hit(site) {
+            if self.panics() {
+                panic!("injected panic: {what}");
+            }
             Err(BackendError::new(
                 BackendErrorKind::Injected,
                 format!("{what} failed on purpose"),
@@ -143,6 +159,7 @@ impl FaultInjector {
             return Fence::new(FailingFence {
                 inner: fence,
                 error,
+                panics: self.panics(),
             });
         }
         fence
@@ -279,6 +296,8 @@ impl HostMemory for InjectedHost {
 struct FailingFence {
     inner: Fence,
     error: BackendError,
+    /// The wait panics instead of returning the error.
+    panics: bool,
 }
 
 impl FenceOps for FailingFence {
@@ -296,6 +315,9 @@ impl FenceOps for FailingFence {
     }
     fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
         self.inner.wait_for(timeout)?;
+        if self.panics {
+            panic!("injected panic: {}", self.error.message);
+        }
         Err(FenceError::Failed(self.error.clone()))
     }
     fn as_any(&self) -> &dyn Any {
@@ -320,13 +342,17 @@ impl FenceOps for HangingFence {
         FenceStatus::Pending
     }
     fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
-        let limit = timeout.unwrap_or(Duration::from_secs(3600 * 24 * 365));
-        let at = Instant::now() + limit;
-        // Never signals: sleep out the timeout.
-        while Instant::now() < at {
-            std::thread::sleep((at - Instant::now()).min(Duration::from_millis(50)));
+        let limit = timeout.unwrap_or(Duration::MAX);
+        // Never signals: sleep out the timeout (for ever without a reachable deadline).
+        let at = crate::time::deadline(Instant::now(), limit);
+        loop {
+            let now = Instant::now();
+            match at {
+                Some(at) if now >= at => return Err(FenceError::Timeout(limit)),
+                Some(at) => std::thread::sleep((at - now).min(Duration::from_millis(50))),
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
         }
-        Err(FenceError::Timeout(limit))
     }
     fn as_any(&self) -> &dyn Any {
         self

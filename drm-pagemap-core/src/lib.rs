@@ -41,6 +41,7 @@ mod mm;
 mod page;
 pub mod plan;
 mod sync;
+mod time;
 mod to_ram;
 mod types;
 

@@ -5,12 +5,13 @@ use crate::alloc::{AllocId, AllocState, Release, release_all};
 use crate::backend::{CopyRequest, Pagemap};
 use crate::error::{BackendError, Error, RangeProblem, Result};
 use crate::fence::Fence;
-use crate::mm::{AddressSpace, Deferred, Span};
+use crate::mm::{AddressSpace, Deferred, MmState, Span};
 use crate::page::{Kind, PageEntry, RmapEntry, Summary};
 use crate::plan::{Classified, Coalesce, Plan, PlanParams, Verdict, plan, plan_into};
 use crate::types::{
     CopyOp, DeviceId, Direction, DmaAddr, HostFrame, PageSize, PagemapId, Pfn, VaRange,
 };
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How a migration behaves (upstream `drm_pagemap_migrate_details`, plus our choices).
@@ -180,9 +181,50 @@ impl Scratch {
     }
 }
 
+/// Where a migration's pages go.
+#[derive(Clone, Copy)]
+enum Target {
+    /// An allocation the caller reserved; consumed in every outcome.
+    Reserved(AllocId),
+    /// A new allocation of this pagemap, made only once the plan says pages will move: a
+    /// migration that is not needed or refused allocates (and so clears) nothing.
+    Fresh(PagemapId),
+}
+
+/// The destination allocation of a migration in progress (its state is `Migrating`).
+struct Destination {
+    alloc: AllocId,
+    pfns: Arc<[Pfn]>,
+    pre_fence: Option<Fence>,
+}
+
+/// What collecting gave: the pages (locked), the destination pagemap, and the destination
+/// allocation when the caller reserved one.
+struct Collected {
+    span: Span,
+    dest: Pagemap,
+    reserved: Option<Destination>,
+}
+
+/// A refused request: what to release (a reserved allocation is consumed), and why.
+type Refused = Box<(Option<Release>, Error)>;
+
+/// What must be undone when a migration unwinds (a backend or the caller's work panicked)
+/// between locking its pages and switching the page table.
+#[derive(Default)]
+struct InFlight {
+    /// The destination allocation, once there is one.
+    alloc: Option<AllocId>,
+    /// The mappings made so far.
+    maps: Mappings,
+    /// The page table has switched: nothing is left to undo.
+    committed: bool,
+}
+
 impl AddressSpace {
-    /// Migrates `range` to `to`'s device memory: allocates the destination, then
-    /// [`AddressSpace::migrate_to_devmem`].
+    /// Migrates `range` to `to`'s device memory. The pages are collected and classified
+    /// first; the destination is allocated only when pages will move, so a migration that
+    /// is not needed, or refused Busy, allocates and clears nothing.
     pub fn migrate(
         &self,
         range: VaRange,
@@ -201,10 +243,11 @@ impl AddressSpace {
         details: &MigrateDetails,
         trace: &mut Vec<CopyCall>,
     ) -> Result<MigrateReport> {
-        self.pagemap_for(range, to)?;
+        let pm = self.pagemap_for(range, to)?;
+        // A range the pagemap can never hold is refused before anything else is looked at.
         let span = self.lock().locate(range, true)?;
-        let alloc = self.allocate_devmem(to, span.count, span.page_size, range)?;
-        self.migrate_into(alloc, range, details, Some(trace), None)
+        crate::mm::check_fits(&pm, span.count, span.page_size, range)?;
+        self.migrate_into(Target::Fresh(to), range, details, Some(trace), None)
     }
 
     /// Migrates `range` into the pages of `alloc` (reserved with
@@ -216,7 +259,7 @@ impl AddressSpace {
         range: VaRange,
         details: &MigrateDetails,
     ) -> Result<MigrateReport> {
-        self.migrate_into(alloc, range, details, None, None)
+        self.migrate_into(Target::Reserved(alloc), range, details, None, None)
     }
 
     /// [`AddressSpace::migrate_to_devmem`], running `while_copying` once every copy is
@@ -224,7 +267,9 @@ impl AddressSpace {
     /// (a device page table built from the destination's pfns) overlaps the copies instead
     /// of following them. It runs only when every copy was issued; whether the migration
     /// then commits is the returned result (on success, [`MigrateReport::generation`] is
-    /// the generation of the backing it prepared for).
+    /// the generation of the backing it prepared for). If it panics, the migration is
+    /// rolled back (pages unlocked and unchanged, the destination released once the copies
+    /// issued are done) and the panic continues to the caller.
     pub fn migrate_to_devmem_with(
         &self,
         alloc: AllocId,
@@ -232,12 +277,18 @@ impl AddressSpace {
         details: &MigrateDetails,
         while_copying: WhileCopying<'_>,
     ) -> Result<MigrateReport> {
-        self.migrate_into(alloc, range, details, None, Some(while_copying))
+        self.migrate_into(
+            Target::Reserved(alloc),
+            range,
+            details,
+            None,
+            Some(while_copying),
+        )
     }
 
     fn migrate_into(
         &self,
-        alloc: AllocId,
+        target: Target,
         range: VaRange,
         details: &MigrateDetails,
         trace: Option<&mut Vec<CopyCall>>,
@@ -245,14 +296,17 @@ impl AddressSpace {
     ) -> Result<MigrateReport> {
         self.reap_deferred();
         let mut sc = Scratch::take();
-        let r = self.migrate_with(alloc, range, details, trace, while_copying, &mut sc);
+        let r = self.migrate_with(target, range, details, trace, while_copying, &mut sc);
         sc.put_back();
         r
     }
 
+    /// Collects and locks the pages, then runs the migration; whatever happens after the
+    /// pages are locked (an error, or a panic of a backend or of the caller's work), they
+    /// are committed or rolled back, never left locked.
     fn migrate_with(
         &self,
-        alloc: AllocId,
+        target: Target,
         range: VaRange,
         details: &MigrateDetails,
         trace: Option<&mut Vec<CopyCall>>,
@@ -260,99 +314,7 @@ impl AddressSpace {
         sc: &mut Scratch,
     ) -> Result<MigrateReport> {
         let t0 = Instant::now();
-        let mut timing = MigrateTiming::default();
-        // Collect: validate, snapshot and lock the pages. A refused request still consumes
-        // the allocation; it is released after the lock is dropped.
-        let Scratch {
-            snapshot,
-            src_pfns,
-            plan: planned,
-            pages,
-            addrs,
-            records,
-            frames,
-            pfns,
-            fences,
-        } = sc;
-        let collected = (|| {
-            let mut st = self.lock();
-            let Some(rec) = st.allocs.get(alloc) else {
-                return Err(Box::new((None, Error::NoSuchAllocation { alloc })));
-            };
-            if rec.state != AllocState::Reserved {
-                let e = Error::AllocationNotReserved {
-                    range,
-                    alloc,
-                    pagemap: rec.pagemap,
-                    state: rec.state,
-                };
-                return Err(Box::new((None, e)));
-            }
-            let dest_id = rec.pagemap;
-            let fail = |st: &mut crate::mm::MmState, e: Error| {
-                Err(Box::new((st.allocs.remove(alloc.slot), e)))
-            };
-            let span = match st.locate(range, true) {
-                Ok(s) => s,
-                Err(e) => return fail(&mut st, e),
-            };
-            let rec = st.allocs.get(alloc).expect("checked above");
-            if rec.page_size != span.page_size {
-                let e = Error::PageSizeMismatch {
-                    range,
-                    expected: span.page_size,
-                    given: rec.page_size,
-                };
-                return fail(&mut st, e);
-            }
-            if rec.pfns.len() != span.count {
-                let e = Error::BadRange {
-                    range,
-                    problem: RangeProblem::OutOfRange,
-                };
-                return fail(&mut st, e);
-            }
-            let Some(dest) = self.pagemap(dest_id) else {
-                return fail(
-                    &mut st,
-                    Error::UnknownPagemap {
-                        range,
-                        pagemap: dest_id,
-                    },
-                );
-            };
-            let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
-            let summary = Summary::of(pages);
-            if summary.any_locked() {
-                let e = Error::Busy {
-                    range,
-                    pagemap: dest_id,
-                    device: dest.device(),
-                    reason: crate::BusyReason::PageLocked,
-                };
-                return fail(&mut st, e);
-            }
-            snapshot.extend_from_slice(pages);
-            // Source pfns of device pages (only those are read); none without device pages.
-            if summary.any_device() {
-                src_pfns.resize(span.count, Pfn(0));
-                for (o, e) in src_pfns.iter_mut().zip(snapshot.iter()) {
-                    if e.kind() == Kind::Device {
-                        *o = st.allocs.by_slot(e.slot()).pfns[e.index() as usize];
-                    }
-                }
-            }
-            let rec = st.allocs.get_mut(alloc).expect("checked above");
-            rec.state = AllocState::Migrating;
-            let dst_pfns = rec.pfns.clone();
-            let pre_fence = rec
-                .backing
-                .as_ref()
-                .and_then(|b| b.pre_migrate_fence.clone());
-            st.set_locked(span, true);
-            Ok((span, dest, dst_pfns, pre_fence))
-        })();
-        let (span, dest, dst_pfns, pre_fence) = match collected {
+        let collected = match self.collect(target, range, &mut sc.snapshot, &mut sc.src_pfns) {
             Ok(c) => c,
             Err(refused) => {
                 let (release, e) = *refused;
@@ -360,24 +322,237 @@ impl AddressSpace {
                 return Err(e);
             }
         };
-        let (snapshot, src_pfns): (&[PageEntry], &[Pfn]) = (snapshot, src_pfns);
-        let job = Job {
-            mm: self,
-            range,
+        let span = collected.span;
+        let mut flight = InFlight {
+            alloc: collected.reserved.as_ref().map(|d| d.alloc),
+            maps: Mappings {
+                addrs: std::mem::take(&mut sc.addrs),
+                records: std::mem::take(&mut sc.records),
+                page_size: Some(span.page_size),
+            },
+            committed: false,
+        };
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run_collected(
+                collected,
+                range,
+                details,
+                trace,
+                while_copying,
+                sc,
+                &mut flight,
+                t0,
+            )
+        }));
+        match run {
+            Ok(r) => {
+                sc.addrs = std::mem::take(&mut flight.maps.addrs);
+                sc.records = std::mem::take(&mut flight.maps.records);
+                r
+            }
+            Err(panic) => {
+                self.unwind_migration(span, &mut flight, &mut sc.fences);
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+
+    /// Validates the request, snapshots the pages and locks them. Refused when a page is
+    /// locked by another migration or held by a waiting CPU access.
+    fn collect(
+        &self,
+        target: Target,
+        range: VaRange,
+        snapshot: &mut Vec<PageEntry>,
+        src_pfns: &mut Vec<Pfn>,
+    ) -> std::result::Result<Collected, Refused> {
+        let mut st = self.lock();
+        let (dest_id, reserved) = match target {
+            Target::Reserved(alloc) => {
+                let Some(rec) = st.allocs.get(alloc) else {
+                    return Err(Box::new((None, Error::NoSuchAllocation { alloc })));
+                };
+                if rec.state != AllocState::Reserved {
+                    let e = Error::AllocationNotReserved {
+                        range,
+                        alloc,
+                        pagemap: rec.pagemap,
+                        state: rec.state,
+                    };
+                    return Err(Box::new((None, e)));
+                }
+                (rec.pagemap, Some(alloc))
+            }
+            Target::Fresh(pagemap) => (pagemap, None),
+        };
+        // A refused request still consumes a reserved allocation; it is released after the
+        // lock is dropped.
+        let fail = |st: &mut MmState, e: Error| -> Refused {
+            Box::new((reserved.and_then(|a| st.allocs.remove(a.slot)), e))
+        };
+        let span = match st.locate(range, true) {
+            Ok(s) => s,
+            Err(e) => return Err(fail(&mut st, e)),
+        };
+        if let Some(alloc) = reserved {
+            let rec = st.allocs.get(alloc).expect("checked above");
+            if rec.page_size != span.page_size {
+                let e = Error::PageSizeMismatch {
+                    range,
+                    expected: span.page_size,
+                    given: rec.page_size,
+                };
+                return Err(fail(&mut st, e));
+            }
+            if rec.pfns.len() != span.count {
+                let e = Error::BadRange {
+                    range,
+                    problem: RangeProblem::OutOfRange,
+                };
+                return Err(fail(&mut st, e));
+            }
+        }
+        let Some(dest) = self.pagemap(dest_id) else {
+            let e = Error::UnknownPagemap {
+                range,
+                pagemap: dest_id,
+            };
+            return Err(fail(&mut st, e));
+        };
+        let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
+        let summary = Summary::of(pages);
+        let held = if summary.any_locked() {
+            Some(crate::BusyReason::PageLocked)
+        } else if st.claimed_by_cpu(span) {
+            Some(crate::BusyReason::CpuAccess)
+        } else {
+            None
+        };
+        if let Some(reason) = held {
+            let e = Error::Busy {
+                range,
+                pagemap: dest_id,
+                device: dest.device(),
+                reason,
+            };
+            return Err(fail(&mut st, e));
+        }
+        snapshot.extend_from_slice(pages);
+        // Source pfns of device pages (only those are read); none without device pages.
+        if summary.any_device() {
+            src_pfns.resize(span.count, Pfn(0));
+            for (o, e) in src_pfns.iter_mut().zip(snapshot.iter()) {
+                if e.kind() == Kind::Device {
+                    *o = st.allocs.by_slot(e.slot()).pfns[e.index() as usize];
+                }
+            }
+        }
+        let reserved = reserved.map(|alloc| {
+            let rec = st.allocs.get_mut(alloc).expect("checked above");
+            rec.state = AllocState::Migrating;
+            Destination {
+                alloc,
+                pfns: rec.pfns.clone(),
+                pre_fence: rec
+                    .backing
+                    .as_ref()
+                    .and_then(|b| b.pre_migrate_fence.clone()),
+            }
+        });
+        st.set_locked(span, true);
+        Ok(Collected {
             span,
+            dest,
+            reserved,
+        })
+    }
+
+    /// A new destination allocation for a migration whose pages are locked and will move.
+    fn allocate_destination(
+        &self,
+        dest: &Pagemap,
+        span: Span,
+        range: VaRange,
+    ) -> Result<Destination> {
+        let (alloc, (pfns, pre_fence)) = self.allocate_as(
+            dest.id(),
+            span.count,
+            span.page_size,
+            range,
+            AllocState::Migrating,
+        )?;
+        Ok(Destination {
             alloc,
-            dest: &dest,
+            pfns,
+            pre_fence,
+        })
+    }
+
+    /// Rolls back a migration that unwound: its pages are unlocked unchanged; its
+    /// destination is released, or parked until the copies already issued are done.
+    fn unwind_migration(
+        &self,
+        span: Span,
+        flight: &mut InFlight,
+        fences: &mut Vec<(usize, Fence)>,
+    ) {
+        if flight.committed {
+            return;
+        }
+        let maps = std::mem::take(&mut flight.maps);
+        let deferred = match flight.alloc {
+            Some(alloc) if !fences.is_empty() => Some(Deferred {
+                fences: fences.drain(..).map(|(_, f)| f).collect(),
+                unmap: maps,
+                slot: Some(alloc.slot),
+                frames: Vec::new(),
+            }),
+            _ => {
+                self.unmap(&maps);
+                None
+            }
+        };
+        roll_back(self, span, flight.alloc, deferred);
+    }
+
+    /// Everything after the pages are locked: classify, allocate (when the caller did not),
+    /// map, issue, wait, commit or roll back.
+    #[allow(clippy::too_many_arguments)]
+    fn run_collected(
+        &self,
+        collected: Collected,
+        range: VaRange,
+        details: &MigrateDetails,
+        trace: Option<&mut Vec<CopyCall>>,
+        while_copying: Option<WhileCopying<'_>>,
+        sc: &mut Scratch,
+        flight: &mut InFlight,
+        t0: Instant,
+    ) -> Result<MigrateReport> {
+        let Collected {
+            span,
+            dest,
+            reserved,
+        } = collected;
+        let mut timing = MigrateTiming::default();
+        let Scratch {
             snapshot,
             src_pfns,
-            dst_pfns: &dst_pfns,
-        };
+            plan: planned,
+            pages,
+            addrs: _,
+            records: _,
+            frames,
+            pfns,
+            fences,
+        } = sc;
+        let (snapshot, src_pfns): (&[PageEntry], &[Pfn]) = (snapshot, src_pfns);
         // Classify and coalesce.
         let verdict = self.classify_into(snapshot, dest.id(), details, planned);
-        let t = Instant::now();
-        timing.plan = t - t0;
+        timing.plan = t0.elapsed();
         match verdict {
             Verdict::NotNeeded => {
-                job.roll_back(None);
+                roll_back(self, span, flight.alloc, None);
                 return Ok(MigrateReport {
                     outcome: MigrateOutcome::NotNeeded,
                     alloc: None,
@@ -388,7 +563,7 @@ impl AddressSpace {
                 });
             }
             Verdict::Busy(reason, _) => {
-                job.roll_back(None);
+                roll_back(self, span, flight.alloc, None);
                 return Err(Error::Busy {
                     range,
                     pagemap: dest.id(),
@@ -398,18 +573,44 @@ impl AddressSpace {
             }
             Verdict::Plan => {}
         }
+        // Pages will move: now the destination is needed.
+        let destination = match reserved {
+            Some(d) => d,
+            None => match self.allocate_destination(&dest, span, range) {
+                Ok(d) => {
+                    flight.alloc = Some(d.alloc);
+                    d
+                }
+                Err(e) => {
+                    roll_back(self, span, None, None);
+                    return Err(e);
+                }
+            },
+        };
+        let Destination {
+            alloc,
+            pfns: dst_pfns,
+            pre_fence,
+        } = destination;
+        let job = Job {
+            mm: self,
+            range,
+            span,
+            dest: &dest,
+            snapshot,
+            src_pfns,
+            dst_pfns: &dst_pfns,
+        };
         let plan = &*planned;
         // Map.
-        let mut maps = Mappings {
-            addrs: std::mem::take(addrs),
-            records: std::mem::take(records),
-            page_size: Some(span.page_size),
-        };
+        let t = Instant::now();
+        let maps = &mut flight.maps;
         pages.resize(plan.order.len(), Pfn(0));
         maps.addrs.resize(plan.order.len(), DmaAddr::NONE);
-        if let Err(e) = job.map_all(plan, pages, &mut maps, frames, pfns) {
-            self.unmap(&maps);
-            job.roll_back(None);
+        if let Err(e) = job.map_all(plan, pages, maps, frames, pfns) {
+            self.unmap(maps);
+            maps.records.clear();
+            roll_back(self, span, Some(alloc), None);
             return Err(e);
         }
         let t1 = Instant::now();
@@ -523,22 +724,24 @@ impl AddressSpace {
                         .map(|(_, f)| f)
                         .chain(pre_fence.clone())
                         .collect(),
-                    unmap: maps,
+                    unmap: std::mem::take(maps),
                     slot: Some(alloc.slot),
                     frames: Vec::new(),
                 };
-                job.roll_back(Some(deferred));
+                roll_back(self, span, Some(alloc), Some(deferred));
             } else {
-                self.unmap(&maps);
-                job.roll_back(None);
+                self.unmap(maps);
+                maps.records.clear();
+                roll_back(self, span, Some(alloc), None);
             }
             return Err(err);
         }
-        self.unmap(&maps);
-        *addrs = maps.addrs;
-        *records = maps.records;
-        // Commit.
-        let generation = job.commit(t3 + details.timeslice, frames);
+        self.unmap(maps);
+        maps.records.clear();
+        // Commit. A timeslice past any reachable instant saturates ("for ever").
+        flight.committed = true;
+        let expires = crate::time::saturating_after(t3, details.timeslice);
+        let generation = job.commit(alloc, expires, frames);
         timing.commit = t3.elapsed();
         Ok(MigrateReport {
             outcome: MigrateOutcome::Migrated,
@@ -667,7 +870,6 @@ struct Job<'a> {
     mm: &'a AddressSpace,
     range: VaRange,
     span: Span,
-    alloc: AllocId,
     dest: &'a Pagemap,
     snapshot: &'a [PageEntry],
     src_pfns: &'a [Pfn],
@@ -812,39 +1014,21 @@ impl Job<'_> {
         }
     }
 
-    /// Unlocks the pages (unchanged) and releases the destination, or parks it.
-    fn roll_back(&self, deferred: Option<Deferred>) {
-        let rel = {
-            let mut st = self.mm.lock();
-            st.set_locked(self.span, false);
-            let rel = match deferred {
-                Some(d) => {
-                    st.deferred.push(d);
-                    None
-                }
-                None => st.allocs.remove(self.alloc.slot),
-            };
-            self.mm.notify_unlocked(&st);
-            rel
-        };
-        release_all(rel.into_iter().collect());
-    }
-
     /// Switches every page to the destination, frees the old pages, unlocks.
     /// `frames`: scratch space (cleared first).
     /// Commits; returns the range's generation right after.
-    fn commit(&self, expires: Instant, frames: &mut Vec<HostFrame>) -> u64 {
+    fn commit(&self, alloc: AllocId, expires: Instant, frames: &mut Vec<HostFrame>) -> u64 {
         let mut releases: Vec<Release> = Vec::new();
         let span = self.span;
         frames.clear();
         let generation = {
             let mut guard = self.mm.lock();
-            let slot = self.alloc.slot;
+            let slot = alloc.slot;
             let dest = self.dest.id();
             {
                 let rec = guard
                     .allocs
-                    .get_mut(self.alloc)
+                    .get_mut(alloc)
                     .expect("allocation of a running migration");
                 rec.state = AllocState::Live;
                 rec.live = span.count as u32;
@@ -901,4 +1085,23 @@ impl Job<'_> {
         release_all(releases);
         generation
     }
+}
+
+/// Unlocks the pages of `span` (unchanged) and releases the destination `alloc`, or parks it
+/// in `deferred` until its fences signal.
+fn roll_back(mm: &AddressSpace, span: Span, alloc: Option<AllocId>, deferred: Option<Deferred>) {
+    let rel = {
+        let mut st = mm.lock();
+        st.set_locked(span, false);
+        let rel = match deferred {
+            Some(d) => {
+                st.deferred.push(d);
+                None
+            }
+            None => alloc.and_then(|a| st.allocs.remove(a.slot)),
+        };
+        mm.notify_unlocked(&st);
+        rel
+    };
+    release_all(rel.into_iter().collect());
 }

@@ -103,6 +103,21 @@ pub(crate) struct MmState {
     pub free_range_slots: Vec<u32>,
     pub allocs: AllocTable,
     pub deferred: Vec<Deferred>,
+    /// Pages CPU accesses are waiting for (see [`CpuClaim`]); mostly empty.
+    pub cpu_claims: Vec<CpuClaim>,
+    /// The id of the next claim.
+    pub next_claim: u64,
+}
+
+/// Pages a CPU access waits for (a timeslice, a running migration, its own fault back to
+/// RAM). While the claim stands no new migration may take them, so the access completes
+/// within its wait plus the copies of its own pages, however busy other movers are.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CpuClaim {
+    pub id: u64,
+    pub slot: u32,
+    pub first: usize,
+    pub end: usize,
 }
 
 /// The pagemaps an address space may place pages in.
@@ -230,6 +245,14 @@ impl MmState {
         &mut self.range_mut(span.slot).pages[span.first..span.first + span.count]
     }
 
+    /// Whether a waiting CPU access claims a page of `span`.
+    pub(crate) fn claimed_by_cpu(&self, span: Span) -> bool {
+        let end = span.first + span.count;
+        self.cpu_claims
+            .iter()
+            .any(|c| c.slot == span.slot && c.first < end && span.first < c.end)
+    }
+
     /// Sets or clears the lock bit of pages.
     pub(crate) fn set_locked(&mut self, span: Span, locked: bool) {
         let pages = self.pages_mut(span);
@@ -237,6 +260,57 @@ impl MmState {
             pages.iter_mut().for_each(|p| *p = p.locked());
         } else {
             pages.iter_mut().for_each(|p| *p = p.unlocked());
+        }
+    }
+}
+
+/// The longest a waiter sleeps before it looks again (guards against a missed wake-up).
+const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+/// A CPU access's claim on its pages (see [`CpuClaim`]), withdrawn when the access ends,
+/// whichever way (also on a panic).
+struct ClaimGuard<'a> {
+    mm: &'a AddressSpace,
+    id: Option<u64>,
+}
+
+impl ClaimGuard<'_> {
+    /// Claims the pages of `span` (or moves the claim there).
+    fn register(&mut self, st: &mut MmState, span: Span) {
+        let claim = |id| CpuClaim {
+            id,
+            slot: span.slot,
+            first: span.first,
+            end: span.first + span.count,
+        };
+        match self.id {
+            Some(id) => {
+                if let Some(c) = st.cpu_claims.iter_mut().find(|c| c.id == id) {
+                    *c = claim(id);
+                }
+            }
+            None => {
+                let id = st.next_claim;
+                st.next_claim += 1;
+                st.cpu_claims.push(claim(id));
+                self.id = Some(id);
+            }
+        }
+    }
+
+    /// Withdraws the claim, with the state lock held.
+    fn release(&mut self, st: &mut MmState) {
+        if let Some(id) = self.id.take() {
+            st.cpu_claims.retain(|c| c.id != id);
+        }
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if self.id.is_some() {
+            let mut st = self.mm.lock();
+            self.release(&mut st);
         }
     }
 }
@@ -291,15 +365,21 @@ impl AddressSpace {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn wait_unlocked<'a>(
+    pub(crate) fn wait_unlocked<'a>(&self, g: MutexGuard<'a, MmState>) -> MutexGuard<'a, MmState> {
+        // A timeout guards against a missed wake-up; callers re-check their condition.
+        self.wait_unlocked_for(g, WAIT_SLICE)
+    }
+
+    /// Waits until pages change (unlock, commit, eviction, a range freed) or `limit` passes.
+    pub(crate) fn wait_unlocked_for<'a>(
         &self,
         mut g: MutexGuard<'a, MmState>,
+        limit: Duration,
     ) -> MutexGuard<'a, MmState> {
-        // A timeout guards against a missed wake-up; callers re-check their condition.
         g.waiters += 1;
         let mut g = self
             .unlocked
-            .wait_timeout(g, Duration::from_millis(50))
+            .wait_timeout(g, limit)
             .unwrap_or_else(|p| p.into_inner())
             .0;
         g.waiters -= 1;
@@ -512,19 +592,22 @@ impl AddressSpace {
         page_size: PageSize,
         range: VaRange,
     ) -> Result<AllocId> {
+        self.allocate_as(pagemap, npages, page_size, range, AllocState::Reserved)
+            .map(|(id, _)| id)
+    }
+
+    /// Allocates device memory and enters it in the table in `state` (one step: nobody
+    /// sees it in between); also returns its record's pfns and pre-migrate fence.
+    pub(crate) fn allocate_as(
+        &self,
+        pagemap: PagemapId,
+        npages: usize,
+        page_size: PageSize,
+        range: VaRange,
+        state: AllocState,
+    ) -> Result<(AllocId, NewAllocation)> {
         let pm = self.pagemap_for(range, pagemap)?;
-        // Saturating: an absurd page count is "too large", not an arithmetic overflow.
-        let bytes = (npages as u64).saturating_mul(page_size.bytes());
-        let capacity = pm.devmem().capacity_bytes();
-        if bytes > capacity || npages == 0 || npages > u32::MAX as usize {
-            return Err(Error::TooLarge {
-                range,
-                pagemap,
-                device: pm.device(),
-                bytes,
-                capacity,
-            });
-        }
+        check_fits(&pm, npages, page_size, range)?;
         let backend_err = |op, source| Error::Backend {
             range,
             op,
@@ -542,12 +625,13 @@ impl AddressSpace {
             pm.devmem().devmem_release(backing);
             return Err(backend_err("populate_devmem_pfn", e));
         }
+        let pre_fence = backing.pre_migrate_fence.clone();
         let rec = AllocRecord {
             generation: 0,
-            state: AllocState::Reserved,
+            state,
             pagemap,
             page_size,
-            pfns,
+            pfns: pfns.clone(),
             rmap: vec![RmapEntry::EMPTY; npages],
             live: 0,
             expires: Instant::now(),
@@ -556,11 +640,18 @@ impl AddressSpace {
         };
         let mut st = self.lock();
         match st.allocs.insert(rec) {
-            Some(id) => Ok(id),
-            None => Err(Error::BadPagemap {
-                pagemap,
-                reason: "too many live allocations in this address space",
-            }),
+            Ok(id) => Ok((id, (pfns, pre_fence))),
+            Err(rec) => {
+                drop(st);
+                // The table is full: the backing goes back, released exactly once.
+                if let Some(b) = rec.backing {
+                    rec.devmem.devmem_release(b);
+                }
+                Err(Error::BadPagemap {
+                    pagemap,
+                    reason: "too many live allocations in this address space",
+                })
+            }
         }
     }
 
@@ -585,9 +676,21 @@ impl AddressSpace {
 
     /// Reads `buf.len()` bytes at `va` (inside one range). Device pages are first migrated
     /// back to system memory by their device (the CPU-fault path), once their allocation's
-    /// timeslice has expired; unpopulated pages read as zeros.
+    /// timeslice has expired; unpopulated pages read as zeros. Waits as long as that takes
+    /// (see [`AddressSpace::read_timeout`] for a bounded wait).
     pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<()> {
-        self.cpu_access(VaRange::new(va, buf.len() as u64), |st, span| {
+        self.read_until(va, buf, None)
+    }
+
+    /// [`AddressSpace::read`], giving up with [`Error::CpuAccessTimeout`] (nothing read,
+    /// nothing changed but pages already brought home) when the pages are still held by a
+    /// device's timeslice or a running migration after `limit`. `Duration::MAX`: no limit.
+    pub fn read_timeout(&self, va: u64, buf: &mut [u8], limit: Duration) -> Result<()> {
+        self.read_until(va, buf, crate::time::deadline(Instant::now(), limit))
+    }
+
+    fn read_until(&self, va: u64, buf: &mut [u8], deadline: Option<Instant>) -> Result<()> {
+        self.cpu_access(VaRange::new(va, buf.len() as u64), deadline, |st, span| {
             self.copy_out(st, span, va, buf);
             Ok(())
         })
@@ -596,8 +699,18 @@ impl AddressSpace {
     /// Writes `data` at `va` (inside one range), populating system pages as needed. Device
     /// pages are first migrated back, as for [`AddressSpace::read`].
     pub fn write(&self, va: u64, data: &[u8]) -> Result<()> {
+        self.write_until(va, data, None)
+    }
+
+    /// [`AddressSpace::write`] with a bounded wait, as [`AddressSpace::read_timeout`]: on
+    /// [`Error::CpuAccessTimeout`] nothing was written.
+    pub fn write_timeout(&self, va: u64, data: &[u8], limit: Duration) -> Result<()> {
+        self.write_until(va, data, crate::time::deadline(Instant::now(), limit))
+    }
+
+    fn write_until(&self, va: u64, data: &[u8], deadline: Option<Instant>) -> Result<()> {
         let range = VaRange::new(va, data.len() as u64);
-        self.cpu_access(range, |st, span| {
+        self.cpu_access(range, deadline, |st, span| {
             self.populate_holes(st, span, range, range)?;
             self.copy_in(st, span, va, data);
             Ok(())
@@ -610,7 +723,7 @@ impl AddressSpace {
     /// Data already in system memory is untouched.
     pub fn populate(&self, range: VaRange) -> Result<()> {
         let written = VaRange::new(range.start, 0);
-        self.cpu_access(range, |st, span| {
+        self.cpu_access(range, None, |st, span| {
             self.populate_holes(st, span, range, written)
         })
     }
@@ -680,28 +793,58 @@ impl AddressSpace {
         }
     }
 
-    fn cpu_access<F>(&self, range: VaRange, access: F) -> Result<()>
+    /// Runs `access` with every page of `range` in system memory (or a hole), under the
+    /// state lock. Device pages come home through the CPU-fault path once their timeslice
+    /// has expired. While the access has to wait it claims its pages: no new migration
+    /// takes them, so it waits at most for the migrations already running on them, their
+    /// timeslice, and its own copies back. `deadline`: give up with
+    /// [`Error::CpuAccessTimeout`] once it passes.
+    fn cpu_access<F>(&self, range: VaRange, deadline: Option<Instant>, access: F) -> Result<()>
     where
         F: FnOnce(&mut MmState, Span) -> Result<()>,
     {
+        // Declared before the state guard so that it drops after it (its drop locks).
+        let mut claim = ClaimGuard { mm: self, id: None };
+        let started = Instant::now();
         let mut st = self.lock();
         loop {
             let span = st.locate(range, false)?;
-            match scan_for_cpu(&st, span) {
-                CpuScan::Ready => return access(&mut st, span),
-                CpuScan::Locked => st = self.wait_unlocked(st),
+            let scan = scan_for_cpu(&st, span);
+            if let CpuScan::Ready = scan {
+                claim.release(&mut st);
+                return access(&mut st, span);
+            }
+            claim.register(&mut st, span);
+            let now = Instant::now();
+            let timed_out = || Error::CpuAccessTimeout {
+                range,
+                waited: now.saturating_duration_since(started),
+            };
+            match scan {
+                CpuScan::Ready => unreachable!("handled above"),
+                CpuScan::Locked => {
+                    if deadline.is_some_and(|d| now >= d) {
+                        return Err(timed_out());
+                    }
+                    let limit = deadline.map_or(WAIT_SLICE, |d| (d - now).min(WAIT_SLICE));
+                    st = self.wait_unlocked_for(st, limit);
+                }
                 CpuScan::Device(e, page) => {
                     let alloc = st.allocs.id_of_slot(e.slot());
                     let expires = st.allocs.by_slot(e.slot()).expires;
-                    drop(st);
-                    let now = Instant::now();
                     if now < expires {
-                        // The device keeps pages it just received for its timeslice.
-                        std::thread::sleep(expires - now);
-                    } else {
-                        let fault_va = span.range_start + page as u64 * span.page_size.bytes();
-                        self.cpu_fault(alloc, fault_va, range)?;
+                        // The device keeps pages it just received for its timeslice. Woken
+                        // early when pages change (an eviction may bring them home first).
+                        if deadline.is_some_and(|d| now >= d) {
+                            return Err(timed_out());
+                        }
+                        let until = deadline.map_or(expires, |d| d.min(expires));
+                        st = self.wait_unlocked_for(st, until - now);
+                        continue;
                     }
+                    drop(st);
+                    let fault_va = span.range_start + page as u64 * span.page_size.bytes();
+                    self.cpu_fault(alloc, fault_va, range)?;
                     st = self.lock();
                 }
             }
@@ -793,6 +936,31 @@ impl AddressSpace {
     pub(crate) fn device_of(&self, id: PagemapId) -> Option<DeviceId> {
         self.pagemap(id).map(|p| p.device())
     }
+}
+
+/// A new allocation's pfns and pre-migrate fence.
+pub(crate) type NewAllocation = (Arc<[Pfn]>, Option<crate::Fence>);
+
+/// Refuses an allocation of `npages` pages of `page_size` that `pm` can never hold.
+pub(crate) fn check_fits(
+    pm: &Pagemap,
+    npages: usize,
+    page_size: PageSize,
+    range: VaRange,
+) -> Result<()> {
+    // Saturating: an absurd page count is "too large", not an arithmetic overflow.
+    let bytes = (npages as u64).saturating_mul(page_size.bytes());
+    let capacity = pm.devmem().capacity_bytes();
+    if bytes > capacity || npages == 0 || npages > u32::MAX as usize {
+        return Err(Error::TooLarge {
+            range,
+            pagemap: pm.id(),
+            device: pm.device(),
+            bytes,
+            capacity,
+        });
+    }
+    Ok(())
 }
 
 fn scan_for_cpu(st: &MmState, span: Span) -> CpuScan {

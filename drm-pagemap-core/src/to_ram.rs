@@ -8,7 +8,7 @@ use crate::error::{BusyReason, Error, Result};
 use crate::migrate::{MapSource, Mappings};
 use crate::mm::{AddressSpace, Deferred, MmState};
 use crate::page::{PageEntry, RmapEntry};
-use crate::types::{Direction, DmaAddr, HostFrame, Pfn, VaRange};
+use crate::types::{Direction, DmaAddr, HostFrame, PageSize, PagemapId, Pfn, VaRange};
 
 /// What an eviction did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +25,18 @@ struct Window {
     range_slot: u32,
     first: u32,
     end: u32,
+}
+
+/// A copy back to RAM between locking its pages and committing: what to undo if it fails.
+#[derive(Default)]
+struct ToRamFlight {
+    /// The new system frames.
+    frames: Vec<HostFrame>,
+    /// Their mapping for the owning device, while it stands.
+    mapped: Option<(crate::DeviceId, Vec<DmaAddr>)>,
+    /// The copy's fence, from issue until it is known to be done (while it is here, the
+    /// copy may still write the frames: it timed out, or the wait unwound).
+    fence: Option<crate::Fence>,
 }
 
 /// One pass's outcome.
@@ -121,7 +133,13 @@ impl AddressSpace {
                 end: ((end - range.va.start) / ps) as u32,
             }
         };
-        self.to_ram_pass(alloc, Some(window), access).map(|_| ())
+        match self.to_ram_pass(alloc, Some(window), access) {
+            // Another thread's CPU fault, migration or eviction took the allocation's last
+            // pages since the caller looked: its pages are elsewhere now, so the caller
+            // re-scans (the access never named this allocation).
+            Err(Error::NoSuchAllocation { alloc: gone }) if gone == alloc => Ok(()),
+            r => r.map(|_| ()),
+        }
     }
 
     fn to_ram_pass(&self, alloc: AllocId, window: Option<Window>, range: VaRange) -> Result<Pass> {
@@ -184,98 +202,34 @@ impl AddressSpace {
             (pm_id, ps, picked, pages)
         };
         let n = picked.len();
-        let unlock = |mm: &AddressSpace| {
-            let mut st = mm.lock();
+        // From here the picked pages carry their lock bit: every exit commits or unlocks
+        // them, also when the backend panics (then the frames a copy may still write are
+        // parked until its fence signals, and the panic continues).
+        let mut flight = ToRamFlight::default();
+        let copied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.copy_back(pm_id, ps, &pages, range, &mut flight)
+        }));
+        let failure = match copied {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(Ok(e)),
+            Err(panic) => Some(Err(panic)),
+        };
+        if let Some(failure) = failure {
+            self.abandon_copy_back(&mut flight, ps);
+            let mut st = self.lock();
             touch_picked(&mut st, &picked);
             for &(_, r) in &picked {
                 let p = &mut st.range_mut(r.range_slot()).pages[r.page() as usize];
                 *p = p.unlocked();
             }
-            mm.notify_unlocked(&st);
-        };
-        let pm = match self.pagemap_for(range, pm_id) {
-            Ok(p) => p,
-            Err(e) => {
-                unlock(self);
-                return Err(e);
-            }
-        };
-        let dev = pm.device();
-        let backend = |op, source| Error::Backend {
-            range,
-            op,
-            pagemap: Some(pm_id),
-            device: Some(dev),
-            source,
-        };
-        // Destination frames, mapped for the owning device.
-        let mut frames: Vec<HostFrame> = Vec::with_capacity(n);
-        if let Err(e) = self.host.alloc_frames(n, ps, &mut frames) {
-            unlock(self);
-            return Err(backend("host frame allocation", e));
-        }
-        let mut addrs = vec![DmaAddr::NONE; n];
-        if let Err(e) = self
-            .host
-            .map_frames(dev, &frames, ps, Direction::FromDevice, &mut addrs)
-        {
-            self.host.free_frames(&frames, ps);
-            unlock(self);
-            return Err(backend("map_frames", e));
-        }
-        let req = CopyRequest {
-            page_size: ps,
-            pages: &pages,
-            addrs: &addrs,
-            pre_fence: None,
-        };
-        let result = pm
-            .devmem()
-            .copy_to_ram(&req)
-            .map_err(|e| (None, backend("copy_to_ram", e)))
-            .and_then(|f| match f.wait_for(self.to_ram_fence_timeout()) {
-                Ok(()) => Ok(()),
-                Err(source) => Err((
-                    matches!(source, crate::FenceError::Timeout(_)).then_some(f),
-                    Error::Fence {
-                        range,
-                        what: "copy",
-                        pagemap: Some(pm_id),
-                        device: Some(dev),
-                        source,
-                    },
-                )),
-            });
-        match result {
-            Ok(()) => self
-                .host
-                .unmap_frames(dev, &addrs, ps, Direction::FromDevice),
-            Err((Some(late), e)) => {
-                // The copy may still write into the frames: keep them (and their mapping)
-                // until its fence signals. The device pages are untouched and stay valid.
-                let n = addrs.len();
-                let deferred = Deferred {
-                    fences: vec![late],
-                    unmap: Mappings {
-                        addrs,
-                        records: vec![(MapSource::Host, dev, Direction::FromDevice, 0, n)],
-                        page_size: Some(ps),
-                    },
-                    slot: None,
-                    frames: frames.iter().map(|&f| (f, ps)).collect(),
-                };
-                self.lock().deferred.push(deferred);
-                unlock(self);
-                return Err(e);
-            }
-            Err((None, e)) => {
-                self.host
-                    .unmap_frames(dev, &addrs, ps, Direction::FromDevice);
-                self.host.free_frames(&frames, ps);
-                unlock(self);
-                return Err(e);
+            self.notify_unlocked(&st);
+            drop(st);
+            match failure {
+                Ok(e) => return Err(e),
+                Err(panic) => std::panic::resume_unwind(panic),
             }
         }
+        let frames = std::mem::take(&mut flight.frames);
         // Commit: the pages become system pages; the allocation loses them.
         let mut releases: Vec<Release> = Vec::new();
         let gone = {
@@ -300,6 +254,109 @@ impl AddressSpace {
             busy: 0,
             gone,
         })
+    }
+
+    /// Copies `pages` of `alloc` back into new system frames (kept in `flight`, which also
+    /// records what to undo if this fails or unwinds).
+    fn copy_back(
+        &self,
+        pm_id: PagemapId,
+        ps: PageSize,
+        pages: &[Pfn],
+        range: VaRange,
+        flight: &mut ToRamFlight,
+    ) -> Result<()> {
+        let pm = self.pagemap_for(range, pm_id)?;
+        let dev = pm.device();
+        let backend = |op, source| Error::Backend {
+            range,
+            op,
+            pagemap: Some(pm_id),
+            device: Some(dev),
+            source,
+        };
+        let n = pages.len();
+        // Destination frames, mapped for the owning device.
+        let mut frames: Vec<HostFrame> = Vec::with_capacity(n);
+        self.host
+            .alloc_frames(n, ps, &mut frames)
+            .map_err(|e| backend("host frame allocation", e))?;
+        flight.frames = frames;
+        let mut addrs = vec![DmaAddr::NONE; n];
+        self.host
+            .map_frames(dev, &flight.frames, ps, Direction::FromDevice, &mut addrs)
+            .map_err(|e| backend("map_frames", e))?;
+        flight.mapped = Some((dev, addrs));
+        let addrs = &flight.mapped.as_ref().expect("just mapped").1;
+        let req = CopyRequest {
+            page_size: ps,
+            pages,
+            addrs,
+            pre_fence: None,
+        };
+        let fence = pm
+            .devmem()
+            .copy_to_ram(&req)
+            .map_err(|e| backend("copy_to_ram", e))?;
+        let fence = flight.fence.insert(fence);
+        if let Err(source) = fence.wait_for(self.to_ram_fence_timeout()) {
+            if !matches!(source, crate::FenceError::Timeout(_)) {
+                // The copy ended (with an error): nothing writes the frames any more.
+                flight.fence = None;
+            }
+            return Err(Error::Fence {
+                range,
+                what: "copy",
+                pagemap: Some(pm_id),
+                device: Some(dev),
+                source,
+            });
+        }
+        flight.fence = None;
+        if let Some((dev, addrs)) = flight.mapped.take() {
+            self.host
+                .unmap_frames(dev, &addrs, ps, Direction::FromDevice);
+        }
+        Ok(())
+    }
+
+    /// Undoes a copy back to RAM that failed or unwound: the frames (and their mapping) are
+    /// freed, or parked until the copy's fence signals when it may still write them (it
+    /// timed out, or the backend panicked after issuing it).
+    fn abandon_copy_back(&self, flight: &mut ToRamFlight, ps: PageSize) {
+        let frames = std::mem::take(&mut flight.frames);
+        let mapped = flight.mapped.take();
+        match flight.fence.take() {
+            Some(late) => {
+                let unmap = match mapped {
+                    Some((dev, addrs)) => {
+                        let n = addrs.len();
+                        Mappings {
+                            addrs,
+                            records: vec![(MapSource::Host, dev, Direction::FromDevice, 0, n)],
+                            page_size: Some(ps),
+                        }
+                    }
+                    None => Mappings::default(),
+                };
+                let deferred = Deferred {
+                    fences: vec![late],
+                    unmap,
+                    slot: None,
+                    frames: frames.iter().map(|&f| (f, ps)).collect(),
+                };
+                self.lock().deferred.push(deferred);
+            }
+            _ => {
+                if let Some((dev, addrs)) = mapped {
+                    self.host
+                        .unmap_frames(dev, &addrs, ps, Direction::FromDevice);
+                }
+                if !frames.is_empty() {
+                    self.host.free_frames(&frames, ps);
+                }
+            }
+        }
     }
 }
 
