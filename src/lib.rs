@@ -82,7 +82,9 @@ pub fn auto_backend() -> &'static str {
         .unwrap_or("sim")
 }
 
-/// Opens backend `name` ("auto" picks with [`auto_backend`]).
+/// Opens backend `name` ("auto" picks with [`auto_backend`]). A config the backend refuses
+/// as such ([`BackendErrorKind::BadConfig`]: 0 devices, a capacity past its limits) is
+/// [`Error::BadConfig`]; every other failure is [`Error::BackendUnavailable`].
 pub fn open_backend(name: &str, config: &BackendConfig) -> Result<Box<dyn Backend>, Error> {
     let name = if name == "auto" { auto_backend() } else { name };
     let reg = inventory::iter::<BackendRegistration>
@@ -103,9 +105,15 @@ pub fn open_backend(name: &str, config: &BackendConfig) -> Result<Box<dyn Backen
         name: name.into(),
         reason,
     })?;
-    (reg.open)(config).map_err(|e| Error::BackendUnavailable {
-        name: name.into(),
-        reason: e.to_string(),
+    (reg.open)(config).map_err(|e| match e.kind {
+        BackendErrorKind::BadConfig => Error::BadConfig {
+            backend: name.into(),
+            reason: e.message,
+        },
+        _ => Error::BackendUnavailable {
+            name: name.into(),
+            reason: e.to_string(),
+        },
     })
 }
 
@@ -148,17 +156,28 @@ impl Machine {
 
     /// Creates `n` pagemaps on `backend`, each with an equal share of its device but at most
     /// `pagemap_capacity` bytes; pagemaps listed in `foreign` get an owner of their own.
+    /// `n` must be 1 to [`PagemapId::MAX_PAGEMAPS`] ([`Error::BadConfig`] otherwise); a
+    /// backend without devices is [`Error::BackendUnavailable`].
     pub fn build(
         backend: Arc<dyn Backend>,
         n: usize,
         foreign: &[usize],
         pagemap_capacity: Option<u64>,
     ) -> Result<Machine, Error> {
+        if n == 0 || n > PagemapId::MAX_PAGEMAPS {
+            return Err(Error::BadConfig {
+                backend: backend.name().into(),
+                reason: format!(
+                    "{n} pagemaps requested (1 to {} allowed)",
+                    PagemapId::MAX_PAGEMAPS
+                ),
+            });
+        }
         let devices = backend.devices();
-        if devices.is_empty() || n == 0 || n > PagemapId::MAX_PAGEMAPS {
+        if devices.is_empty() {
             return Err(Error::BackendUnavailable {
                 name: backend.name().into(),
-                reason: format!("{n} pagemaps requested on {} devices", devices.len()),
+                reason: "it has no devices".into(),
             });
         }
         let mm = AddressSpace::new(backend.host_memory());
@@ -173,12 +192,16 @@ impl Machine {
                 capacity_bytes: (dev.memory_bytes / sharing)
                     .min(pagemap_capacity.unwrap_or(u64::MAX)),
             };
-            let pm = backend
-                .create_pagemap(&spec)
-                .map_err(|e| Error::BackendUnavailable {
+            let pm = backend.create_pagemap(&spec).map_err(|e| match e.kind {
+                BackendErrorKind::BadConfig => Error::BadConfig {
+                    backend: backend.name().into(),
+                    reason: format!("creating pagemap {k}: {}", e.message),
+                },
+                _ => Error::BackendUnavailable {
                     name: backend.name().into(),
                     reason: format!("creating pagemap {k}: {e}"),
-                })?;
+                },
+            })?;
             mm.add_pagemap(pm.clone())?;
             pagemaps.push(pm);
         }

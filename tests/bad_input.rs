@@ -5,7 +5,8 @@
 //! Zero-length, unaligned, out-of-range and overlapping ranges, unknown pagemap, a
 //! destination of another owner, a freed range, double free, page-size mismatch, an
 //! allocation larger than the device, a fence that never signals (timeout) — plus a few
-//! neighbours (overflowing ranges, stale allocation handles, absurd page counts).
+//! neighbours (overflowing ranges, stale allocation handles, absurd page counts) and, at the
+//! end, extreme parameter values of every entry (module `extremes`).
 
 use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::sim::{SimBackend, SimConfig};
@@ -204,20 +205,11 @@ fn zero_length_ranges() {
         range_problem(RangeProblem::Empty),
         &names,
     );
-    refuse(
-        &rig,
-        "read",
-        |mm| mm.read(BASE, &mut []),
-        range_problem(RangeProblem::Empty),
-        &names,
-    );
-    refuse(
-        &rig,
-        "write",
-        |mm| mm.write(BASE, &[]),
-        range_problem(RangeProblem::Empty),
-        &names,
-    );
+    // Zero-length CPU accesses are no-ops (see `extremes::zero_length_cpu_accesses_*`).
+    let before = rig.state();
+    rig.mm.read(BASE, &mut []).unwrap();
+    rig.mm.write(BASE, &[]).unwrap();
+    assert_eq!(rig.state(), before);
     refuse(
         &rig,
         "locations",
@@ -229,8 +221,8 @@ fn zero_length_ranges() {
         &rig,
         "allocate 0 pages",
         |mm| mm.allocate_devmem(PagemapId(0), 0, PageSize::Size4K, empty),
-        |e| matches!(e, Error::TooLarge { .. }),
-        &["0 bytes", "pagemap 0"],
+        range_problem(RangeProblem::Empty),
+        &names,
     );
     rig.check_bytes();
 }
@@ -532,8 +524,12 @@ fn freed_range_and_double_free() {
         &rig,
         "free inside a range",
         |mm| mm.free_range(BASE + PS),
-        range_problem(RangeProblem::NotMapped),
-        &["0x40001000", "not mapped"],
+        range_problem(RangeProblem::NotStart { address: BASE + PS }),
+        &[
+            "0x40001000",
+            "[0x40000000, 0x40008000)",
+            "does not start there",
+        ],
     );
     // The freed range's allocation went with it; a stale handle to it is refused.
     let s = rig.sim.stats(PagemapId(1)).unwrap();
@@ -866,4 +862,792 @@ fn a_fence_that_signals_late_is_cleaned_up() {
     assert_eq!(&b, b"late");
     mm.free_range(BASE).unwrap();
     assert!(mm.allocations().is_empty());
+}
+
+// =========================================================================================
+// Extreme parameter values (issue 11, D8 and "Also seen").
+//
+// Every public entry that takes a size, a count, an address, a page count, a capacity or an
+// id, tried with 0, 1, the type's maximum (u64::MAX, usize::MAX, u32::MAX + 1) and addresses
+// near u64::MAX: each gives a typed error or succeeds meaningfully, nothing panics or aborts,
+// and no page changes (layout, locations and bytes compared before and after, bytes read back
+// at the end). Duration parameters are covered elsewhere. Page counts of up to u32::MAX pages
+// in `create_range` belong to the large-range tests (their page table is D5's business).
+// =========================================================================================
+
+mod extremes {
+    use super::*;
+    use drm_pagemap::mem::{AtomicArena, ExtentAllocator};
+    use drm_pagemap::sim::{MAX_DEVICE_CAPACITY, MAX_HOST_CAPACITY};
+    use drm_pagemap::{BackendConfig, BackendErrorKind, DeviceId, Machine, PagemapSpec};
+    use xe_svm::{Access, Attributes, PreferredLocation, Svm, SvmConfig, SvmError};
+
+    /// The last page an address space can hold a range at (the one above it would end at
+    /// 2^64, which a `VaRange` cannot express).
+    const TOP: u64 = u64::MAX - 2 * PS + 1;
+
+    /// Ranges no engine entry may accept, whatever the entry.
+    fn absurd_ranges() -> Vec<VaRange> {
+        vec![
+            VaRange::new(0, 0),
+            VaRange::new(0, 1),
+            VaRange::new(0, u64::MAX),
+            VaRange::new(1, PS),
+            VaRange::new(u64::MAX, 0),
+            VaRange::new(u64::MAX, 1),
+            VaRange::new(u64::MAX, u64::MAX),
+            VaRange::new(u64::MAX - PS + 1, PS),
+            VaRange::new(TOP, PS),
+            VaRange::new(BASE, 0),
+            VaRange::new(BASE, u64::MAX),
+            VaRange::new(BASE, u64::MAX - BASE),
+            VaRange::new(BASE, 1 << 63),
+            VaRange::new(BASE - PS, 2 * PS),
+            VaRange::new(BASE + 7 * PS, 2 * PS),
+            VaRange::new(BASE + 8 * PS, PS),
+        ]
+    }
+
+    fn any_range_problem(e: &Error) -> bool {
+        matches!(e, Error::BadRange { .. })
+    }
+
+    /// Runs `ok` and checks that it succeeded and that nothing observable changed.
+    fn accept<T: std::fmt::Debug>(
+        rig: &Rig,
+        what: &str,
+        ok: impl FnOnce(&AddressSpace) -> Result<T, Error>,
+    ) -> T {
+        let before = rig.state();
+        let v = ok(&rig.mm).unwrap_or_else(|e| panic!("{what}: refused: {e}"));
+        assert_eq!(rig.state(), before, "{what}: state changed");
+        v
+    }
+
+    #[test]
+    fn range_arguments_at_the_edges_of_the_address_space() {
+        let rig = Rig::new();
+        let d = MigrateDetails::default();
+        for r in absurd_ranges() {
+            let name = r.to_string();
+            let names: &[&str] = &[&name];
+            refuse(
+                &rig,
+                "migrate",
+                |mm| mm.migrate(r, PagemapId(0), &d),
+                any_range_problem,
+                names,
+            );
+            refuse(
+                &rig,
+                "migrate_traced",
+                |mm| mm.migrate_traced(r, PagemapId(1), &d, &mut Vec::new()),
+                any_range_problem,
+                names,
+            );
+            refuse(
+                &rig,
+                "plan",
+                |mm| mm.plan(r, PagemapId(0), &d),
+                any_range_problem,
+                names,
+            );
+            refuse(&rig, "layout", |mm| mm.layout(r), any_range_problem, names);
+            refuse(
+                &rig,
+                "locations",
+                |mm| mm.locations(r),
+                any_range_problem,
+                names,
+            );
+            refuse(
+                &rig,
+                "populate",
+                |mm| mm.populate(r),
+                any_range_problem,
+                names,
+            );
+            refuse(
+                &rig,
+                "generation",
+                |mm| mm.generation(r),
+                any_range_problem,
+                names,
+            );
+            refuse(
+                &rig,
+                "backing",
+                |mm| mm.backing(r, &mut Vec::new()),
+                any_range_problem,
+                names,
+            );
+            refuse(
+                &rig,
+                "backing_with_generation",
+                |mm| mm.backing_with_generation(r, &mut Vec::new()),
+                any_range_problem,
+                names,
+            );
+            // A reservation that fits, migrated into an absurd range: refused, consumed.
+            let before = rig.state();
+            let id = rig
+                .mm
+                .allocate_devmem(PagemapId(1), 1, PageSize::Size4K, r)
+                .unwrap();
+            let e = rig.mm.migrate_to_devmem(id, r, &d).unwrap_err();
+            assert!(any_range_problem(&e), "migrate_to_devmem {r}: {e:?}");
+            assert!(rig.mm.allocation(id).is_none(), "{r}: reservation kept");
+            assert_eq!(rig.state(), before, "migrate_to_devmem {r}: state changed");
+        }
+        // create_range: the absurd ranges that are not wholly above range A's end overlap it
+        // or are malformed; none is created.
+        for r in [
+            VaRange::new(0, 0),
+            VaRange::new(0, 1),
+            VaRange::new(0, u64::MAX),
+            VaRange::new(0, u64::MAX - PS + 1),
+            VaRange::new(1, PS),
+            VaRange::new(u64::MAX, 0),
+            VaRange::new(u64::MAX, 1),
+            VaRange::new(u64::MAX, u64::MAX),
+            VaRange::new(u64::MAX - PS + 1, PS),
+            VaRange::new(BASE, u64::MAX),
+            VaRange::new(BASE + 8 * PS, 1 << 63),
+            VaRange::new(BASE + 8 * PS, (u32::MAX as u64 + 1) * PS),
+            VaRange::new(0, 1 << 63),
+        ] {
+            let name = r.to_string();
+            refuse(
+                &rig,
+                "create_range",
+                |mm| mm.create_range(r, PageSize::Size4K),
+                any_range_problem,
+                &[&name],
+            );
+        }
+        for ps in [PageSize::Size64K, PageSize::Size2M] {
+            refuse(
+                &rig,
+                "create_range of more than u32::MAX large pages",
+                |mm| {
+                    mm.create_range(
+                        VaRange::new(1 << 62, (u32::MAX as u64 + 1) * ps.bytes()),
+                        ps,
+                    )
+                },
+                range_problem(RangeProblem::Overflow),
+                &["wraps around"],
+            );
+        }
+        rig.check_bytes();
+    }
+
+    #[test]
+    fn addresses_at_the_edges_of_the_address_space() {
+        let rig = Rig::new();
+        for va in [0, 1, BASE - 1, BASE + 8 * PS, u64::MAX - 1, u64::MAX] {
+            refuse(
+                &rig,
+                "location",
+                |mm| mm.location(va),
+                any_range_problem,
+                &[],
+            );
+            refuse(
+                &rig,
+                "read 1",
+                |mm| mm.read(va, &mut [0u8]),
+                any_range_problem,
+                &[],
+            );
+            refuse(
+                &rig,
+                "read 2",
+                |mm| mm.read(va, &mut [0u8; 2]),
+                any_range_problem,
+                &[],
+            );
+            refuse(
+                &rig,
+                "write 1",
+                |mm| mm.write(va, &[1u8]),
+                any_range_problem,
+                &[],
+            );
+            refuse(
+                &rig,
+                "write 2",
+                |mm| mm.write(va, &[1u8; 2]),
+                any_range_problem,
+                &[],
+            );
+            let name = format!("{va:#x}");
+            refuse(
+                &rig,
+                "free_range",
+                |mm| mm.free_range(va),
+                range_problem(RangeProblem::NotMapped),
+                &[&name, "not mapped"],
+            );
+        }
+        // Accesses that start in range A and run past its end.
+        for len in [2usize, PS as usize + 1, 64 << 10] {
+            refuse(
+                &rig,
+                "read past the end",
+                |mm| mm.read(BASE + 8 * PS - 1, &mut vec![0u8; len]),
+                range_problem(RangeProblem::OutOfRange),
+                &["runs past the end"],
+            );
+        }
+        // An address inside range A is not its start: the message says which range holds it.
+        for va in [BASE + 1, BASE + PS, BASE + 8 * PS - 1] {
+            let name = format!("{va:#x}");
+            refuse(
+                &rig,
+                "free_range inside a range",
+                |mm| mm.free_range(va),
+                |e| {
+                    matches!(e, Error::BadRange { range, problem: RangeProblem::NotStart { address } }
+                        if *address == va && *range == VaRange::new(BASE, 8 * PS))
+                },
+                &[&name, "[0x40000000, 0x40008000)", "does not start there"],
+            );
+        }
+        rig.check_bytes();
+    }
+
+    #[test]
+    fn zero_length_cpu_accesses_are_no_ops_anywhere() {
+        // As `std::io` and `memcpy` have it: an access of no byte succeeds and does nothing,
+        // whatever the address (it names no byte, so there is nothing to be mapped) and
+        // wherever the pages are (device pages stay on their device: no CPU fault).
+        let rig = Rig::new();
+        for va in [
+            0,
+            1,
+            BASE,
+            BASE + 2 * PS,
+            BASE + 5 * PS + 17,
+            BASE + 8 * PS,
+            BIG,
+            3 << 30,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            accept(&rig, "read of 0 bytes", |mm| mm.read(va, &mut []));
+            accept(&rig, "write of 0 bytes", |mm| mm.write(va, &[]));
+        }
+        assert_eq!(rig.layout(BASE, 8), "ss00s1s.");
+        rig.check_bytes();
+    }
+
+    #[test]
+    fn page_counts_of_device_memory_reservations() {
+        let rig = Rig::new();
+        let r = VaRange::new(BASE, 8 * PS);
+        // 0 pages: an empty request, not "0 bytes do not fit".
+        for ps in [PageSize::Size4K, PageSize::Size64K, PageSize::Size2M] {
+            refuse(
+                &rig,
+                "allocate 0 pages",
+                |mm| mm.allocate_devmem(PagemapId(0), 0, ps, r),
+                range_problem(RangeProblem::Empty),
+                &["[0x40000000, 0x40000000)", "is empty"],
+            );
+        }
+        // 1 page: reserved, then released; nothing else changes. The range only names the
+        // request, so even an absurd one is fine.
+        for named in [r, VaRange::new(0, 0), VaRange::new(u64::MAX, u64::MAX)] {
+            accept(&rig, "allocate 1 page", |mm| {
+                let id = mm.allocate_devmem(PagemapId(1), 1, PageSize::Size4K, named)?;
+                assert_eq!(mm.allocation(id).map(|a| a.npages), Some(1));
+                mm.release_devmem(id)
+            });
+        }
+        // Counts past the capacity, past u32::MAX and up to usize::MAX: too large.
+        for ps in [PageSize::Size4K, PageSize::Size64K, PageSize::Size2M] {
+            for n in [
+                CAPACITY as usize / ps.bytes() as usize + 1,
+                u32::MAX as usize,
+                u32::MAX as usize + 1,
+                usize::MAX / 2,
+                usize::MAX,
+            ] {
+                refuse(
+                    &rig,
+                    "allocate too many pages",
+                    |mm| mm.allocate_devmem(PagemapId(2), n, ps, r),
+                    |e| matches!(e, Error::TooLarge { .. }),
+                    &["pagemap 2", "device 2", "capacity 1048576"],
+                );
+            }
+        }
+        // Exactly the capacity, with pages of device 0 in use: the device's own "out of
+        // memory", typed, nothing changed.
+        refuse(
+            &rig,
+            "allocate the whole device",
+            |mm| {
+                mm.allocate_devmem(
+                    PagemapId(0),
+                    CAPACITY as usize / PS as usize,
+                    PageSize::Size4K,
+                    r,
+                )
+            },
+            |e| matches!(e, Error::Backend { op: "allocate", .. }),
+            &["pagemap 0", "out of memory"],
+        );
+        rig.check_bytes();
+    }
+
+    #[test]
+    fn pagemap_and_device_ids_at_their_limits() {
+        let rig = Rig::new();
+        let d = MigrateDetails::default();
+        let r = VaRange::new(BASE, 2 * PS);
+        for id in [3u8, 128, u8::MAX] {
+            let unknown =
+                |e: &Error| matches!(e, Error::UnknownPagemap { pagemap, .. } if pagemap.0 == id);
+            let name = format!("unknown pagemap {id}");
+            refuse(
+                &rig,
+                "migrate",
+                |mm| mm.migrate(r, PagemapId(id), &d),
+                unknown,
+                &[&name],
+            );
+            refuse(
+                &rig,
+                "plan",
+                |mm| mm.plan(r, PagemapId(id), &d),
+                unknown,
+                &[&name],
+            );
+            refuse(
+                &rig,
+                "allocate",
+                |mm| mm.allocate_devmem(PagemapId(id), 1, PageSize::Size4K, r),
+                unknown,
+                &[&name],
+            );
+            assert!(rig.mm.pagemap(PagemapId(id)).is_none());
+        }
+        // A device that does not exist: the backend refuses, naming it.
+        for dev in [3u32, u32::MAX] {
+            let e = rig
+                .sim
+                .create_pagemap(&PagemapSpec {
+                    id: PagemapId(200),
+                    device: DeviceId(dev),
+                    owner: None,
+                    capacity_bytes: CAPACITY,
+                })
+                .unwrap_err();
+            assert!(e.to_string().contains(&format!("device {dev}")), "{e}");
+        }
+        // The largest pagemap id, with a capacity of u64::MAX (clamped to the device's), is
+        // as good as any: pages go there and come back intact.
+        let top = rig
+            .sim
+            .create_pagemap(&PagemapSpec {
+                id: PagemapId(u8::MAX),
+                device: DeviceId(1),
+                owner: None,
+                capacity_bytes: u64::MAX,
+            })
+            .unwrap();
+        assert_eq!(top.devmem().capacity_bytes(), CAPACITY);
+        rig.mm.add_pagemap(top).unwrap();
+        rig.mm
+            .migrate(VaRange::new(BASE, PS), PagemapId(u8::MAX), &d)
+            .unwrap();
+        assert_eq!(
+            rig.mm.location(BASE).unwrap(),
+            rig.mm.locations(VaRange::new(BASE, PS)).unwrap()[0]
+        );
+        assert!(matches!(
+            rig.mm.location(BASE).unwrap(),
+            PageLocation::Device {
+                pagemap: PagemapId(u8::MAX),
+                ..
+            }
+        ));
+        assert_eq!(rig.layout(BASE, 8), "?s00s1s.");
+        rig.check_bytes();
+    }
+
+    #[test]
+    fn pagemap_capacities_of_zero_and_one_byte() {
+        let rig = Rig::new();
+        for (id, cap) in [(10u8, 0u64), (11, 1)] {
+            let pm = rig
+                .sim
+                .create_pagemap(&PagemapSpec {
+                    id: PagemapId(id),
+                    device: DeviceId(0),
+                    owner: None,
+                    capacity_bytes: cap,
+                })
+                .unwrap();
+            rig.mm.add_pagemap(pm).unwrap();
+            let name = format!("capacity {cap} bytes");
+            refuse(
+                &rig,
+                "migrate into a tiny pagemap",
+                |mm| {
+                    mm.migrate(
+                        VaRange::new(BASE, PS),
+                        PagemapId(id),
+                        &MigrateDetails::default(),
+                    )
+                },
+                |e| matches!(e, Error::TooLarge { .. }),
+                &[&name, &format!("pagemap {id}")],
+            );
+        }
+        rig.check_bytes();
+    }
+
+    #[test]
+    fn a_range_at_the_top_of_the_address_space_works() {
+        let rig = Rig::new();
+        let d = MigrateDetails::default();
+        let top = VaRange::new(TOP, PS);
+        rig.mm.create_range(top, PageSize::Size4K).unwrap();
+        rig.mm.write(TOP, b"top").unwrap();
+        rig.mm.write(TOP + PS - 1, b"!").unwrap();
+        rig.mm.migrate(top, PagemapId(1), &d).unwrap();
+        assert_eq!(layout::format(&rig.mm.layout(top).unwrap()), "1");
+        let mut b = [0u8; 3];
+        rig.mm.read(TOP, &mut b).unwrap();
+        assert_eq!(&b, b"top");
+        let mut b = [0u8; 1];
+        rig.mm.read(TOP + PS - 1, &mut b).unwrap();
+        assert_eq!(&b, b"!");
+        for (va, len) in [(TOP + PS - 1, 2), (TOP + PS, 1), (u64::MAX, 1)] {
+            refuse(
+                &rig,
+                "bytes past the top range",
+                |mm| mm.read(va, &mut vec![0u8; len]),
+                any_range_problem,
+                &[],
+            );
+        }
+        rig.mm.free_range(TOP).unwrap();
+        rig.check_bytes();
+    }
+
+    #[test]
+    fn sim_configs_at_their_limits() {
+        let with = |devices: usize, device_capacity: u64, host_capacity: u64| {
+            SimBackend::new(SimConfig {
+                devices,
+                device_capacity,
+                host_capacity,
+                ..SimConfig::default()
+            })
+        };
+        let bad_config = |r: Result<SimBackend, BackendError>, names: &[&str]| {
+            let e = r.expect_err("accepted");
+            assert_eq!(e.kind, BackendErrorKind::BadConfig, "{e}");
+            let msg = e.to_string();
+            for n in names {
+                assert!(msg.contains(n), "{msg:?} does not name {n:?}");
+            }
+        };
+        // Device counts.
+        for n in [0, 65, usize::MAX] {
+            bad_config(
+                with(n, CAPACITY, 16 << 20),
+                &[&format!("{n} devices"), "1 to 64"],
+            );
+        }
+        for n in [1, 64] {
+            assert_eq!(with(n, CAPACITY, 16 << 20).unwrap().devices().len(), n);
+        }
+        // Device capacities past what 32-bit pfns of 4 KiB granules address (16 TiB): the
+        // chunk table alone would not fit in memory.
+        let limit = MAX_DEVICE_CAPACITY.to_string();
+        assert_eq!(MAX_DEVICE_CAPACITY, (u32::MAX as u64 + 1) * 4096);
+        for cap in [
+            MAX_DEVICE_CAPACITY + 1,
+            1 << 50,
+            u64::MAX - (1 << 20),
+            u64::MAX,
+        ] {
+            bad_config(
+                with(2, cap, 16 << 20),
+                &["device 0", &cap.to_string(), &limit],
+            );
+        }
+        // Host capacities past what a sim address holds (48-bit offsets).
+        let limit = MAX_HOST_CAPACITY.to_string();
+        for cap in [MAX_HOST_CAPACITY + 1, u64::MAX] {
+            bad_config(
+                with(1, CAPACITY, cap),
+                &["host memory", &cap.to_string(), &limit],
+            );
+        }
+        // At the limits: cheap (memory is backed lazily) and usable; every page lands.
+        let t = std::time::Instant::now();
+        let sim = with(1, MAX_DEVICE_CAPACITY, MAX_HOST_CAPACITY).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        let mm = AddressSpace::new(sim.host_memory());
+        for pm in sim.pagemap_per_device().unwrap() {
+            assert_eq!(pm.devmem().capacity_bytes(), MAX_DEVICE_CAPACITY);
+            mm.add_pagemap(pm).unwrap();
+        }
+        let r = VaRange::new(BASE, 4 * PS);
+        mm.create_range(r, PageSize::Size4K).unwrap();
+        mm.write(BASE + 3 * PS + 5, b"far").unwrap();
+        mm.migrate(r, PagemapId(0), &MigrateDetails::default())
+            .unwrap();
+        let mut b = [0u8; 3];
+        mm.read(BASE + 3 * PS + 5, &mut b).unwrap();
+        assert_eq!(&b, b"far");
+        // Capacities of 0 and 1 byte: usable, every request is refused with a typed error.
+        let sim = with(1, 0, 0).unwrap();
+        let mm = AddressSpace::new(sim.host_memory());
+        for pm in sim.pagemap_per_device().unwrap() {
+            mm.add_pagemap(pm).unwrap();
+        }
+        mm.create_range(r, PageSize::Size4K).unwrap();
+        let e = mm.write(BASE, b"x").unwrap_err();
+        assert!(matches!(e, Error::Backend { .. }), "{e:?}");
+        let e = mm
+            .migrate(r, PagemapId(0), &MigrateDetails::default())
+            .unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
+        with(1, 1, 1).unwrap();
+    }
+
+    #[test]
+    fn machine_configs_at_their_limits() {
+        let bad = |r: Result<Machine, Error>, names: &[&str]| {
+            let e = r.expect_err("accepted");
+            assert!(
+                matches!(&e, Error::BadConfig { backend, .. } if backend == "sim"),
+                "{e:?}"
+            );
+            let msg = e.to_string();
+            for n in names {
+                assert!(msg.contains(n), "{msg:?} does not name {n:?}");
+            }
+        };
+        let small = BackendConfig {
+            devices: Some(2),
+            device_capacity: Some(CAPACITY),
+            host_capacity: Some(16 << 20),
+        };
+        // Pagemap counts: 0 and more than there are pagemap ids.
+        for n in [0, 257, usize::MAX] {
+            bad(
+                Machine::open("sim", &small, n),
+                &[&format!("{n} pagemaps"), "1 to 256"],
+            );
+        }
+        assert_eq!(Machine::open("sim", &small, 1).unwrap().pagemaps.len(), 1);
+        assert_eq!(
+            Machine::open("sim", &small, 256).unwrap().pagemaps.len(),
+            256
+        );
+        // Device counts and capacities through the generic config.
+        for devices in [0, 65, usize::MAX] {
+            let c = BackendConfig {
+                devices: Some(devices),
+                ..small.clone()
+            };
+            bad(
+                Machine::open("sim", &c, 1),
+                &[&format!("{devices} devices")],
+            );
+        }
+        for cap in [MAX_DEVICE_CAPACITY + 1, u64::MAX] {
+            let c = BackendConfig {
+                device_capacity: Some(cap),
+                ..small.clone()
+            };
+            bad(
+                Machine::open("sim", &c, 2),
+                &["device 0", &MAX_DEVICE_CAPACITY.to_string()],
+            );
+        }
+        let c = BackendConfig {
+            host_capacity: Some(u64::MAX),
+            ..small.clone()
+        };
+        bad(
+            Machine::open("sim", &c, 2),
+            &["host memory", &MAX_HOST_CAPACITY.to_string()],
+        );
+    }
+
+    #[test]
+    fn backend_building_blocks_at_their_limits() {
+        // Host frames: 0 frames is nothing, absurd counts are "out of memory".
+        let sim = SimBackend::new(SimConfig {
+            devices: 1,
+            device_capacity: CAPACITY,
+            host_capacity: 16 << 20,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let host = sim.host_memory();
+        let free = sim.arena_host().free_granules();
+        let mut out = Vec::new();
+        host.alloc_frames(0, PageSize::Size4K, &mut out).unwrap();
+        assert!(out.is_empty());
+        for (n, ps) in [
+            (usize::MAX, PageSize::Size2M),
+            (usize::MAX, PageSize::Size4K),
+            (1 << 40, PageSize::Size4K),
+            (u32::MAX as usize + 1, PageSize::Size64K),
+        ] {
+            let e = host.alloc_frames(n, ps, &mut out).unwrap_err();
+            assert_eq!(e.kind, BackendErrorKind::OutOfMemory, "{e}");
+            assert!(out.is_empty());
+        }
+        assert_eq!(sim.arena_host().free_granules(), free);
+        // Device memory of a pagemap, called directly.
+        let pm = &sim.pagemap_per_device().unwrap()[0];
+        for (n, ps) in [
+            (usize::MAX, PageSize::Size2M),
+            (usize::MAX, PageSize::Size4K),
+            (u32::MAX as usize + 1, PageSize::Size4K),
+            (1 << 40, PageSize::Size64K),
+        ] {
+            let e = pm.devmem().allocate(n, ps).unwrap_err();
+            assert_eq!(e.kind, BackendErrorKind::OutOfMemory, "{e}");
+        }
+        assert_eq!(sim.stats(PagemapId(0)).unwrap().used_bytes, 0);
+        // The extent allocator and the arena.
+        let ex = ExtentAllocator::new(1024);
+        // Granule 0 is aligned to anything: take it, so an alignment of u64::MAX finds none.
+        assert_eq!(ex.alloc(1, u64::MAX), Some(0));
+        for (len, align) in [(0, 0), (u64::MAX, 1), (1, u64::MAX), (u64::MAX, u64::MAX)] {
+            assert_eq!(ex.alloc(len, align), None, "alloc({len}, {align})");
+        }
+        let mut starts = Vec::new();
+        for (n, page) in [(usize::MAX, 1), (2, u64::MAX), (usize::MAX, u64::MAX)] {
+            assert!(
+                !ex.alloc_pages(n, page, &mut starts),
+                "alloc_pages({n}, {page})"
+            );
+        }
+        assert!(starts.is_empty());
+        assert_eq!(ex.free_granules(), 1023);
+        assert!(AtomicArena::try_new(u64::MAX).is_err());
+        assert_eq!(AtomicArena::try_new(0).unwrap().len(), 0);
+        assert_eq!(AtomicArena::try_new(1).unwrap().len(), 2 << 20);
+        // Fault injection counts.
+        let inj = FaultInjector::new();
+        inj.fail_nth(FaultSite::Alloc, u64::MAX);
+        assert!(!inj.hit(FaultSite::Alloc));
+        inj.fail_nth(FaultSite::Alloc, 0);
+        assert!(!inj.hit(FaultSite::Alloc));
+    }
+
+    /// An SVM context over two sim devices, with range A's first 8 pages created.
+    fn svm_rig(config: SvmConfig) -> (SimBackend, Svm) {
+        let sim = SimBackend::new(SimConfig {
+            devices: 2,
+            device_capacity: 8 << 20,
+            host_capacity: 32 << 20,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let mm = Arc::new(AddressSpace::new(sim.host_memory()));
+        let svm = Svm::new(mm.clone(), sim.pagemap_per_device().unwrap(), config).unwrap();
+        mm.create_range(VaRange::new(BASE, 8 * PS), PageSize::Size4K)
+            .unwrap();
+        mm.write(BASE + 3, b"svm").unwrap();
+        (sim, svm)
+    }
+
+    #[test]
+    fn xe_svm_entries_at_their_limits() {
+        for capacity in [None, Some(0), Some(1), Some(u64::MAX)] {
+            let (_sim, svm) = svm_rig(SvmConfig {
+                capacity,
+                ..SvmConfig::default()
+            });
+            let mm = svm.mm().clone();
+            let r = VaRange::new(BASE, 8 * PS);
+            let snapshot = || {
+                let mut b = vec![0u8; 8 * PS as usize];
+                // Reading faults device pages home: compare layouts first.
+                let l = layout::format(&mm.layout(r).unwrap());
+                mm.read(BASE, &mut b).unwrap();
+                (l, b)
+            };
+            for id in [2u8, u8::MAX] {
+                assert!(matches!(
+                    svm.vm(PagemapId(id)),
+                    Err(SvmError::UnknownPagemap { .. })
+                ));
+                assert!(svm.memory(PagemapId(id)).is_none());
+                assert!(svm.lru(PagemapId(id)).is_empty());
+            }
+            assert_eq!(svm.stats(DeviceId(u32::MAX)).total_faults(), 0);
+            let vm = svm.vm(PagemapId(0)).unwrap();
+            // A fault in the range works whatever the capacity (too small: served from
+            // system memory).
+            vm.handle_gpu_fault(BASE + PS, Access::Write).unwrap();
+            let before = layout::format(&mm.layout(r).unwrap());
+            for a in [0, 1, BASE - 1, BASE + 8 * PS, u64::MAX - 1, u64::MAX] {
+                for access in [Access::Read, Access::Write, Access::Atomic] {
+                    let e = vm.handle_gpu_fault(a, access).unwrap_err();
+                    assert!(
+                        matches!(e, SvmError::NotMirrored { address, .. } if address == a),
+                        "{e:?}"
+                    );
+                }
+                assert!(!vm.is_valid(a));
+                assert!(vm.with_page_table(a, |_| ()).is_none());
+            }
+            for bad in absurd_ranges() {
+                assert!(vm.evict_range(bad).is_err(), "evict_range {bad}");
+                vm.invalidate(bad);
+            }
+            let bad_madvise = [
+                VaRange::new(0, 0),
+                VaRange::new(u64::MAX, 1),
+                VaRange::new(u64::MAX, u64::MAX),
+                VaRange::new(1, u64::MAX),
+            ];
+            for m in bad_madvise {
+                let e = vm.madvise(m, Attributes::default()).unwrap_err();
+                assert!(
+                    matches!(e, SvmError::Core(Error::BadRange { .. })),
+                    "madvise {m}: {e:?}"
+                );
+            }
+            let e = vm
+                .madvise(
+                    r,
+                    Attributes {
+                        preferred: PreferredLocation::Pagemap(PagemapId(u8::MAX)),
+                        ..Attributes::default()
+                    },
+                )
+                .unwrap_err();
+            assert!(matches!(e, SvmError::UnknownPagemap { .. }), "{e:?}");
+            assert_eq!(layout::format(&mm.layout(r).unwrap()), before);
+            // The whole address space at once is a valid interval.
+            let sys = Attributes {
+                preferred: PreferredLocation::System,
+                ..Attributes::default()
+            };
+            vm.madvise(VaRange::new(0, u64::MAX), sys).unwrap();
+            assert_eq!(vm.attributes(0), sys);
+            assert_eq!(vm.attributes(u64::MAX - 1), sys);
+            assert_eq!(vm.attributes(u64::MAX), Attributes::default());
+            vm.invalidate(VaRange::new(0, u64::MAX));
+            assert_eq!(layout::format(&mm.layout(r).unwrap()), before);
+            let (_, bytes) = snapshot();
+            assert_eq!(&bytes[3..6], b"svm");
+        }
+    }
 }

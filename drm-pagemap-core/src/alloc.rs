@@ -69,21 +69,35 @@ pub(crate) struct AllocRecord {
 /// What must be released after the table's lock is dropped.
 pub(crate) type Release = (Arc<dyn DevmemOps>, DevmemBacking);
 
-#[derive(Default)]
 pub(crate) struct AllocTable {
     slots: Vec<Option<AllocRecord>>,
     generations: Vec<u32>,
     free: Vec<u32>,
     released: u64,
+    /// Most allocations alive at once: [`MAX_ALLOC_SLOTS`] (lower in tests).
+    pub limit: u32,
+}
+
+impl Default for AllocTable {
+    fn default() -> Self {
+        AllocTable {
+            slots: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            released: 0,
+            limit: MAX_ALLOC_SLOTS,
+        }
+    }
 }
 
 impl AllocTable {
-    /// Enters `rec`; gives it back when every slot is taken.
+    /// Adds `rec`; hands it back when the table is full (its backing is the caller's to
+    /// release).
     pub(crate) fn insert(&mut self, mut rec: AllocRecord) -> Result<AllocId, Box<AllocRecord>> {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
-                if self.slots.len() as u32 >= MAX_ALLOC_SLOTS {
+                if self.slots.len() as u32 >= self.limit {
                     return Err(Box::new(rec));
                 }
                 self.slots.push(None);
@@ -273,5 +287,115 @@ mod tests {
         release_all(Vec::new());
         release_all(vec![(da.clone(), backing(6))]);
         assert_eq!(*a.0.lock().unwrap(), vec![vec![1, 2, 3, 5], vec![6]]);
+    }
+
+    /// Device memory that hands out allocations and records their releases.
+    #[derive(Default)]
+    struct Counting {
+        next: std::sync::atomic::AtomicU64,
+        released: Mutex<Vec<u64>>,
+    }
+
+    impl DevmemOps for Counting {
+        fn allocate(
+            &self,
+            npages: usize,
+            page_size: PageSize,
+        ) -> Result<DevmemBacking, BackendError> {
+            let cookie = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(DevmemBacking {
+                cookie,
+                npages,
+                page_size,
+                pre_migrate_fence: None,
+            })
+        }
+        fn populate_devmem_pfn(
+            &self,
+            _: &DevmemBacking,
+            _: &mut [Pfn],
+        ) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn copy_to_devmem(&self, _: &CopyRequest<'_>) -> Result<Fence, BackendError> {
+            unreachable!()
+        }
+        fn copy_to_ram(&self, _: &CopyRequest<'_>) -> Result<Fence, BackendError> {
+            unreachable!()
+        }
+        fn devmem_release(&self, b: DevmemBacking) {
+            self.released.lock().unwrap().push(b.cookie);
+        }
+        fn capacity_bytes(&self) -> u64 {
+            1 << 30
+        }
+    }
+
+    impl crate::PagemapOps for Counting {
+        fn device_map(
+            &self,
+            _: crate::DeviceId,
+            _: &[Pfn],
+            _: PageSize,
+            _: crate::Direction,
+            _: &mut [crate::DmaAddr],
+        ) -> Result<(), BackendError> {
+            unreachable!()
+        }
+        fn device_unmap(
+            &self,
+            _: crate::DeviceId,
+            _: &[crate::DmaAddr],
+            _: PageSize,
+            _: crate::Direction,
+        ) {
+        }
+    }
+
+    #[test]
+    fn a_full_allocation_table_releases_the_refused_allocation() {
+        // Regression: when the table was full, the new allocation's backing was dropped
+        // without `devmem_release` (device memory leaked) and the error blamed the pagemap.
+        let host = Arc::new(crate::mem::ArenaHostMemory::new(1, 1 << 20));
+        let mm = crate::AddressSpace::new(host);
+        let dev = Arc::new(Counting::default());
+        mm.add_pagemap(crate::Pagemap::new(
+            PagemapId(4),
+            crate::OwnerId(0),
+            crate::DeviceId(2),
+            "counting",
+            dev.clone(),
+            dev.clone(),
+        ))
+        .unwrap();
+        mm.lock().allocs.limit = 2;
+        let r = crate::VaRange::new(1 << 30, 4096);
+        let a = mm
+            .allocate_devmem(PagemapId(4), 1, PageSize::Size4K, r)
+            .unwrap();
+        mm.allocate_devmem(PagemapId(4), 1, PageSize::Size4K, r)
+            .unwrap();
+        let e = mm
+            .allocate_devmem(PagemapId(4), 1, PageSize::Size4K, r)
+            .unwrap_err();
+        assert!(
+            matches!(&e, crate::Error::Backend { op: "allocate", source, .. }
+                if source.kind == crate::BackendErrorKind::OutOfMemory),
+            "{e:?}"
+        );
+        assert!(e.is_transient());
+        for n in ["pagemap 4", "device 2", "at most 2 live allocations"] {
+            assert!(e.to_string().contains(n), "{e} does not name {n:?}");
+        }
+        assert_eq!(
+            *dev.released.lock().unwrap(),
+            vec![2],
+            "the third is released"
+        );
+        // A slot freed is a slot usable again.
+        mm.release_devmem(a).unwrap();
+        mm.allocate_devmem(PagemapId(4), 1, PageSize::Size4K, r)
+            .unwrap();
+        assert_eq!(*dev.released.lock().unwrap(), vec![2, 0]);
     }
 }

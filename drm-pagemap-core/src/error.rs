@@ -20,6 +20,10 @@ pub enum BackendErrorKind {
     Unavailable,
     /// A fault injected on purpose (tests, `--fail-copy`).
     Injected,
+    /// The configuration asks for something the backend cannot provide (0 devices, a
+    /// capacity its page frame numbers or addresses cannot reach); the message names the
+    /// device or memory and the limit.
+    BadConfig,
     /// A raw driver error: the API that returned it and its code (`CUresult`, `ze_result_t`).
     Driver {
         /// The driver entry point, e.g. `cuMemcpyAsync`.
@@ -53,6 +57,15 @@ impl BackendError {
         BackendError::new(BackendErrorKind::Driver { api, code }, message)
     }
 
+    /// Whether the same request may succeed later without changing it: only
+    /// [`BackendErrorKind::OutOfMemory`] (memory is freed by releases and evictions). A lost
+    /// device, a failed mapping or copy, an unsupported or unavailable operation, a bad
+    /// configuration, an injected fault and a raw driver error are not: their cause is not
+    /// known to go away by itself.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.kind, BackendErrorKind::OutOfMemory)
+    }
+
     fn kind_text(&self) -> String {
         match &self.kind {
             BackendErrorKind::OutOfMemory => "out of memory".into(),
@@ -62,6 +75,7 @@ impl BackendError {
             BackendErrorKind::Unsupported => "unsupported".into(),
             BackendErrorKind::Unavailable => "unavailable".into(),
             BackendErrorKind::Injected => "injected fault".into(),
+            BackendErrorKind::BadConfig => "invalid configuration".into(),
             BackendErrorKind::Driver { api, code } => format!("{api} returned {code}"),
         }
     }
@@ -124,18 +138,33 @@ pub enum RangeProblem {
     NotMapped,
     /// The addresses run past the end of the range that holds their start.
     OutOfRange,
+    /// A range was named by `address`, which lies inside it but is not its start
+    /// ([`crate::AddressSpace::free_range`] takes a range's first address). The error's range
+    /// is the range holding `address`.
+    NotStart {
+        /// The address given.
+        address: u64,
+    },
 }
 
 impl fmt::Display for RangeProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        let text = match self {
             RangeProblem::Empty => "is empty",
             RangeProblem::Unaligned => "is not aligned to the page size",
             RangeProblem::Overflow => "wraps around the address space",
             RangeProblem::Overlapping => "overlaps an existing range",
             RangeProblem::NotMapped => "is not mapped (never created, or freed)",
             RangeProblem::OutOfRange => "runs past the end of its range",
-        })
+            RangeProblem::NotStart { address } => {
+                return write!(
+                    f,
+                    "holds {address:#x} but does not start there (name a range by its start \
+                     address)"
+                );
+            }
+        };
+        f.write_str(text)
     }
 }
 
@@ -190,8 +219,9 @@ pub enum Error {
         /// Why it was refused.
         reason: &'static str,
     },
-    /// The migration cannot proceed now; evicting the range and retrying may help.
-    #[error("range {range} to {pagemap} on {device}: busy: {reason}")]
+    /// The migration cannot proceed now; evicting the range and retrying may help. (For
+    /// [`BusyReason::EvictIncomplete`], an eviction: `pagemap` is where the pages stayed.)
+    #[error("range {range} {dir} {pagemap} on {device}: busy: {reason}", dir = busy_direction(*reason))]
     Busy {
         /// The range.
         range: VaRange,
@@ -279,6 +309,15 @@ pub enum Error {
         /// What happened.
         source: FenceError,
     },
+    /// The configuration of a backend or a machine cannot work (0 devices, 0 pagemaps, a
+    /// capacity past what the backend can address); nothing was opened.
+    #[error("backend {backend}: invalid configuration: {reason}")]
+    BadConfig {
+        /// The backend's name.
+        backend: String,
+        /// What is wrong, naming the device or memory and the limit.
+        reason: String,
+    },
     /// A pagemap's registration was refused by the registry of backends.
     #[error("backend {name} unavailable: {reason}")]
     BackendUnavailable {
@@ -289,5 +328,307 @@ pub enum Error {
     },
 }
 
+fn busy_direction(reason: BusyReason) -> &'static str {
+    match reason {
+        BusyReason::EvictIncomplete => "from",
+        _ => "to",
+    }
+}
+
+impl Error {
+    /// Whether this is [`Error::Busy`]: the migration was refused because of where pages
+    /// are or what else runs on them, and nothing changed. The remedy depends on the
+    /// [`BusyReason`] (see [`Error::busy_reason`]): evicting the range and retrying helps in
+    /// every case; retrying alone only helps where [`Error::is_transient`] says so.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Error::Busy { .. })
+    }
+
+    /// The reason of an [`Error::Busy`], `None` for every other error.
+    pub fn busy_reason(&self) -> Option<BusyReason> {
+        match self {
+            Error::Busy { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+
+    /// Whether the same call, repeated later with the same arguments and nothing else done
+    /// by the caller, may succeed: the cause goes away by itself as other threads' work and
+    /// the devices progress. Nothing changed when any error is returned, so such a retry is
+    /// always safe. Exactly these are transient:
+    /// - [`Error::Busy`] with [`BusyReason::PageLocked`] (another migration holds a page:
+    ///   it commits or rolls back), [`BusyReason::EvictIncomplete`] (pages stayed locked by
+    ///   migrations through every pass) or [`BusyReason::CpuAccess`] (a CPU access is
+    ///   bringing the pages home: it finishes within its timeslice wait and copy);
+    /// - [`Error::CpuAccessTimeout`] (a device's timeslice or a migration held the pages
+    ///   past the deadline; both end by themselves);
+    /// - [`Error::Backend`] whose source is out of memory ([`BackendError::is_transient`]):
+    ///   memory comes back as allocations are released or evicted (evicting least recently
+    ///   used allocations is the caller's faster way);
+    /// - [`Error::Fence`] that timed out (the device is slow, not wrong; a later call waits
+    ///   again) or whose fence failed with a transient backend error.
+    ///
+    /// Not transient: [`Error::Busy`] with [`BusyReason::Fragmentation`] or
+    /// [`BusyReason::ForeignOwner`] (the pages stay where they are until someone evicts
+    /// them: evict, then retry), every other backend or fence failure, and every argument
+    /// or configuration error ([`Error::BadRange`], [`Error::PageSizeMismatch`],
+    /// [`Error::UnknownPagemap`], [`Error::BadPagemap`], [`Error::NoSuchAllocation`],
+    /// [`Error::AllocationNotReserved`], [`Error::TooLarge`], [`Error::BadConfig`],
+    /// [`Error::BackendUnavailable`]).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Busy { reason, .. } => {
+                matches!(
+                    reason,
+                    BusyReason::PageLocked | BusyReason::EvictIncomplete | BusyReason::CpuAccess
+                )
+            }
+            Error::CpuAccessTimeout { .. } => true,
+            Error::Backend { source, .. } => source.is_transient(),
+            Error::Fence { source, .. } => match source {
+                FenceError::Timeout(_) => true,
+                FenceError::Failed(e) => e.is_transient(),
+            },
+            Error::BadRange { .. }
+            | Error::PageSizeMismatch { .. }
+            | Error::UnknownPagemap { .. }
+            | Error::BadPagemap { .. }
+            | Error::NoSuchAllocation { .. }
+            | Error::AllocationNotReserved { .. }
+            | Error::TooLarge { .. }
+            | Error::BadConfig { .. }
+            | Error::BackendUnavailable { .. } => false,
+        }
+    }
+}
+
 /// Result with the engine's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AllocId, AllocState};
+    use std::time::Duration;
+
+    /// Every variant of [`Error`] (with every busy reason and fence outcome), with whether it
+    /// is busy and whether it is transient.
+    fn table() -> Vec<(Error, bool, bool)> {
+        let range = VaRange::new(1 << 30, 4096);
+        let pagemap = PagemapId(1);
+        let device = DeviceId(1);
+        let backend = |kind| BackendError::new(kind, "what failed");
+        let busy = |reason| Error::Busy {
+            range,
+            pagemap,
+            device,
+            reason,
+        };
+        let alloc = AllocId {
+            slot: 3,
+            generation: 1,
+        };
+        let mut t = vec![
+            (busy(BusyReason::PageLocked), true, true),
+            (busy(BusyReason::EvictIncomplete), true, true),
+            (busy(BusyReason::Fragmentation), true, false),
+            (busy(BusyReason::ForeignOwner), true, false),
+            (busy(BusyReason::CpuAccess), true, true),
+            (
+                Error::CpuAccessTimeout {
+                    range,
+                    waited: Duration::from_millis(3),
+                },
+                false,
+                true,
+            ),
+            (
+                Error::BadRange {
+                    range,
+                    problem: RangeProblem::Empty,
+                },
+                false,
+                false,
+            ),
+            (
+                Error::PageSizeMismatch {
+                    range,
+                    expected: PageSize::Size4K,
+                    given: PageSize::Size2M,
+                },
+                false,
+                false,
+            ),
+            (Error::UnknownPagemap { range, pagemap }, false, false),
+            (
+                Error::BadPagemap {
+                    pagemap,
+                    reason: "exists",
+                },
+                false,
+                false,
+            ),
+            (Error::NoSuchAllocation { alloc }, false, false),
+            (
+                Error::AllocationNotReserved {
+                    range,
+                    alloc,
+                    pagemap,
+                    state: AllocState::Live,
+                },
+                false,
+                false,
+            ),
+            (
+                Error::TooLarge {
+                    range,
+                    pagemap,
+                    device,
+                    bytes: 1 << 40,
+                    capacity: 1 << 30,
+                },
+                false,
+                false,
+            ),
+            (
+                Error::BadConfig {
+                    backend: "sim".into(),
+                    reason: "0 devices".into(),
+                },
+                false,
+                false,
+            ),
+            (
+                Error::BackendUnavailable {
+                    name: "cuda".into(),
+                    reason: "no driver".into(),
+                },
+                false,
+                false,
+            ),
+            (
+                Error::Fence {
+                    range,
+                    what: "copy",
+                    pagemap: Some(pagemap),
+                    device: Some(device),
+                    source: FenceError::Timeout(Duration::from_millis(5)),
+                },
+                false,
+                true,
+            ),
+        ];
+        for kind in [
+            BackendErrorKind::OutOfMemory,
+            BackendErrorKind::DeviceLost,
+            BackendErrorKind::MapFailed,
+            BackendErrorKind::CopyFailed,
+            BackendErrorKind::Unsupported,
+            BackendErrorKind::Unavailable,
+            BackendErrorKind::Injected,
+            BackendErrorKind::BadConfig,
+            BackendErrorKind::Driver {
+                api: "cuMemcpyAsync",
+                code: 700,
+            },
+        ] {
+            let transient = kind == BackendErrorKind::OutOfMemory;
+            t.push((
+                Error::Backend {
+                    range,
+                    op: "allocate",
+                    pagemap: Some(pagemap),
+                    device: Some(device),
+                    source: backend(kind.clone()),
+                },
+                false,
+                transient,
+            ));
+            t.push((
+                Error::Fence {
+                    range,
+                    what: "copy",
+                    pagemap: None,
+                    device: None,
+                    source: FenceError::Failed(backend(kind)),
+                },
+                false,
+                transient,
+            ));
+        }
+        t
+    }
+
+    /// Which variant `e` is: exhaustive, so a new variant must be added to [`table`].
+    fn variant(e: &Error) -> usize {
+        match e {
+            Error::BadRange { .. } => 0,
+            Error::PageSizeMismatch { .. } => 1,
+            Error::UnknownPagemap { .. } => 2,
+            Error::BadPagemap { .. } => 3,
+            Error::Busy { .. } => 4,
+            Error::NoSuchAllocation { .. } => 5,
+            Error::AllocationNotReserved { .. } => 6,
+            Error::TooLarge { .. } => 7,
+            Error::Backend { .. } => 8,
+            Error::Fence { .. } => 9,
+            Error::BadConfig { .. } => 10,
+            Error::BackendUnavailable { .. } => 11,
+            Error::CpuAccessTimeout { .. } => 12,
+        }
+    }
+
+    #[test]
+    fn retry_helpers_classify_every_variant() {
+        let t = table();
+        let mut seen = [false; 13];
+        for (e, busy, transient) in &t {
+            seen[variant(e)] = true;
+            assert_eq!(e.is_busy(), *busy, "is_busy of {e}");
+            assert_eq!(e.is_transient(), *transient, "is_transient of {e}");
+            assert_eq!(e.busy_reason().is_some(), *busy, "busy_reason of {e}");
+        }
+        assert!(
+            seen.iter().all(|&s| s),
+            "a variant is missing from the table"
+        );
+        assert_eq!(
+            t[0].0.busy_reason(),
+            Some(BusyReason::PageLocked),
+            "the reason comes back"
+        );
+    }
+
+    #[test]
+    fn messages_name_what_is_wrong() {
+        let inside = Error::BadRange {
+            range: VaRange::new(0x4000_0000, 0x8000),
+            problem: RangeProblem::NotStart {
+                address: 0x4000_1000,
+            },
+        };
+        assert_eq!(
+            inside.to_string(),
+            "range [0x40000000, 0x40008000) holds 0x40001000 but does not start there (name a \
+             range by its start address)"
+        );
+        let evict = Error::Busy {
+            range: VaRange::new(0x4000_0000, 0x1000),
+            pagemap: PagemapId(2),
+            device: DeviceId(1),
+            reason: BusyReason::EvictIncomplete,
+        };
+        assert!(
+            evict.to_string().contains("from pagemap 2 on device 1"),
+            "{evict}"
+        );
+        let config = Error::BadConfig {
+            backend: "sim".into(),
+            reason: "0 devices requested (1 to 64 allowed)".into(),
+        };
+        assert_eq!(
+            config.to_string(),
+            "backend sim: invalid configuration: 0 devices requested (1 to 64 allowed)"
+        );
+    }
+}

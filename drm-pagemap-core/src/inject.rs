@@ -56,13 +56,14 @@ impl FaultInjector {
     }
 
     /// Makes the `n`th operation at `site`, counted from now (1 = the next one), fail.
-    /// `n == 0` disarms the site.
+    /// `n == 0` disarms the site; an `n` past the last countable operation (`u64::MAX`)
+    /// means "never".
     pub fn fail_nth(&self, site: FaultSite, n: u64) {
         let i = site_index(site);
         let t = if n == 0 {
             0
         } else {
-            self.seen[i].load(Ordering::SeqCst) + n
+            self.seen[i].load(Ordering::SeqCst).saturating_add(n)
         };
         self.target[i].store(t, Ordering::SeqCst);
     }

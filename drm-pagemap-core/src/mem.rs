@@ -58,11 +58,15 @@ impl ExtentAllocator {
     }
 
     /// `count` pages of `page` granules each, appended to `out` as page starts: one contiguous
-    /// run when one fits, else page by page. All or nothing.
+    /// run when one fits, else page by page. All or nothing; `false` (nothing appended) also
+    /// when the request cannot fit whatever is free.
     pub fn alloc_pages(&self, count: usize, page: u64, out: &mut Vec<u64>) -> bool {
         let mut ex = self.lock();
-        let need = count as u64 * page;
-        if need > ex.free_granules {
+        let need = match (count as u64).checked_mul(page) {
+            Some(n) if n <= ex.free_granules => n,
+            _ => return false,
+        };
+        if out.try_reserve(count).is_err() {
             return false;
         }
         if let Some(start) = ex.alloc(need, page) {
@@ -122,8 +126,8 @@ impl Extents {
         }
         let align = align.max(1);
         let (start, elen, at) = self.free.iter().find_map(|(&s, &l)| {
-            let at = s.div_ceil(align) * align;
-            (at + len <= s + l).then_some((s, l, at))
+            let at = s.div_ceil(align).checked_mul(align)?;
+            (at.checked_add(len)? <= s + l).then_some((s, l, at))
         })?;
         self.free.remove(&start);
         if at > start {
@@ -160,24 +164,60 @@ impl Extents {
 
 const CHUNK_BYTES: u64 = 2 << 20;
 const CHUNK_WORDS: usize = (CHUNK_BYTES / 8) as usize;
+/// Chunks per group: a group's table (1 GiB of memory) is allocated on first write too, so
+/// the table of an untouched arena is one entry per GiB.
+const GROUP_CHUNKS: usize = 512;
+
+type Chunk = OnceLock<Box<[AtomicU64]>>;
 
 /// Real bytes, shared between threads without data races: words are atomics (relaxed
-/// accesses; ordering comes from the fences that guard copies). Chunks of 2 MiB are
-/// allocated on first write; unwritten memory reads as zeros.
+/// accesses; ordering comes from the fences that guard copies). Chunks of 2 MiB (and the
+/// tables of 512 chunks that hold them) are allocated on first write; unwritten memory reads
+/// as zeros. An arena costs 24 bytes per GiB of capacity until it is written.
 #[derive(Debug)]
 pub struct AtomicArena {
-    chunks: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    groups: Box<[OnceLock<Box<[Chunk]>>]>,
     bytes: u64,
 }
 
 impl AtomicArena {
-    /// An arena of `bytes` (rounded up to 2 MiB), all zero.
+    /// An arena of `bytes` (rounded up to 2 MiB), all zero. Panics where
+    /// [`AtomicArena::try_new`] fails.
     pub fn new(bytes: u64) -> AtomicArena {
-        let n = bytes.div_ceil(CHUNK_BYTES) as usize;
-        AtomicArena {
-            chunks: (0..n).map(|_| OnceLock::new()).collect(),
-            bytes: n as u64 * CHUNK_BYTES,
+        AtomicArena::try_new(bytes).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The largest arena: 256 TiB (what [`arena_addr`] offsets reach; its table is 6 MiB).
+    pub const MAX_BYTES: u64 = 1 << 48;
+
+    /// An arena of `bytes` (rounded up to 2 MiB), all zero. A typed error past
+    /// [`AtomicArena::MAX_BYTES`] (bad configuration) or when its table (24 bytes per GiB of
+    /// capacity) cannot be allocated (out of memory).
+    pub fn try_new(bytes: u64) -> Result<AtomicArena, crate::BackendError> {
+        if bytes > Self::MAX_BYTES {
+            return Err(crate::BackendError::new(
+                crate::BackendErrorKind::BadConfig,
+                format!(
+                    "memory arena of {bytes} bytes exceeds the limit of {} bytes (256 TiB)",
+                    Self::MAX_BYTES
+                ),
+            ));
         }
+        let oom = || {
+            crate::BackendError::new(
+                crate::BackendErrorKind::OutOfMemory,
+                format!("memory arena of {bytes} bytes: its chunk table does not fit in memory"),
+            )
+        };
+        let chunks = bytes.div_ceil(CHUNK_BYTES);
+        let n = usize::try_from(chunks.div_ceil(GROUP_CHUNKS as u64)).map_err(|_| oom())?;
+        let mut groups = Vec::new();
+        groups.try_reserve_exact(n).map_err(|_| oom())?;
+        groups.extend((0..n).map(|_| OnceLock::new()));
+        Ok(AtomicArena {
+            groups: groups.into_boxed_slice(),
+            bytes: chunks * CHUNK_BYTES,
+        })
     }
 
     /// Its size in bytes.
@@ -192,15 +232,26 @@ impl AtomicArena {
 
     /// Bytes actually backed (chunks written at least once).
     pub fn resident_bytes(&self) -> u64 {
-        self.chunks.iter().filter(|c| c.get().is_some()).count() as u64 * CHUNK_BYTES
+        let chunks: usize = self
+            .groups
+            .iter()
+            .filter_map(|g| g.get())
+            .map(|g| g.iter().filter(|c| c.get().is_some()).count())
+            .sum();
+        chunks as u64 * CHUNK_BYTES
     }
 
     fn chunk(&self, i: usize) -> &[AtomicU64] {
-        self.chunks[i].get_or_init(|| (0..CHUNK_WORDS).map(|_| AtomicU64::new(0)).collect())
+        let group = self.groups[i / GROUP_CHUNKS]
+            .get_or_init(|| (0..GROUP_CHUNKS).map(|_| OnceLock::new()).collect());
+        group[i % GROUP_CHUNKS]
+            .get_or_init(|| (0..CHUNK_WORDS).map(|_| AtomicU64::new(0)).collect())
     }
 
     fn chunk_if_present(&self, i: usize) -> Option<&[AtomicU64]> {
-        self.chunks[i].get().map(|b| &b[..])
+        self.groups[i / GROUP_CHUNKS].get()?[i % GROUP_CHUNKS]
+            .get()
+            .map(|b| &b[..])
     }
 
     /// Copies `buf.len()` bytes at `offset` out. Panics if out of bounds (a backend bug).
@@ -346,6 +397,9 @@ pub fn granules_of(bytes: u64) -> u64 {
 pub mod arena_addr {
     use crate::types::DmaAddr;
 
+    /// The largest offset an address carries (48 bits).
+    pub const MAX_OFFSET: u64 = (1 << 48) - 1;
+
     /// Encodes `offset` in memory `mem` (`mem != 0`).
     pub const fn encode(mem: u16, offset: u64) -> DmaAddr {
         DmaAddr(((mem as u64) << 48) | (offset & ((1 << 48) - 1)))
@@ -367,16 +421,35 @@ pub struct ArenaHostMemory {
 }
 
 impl ArenaHostMemory {
-    /// Host memory of `bytes`, addressed as memory `mem_id` (non-zero).
+    /// Host memory of `bytes`, addressed as memory `mem_id` (non-zero). Panics where
+    /// [`ArenaHostMemory::try_new`] fails.
     pub fn new(mem_id: u16, bytes: u64) -> ArenaHostMemory {
-        assert_ne!(mem_id, 0, "memory id 0 is reserved for 'nothing mapped'");
-        let arena = std::sync::Arc::new(AtomicArena::new(bytes));
+        ArenaHostMemory::try_new(mem_id, bytes).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Host memory of `bytes` (at most [`arena_addr::MAX_OFFSET`] + 1, what its addresses
+    /// can carry), addressed as memory `mem_id` (non-zero); a typed error otherwise.
+    pub fn try_new(mem_id: u16, bytes: u64) -> Result<ArenaHostMemory, crate::BackendError> {
+        let bad = |m: String| crate::BackendError::new(crate::BackendErrorKind::BadConfig, m);
+        if mem_id == 0 {
+            return Err(bad(
+                "host memory: memory id 0 is reserved for 'nothing mapped'".into(),
+            ));
+        }
+        if bytes > arena_addr::MAX_OFFSET + 1 {
+            return Err(bad(format!(
+                "host memory: capacity {bytes} bytes exceeds the limit of {} bytes (256 TiB: \
+                 addresses carry 48-bit offsets)",
+                arena_addr::MAX_OFFSET + 1
+            )));
+        }
+        let arena = std::sync::Arc::new(AtomicArena::try_new(bytes)?);
         let frames = ExtentAllocator::new(arena.len() / GRANULE);
-        ArenaHostMemory {
+        Ok(ArenaHostMemory {
             mem_id,
             arena,
             frames,
-        }
+        })
     }
 
     /// The memory id in its addresses.
@@ -402,7 +475,7 @@ impl crate::HostMemory for ArenaHostMemory {
         page_size: crate::PageSize,
         out: &mut Vec<crate::HostFrame>,
     ) -> Result<(), crate::BackendError> {
-        let mut starts = Vec::with_capacity(count);
+        let mut starts = Vec::new();
         if !self
             .frames
             .alloc_pages(count, page_size.granules(), &mut starts)

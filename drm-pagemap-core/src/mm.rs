@@ -474,7 +474,8 @@ impl AddressSpace {
 
     /// Frees the range that starts at `start`: its system pages return to host memory, its
     /// device pages drop their allocation references (an allocation is released when its last
-    /// page goes). Waits for migrations running on its pages.
+    /// page goes). Waits for migrations running on its pages. An address inside a range that
+    /// is not its start is refused with [`RangeProblem::NotStart`] naming that range.
     pub fn free_range(&self, start: u64) -> Result<()> {
         let mut releases = Vec::new();
         let mut frames: Vec<(HostFrame, PageSize)> = Vec::new();
@@ -482,9 +483,17 @@ impl AddressSpace {
             let mut st = self.lock();
             let slot = loop {
                 let Some(&slot) = st.ranges.get(&start) else {
-                    return Err(Error::BadRange {
-                        range: VaRange::new(start, 0),
-                        problem: RangeProblem::NotMapped,
+                    // Inside a range: say which (its start is what to pass).
+                    let holder = st.ranges.range(..start).next_back();
+                    return Err(match holder.map(|(_, &s)| st.range(s).va) {
+                        Some(va) if start < va.end() => Error::BadRange {
+                            range: va,
+                            problem: RangeProblem::NotStart { address: start },
+                        },
+                        _ => Error::BadRange {
+                            range: VaRange::new(start, 0),
+                            problem: RangeProblem::NotMapped,
+                        },
                     });
                 };
                 if st.range(slot).pages.iter().any(|p| p.is_locked()) {
@@ -584,7 +593,9 @@ impl AddressSpace {
     }
 
     /// Reserves `npages` pages of `page_size` in `pagemap`'s device memory for a later
-    /// [`AddressSpace::migrate_to_devmem`]. `range` only names the request in errors.
+    /// [`AddressSpace::migrate_to_devmem`]. `range` only names the request in errors. 0 pages
+    /// is an empty request ([`RangeProblem::Empty`], for the 0 bytes at `range.start`); more
+    /// than the pagemap can ever hold is [`Error::TooLarge`].
     pub fn allocate_devmem(
         &self,
         pagemap: PagemapId,
@@ -639,18 +650,21 @@ impl AddressSpace {
             devmem: pm.devmem().clone(),
         };
         let mut st = self.lock();
+        let limit = st.allocs.limit;
         match st.allocs.insert(rec) {
             Ok(id) => Ok((id, (pfns, pre_fence))),
             Err(rec) => {
                 drop(st);
-                // The table is full: the backing goes back, released exactly once.
                 if let Some(b) = rec.backing {
                     rec.devmem.devmem_release(b);
                 }
-                Err(Error::BadPagemap {
-                    pagemap,
-                    reason: "too many live allocations in this address space",
-                })
+                Err(backend_err(
+                    "allocate",
+                    crate::BackendError::new(
+                        crate::BackendErrorKind::OutOfMemory,
+                        format!("the address space tracks at most {limit} live allocations"),
+                    ),
+                ))
             }
         }
     }
@@ -678,6 +692,11 @@ impl AddressSpace {
     /// back to system memory by their device (the CPU-fault path), once their allocation's
     /// timeslice has expired; unpopulated pages read as zeros. Waits as long as that takes
     /// (see [`AddressSpace::read_timeout`] for a bounded wait).
+    ///
+    /// An empty `buf` reads nothing and succeeds at any `va`, mapped or not (as a 0-byte
+    /// `std::io::Read::read` or `memcpy`): it names no byte, so no range is looked up, no
+    /// page moves and nothing waits. Use [`AddressSpace::location`] to ask whether an
+    /// address is mapped.
     pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<()> {
         self.read_until(va, buf, None)
     }
@@ -690,6 +709,9 @@ impl AddressSpace {
     }
 
     fn read_until(&self, va: u64, buf: &mut [u8], deadline: Option<Instant>) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         self.cpu_access(VaRange::new(va, buf.len() as u64), deadline, |st, span| {
             self.copy_out(st, span, va, buf);
             Ok(())
@@ -697,7 +719,8 @@ impl AddressSpace {
     }
 
     /// Writes `data` at `va` (inside one range), populating system pages as needed. Device
-    /// pages are first migrated back, as for [`AddressSpace::read`].
+    /// pages are first migrated back, as for [`AddressSpace::read`]. An empty `data` writes
+    /// nothing and succeeds at any `va`, mapped or not, as an empty read does.
     pub fn write(&self, va: u64, data: &[u8]) -> Result<()> {
         self.write_until(va, data, None)
     }
@@ -709,6 +732,9 @@ impl AddressSpace {
     }
 
     fn write_until(&self, va: u64, data: &[u8], deadline: Option<Instant>) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
         let range = VaRange::new(va, data.len() as u64);
         self.cpu_access(range, deadline, |st, span| {
             self.populate_holes(st, span, range, range)?;
@@ -949,9 +975,15 @@ pub(crate) fn check_fits(
     range: VaRange,
 ) -> Result<()> {
     // Saturating: an absurd page count is "too large", not an arithmetic overflow.
+    if npages == 0 {
+        return Err(Error::BadRange {
+            range: VaRange::new(range.start, 0),
+            problem: RangeProblem::Empty,
+        });
+    }
     let bytes = (npages as u64).saturating_mul(page_size.bytes());
     let capacity = pm.devmem().capacity_bytes();
-    if bytes > capacity || npages == 0 || npages > u32::MAX as usize {
+    if bytes > capacity || npages > u32::MAX as usize {
         return Err(Error::TooLarge {
             range,
             pagemap: pm.id(),

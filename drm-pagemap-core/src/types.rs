@@ -161,8 +161,11 @@ impl VaRange {
 }
 
 impl fmt::Display for VaRange {
+    /// `[start, end)` in hex; the true end also where it lies past `u64::MAX` (a range that
+    /// wraps shows an end of 17 hex digits, not a saturated one that would look empty).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "[{:#x}, {:#x})", self.start, self.end())
+        let end = self.start as u128 + self.len as u128;
+        write!(f, "[{:#x}, {:#x})", self.start, end)
     }
 }
 
@@ -188,5 +191,25 @@ impl CopyOp {
 impl fmt::Display for CopyOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_shows_its_true_end_also_past_the_address_space() {
+        assert_eq!(VaRange::new(0x1000, 0x1000).to_string(), "[0x1000, 0x2000)");
+        assert_eq!(VaRange::new(7, 0).to_string(), "[0x7, 0x7)");
+        // Regression: the end saturated, so a wrapping range looked empty.
+        assert_eq!(
+            VaRange::new(u64::MAX, 2).to_string(),
+            "[0xffffffffffffffff, 0x10000000000000001)"
+        );
+        assert_eq!(
+            VaRange::new(u64::MAX, u64::MAX).to_string(),
+            "[0xffffffffffffffff, 0x1fffffffffffffffe)"
+        );
     }
 }

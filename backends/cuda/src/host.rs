@@ -46,18 +46,35 @@ impl std::fmt::Debug for PinnedHostMemory {
 }
 
 impl PinnedHostMemory {
-    /// Host memory of `capacity` bytes (rounded up to whole chunks), allocated through `ctx`
-    /// (portable: every context of the process reaches it) for `devices` devices.
-    pub(crate) fn new(ctx: Arc<Context>, capacity: u64, devices: u32) -> PinnedHostMemory {
-        let n = capacity.div_ceil(HOST_CHUNK).max(1) as usize;
-        PinnedHostMemory {
+    /// Host memory of `capacity` bytes (rounded up to whole chunks; at most
+    /// [`crate::MAX_HOST_CAPACITY`], checked by the config), allocated through `ctx`
+    /// (portable: every context of the process reaches it) for `devices` devices. Out of
+    /// memory when the chunk table does not fit.
+    pub(crate) fn new(
+        ctx: Arc<Context>,
+        capacity: u64,
+        devices: u32,
+    ) -> Result<PinnedHostMemory, BackendError> {
+        let n = capacity.div_ceil(HOST_CHUNK).max(1);
+        let mut chunks = Vec::new();
+        usize::try_from(n)
+            .ok()
+            .and_then(|n| chunks.try_reserve_exact(n).ok())
+            .ok_or_else(|| {
+                err(
+                    BackendErrorKind::OutOfMemory,
+                    format!("cuda host memory of {capacity} bytes: its chunk table does not fit"),
+                )
+            })?;
+        chunks.extend((0..n).map(|_| OnceLock::new()));
+        Ok(PinnedHostMemory {
             ctx,
-            chunks: (0..n).map(|_| OnceLock::new()).collect(),
+            chunks: chunks.into_boxed_slice(),
             grow: Mutex::new(()),
-            frames: ExtentAllocator::new(n as u64 * HOST_CHUNK / GRANULE),
-            capacity: n as u64 * HOST_CHUNK,
+            frames: ExtentAllocator::new(n * HOST_CHUNK / GRANULE),
+            capacity: n * HOST_CHUNK,
             devices,
-        }
+        })
     }
 
     /// Bytes pinned so far.
@@ -179,7 +196,8 @@ impl HostMemory for PinnedHostMemory {
         out: &mut Vec<HostFrame>,
     ) -> Result<(), BackendError> {
         let g = page_size.granules();
-        let mut starts = Vec::with_capacity(count);
+        // Not sized from `count` up front: an absurd count is out of memory, not an abort.
+        let mut starts = Vec::new();
         if !self.frames.alloc_pages(count, g, &mut starts) {
             return Err(err(
                 BackendErrorKind::OutOfMemory,

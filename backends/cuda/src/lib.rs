@@ -73,15 +73,19 @@ pub const DEFAULT_DMA_MIN_HOST: u64 = 2 << 20;
 pub const DEFAULT_DMA_MIN_DEVICE: u64 = 256 << 20;
 /// Default bytes of host memory for system pages (pinned lazily, 256 MiB at a time).
 pub const DEFAULT_HOST_CAPACITY: u64 = 16 << 30;
+/// Most bytes of host memory for system pages: 128 TiB, the user address space of x86-64
+/// (pinned memory must fit in RAM besides; the chunk table costs 24 bytes per
+/// [`HOST_CHUNK`] of capacity, 48 MiB at this limit).
+pub const MAX_HOST_CAPACITY: u64 = 1 << 47;
 
 /// How to open the CUDA backend.
 #[derive(Clone, Debug)]
 pub struct CudaConfig {
-    /// Use at most this many GPUs (`None`: all).
+    /// Use at most this many GPUs (`None`: all; `Some(0)` is refused).
     pub devices: Option<usize>,
     /// Bytes of device memory offered per GPU (`None`: its total memory).
     pub device_capacity: Option<u64>,
-    /// Bytes of host memory for system pages.
+    /// Bytes of host memory for system pages (at most [`MAX_HOST_CAPACITY`]).
     pub host_capacity: u64,
     /// DMA crossover (bytes) for runs touching system memory.
     pub dma_min_host: u64,
@@ -129,6 +133,24 @@ impl CudaConfig {
             host_capacity: c.host_capacity.unwrap_or(d.host_capacity),
             ..d
         }
+    }
+
+    /// Checks what needs no driver: at least one device asked for, a host capacity of at
+    /// most [`MAX_HOST_CAPACITY`]. [`CudaBackend::new`] checks it first, so a bad config is
+    /// reported as such ([`BackendErrorKind::BadConfig`]) on any machine.
+    pub fn validate(&self) -> Result<(), BackendError> {
+        let bad = |m: String| BackendError::new(BackendErrorKind::BadConfig, m);
+        if self.devices == Some(0) {
+            return Err(bad("cuda: 0 devices requested (at least 1)".into()));
+        }
+        if self.host_capacity > MAX_HOST_CAPACITY {
+            return Err(bad(format!(
+                "cuda host memory: capacity {} bytes exceeds the limit of {MAX_HOST_CAPACITY} \
+                 bytes (128 TiB, the user address space)",
+                self.host_capacity
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -179,6 +201,7 @@ impl CudaBackend {
     /// Opens every GPU (up to `config.devices`), enables peer access where both directions
     /// allow it, and sets up the host memory. Fails (never panics) without a driver or GPU.
     pub fn new(config: CudaConfig) -> Result<CudaBackend, BackendError> {
+        config.validate()?;
         let info =
             driver::probe().map_err(|r| BackendError::new(BackendErrorKind::Unavailable, r))?;
         let n = config
@@ -187,7 +210,7 @@ impl CudaBackend {
         if n == 0 {
             return Err(BackendError::new(
                 BackendErrorKind::Unavailable,
-                "cuda: 0 devices requested",
+                "cuda: no device",
             ));
         }
         let mut devices = Vec::with_capacity(n);
@@ -204,7 +227,7 @@ impl CudaBackend {
             devices[0].ctx.clone(),
             config.host_capacity,
             n as u32,
-        ));
+        )?);
         Ok(CudaBackend {
             pagemaps: Mutex::new(Vec::new()),
             host,
@@ -399,6 +422,41 @@ mod tests {
         }
         // Cached: asking again gives the same answer.
         assert_eq!(probe().is_ok(), probe().is_ok());
+    }
+
+    #[test]
+    fn configs_past_the_limits_are_refused_before_any_driver_call() {
+        // Regression: 0 devices was "unavailable" (and only after probing the driver); a
+        // host capacity of u64::MAX sized a chunk table of 2^38 entries and aborted.
+        let with = |devices, host_capacity| CudaConfig {
+            devices,
+            host_capacity,
+            ..CudaConfig::default()
+        };
+        for (c, names) in [
+            (with(Some(0), DEFAULT_HOST_CAPACITY), vec!["0 devices"]),
+            (
+                with(None, MAX_HOST_CAPACITY + 1),
+                vec!["host memory", "140737488355329", "140737488355328"],
+            ),
+            (
+                with(Some(1), u64::MAX),
+                vec!["host memory", "18446744073709551615", "140737488355328"],
+            ),
+        ] {
+            let e = CudaBackend::new(c).expect_err("refused");
+            assert_eq!(e.kind, BackendErrorKind::BadConfig, "{e}");
+            for n in names {
+                assert!(e.to_string().contains(n), "{e} does not name {n:?}");
+            }
+        }
+        for c in [
+            with(None, MAX_HOST_CAPACITY),
+            with(Some(usize::MAX), 0),
+            with(Some(1), 1),
+        ] {
+            c.validate().unwrap();
+        }
     }
 
     #[test]

@@ -90,17 +90,23 @@ pub(crate) struct SimDevice {
 }
 
 impl SimDevice {
-    pub(crate) fn new(id: DeviceId, mem_id: u16, capacity: u64) -> Arc<SimDevice> {
-        let arena = Arc::new(AtomicArena::new(capacity));
+    pub(crate) fn new(
+        id: DeviceId,
+        mem_id: u16,
+        capacity: u64,
+    ) -> Result<Arc<SimDevice>, BackendError> {
+        let arena = Arc::new(AtomicArena::try_new(capacity).map_err(|e| {
+            BackendError::new(e.kind, format!("sim {id}: device memory: {}", e.message))
+        })?);
         let frames = ExtentAllocator::new(arena.len() / GRANULE);
-        Arc::new(SimDevice {
+        Ok(Arc::new(SimDevice {
             id,
             mem_id,
             arena,
             frames,
             timeline: FenceTimeline::new(),
             queue: Mutex::new(None),
-        })
+        }))
     }
 
     /// Starts the copy engine.

@@ -36,14 +36,25 @@ use std::time::Duration;
 pub const HOST_MEM: u16 = 1;
 const FIRST_DEVICE_MEM: u16 = 2;
 
+/// Most devices a sim machine has.
+pub const MAX_DEVICES: usize = 64;
+/// Most bytes of device memory per device: 16 TiB, what page frame numbers ([`Pfn`], 32 bits
+/// counting 4 KiB granules) can address.
+///
+/// [`Pfn`]: drm_pagemap_core::Pfn
+pub const MAX_DEVICE_CAPACITY: u64 = (u32::MAX as u64 + 1) * drm_pagemap_core::GRANULE;
+/// Most bytes of host memory: 256 TiB, what the 48-bit offsets of sim addresses reach.
+pub const MAX_HOST_CAPACITY: u64 = drm_pagemap_core::mem::arena_addr::MAX_OFFSET + 1;
+
 /// How to build a simulated machine.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
-    /// Number of devices.
+    /// Number of devices (1 to [`MAX_DEVICES`]).
     pub devices: usize,
-    /// Bytes of device memory per device.
+    /// Bytes of device memory per device (at most [`MAX_DEVICE_CAPACITY`]; backed lazily, so
+    /// a large capacity costs nothing until written).
     pub device_capacity: u64,
-    /// Bytes of host memory for system pages.
+    /// Bytes of host memory for system pages (at most [`MAX_HOST_CAPACITY`]; backed lazily).
     pub host_capacity: u64,
     /// Owner group of each device (devices of one group reach each other); `None`: one group.
     pub owner_groups: Option<Vec<u32>>,
@@ -96,14 +107,30 @@ impl std::fmt::Debug for SimBackend {
 }
 
 impl SimBackend {
-    /// Builds the machine. Fails on a config that cannot work (no device, a group list of
-    /// the wrong length).
+    /// Builds the machine. Fails with [`BackendErrorKind::BadConfig`] on a config that cannot
+    /// work (no device or more than [`MAX_DEVICES`], a group list of the wrong length, a
+    /// capacity past [`MAX_DEVICE_CAPACITY`] or [`MAX_HOST_CAPACITY`]), naming the device or
+    /// memory and the limit; with out of memory when the tables of its memories do not fit.
     pub fn new(config: SimConfig) -> Result<SimBackend, BackendError> {
-        let bad = |m: String| BackendError::new(BackendErrorKind::Unsupported, m);
-        if config.devices == 0 || config.devices > 64 {
+        let bad = |m: String| BackendError::new(BackendErrorKind::BadConfig, m);
+        if config.devices == 0 || config.devices > MAX_DEVICES {
             return Err(bad(format!(
-                "sim: {} devices requested (1 to 64 allowed)",
+                "sim: {} devices requested (1 to {MAX_DEVICES} allowed)",
                 config.devices
+            )));
+        }
+        if config.device_capacity > MAX_DEVICE_CAPACITY {
+            return Err(bad(format!(
+                "sim device 0: capacity {} bytes exceeds the limit of {MAX_DEVICE_CAPACITY} \
+                 bytes (16 TiB: page frame numbers are 32-bit counts of 4 KiB granules)",
+                config.device_capacity
+            )));
+        }
+        if config.host_capacity > MAX_HOST_CAPACITY {
+            return Err(bad(format!(
+                "sim host memory: capacity {} bytes exceeds the limit of {MAX_HOST_CAPACITY} \
+                 bytes (256 TiB: sim addresses carry 48-bit offsets)",
+                config.host_capacity
             )));
         }
         if let Some(g) = &config.owner_groups
@@ -115,7 +142,7 @@ impl SimBackend {
                 config.devices
             )));
         }
-        let host = Arc::new(ArenaHostMemory::new(HOST_MEM, config.host_capacity));
+        let host = Arc::new(ArenaHostMemory::try_new(HOST_MEM, config.host_capacity)?);
         let mut arenas = vec![host.arena().clone()];
         let mut devices = Vec::new();
         for d in 0..config.devices {
@@ -123,7 +150,7 @@ impl SimBackend {
                 DeviceId(d as u32),
                 FIRST_DEVICE_MEM + d as u16,
                 config.device_capacity,
-            );
+            )?;
             arenas.push(dev.arena.clone());
             devices.push(dev);
         }

@@ -133,7 +133,8 @@ impl PagemapOps for SimPagemap {
 
 impl DevmemOps for SimPagemap {
     fn allocate(&self, npages: usize, page_size: PageSize) -> Result<DevmemBacking, BackendError> {
-        let bytes = npages as u64 * page_size.bytes();
+        // Saturating: an absurd count is out of memory, not an arithmetic overflow.
+        let bytes = (npages as u64).saturating_mul(page_size.bytes());
         let oom = || {
             BackendError::new(
                 BackendErrorKind::OutOfMemory,
@@ -145,6 +146,9 @@ impl DevmemOps for SimPagemap {
                 ),
             )
         };
+        if bytes > self.capacity {
+            return Err(oom());
+        }
         let prev = self.used.fetch_add(bytes, Ordering::SeqCst);
         if prev + bytes > self.capacity {
             self.used.fetch_sub(bytes, Ordering::SeqCst);
