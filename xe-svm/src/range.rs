@@ -8,6 +8,13 @@
 //! no SVM range of the VM. If none fits (`C`'s pages are larger than the attribute interval
 //! allows), the range is the one CPU page holding `a`.
 //!
+//! So SVM ranges are chosen per CPU range: several CPU ranges inside one 2 MiB block (small
+//! or unaligned buffers) each get SVM ranges and page tables of their own, and a fault on one
+//! leaves the others alone. An SVM range is stale only when the CPU range it was cut from is
+//! gone from the address space (freed, or re-created with another extent or page size): a
+//! new range cut in its block drops it, and a fault on it finds out (its pages are no longer
+//! in one CPU range of its page size) and cuts it again.
+//!
 //! # Page table
 //! Per page, the address by which the VM's device reaches it ([`Pte`]): its own memory, a
 //! peer's, or system memory, as `device_map` / `map_frames` give it. The table stays valid

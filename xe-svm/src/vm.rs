@@ -2,7 +2,10 @@
 //! handler.
 //!
 //! # The fault handler
-//! [`GpuVm::handle_gpu_fault`] finds or creates the SVM range holding the address, then:
+//! [`GpuVm::handle_gpu_fault`] finds or creates the SVM range holding the address (cut from
+//! the CPU range holding it; see [`crate::CHUNK_SIZES`] and the chunking rules of the range
+//! module: a range whose CPU range is gone or was re-created with another page size is
+//! dropped and cut again, ranges of live neighbouring CPU ranges are never touched), then:
 //! 1. **Target.** An atomic access needs the faulting device's own memory (refused when the
 //!    range's atomic attribute is [`AtomicAccess::Cpu`]). Otherwise the preferred location:
 //!    the device's own memory by default, a pagemap (a peer's memory), or system memory.
@@ -194,6 +197,28 @@ impl std::fmt::Debug for GpuVm {
             .field("device", &self.inner.device)
             .field("local", &self.inner.local)
             .finish_non_exhaustive()
+    }
+}
+
+/// Whether the CPU range `r` was cut from is still in the address space, with the same page
+/// size. `cpu_ranges` is sorted by start.
+fn cpu_range_live(cpu_ranges: &[(VaRange, PageSize)], r: &SvmRange) -> bool {
+    cpu_ranges
+        .binary_search_by_key(&r.cpu.start, |(c, _)| c.start)
+        .is_ok_and(|i| cpu_ranges[i] == (r.cpu, r.page_size))
+}
+
+/// Whether `e` says the range no longer lies in one CPU range of its page size (the CPU
+/// range was freed or re-created under a fault).
+fn cpu_range_changed(e: &SvmError) -> bool {
+    match e {
+        SvmError::Migrate { source, .. }
+        | SvmError::ToSystem { source, .. }
+        | SvmError::PageTable { source, .. } => matches!(
+            source,
+            CoreError::BadRange { .. } | CoreError::PageSizeMismatch { .. }
+        ),
+        _ => false,
     }
 }
 
@@ -404,13 +429,13 @@ impl GpuVm {
             device: self.inner.device,
             address,
         };
-        let (cpu, ps) = self
-            .inner
-            .svm
-            .mm
-            .ranges()
-            .into_iter()
-            .find(|(r, _)| r.start <= address && address < r.end())
+        // Sorted by start: the CPU ranges do not overlap.
+        let cpu_ranges = self.inner.svm.mm.ranges();
+        let i = cpu_ranges.partition_point(|(r, _)| r.start <= address);
+        let (cpu, ps) = i
+            .checked_sub(1)
+            .map(|i| cpu_ranges[i])
+            .filter(|(r, _)| address < r.end())
             .ok_or(not_mirrored)?;
         let span = self.attrs_at(address);
         let (lo, hi) = (cpu.start.max(span.start), cpu.end().min(span.end));
@@ -421,14 +446,17 @@ impl GpuVm {
             {
                 return Ok(r.clone());
             }
-            // Ranges cut from a CPU range that is gone cannot stay in the way.
+            // Ranges cut from a CPU range that is gone (freed, or re-created with another
+            // extent or page size) cannot stay in the way of the new one (every range lies in
+            // one 2 MiB block). Ranges of the other live CPU ranges in the block stay: they
+            // never overlap the new one, which lies inside its own CPU range.
             let block = address - address % PageSize::Size2M.bytes();
             let block_end = block.saturating_add(PageSize::Size2M.bytes());
             let stale_keys: Vec<u64> = map
                 .range(..block_end)
                 .rev()
                 .take_while(|(_, r)| r.va.end() > block)
-                .filter(|(_, r)| r.cpu != cpu || r.page_size != ps)
+                .filter(|(_, r)| !cpu_range_live(&cpu_ranges, r))
                 .map(|(&k, _)| k)
                 .collect();
             let stale: Vec<Arc<SvmRange>> =
@@ -640,6 +668,10 @@ impl GpuVm {
                     });
                 }
             };
+            if st.scratch.len() as u64 != range.va.len / range.page_size.bytes() {
+                // The CPU range was re-created with another page size: the range is stale.
+                return Ok(None);
+            }
             let at_target = resident(&st.scratch, target);
             if round == 0
                 && at_target
@@ -683,7 +715,12 @@ impl GpuVm {
             }
             // `st.scratch` is the backing as seen under the locks still held.
             let (a, retried, built) =
-                self.place(range, st, target, need_dev, &attrs, &mut locks, &cx, writes)?;
+                match self.place(range, st, target, need_dev, &attrs, &mut locks, &cx, writes) {
+                    Ok(done) => done,
+                    // The CPU range went or was re-created while the pages were placed.
+                    Err(e) if cpu_range_changed(&e) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
             action = Some(a);
             busy_retry |= retried;
             if built {
