@@ -115,6 +115,10 @@ pub struct FaultReport {
     pub elapsed: Duration,
 }
 
+/// The longest sleep of a wait for another device's timeslice before the pages are looked at
+/// again.
+const TIMESLICE_POLL: Duration = Duration::from_millis(50);
+
 /// How many times one fault looks again after the pages moved under it.
 const MAX_ROUNDS: usize = 4;
 
@@ -881,7 +885,9 @@ impl GpuVm {
     }
 
     /// Sleeps until no page of the range is held by another pagemap's allocation whose
-    /// timeslice has not expired (the bound on ping-pong between devices).
+    /// timeslice has not expired (the bound on ping-pong between devices), or the pages left
+    /// that allocation (evicted, freed). A timeslice of [`crate::FOREVER`] or more
+    /// (`Duration::MAX`) is only ended that way.
     /// `fresh`: `st.scratch` already holds the current backing.
     fn wait_timeslices(
         &self,
@@ -920,9 +926,11 @@ impl GpuVm {
             let (Some(until), Some(now)) = (until, now) else {
                 break;
             };
-            let d = until - now;
+            // Timeslices reach the engine cut to `FOREVER`, so `until` is a real instant. Sleep
+            // in slices and look again: pages evicted (or freed) meanwhile end a long wait.
+            let d = until.saturating_duration_since(now).min(TIMESLICE_POLL);
             std::thread::sleep(d);
-            waited += d;
+            waited = waited.saturating_add(d);
         }
         if !waited.is_zero() {
             self.inner.stats.timeslice_waits.add(0, waited);
