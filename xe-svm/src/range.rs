@@ -12,8 +12,9 @@
 //! or unaligned buffers) each get SVM ranges and page tables of their own, and a fault on one
 //! leaves the others alone. An SVM range is stale only when the CPU range it was cut from is
 //! gone from the address space (freed, or re-created with another extent or page size): a
-//! new range cut in its block drops it, and a fault on it finds out (its pages are no longer
-//! in one CPU range of its page size) and cuts it again.
+//! new range cut in its block drops it, and a fault on it finds out (once the pages' generation
+//! moved: the CPU range it was cut from is no longer exactly a range of the address space, or
+//! its pages have another size) and cuts it again from the current CPU range.
 //!
 //! # Page table
 //! Per page, the address by which the VM's device reaches it ([`Pte`]): its own memory, a

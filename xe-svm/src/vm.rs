@@ -45,8 +45,8 @@ use crate::range::{FewAllocs, MapCtx, PageTable, Placement, SvmRange, choose_chu
 use crate::stats::{Bucket, Counters};
 use crate::svm::SvmInner;
 use drm_pagemap_core::{
-    DeviceId, Error as CoreError, OwnerId, PageBacking, PageSize, PagemapId, PagemapOps,
-    RangeProblem, VaRange,
+    AddressSpace, DeviceId, Error as CoreError, OwnerId, PageBacking, PageSize, PagemapId,
+    PagemapOps, RangeProblem, VaRange,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -210,6 +210,17 @@ fn cpu_range_live(cpu_ranges: &[(VaRange, PageSize)], r: &SvmRange) -> bool {
     cpu_ranges
         .binary_search_by_key(&r.cpu.start, |(c, _)| c.start)
         .is_ok_and(|i| cpu_ranges[i] == (r.cpu, r.page_size))
+}
+
+/// Whether `cpu` is exactly one range of the address space (whatever its page size): it lies
+/// inside one range, and the bytes just before and just after it are not in that range.
+/// O(log ranges), no allocation.
+fn cpu_range_is(mm: &AddressSpace, cpu: VaRange) -> bool {
+    // `generation` of a span succeeds when the span lies inside one range.
+    let inside = |start: u64, len: u64| mm.generation(VaRange::new(start, len)).is_ok();
+    inside(cpu.start, cpu.len)
+        && cpu.start.checked_sub(1).is_none_or(|b| !inside(b, 2))
+        && !inside(cpu.end() - 1, 2)
 }
 
 /// Whether `e` says the range no longer lies in one CPU range of its page size (the CPU
@@ -658,6 +669,12 @@ impl GpuVm {
             }
             return Ok(Some(report(FaultAction::Valid, false)));
         }
+        // The generation moved: the CPU range may have been freed and created again. A range
+        // cut from one that is gone is not served (a new range cut in its block would drop
+        // it, and it may no longer be the chunk the CPU range calls for).
+        if !cpu_range_is(&svm.mm, range.cpu) {
+            return Ok(None);
+        }
         for round in 0..MAX_ROUNDS {
             let generation = match svm.mm.backing_with_generation(range.va, &mut st.scratch) {
                 Ok(g) => g,
@@ -673,7 +690,7 @@ impl GpuVm {
                 }
             };
             if st.scratch.len() as u64 != range.va.len / range.page_size.bytes() {
-                // The CPU range was re-created with another page size: the range is stale.
+                // The CPU range was re-created (same extent) with another page size.
                 return Ok(None);
             }
             let at_target = resident(&st.scratch, target);

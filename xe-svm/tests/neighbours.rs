@@ -173,6 +173,40 @@ fn only_ranges_of_gone_cpu_ranges_are_dropped() {
     check(&rig.mm, d, 3);
 }
 
+/// A CPU range freed and created again with the same page size but a larger extent (no
+/// invalidate): a fault in it is served by a range cut from the new CPU range (the chunk it
+/// calls for), not by the old range, and a fault on a neighbour then leaves it alone.
+#[test]
+fn recreated_with_another_extent_is_cut_again() {
+    let rig = rig_default();
+    let vm = &rig.vms[0];
+    let old = VaRange::new(BASE, 10 * K4);
+    create(&rig.mm, old, PageSize::Size4K);
+    let r = vm.handle_gpu_fault(BASE + K4, Access::Write).unwrap();
+    assert_eq!(
+        r.range,
+        VaRange::new(BASE + K4, K4),
+        "10 pages: 4 KiB chunks"
+    );
+    rig.mm.free_range(BASE).unwrap();
+    let new = VaRange::new(BASE, K64);
+    create(&rig.mm, new, PageSize::Size4K);
+    fill(&rig.mm, new, 7);
+    let r = vm.handle_gpu_fault(BASE + K4, Access::Write).unwrap();
+    assert_eq!(r.range, new, "served by a range of the old CPU range");
+    let neighbour = VaRange::new(BASE + 2 * K64, K64);
+    create(&rig.mm, neighbour, PageSize::Size4K);
+    vm.handle_gpu_fault(neighbour.start, Access::Write).unwrap();
+    assert!(vm.is_valid(BASE + K4));
+    assert_eq!(
+        vm.handle_gpu_fault(BASE + K4, Access::Write)
+            .unwrap()
+            .action,
+        FaultAction::Valid
+    );
+    check(&rig.mm, new, 7);
+}
+
 /// Frees a CPU range and creates one at the same address with `second` pages (no
 /// invalidate): the next faults serve the new range with its page size.
 fn recreate_with_another_page_size(first: PageSize, second: PageSize) {
