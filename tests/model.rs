@@ -30,8 +30,14 @@
 //! `devmem_release` per allocation), no deferred cleanup, every host frame back.
 //!
 //! A second variant adds GPU faults (read, write, atomic, on any device) through an xe-svm
-//! context that owns the pagemaps: a fault changes no byte, and the range it served lives
-//! where its report says, with a valid page table.
+//! context that owns the pagemaps: a fault changes no byte, and the range it served lies
+//! inside the faulting CPU range and lives where its report says, with a valid page table;
+//! without an injected fault only a shortage of device memory may fail it; and every other
+//! range's page table (in any VM) that was valid before stays valid unless its pages moved.
+//! Half of its cases pack all slots into one 2 MiB block (small ranges of 4 KiB or 64 KiB
+//! pages, some not 64 KiB aligned: several CPU ranges per block, each with SVM ranges of its
+//! own), and it frees and re-creates ranges with the other page size without telling xe-svm
+//! (its SVM ranges of the old CPU range must be found stale).
 //!
 //! Sizes: 2,000 cases (engine) and 400 cases (with GPU faults) of up to 40 steps by default
 //! (CI). `DRM_PAGEMAP_LONG=1` runs 200,000 and 50,000 cases of up to 80 steps (use
@@ -46,7 +52,7 @@ use drm_pagemap::{
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,6 +65,8 @@ const HOST_CAPACITY: u64 = 4 << 20;
 const SLOTS: usize = 4;
 const BASE: u64 = 1 << 30;
 const SLOT_STRIDE: u64 = 4 << 20;
+/// Slot spacing of the packed layout: four slots in one 2 MiB block.
+const PACKED_STRIDE: u64 = 512 << 10;
 const MAX_4K_PAGES: usize = 16;
 const MAX_64K_PAGES: usize = 5;
 
@@ -208,6 +216,17 @@ enum Op {
     Free {
         slot: usize,
     },
+    /// Frees a slot and creates it again at once, and fills it (a runtime's munmap + mmap;
+    /// xe-svm is not told: its SVM ranges of the old CPU range must be recognised as stale).
+    /// `flip`: with the other page size than the live range's (else `big` says). Only in the
+    /// GPU variant.
+    Recreate {
+        slot: usize,
+        pages: usize,
+        big: bool,
+        flip: bool,
+        seed: u8,
+    },
     Write {
         slot: usize,
         at: u64,
@@ -341,6 +360,24 @@ fn gpu_fault_op() -> impl Strategy<Value = Op> {
         })
 }
 
+fn recreate_op() -> impl Strategy<Value = Op> {
+    (
+        0..SLOTS,
+        // 16 pages of 4 KiB from a 64 KiB boundary make a 64 KiB SVM range.
+        prop_oneof![1 => 1..=4usize, 1 => Just(MAX_4K_PAGES)],
+        any::<bool>(),
+        prop::bool::weighted(0.75),
+        any::<u8>(),
+    )
+        .prop_map(|(slot, pages, big, flip, seed)| Op::Recreate {
+            slot,
+            pages,
+            big,
+            flip,
+            seed,
+        })
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let slot = 0..SLOTS;
     prop_oneof![
@@ -384,19 +421,34 @@ fn op() -> impl Strategy<Value = Op> {
 
 #[derive(Clone, Debug)]
 struct SlotModel {
+    /// Where the range starts (see [`slot_base`]).
+    base: u64,
     ps: PageSize,
     pages: usize,
     bytes: Vec<u8>,
 }
 
 impl SlotModel {
-    fn range(&self, slot: usize) -> VaRange {
-        VaRange::new(slot_base(slot), self.pages as u64 * self.ps.bytes())
+    fn range(&self) -> VaRange {
+        VaRange::new(self.base, self.pages as u64 * self.ps.bytes())
     }
 }
 
-fn slot_base(slot: usize) -> u64 {
-    BASE + slot as u64 * SLOT_STRIDE
+/// Where a range of pages `ps` in `slot` starts. Spread out: each slot in 2 MiB blocks of
+/// its own. Packed (some cases of the GPU variant): every slot in one 2 MiB block, 512 KiB
+/// apart (a slot holds at most 320 KiB), odd slots of 4 KiB pages 12 KiB past a 64 KiB
+/// boundary, so several small, some unaligned CPU ranges share a block and each gets 4 KiB or
+/// 64 KiB SVM ranges of its own.
+fn slot_base(slot: usize, ps: PageSize, packed: bool) -> u64 {
+    if !packed {
+        return BASE + slot as u64 * SLOT_STRIDE;
+    }
+    let unaligned = if ps == PageSize::Size4K && slot % 2 == 1 {
+        3 * 4096
+    } else {
+        0
+    };
+    BASE + slot as u64 * PACKED_STRIDE + unaligned
 }
 
 /// A deliberately wrong reference model, to show the checks can fail.
@@ -425,6 +477,10 @@ struct Totals {
     reappearing_sources: AtomicU64,
     gpu_faults: AtomicU64,
     gpu_migrations: AtomicU64,
+    /// Other slots' page tables found still valid after a GPU fault.
+    neighbours_checked: AtomicU64,
+    /// Cases run with every slot in one 2 MiB block.
+    packed_cases: AtomicU64,
 }
 
 thread_local! {
@@ -457,6 +513,10 @@ struct World {
     stale: Vec<AllocId>,
     host_free: u64,
     mutation: Mutation,
+    /// Every slot in one 2 MiB block (see [`slot_base`]).
+    packed: bool,
+    /// SVM ranges GPU faults served since their slot was created: (device, slot, range).
+    served: BTreeSet<(u8, usize, u64, u64)>,
 }
 
 type Check = Result<(), String>;
@@ -486,10 +546,10 @@ fn out_of_memory(e: &Error) -> bool {
 
 impl World {
     fn new(mutation: Mutation) -> World {
-        World::build(mutation, false)
+        World::build(mutation, false, false)
     }
 
-    fn build(mutation: Mutation, gpu: bool) -> World {
+    fn build(mutation: Mutation, gpu: bool, packed: bool) -> World {
         let inj = FaultInjector::new();
         let sim = SimBackend::new(SimConfig {
             devices: DEVICES,
@@ -535,7 +595,14 @@ impl World {
             stale: Vec::new(),
             host_free,
             mutation,
+            packed,
+            served: BTreeSet::new(),
         }
+    }
+
+    /// An address in `slot`'s part of the address space, outside every other slot's.
+    fn slot_addr(&self, slot: usize) -> u64 {
+        slot_base(slot, PageSize::Size64K, self.packed)
     }
 
     /// Every location of every live slot.
@@ -545,7 +612,7 @@ impl World {
             if let Some(s) = s {
                 let l = self
                     .mm
-                    .locations(s.range(i))
+                    .locations(s.range())
                     .map_err(|e| format!("locations of slot {i}: {e}"))?;
                 ensure!(
                     l.len() == s.pages,
@@ -665,6 +732,21 @@ impl World {
         match *op {
             Op::Create { slot, pages, big } => self.create(slot, pages, big),
             Op::Free { slot } => self.free(slot),
+            Op::Recreate {
+                slot,
+                pages,
+                big,
+                flip,
+                seed,
+            } => {
+                let big = match &self.slots[slot] {
+                    Some(s) if flip => s.ps == PageSize::Size4K,
+                    _ => big,
+                };
+                self.free(slot)?;
+                self.create(slot, pages, big)?;
+                self.write(slot, 0, u64::MAX, seed, None)
+            }
             Op::Write {
                 slot,
                 at,
@@ -739,11 +821,12 @@ impl World {
         } else {
             (PageSize::Size4K, pages)
         };
-        let range = VaRange::new(slot_base(slot), pages as u64 * ps.bytes());
+        let range = VaRange::new(slot_base(slot, ps, self.packed), pages as u64 * ps.bytes());
         let r = self.mm.create_range(range, ps);
         match (&self.slots[slot], r) {
             (None, Ok(())) => {
                 self.slots[slot] = Some(SlotModel {
+                    base: range.start,
                     ps,
                     pages,
                     bytes: vec![0; range.len as usize],
@@ -767,10 +850,15 @@ impl World {
     }
 
     fn free(&mut self, slot: usize) -> Check {
-        let r = self.mm.free_range(slot_base(slot));
+        let start = self.slots[slot]
+            .as_ref()
+            .map_or(self.slot_addr(slot), |s| s.base);
+        let r = self.mm.free_range(start);
         match (&self.slots[slot], r) {
             (Some(_), Ok(())) => {
                 self.slots[slot] = None;
+                // Their CPU range is gone: SVM ranges cut from it are stale now.
+                self.served.retain(|&(_, sl, _, _)| sl != slot);
                 Ok(())
             }
             (
@@ -834,7 +922,7 @@ impl World {
 
     fn write(&mut self, slot: usize, at: u64, len: u64, seed: u8, fault: Option<Fault>) -> Check {
         let Some(s) = self.slots[slot].clone() else {
-            let r = self.mm.write(slot_base(slot) + at % 4096, &[seed]);
+            let r = self.mm.write(self.slot_addr(slot) + at % 4096, &[seed]);
             ensure!(
                 matches!(
                     r,
@@ -852,7 +940,7 @@ impl World {
             .map(|i| seed.wrapping_add((i as u8).wrapping_mul(31)) ^ (i >> 8) as u8)
             .collect();
         let before = self.snapshot()?;
-        let va = slot_base(slot) + off;
+        let va = s.base + off;
         let (r, fired) = self.with_fault(fault, || self.mm.write(va, &data));
         let after = self.snapshot()?;
         let ps = s.ps.bytes();
@@ -886,7 +974,7 @@ impl World {
     fn read(&mut self, slot: usize, at: u64, len: u64, fault: Option<Fault>) -> Check {
         let Some(s) = self.slots[slot].clone() else {
             let mut b = [0u8; 1];
-            let r = self.mm.read(slot_base(slot) + at % 4096, &mut b);
+            let r = self.mm.read(self.slot_addr(slot) + at % 4096, &mut b);
             ensure!(
                 matches!(
                     r,
@@ -902,7 +990,7 @@ impl World {
         let (off, n) = Self::span(&s, at, len);
         let before = self.snapshot()?;
         let mut buf = vec![0xA5u8; n as usize];
-        let (r, fired) = self.with_fault(fault, || self.mm.read(slot_base(slot) + off, &mut buf));
+        let (r, fired) = self.with_fault(fault, || self.mm.read(s.base + off, &mut buf));
         let after = self.snapshot()?;
         let ps = s.ps.bytes();
         let (f, e) = ((off / ps) as usize, (off + n).div_ceil(ps) as usize);
@@ -975,7 +1063,7 @@ impl World {
     ) -> Check {
         let details = flags.details();
         let Some(s) = self.slots[slot].clone() else {
-            let range = VaRange::new(slot_base(slot), 4096);
+            let range = VaRange::new(self.slot_addr(slot), 4096);
             let r = self.mm.migrate(range, PagemapId(to), &details);
             ensure!(
                 matches!(
@@ -996,7 +1084,7 @@ impl World {
             1 + count % (s.pages - first)
         };
         let ps = s.ps.bytes();
-        let range = VaRange::new(slot_base(slot) + first as u64 * ps, count as u64 * ps);
+        let range = VaRange::new(s.base + first as u64 * ps, count as u64 * ps);
         let before = self.snapshot()?;
         let locs = &before[&slot][first..first + count];
         let need = count as u64 * ps;
@@ -1355,18 +1443,37 @@ impl World {
             _ => xe_svm::Access::Atomic,
         };
         let Some(s) = self.slots[slot].clone() else {
-            let r = vm.handle_gpu_fault(slot_base(slot) + at % 4096, access);
+            let r = vm.handle_gpu_fault(self.slot_addr(slot) + at % 4096, access);
             ensure!(
                 matches!(r, Err(xe_svm::SvmError::NotMirrored { .. })),
                 "GPU fault on freed slot {slot}: {r:?}"
             );
             return Ok(());
         };
-        let va = slot_base(slot) + at % s.bytes.len() as u64;
-        let (r, _fired) = self.with_fault(fault, || {
-            vm.handle_gpu_fault(va, access).map_err(|e| e.to_string())
-        });
+        let va = s.base + at % s.bytes.len() as u64;
+        // The other slots' SVM ranges whose page tables are valid now (in every VM): the
+        // fault must leave them valid unless it moved their pages (LRU eviction).
+        let neighbours: Vec<(u8, usize, VaRange)> = self
+            .served
+            .iter()
+            .filter(|&&(d, sl, start, _)| sl != slot && vms[d as usize].is_valid(start))
+            .map(|&(d, sl, start, len)| (d, sl, VaRange::new(start, len)))
+            .collect();
+        let before = self.snapshot()?;
+        let (r, fired) =
+            self.with_fault(fault, || vm.handle_gpu_fault(va, access).map_err(Box::new));
         totals().gpu_faults.fetch_add(1, Ordering::Relaxed);
+        let after = self.snapshot()?;
+        for (d, sl, range) in neighbours {
+            if before[&sl] == after[&sl] {
+                ensure!(
+                    vms[d as usize].is_valid(range.start),
+                    "a GPU fault at {va:#x} (slot {slot}, device {device}: {r:?}) invalidated \
+                     device {d}'s page table of {range} (slot {sl}), whose pages did not move"
+                );
+                totals().neighbours_checked.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         match r {
             Ok(rep) => {
                 ensure!(
@@ -1405,6 +1512,14 @@ impl World {
                 if matches!(rep.action, xe_svm::FaultAction::Migrated { .. }) {
                     totals().gpu_migrations.fetch_add(1, Ordering::Relaxed);
                 }
+                ensure!(
+                    s.range().contains_range(&rep.range),
+                    "fault at {va:#x} served {}, not inside the CPU range {}",
+                    rep.range,
+                    s.range()
+                );
+                self.served
+                    .insert((device % DEVICES as u8, slot, rep.range.start, rep.range.len));
                 let valid = vm.is_valid(va);
                 ensure!(
                     valid,
@@ -1413,7 +1528,22 @@ impl World {
             }
             Err(e) => {
                 totals().failed_ops.fetch_add(1, Ordering::Relaxed);
-                ensure!(!e.is_empty(), "empty message");
+                ensure!(!e.to_string().is_empty(), "empty message");
+                // Without an injected fault, only a shortage of device memory (an atomic
+                // fault must have it) fails a fault on a live range; never its geometry.
+                let memory = match &*e {
+                    xe_svm::SvmError::OutOfDeviceMemory { .. } => true,
+                    xe_svm::SvmError::Migrate { source, .. } => {
+                        matches!(source, Error::Busy { .. } | Error::TooLarge { .. })
+                            || out_of_memory(source)
+                    }
+                    _ => false,
+                };
+                ensure!(
+                    fired || memory,
+                    "a {access:?} GPU fault at {va:#x} (slot {slot}) failed without an injected \
+                     fault: {e}"
+                );
             }
         }
         Ok(())
@@ -1451,7 +1581,7 @@ impl World {
             };
             let mut buf = vec![0x5Au8; s.bytes.len()];
             self.mm
-                .read(slot_base(slot), &mut buf)
+                .read(s.base, &mut buf)
                 .map_err(|e| format!("final read: {e}"))?;
             if buf != s.bytes {
                 let i = buf
@@ -1469,7 +1599,7 @@ impl World {
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
             if self.mutation != Mutation::LeakAtEnd {
                 self.mm
-                    .free_range(slot_base(slot))
+                    .free_range(s.base)
                     .map_err(|e| format!("final free: {e}"))?;
                 self.slots[slot] = None;
             }
@@ -1575,22 +1705,32 @@ fn run_model(name: &str, gpu: bool, cases: u32) {
         1..=SLOTS,
     );
     let steps = if gpu {
-        prop_oneof![3 => op(), 1 => gpu_fault_op()].boxed()
+        prop_oneof![6 => op(), 2 => gpu_fault_op(), 1 => recreate_op()].boxed()
     } else {
         op().boxed()
     };
-    let sequences = (creates, prop::collection::vec(steps, 1..max_ops)).prop_map(|(c, ops)| {
-        let mut all: Vec<Op> = c.into_iter().flatten().collect();
-        all.extend(ops);
-        all
-    });
-    let result = runner.run(&sequences, |ops| {
-        run_world(World::build(Mutation::None, gpu), &ops).map_err(TestCaseError::fail)
+    // With GPU faults, half the cases pack every slot into one 2 MiB block.
+    let packed = if gpu {
+        prop::bool::weighted(0.5).boxed()
+    } else {
+        Just(false).boxed()
+    };
+    let sequences =
+        (creates, prop::collection::vec(steps, 1..max_ops), packed).prop_map(|(c, ops, packed)| {
+            let mut all: Vec<Op> = c.into_iter().flatten().collect();
+            all.extend(ops);
+            (all, packed)
+        });
+    let result = runner.run(&sequences, |(ops, packed)| {
+        totals()
+            .packed_cases
+            .fetch_add(packed as u64, Ordering::Relaxed);
+        run_world(World::build(Mutation::None, gpu, packed), &ops).map_err(TestCaseError::fail)
     });
     if let Err(e) = result {
         match e {
-            TestError::Fail(why, ops) => panic!(
-                "model test failed: {why}\nminimal sequence ({} steps):\n{ops:#?}",
+            TestError::Fail(why, (ops, packed)) => panic!(
+                "model test failed: {why}\nminimal sequence ({} steps, packed: {packed}):\n{ops:#?}",
                 ops.len()
             ),
             TestError::Abort(why) => panic!("model test aborted: {why}"),
@@ -1605,7 +1745,8 @@ fn run_model(name: &str, gpu: bool, cases: u32) {
         "{name}: {} cases, {} steps in {:.1?}; faults injected: alloc {} map {} copy {} fence-error {}; \
          {} operations failed as predicted; {} migrations ({} not needed), {} evictions; \
          {} reads checked, {} bytes compared; up to {} devices in one layout; \
-         {} BySource migrations with a source that reappears; {} GPU faults ({} migrated)",
+         {} BySource migrations with a source that reappears; {} GPU faults ({} migrated); \
+         {} cases packed into one 2 MiB block, {} neighbouring page tables checked after a GPU fault",
         totals().cases.load(Ordering::Relaxed),
         totals().steps.load(Ordering::Relaxed),
         t.elapsed(),
@@ -1623,6 +1764,8 @@ fn run_model(name: &str, gpu: bool, cases: u32) {
         totals().reappearing_sources.load(Ordering::Relaxed),
         totals().gpu_faults.load(Ordering::Relaxed),
         totals().gpu_migrations.load(Ordering::Relaxed),
+        totals().packed_cases.load(Ordering::Relaxed),
+        totals().neighbours_checked.load(Ordering::Relaxed),
     );
     // The run exercised what it claims to: every kind of fault fired somewhere.
     for (site, n) in ["alloc", "map", "copy", "fence error"].iter().zip(&f) {
@@ -1640,6 +1783,10 @@ fn run_model(name: &str, gpu: bool, cases: u32) {
         assert!(
             totals().gpu_migrations.load(Ordering::Relaxed) > 0,
             "no GPU fault migrated anything"
+        );
+        assert!(
+            totals().neighbours_checked.load(Ordering::Relaxed) > 0,
+            "no GPU fault had a neighbour with a valid page table"
         );
     }
 }

@@ -39,7 +39,12 @@ pub struct Attributes {
     pub atomic: AtomicAccess,
     /// How long pages a device received stay there before another device or the CPU may take
     /// them (upstream's timeslice). Bounds fault ping-pong between devices: at most one
-    /// migration of a range per timeslice. An atomic fault that must retry doubles it.
+    /// migration of a range per timeslice. An atomic fault that must retry doubles it
+    /// (saturating). Any length is accepted: `Duration::ZERO` lets the pages go at once; one
+    /// of [`crate::FOREVER`] or longer (`Duration::MAX`) keeps them on the device until they
+    /// are evicted (LRU eviction, [`crate::GpuVm::evict_range`], the engine's
+    /// `evict_to_ram`) or the range is freed: other devices' faults wait until then (and
+    /// the engine's CPU access honours the timeslice as well).
     pub timeslice: Duration,
 }
 

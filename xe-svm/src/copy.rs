@@ -612,6 +612,74 @@ mod tests {
         }
     }
 
+    /// The CPU waits of the policy (pre-migrate fence, ordering repair) with the context's
+    /// fence timeout as `Svm::new` hands it over, at 0, 1 ns and `Duration::MAX` (issue 11,
+    /// D1): no panic; the short ones time a pending fence out with an error, `MAX` waits.
+    #[test]
+    fn cpu_waits_take_a_fence_timeout_of_any_length() {
+        for d in [Duration::ZERO, Duration::from_nanos(1), Duration::MAX] {
+            let forever = d == Duration::MAX;
+            let fake = Fake::new();
+            let (mut p, stats, _) = policy(fake.clone());
+            p.fence_timeout = crate::svm::fence_limit(Some(d));
+            let host = HostFence::new(FenceContext::new(), 1);
+            let pre = Fence::from_host(host.clone());
+            let t = signal_later(host, false);
+            let req = CopyRequest {
+                page_size: PageSize::Size4K,
+                pages: &contiguous(3),
+                addrs: &addrs(3),
+                pre_fence: Some(&pre),
+            };
+            match p.copy_to_devmem(&req) {
+                Ok(f) => {
+                    assert!(forever, "{d:?}: a pending fence was not timed out");
+                    f.wait().unwrap();
+                    assert!(pre.is_signaled());
+                    assert_eq!(fake.seen().len(), 1);
+                }
+                Err(e) => {
+                    assert!(!forever, "{d:?}: {e}");
+                    assert!(e.message.contains("timed out"), "{d:?}: {e}");
+                    assert!(fake.seen().is_empty(), "{d:?}: issued before the fence");
+                }
+            }
+            assert_eq!(stats.snapshot().cpu_fence_waits.count, 1);
+            t.join().unwrap();
+
+            // The ordering repair waits for the pre-migrate fence and every command.
+            let fake = Fake::with(true, None, false);
+            let (mut p, stats, queues) = policy(fake.clone());
+            p.fence_timeout = crate::svm::fence_limit(Some(d));
+            let queue = FenceTimeline::new();
+            let host = queue.host_fence();
+            let pre = Fence::from_host(host.clone());
+            queues.learn(&pre);
+            let t = signal_later(host, false);
+            let pages = [Pfn(0), Pfn(4), Pfn(8)];
+            let req = CopyRequest {
+                page_size: PageSize::Size4K,
+                pages: &pages,
+                addrs: &addrs(3),
+                pre_fence: Some(&pre),
+            };
+            // A failure after commands were issued comes back through the call's fence.
+            match p.copy_to_devmem(&req).map(|f| f.wait()) {
+                Ok(Ok(())) => {
+                    assert!(pre.is_signaled(), "{d:?}");
+                    assert_eq!(fake.seen().len(), 5, "{d:?}: two commands issued again");
+                }
+                Ok(Err(e)) => {
+                    assert!(!forever, "{d:?}: {e}");
+                    assert!(e.to_string().contains("timed out"), "{d:?}: {e}");
+                }
+                Err(e) => panic!("{d:?}: {e}"),
+            }
+            assert_eq!(stats.snapshot().ordering_repairs, 1, "{d:?}");
+            t.join().unwrap();
+        }
+    }
+
     #[test]
     fn failed_pre_fence_fails_the_call_before_any_command() {
         let fake = Fake::new();

@@ -74,5 +74,5 @@ pub use attrs::{AtomicAccess, Attributes, PreferredLocation};
 pub use error::SvmError;
 pub use range::{CHUNK_SIZES, PageTable, Placement, Pte};
 pub use stats::{Bucket, CopyTally, Stats, Tally};
-pub use svm::{Svm, SvmConfig};
+pub use svm::{FOREVER, Svm, SvmConfig};
 pub use vm::{Access, FaultAction, FaultReport, GpuVm, Target};

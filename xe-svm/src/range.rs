@@ -8,6 +8,14 @@
 //! no SVM range of the VM. If none fits (`C`'s pages are larger than the attribute interval
 //! allows), the range is the one CPU page holding `a`.
 //!
+//! So SVM ranges are chosen per CPU range: several CPU ranges inside one 2 MiB block (small
+//! or unaligned buffers) each get SVM ranges and page tables of their own, and a fault on one
+//! leaves the others alone. An SVM range is stale only when the CPU range it was cut from is
+//! gone from the address space (freed, or re-created with another extent or page size): a
+//! new range cut in its block drops it, and a fault on it finds out (once the pages' generation
+//! moved: the CPU range it was cut from is no longer exactly a range of the address space, or
+//! its pages have another size) and cuts it again from the current CPU range.
+//!
 //! # Page table
 //! Per page, the address by which the VM's device reaches it ([`Pte`]): its own memory, a
 //! peer's, or system memory, as `device_map` / `map_frames` give it. The table stays valid

@@ -22,8 +22,28 @@ pub struct SvmConfig {
     /// Most bytes of device memory each pagemap may hold at once; `None`: the pagemap's own
     /// capacity. When a fault needs more, least-recently-used allocations are evicted.
     pub capacity: Option<u64>,
-    /// Longest wait for any fence (copies, pre-migrate fences); `None`: no limit.
+    /// Longest wait for any fence (copies, pre-migrate fences); `None`: no limit. Any length
+    /// is accepted: `Some(Duration::ZERO)` times out every wait for a fence that has not
+    /// signalled yet (the fault fails with a typed error or is served from system memory,
+    /// no data is lost), and a timeout of [`FOREVER`] or longer (`Duration::MAX`) is the same
+    /// as `None`.
     pub fence_timeout: Option<Duration>,
+}
+
+/// About a century: later than any instant a process reaches. User durations at least this
+/// long mean "no limit" — a fence timeout this long is no timeout, a timeslice this long keeps
+/// the pages until they are evicted — and are cut to it before they meet an `Instant`, so no
+/// deadline arithmetic can overflow (`Duration::MAX` is the natural "forever").
+pub const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// A fence timeout as waits take it: `None` (no deadline) for one of [`FOREVER`] or longer.
+pub(crate) fn fence_limit(timeout: Option<Duration>) -> Option<Duration> {
+    timeout.filter(|t| *t < FOREVER)
+}
+
+/// A timeslice as the engine takes it: at most [`FOREVER`].
+pub(crate) fn timeslice_limit(timeslice: Duration) -> Duration {
+    timeslice.min(FOREVER)
 }
 
 /// What the context knows of one of its pagemaps.
@@ -141,13 +161,23 @@ impl SvmInner {
                         });
                     }
                 }
-            } else if acct.inflight() > 0 {
-                // Other faults' allocations are being migrated into: they become evictable
-                // (or are released) when those migrations end.
-                stalls += 1;
-                acct.wait_change(STALL);
             } else {
-                stalls = MAX_STALLS + 1;
+                // A migration whose copies timed out (a short fence timeout) keeps its device
+                // memory until the copies finish: the engine's deferred cleanup. Finish those
+                // whose copies are done, and wait for the others.
+                let used = acct.used();
+                let deferred = self.mm.deferred_cleanups();
+                stalls += 1;
+                if acct.used() < used {
+                    continue;
+                }
+                if deferred > 0 || acct.inflight() > 0 {
+                    // Other faults' allocations are being migrated into (or cleaned up): they
+                    // become evictable (or are released) when those migrations end.
+                    acct.wait_change(STALL);
+                } else {
+                    stalls = MAX_STALLS + 1;
+                }
             }
             if stalls > MAX_STALLS || refused > MAX_REFUSED {
                 return Err(SvmError::OutOfDeviceMemory {
@@ -185,11 +215,11 @@ impl SvmInner {
         let t = Instant::now();
         let alloc = self.allocate_room(info, npages, ps, va, stats, device)?;
         let details = MigrateDetails {
-            timeslice,
+            timeslice: timeslice_limit(timeslice),
             can_migrate_same_pagemap: false,
             source_peer_migrates: true,
             coalesce: Coalesce::BySource,
-            fence_timeout: self.config.fence_timeout,
+            fence_timeout: fence_limit(self.config.fence_timeout),
         };
         let mut work = |pfns: &[Pfn]| while_copying(alloc, pfns);
         match self
@@ -353,7 +383,7 @@ impl Svm {
                 stats,
                 queues: queues.clone(),
                 account: account.clone(),
-                fence_timeout: config.fence_timeout,
+                fence_timeout: fence_limit(config.fence_timeout),
             };
             infos[pm.id().0 as usize] = Some(PagemapInfo {
                 device,

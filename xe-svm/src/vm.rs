@@ -2,7 +2,10 @@
 //! handler.
 //!
 //! # The fault handler
-//! [`GpuVm::handle_gpu_fault`] finds or creates the SVM range holding the address, then:
+//! [`GpuVm::handle_gpu_fault`] finds or creates the SVM range holding the address (cut from
+//! the CPU range holding it; see [`crate::CHUNK_SIZES`] and the chunking rules of the range
+//! module: a range whose CPU range is gone or was re-created with another page size is
+//! dropped and cut again, ranges of live neighbouring CPU ranges are never touched), then:
 //! 1. **Target.** An atomic access needs the faulting device's own memory (refused when the
 //!    range's atomic attribute is [`AtomicAccess::Cpu`]). Otherwise the preferred location:
 //!    the device's own memory by default, a pagemap (a peer's memory), or system memory.
@@ -42,8 +45,8 @@ use crate::range::{FewAllocs, MapCtx, PageTable, Placement, SvmRange, choose_chu
 use crate::stats::{Bucket, Counters};
 use crate::svm::SvmInner;
 use drm_pagemap_core::{
-    DeviceId, Error as CoreError, OwnerId, PageBacking, PageSize, PagemapId, PagemapOps,
-    RangeProblem, VaRange,
+    AddressSpace, DeviceId, Error as CoreError, OwnerId, PageBacking, PageSize, PagemapId,
+    PagemapOps, RangeProblem, VaRange,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -111,6 +114,10 @@ pub struct FaultReport {
     /// Time from the fault to the page table.
     pub elapsed: Duration,
 }
+
+/// The longest sleep of a wait for another device's timeslice before the pages are looked at
+/// again.
+const TIMESLICE_POLL: Duration = Duration::from_millis(50);
 
 /// How many times one fault looks again after the pages moved under it.
 const MAX_ROUNDS: usize = 4;
@@ -194,6 +201,39 @@ impl std::fmt::Debug for GpuVm {
             .field("device", &self.inner.device)
             .field("local", &self.inner.local)
             .finish_non_exhaustive()
+    }
+}
+
+/// Whether the CPU range `r` was cut from is still in the address space, with the same page
+/// size. `cpu_ranges` is sorted by start.
+fn cpu_range_live(cpu_ranges: &[(VaRange, PageSize)], r: &SvmRange) -> bool {
+    cpu_ranges
+        .binary_search_by_key(&r.cpu.start, |(c, _)| c.start)
+        .is_ok_and(|i| cpu_ranges[i] == (r.cpu, r.page_size))
+}
+
+/// Whether `cpu` is exactly one range of the address space (whatever its page size): it lies
+/// inside one range, and the bytes just before and just after it are not in that range.
+/// O(log ranges), no allocation.
+fn cpu_range_is(mm: &AddressSpace, cpu: VaRange) -> bool {
+    // `generation` of a span succeeds when the span lies inside one range.
+    let inside = |start: u64, len: u64| mm.generation(VaRange::new(start, len)).is_ok();
+    inside(cpu.start, cpu.len)
+        && cpu.start.checked_sub(1).is_none_or(|b| !inside(b, 2))
+        && !inside(cpu.end() - 1, 2)
+}
+
+/// Whether `e` says the range no longer lies in one CPU range of its page size (the CPU
+/// range was freed or re-created under a fault).
+fn cpu_range_changed(e: &SvmError) -> bool {
+    match e {
+        SvmError::Migrate { source, .. }
+        | SvmError::ToSystem { source, .. }
+        | SvmError::PageTable { source, .. } => matches!(
+            source,
+            CoreError::BadRange { .. } | CoreError::PageSizeMismatch { .. }
+        ),
+        _ => false,
     }
 }
 
@@ -404,13 +444,13 @@ impl GpuVm {
             device: self.inner.device,
             address,
         };
-        let (cpu, ps) = self
-            .inner
-            .svm
-            .mm
-            .ranges()
-            .into_iter()
-            .find(|(r, _)| r.start <= address && address < r.end())
+        // Sorted by start: the CPU ranges do not overlap.
+        let cpu_ranges = self.inner.svm.mm.ranges();
+        let i = cpu_ranges.partition_point(|(r, _)| r.start <= address);
+        let (cpu, ps) = i
+            .checked_sub(1)
+            .map(|i| cpu_ranges[i])
+            .filter(|(r, _)| address < r.end())
             .ok_or(not_mirrored)?;
         let span = self.attrs_at(address);
         let (lo, hi) = (cpu.start.max(span.start), cpu.end().min(span.end));
@@ -421,14 +461,17 @@ impl GpuVm {
             {
                 return Ok(r.clone());
             }
-            // Ranges cut from a CPU range that is gone cannot stay in the way.
+            // Ranges cut from a CPU range that is gone (freed, or re-created with another
+            // extent or page size) cannot stay in the way of the new one (every range lies in
+            // one 2 MiB block). Ranges of the other live CPU ranges in the block stay: they
+            // never overlap the new one, which lies inside its own CPU range.
             let block = address - address % PageSize::Size2M.bytes();
             let block_end = block.saturating_add(PageSize::Size2M.bytes());
             let stale_keys: Vec<u64> = map
                 .range(..block_end)
                 .rev()
                 .take_while(|(_, r)| r.va.end() > block)
-                .filter(|(_, r)| r.cpu != cpu || r.page_size != ps)
+                .filter(|(_, r)| !cpu_range_live(&cpu_ranges, r))
                 .map(|(&k, _)| k)
                 .collect();
             let stale: Vec<Arc<SvmRange>> =
@@ -626,6 +669,12 @@ impl GpuVm {
             }
             return Ok(Some(report(FaultAction::Valid, false)));
         }
+        // The generation moved: the CPU range may have been freed and created again. A range
+        // cut from one that is gone is not served (a new range cut in its block would drop
+        // it, and it may no longer be the chunk the CPU range calls for).
+        if !cpu_range_is(&svm.mm, range.cpu) {
+            return Ok(None);
+        }
         for round in 0..MAX_ROUNDS {
             let generation = match svm.mm.backing_with_generation(range.va, &mut st.scratch) {
                 Ok(g) => g,
@@ -640,6 +689,10 @@ impl GpuVm {
                     });
                 }
             };
+            if st.scratch.len() as u64 != range.va.len / range.page_size.bytes() {
+                // The CPU range was re-created (same extent) with another page size.
+                return Ok(None);
+            }
             let at_target = resident(&st.scratch, target);
             if round == 0
                 && at_target
@@ -683,7 +736,12 @@ impl GpuVm {
             }
             // `st.scratch` is the backing as seen under the locks still held.
             let (a, retried, built) =
-                self.place(range, st, target, need_dev, &attrs, &mut locks, &cx, writes)?;
+                match self.place(range, st, target, need_dev, &attrs, &mut locks, &cx, writes) {
+                    Ok(done) => done,
+                    // The CPU range went or was re-created while the pages were placed.
+                    Err(e) if cpu_range_changed(&e) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
             action = Some(a);
             busy_retry |= retried;
             if built {
@@ -844,7 +902,9 @@ impl GpuVm {
     }
 
     /// Sleeps until no page of the range is held by another pagemap's allocation whose
-    /// timeslice has not expired (the bound on ping-pong between devices).
+    /// timeslice has not expired (the bound on ping-pong between devices), or the pages left
+    /// that allocation (evicted, freed). A timeslice of [`crate::FOREVER`] or more
+    /// (`Duration::MAX`) is only ended that way.
     /// `fresh`: `st.scratch` already holds the current backing.
     fn wait_timeslices(
         &self,
@@ -883,9 +943,11 @@ impl GpuVm {
             let (Some(until), Some(now)) = (until, now) else {
                 break;
             };
-            let d = until - now;
+            // Timeslices reach the engine cut to `FOREVER`, so `until` is a real instant. Sleep
+            // in slices and look again: pages evicted (or freed) meanwhile end a long wait.
+            let d = until.saturating_duration_since(now).min(TIMESLICE_POLL);
             std::thread::sleep(d);
-            waited += d;
+            waited = waited.saturating_add(d);
         }
         if !waited.is_zero() {
             self.inner.stats.timeslice_waits.add(0, waited);
