@@ -167,6 +167,69 @@ impl DevmemOps for AuditedDevmem {
 struct Fault {
     site: FaultSite,
     nth: u64,
+    /// The fault panics inside the backend instead of returning an error (engine steps
+    /// only): the engine must roll back exactly as for an error.
+    panic: bool,
+}
+
+/// An operation's result built from a panic that an injected fault raised inside it: an
+/// injected backend error, so that every check of a failed operation applies.
+trait FromInjectedPanic {
+    fn from_panic(message: String) -> Self;
+}
+
+fn injected_panic_error(message: String) -> Error {
+    Error::Backend {
+        range: VaRange::new(0, 0),
+        op: "a backend call that panicked",
+        pagemap: None,
+        device: None,
+        source: BackendError::new(BackendErrorKind::Injected, message),
+    }
+}
+
+impl<X> FromInjectedPanic for Result<X, Error> {
+    fn from_panic(message: String) -> Self {
+        Err(injected_panic_error(message))
+    }
+}
+
+impl<X, Y> FromInjectedPanic for (Result<X, Error>, Result<Y, Error>)
+where
+    Y: Default,
+{
+    fn from_panic(message: String) -> Self {
+        // Only the allocation can panic (releases are not injected).
+        (Err(injected_panic_error(message)), Ok(Y::default()))
+    }
+}
+
+impl<X> FromInjectedPanic for Result<X, Box<xe_svm::SvmError>> {
+    fn from_panic(message: String) -> Self {
+        Err(Box::new(xe_svm::SvmError::Core(injected_panic_error(
+            message,
+        ))))
+    }
+}
+
+/// Keeps the panics the model injects on purpose out of the test output (every other panic
+/// is reported as usual).
+fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if !msg.starts_with("injected panic") {
+                default(info);
+            }
+        }));
+    });
 }
 
 #[derive(Clone, Debug)]
@@ -299,9 +362,10 @@ fn fault() -> impl Strategy<Value = Option<Fault>> {
                 3 => Just(FaultSite::Copy),
                 3 => Just(FaultSite::FenceError)
             ],
-            1u64..3
+            1u64..3,
+            prop_oneof![4 => Just(false), 1 => Just(true)]
         )
-            .prop_map(|(site, nth)| Some(Fault { site, nth })),
+            .prop_map(|(site, nth, panic)| Some(Fault { site, nth, panic })),
     ]
 }
 
@@ -481,6 +545,8 @@ struct Totals {
     neighbours_checked: AtomicU64,
     /// Cases run with every slot in one 2 MiB block.
     packed_cases: AtomicU64,
+    /// Injected faults that panicked inside the backend (and were rolled back).
+    panics: AtomicU64,
 }
 
 thread_local! {
@@ -627,13 +693,40 @@ impl World {
     }
 
     /// Runs `f` with `fault` armed; returns its result and whether the fault fired in it.
-    fn with_fault<T>(&self, fault: Option<Fault>, f: impl FnOnce() -> T) -> (T, bool) {
+    fn with_fault<T: FromInjectedPanic>(
+        &self,
+        fault: Option<Fault>,
+        f: impl FnOnce() -> T,
+    ) -> (T, bool) {
         let before = self.inj.injected();
+        let panics = fault.is_some_and(|fl| fl.panic);
         if let Some(fl) = fault {
+            self.inj.set_panics(panics);
             self.inj.fail_nth(fl.site, fl.nth);
         }
-        let r = f();
+        let r = if panics {
+            quiet_injected_panics();
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                Ok(r) => r,
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    assert!(
+                        msg.starts_with("injected panic"),
+                        "a panic that was not injected: {msg}"
+                    );
+                    totals().panics.fetch_add(1, Ordering::Relaxed);
+                    T::from_panic(msg)
+                }
+            }
+        } else {
+            f()
+        };
         self.inj.disarm();
+        self.inj.set_panics(false);
         let fired = self.inj.injected() > before;
         if fired && let Some(fl) = fault {
             totals().faults[site_index(fl.site)].fetch_add(1, Ordering::Relaxed);
@@ -1460,6 +1553,9 @@ impl World {
             .map(|&(d, sl, start, len)| (d, sl, VaRange::new(start, len)))
             .collect();
         let before = self.snapshot()?;
+        // Engine steps check panics; a GPU fault's layer keeps its own state, so its faults
+        // return errors only.
+        let fault = fault.map(|f| Fault { panic: false, ..f });
         let (r, fired) =
             self.with_fault(fault, || vm.handle_gpu_fault(va, access).map_err(Box::new));
         totals().gpu_faults.fetch_add(1, Ordering::Relaxed);
@@ -1746,7 +1842,8 @@ fn run_model(name: &str, gpu: bool, cases: u32) {
          {} operations failed as predicted; {} migrations ({} not needed), {} evictions; \
          {} reads checked, {} bytes compared; up to {} devices in one layout; \
          {} BySource migrations with a source that reappears; {} GPU faults ({} migrated); \
-         {} cases packed into one 2 MiB block, {} neighbouring page tables checked after a GPU fault",
+         {} cases packed into one 2 MiB block, {} neighbouring page tables checked after a GPU fault; \
+         {} injected faults panicked",
         totals().cases.load(Ordering::Relaxed),
         totals().steps.load(Ordering::Relaxed),
         t.elapsed(),
@@ -1766,6 +1863,7 @@ fn run_model(name: &str, gpu: bool, cases: u32) {
         totals().gpu_migrations.load(Ordering::Relaxed),
         totals().packed_cases.load(Ordering::Relaxed),
         totals().neighbours_checked.load(Ordering::Relaxed),
+        totals().panics.load(Ordering::Relaxed),
     );
     // The run exercised what it claims to: every kind of fault fired somewhere.
     for (site, n) in ["alloc", "map", "copy", "fence error"].iter().zip(&f) {
@@ -1778,6 +1876,10 @@ fn run_model(name: &str, gpu: bool, cases: u32) {
     assert!(
         totals().reappearing_sources.load(Ordering::Relaxed) > 0,
         "no migration had a source that reappears"
+    );
+    assert!(
+        totals().panics.load(Ordering::Relaxed) > 0,
+        "no injected fault panicked"
     );
     if gpu {
         assert!(
@@ -1948,6 +2050,7 @@ fn a_fault_that_fires_is_reported_as_a_failure() {
             fault: Some(Fault {
                 site: FaultSite::Copy,
                 nth: 1,
+                panic: false,
             }),
         },
         Op::Read {

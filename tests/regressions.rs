@@ -594,3 +594,86 @@ fn cpu_access_under_contention(evictor: bool) {
     check(&m.mm, r, 7, "after contention");
     finish(&m, r);
 }
+
+// --- D7: what the docs say about the timeslice --------------------------------------------
+
+#[test]
+fn d7_cpu_access_waits_for_the_timeslice_and_eviction_does_not() {
+    let m = machine(2, 16 << 20, Duration::ZERO);
+    let r = VaRange::new(BASE, 4 * PS);
+    m.mm.create_range(r, PageSize::Size4K).unwrap();
+    fill(&m.mm, r, 8);
+    let slice = Duration::from_millis(150);
+    let details = MigrateDetails {
+        timeslice: slice,
+        ..MigrateDetails::default()
+    };
+    // CPU access: waits until the timeslice has expired, then brings the pages home.
+    let t = Instant::now();
+    m.mm.migrate(r, PagemapId(1), &details).unwrap();
+    let mut b = [0u8; 4];
+    m.mm.read(r.start, &mut b).unwrap();
+    assert!(
+        t.elapsed() >= slice,
+        "the CPU read came back after {:?}, inside the {slice:?} timeslice",
+        t.elapsed()
+    );
+    assert_eq!(m.mm.location(r.start).unwrap(), PageLocation::System);
+    // Eviction: does not wait for it (memory pressure wins).
+    let rep = m.mm.migrate(r, PagemapId(1), &details).unwrap();
+    let t = Instant::now();
+    m.mm.evict_to_ram(rep.alloc.unwrap()).unwrap();
+    assert!(
+        t.elapsed() < slice,
+        "eviction waited {:?} for the timeslice",
+        t.elapsed()
+    );
+    assert!(
+        m.mm.allocation(rep.alloc.unwrap()).is_none(),
+        "the allocation was not released"
+    );
+    check(&m.mm, r, 8, "after eviction inside the timeslice");
+    finish(&m, r);
+}
+
+#[test]
+fn d3_a_reservation_a_migration_does_not_use_goes_back_unused() {
+    let m = machine(2, 16 << 20, Duration::ZERO);
+    let r = VaRange::new(BASE, 8 * PS);
+    m.mm.create_range(r, PageSize::Size4K).unwrap();
+    fill(&m.mm, r, 9);
+    m.mm.migrate(r, PagemapId(0), &MigrateDetails::default())
+        .unwrap();
+    let s0 = m.sim.stats(PagemapId(0)).unwrap();
+    // Not needed, refused (a reservation of the wrong size), released unused: no copy
+    // touched any of them.
+    let a =
+        m.mm.allocate_devmem(PagemapId(0), 8, PageSize::Size4K, r)
+            .unwrap();
+    let rep =
+        m.mm.migrate_to_devmem(a, r, &MigrateDetails::default())
+            .unwrap();
+    assert_eq!(rep.outcome, MigrateOutcome::NotNeeded);
+    let b =
+        m.mm.allocate_devmem(PagemapId(0), 7, PageSize::Size4K, r)
+            .unwrap();
+    assert!(
+        m.mm.migrate_to_devmem(b, r, &MigrateDetails::default())
+            .is_err()
+    );
+    let c =
+        m.mm.allocate_devmem(PagemapId(0), 3, PageSize::Size4K, r)
+            .unwrap();
+    m.mm.release_devmem(c).unwrap();
+    let s1 = m.sim.stats(PagemapId(0)).unwrap();
+    assert_eq!(s1.releases, s0.releases + 3);
+    assert_eq!(s1.unused_releases, s0.unused_releases + 3);
+    // A migration that copied goes back through the ordinary release.
+    m.mm.migrate(r, PagemapId(1), &MigrateDetails::default())
+        .unwrap();
+    let s2 = m.sim.stats(PagemapId(0)).unwrap();
+    assert_eq!(s2.releases, s1.releases + 1);
+    assert_eq!(s2.unused_releases, s1.unused_releases);
+    check(&m.mm, r, 9, "after unused reservations");
+    finish(&m, r);
+}

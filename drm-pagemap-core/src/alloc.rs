@@ -198,6 +198,14 @@ impl AllocTable {
 /// Releases allocations (outside any lock): one call per pagemap for all of its
 /// allocations in `list` (the backend may batch them; the order between pagemaps does not
 /// matter).
+/// Releases allocations into which no copy was ever issued (outside any lock): see
+/// [`DevmemOps::devmem_release_unused`].
+pub(crate) fn release_unused(list: impl IntoIterator<Item = Release>) {
+    for (ops, b) in list {
+        ops.devmem_release_unused(b);
+    }
+}
+
 pub(crate) fn release_all(list: Vec<Release>) {
     if list.len() == 1 {
         for (ops, b) in list {

@@ -161,6 +161,14 @@ pub trait DevmemOps: Send + Sync {
             self.devmem_release(b);
         }
     }
+    /// Frees an allocation into which no copy was ever issued (a migration refused, not
+    /// needed, or failed before its first copy; a reservation released unused). Its pages
+    /// hold what [`DevmemOps::allocate`] left (zeros once its pre-migrate fence has
+    /// signalled), so a backend that clears freed pages may skip that clear. Same contract
+    /// as [`DevmemOps::devmem_release`] otherwise; the default calls it.
+    fn devmem_release_unused(&self, backing: DevmemBacking) {
+        self.devmem_release(backing)
+    }
     /// Total bytes this pagemap can allocate.
     fn capacity_bytes(&self) -> u64;
 }

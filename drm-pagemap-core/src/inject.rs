@@ -235,6 +235,10 @@ impl DevmemOps for InjectedDevmem {
         self.inner.devmem_release_many(backings)
     }
 
+    fn devmem_release_unused(&self, backing: DevmemBacking) {
+        self.inner.devmem_release_unused(backing)
+    }
+
     fn capacity_bytes(&self) -> u64 {
         self.inner.capacity_bytes()
     }

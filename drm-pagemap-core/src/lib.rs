@@ -21,8 +21,20 @@
 //!   issues one call per distinct (executor, operation); all calls are issued before any
 //!   wait, so devices copy concurrently.
 //! - **Back to RAM** ([`AddressSpace::evict_to_ram`], CPU access through
-//!   [`AddressSpace::read`] / [`AddressSpace::write`]) is executed by the owning device and
-//!   honours the allocation's timeslice.
+//!   [`AddressSpace::read`] / [`AddressSpace::write`]) is executed by the owning device.
+//!   CPU access honours the allocation's timeslice; eviction does not (memory pressure
+//!   wins, as upstream's `drm_pagemap_evict_to_ram`).
+//! - **CPU access makes progress.** While a CPU access waits (a timeslice, a running
+//!   migration, its own copy back), no new migration may take its pages
+//!   ([`BusyReason::CpuAccess`]): it completes within the timeslice plus the copies of its
+//!   own pages, however busy other movers are. [`AddressSpace::read_timeout`] bounds the
+//!   wait.
+//! - **Durations never overflow.** Every `Duration` a caller passes may be
+//!   `Duration::MAX` ("for ever"); a deadline past any reachable instant is no deadline.
+//! - **No lock outlives a panic.** A panic in a backend call or in the caller's work
+//!   between locking pages and the commit rolls the operation back (pages unlocked and
+//!   unchanged, the destination released once the copies already issued are done) and then
+//!   continues to the caller.
 //!
 //! The core has no `unsafe` and no FFI: backends ([`HostMemory`], [`PagemapOps`],
 //! [`DevmemOps`]) bring the hardware. Page state lives in packed arrays (one `u64` per page).

@@ -1,7 +1,7 @@
 //! Migration to device memory: collect -> classify -> plan -> map -> issue every call ->
 //! wait once -> commit all pages, or roll back leaving every source page as it was.
 
-use crate::alloc::{AllocId, AllocState, Release, release_all};
+use crate::alloc::{AllocId, AllocState, Release, release_all, release_unused};
 use crate::backend::{CopyRequest, Pagemap};
 use crate::error::{BackendError, Error, RangeProblem, Result};
 use crate::fence::Fence;
@@ -317,8 +317,9 @@ impl AddressSpace {
         let collected = match self.collect(target, range, &mut sc.snapshot, &mut sc.src_pfns) {
             Ok(c) => c,
             Err(refused) => {
+                // A refused request consumed its reservation, which no copy ever touched.
                 let (release, e) = *refused;
-                release_all(release.into_iter().collect());
+                release_unused(release);
                 return Err(e);
             }
         };
@@ -351,7 +352,7 @@ impl AddressSpace {
                 r
             }
             Err(panic) => {
-                self.unwind_migration(span, &mut flight, &mut sc.fences);
+                self.unwind_migration(span, &mut flight, &mut sc.fences, details.fence_timeout);
                 std::panic::resume_unwind(panic)
             }
         }
@@ -495,13 +496,25 @@ impl AddressSpace {
         span: Span,
         flight: &mut InFlight,
         fences: &mut Vec<(usize, Fence)>,
+        fence_timeout: Option<Duration>,
     ) {
         if flight.committed {
             return;
         }
         let maps = std::mem::take(&mut flight.maps);
+        // Copies issued may still write the destination: wait for them as an error would
+        // (as long as the migration's fence timeout allows; a wait that panics again counts
+        // as not done), then park it if some are still running; otherwise it goes now.
+        let used = !fences.is_empty();
+        for (_, f) in fences.iter() {
+            if !f.is_signaled() {
+                let wait = std::panic::AssertUnwindSafe(|| f.wait_for(fence_timeout));
+                let _ = std::panic::catch_unwind(wait);
+            }
+        }
+        let running = fences.iter().any(|(_, f)| !f.is_signaled());
         let deferred = match flight.alloc {
-            Some(alloc) if !fences.is_empty() => Some(Deferred {
+            Some(alloc) if running => Some(Deferred {
                 fences: fences.drain(..).map(|(_, f)| f).collect(),
                 unmap: maps,
                 slot: Some(alloc.slot),
@@ -512,7 +525,7 @@ impl AddressSpace {
                 None
             }
         };
-        roll_back(self, span, flight.alloc, deferred);
+        roll_back(self, span, flight.alloc, deferred, used);
     }
 
     /// Everything after the pages are locked: classify, allocate (when the caller did not),
@@ -552,7 +565,7 @@ impl AddressSpace {
         timing.plan = t0.elapsed();
         match verdict {
             Verdict::NotNeeded => {
-                roll_back(self, span, flight.alloc, None);
+                roll_back(self, span, flight.alloc, None, false);
                 return Ok(MigrateReport {
                     outcome: MigrateOutcome::NotNeeded,
                     alloc: None,
@@ -563,7 +576,7 @@ impl AddressSpace {
                 });
             }
             Verdict::Busy(reason, _) => {
-                roll_back(self, span, flight.alloc, None);
+                roll_back(self, span, flight.alloc, None, false);
                 return Err(Error::Busy {
                     range,
                     pagemap: dest.id(),
@@ -582,7 +595,7 @@ impl AddressSpace {
                     d
                 }
                 Err(e) => {
-                    roll_back(self, span, None, None);
+                    roll_back(self, span, None, None, false);
                     return Err(e);
                 }
             },
@@ -610,7 +623,7 @@ impl AddressSpace {
         if let Err(e) = job.map_all(plan, pages, maps, frames, pfns) {
             self.unmap(maps);
             maps.records.clear();
-            roll_back(self, span, Some(alloc), None);
+            roll_back(self, span, Some(alloc), None, false);
             return Err(e);
         }
         let t1 = Instant::now();
@@ -728,11 +741,12 @@ impl AddressSpace {
                     slot: Some(alloc.slot),
                     frames: Vec::new(),
                 };
-                roll_back(self, span, Some(alloc), Some(deferred));
+                roll_back(self, span, Some(alloc), Some(deferred), true);
             } else {
                 self.unmap(maps);
                 maps.records.clear();
-                roll_back(self, span, Some(alloc), None);
+                // A call that failed to submit may have written part of its pages.
+                roll_back(self, span, Some(alloc), None, true);
             }
             return Err(err);
         }
@@ -1088,8 +1102,15 @@ impl Job<'_> {
 }
 
 /// Unlocks the pages of `span` (unchanged) and releases the destination `alloc`, or parks it
-/// in `deferred` until its fences signal.
-fn roll_back(mm: &AddressSpace, span: Span, alloc: Option<AllocId>, deferred: Option<Deferred>) {
+/// in `deferred` until its fences signal. `used`: a copy was issued into it (else it goes
+/// back through [`crate::DevmemOps::devmem_release_unused`]).
+fn roll_back(
+    mm: &AddressSpace,
+    span: Span,
+    alloc: Option<AllocId>,
+    deferred: Option<Deferred>,
+    used: bool,
+) {
     let rel = {
         let mut st = mm.lock();
         st.set_locked(span, false);
@@ -1103,5 +1124,9 @@ fn roll_back(mm: &AddressSpace, span: Span, alloc: Option<AllocId>, deferred: Op
         mm.notify_unlocked(&st);
         rel
     };
-    release_all(rel.into_iter().collect());
+    if used {
+        release_all(rel.into_iter().collect());
+    } else {
+        release_unused(rel);
+    }
 }

@@ -684,7 +684,7 @@ impl AddressSpace {
                 None => return Err(Error::NoSuchAllocation { alloc: id }),
             }
         };
-        release_all(rel.into_iter().collect());
+        crate::alloc::release_unused(rel);
         Ok(())
     }
 

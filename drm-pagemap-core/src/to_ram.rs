@@ -52,7 +52,9 @@ impl AddressSpace {
     /// Moves every page of `alloc` back to system memory and releases it (upstream
     /// `drm_pagemap_evict_to_ram`). Pages locked by a running migration are waited for; after
     /// three passes that leave pages behind: Busy. If a concurrent migration takes its last
-    /// pages meanwhile (releasing it), the eviction succeeded.
+    /// pages meanwhile (releasing it), the eviction succeeded. The allocation's timeslice
+    /// does not hold an eviction back (memory pressure wins, as upstream): only CPU access
+    /// waits for it.
     pub fn evict_to_ram(&self, alloc: AllocId) -> Result<EvictReport> {
         self.reap_deferred();
         let mut moved = 0;
@@ -151,9 +153,14 @@ impl AddressSpace {
             };
             if rec.state == AllocState::Reserved || (rec.state == AllocState::Live && rec.live == 0)
             {
+                let unused = rec.state == AllocState::Reserved;
                 let rel = st.allocs.remove(alloc.slot);
                 drop(st);
-                release_all(rel.into_iter().collect());
+                if unused {
+                    crate::alloc::release_unused(rel);
+                } else {
+                    release_all(rel.into_iter().collect());
+                }
                 return Ok(Pass {
                     moved: 0,
                     busy: 0,
@@ -322,12 +329,12 @@ impl AddressSpace {
 
     /// Undoes a copy back to RAM that failed or unwound: the frames (and their mapping) are
     /// freed, or parked until the copy's fence signals when it may still write them (it
-    /// timed out, or the backend panicked after issuing it).
+    /// timed out, or the backend panicked after issuing it, and the fence has not signalled).
     fn abandon_copy_back(&self, flight: &mut ToRamFlight, ps: PageSize) {
         let frames = std::mem::take(&mut flight.frames);
         let mapped = flight.mapped.take();
         match flight.fence.take() {
-            Some(late) => {
+            Some(late) if !late.is_signaled() => {
                 let unmap = match mapped {
                     Some((dev, addrs)) => {
                         let n = addrs.len();

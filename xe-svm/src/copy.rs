@@ -334,6 +334,12 @@ impl DevmemOps for PolicyOps {
         self.account.release(bytes);
     }
 
+    fn devmem_release_unused(&self, backing: DevmemBacking) {
+        let bytes = (backing.npages as u64).saturating_mul(backing.page_size.bytes());
+        self.inner.devmem_release_unused(backing);
+        self.account.release(bytes);
+    }
+
     fn devmem_release_many(&self, backings: Vec<DevmemBacking>) {
         let sizes: Vec<u64> = backings
             .iter()

@@ -48,8 +48,11 @@ const GROW_STEP: u64 = 64 << 20;
 pub struct CudaStats {
     /// Successful `allocate` calls.
     pub allocations: u64,
-    /// `devmem_release` calls.
+    /// Allocations released (`devmem_release`, also through the calls below).
     pub releases: u64,
+    /// Of those, released unused (`devmem_release_unused`: no copy was issued into them)
+    /// and given back without a clear.
+    pub unused_releases: u64,
     /// `copy_to_devmem` calls.
     pub copy_to_devmem_calls: u64,
     /// `copy_to_ram` calls.
@@ -83,6 +86,7 @@ pub struct CudaStats {
 struct Counters {
     allocations: AtomicU64,
     releases: AtomicU64,
+    unused_releases: AtomicU64,
     to_devmem: AtomicU64,
     to_ram: AtomicU64,
     kernels: AtomicU64,
@@ -436,6 +440,7 @@ impl CudaPagemap {
         CudaStats {
             allocations: l(&c.allocations),
             releases: l(&c.releases),
+            unused_releases: l(&c.unused_releases),
             copy_to_devmem_calls: l(&c.to_devmem),
             copy_to_ram_calls: l(&c.to_ram),
             kernel_launches: l(&c.kernels),
@@ -1368,6 +1373,36 @@ impl DevmemOps for CudaPagemap {
 
     fn devmem_release(&self, backing: DevmemBacking) {
         self.devmem_release_many(vec![backing]);
+    }
+
+    fn devmem_release_unused(&self, backing: DevmemBacking) {
+        // No copy was issued into it: once the clear it was allocated with (its pre-migrate
+        // fence) is done, its pages are as clean as allocation left them and go back
+        // without another clear. A refused migration thus queues no clear.
+        let cleared = backing
+            .pre_migrate_fence
+            .as_ref()
+            .is_none_or(|f| matches!(f.status(), FenceStatus::Signaled));
+        if !cleared {
+            return self.devmem_release(backing);
+        }
+        let mut starts = Vec::new();
+        let removed = self
+            .allocs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove_into(backing.cookie, &mut starts);
+        if !removed {
+            return;
+        }
+        {
+            let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+            self.to_allocator(&mut sub.clean, &starts, backing.page_size.granules(), false);
+        }
+        let bytes = backing.npages as u64 * backing.page_size.bytes();
+        self.counters.used.fetch_sub(bytes, Ordering::SeqCst);
+        self.counters.releases.fetch_add(1, Ordering::SeqCst);
+        self.counters.unused_releases.fetch_add(1, Ordering::SeqCst);
     }
 
     fn devmem_release_many(&self, backings: Vec<DevmemBacking>) {

@@ -1413,3 +1413,63 @@ fn mapping_for_a_device_that_does_not_exist_fails() {
         r.backend.driver_version()
     );
 }
+
+#[test]
+fn a_refused_or_unneeded_migration_queues_no_clear() {
+    if !gpu() {
+        return;
+    }
+    let _gpu = shared();
+    let r = rig_clearing(true);
+    let pm = &r.pms[0];
+    let base = 9u64 << 36;
+    let range = VaRange::new(base, 16 * 4096);
+    r.mm.create_range(range, PageSize::Size4K).unwrap();
+    fill(&r.mm, base, 16, PageSize::Size4K, 41);
+    r.mm.migrate(range, PagemapId(0), &MigrateDetails::default())
+        .unwrap();
+    pm.synchronize().unwrap();
+    // migrate(): classified before anything is allocated.
+    let s0 = pm.stats();
+    let rep =
+        r.mm.migrate(range, PagemapId(0), &MigrateDetails::default())
+            .unwrap();
+    assert_eq!(rep.outcome, MigrateOutcome::NotNeeded);
+    let s1 = pm.stats();
+    assert_eq!(s1.allocations, s0.allocations, "nothing allocated");
+    assert_eq!(s1.clear_launches, s0.clear_launches, "nothing cleared");
+    // The explicit path: a reservation the migration then does not use goes back unused,
+    // without a clear.
+    let alloc =
+        r.mm.allocate_devmem(PagemapId(0), 16, PageSize::Size4K, range)
+            .unwrap();
+    pm.synchronize().unwrap();
+    let s2 = pm.stats();
+    let rep =
+        r.mm.migrate_to_devmem(alloc, range, &MigrateDetails::default())
+            .unwrap();
+    assert_eq!(rep.outcome, MigrateOutcome::NotNeeded);
+    let s3 = pm.stats();
+    assert_eq!(s3.releases, s2.releases + 1);
+    assert_eq!(s3.unused_releases, s2.unused_releases + 1);
+    assert_eq!(
+        s3.clear_launches, s2.clear_launches,
+        "an unused reservation was cleared"
+    );
+    assert_eq!(s3.settling_bytes, s2.settling_bytes);
+    // Its pages come back clean: the next allocation clears nothing and reads zeros.
+    let a = pm.allocate(16, PageSize::Size4K).unwrap();
+    a.wait_ready().unwrap();
+    let mut pfns = vec![Pfn(0); 16];
+    pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
+    for (k, x) in read_back(&r, pm, &pfns, PageSize::Size4K)
+        .iter()
+        .enumerate()
+    {
+        assert!(x.iter().all(|&v| v == 0), "page {k} reads as zeros");
+    }
+    assert_eq!(pm.stats().allocations_cleared, s3.allocations_cleared);
+    pm.devmem_release(a);
+    verify(&r.mm, base, 16, PageSize::Size4K, 41);
+    r.mm.free_range(base).unwrap();
+}

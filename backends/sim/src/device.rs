@@ -67,8 +67,10 @@ pub(crate) struct Job {
 pub struct SimStats {
     /// Successful `allocate` calls.
     pub allocations: u64,
-    /// `devmem_release` calls.
+    /// Allocations released (`devmem_release`, also through the calls below).
     pub releases: u64,
+    /// Of those, `devmem_release_unused` calls: allocations no copy was ever issued into.
+    pub unused_releases: u64,
     /// `copy_to_devmem` calls.
     pub copy_to_devmem_calls: u64,
     /// `copy_to_ram` calls.

@@ -21,6 +21,7 @@ pub(crate) struct SimPagemap {
     used: AtomicU64,
     allocations: AtomicU64,
     releases: AtomicU64,
+    unused_releases: AtomicU64,
     to_devmem_calls: AtomicU64,
     to_ram_calls: AtomicU64,
     pages_copied: AtomicU64,
@@ -37,6 +38,7 @@ impl SimPagemap {
             used: AtomicU64::new(0),
             allocations: AtomicU64::new(0),
             releases: AtomicU64::new(0),
+            unused_releases: AtomicU64::new(0),
             to_devmem_calls: AtomicU64::new(0),
             to_ram_calls: AtomicU64::new(0),
             pages_copied: AtomicU64::new(0),
@@ -47,6 +49,7 @@ impl SimPagemap {
         SimStats {
             allocations: self.allocations.load(Ordering::SeqCst),
             releases: self.releases.load(Ordering::SeqCst),
+            unused_releases: self.unused_releases.load(Ordering::SeqCst),
             copy_to_devmem_calls: self.to_devmem_calls.load(Ordering::SeqCst),
             copy_to_ram_calls: self.to_ram_calls.load(Ordering::SeqCst),
             pages_copied: self.pages_copied.load(Ordering::SeqCst),
@@ -233,6 +236,11 @@ impl DevmemOps for SimPagemap {
     fn copy_to_ram(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError> {
         self.to_ram_calls.fetch_add(1, Ordering::SeqCst);
         self.copy(req, false)
+    }
+
+    fn devmem_release_unused(&self, backing: DevmemBacking) {
+        self.unused_releases.fetch_add(1, Ordering::SeqCst);
+        self.devmem_release(backing);
     }
 
     fn devmem_release(&self, backing: DevmemBacking) {
