@@ -677,3 +677,34 @@ fn d3_a_reservation_a_migration_does_not_use_goes_back_unused() {
     check(&m.mm, r, 9, "after unused reservations");
     finish(&m, r);
 }
+
+#[test]
+fn d1_a_sim_copy_latency_of_any_length_is_taken() {
+    for d in EXTREMES {
+        let m = machine(2, 16 << 20, d);
+        let r = VaRange::new(BASE, 4 * PS);
+        m.mm.create_range(r, PageSize::Size4K).unwrap();
+        fill(&m.mm, r, 10);
+        let details = MigrateDetails {
+            fence_timeout: Some(Duration::from_millis(50)),
+            ..MigrateDetails::default()
+        };
+        match m.mm.migrate(r, PagemapId(1), &details) {
+            Ok(_) => assert_ne!(d, Duration::MAX, "a copy that never ends completed"),
+            Err(Error::Fence {
+                source: FenceError::Timeout(_),
+                ..
+            }) => assert_eq!(d, Duration::MAX, "a copy of {d:?} timed out"),
+            Err(e) => panic!("copy latency {d:?}: {e}"),
+        }
+        // The system pages were never touched: readable at once.
+        check(&m.mm, r, 10, &format!("copy latency {d:?}"));
+        if d != Duration::MAX {
+            finish(&m, r);
+        } else {
+            // The copy never ends: its destination stays parked, nothing else is held.
+            assert_eq!(m.mm.deferred_cleanups(), 1);
+            m.mm.free_range(r.start).unwrap();
+        }
+    }
+}

@@ -200,7 +200,15 @@ struct Counts {
     failed_injected: AtomicU64,
     churns: AtomicU64,
     gpu_faults: AtomicU64,
+    /// The longest CPU read or write, in microseconds.
+    worst_cpu_us: AtomicU64,
 }
+
+/// The longest any CPU access may take, however busy the movers are: the longest timeslice
+/// the workers give (1 ms), the copies of its pages, and a generous allowance for 12 threads
+/// on a loaded 2-core machine. A CPU access claims its pages while it waits, so movers
+/// cannot renew the timeslice under it (issue 11, D3); the watchdog only catches stops.
+const CPU_ACCESS_BOUND: Duration = Duration::from_secs(5);
 
 struct Shared {
     mm: Arc<AddressSpace>,
@@ -214,6 +222,12 @@ struct Shared {
 }
 
 impl Shared {
+    /// Records how long a CPU access that started at `t0` took.
+    fn cpu_took(&self, t0: Instant) {
+        let us = t0.elapsed().as_micros() as u64;
+        self.counts.worst_cpu_us.fetch_max(us, Ordering::Relaxed);
+    }
+
     fn fail(&self, msg: String) {
         let mut e = self.errors.lock().unwrap();
         if e.len() < 20 {
@@ -301,7 +315,10 @@ fn worker(sh: &Shared, t: usize, seed: u64) -> Vec<Vec<u64>> {
             0..=29 => {
                 sh.progress.set(t, "write own slot");
                 let seq = mine[r][page] + 1;
-                match sh.mm.write(slot_va(r, page, t), &stamp(t, r, page, seq)) {
+                let t0 = Instant::now();
+                let wrote = sh.mm.write(slot_va(r, page, t), &stamp(t, r, page, seq));
+                sh.cpu_took(t0);
+                match wrote {
                     Ok(()) => {
                         mine[r][page] = seq;
                         sh.counts.writes.fetch_add(1, Ordering::Relaxed);
@@ -313,7 +330,10 @@ fn worker(sh: &Shared, t: usize, seed: u64) -> Vec<Vec<u64>> {
             30..=44 => {
                 sh.progress.set(t, "read own slot");
                 let mut b = [0u8; SLOT];
-                match sh.mm.read(slot_va(r, page, t), &mut b) {
+                let t0 = Instant::now();
+                let read = sh.mm.read(slot_va(r, page, t), &mut b);
+                sh.cpu_took(t0);
+                match read {
                     Ok(()) => {
                         sh.counts.reads.fetch_add(1, Ordering::Relaxed);
                         match decode(&b, t, r, page) {
@@ -333,7 +353,10 @@ fn worker(sh: &Shared, t: usize, seed: u64) -> Vec<Vec<u64>> {
                 sh.progress.set(t, "read pages");
                 let n = (1 + rng.below(4) as usize).min(pages - page);
                 let mut b = vec![0u8; n * ps.bytes() as usize];
-                match sh.mm.read(rstart + page as u64 * ps.bytes(), &mut b) {
+                let t0 = Instant::now();
+                let read = sh.mm.read(rstart + page as u64 * ps.bytes(), &mut b);
+                sh.cpu_took(t0);
+                match read {
                     Ok(()) => {
                         sh.counts.reads.fetch_add(1, Ordering::Relaxed);
                         for p in 0..n {
@@ -702,7 +725,7 @@ fn drive(
         Devices::Svm(b) => b,
     };
     eprintln!(
-        "stress on {backend} ({}{}): {threads} threads, {elapsed:.1?}, {} operations: {} writes, {} reads, {} migrations, {} busy, {} evictions, {} GPU faults, {} failures by {} injected faults, {} range churns (seed {seed})",
+        "stress on {backend} ({}{}): {threads} threads, {elapsed:.1?}, {} operations: {} writes, {} reads, {} migrations, {} busy, {} evictions, {} GPU faults, {} failures by {} injected faults, {} range churns, worst CPU access {} us (seed {seed})",
         if faults { "with faults" } else { "no faults" },
         if gpu {
             ", GPU faults through xe-svm"
@@ -719,6 +742,12 @@ fn drive(
         c.failed_injected.load(Ordering::Relaxed),
         inj.injected(),
         c.churns.load(Ordering::Relaxed),
+        c.worst_cpu_us.load(Ordering::Relaxed),
+    );
+    let worst = Duration::from_micros(c.worst_cpu_us.load(Ordering::Relaxed));
+    assert!(
+        worst <= CPU_ACCESS_BOUND,
+        "a CPU access took {worst:?} (bound {CPU_ACCESS_BOUND:?})"
     );
     let errors = sh.errors.lock().unwrap().clone();
     assert!(
