@@ -6,7 +6,6 @@ use crate::backend::{CopyRequest, DevmemBacking, DevmemOps, HostMemory, Pagemap,
 use crate::error::{BackendError, BackendErrorKind, FenceError};
 use crate::fence::{Fence, FenceOps, FenceStatus};
 use crate::types::{DeviceId, Direction, DmaAddr, HostFrame, PageSize, Pfn};
-use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -325,9 +324,6 @@ impl FenceOps for FailingFence {
         }
         Err(FenceError::Failed(self.error.clone()))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 /// A copy fence that never signals (the copy underneath does complete).
@@ -358,8 +354,5 @@ impl FenceOps for HangingFence {
                 None => std::thread::sleep(Duration::from_millis(50)),
             }
         }
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

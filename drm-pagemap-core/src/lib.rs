@@ -65,7 +65,11 @@ pub use backend::{
 pub use error::{
     BackendError, BackendErrorKind, BusyReason, Error, FenceError, RangeProblem, Result,
 };
-pub use fence::{Fence, FenceArray, FenceContext, FenceOps, FenceStatus, FenceTimeline, HostFence};
+pub use fence::{
+    Dependencies, Fence, FenceArray, FenceCallback, FenceContext, FenceContextSource,
+    FenceContexts, FenceOps, FenceStatus, FenceTimeline, HostFence, NativeFence, NativeFenceKind,
+    NativeWait, sort_dependencies,
+};
 pub use migrate::{
     CopyCall, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming, WhileCopying,
 };

@@ -174,6 +174,65 @@ fn array_status_is_never_early() {
 }
 
 #[test]
+fn a_callback_fires_exactly_once_under_races() {
+    // Registration races a success and an error: the callback runs exactly once, with the
+    // outcome that won, whichever thread runs it.
+    loom::model(|| {
+        let f = HostFence::new(3, 1);
+        let fired = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(None));
+        let (s, e) = (f.clone(), f.clone());
+        let t0 = thread::spawn(move || s.signal());
+        let t1 = thread::spawn(move || e.signal_error(err("late")));
+        let (c, o) = (fired.clone(), seen.clone());
+        Fence::from_host(f.clone()).add_callback(Box::new(move |outcome| {
+            c.fetch_add(1, Ordering::SeqCst);
+            *o.lock().unwrap() = Some(outcome);
+        }));
+        t0.join().unwrap();
+        t1.join().unwrap();
+        assert_eq!(fired.load(Ordering::SeqCst), 1, "fired once");
+        let want = Fence::from_host(f).status().outcome();
+        assert_eq!(*seen.lock().unwrap(), want, "with the outcome that stuck");
+    });
+}
+
+#[test]
+fn an_array_callback_fires_once_with_the_first_error() {
+    // Two members signalled from two threads while the callback is registered: it fires once,
+    // after both, with the first error in member order.
+    loom::model(|| {
+        let m0 = HostFence::new(4, 1);
+        let m1 = HostFence::new(4, 2);
+        let (s0, s1) = (m0.clone(), m1.clone());
+        let t0 = thread::spawn(move || s0.signal_error(err("first")));
+        let t1 = thread::spawn(move || s1.signal_error(err("second")));
+        let arr = FenceArray::unify(vec![
+            Fence::from_host(m0.clone()),
+            Fence::from_host(m1.clone()),
+        ])
+        .unwrap();
+        let fired = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(None));
+        let (c, o) = (fired.clone(), seen.clone());
+        let (w0, w1) = (Fence::from_host(m0), Fence::from_host(m1));
+        arr.add_callback(Box::new(move |outcome| {
+            // Never early: both members are done when it runs.
+            assert!(w0.is_signaled() && w1.is_signaled());
+            c.fetch_add(1, Ordering::SeqCst);
+            *o.lock().unwrap() = Some(outcome);
+        }));
+        t0.join().unwrap();
+        t1.join().unwrap();
+        assert_eq!(fired.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            Some(Err(FenceError::Failed(err("first"))))
+        );
+    });
+}
+
+#[test]
 fn timeline_seqnos_are_unique_and_ordered() {
     loom::model(|| {
         let tl = std::sync::Arc::new(FenceTimeline::new());

@@ -8,7 +8,6 @@
 
 use crate::stats::Counters;
 use drm_pagemap_core::{Fence, FenceError, FenceOps, FenceStatus};
-use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -152,12 +151,22 @@ impl FenceOps for TimedFence {
         r
     }
 
-    fn is_container(&self) -> bool {
-        self.inner.is_container()
+    // Timing only observes: the outcome is the inner fence's, so a device may wait for its
+    // native handle, and containers and callbacks are the inner fence's.
+    fn native(&self) -> Option<drm_pagemap_core::NativeFence> {
+        self.inner.native()
     }
 
-    fn as_any(&self) -> &dyn Any {
-        self
+    fn members(&self) -> Option<&[Fence]> {
+        self.inner.members()
+    }
+
+    fn add_callback(
+        &self,
+        cb: drm_pagemap_core::FenceCallback,
+    ) -> Result<(), drm_pagemap_core::FenceCallback> {
+        self.inner.add_callback(cb);
+        Ok(())
     }
 }
 

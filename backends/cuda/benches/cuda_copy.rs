@@ -19,7 +19,7 @@
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use drm_pagemap_core::*;
 use drm_pagemap_cuda::sys;
-use drm_pagemap_cuda::{CudaBackend, CudaConfig, CudaFence, CudaPagemap, PinnedHostMemory};
+use drm_pagemap_cuda::{CudaBackend, CudaConfig, CudaPagemap, PinnedHostMemory};
 use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
@@ -81,11 +81,11 @@ fn new_event() -> sys::CUevent {
 }
 
 fn wait_fence(stream: sys::CUstream, f: &Fence) {
-    let cf = f.downcast_ref::<CudaFence>().expect("a CUDA fence");
-    if let Some(ev) = cf.event_handle() {
+    if let Some(n) = f.native() {
+        assert_eq!(n.kind, NativeFenceKind::CUDA_EVENT, "a CUDA fence");
         // SAFETY: the fence (and its event) lives until after this call.
         ck("cuStreamWaitEvent", unsafe {
-            sys::cuStreamWaitEvent(stream, ev as sys::CUevent, 0)
+            sys::cuStreamWaitEvent(stream, n.handle as usize as sys::CUevent, 0)
         });
     }
 }

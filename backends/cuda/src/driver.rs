@@ -303,6 +303,11 @@ unsafe impl Send for Event {}
 unsafe impl Sync for Event {}
 
 impl Event {
+    /// The context the event was created in (its native-fence domain).
+    pub(crate) fn context_handle(&self) -> u64 {
+        self.pool.ctx.ctx as usize as u64
+    }
+
     /// Records the event on `stream` (which must belong to the event's context).
     pub(crate) fn record(&self, stream: &Stream) -> Result<(), BackendError> {
         // SAFETY: both handles are alive.

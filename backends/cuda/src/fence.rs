@@ -1,8 +1,9 @@
 //! Copy fences: CUDA events recorded on a pagemap's copy stream.
 
 use crate::driver::Event;
-use drm_pagemap_core::{BackendError, DeviceId, Fence, FenceError, FenceOps, FenceStatus};
-use std::any::Any;
+use drm_pagemap_core::{
+    BackendError, DeviceId, Fence, FenceError, FenceOps, FenceStatus, NativeFence, NativeFenceKind,
+};
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -20,11 +21,14 @@ const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(500);
 ///   fence fail with [`drm_pagemap_core::BackendErrorKind::Driver`], keeping the `CUresult`.
 /// - Fences the guarded work was ordered after (its pre-fence) are kept: the fence signals
 ///   once they have, and fails if one of them failed.
-/// - A copy whose pre-fence is not a CUDA fence is queued by a helper thread once that fence
-///   has signalled (the stream never waits for the host); until then the fence has no event
-///   and reports pending. Such a fence has a context of its own.
-/// - Another copy of this backend, on any stream or GPU, that gets this fence as its
-///   pre-fence waits for it on the device ([`CudaFence::event_handle`]).
+/// - A copy whose pre-fence is not a CUDA fence is queued from the core's shared fence
+///   worker once that fence has signalled (the stream never waits for the host, and no
+///   thread is started per copy); until then the fence has no event and reports pending.
+///   Such a fence has a context of its own.
+/// - Its native handle ([`FenceOps::native`]) is the event, once queued: another copy of this
+///   backend (or of any component in the process, a plug-in included) that gets this fence
+///   as its pre-fence waits for it on the device. The handle is
+///   [`NativeFence::COMPLETE`] when the fence depends on nothing else.
 pub struct CudaFence {
     context: u64,
     seqno: u64,
@@ -104,22 +108,6 @@ impl CudaFence {
         self.device
     }
 
-    /// The raw `CUevent` (as an integer), for a stream of another component to wait on with
-    /// `cuStreamWaitEvent`. `None` while the work is not queued (or never will be). Valid
-    /// while this fence lives.
-    pub fn event_handle(&self) -> Option<usize> {
-        self.event.get().map(|e| e.raw as usize)
-    }
-
-    /// Whether work queued on the stream of fence context `context` (a pagemap's copy stream
-    /// has one; deferred copies have contexts of their own) is ordered after this fence and
-    /// learns of its failure without looking at it: its event was recorded on that stream
-    /// and it depends on nothing else (a failure on the stream is a sticky context error,
-    /// which every later event of the stream reports too).
-    pub(crate) fn ordered_by_stream(&self, context: u64) -> bool {
-        self.context == context && self.deps.is_empty() && self.event.get().is_some()
-    }
-
     pub(crate) fn event(&self) -> Option<&Arc<Event>> {
         self.event.get()
     }
@@ -179,6 +167,23 @@ impl FenceOps for CudaFence {
         }
     }
 
+    /// The event, once queued. Complete when the fence depends on nothing else: work queued
+    /// on the same stream after it is then ordered after it and learns of its failure (a
+    /// failure on the stream is a sticky context error, which every later event reports).
+    fn native(&self) -> Option<NativeFence> {
+        let ev = self.event.get()?;
+        Some(NativeFence {
+            kind: NativeFenceKind::CUDA_EVENT,
+            flags: if self.deps.is_empty() {
+                NativeFence::COMPLETE
+            } else {
+                0
+            },
+            domain: ev.context_handle(),
+            handle: ev.raw as usize as u64,
+        })
+    }
+
     fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
         let done = |r: Result<(), BackendError>| r.map_err(FenceError::Failed);
         if let Some(r) = self.poll() {
@@ -229,9 +234,5 @@ impl FenceOps for CudaFence {
                 return self.wait(None);
             }
         }
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

@@ -15,9 +15,9 @@ use crate::settle::{Cleared, Settling};
 use cudarc::driver::sys;
 use drm_pagemap_core::mem::ExtentAllocator;
 use drm_pagemap_core::{
-    BackendError, BackendErrorKind, CopyRequest, DeviceId, DevmemBacking, DevmemOps, Direction,
-    DmaAddr, Fence, FenceArray, FenceContext, FenceStatus, FenceTimeline, GRANULE, PageSize,
-    PagemapOps, Pfn,
+    BackendError, BackendErrorKind, CopyRequest, Dependencies, DeviceId, DevmemBacking, DevmemOps,
+    Direction, DmaAddr, Fence, FenceContext, FenceStatus, FenceTimeline, GRANULE, NativeFence,
+    NativeFenceKind, NativeWait, PageSize, PagemapOps, Pfn, sort_dependencies,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -718,10 +718,14 @@ impl CudaPagemap {
             &self.clear_stream
         } else {
             if let Some(f) = Self::pending_clear(sub)
-                && let Some(ev) = f.downcast_ref::<CudaFence>().and_then(CudaFence::event)
+                && let Some(n) = f.native()
+                && n.kind == NativeFenceKind::CUDA_EVENT
             {
-                // SAFETY: both handles are alive.
-                let r = unsafe { sys::cuStreamWaitEvent(self.stream.raw, ev.raw, 0) };
+                // SAFETY: both handles are alive (`f`, which owns the event, is held while
+                // the call runs); the handle is a `CUevent` of this process.
+                let r = unsafe {
+                    sys::cuStreamWaitEvent(self.stream.raw, n.handle as usize as sys::CUevent, 0)
+                };
                 check("cuStreamWaitEvent", r, "pending clear")?;
                 self.counters.stream_waits.fetch_add(1, Ordering::Relaxed);
             }
@@ -790,34 +794,25 @@ impl CudaPagemap {
     /// queued after them (clears) need nothing; other CUDA fences of this backend (also inside
     /// containers) become stream dependencies; anything else is waited for on the CPU by a
     /// helper thread. Err: the pre-fence already failed.
-    fn gather_pre(
-        &self,
-        f: &Fence,
-        cuda: &mut Vec<Fence>,
-        host: &mut Vec<Fence>,
-    ) -> Result<(), BackendError> {
-        if f.downcast_ref::<CudaFence>()
-            .is_some_and(|cf| cf.ordered_by_stream(self.timeline.context()))
-        {
-            return Ok(());
-        }
-        match f.status() {
-            FenceStatus::Signaled => return Ok(()),
-            FenceStatus::Failed(e) => return Err(e),
-            FenceStatus::Pending => {}
-        }
-        if let Some(cf) = f.downcast_ref::<CudaFence>()
-            && cf.event().is_some()
-        {
-            cuda.push(f.clone());
-        } else if let Some(arr) = f.downcast_ref::<FenceArray>() {
-            for m in arr.members() {
-                self.gather_pre(m, cuda, host)?;
-            }
-        } else {
-            host.push(f.clone());
-        }
-        Ok(())
+    /// Sorts a copy's pre-fence: CUDA events are waited for on the stream (those of this
+    /// stream that carry their whole outcome need nothing), anything else is bridged from
+    /// the host.
+    fn sort_pre(&self, pre: Option<&Fence>, out: &mut Dependencies) {
+        let own = self.timeline.context();
+        sort_dependencies(
+            pre,
+            |f, n| {
+                if n.kind != NativeFenceKind::CUDA_EVENT {
+                    NativeWait::No
+                } else if f.context() == own && n.is_complete() {
+                    NativeWait::Ordered
+                } else {
+                    // A stream may wait on an event of any context of the process.
+                    NativeWait::Device
+                }
+            },
+            out,
+        );
     }
 
     fn copy(&self, req: &CopyRequest<'_>, to_own: bool) -> Result<Fence, BackendError> {
@@ -859,10 +854,9 @@ impl CudaPagemap {
             ));
         }
         // The pre-fence: what has failed already fails the call's fence (nothing queued).
-        let (mut cuda_waits, mut host_waits) = (Vec::new(), Vec::new());
-        if let Some(pf) = req.pre_fence
-            && let Err(e) = self.gather_pre(pf, &mut cuda_waits, &mut host_waits)
-        {
+        let mut deps = Dependencies::default();
+        self.sort_pre(req.pre_fence, &mut deps);
+        if let Some(e) = deps.failed.take() {
             let e = BackendError::new(e.kind.clone(), format!("pre-fence failed: {}", e.message));
             return Ok(Fence::new(CudaFence::failed(
                 self.timeline.context(),
@@ -874,31 +868,31 @@ impl CudaPagemap {
         self.counters
             .pages
             .fetch_add(split.live_entries as u64, Ordering::Relaxed);
-        if !host_waits.is_empty() {
-            return self.copy_deferred(req, to_own, split, cuda_waits, host_waits);
+        if !deps.host.is_empty() {
+            return self.copy_deferred(req, to_own, split, deps);
         }
         let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
-        let ev = self.submit_locked(&mut sub, req, to_own, &split, &cuda_waits)?;
+        let ev = self.submit_locked(&mut sub, req, to_own, &split, &deps.device)?;
         Ok(Fence::new(CudaFence::new(
             self.timeline.context(),
             self.timeline.next_seqno(),
             self.device.id,
             ev,
-            cuda_waits,
+            deps.device.into_iter().map(|(f, _)| f).collect(),
         )))
     }
 
-    /// A copy whose pre-fence includes fences of another kind: a helper thread waits for
-    /// them on the CPU, then queues the copy. The stream never waits for the host (a stream
-    /// held by the host would make every implicitly synchronising driver call of the
-    /// process, such as an allocation, wait for that host fence too).
+    /// A copy whose pre-fence includes fences the stream cannot wait for: it is queued from
+    /// the core's shared fence worker once they have signalled (no thread of its own). The
+    /// stream never waits for the host (a stream held by the host would make every
+    /// implicitly synchronising driver call of the process, such as an allocation, wait for
+    /// that host fence too).
     fn copy_deferred(
         &self,
         req: &CopyRequest<'_>,
         to_own: bool,
         split: plan::Split,
-        cuda_waits: Vec<Fence>,
-        host_waits: Vec<Fence>,
+        deps: Dependencies,
     ) -> Result<Fence, BackendError> {
         let me = self
             .me
@@ -911,29 +905,32 @@ impl CudaPagemap {
                 )
             })?;
         self.counters.cpu_waits.fetch_add(1, Ordering::Relaxed);
-        let mut deps = cuda_waits.clone();
-        deps.extend(host_waits.iter().cloned());
+        let all: Vec<Fence> = deps
+            .device
+            .iter()
+            .map(|(f, _)| f.clone())
+            .chain(deps.host.iter().cloned())
+            .collect();
         let fence = Arc::new(CudaFence::deferred(
             FenceContext::new(),
             1,
             self.device.id,
-            deps,
+            all,
         ));
         let (page_size, pages, addrs) = (req.page_size, req.pages.to_vec(), req.addrs.to_vec());
         let theirs = fence.clone();
-        let work = move || {
-            for f in &host_waits {
-                if let Err(e) = f.wait() {
-                    let e = match e {
-                        drm_pagemap_core::FenceError::Failed(b) => b,
-                        other => err(BackendErrorKind::CopyFailed, other.to_string()),
-                    };
-                    theirs.fail(BackendError::new(
-                        e.kind.clone(),
-                        format!("pre-fence failed: {}", e.message),
-                    ));
-                    return;
-                }
+        let device_waits = deps.device.clone();
+        deps.when_host_signaled(Box::new(move |outcome| {
+            if let Err(e) = outcome {
+                let e = match e {
+                    drm_pagemap_core::FenceError::Failed(b) => b,
+                    other => err(BackendErrorKind::CopyFailed, other.to_string()),
+                };
+                theirs.fail(BackendError::new(
+                    e.kind.clone(),
+                    format!("pre-fence failed: {}", e.message),
+                ));
+                return;
             }
             let req = CopyRequest {
                 page_size,
@@ -941,13 +938,15 @@ impl CudaPagemap {
                 addrs: &addrs,
                 pre_fence: None,
             };
-            let mut sub = me.submit.lock().unwrap_or_else(|p| p.into_inner());
-            match me.submit_locked(&mut sub, &req, to_own, &split, &cuda_waits) {
+            let queued = {
+                let mut sub = me.submit.lock().unwrap_or_else(|p| p.into_inner());
+                me.submit_locked(&mut sub, &req, to_own, &split, &device_waits)
+            };
+            match queued {
                 Ok(ev) => theirs.queued(ev),
                 Err(e) => theirs.fail(e),
             }
-        };
-        run_on_helper(Box::new(work));
+        }));
         Ok(Fence::from_arc(fence))
     }
 
@@ -959,7 +958,7 @@ impl CudaPagemap {
         req: &CopyRequest<'_>,
         to_own: bool,
         split: &plan::Split,
-        cuda_waits: &[Fence],
+        device_waits: &[(Fence, NativeFence)],
     ) -> Result<Arc<Event>, BackendError> {
         let n = req.pages.len();
         let ps = req.page_size;
@@ -971,17 +970,15 @@ impl CudaPagemap {
         self.device.ctx.bind()?;
         let mut issued = 0usize;
         let result = (|| -> Result<Option<usize>, BackendError> {
-            for w in cuda_waits {
-                let cf = w
-                    .downcast_ref::<CudaFence>()
-                    .expect("gathered CUDA fences only");
-                if let Some(ev) = cf.event() {
-                    // SAFETY: both handles are alive; a stream may wait on an event of any
-                    // context.
-                    let r = unsafe { sys::cuStreamWaitEvent(self.stream.raw, ev.raw, 0) };
-                    check("cuStreamWaitEvent", r, "pre-fence")?;
-                    self.counters.stream_waits.fetch_add(1, Ordering::Relaxed);
-                }
+            for (_fence, n) in device_waits {
+                // SAFETY: the stream is alive; the handle is a `CUevent` of this process
+                // (sorted by kind), kept alive by its fence, which the caller holds; a stream
+                // may wait on an event of any context.
+                let r = unsafe {
+                    sys::cuStreamWaitEvent(self.stream.raw, n.handle as usize as sys::CUevent, 0)
+                };
+                check("cuStreamWaitEvent", r, "pre-fence")?;
+                self.counters.stream_waits.fetch_add(1, Ordering::Relaxed);
             }
             let mut slot_used = None;
             let segs = if kernels.is_some() {
@@ -1114,28 +1111,6 @@ impl CudaPagemap {
                 }
                 Err(e)
             }
-        }
-    }
-}
-
-/// Runs `work` on a helper thread (inline if no thread can be had: the call then blocks,
-/// but stays correct).
-fn run_on_helper(work: Box<dyn FnOnce() + Send>) {
-    type Work = Box<dyn FnOnce() + Send>;
-    let slot: Arc<Mutex<Option<Work>>> = Arc::new(Mutex::new(Some(work)));
-    let theirs = slot.clone();
-    let spawned = std::thread::Builder::new()
-        .name("cuda-pre-fence".into())
-        .spawn(move || {
-            let w = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(w) = w {
-                w()
-            }
-        });
-    if spawned.is_err() {
-        let w = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(w) = w {
-            w()
         }
     }
 }

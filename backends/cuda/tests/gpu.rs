@@ -6,7 +6,7 @@
 //! page size, read back through the CPU path; fence errors; the pre-migrate fence ordering.
 
 use drm_pagemap_core::*;
-use drm_pagemap_cuda::{CudaBackend, CudaConfig, CudaFence, CudaPagemap, KernelSource};
+use drm_pagemap_cuda::{CudaBackend, CudaConfig, CudaPagemap, KernelSource};
 use std::io::Write;
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
@@ -435,7 +435,10 @@ fn pre_migrate_fence_orders_a_source_push_after_the_clear() {
         .pre_migrate_fence
         .clone()
         .expect("the allocation's clear is queued behind the hold");
-    assert!(clear.downcast_ref::<CudaFence>().is_some());
+    assert_eq!(
+        clear.native().map(|n| n.kind),
+        Some(NativeFenceKind::CUDA_EVENT)
+    );
     assert!(!clear.is_signaled(), "the clear waits behind the stall");
     let mut dpfns = vec![Pfn(0); n];
     dst.populate_devmem_pfn(&b, &mut dpfns).unwrap();
@@ -894,8 +897,8 @@ fn host_pre_fences_are_waited_on_the_cpu_and_their_errors_cancel_the_copy() {
     let _gpu = alone();
     let r = rig(2);
     let pm = r.pms[0].clone();
-    // A host fence signalled later from another thread: the call returns at once, a helper
-    // thread waits for the fence and then queues the copy, which lands.
+    // A host fence signalled later from another thread: the call returns at once, the
+    // shared fence worker queues the copy once the fence signals, and it lands.
     let hf = HostFence::new(FenceContext::new(), 1);
     let h2 = hf.clone();
     let cpu_before = pm.stats().cpu_waits;
@@ -1233,7 +1236,10 @@ fn settling_pages_are_taken_when_nothing_else_fits_with_their_clear_as_the_fence
         .pre_migrate_fence
         .clone()
         .expect("the held clear is the pre-migrate fence");
-    assert!(clear.downcast_ref::<CudaFence>().is_some());
+    assert_eq!(
+        clear.native().map(|n| n.kind),
+        Some(NativeFenceKind::CUDA_EVENT)
+    );
     assert!(!clear.is_signaled());
     let mut bp = vec![Pfn(0); n];
     pm.populate_devmem_pfn(&b, &mut bp).unwrap();
@@ -1472,4 +1478,123 @@ fn a_refused_or_unneeded_migration_queues_no_clear() {
     pm.devmem_release(a);
     verify(&r.mm, base, 16, PageSize::Size4K, 41);
     r.mm.free_range(base).unwrap();
+}
+
+/// Threads of this process now.
+fn threads() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim().parse().ok()))
+        })
+        .flatten()
+        .unwrap_or(0)
+}
+
+/// A wrapper that only observes its fence (as xe-svm's timing fence, or a fault injector that
+/// is not firing): it delegates the native handle, members and callbacks.
+#[derive(Debug)]
+struct Observe(Fence);
+
+impl FenceOps for Observe {
+    fn context(&self) -> u64 {
+        self.0.context()
+    }
+    fn seqno(&self) -> u64 {
+        self.0.seqno()
+    }
+    fn status(&self) -> FenceStatus {
+        self.0.status()
+    }
+    fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
+        self.0.wait_for(timeout)
+    }
+    fn native(&self) -> Option<NativeFence> {
+        self.0.native()
+    }
+    fn members(&self) -> Option<&[Fence]> {
+        self.0.members()
+    }
+    fn add_callback(&self, cb: FenceCallback) -> Result<(), FenceCallback> {
+        self.0.add_callback(cb);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_device_fence_behind_two_wrappers_is_a_stream_wait_not_a_cpu_wait() {
+    if !gpu() {
+        return;
+    }
+    let _gpu = alone();
+    let r = rig(2);
+    let (pm, other) = (r.pms[0].clone(), &r.pms[1]);
+    // Warm: the fence worker and the kernels exist before counting threads.
+    Fence::signaled().on_signal(Box::new(|_| {}));
+    small_copy(&r, &pm, None).finish(&r, &pm, true);
+    let hold = other.hold().unwrap();
+    let cf = other.fence().unwrap();
+    let wrapped = Fence::new(Observe(Fence::new(Observe(cf))));
+    let pre = Fence::new(FenceArray::new(vec![wrapped, Fence::signaled()]));
+    let (sw, cw, t0) = (pm.stats().stream_waits, pm.stats().cpu_waits, threads());
+    let c = small_copy(&r, &pm, Some(&pre));
+    assert_eq!(pm.stats().stream_waits, sw + 1, "one stream wait");
+    assert_eq!(pm.stats().cpu_waits, cw, "no CPU wait");
+    assert!(threads() <= t0, "no helper thread: {} -> {}", t0, threads());
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(!c.fence.is_signaled(), "ordered after the held stream");
+    drop(hold);
+    c.fence.wait().unwrap();
+    c.finish(&r, &pm, true);
+}
+
+#[test]
+fn a_thousand_copies_behind_a_host_fence_need_no_thread_each() {
+    if !gpu() {
+        return;
+    }
+    let _gpu = alone();
+    let r = rig(1);
+    let pm = r.pms[0].clone();
+    let ps = PageSize::Size4K;
+    let n = 1000;
+    let a = pm.allocate(n, ps).unwrap();
+    a.wait_ready().unwrap();
+    let mut pfns = vec![Pfn(0); n];
+    pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
+    let (frames, addrs) = pattern_frames(&r, n, ps, 77);
+    Fence::signaled().on_signal(Box::new(|_| {}));
+    let gate = HostFence::new(FenceContext::new(), 1);
+    let pre = Fence::from_host(gate.clone());
+    let t0 = threads();
+    let cw = pm.stats().cpu_waits;
+    let fences: Vec<Fence> = (0..n)
+        .map(|k| {
+            pm.copy_to_devmem(&CopyRequest {
+                page_size: ps,
+                pages: &pfns[k..k + 1],
+                addrs: &addrs[k..k + 1],
+                pre_fence: Some(&pre),
+            })
+            .unwrap()
+        })
+        .collect();
+    let grown = threads().saturating_sub(t0);
+    assert!(grown <= 1, "{n} deferred copies started {grown} threads");
+    assert_eq!(pm.stats().cpu_waits, cw + n as u64);
+    assert!(fences.iter().all(|f| !f.is_signaled()), "held by the gate");
+    gate.signal();
+    for f in &fences {
+        f.wait_timeout(Duration::from_secs(30)).unwrap();
+    }
+    for (k, b) in read_back(&r, &pm, &pfns, ps).iter().enumerate() {
+        assert!(
+            *b == pattern(77, k as u64, ps.bytes()),
+            "page {k} holds the data"
+        );
+    }
+    eprintln!("{n} copies behind one host fence: {grown} thread(s) started");
+    r.backend.pinned_host().free_frames(&frames, ps);
+    pm.devmem_release(a);
 }
