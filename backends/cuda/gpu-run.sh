@@ -52,7 +52,7 @@ if have migrate; then
     "
 fi
 have bench-cuda_copy && step bench 140 env DRM_PAGEMAP_CUDA_BENCH=${DRM_PAGEMAP_CUDA_BENCH:-} "$B/bench-cuda_copy" --bench
-for t in engine_faults scenarios; do
+for t in engine_faults scenarios back_to_ram; do
     have "test-$t" && step "$t" 60 "$B/test-$t"
 done
 have test-stress && step stress 120 "$B/test-stress" on_the_gpu --nocapture
@@ -65,7 +65,7 @@ have bench-fault_latency && step latency 60 "$B/bench-fault_latency" --iters 300
     echo "== summary"
     cat "$L/gpu.txt"
     printf '%s\n' "${rows[@]}"
-    for f in tests tests-ptx tests-eager tests-lib scenarios engine_faults stress; do
+    for f in tests tests-ptx tests-eager tests-lib scenarios engine_faults back_to_ram stress; do
         [ -f "$L/$f.log" ] && echo "$f: $(grep -E '^test result' "$L/$f.log" | tail -1)"
     done
     grep -h -E 'kernel: forced|device fault reported|device 0:|stall ' "$L/tests.log" 2>/dev/null
