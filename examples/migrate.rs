@@ -7,17 +7,23 @@
 //! cargo run --release --example migrate -- [--backend auto|sim|cuda] [--devices N]
 //!     [--page-size BYTES] [--layout LAYOUT] [--to K] [--no-source-peer-migrates]
 //!     [--same-pagemap] [--coalesce by-source|consecutive] [--foreign K]... [--fail-copy N]
-//!     [--json]
+//!     [--option BACKEND.KEY=VALUE]... [--json]
 //! ```
 //! Without `--layout`: a 1 GiB range spread over system memory and every other pagemap,
 //! migrated to pagemap 0, with a table of what moved. Exit codes: 0 success; 1 the migration
-//! failed (the data still verifies) or the backend is unavailable; 2 bad arguments.
+//! failed (the data still verifies) or the backend is unavailable; 2 bad arguments (also a
+//! backend option that does not parse).
+//!
+//! Backend options: the environment's first (`BackendConfig::from_env`:
+//! `DRM_PAGEMAP_CUDA_VMM=0` and the others), then each `--option` (`--option cuda.kernel=ptx`,
+//! `--option sim.copy_latency=1ms`; the last value of a key wins). The keys are documented on
+//! `SimConfig` and `CudaConfig`.
 
 use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::layout::{self, LayoutPage};
 use drm_pagemap::{
-    AddressSpace, Backend, BackendConfig, Coalesce, CopyCall, CopyOp, Error, MigrateDetails,
-    MigrateOutcome, PageSize, PagemapId, VaRange,
+    AddressSpace, Backend, BackendConfig, BackendOptions, Coalesce, CopyCall, CopyOp, Error,
+    MigrateDetails, MigrateOutcome, PageSize, PagemapId, VaRange,
 };
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -43,14 +49,21 @@ struct Args {
     coalesce: Coalesce,
     foreign: Vec<usize>,
     fail_copy: Option<u64>,
+    /// The environment's options, then `--option`s.
+    options: BackendOptions,
     json: bool,
 }
 
 const USAGE: &str = "usage: migrate [--backend auto|sim|cuda] [--devices N] [--page-size BYTES] \
 [--layout LAYOUT] [--to K] [--no-source-peer-migrates] [--same-pagemap] \
-[--coalesce by-source|consecutive] [--foreign K]... [--fail-copy N] [--json]";
+[--coalesce by-source|consecutive] [--foreign K]... [--fail-copy N] \
+[--option BACKEND.KEY=VALUE]... [--json]";
 
-fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
+/// Parses the arguments; `options` are the environment's, which `--option` adds to.
+fn parse_args(
+    mut it: impl Iterator<Item = String>,
+    options: BackendOptions,
+) -> Result<Args, String> {
     let mut a = Args {
         backend: "auto".into(),
         devices: 3,
@@ -62,6 +75,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         coalesce: Coalesce::BySource,
         foreign: Vec::new(),
         fail_copy: None,
+        options,
         json: false,
     };
     fn value(it: &mut impl Iterator<Item = String>, flag: &str) -> Result<String, String> {
@@ -72,7 +86,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             .map_err(|_| format!("{flag}: {text:?} is not a valid number"))
     }
     while let Some(arg) = it.next() {
-        // Accept both `--flag value` and `--flag=value`.
+        // Accept both `--flag value` and `--flag=value` (`--option=KEY=VALUE` too).
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
@@ -129,6 +143,11 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     return Err("--fail-copy: N counts from 1".into());
                 }
                 a.fail_copy = Some(n);
+            }
+            "--option" => {
+                a.options
+                    .parse_assignment(&val()?)
+                    .map_err(|e| format!("--option: {e}"))?;
             }
             "--json" => a.json = true,
             "-h" | "--help" => return Err(USAGE.into()),
@@ -365,7 +384,7 @@ fn print_json(o: &Outcome) {
     );
 }
 
-fn print_table(a: &Args, backend: &dyn Backend, o: &Outcome) {
+fn print_table(a: &Args, config: &BackendConfig, backend: &dyn Backend, o: &Outcome) {
     let psz = a.page_size.bytes();
     println!(
         "backend {} ({}), {} pagemaps, page size {}, {} pages ({} MiB) -> pagemap {}, coalesce {:?}",
@@ -382,7 +401,7 @@ fn print_table(a: &Args, backend: &dyn Backend, o: &Outcome) {
         a.to,
         a.coalesce
     );
-    let list: Vec<String> = drm_pagemap::backends()
+    let list: Vec<String> = drm_pagemap::backends_with(config)
         .into_iter()
         .map(|b| match b.available {
             Ok(()) => format!("{} (available)", b.name),
@@ -459,7 +478,9 @@ fn print_table(a: &Args, backend: &dyn Backend, o: &Outcome) {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    // The one place this binary reads the environment's backend settings.
+    let env = BackendConfig::from_env().options;
+    let args = match parse_args(std::env::args().skip(1), env) {
         Ok(a) => a,
         Err(msg) => {
             eprintln!("migrate: {msg}");
@@ -473,6 +494,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A backend option that does not parse is a bad argument, like a bad flag.
+    let bytes = pages.len() as u64 * args.page_size.bytes();
+    if let Err(e) = drm_pagemap::check_config(&config(&args, bytes)) {
+        eprintln!("migrate: {e}");
+        return ExitCode::from(2);
+    }
     match run(&args, &pages) {
         Ok(code) => code,
         Err(e) => {
@@ -482,15 +509,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
-    let psz = args.page_size.bytes();
-    let bytes = pages.len() as u64 * psz;
-    let config = BackendConfig {
+/// The backend config for a range of `bytes`.
+fn config(args: &Args, bytes: u64) -> BackendConfig {
+    BackendConfig {
         devices: Some(args.devices),
         // Each pagemap may end up holding the whole range; the CPU path needs frames again.
         device_capacity: Some(bytes + (64 << 20)),
         host_capacity: Some(2 * bytes + (64 << 20)),
-    };
+        options: args.options.clone(),
+    }
+}
+
+fn run(args: &Args, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
+    let psz = args.page_size.bytes();
+    let bytes = pages.len() as u64 * psz;
+    let config = config(args, bytes);
     let backend: Arc<dyn Backend> = Arc::from(drm_pagemap::open_backend(&args.backend, &config)?);
     let injector = FaultInjector::new();
     let machine = drm_pagemap::Machine::build(
@@ -541,7 +574,7 @@ fn run(args: &Args, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
     if args.json {
         print_json(&o);
     } else if args.layout.is_none() {
-        print_table(args, backend.as_ref(), &o);
+        print_table(args, &config, backend.as_ref(), &o);
     } else {
         println!("layout before: {}", layout::format(&o.before));
         for c in &o.trace {

@@ -22,6 +22,9 @@
 //! and of a fault that finds the range already resident. Prints a table.
 //!
 //! Exit codes: 0 success; 1 a check failed or the backend is unavailable; 2 bad arguments.
+//!
+//! Backend options come from the environment (`BackendConfig::from_env`), e.g.
+//! `DRM_PAGEMAP_CUDA_VMM=0`.
 
 use drm_pagemap::{AddressSpace, BackendConfig, Machine, PageSize, PagemapId, VaRange};
 use std::process::ExitCode;
@@ -89,10 +92,13 @@ struct Setup {
 }
 
 fn setup(backend: &str, capacity: Option<u64>, host_bytes: u64) -> Result<Setup, String> {
+    // Backend options from the environment (`DRM_PAGEMAP_CUDA_VMM=0` and the others): the
+    // library reads none itself.
     let config = BackendConfig {
         devices: Some(3),
         device_capacity: Some(1 << 30),
         host_capacity: Some(host_bytes),
+        ..BackendConfig::from_env()
     };
     let machine = Machine::open(backend, &config, 3).map_err(|e| e.to_string())?;
     let mm = Arc::new(AddressSpace::new(machine.backend.host_memory()));

@@ -21,6 +21,31 @@
 //! assert_eq!(&back, b"hello");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! ## Configuration
+//! A [`BackendConfig`] carries sizes and per-backend [`options`]
+//! (`cuda.vmm=0`, `sim.copy_latency=1ms`): each backend refuses keys under its name it does not
+//! know and values it cannot parse, and [`open_backend`] checks every built-in backend's
+//! options first ([`check_config`], [`Error::BadOption`] naming the key).
+//!
+//! The library reads no environment variable: configs' `Default` is pure. Binaries ask for
+//! the environment's settings with [`BackendConfig::from_env`] (the `DRM_PAGEMAP_CUDA_*`
+//! variables become `cuda.*` options), so `Machine::open("auto", &BackendConfig::from_env(), n)`
+//! is the environment-configured set-up. In this crate only [`backends`] and [`auto_backend`]
+//! (the registry as this process's environment configures it) call `from_env`;
+//! [`backends_with`], [`auto_backend_with`] and [`open_backend`] use the config given.
+//!
+//! ```
+//! use drm_pagemap::{BackendConfig, Error, Machine};
+//!
+//! let config = BackendConfig::default().with_option("sim.copy_latency", "50us")?;
+//! let machine = Machine::open("sim", &config, 2)?;
+//! assert_eq!(machine.pagemaps.len(), 2);
+//! let typo = BackendConfig::default().with_option("sim.copy_latncy", "50us")?;
+//! let err = Machine::open("sim", &typo, 2).unwrap_err();
+//! assert!(matches!(&err, Error::BadOption { source, .. } if source.key() == Some("sim.copy_latncy")));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![forbid(unsafe_code)]
 
@@ -59,34 +84,117 @@ pub struct BackendStatus {
     pub available: Result<(), String>,
 }
 
-/// Every registered backend with its availability: GPU backends first, then by name.
+/// Every registered backend with its availability under the environment's configuration:
+/// [`backends_with`]`(&BackendConfig::from_env())`, so `DRM_PAGEMAP_CUDA_DISABLE` still shows
+/// the CUDA backend as unavailable. Besides [`BackendConfig::from_env`] itself, this and
+/// [`auto_backend`] are the only functions of the library that read the environment.
 pub fn backends() -> Vec<BackendStatus> {
+    backends_with(&BackendConfig::from_env())
+}
+
+/// Every registered backend with its availability under `config` (a backend whose
+/// `NAME.disable` option is true is unavailable, "disabled by option NAME.disable"): GPU
+/// backends first, then by name. Reads no environment variable.
+pub fn backends_with(config: &BackendConfig) -> Vec<BackendStatus> {
     let mut list: Vec<BackendStatus> = inventory::iter::<BackendRegistration>
         .into_iter()
         .map(|r| BackendStatus {
             name: r.name,
             is_gpu: r.is_gpu,
-            available: (r.probe)(),
+            available: availability(r, config),
         })
         .collect();
     list.sort_by_key(|b| (!b.is_gpu, b.name));
     list
 }
 
-/// The backend `auto` resolves to: the first available GPU backend, else "sim".
+fn availability(r: &BackendRegistration, config: &BackendConfig) -> Result<(), String> {
+    match config.disabled(r.name) {
+        Ok(true) => Err(format!("disabled by option {}.disable", r.name)),
+        Ok(false) => (r.probe)(),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The backend `auto` resolves to under the environment's configuration:
+/// [`auto_backend_with`]`(&BackendConfig::from_env())` (see [`backends`]).
 pub fn auto_backend() -> &'static str {
-    backends()
+    auto_backend_with(&BackendConfig::from_env())
+}
+
+/// The backend `auto` resolves to under `config`: the first available GPU backend, else
+/// "sim". Reads no environment variable.
+pub fn auto_backend_with(config: &BackendConfig) -> &'static str {
+    backends_with(config)
         .into_iter()
         .find(|b| b.is_gpu && b.available.is_ok())
         .map(|b| b.name)
         .unwrap_or("sim")
 }
 
-/// Opens backend `name` ("auto" picks with [`auto_backend`]). A config the backend refuses
-/// as such ([`BackendErrorKind::BadConfig`]: 0 devices, a capacity past its limits) is
+/// How the built-in backends read their options (each refuses unknown keys under its name).
+type OptionCheck = fn(&BackendConfig) -> Result<(), OptionError>;
+const OPTION_CHECKS: &[(&str, OptionCheck)] = &[
+    ("sim", |c| {
+        drm_pagemap_sim::SimConfig::from_backend_config(c).map(drop)
+    }),
+    ("cuda", |c| {
+        drm_pagemap_cuda::CudaConfig::from_backend_config(c).map(drop)
+    }),
+];
+
+/// Checks `config`'s options without opening anything: that each key names a registered
+/// backend, and the list's version and every key and value of the built-in backends (a backend
+/// registered elsewhere checks its own keys when it opens). [`open_backend`] checks first, so
+/// a typo in an option for a backend other than the one opened is reported too. A command
+/// line can call it to report a bad `--option` as a bad argument.
+pub fn check_config(config: &BackendConfig) -> Result<(), Error> {
+    let names: Vec<&'static str> = inventory::iter::<BackendRegistration>
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    for b in config.options.backends() {
+        if !names.contains(&b) {
+            let key = config
+                .options
+                .iter()
+                .find(|o| o.key.split_once('.').is_some_and(|(p, _)| p == b))
+                .map_or_else(String::new, |o| o.key.clone());
+            return Err(Error::BadOption {
+                backend: b.into(),
+                source: OptionError::UnknownKey {
+                    key,
+                    known: format!("no backend named {b}; known: {}", names.join(", ")),
+                },
+            });
+        }
+    }
+    for (name, check) in OPTION_CHECKS {
+        check(config).map_err(|source| Error::BadOption {
+            backend: (*name).into(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Opens backend `name` ("auto" picks with [`auto_backend_with`] under `config`). Options
+/// are checked first ([`check_config`]: [`Error::BadOption`] naming the key). A backend
+/// disabled by its `NAME.disable` option, or one that cannot run here, is
+/// [`Error::BackendUnavailable`]; a config the backend refuses as such
+/// ([`BackendErrorKind::BadConfig`]: 0 devices, a capacity past its limits) is
 /// [`Error::BadConfig`]; every other failure is [`Error::BackendUnavailable`].
+///
+/// Reads no environment variable: pass [`BackendConfig::from_env`] for what the
+/// environment sets (`open_backend("auto", &BackendConfig::from_env())` is what the
+/// environment-configured binaries of this repository do).
 pub fn open_backend(name: &str, config: &BackendConfig) -> Result<Box<dyn Backend>, Error> {
-    let name = if name == "auto" { auto_backend() } else { name };
+    check_config(config)?;
+    let name = if name == "auto" {
+        auto_backend_with(config)
+    } else {
+        name
+    };
     let reg = inventory::iter::<BackendRegistration>
         .into_iter()
         .find(|r| r.name == name)
@@ -94,14 +202,14 @@ pub fn open_backend(name: &str, config: &BackendConfig) -> Result<Box<dyn Backen
             name: name.into(),
             reason: format!(
                 "no such backend (known: {})",
-                backends()
+                backends_with(config)
                     .iter()
                     .map(|b| b.name)
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
         })?;
-    (reg.probe)().map_err(|reason| Error::BackendUnavailable {
+    availability(reg, config).map_err(|reason| Error::BackendUnavailable {
         name: name.into(),
         reason,
     })?;

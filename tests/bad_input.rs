@@ -1440,6 +1440,7 @@ mod extremes {
             devices: Some(2),
             device_capacity: Some(CAPACITY),
             host_capacity: Some(16 << 20),
+            ..BackendConfig::default()
         };
         // Pagemap counts: 0 and more than there are pagemap ids.
         for n in [0, 257, usize::MAX] {

@@ -133,6 +133,13 @@ fn bad_arguments_exit_2_with_one_line() {
         &["--foreign", "7"],
         &["--devices"],
         &["--bogus"],
+        // Backend options: syntax, unknown keys, bad values (of any backend), no value.
+        &["--option", "novalue"],
+        &["--option", "sim.bogus=1"],
+        &["--option=sim.copy_latency=fast"],
+        &["--option", "cuda.vmm=maybe"],
+        &["--option", "nope.x=1"],
+        &["--option"],
     ] {
         let (code, out, err) = run(args);
         assert_eq!(code, 2, "{args:?}: {err}");
@@ -140,6 +147,36 @@ fn bad_arguments_exit_2_with_one_line() {
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("migrate: "), "{err}");
     }
+}
+
+#[test]
+fn options_reach_the_backend() {
+    // sim.owner_groups puts device 2 in a group of its own: pagemap 2 may not take the pages
+    // of pagemaps 0 and 1 (another owner), which it can without the option.
+    let base = ["--layout", "0s1", "--to", "2", "--json"];
+    let (code, out, _) = run(&base);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = run(&[&base[..], &["--option", "sim.owner_groups=0,0,1"]].concat());
+    assert_eq!(code, 1, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert!(
+        v["error"].as_str().unwrap().contains("another owner"),
+        "{out}"
+    );
+    assert_eq!(v["verified"], true);
+    // Repeatable, the last value of a key wins; `--option=K=V` works too.
+    let (code, out, err) = run(&[
+        &base[..],
+        &[
+            "--option",
+            "sim.owner_groups=0,0,1",
+            "--option=sim.owner_groups=0,0,0",
+            "--option",
+            "sim.copy_latency=1ms",
+        ],
+    ]
+    .concat());
+    assert_eq!(code, 0, "{out} {err}");
 }
 
 #[test]

@@ -1,7 +1,10 @@
 //! The registry of built-in backends: what it lists, what `auto` picks, and how an
 //! unavailable or unknown backend is reported (an error, never a panic).
 
-use drm_pagemap::{BackendConfig, Error, auto_backend, backends, open_backend};
+use drm_pagemap::{
+    BackendConfig, BackendErrorKind, Error, OptionError, auto_backend, auto_backend_with, backends,
+    backends_with, check_config, open_backend,
+};
 
 #[test]
 fn lists_sim_and_cuda_with_availability() {
@@ -31,7 +34,8 @@ fn auto_picks_an_available_gpu_backend_else_sim() {
         .find(|b| b.is_gpu && b.available.is_ok())
         .map(|b| b.name);
     assert_eq!(auto_backend(), gpu.unwrap_or("sim"));
-    let backend = open_backend("auto", &BackendConfig::default()).expect("auto opens");
+    // `backends()` and `auto_backend()` see the environment's configuration.
+    let backend = open_backend("auto", &BackendConfig::from_env()).expect("auto opens");
     assert_eq!(backend.name(), auto_backend());
 }
 
@@ -43,7 +47,7 @@ fn unavailable_and_unknown_backends_are_errors() {
         .map(|b| b.available)
     {
         Some(Err(why)) => {
-            let err = open_backend("cuda", &BackendConfig::default())
+            let err = open_backend("cuda", &BackendConfig::from_env())
                 .err()
                 .expect("no driver: error");
             assert!(matches!(&err, Error::BackendUnavailable { name, .. } if name == "cuda"));
@@ -63,4 +67,120 @@ fn unavailable_and_unknown_backends_are_errors() {
         text.contains("nope") && text.contains("sim") && text.contains("cuda"),
         "{text}"
     );
+}
+
+#[test]
+fn a_backend_disabled_by_option_is_unavailable_and_auto_skips_it() {
+    // On any machine, GPU or not: the option is what `DRM_PAGEMAP_CUDA_DISABLE` sets.
+    let cfg = BackendConfig::default()
+        .with_option("cuda.disable", "1")
+        .unwrap();
+    let cuda = backends_with(&cfg)
+        .into_iter()
+        .find(|b| b.name == "cuda")
+        .unwrap();
+    assert_eq!(
+        cuda.available,
+        Err("disabled by option cuda.disable".to_string())
+    );
+    assert_eq!(auto_backend_with(&cfg), "sim");
+    assert_eq!(open_backend("auto", &cfg).unwrap().name(), "sim");
+    let err = open_backend("cuda", &cfg).err().expect("disabled: error");
+    assert!(
+        matches!(&err, Error::BackendUnavailable { name, reason }
+            if name == "cuda" && reason.contains("cuda.disable")),
+        "{err}"
+    );
+    // Opened directly, the backend refuses too.
+    let e = drm_pagemap::sim::open(
+        &BackendConfig::default()
+            .with_option("sim.disable", "on")
+            .unwrap(),
+    )
+    .err()
+    .expect("sim disabled");
+    assert_eq!(e.kind, BackendErrorKind::Unavailable);
+    assert!(e.message.contains("sim.disable"), "{e}");
+    let cfg = BackendConfig::default()
+        .with_option("cuda.disable", "0")
+        .unwrap();
+    assert_eq!(
+        backends_with(&cfg)
+            .into_iter()
+            .find(|b| b.name == "cuda")
+            .unwrap()
+            .available,
+        drm_pagemap_cuda_probe(),
+        "disable=0 leaves the probe's answer"
+    );
+}
+
+fn drm_pagemap_cuda_probe() -> Result<(), String> {
+    backends_with(&BackendConfig::default())
+        .into_iter()
+        .find(|b| b.name == "cuda")
+        .unwrap()
+        .available
+}
+
+#[test]
+fn bad_options_are_typed_errors_naming_the_key_before_anything_opens() {
+    let open = |key: &str, value: &str| {
+        let cfg = BackendConfig::default().with_option(key, value).unwrap();
+        assert_eq!(
+            check_config(&cfg).err().map(|e| e.to_string()),
+            open_backend("sim", &cfg).err().map(|e| e.to_string()),
+            "open_backend checks as check_config does"
+        );
+        open_backend("sim", &cfg).err()
+    };
+    // A key the backend does not know, also one of another backend than the one opened.
+    for (key, value, backend) in [
+        ("sim.copy_latncy", "1ms", "sim"),
+        ("cuda.vmmm", "0", "cuda"),
+        ("cuda.vmm", "maybe", "cuda"),
+        ("cuda.kernel", "cubin", "cuda"),
+        ("cuda.dma_min_host", "lots", "cuda"),
+        ("sim.copy_latency", "5", "sim"),
+        ("sim.disable", "perhaps", "sim"),
+        ("nope.x", "1", "nope"),
+    ] {
+        let err = open(key, value).expect(key);
+        match &err {
+            Error::BadOption { backend: b, source } => {
+                assert_eq!(b, backend, "{err}");
+                assert_eq!(source.key(), Some(key), "{err}");
+            }
+            other => panic!("{key}={value}: {other}"),
+        }
+        assert!(err.to_string().contains(key), "{err}");
+        assert!(!err.is_transient());
+    }
+    assert!(matches!(
+        open("cuda.kernel", "cubin"),
+        Some(Error::BadOption { source: OptionError::BadValue { expected, .. }, .. })
+            if expected.contains("nvrtc")
+    ));
+    assert!(matches!(
+        open("sim.copy_latncy", "1ms"),
+        Some(Error::BadOption { source: OptionError::UnknownKey { known, .. }, .. })
+            if known.contains("copy_latency")
+    ));
+    // Good values of every backend pass.
+    let mut cfg = BackendConfig::default();
+    for kv in [
+        "cuda.dma_min_host=4096",
+        "cuda.dma_min_device=1GiB",
+        "cuda.vmm=0",
+        "cuda.clear_on_free=false",
+        "cuda.kernel=ptx",
+        "cuda.device_capacity=8G",
+        "cuda.disable=0",
+        "sim.copy_latency=0",
+        "sim.owner_groups=0,0,1",
+        "sim.disable=no",
+    ] {
+        cfg.options.parse_assignment(kv).unwrap();
+    }
+    check_config(&cfg).unwrap();
 }

@@ -573,7 +573,8 @@ fn run_on(b: &'static str, faults: bool, gpu: bool) {
     if b != "sim" && gpu {
         let cfg = BackendConfig {
             devices: Some(DEVICES),
-            ..BackendConfig::default()
+            // A GPU backend as the environment configures it (gpu-run.sh's variables).
+            ..BackendConfig::from_env()
         };
         let backend: Arc<dyn Backend> =
             Arc::from(drm_pagemap::open_backend(b, &cfg).expect("open backend"));

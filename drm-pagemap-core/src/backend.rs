@@ -29,6 +29,7 @@
 
 use crate::error::BackendError;
 use crate::fence::Fence;
+use crate::options::{BackendOptions, OptionError};
 use crate::types::{DeviceId, Direction, DmaAddr, HostFrame, OwnerId, PageSize, PagemapId, Pfn};
 use std::fmt;
 use std::sync::Arc;
@@ -270,15 +271,61 @@ pub struct PagemapSpec {
     pub capacity_bytes: u64,
 }
 
-/// What to open a backend with. Fields a backend does not use are ignored.
+/// What to open a backend with: the sizes every backend understands (a field a backend does
+/// not use is ignored), and per-backend [`options`](Self::options).
+///
+/// `Default` is pure: no option set, nothing read from the environment. A binary that wants
+/// the environment's settings (`DRM_PAGEMAP_CUDA_VMM=0` and the others of
+/// [`ENV_OPTIONS`](crate::options::ENV_OPTIONS)) asks for them with
+/// [`BackendConfig::from_env`], the one place the library reads the environment.
 #[derive(Clone, Debug, Default)]
 pub struct BackendConfig {
-    /// Number of devices (simulated backends); `None`: the backend's default.
+    /// Number of devices (the simulated backend's count; a GPU backend's upper limit); `None`:
+    /// the backend's default.
     pub devices: Option<usize>,
     /// Bytes of device memory per device (simulated backends).
     pub device_capacity: Option<u64>,
     /// Bytes of host memory for system pages.
     pub host_capacity: Option<u64>,
+    /// Per-backend knobs as a versioned `backend.key=value` list (`cuda.vmm=0`,
+    /// `sim.copy_latency=1ms`): see [`crate::options`] for the syntax; each backend's config
+    /// type documents its keys. A backend refuses keys under its name that it does not know and
+    /// values it cannot parse ([`OptionError`](crate::options::OptionError)).
+    pub options: BackendOptions,
+}
+
+impl BackendConfig {
+    /// The default config with the options the environment sets (the variables of
+    /// [`ENV_OPTIONS`](crate::options::ENV_OPTIONS): `DRM_PAGEMAP_CUDA_DMA_MIN_HOST`,
+    /// `_DMA_MIN_DEVICE`, `_VMM`, `_CLEAR_ON_FREE`, `_KERNEL`, `_DISABLE`). This is the one
+    /// place the library reads the environment; binaries call it, library code does not.
+    /// A value the backend cannot parse is refused when the backend reads it.
+    pub fn from_env() -> BackendConfig {
+        BackendConfig {
+            options: crate::options::options_from_vars(|k| {
+                std::env::var_os(k).map(|v| v.to_string_lossy().into_owned())
+            }),
+            ..BackendConfig::default()
+        }
+    }
+
+    /// The same config with option `key` set to `value`.
+    pub fn with_option(
+        mut self,
+        key: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<BackendConfig, OptionError> {
+        self.options.set(key, value)?;
+        Ok(self)
+    }
+
+    /// Whether option `backend.disable` is true: the registry reports such a backend
+    /// unavailable and its `open` refuses ([`BackendErrorKind::Unavailable`]).
+    ///
+    /// [`BackendErrorKind::Unavailable`]: crate::BackendErrorKind::Unavailable
+    pub fn disabled(&self, backend: &str) -> Result<bool, OptionError> {
+        self.options.disabled(backend)
+    }
 }
 
 /// Description of one device.

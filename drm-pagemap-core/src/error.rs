@@ -1,5 +1,6 @@
 //! Typed errors. Every message names the range, the pagemap and the device involved.
 
+use crate::options::OptionError;
 use crate::types::{DeviceId, PageSize, PagemapId, VaRange};
 use std::fmt;
 
@@ -318,6 +319,16 @@ pub enum Error {
         /// What is wrong, naming the device or memory and the limit.
         reason: String,
     },
+    /// A backend option was refused (a key the backend does not know, a value it cannot
+    /// parse, a list of a newer version than this build reads); the error names the key.
+    /// Nothing was opened.
+    #[error("backend {backend}: {source}")]
+    BadOption {
+        /// The backend the option is for (as its key names it).
+        backend: String,
+        /// What is wrong, with the key ([`OptionError::key`]).
+        source: OptionError,
+    },
     /// A pagemap's registration was refused by the registry of backends.
     #[error("backend {name} unavailable: {reason}")]
     BackendUnavailable {
@@ -374,7 +385,7 @@ impl Error {
     /// or configuration error ([`Error::BadRange`], [`Error::PageSizeMismatch`],
     /// [`Error::UnknownPagemap`], [`Error::BadPagemap`], [`Error::NoSuchAllocation`],
     /// [`Error::AllocationNotReserved`], [`Error::TooLarge`], [`Error::BadConfig`],
-    /// [`Error::BackendUnavailable`]).
+    /// [`Error::BadOption`], [`Error::BackendUnavailable`]).
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Busy { reason, .. } => {
@@ -397,6 +408,7 @@ impl Error {
             | Error::AllocationNotReserved { .. }
             | Error::TooLarge { .. }
             | Error::BadConfig { .. }
+            | Error::BadOption { .. }
             | Error::BackendUnavailable { .. } => false,
         }
     }
@@ -499,6 +511,17 @@ mod tests {
                 false,
             ),
             (
+                Error::BadOption {
+                    backend: "cuda".into(),
+                    source: OptionError::UnknownKey {
+                        key: "cuda.vmmm".into(),
+                        known: "cuda knows: vmm".into(),
+                    },
+                },
+                false,
+                false,
+            ),
+            (
                 Error::BackendUnavailable {
                     name: "cuda".into(),
                     reason: "no driver".into(),
@@ -575,13 +598,14 @@ mod tests {
             Error::BadConfig { .. } => 10,
             Error::BackendUnavailable { .. } => 11,
             Error::CpuAccessTimeout { .. } => 12,
+            Error::BadOption { .. } => 13,
         }
     }
 
     #[test]
     fn retry_helpers_classify_every_variant() {
         let t = table();
-        let mut seen = [false; 13];
+        let mut seen = [false; 14];
         for (e, busy, transient) in &t {
             seen[variant(e)] = true;
             assert_eq!(e.is_busy(), *busy, "is_busy of {e}");

@@ -36,6 +36,11 @@
 //!   unchanged, the destination released once the copies already issued are done) and then
 //!   continues to the caller.
 //!
+//! - **No environment.** Nothing here reads an environment variable except
+//!   [`BackendConfig::from_env`], which binaries call; backends take their knobs from
+//!   [`BackendConfig::options`] ([`options`]: a versioned `backend.key=value` list read with
+//!   typed getters; an unknown key or a bad value is an [`OptionError`] naming the key).
+//!
 //! The core has no `unsafe` and no FFI: backends ([`HostMemory`], [`PagemapOps`],
 //! [`DevmemOps`]) bring the hardware. Page state lives in packed arrays (one `u64` per page).
 
@@ -50,6 +55,7 @@ pub mod layout;
 pub mod mem;
 mod migrate;
 mod mm;
+pub mod options;
 mod page;
 pub mod plan;
 mod sync;
@@ -74,6 +80,7 @@ pub use migrate::{
     CopyCall, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming, WhileCopying,
 };
 pub use mm::{AddressSpace, PageBacking, PageLocation};
+pub use options::{BackendOption, BackendOptions, OptionError, OptionReader};
 pub use plan::Coalesce;
 pub use to_ram::EvictReport;
 pub use types::{

@@ -840,7 +840,8 @@ pub fn machine(devices: usize, opts: &Options) -> Rig {
     } else {
         let cfg = BackendConfig {
             devices: Some(devices),
-            ..BackendConfig::default()
+            // A GPU backend as the environment configures it (gpu-run.sh's variables).
+            ..BackendConfig::from_env()
         };
         let b = drm_pagemap::open_backend(opts.backend, &cfg).expect("open backend");
         (Arc::from(b), None)

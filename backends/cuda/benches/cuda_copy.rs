@@ -25,6 +25,11 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The environment's `DRM_PAGEMAP_CUDA_*` settings (the library reads none itself).
+fn env_config() -> CudaConfig {
+    CudaConfig::from_env().expect("DRM_PAGEMAP_CUDA_* variables parse")
+}
+
 const MIB: u64 = 1 << 20;
 const BYTES: u64 = 256 * MIB;
 const GATE_NS: u64 = 40_000_000;
@@ -257,7 +262,7 @@ impl Env {
             CudaBackend::new(CudaConfig {
                 devices: Some(1),
                 host_capacity: 3 << 30,
-                ..CudaConfig::default()
+                ..env_config()
             })
             .expect("open cuda"),
         );
@@ -1076,7 +1081,7 @@ fn summary(env: &Env) {
 }
 
 fn main() {
-    if let Err(reason) = drm_pagemap_cuda::probe() {
+    if let Err(reason) = drm_pagemap_cuda::probe_with(&env_config()) {
         println!("skipped: {reason}");
         return;
     }

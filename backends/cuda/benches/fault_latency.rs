@@ -17,6 +17,11 @@ use drm_pagemap_cuda::{CudaBackend, CudaConfig, KernelSource};
 use std::ffi::c_void;
 use std::time::{Duration, Instant};
 
+/// The environment's `DRM_PAGEMAP_CUDA_*` settings (the library reads none itself).
+fn env_config() -> CudaConfig {
+    CudaConfig::from_env().expect("DRM_PAGEMAP_CUDA_* variables parse")
+}
+
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const LIMIT: Option<Duration> = Some(Duration::from_secs(5));
@@ -282,7 +287,7 @@ fn memcpy_floor(bytes: u64, iters: usize, typed: bool) -> Vec<f64> {
 }
 
 fn main() {
-    if let Err(reason) = drm_pagemap_cuda::probe() {
+    if let Err(reason) = drm_pagemap_cuda::probe_with(&env_config()) {
         println!("skipped: {reason}");
         return;
     }
@@ -305,7 +310,7 @@ fn main() {
             host_capacity: 256 * MIB,
             clear_on_free,
             kernel,
-            ..CudaConfig::default()
+            ..env_config()
         })
         .expect("open cuda")
     };

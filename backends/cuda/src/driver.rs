@@ -74,9 +74,6 @@ pub(crate) struct ProbeInfo {
 }
 
 fn probe_uncached() -> Result<ProbeInfo, String> {
-    if std::env::var_os("DRM_PAGEMAP_CUDA_DISABLE").is_some() {
-        return Err("disabled by DRM_PAGEMAP_CUDA_DISABLE".into());
-    }
     // SAFETY: only tries to dlopen the candidate library names.
     if !unsafe { sys::is_culib_present() } {
         return Err("no NVIDIA driver: libcuda.so could not be loaded".into());

@@ -32,7 +32,7 @@ pub(crate) struct SmallLists {
 }
 const MAX_BLOCKS: u64 = 1 << 20;
 
-/// Where the kernel comes from.
+/// Where the kernel comes from (option `cuda.kernel`: `auto`, `nvrtc`, `ptx`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum KernelSource {
     /// NVRTC when it works, else the checked-in PTX.
@@ -42,17 +42,6 @@ pub enum KernelSource {
     Nvrtc,
     /// The checked-in PTX only.
     Fallback,
-}
-
-impl KernelSource {
-    /// From `DRM_PAGEMAP_CUDA_KERNEL` (`nvrtc`, `ptx`), else `Auto`.
-    pub fn from_env() -> KernelSource {
-        match std::env::var("DRM_PAGEMAP_CUDA_KERNEL").as_deref() {
-            Ok("nvrtc") => KernelSource::Nvrtc,
-            Ok("ptx") | Ok("fallback") => KernelSource::Fallback,
-            _ => KernelSource::Auto,
-        }
-    }
 }
 
 /// The loaded module of one device.

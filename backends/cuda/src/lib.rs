@@ -33,6 +33,10 @@
 //!   pre-migrate fence. Driver errors keep their `CUresult`
 //!   ([`drm_pagemap_core::BackendErrorKind::Driver`]).
 //!
+//! Configured by [`CudaConfig`] (pure `Default`), from a [`BackendConfig`]'s `cuda.*` options
+//! ([`CudaConfig::from_backend_config`]), or, in binaries, from the `DRM_PAGEMAP_CUDA_*`
+//! environment variables ([`CudaConfig::from_env`], the only place this crate reads them).
+//!
 //! Tests hold a stream deterministically with [`CudaPagemap::hold`]; while a stream is held,
 //! an implicitly synchronising driver call of any thread (allocations) waits for it.
 
@@ -60,7 +64,7 @@ pub use cudarc::driver::sys;
 use device::CudaDevice;
 use drm_pagemap_core::{
     Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, HostMemory,
-    OwnerId, Pagemap, PagemapId, PagemapSpec,
+    OptionError, OwnerId, Pagemap, PagemapId, PagemapSpec,
 };
 use std::sync::{Arc, Mutex};
 
@@ -79,7 +83,26 @@ pub const DEFAULT_HOST_CAPACITY: u64 = 16 << 30;
 pub const MAX_HOST_CAPACITY: u64 = 1 << 47;
 
 /// How to open the CUDA backend.
-#[derive(Clone, Debug)]
+///
+/// `Default` is pure (the constants above, every GPU, the NVRTC kernel where it works, lazy
+/// arenas, clears on free); it reads no environment variable. [`CudaConfig::from_env`] adds
+/// what the environment sets, [`CudaConfig::from_backend_config`] what a
+/// [`BackendConfig`]'s options set. The keys (options `cuda.KEY`; the variable a binary's
+/// `from_env` reads for it):
+///
+/// | key | value | field | variable |
+/// |---|---|---|---|
+/// | `dma_min_host` | a byte count | [`dma_min_host`](Self::dma_min_host) | `DRM_PAGEMAP_CUDA_DMA_MIN_HOST` |
+/// | `dma_min_device` | a byte count | [`dma_min_device`](Self::dma_min_device) | `DRM_PAGEMAP_CUDA_DMA_MIN_DEVICE` |
+/// | `vmm` | a boolean | [`vmm`](Self::vmm) | `DRM_PAGEMAP_CUDA_VMM` (`0`: off) |
+/// | `clear_on_free` | a boolean | [`clear_on_free`](Self::clear_on_free) | `DRM_PAGEMAP_CUDA_CLEAR_ON_FREE` (`0`: off) |
+/// | `kernel` | `auto`, `nvrtc`, `ptx` (or `fallback`) | [`kernel`](Self::kernel) | `DRM_PAGEMAP_CUDA_KERNEL` |
+/// | `device_capacity` | a byte count | [`device_capacity`](Self::device_capacity) | |
+/// | `disable` | a boolean | [`disable`](Self::disable) | `DRM_PAGEMAP_CUDA_DISABLE` (set: on) |
+///
+/// [`BackendConfig::devices`] and [`BackendConfig::host_capacity`] set
+/// [`devices`](Self::devices) and [`host_capacity`](Self::host_capacity).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CudaConfig {
     /// Use at most this many GPUs (`None`: all; `Some(0)` is refused).
     pub devices: Option<usize>,
@@ -100,39 +123,72 @@ pub struct CudaConfig {
     /// so that an allocation normally finds clean pages and queues no clear in front of the
     /// migration's copies; pages whose clear could not be queued are cleared when they are
     /// allocated again. `false`: every allocation clears its pages (the clear is its
-    /// pre-migrate fence). Default `true`; `DRM_PAGEMAP_CUDA_CLEAR_ON_FREE=0` turns it off.
+    /// pre-migrate fence). Default `true`.
     pub clear_on_free: bool,
+    /// Do not use the GPUs: [`probe_with`] reports the backend unavailable and
+    /// [`CudaBackend::new`] refuses ([`BackendErrorKind::Unavailable`]), as on a machine
+    /// without CUDA. Default `false`.
+    pub disable: bool,
 }
 
 impl Default for CudaConfig {
     fn default() -> Self {
-        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
         CudaConfig {
             devices: None,
             device_capacity: None,
             host_capacity: DEFAULT_HOST_CAPACITY,
-            dma_min_host: env("DRM_PAGEMAP_CUDA_DMA_MIN_HOST").unwrap_or(DEFAULT_DMA_MIN_HOST),
-            dma_min_device: env("DRM_PAGEMAP_CUDA_DMA_MIN_DEVICE")
-                .unwrap_or(DEFAULT_DMA_MIN_DEVICE),
-            kernel: KernelSource::from_env(),
-            vmm: std::env::var("DRM_PAGEMAP_CUDA_VMM").map_or(true, |v| v != "0"),
-            clear_on_free: std::env::var("DRM_PAGEMAP_CUDA_CLEAR_ON_FREE")
-                .map_or(true, |v| v != "0"),
+            dma_min_host: DEFAULT_DMA_MIN_HOST,
+            dma_min_device: DEFAULT_DMA_MIN_DEVICE,
+            kernel: KernelSource::Auto,
+            vmm: true,
+            clear_on_free: true,
+            disable: false,
         }
     }
 }
 
 impl CudaConfig {
-    /// A config from the generic backend config (missing fields keep their defaults).
-    /// `device_capacity` is for simulated devices and is not used: a GPU offers its memory
-    /// (pagemaps back it lazily; their own capacity comes with each [`PagemapSpec`]).
-    pub fn from_backend_config(c: &BackendConfig) -> CudaConfig {
+    /// The default config with what the environment sets (the variables in the table
+    /// above): `CudaConfig::from_backend_config(&BackendConfig::from_env())`. For binaries,
+    /// tests and benches; library code does not call it. A variable whose value does not
+    /// parse is an [`OptionError`] naming its option.
+    pub fn from_env() -> Result<CudaConfig, OptionError> {
+        CudaConfig::from_backend_config(&BackendConfig::from_env())
+    }
+
+    /// A config from the generic backend config: its device count and host capacity, and
+    /// its `cuda.*` options (the table above); what is not set keeps its default.
+    /// [`BackendConfig::device_capacity`] is for simulated devices and is not used: a GPU
+    /// offers its memory (pagemaps back it lazily; their own capacity comes with each
+    /// [`PagemapSpec`]); `cuda.device_capacity` limits it. Another `cuda.*` key, or a value
+    /// that does not parse, is an [`OptionError`] naming the key; other backends' keys are
+    /// left to them.
+    pub fn from_backend_config(c: &BackendConfig) -> Result<CudaConfig, OptionError> {
         let d = CudaConfig::default();
-        CudaConfig {
+        let mut r = c.options.reader("cuda")?;
+        let config = CudaConfig {
             devices: c.devices,
+            device_capacity: r.bytes("device_capacity")?.or(d.device_capacity),
             host_capacity: c.host_capacity.unwrap_or(d.host_capacity),
-            ..d
-        }
+            dma_min_host: r.bytes("dma_min_host")?.unwrap_or(d.dma_min_host),
+            dma_min_device: r.bytes("dma_min_device")?.unwrap_or(d.dma_min_device),
+            kernel: r
+                .choice(
+                    "kernel",
+                    &[
+                        ("auto", KernelSource::Auto),
+                        ("nvrtc", KernelSource::Nvrtc),
+                        ("ptx", KernelSource::Fallback),
+                        ("fallback", KernelSource::Fallback),
+                    ],
+                )?
+                .unwrap_or(d.kernel),
+            vmm: r.bool("vmm")?.unwrap_or(d.vmm),
+            clear_on_free: r.bool("clear_on_free")?.unwrap_or(d.clear_on_free),
+            disable: r.bool("disable")?.unwrap_or(d.disable),
+        };
+        r.finish()?;
+        Ok(config)
     }
 
     /// Checks what needs no driver: at least one device asked for, a host capacity of at
@@ -155,20 +211,33 @@ impl CudaConfig {
 }
 
 /// Whether the backend can be used here; `Err` says why not ("no NVIDIA driver: ...",
-/// "no CUDA device"). Never panics.
+/// "no CUDA device"). Asks the driver only; [`probe_with`] also honours a config's
+/// [`disable`](CudaConfig::disable). Never panics.
 pub fn probe() -> Result<(), String> {
     driver::probe().map(|_| ())
 }
+
+/// Whether the backend can be used here with `config`: "disabled by option cuda.disable" when
+/// [`CudaConfig::disable`] is set, else [`probe`]. Never panics.
+pub fn probe_with(config: &CudaConfig) -> Result<(), String> {
+    if config.disable {
+        return Err(DISABLED.into());
+    }
+    probe()
+}
+
+const DISABLED: &str = "disabled by option cuda.disable (env DRM_PAGEMAP_CUDA_DISABLE)";
 
 /// The CUDA driver version (e.g. 13000), when a driver is present.
 pub fn driver_version() -> Option<i32> {
     driver::probe().ok().map(|p| p.driver_version)
 }
 
-/// Opens the backend from a generic config (used by the registry).
+/// Opens the backend from a generic config (used by the registry): an option
+/// [`CudaConfig::from_backend_config`] refuses is [`BackendErrorKind::BadConfig`].
 pub fn open(config: &BackendConfig) -> Result<Box<dyn Backend>, BackendError> {
     Ok(Box::new(CudaBackend::new(
-        CudaConfig::from_backend_config(config),
+        CudaConfig::from_backend_config(config)?,
     )?))
 }
 
@@ -199,9 +268,16 @@ impl std::fmt::Debug for CudaBackend {
 
 impl CudaBackend {
     /// Opens every GPU (up to `config.devices`), enables peer access where both directions
-    /// allow it, and sets up the host memory. Fails (never panics) without a driver or GPU.
+    /// allow it, and sets up the host memory. Fails (never panics) without a driver or GPU,
+    /// and when the config [disables](CudaConfig::disable) the backend.
     pub fn new(config: CudaConfig) -> Result<CudaBackend, BackendError> {
         config.validate()?;
+        if config.disable {
+            return Err(BackendError::new(
+                BackendErrorKind::Unavailable,
+                format!("cuda: {DISABLED}"),
+            ));
+        }
         let info =
             driver::probe().map_err(|r| BackendError::new(BackendErrorKind::Unavailable, r))?;
         let n = config
@@ -457,6 +533,125 @@ mod tests {
         ] {
             c.validate().unwrap();
         }
+    }
+
+    fn with_options(pairs: &[(&str, &str)]) -> BackendConfig {
+        let mut c = BackendConfig::default();
+        for (k, v) in pairs {
+            c.options.set(*k, *v).unwrap();
+        }
+        c
+    }
+
+    #[test]
+    fn default_is_the_documented_constants() {
+        let d = CudaConfig::default();
+        assert_eq!(
+            (d.devices, d.device_capacity, d.host_capacity),
+            (None, None, DEFAULT_HOST_CAPACITY)
+        );
+        assert_eq!(
+            (d.dma_min_host, d.dma_min_device),
+            (DEFAULT_DMA_MIN_HOST, DEFAULT_DMA_MIN_DEVICE)
+        );
+        assert_eq!(
+            (d.kernel, d.vmm, d.clear_on_free, d.disable),
+            (KernelSource::Auto, true, true, false)
+        );
+        assert_eq!(
+            CudaConfig::from_backend_config(&BackendConfig::default()).unwrap(),
+            d
+        );
+    }
+
+    #[test]
+    fn every_option_reaches_its_field() {
+        let c = CudaConfig::from_backend_config(&BackendConfig {
+            devices: Some(2),
+            host_capacity: Some(1 << 30),
+            // Not a CUDA knob: pagemaps get their capacity from their spec.
+            device_capacity: Some(123),
+            options: with_options(&[
+                ("cuda.dma_min_host", "4096"),
+                ("cuda.dma_min_device", "64MiB"),
+                ("cuda.vmm", "0"),
+                ("cuda.clear_on_free", "off"),
+                ("cuda.kernel", "ptx"),
+                ("cuda.device_capacity", "8G"),
+                ("cuda.disable", "true"),
+                ("sim.copy_latency", "1ms"),
+            ])
+            .options,
+        })
+        .unwrap();
+        assert_eq!(
+            c,
+            CudaConfig {
+                devices: Some(2),
+                device_capacity: Some(8 << 30),
+                host_capacity: 1 << 30,
+                dma_min_host: 4096,
+                dma_min_device: 64 << 20,
+                kernel: KernelSource::Fallback,
+                vmm: false,
+                clear_on_free: false,
+                disable: true,
+            }
+        );
+        for (v, k) in [
+            ("auto", KernelSource::Auto),
+            ("nvrtc", KernelSource::Nvrtc),
+            ("fallback", KernelSource::Fallback),
+        ] {
+            let c = CudaConfig::from_backend_config(&with_options(&[("cuda.kernel", v)]));
+            assert_eq!(c.unwrap().kernel, k, "{v}");
+        }
+    }
+
+    #[test]
+    fn bad_options_are_refused_naming_the_key() {
+        for (key, value) in [
+            ("cuda.vmm", "maybe"),
+            ("cuda.clear_on_free", ""),
+            ("cuda.kernel", "cubin"),
+            ("cuda.dma_min_host", "-1"),
+            ("cuda.dma_min_device", "1PiB"),
+            ("cuda.device_capacity", "lots"),
+            ("cuda.disable", "2"),
+            ("cuda.vmmm", "0"),
+            ("cuda.host_capacity", "1G"),
+        ] {
+            let cfg = with_options(&[(key, value)]);
+            let e = CudaConfig::from_backend_config(&cfg).expect_err(key);
+            assert_eq!(e.key(), Some(key), "{e}");
+            // Through `open`, before any driver call: a bad config on any machine.
+            let b = open(&cfg).err().expect(key);
+            assert_eq!(b.kind, BackendErrorKind::BadConfig, "{b}");
+            assert!(b.message.contains(key), "{b}");
+        }
+        let e = CudaConfig::from_backend_config(&with_options(&[("cuda.vmmm", "0")])).unwrap_err();
+        assert!(
+            e.to_string().contains("vmm") && e.to_string().contains("clear_on_free"),
+            "names the known keys: {e}"
+        );
+    }
+
+    #[test]
+    fn a_disabled_backend_is_unavailable_before_any_driver_call() {
+        let cfg = CudaConfig {
+            disable: true,
+            ..CudaConfig::default()
+        };
+        let why = probe_with(&cfg).unwrap_err();
+        assert!(why.contains("cuda.disable"), "{why}");
+        assert_eq!(probe_with(&CudaConfig::default()), probe());
+        let e = CudaBackend::new(cfg).expect_err("disabled");
+        assert_eq!(e.kind, BackendErrorKind::Unavailable);
+        assert!(e.message.contains("cuda.disable"), "{e}");
+        let e = open(&with_options(&[("cuda.disable", "1")]))
+            .err()
+            .expect("disabled");
+        assert_eq!(e.kind, BackendErrorKind::Unavailable);
     }
 
     #[test]

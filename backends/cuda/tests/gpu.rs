@@ -13,9 +13,15 @@ use std::time::{Duration, Instant};
 
 const GIB: u64 = 1 << 30;
 
+/// The environment's settings (`DRM_PAGEMAP_CUDA_KERNEL=ptx`, `_VMM=0`, `_CLEAR_ON_FREE=0`:
+/// gpu-run.sh runs this binary under each), the one place these tests read them.
+fn env_config() -> CudaConfig {
+    CudaConfig::from_env().expect("DRM_PAGEMAP_CUDA_* variables parse")
+}
+
 fn gpu() -> bool {
     static SKIP: Once = Once::new();
-    match drm_pagemap_cuda::probe() {
+    match drm_pagemap_cuda::probe_with(&env_config()) {
         Ok(()) => true,
         Err(reason) => {
             // Straight to stdout: the test harness captures print!, not the raw handle.
@@ -43,7 +49,7 @@ fn config() -> CudaConfig {
     CudaConfig {
         device_capacity: Some(4 * GIB),
         host_capacity: 4 * GIB,
-        ..CudaConfig::default()
+        ..env_config()
     }
 }
 

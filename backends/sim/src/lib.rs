@@ -12,6 +12,10 @@
 //! - faults can be injected through [`drm_pagemap_core::inject::FaultInjector`]: the Nth
 //!   allocation, map or copy fails, or the Nth copy fence signals an error or never signals.
 //!
+//! Configured by [`SimConfig`], or through the generic [`BackendConfig`] with its `sim.*`
+//! options (`sim.copy_latency`, `sim.owner_groups`: [`SimConfig::from_backend_config`]). No
+//! environment variable is read.
+//!
 //! Memory is made of atomic words ([`drm_pagemap_core::mem::AtomicArena`]), so the backend
 //! needs no `unsafe`.
 
@@ -26,7 +30,7 @@ use drm_pagemap_core::inject::FaultInjector;
 use drm_pagemap_core::mem::ArenaHostMemory;
 use drm_pagemap_core::{
     Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, HostMemory,
-    OwnerId, Pagemap, PagemapId, PagemapSpec,
+    OptionError, OwnerId, Pagemap, PagemapId, PagemapSpec,
 };
 use pagemap::SimPagemap;
 use std::sync::{Arc, Mutex};
@@ -78,15 +82,32 @@ impl Default for SimConfig {
 }
 
 impl SimConfig {
-    /// A config from the generic backend config (missing fields keep their defaults).
-    pub fn from_backend_config(c: &BackendConfig) -> SimConfig {
+    /// A config from the generic backend config: its sizes (missing ones keep their
+    /// defaults) and its `sim.*` options:
+    ///
+    /// | key | value | sets |
+    /// |---|---|---|
+    /// | `sim.copy_latency` | a duration (`0`, `250us`, `5ms`) | [`copy_latency`](Self::copy_latency) |
+    /// | `sim.owner_groups` | a list, one group per device (`0,0,1`) | [`owner_groups`](Self::owner_groups) |
+    /// | `sim.disable` | a boolean | nothing here: [`open`] refuses (unavailable) |
+    ///
+    /// Another `sim.*` key, or a value that does not parse, is an [`OptionError`] naming the
+    /// key; other backends' keys are left to them. [`faults`](Self::faults) is a live object,
+    /// not an option: set the field.
+    pub fn from_backend_config(c: &BackendConfig) -> Result<SimConfig, OptionError> {
         let d = SimConfig::default();
-        SimConfig {
+        let mut r = c.options.reader("sim")?;
+        let copy_latency = r.duration("copy_latency")?.unwrap_or(d.copy_latency);
+        let owner_groups = r.u32_list("owner_groups")?.or(d.owner_groups);
+        r.finish()?;
+        Ok(SimConfig {
             devices: c.devices.unwrap_or(d.devices),
             device_capacity: c.device_capacity.unwrap_or(d.device_capacity),
             host_capacity: c.host_capacity.unwrap_or(d.host_capacity),
-            ..d
-        }
+            owner_groups,
+            copy_latency,
+            faults: None,
+        })
     }
 }
 
@@ -173,6 +194,11 @@ impl SimBackend {
             .as_ref()
             .and_then(|g| g.get(device.0 as usize).copied())
             .unwrap_or(0)
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
     }
 
     /// The fault injector, if the config has one.
@@ -278,9 +304,16 @@ impl Backend for SimBackend {
     }
 }
 
-/// Opens the sim backend from a generic config (used by the registry).
+/// Opens the sim backend from a generic config (used by the registry): refuses with
+/// [`BackendErrorKind::BadConfig`] an option [`SimConfig::from_backend_config`] refuses, and
+/// with [`BackendErrorKind::Unavailable`] when `sim.disable` is true.
 pub fn open(config: &BackendConfig) -> Result<Box<dyn Backend>, BackendError> {
-    Ok(Box::new(SimBackend::new(SimConfig::from_backend_config(
-        config,
-    ))?))
+    let sim = SimConfig::from_backend_config(config)?;
+    if config.disabled("sim")? {
+        return Err(BackendError::new(
+            BackendErrorKind::Unavailable,
+            "sim: disabled by option sim.disable",
+        ));
+    }
+    Ok(Box::new(SimBackend::new(sim)?))
 }
