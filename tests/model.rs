@@ -719,6 +719,15 @@ impl World {
                         "a panic that was not injected: {msg}"
                     );
                     totals().panics.fetch_add(1, Ordering::Relaxed);
+                    // A migration that unwound parks its destination while copies it had
+                    // issued still run past its fence timeout; they finish (the model injects
+                    // no hangs), and then nothing may be left.
+                    let t = std::time::Instant::now();
+                    while self.mm.deferred_cleanups() > 0
+                        && t.elapsed() < std::time::Duration::from_secs(10)
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
                     T::from_panic(msg)
                 }
             }
