@@ -26,13 +26,12 @@
 //! Backend options come from the environment (`BackendConfig::from_env`), e.g.
 //! `DRM_PAGEMAP_CUDA_VMM=0`.
 
-use drm_pagemap::{AddressSpace, BackendConfig, Machine, PageSize, PagemapId, VaRange};
-use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use xe_svm::{
+use drm_pagemap::svm::{
     Access, Attributes, FaultAction, GpuVm, Placement, PreferredLocation, Svm, SvmConfig,
 };
+use drm_pagemap::{AddressSpace, BackendConfig, Machine, PageSize, PagemapId, VaRange};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 const BASE: u64 = 1 << 40;
 const M2: u64 = 2 << 20;
@@ -100,11 +99,11 @@ fn setup(backend: &str, capacity: Option<u64>, host_bytes: u64) -> Result<Setup,
         host_capacity: Some(host_bytes),
         ..BackendConfig::from_env()
     };
-    let machine = Machine::open(backend, &config, 3).map_err(|e| e.to_string())?;
-    let mm = Arc::new(AddressSpace::new(machine.backend.host_memory()));
-    let svm = Svm::new(
-        mm,
-        machine.pagemaps.clone(),
+    // One address space: the SVM context owns the machine's pagemaps.
+    let (machine, svm) = Machine::open_svm(
+        backend,
+        &config,
+        3,
         SvmConfig {
             capacity,
             fence_timeout: Some(Duration::from_secs(30)),

@@ -47,14 +47,51 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+//!
+//! ## Features
+//! `sim` (the simulated backend, [`sim`]), `cuda` (the CUDA backend, [`cuda`]; links cudarc,
+//! loads `libcuda` at run time) and `svm` (the xe-style SVM layer, [`svm`]) are on by
+//! default. `--no-default-features --features sim` builds without cudarc; with no backend
+//! feature at all the registry is empty until a crate of yours registers one.
+
 #![forbid(unsafe_code)]
 
-pub use drm_pagemap_core::*;
+mod registry;
+
+// The engine's API, by name (test tooling lives in its own modules: `inject`, `layout`, `mem`).
+pub use drm_pagemap_core::{
+    AddressSpace, AllocId, AllocState, AllocationInfo, Backend, BackendConfig, BackendError,
+    BackendErrorKind, BackendOption, BackendOptions, BusyReason, Coalesce, CopyCall, CopyOp,
+    CopyRequest, Dependencies, DeviceId, DeviceInfo, DevmemBacking, DevmemOps, Direction, DmaAddr,
+    Error, EvictReport, Fence, FenceArray, FenceCallback, FenceContext, FenceContextSource,
+    FenceContexts, FenceError, FenceOps, FenceStatus, FenceTimeline, GRANULE, HostFence, HostFrame,
+    HostMemory, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming, NativeFence,
+    NativeFenceKind, NativeWait, OptionError, OptionReader, OwnerId, PageBacking, PageLocation,
+    PageSize, Pagemap, PagemapId, PagemapOps, PagemapSpec, Pfn, RangeProblem, Result, VaRange,
+    WhileCopying, sort_dependencies,
+};
+pub use drm_pagemap_core::{fence, inject, layout, mem, options, plan};
+/// Re-exported so a backend crate can register with
+/// `drm_pagemap::inventory::submit! { drm_pagemap::BackendRegistration { .. } }`.
+pub use inventory;
+pub use registry::BackendRegistration;
+
 /// The simulated backend.
+#[cfg(feature = "sim")]
 pub use drm_pagemap_sim as sim;
+
+/// The CUDA backend.
+#[cfg(feature = "cuda")]
+pub use drm_pagemap_cuda as cuda;
+
+/// The SVM layer a GPU runtime talks to (the `xe-svm` crate): GPU VMs, the fault handler,
+/// eviction, statistics. [`Machine::open_svm`] sets one up over a backend.
+#[cfg(feature = "svm")]
+pub use xe_svm as svm;
 
 use std::sync::Arc;
 
+#[cfg(feature = "sim")]
 inventory::submit! {
     BackendRegistration {
         name: "sim",
@@ -64,6 +101,7 @@ inventory::submit! {
     }
 }
 
+#[cfg(feature = "cuda")]
 inventory::submit! {
     BackendRegistration {
         name: "cuda",
@@ -133,11 +171,13 @@ pub fn auto_backend_with(config: &BackendConfig) -> &'static str {
 }
 
 /// How the built-in backends read their options (each refuses unknown keys under its name).
-type OptionCheck = fn(&BackendConfig) -> Result<(), OptionError>;
+type OptionCheck = fn(&BackendConfig) -> std::result::Result<(), OptionError>;
 const OPTION_CHECKS: &[(&str, OptionCheck)] = &[
+    #[cfg(feature = "sim")]
     ("sim", |c| {
         drm_pagemap_sim::SimConfig::from_backend_config(c).map(drop)
     }),
+    #[cfg(feature = "cuda")]
     ("cuda", |c| {
         drm_pagemap_cuda::CudaConfig::from_backend_config(c).map(drop)
     }),
@@ -232,8 +272,9 @@ pub struct Machine {
     /// Pagemaps 0..n. On a backend with fewer devices than pagemaps, pagemaps share devices
     /// round-robin (several memory regions of one device).
     pub pagemaps: Vec<Pagemap>,
-    /// The address space, with every pagemap added.
-    pub mm: AddressSpace,
+    /// The address space, with every pagemap added (through the SVM layer's copy policy when
+    /// opened with [`Machine::open_svm`]: then [`svm::Svm::mm`] is this same address space).
+    pub mm: Arc<AddressSpace>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -262,6 +303,24 @@ impl Machine {
         Machine::build(backend, n, foreign, None)
     }
 
+    /// Opens `backend` with `n` pagemaps as [`Machine::open`] does, and an SVM context over
+    /// them: one address space, which the SVM context owns the pagemaps of (they are added
+    /// to [`Machine::mm`] by [`svm::Svm::new`], wrapped in its copy policy), so CPU access
+    /// through `machine.mm` and GPU faults through the context's VMs see the same pages.
+    #[cfg(feature = "svm")]
+    #[allow(clippy::result_large_err)] // the SVM layer's own error, as its API returns it
+    pub fn open_svm(
+        backend: &str,
+        config: &BackendConfig,
+        n: usize,
+        svm_config: svm::SvmConfig,
+    ) -> std::result::Result<(Machine, svm::Svm), svm::SvmError> {
+        let backend: Arc<dyn Backend> = Arc::from(open_backend(backend, config)?);
+        let machine = Machine::make(backend, n, &[], config.device_capacity, false)?;
+        let svm = svm::Svm::new(machine.mm.clone(), machine.pagemaps.clone(), svm_config)?;
+        Ok((machine, svm))
+    }
+
     /// Creates `n` pagemaps on `backend`, each with an equal share of its device but at most
     /// `pagemap_capacity` bytes; pagemaps listed in `foreign` get an owner of their own.
     /// `n` must be 1 to [`PagemapId::MAX_PAGEMAPS`] ([`Error::BadConfig`] otherwise); a
@@ -271,6 +330,18 @@ impl Machine {
         n: usize,
         foreign: &[usize],
         pagemap_capacity: Option<u64>,
+    ) -> Result<Machine, Error> {
+        Machine::make(backend, n, foreign, pagemap_capacity, true)
+    }
+
+    /// [`Machine::build`]; `add`: whether the pagemaps join the address space here (not when
+    /// an SVM context adds them itself).
+    fn make(
+        backend: Arc<dyn Backend>,
+        n: usize,
+        foreign: &[usize],
+        pagemap_capacity: Option<u64>,
+        add: bool,
     ) -> Result<Machine, Error> {
         if n == 0 || n > PagemapId::MAX_PAGEMAPS {
             return Err(Error::BadConfig {
@@ -288,7 +359,7 @@ impl Machine {
                 reason: "it has no devices".into(),
             });
         }
-        let mm = AddressSpace::new(backend.host_memory());
+        let mm = Arc::new(AddressSpace::new(backend.host_memory()));
         let mut pagemaps = Vec::with_capacity(n);
         for k in 0..n {
             let dev = &devices[k % devices.len()];
@@ -310,7 +381,9 @@ impl Machine {
                     reason: format!("creating pagemap {k}: {e}"),
                 },
             })?;
-            mm.add_pagemap(pm.clone())?;
+            if add {
+                mm.add_pagemap(pm.clone())?;
+            }
             pagemaps.push(pm);
         }
         Ok(Machine {

@@ -2,8 +2,8 @@
 //! unavailable or unknown backend is reported (an error, never a panic).
 
 use drm_pagemap::{
-    BackendConfig, BackendErrorKind, Error, OptionError, auto_backend, auto_backend_with, backends,
-    backends_with, check_config, open_backend,
+    BackendConfig, BackendErrorKind, Error, Machine, OptionError, auto_backend, auto_backend_with,
+    backends, backends_with, check_config, open_backend,
 };
 
 #[test]
@@ -183,4 +183,37 @@ fn bad_options_are_typed_errors_naming_the_key_before_anything_opens() {
         cfg.options.parse_assignment(kv).unwrap();
     }
     check_config(&cfg).unwrap();
+}
+
+#[test]
+fn a_machine_and_its_svm_context_share_one_address_space() {
+    let (machine, svm) = Machine::open_svm(
+        "sim",
+        &BackendConfig::default(),
+        2,
+        drm_pagemap::svm::SvmConfig::default(),
+    )
+    .unwrap();
+    assert!(std::sync::Arc::ptr_eq(&machine.mm, svm.mm()));
+    assert_eq!(
+        machine.mm.pagemaps().len(),
+        2,
+        "added once, by the SVM context"
+    );
+    let r = drm_pagemap::VaRange::new(1 << 30, 16 * 4096);
+    machine
+        .mm
+        .create_range(r, drm_pagemap::PageSize::Size4K)
+        .unwrap();
+    machine.mm.write(r.start + 100, b"shared").unwrap();
+    let vm = svm.vm(drm_pagemap::PagemapId(1)).unwrap();
+    vm.handle_gpu_fault(r.start + 100, drm_pagemap::svm::Access::Write)
+        .unwrap();
+    assert!(matches!(
+        machine.mm.location(r.start + 100).unwrap(),
+        drm_pagemap::PageLocation::Device { .. }
+    ));
+    let mut b = [0u8; 6];
+    machine.mm.read(r.start + 100, &mut b).unwrap();
+    assert_eq!(&b, b"shared");
 }

@@ -352,19 +352,3 @@ pub trait Backend: Send + Sync {
     /// Whether `a`'s copy engine can write into `b`'s memory directly.
     fn can_access_peer(&self, a: DeviceId, b: DeviceId) -> bool;
 }
-
-/// A built-in backend, registered with `inventory::submit!` (the facade crate does it for
-/// the built-in ones).
-#[derive(Debug)]
-pub struct BackendRegistration {
-    /// Its name on the command line ("sim", "cuda").
-    pub name: &'static str,
-    /// Whether it drives real GPUs (preferred by `auto` when available).
-    pub is_gpu: bool,
-    /// Whether it can be used here; `Err` says why not. Must never panic.
-    pub probe: fn() -> Result<(), String>,
-    /// Opens it.
-    pub open: fn(&BackendConfig) -> Result<Box<dyn Backend>, BackendError>,
-}
-
-inventory::collect!(BackendRegistration);

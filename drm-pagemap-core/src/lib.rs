@@ -65,8 +65,8 @@ mod types;
 
 pub use alloc::{AllocId, AllocState, AllocationInfo};
 pub use backend::{
-    Backend, BackendConfig, BackendRegistration, CopyRequest, DeviceInfo, DevmemBacking, DevmemOps,
-    HostMemory, Pagemap, PagemapOps, PagemapSpec,
+    Backend, BackendConfig, CopyRequest, DeviceInfo, DevmemBacking, DevmemOps, HostMemory, Pagemap,
+    PagemapOps, PagemapSpec,
 };
 pub use error::{
     BackendError, BackendErrorKind, BusyReason, Error, FenceError, RangeProblem, Result,
@@ -87,6 +87,3 @@ pub use types::{
     CopyOp, DeviceId, Direction, DmaAddr, GRANULE, HostFrame, OwnerId, PageSize, PagemapId, Pfn,
     VaRange,
 };
-
-/// Re-exported so backends can register with `inventory::submit!` without naming the crate.
-pub use inventory;
