@@ -813,6 +813,17 @@ fn drive(
             }
         }
     }
+    // Every backend here declares no command limit and bridges host fences itself (sim: its
+    // engine thread; CUDA: the fence worker): xe-svm handed each call on whole and never
+    // waited for a pre-fence on a faulting thread.
+    if let Some(svm) = &svm {
+        let s = svm.total_stats();
+        assert_eq!(s.total_commands(), s.total_copy_calls(), "a call was split");
+        assert_eq!(
+            s.cpu_fence_waits.count, 0,
+            "a pre-fence was waited on the CPU"
+        );
+    }
     // The run did what it claims: every kind of operation happened.
     assert!(
         c.migrations.load(Ordering::Relaxed) > 0

@@ -23,10 +23,18 @@
 //! skipped. Each call carries one executor's pages only; the core issues the calls of every
 //! executor before it waits for any, so devices copy concurrently.
 //!
+//! # Capabilities
+//! A pagemap's [`DevmemOps::caps`] declares what its copies can do ([`CopyCaps`]: the largest
+//! command, the native fence kinds its queue waits on, what it does with host fences, whether
+//! its queue runs in order, a batch size hint), so layers above (xe-svm's copy policy, the
+//! plug-in adapter) follow the backend instead of guessing. The caps describe; the copy
+//! contract above holds whatever they say.
+//!
 //! # Memory access contract
 //! While a copy involving a page is in flight, the core does not read, write, free or reuse
 //! that page: pages under migration are locked in the page table. Backends may rely on it.
 
+use crate::caps::CopyCaps;
 use crate::error::BackendError;
 use crate::fence::Fence;
 use crate::options::{BackendOptions, OptionError};
@@ -172,6 +180,13 @@ pub trait DevmemOps: Send + Sync {
     }
     /// Total bytes this pagemap can allocate.
     fn capacity_bytes(&self) -> u64;
+    /// What this pagemap's copies can do (see [`CopyCaps`]). Constant for the pagemap's
+    /// life: a layer above may read it once. A wrapper that only observes forwards its inner
+    /// pagemap's. Default: [`CopyCaps::CONSERVATIVE`] (no command limit, no native fence
+    /// kind, host fences waited in the call, no ordering between calls, no batch hint).
+    fn caps(&self) -> CopyCaps {
+        CopyCaps::CONSERVATIVE
+    }
 }
 
 /// A device-memory provider: id, owner, device, and its operations (upstream `drm_pagemap`).

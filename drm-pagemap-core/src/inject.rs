@@ -3,6 +3,7 @@
 //! with one [`FaultInjector`], so "the 3rd copy" means the 3rd copy call anywhere.
 
 use crate::backend::{CopyRequest, DevmemBacking, DevmemOps, HostMemory, Pagemap, PagemapOps};
+use crate::caps::CopyCaps;
 use crate::error::{BackendError, BackendErrorKind, FenceError};
 use crate::fence::{Fence, FenceOps, FenceStatus};
 use crate::types::{DeviceId, Direction, DmaAddr, HostFrame, PageSize, Pfn};
@@ -240,6 +241,13 @@ impl DevmemOps for InjectedDevmem {
 
     fn capacity_bytes(&self) -> u64 {
         self.inner.capacity_bytes()
+    }
+
+    /// The wrapped pagemap's: injection changes outcomes, not what the device can do (a
+    /// fence whose outcome it changes exposes no native handle, so it reaches the backend as
+    /// a host fence).
+    fn caps(&self) -> CopyCaps {
+        self.inner.caps()
     }
 }
 

@@ -48,6 +48,7 @@
 
 mod alloc;
 mod backend;
+mod caps;
 mod error;
 pub mod fence;
 pub mod inject;
@@ -68,6 +69,7 @@ pub use backend::{
     Backend, BackendConfig, CopyRequest, DeviceInfo, DevmemBacking, DevmemOps, HostMemory, Pagemap,
     PagemapOps, PagemapSpec,
 };
+pub use caps::{CopyCaps, HostFenceWait, NativeFenceKinds};
 pub use error::{
     BackendError, BackendErrorKind, BusyReason, Error, FenceError, RangeProblem, Result,
 };

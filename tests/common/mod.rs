@@ -22,10 +22,10 @@ use drm_pagemap::inject::FaultInjector;
 use drm_pagemap::layout::{self, LayoutPage};
 use drm_pagemap::sim::{SimBackend, SimConfig, SimStats};
 use drm_pagemap::{
-    AddressSpace, Backend, BackendConfig, BackendError, BackendErrorKind, CopyCall, CopyOp,
-    CopyRequest, DeviceId, DevmemBacking, DevmemOps, Direction, DmaAddr, Error, Fence, FenceArray,
-    FenceContext, HostFence, HostFrame, HostMemory, Machine, MigrateDetails, MigrateReport,
-    PageLocation, PageSize, Pagemap, PagemapId, PagemapOps, Pfn, VaRange,
+    AddressSpace, Backend, BackendConfig, BackendError, BackendErrorKind, CopyCall, CopyCaps,
+    CopyOp, CopyRequest, DeviceId, DevmemBacking, DevmemOps, Direction, DmaAddr, Error, Fence,
+    FenceArray, FenceContext, HostFence, HostFrame, HostMemory, Machine, MigrateDetails,
+    MigrateReport, PageLocation, PageSize, Pagemap, PagemapId, PagemapOps, Pfn, VaRange,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -615,6 +615,10 @@ impl DevmemOps for AuditPagemap {
     fn capacity_bytes(&self) -> u64 {
         self.devmem.capacity_bytes()
     }
+
+    fn caps(&self) -> CopyCaps {
+        self.devmem.caps()
+    }
 }
 
 struct AuditHost {
@@ -782,6 +786,9 @@ impl DevmemOps for SlowClear {
     }
     fn capacity_bytes(&self) -> u64 {
         self.dest.capacity_bytes()
+    }
+    fn caps(&self) -> CopyCaps {
+        self.dest.caps()
     }
 }
 

@@ -1,291 +1,227 @@
-//! The copy path's fence policy (what xe's `xe_svm_copy` does, done right), as a
-//! [`DevmemOps`] wrapper installed on every pagemap of an SVM context.
+//! The copy path's fence policy (what xe's `xe_svm_copy` does, done right), through the copy
+//! contract of the core: the backend declares what its copies can do
+//! ([`DevmemOps::caps`], a [`CopyCaps`]) and the policy follows it, never re-planning what
+//! the backend plans.
 //!
-//! For each copy call the core makes:
-//! 1. **Pre-migrate fence.** Signalled: ignored. Failed: the call fails before anything is
-//!    issued (upstream ignores the error). Pending and from a device queue of this context:
-//!    handed to the call's **first command** as a device-side dependency; later commands of the
-//!    call run on the same queue behind it. Pending and host-only or a container: waited on
-//!    the CPU first (the only CPU waits of the copy path).
-//! 2. **Commands.** Entries with an address are grouped into runs of physically contiguous
-//!    device pages, each at most 8 MiB ([`MAX_COMMAND_BYTES`]); a run that reaches the limit
-//!    ends there, so there is no 2049-page command. Holes (no address) end a run.
-//! 3. **Ordering check.** A command issued without the dependency while the pre-migrate
-//!    fence was still pending must be provably behind the first command: same fence context,
-//!    later seqno, not a container. If one is not, the pre-migrate fence and every command
-//!    are waited on the CPU and the unproven commands are issued again; their first run may
-//!    have been overwritten by the clear, the second cannot be (the core keeps the sources
-//!    unchanged while a copy is in flight). Counted as an ordering repair.
-//! 4. **Result.** The fence of the call: the pre-migrate fence when nothing was copied (that
-//!    is the only thing to wait for), the one command's fence, or a container of all of them,
-//!    so that an error of any command reaches the core. A failure after something was issued
-//!    comes back through that fence (a member that signalled the error), so the core waits
-//!    for what is in flight before it releases anything.
+//! For each copy call the core makes on a pagemap of the context:
+//! 1. **Pre-migrate fence** (see the `fences` module). Signalled: nothing to do. Failed: the
+//!    call fails before anything is issued (upstream ignores the error). Pending parts whose
+//!    native handle ([`drm_pagemap_core::Fence::native`]) is of a kind the backend declares
+//!    are device dependencies; the rest are host fences, bridged by the backend when it says
+//!    it bridges them ([`HostFenceWait::InQueue`], [`HostFenceWait::Deferred`]); either way
+//!    the backend gets the pre-fence as it is and nothing is waited on the faulting thread.
+//!    Only for a backend that would block on host fences in the call
+//!    ([`HostFenceWait::Blocking`], the default of a backend that declares nothing) are they
+//!    waited here first, bounded by the context's fence timeout.
+//! 2. **Commands.** A backend without a command limit (`max_command_bytes: None`: sim,
+//!    CUDA, which plans one gather launch per call) gets the core's call untouched: the same
+//!    pages, addresses and pre-fence, one call. A backend that declares a limit gets the call
+//!    in pieces of at most that many bytes of entries with an address (at least one page
+//!    each; entries without an address are skipped between pieces and passed along inside
+//!    them, the backend skips them). Nothing else splits a call: contiguity and holes are the
+//!    backend's to plan.
+//! 3. **Ordering of pieces.** The first piece gets the pre-fence; later pieces run behind it on
+//!    a queue that runs in order ([`CopyCaps::in_order`]). Where that does not hold (a queue
+//!    not in order, or a host fence the backend defers, which work queued meanwhile could
+//!    overtake), every piece gets the pre-fence itself (counted as an ordering repair).
+//! 4. **Result.** The backend's own fence for one command (not wrapped: its native handle and
+//!    callbacks are the backend's), a container of the pieces' fences when split, or the
+//!    pre-fence when a split call had nothing to copy. A submission failure after a piece
+//!    was issued comes back through that fence (a member that signalled the error), so the
+//!    core waits for what is in flight before it releases anything.
 //!
-//! The wrapper also keeps the pagemap's accounting: `allocate` refuses what does not fit the
-//! capacity, `devmem_release` gives it back.
+//! Around the policy, the context observes (it does not change what a copy does): the
+//! pagemap's accounting sees allocations and releases (refusing an allocation past the
+//! context's capacity, which the fault handler answers with LRU eviction), the statistics
+//! see each call issued and, through a completion callback on its fence, completed.
+//!
+//! The wrapper is the one place the context attaches to a pagemap (the core calls a
+//! pagemap's [`DevmemOps`] and nothing else), so it is installed on every pagemap of the
+//! context by [`crate::Svm::new`].
 
 use crate::accounting::Account;
-use crate::fences::{QueueContexts, TimedFence};
-use crate::stats::{Bucket, Counters};
+use crate::fences::{Pending, Refused, sort_pre};
+use crate::stats::Counters;
 use drm_pagemap_core::{
-    BackendError, BackendErrorKind, CopyOp, CopyRequest, DeviceId, DevmemBacking, DevmemOps, Fence,
-    FenceArray, FenceContext, FenceError, FenceStatus, HostFence, PageSize, PagemapId, Pfn,
+    BackendError, BackendErrorKind, CopyCaps, CopyOp, CopyRequest, DeviceId, DevmemBacking,
+    DevmemOps, Fence, FenceArray, HostFenceWait, PageSize, PagemapId, Pfn,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The largest command: 8 MiB of contiguous device pages.
+/// The largest command of Intel Xe's copy engine: 8 MiB. What an Xe (Level Zero) backend
+/// declares as its [`CopyCaps::max_command_bytes`]; the policy applies a limit only where a
+/// backend declares one, never this one by itself.
 pub const MAX_COMMAND_BYTES: u64 = 8 << 20;
 
-/// The fence policy and accounting around one pagemap's device-memory operations.
+/// The fence policy around one pagemap's device-memory operations, with the observers.
 pub(crate) struct PolicyOps {
     pub inner: Arc<dyn DevmemOps>,
+    /// The inner pagemap's caps, read once (they are constant for its life).
+    pub caps: CopyCaps,
     pub pagemap: PagemapId,
     pub device: DeviceId,
     pub stats: Arc<Counters>,
-    pub queues: Arc<QueueContexts>,
     pub account: Arc<Account>,
     pub fence_timeout: Option<Duration>,
-}
-
-/// One command issued by a call.
-struct Issued {
-    start: usize,
-    end: usize,
-    fence: Fence,
-    /// Issued without the dependency while the pre-migrate fence was pending.
-    unproven: bool,
 }
 
 fn copy_error(msg: String) -> BackendError {
     BackendError::new(BackendErrorKind::CopyFailed, msg)
 }
 
-/// A fence that has already signalled `error`.
-fn failed_fence(error: BackendError) -> Fence {
-    let f = HostFence::new(FenceContext::new(), 1);
-    f.signal_error(error);
-    Fence::from_host(f)
+/// What a split call issued.
+struct Pieces {
+    fence: Fence,
+    commands: u64,
 }
 
 impl PolicyOps {
-    fn op_index(op: CopyOp) -> usize {
-        match op {
-            CopyOp::ToDevmem => 0,
-            CopyOp::ToRam => 1,
-        }
-    }
-
     fn issue(&self, op: CopyOp, req: &CopyRequest<'_>) -> Result<Fence, BackendError> {
-        let f = match op {
-            CopyOp::ToDevmem => self.inner.copy_to_devmem(req)?,
-            CopyOp::ToRam => self.inner.copy_to_ram(req)?,
-        };
-        self.queues.learn(&f);
-        Ok(f)
-    }
-
-    /// Step 1: what to do with the pre-migrate fence. `Ok(Some)`: hand it to the first
-    /// command; `Ok(None)`: nothing to order behind (signalled, or waited here).
-    fn prepare<'a>(
-        &self,
-        pre: Option<&'a Fence>,
-        op: CopyOp,
-    ) -> Result<Option<&'a Fence>, BackendError> {
-        let Some(f) = pre else { return Ok(None) };
-        match f.status() {
-            FenceStatus::Signaled => Ok(None),
-            FenceStatus::Failed(e) => {
-                self.stats.fence_errors.inc();
-                Err(copy_error(format!(
-                    "{} on {}: {op}: the pre-migrate fence failed: {e}",
-                    self.pagemap, self.device
-                )))
-            }
-            FenceStatus::Pending if self.queues.is_device_fence(f) => Ok(Some(f)),
-            FenceStatus::Pending => {
-                self.cpu_wait(f).map_err(|e| {
-                    copy_error(format!(
-                        "{} on {}: {op}: pre-migrate fence: {e}",
-                        self.pagemap, self.device
-                    ))
-                })?;
-                Ok(None)
-            }
+        match op {
+            CopyOp::ToDevmem => self.inner.copy_to_devmem(req),
+            CopyOp::ToRam => self.inner.copy_to_ram(req),
         }
     }
 
-    fn cpu_wait(&self, f: &Fence) -> Result<(), FenceError> {
-        let t = Instant::now();
-        let r = f.wait_for(self.fence_timeout);
-        self.stats.cpu_fence_waits.add(0, t.elapsed());
-        if matches!(r, Err(FenceError::Failed(_))) {
-            self.stats.fence_errors.inc();
-        }
-        r
+    /// Step 1: what is pending of the pre-fence (see the `fences` module).
+    fn prepare(&self, pre: Option<&Fence>, op: CopyOp) -> Result<Pending, BackendError> {
+        sort_pre(pre, &self.caps, &self.stats, self.fence_timeout).map_err(|r| match r {
+            Refused::Failed(e) => copy_error(format!(
+                "{} on {}: {op}: the pre-migrate fence failed: {e}",
+                self.pagemap, self.device
+            )),
+            Refused::Wait(e) => copy_error(format!(
+                "{} on {}: {op}: pre-migrate fence: {e}",
+                self.pagemap, self.device
+            )),
+        })
     }
 
-    /// The fence for a call that failed after issuing `issued`: the core waits for them and
-    /// then sees `error`.
-    fn fail_after(&self, issued: Vec<Issued>, error: BackendError) -> Fence {
-        let mut members: Vec<Fence> = issued.into_iter().map(|c| c.fence).collect();
-        members.push(failed_fence(error));
-        Fence::new(FenceArray::new(members))
-    }
-
-    /// Step 3: proves that commands issued without the dependency run after the first one,
-    /// or waits and issues them again.
-    fn check_order(
+    /// Steps 2-4 for a backend with a limit of `max` pages per command.
+    fn split(
         &self,
         op: CopyOp,
         req: &CopyRequest<'_>,
-        pre: &Fence,
-        issued: &mut [Issued],
-    ) -> Result<(), BackendError> {
-        let (ctx, seq, first_container) = {
-            let f0 = &issued[0].fence;
-            (f0.context(), f0.seqno(), f0.is_container())
+        max: usize,
+        pending: Pending,
+    ) -> Result<Result<Pieces, Fence>, BackendError> {
+        let n = req.pages.len();
+        let ordered = self.caps.in_order
+            && !(pending.host && self.caps.host_fences == HostFenceWait::Deferred);
+        let later_pre = if pending.any() && !ordered {
+            req.pre_fence
+        } else {
+            None
         };
-        let ordered = |f: &Fence| {
-            !first_container && !f.is_container() && f.context() == ctx && f.seqno() > seq
-        };
-        if issued.iter().all(|c| !c.unproven || ordered(&c.fence)) {
-            return Ok(());
-        }
-        self.stats.ordering_repairs.inc();
-        self.cpu_wait(pre).map_err(|e| {
-            copy_error(format!(
-                "{} on {}: {op}: pre-migrate fence (ordering repair): {e}",
-                self.pagemap, self.device
-            ))
-        })?;
-        let t = Instant::now();
-        for c in issued.iter() {
-            // Errors of commands issued again do not matter; the others' reach the core.
-            let _ = c.fence.wait_for(self.fence_timeout);
-        }
-        self.stats.cpu_fence_waits.add(0, t.elapsed());
-        for c in issued.iter_mut() {
-            if c.unproven && !ordered(&c.fence) {
-                let sub = CopyRequest {
-                    page_size: req.page_size,
-                    pages: &req.pages[c.start..c.end],
-                    addrs: &req.addrs[c.start..c.end],
-                    pre_fence: None,
-                };
-                c.fence = self.issue(op, &sub)?;
-                c.unproven = false;
+        // Most calls are one piece: it waits in `one` (no heap allocation); a second moves
+        // both into `rest`.
+        let mut one: Option<Fence> = None;
+        let mut rest: Vec<Fence> = Vec::new();
+        let mut i = 0;
+        while i < n {
+            while i < n && req.addrs[i].is_none() {
+                i += 1;
+            }
+            if i == n {
+                break;
+            }
+            let s = i;
+            let mut live = 0;
+            while i < n && live < max {
+                live += usize::from(!req.addrs[i].is_none());
+                i += 1;
+            }
+            let first = one.is_none() && rest.is_empty();
+            let sub = CopyRequest {
+                page_size: req.page_size,
+                pages: &req.pages[s..i],
+                addrs: &req.addrs[s..i],
+                pre_fence: if first { req.pre_fence } else { later_pre },
+            };
+            match self.issue(op, &sub) {
+                Ok(f) if first => one = Some(f),
+                Ok(f) => {
+                    rest.extend(one.take());
+                    rest.push(f);
+                }
+                Err(e) if first => return Err(e),
+                Err(e) => {
+                    // The core waits for what was issued, then sees the error.
+                    rest.extend(one.take());
+                    rest.push(Fence::failed(e));
+                    return Ok(Err(Fence::new(FenceArray::new(rest))));
+                }
             }
         }
-        Ok(())
+        let commands = (rest.len() + usize::from(one.is_some())) as u64;
+        if commands > 1 && later_pre.is_some() {
+            self.stats.ordering_repairs.inc();
+        }
+        let fence = match (one, rest.len()) {
+            (Some(f), _) => f,
+            // Nothing to copy: the pre-fence is the only thing to wait for.
+            (None, 0) => req.pre_fence.cloned().unwrap_or_else(Fence::signaled),
+            (None, _) => Fence::new(FenceArray::new(rest)),
+        };
+        Ok(Ok(Pieces { fence, commands }))
     }
 
     fn copy(&self, op: CopyOp, req: &CopyRequest<'_>) -> Result<Fence, BackendError> {
         let start = Instant::now();
-        let n = req.pages.len();
-        if req.addrs.len() != n {
+        if req.addrs.len() != req.pages.len() {
             return Err(copy_error(format!(
                 "{} on {}: {op}: {} pages but {} addresses",
                 self.pagemap,
                 self.device,
-                n,
+                req.pages.len(),
                 req.addrs.len()
             )));
         }
-        let dep = self.prepare(req.pre_fence, op)?;
-        let ps = req.page_size;
-        let max = (MAX_COMMAND_BYTES / ps.bytes()).max(1) as usize;
-        let gran = ps.granules();
-        // The first command waits in `one` (most calls are one command: no heap allocation);
-        // a second moves both into `issued`.
-        let mut one: Option<Issued> = None;
-        let mut issued: Vec<Issued> = Vec::new();
-        let mut dep_pending = dep.is_some();
-        let mut entries = 0usize;
-        let mut i = 0;
-        while i < n {
-            if req.addrs[i].is_none() {
-                i += 1;
-                continue;
-            }
-            let s = i;
-            let base = req.pages[s].0 as u64;
-            i += 1;
-            while i < n
-                && i - s < max
-                && !req.addrs[i].is_none()
-                && req.pages[i].0 as u64 == base + (i - s) as u64 * gran
-            {
-                i += 1;
-            }
-            let first = one.is_none() && issued.is_empty();
-            if !first && dep_pending {
-                dep_pending = dep.is_some_and(|f| !f.is_signaled());
-            }
-            let sub = CopyRequest {
-                page_size: ps,
-                pages: &req.pages[s..i],
-                addrs: &req.addrs[s..i],
-                pre_fence: if first { dep } else { None },
-            };
-            match self.issue(op, &sub) {
-                Ok(fence) => {
-                    if first && dep.is_some() {
-                        self.stats.fence_dependencies.inc();
-                    }
-                    entries += i - s;
-                    let c = Issued {
-                        start: s,
-                        end: i,
-                        fence,
-                        unproven: !first && dep_pending,
-                    };
-                    if first {
-                        one = Some(c);
-                    } else {
-                        issued.extend(one.take());
-                        issued.push(c);
-                    }
-                }
-                Err(e) if first => return Err(e),
-                Err(e) => {
-                    issued.splice(0..0, one.take());
-                    return Ok(self.fail_after(issued, e));
-                }
-            }
-        }
-        if let Some(pre) = dep
-            && issued.iter().any(|c| c.unproven)
-            && let Err(e) = self.check_order(op, req, pre, &mut issued)
-        {
-            return Ok(self.fail_after(issued, e));
-        }
-        let bytes = entries as u64 * ps.bytes();
-        let (opi, bucket) = (Self::op_index(op), Bucket::of(bytes).index());
-        let commands = issued.len() + one.is_some() as usize;
-        self.stats.copies[opi][bucket].issued(commands as u64, bytes);
-        let fence = match (one, issued.len()) {
-            (Some(c), _) => c.fence,
-            (None, 0) => return Ok(dep.cloned().unwrap_or_else(Fence::signaled)),
-            (None, 1) => issued.pop().map(|c| c.fence).expect("one command"),
-            (None, _) => Fence::new(FenceArray::new(
-                issued.into_iter().map(|c| c.fence).collect(),
-            )),
+        let pending = self.prepare(req.pre_fence, op)?;
+        let (fence, commands) = match self.caps.max_pages_per_command(req.page_size) {
+            // The core's call, untouched.
+            None => (self.issue(op, req)?, 1),
+            Some(max) => match self.split(op, req, max, pending)? {
+                Ok(p) => (p.fence, p.commands),
+                Err(failed) => return Ok(failed),
+            },
         };
-        Ok(TimedFence::wrap(
-            fence,
-            start,
-            self.stats.clone(),
-            opi,
-            bucket,
-        ))
+        if pending.device {
+            self.stats.fence_dependencies.inc();
+        }
+        if pending.host {
+            self.stats.bridged_fences.inc();
+        }
+        let entries = req.addrs.iter().filter(|a| !a.is_none()).count() as u64;
+        let bytes = entries * req.page_size.bytes();
+        let done = (commands > 0).then_some(&fence);
+        self.stats.copy_issued(op, commands, bytes, start, done);
+        Ok(fence)
     }
+}
+
+/// Bytes taken from an account for an allocation under way: given back when dropped (the
+/// allocation failed or panicked), kept when forgotten (it exists).
+struct Reserved<'a> {
+    account: &'a Account,
+    bytes: u64,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.account.release(self.bytes);
+    }
+}
+
+/// Bytes of `npages` pages of `page_size` (saturating: an absurd count is out of memory).
+fn bytes_of(npages: usize, page_size: PageSize) -> u64 {
+    (npages as u64).saturating_mul(page_size.bytes())
 }
 
 impl DevmemOps for PolicyOps {
     fn allocate(&self, npages: usize, page_size: PageSize) -> Result<DevmemBacking, BackendError> {
-        let bytes = (npages as u64).saturating_mul(page_size.bytes());
+        let bytes = bytes_of(npages, page_size);
         if !self.account.try_reserve(bytes) {
             return Err(BackendError::new(
                 BackendErrorKind::OutOfMemory,
@@ -298,18 +234,15 @@ impl DevmemOps for PolicyOps {
                 ),
             ));
         }
-        match self.inner.allocate(npages, page_size) {
-            Ok(b) => {
-                if let Some(f) = &b.pre_migrate_fence {
-                    self.queues.learn(f);
-                }
-                Ok(b)
-            }
-            Err(e) => {
-                self.account.release(bytes);
-                Err(e)
-            }
-        }
+        // Given back if the backend fails, or panics (the core rolls a panic back and goes
+        // on: the reservation must not outlive it).
+        let reserved = Reserved {
+            account: &self.account,
+            bytes,
+        };
+        let b = self.inner.allocate(npages, page_size)?;
+        std::mem::forget(reserved);
+        Ok(b)
     }
 
     fn populate_devmem_pfn(
@@ -329,13 +262,13 @@ impl DevmemOps for PolicyOps {
     }
 
     fn devmem_release(&self, backing: DevmemBacking) {
-        let bytes = (backing.npages as u64).saturating_mul(backing.page_size.bytes());
+        let bytes = bytes_of(backing.npages, backing.page_size);
         self.inner.devmem_release(backing);
         self.account.release(bytes);
     }
 
     fn devmem_release_unused(&self, backing: DevmemBacking) {
-        let bytes = (backing.npages as u64).saturating_mul(backing.page_size.bytes());
+        let bytes = bytes_of(backing.npages, backing.page_size);
         self.inner.devmem_release_unused(backing);
         self.account.release(bytes);
     }
@@ -343,7 +276,7 @@ impl DevmemOps for PolicyOps {
     fn devmem_release_many(&self, backings: Vec<DevmemBacking>) {
         let sizes: Vec<u64> = backings
             .iter()
-            .map(|b| (b.npages as u64).saturating_mul(b.page_size.bytes()))
+            .map(|b| bytes_of(b.npages, b.page_size))
             .collect();
         self.inner.devmem_release_many(backings);
         for bytes in sizes {
@@ -354,53 +287,75 @@ impl DevmemOps for PolicyOps {
     fn capacity_bytes(&self) -> u64 {
         self.inner.capacity_bytes().min(self.account.capacity)
     }
+
+    /// The inner pagemap's caps, except that calls of any size are accepted here (the policy
+    /// splits them for the inner limit).
+    fn caps(&self) -> CopyCaps {
+        CopyCaps {
+            max_command_bytes: None,
+            ..self.caps
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drm_pagemap_core::{DmaAddr, FenceTimeline};
+    use drm_pagemap_core::{
+        DmaAddr, FenceError, FenceOps, FenceStatus, FenceTimeline, HostFence, NativeFence,
+        NativeFenceKind, NativeFenceKinds,
+    };
     use std::sync::Mutex;
 
-    /// What the fake backend saw of one command.
+    /// What the fake backend saw of one call.
     #[derive(Clone, Debug)]
     struct Seen {
+        /// Where the call's page slice starts (to tell the core's slice from a copy).
+        pages_at: usize,
         first_pfn: u32,
         len: usize,
-        had_pre_fence: bool,
-        pre_signalled_at_issue: bool,
+        pre: Option<Fence>,
+        pre_pending: bool,
     }
 
-    /// A backend that records commands and returns fences from `timeline` (an in-order
-    /// queue) or, with `scatter`, each from a fresh context (a queue that proves nothing).
+    /// A backend that records calls, declares `caps`, and returns host fences of one queue:
+    /// signalled at once, or (with `hold`) when the test says.
     struct Fake {
+        caps: CopyCaps,
         seen: Mutex<Vec<Seen>>,
-        watch: Mutex<Option<Fence>>,
+        returned: Mutex<Vec<Fence>>,
+        held: Mutex<Vec<Arc<HostFence>>>,
         timeline: FenceTimeline,
-        scatter: bool,
+        hold: bool,
         fail_nth: Option<usize>,
         error_fences: bool,
     }
 
     impl Fake {
-        fn new() -> Arc<Fake> {
-            Fake::with(false, None, false)
+        fn new(caps: CopyCaps) -> Arc<Fake> {
+            Fake::with(caps, |_| {})
         }
-        fn with(scatter: bool, fail_nth: Option<usize>, error_fences: bool) -> Arc<Fake> {
-            Arc::new(Fake {
+        fn with(caps: CopyCaps, f: impl FnOnce(&mut Fake)) -> Arc<Fake> {
+            let mut fake = Fake {
+                caps,
                 seen: Mutex::new(Vec::new()),
-                watch: Mutex::new(None),
+                returned: Mutex::new(Vec::new()),
+                held: Mutex::new(Vec::new()),
                 timeline: FenceTimeline::new(),
-                scatter,
-                fail_nth,
-                error_fences,
-            })
+                hold: false,
+                fail_nth: None,
+                error_fences: false,
+            };
+            f(&mut fake);
+            Arc::new(fake)
         }
         fn seen(&self) -> Vec<Seen> {
             self.seen.lock().unwrap().clone()
         }
+        fn lens(&self) -> Vec<usize> {
+            self.seen().iter().map(|s| s.len).collect()
+        }
         fn record(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError> {
-            let watched = self.watch.lock().unwrap().clone();
             let mut seen = self.seen.lock().unwrap();
             if Some(seen.len()) == self.fail_nth {
                 return Err(BackendError::new(
@@ -409,25 +364,26 @@ mod tests {
                 ));
             }
             seen.push(Seen {
-                first_pfn: req.pages[0].0,
+                pages_at: req.pages.as_ptr() as usize,
+                first_pfn: req.pages.first().map_or(u32::MAX, |p| p.0),
                 len: req.pages.len(),
-                had_pre_fence: req.pre_fence.is_some(),
-                pre_signalled_at_issue: watched.is_some_and(|f| f.is_signaled()),
+                pre: req.pre_fence.cloned(),
+                pre_pending: req.pre_fence.is_some_and(|f| !f.is_signaled()),
             });
-            let f = if self.scatter {
-                FenceTimeline::new().host_fence()
-            } else {
-                self.timeline.host_fence()
-            };
-            if self.error_fences {
-                f.signal_error(BackendError::new(
+            let h = self.timeline.host_fence();
+            if self.hold {
+                self.held.lock().unwrap().push(h.clone());
+            } else if self.error_fences {
+                h.signal_error(BackendError::new(
                     BackendErrorKind::CopyFailed,
                     "fake copy failed",
                 ));
             } else {
-                f.signal();
+                h.signal();
             }
-            Ok(Fence::from_host(f))
+            let f = Fence::from_host(h);
+            self.returned.lock().unwrap().push(f.clone());
+            Ok(f)
         }
     }
 
@@ -441,7 +397,7 @@ mod tests {
                 cookie: 1,
                 npages,
                 page_size,
-                pre_migrate_fence: Some(Fence::from_host(self.timeline.host_fence())),
+                pre_migrate_fence: None,
             })
         }
         fn populate_devmem_pfn(
@@ -464,21 +420,68 @@ mod tests {
         fn capacity_bytes(&self) -> u64 {
             1 << 40
         }
+        fn caps(&self) -> CopyCaps {
+            self.caps
+        }
     }
 
-    fn policy(inner: Arc<Fake>) -> (PolicyOps, Arc<Counters>, Arc<QueueContexts>) {
+    /// A device fence of a plug-in kind (completed through a host fence by the test).
+    #[derive(Debug)]
+    struct Dev(Arc<HostFence>);
+
+    impl FenceOps for Dev {
+        fn context(&self) -> u64 {
+            self.0.context()
+        }
+        fn seqno(&self) -> u64 {
+            self.0.seqno()
+        }
+        fn status(&self) -> FenceStatus {
+            self.0.status()
+        }
+        fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
+            self.0.wait(timeout)
+        }
+        fn native(&self) -> Option<NativeFence> {
+            Some(NativeFence {
+                kind: NativeFenceKind::PLUGIN_FIRST,
+                flags: NativeFence::COMPLETE,
+                domain: 1,
+                handle: self.0.seqno(),
+            })
+        }
+    }
+
+    /// Sim-like caps: no limit, host fences waited by the queue, in order.
+    const SIM: CopyCaps = CopyCaps {
+        max_command_bytes: None,
+        native_fence_kinds: NativeFenceKinds::NONE,
+        host_fences: HostFenceWait::InQueue,
+        in_order: true,
+        batch_bytes_hint: None,
+    };
+
+    /// Xe-like caps: 8 MiB commands, a native kind, host fences waited by the queue.
+    const XE: CopyCaps = CopyCaps {
+        max_command_bytes: Some(MAX_COMMAND_BYTES),
+        native_fence_kinds: NativeFenceKinds::one(NativeFenceKind::PLUGIN_FIRST),
+        host_fences: HostFenceWait::InQueue,
+        in_order: true,
+        batch_bytes_hint: None,
+    };
+
+    fn policy(inner: Arc<Fake>) -> (PolicyOps, Arc<Counters>) {
         let stats = Arc::new(Counters::default());
-        let queues = Arc::new(QueueContexts::default());
         let p = PolicyOps {
+            caps: inner.caps(),
             inner,
             pagemap: PagemapId(0),
             device: DeviceId(0),
             stats: stats.clone(),
-            queues: queues.clone(),
             account: Arc::new(Account::new(PagemapId(0), DeviceId(0), 1 << 40)),
             fence_timeout: None,
         };
-        (p, stats, queues)
+        (p, stats)
     }
 
     fn addrs(n: usize) -> Vec<DmaAddr> {
@@ -489,87 +492,184 @@ mod tests {
         (0..n as u32).map(Pfn).collect()
     }
 
+    fn req<'a>(pages: &'a [Pfn], addrs: &'a [DmaAddr], pre: Option<&'a Fence>) -> CopyRequest<'a> {
+        CopyRequest {
+            page_size: PageSize::Size4K,
+            pages,
+            addrs,
+            pre_fence: pre,
+        }
+    }
+
     #[test]
-    fn commands_never_exceed_8_mib() {
+    fn without_a_limit_the_core_call_reaches_the_backend_untouched() {
+        let fake = Fake::new(SIM);
+        let (p, stats) = policy(fake.clone());
+        // Scattered pages with holes, 5000 of them (past any 8 MiB), a pending host fence.
+        let pages: Vec<Pfn> = (0..5000u32).map(|i| Pfn(i * 3)).collect();
+        let mut a = addrs(5000);
+        a[7] = DmaAddr::NONE;
+        a[4999] = DmaAddr::NONE;
+        let host = FenceTimeline::new().host_fence();
+        let pre = Fence::from_host(host.clone());
+        let f = p.copy_to_devmem(&req(&pages, &a, Some(&pre))).unwrap();
+        let seen = fake.seen();
+        assert_eq!(seen.len(), 1, "one call");
+        assert_eq!(
+            seen[0].pages_at,
+            pages.as_ptr() as usize,
+            "the core's slice"
+        );
+        assert_eq!(seen[0].len, 5000);
+        assert!(
+            seen[0].pre.as_ref().unwrap().ptr_eq(&pre),
+            "the pre-fence as it is"
+        );
+        assert!(seen[0].pre_pending, "not waited on the CPU");
+        assert!(
+            f.ptr_eq(&fake.returned.lock().unwrap()[0]),
+            "the backend's own fence, not wrapped"
+        );
+        let s = stats.snapshot();
+        assert_eq!(s.total_copy_calls(), 1);
+        assert_eq!(s.total_commands(), 1);
+        assert_eq!(s.copy_to_devmem[3].bytes, 4998 * 4096);
+        assert_eq!((s.bridged_fences, s.fence_dependencies), (1, 0));
+        assert_eq!(s.cpu_fence_waits.count, 0);
+        host.signal();
+        // The policy reports the inner caps but takes calls of any size.
+        assert_eq!(p.caps(), SIM);
+        let (xe, _) = policy(Fake::new(XE));
+        assert_eq!(xe.caps().max_command_bytes, None);
+        assert_eq!(xe.caps().native_fence_kinds, XE.native_fence_kinds);
+    }
+
+    #[test]
+    fn a_declared_limit_splits_by_bytes_only() {
         for (n, expect) in [
             (2048, vec![2048]),
             (2049, vec![2048, 1]),
             (4096, vec![2048, 2048]),
             (4097, vec![2048, 2048, 1]),
         ] {
-            let fake = Fake::new();
-            let (p, stats, _) = policy(fake.clone());
-            let req = CopyRequest {
-                page_size: PageSize::Size4K,
-                pages: &contiguous(n),
-                addrs: &addrs(n),
-                pre_fence: None,
-            };
-            p.copy_to_devmem(&req).unwrap().wait().unwrap();
-            let lens: Vec<usize> = fake.seen().iter().map(|s| s.len).collect();
-            assert_eq!(lens, expect, "{n} pages");
-            assert_eq!(stats.snapshot().total_commands(), expect.len() as u64);
+            let fake = Fake::new(XE);
+            let (p, stats) = policy(fake.clone());
+            p.copy_to_devmem(&req(&contiguous(n), &addrs(n), None))
+                .unwrap()
+                .wait()
+                .unwrap();
+            assert_eq!(fake.lens(), expect, "{n} pages");
+            let s = stats.snapshot();
+            assert_eq!(s.total_copy_calls(), 1);
+            assert_eq!(s.total_commands(), expect.len() as u64);
+            assert_eq!(s.copy_to_devmem[3].bytes, n as u64 * 4096);
         }
         // 2 MiB pages: four per command.
-        let fake = Fake::new();
-        let (p, _, _) = policy(fake.clone());
+        let fake = Fake::new(XE);
+        let (p, _) = policy(fake.clone());
         let pages: Vec<Pfn> = (0..9u32).map(|i| Pfn(i * 512)).collect();
-        let req = CopyRequest {
+        let a9 = addrs(9);
+        let r = CopyRequest {
             page_size: PageSize::Size2M,
-            pages: &pages,
-            addrs: &addrs(9),
-            pre_fence: None,
+            ..req(&pages, &a9, None)
         };
-        p.copy_to_ram(&req).unwrap().wait().unwrap();
-        let lens: Vec<usize> = fake.seen().iter().map(|s| s.len).collect();
-        assert_eq!(lens, vec![4, 4, 1]);
-    }
-
-    #[test]
-    fn discontiguous_pages_and_holes_split_commands() {
-        let fake = Fake::new();
-        let (p, _, _) = policy(fake.clone());
-        // d, d+1, d+5, d+6, hole, d+8
+        p.copy_to_ram(&r).unwrap().wait().unwrap();
+        assert_eq!(fake.lens(), vec![4, 4, 1]);
+        // Discontiguous pages and holes are the backend's to plan: one command.
         let pages = [Pfn(10), Pfn(11), Pfn(15), Pfn(16), Pfn(17), Pfn(18)];
         let mut a = addrs(6);
         a[4] = DmaAddr::NONE;
-        let req = CopyRequest {
-            page_size: PageSize::Size4K,
-            pages: &pages,
-            addrs: &a,
-            pre_fence: None,
-        };
-        p.copy_to_devmem(&req).unwrap().wait().unwrap();
+        let fake = Fake::new(XE);
+        let (p, _) = policy(fake.clone());
+        p.copy_to_devmem(&req(&pages, &a, None)).unwrap();
+        assert_eq!(fake.lens(), vec![6]);
+        // A limit of two pages: pieces of two live entries, holes between pieces skipped.
+        a[0] = DmaAddr::NONE;
+        let fake = Fake::new(CopyCaps {
+            max_command_bytes: Some(8192),
+            ..XE
+        });
+        let (p, stats) = policy(fake.clone());
+        p.copy_to_devmem(&req(&pages, &a, None)).unwrap();
         let cmds: Vec<(u32, usize)> = fake.seen().iter().map(|s| (s.first_pfn, s.len)).collect();
-        assert_eq!(cmds, vec![(10, 2), (15, 2), (18, 1)]);
+        assert_eq!(cmds, vec![(11, 2), (16, 3)], "pfn 17 has no address");
+        assert_eq!(stats.snapshot().copy_to_devmem[1].bytes, 4 * 4096);
     }
 
     #[test]
-    fn device_fence_is_a_dependency_of_the_first_command_only() {
-        let fake = Fake::new();
-        let (p, stats, _) = policy(fake.clone());
-        // The allocation teaches the policy the queue's context.
-        let b = p.allocate(4, PageSize::Size4K).unwrap();
-        let pre = b.pre_migrate_fence.clone().unwrap();
-        let pages = [Pfn(0), Pfn(1), Pfn(5), Pfn(6)];
-        let req = CopyRequest {
-            page_size: PageSize::Size4K,
-            pages: &pages,
-            addrs: &addrs(4),
-            pre_fence: Some(&pre),
-        };
-        let f = p.copy_to_devmem(&req).unwrap();
+    fn a_native_pre_fence_reaches_the_first_piece_unwaited() {
+        let fake = Fake::new(XE);
+        let (p, stats) = policy(fake.clone());
+        let dev = FenceTimeline::new().host_fence();
+        let pre = Fence::new(Dev(dev.clone()));
+        let n = 4097;
+        let f = p
+            .copy_to_devmem(&req(&contiguous(n), &addrs(n), Some(&pre)))
+            .unwrap();
         let seen = fake.seen();
-        assert_eq!(seen.len(), 2);
-        assert!(seen[0].had_pre_fence);
-        assert!(!seen[1].had_pre_fence);
+        assert_eq!(seen.len(), 3);
+        assert!(seen[0].pre.as_ref().unwrap().ptr_eq(&pre) && seen[0].pre_pending);
+        assert!(
+            seen[1].pre.is_none() && seen[2].pre.is_none(),
+            "ordered behind the first"
+        );
         assert!(!pre.is_signaled(), "no CPU wait for a device fence");
         let s = stats.snapshot();
-        assert_eq!(s.fence_dependencies, 1);
-        assert_eq!(s.cpu_fence_waits.count, 0);
-        assert_eq!(s.ordering_repairs, 0, "same queue, later seqno: proven");
+        assert_eq!((s.fence_dependencies, s.bridged_fences), (1, 0));
+        assert_eq!((s.cpu_fence_waits.count, s.ordering_repairs), (0, 0));
+        dev.signal();
         f.wait().unwrap();
-        p.devmem_release(b);
+    }
+
+    #[test]
+    fn pieces_not_ordered_by_the_queue_each_get_the_pre_fence() {
+        let host = || Fence::from_host(FenceTimeline::new().host_fence());
+        let dev = || Fence::new(Dev(FenceTimeline::new().host_fence()));
+        // (caps, pre-fence, every piece gets it)
+        let cases: [(CopyCaps, Fence, bool); 4] = [
+            (
+                CopyCaps {
+                    in_order: false,
+                    ..XE
+                },
+                dev(),
+                true,
+            ),
+            (
+                CopyCaps {
+                    host_fences: HostFenceWait::Deferred,
+                    ..XE
+                },
+                host(),
+                true,
+            ),
+            (
+                CopyCaps {
+                    host_fences: HostFenceWait::Deferred,
+                    ..XE
+                },
+                dev(),
+                false,
+            ),
+            (XE, host(), false),
+        ];
+        for (i, (caps, pre, each)) in cases.into_iter().enumerate() {
+            let fake = Fake::new(caps);
+            let (p, stats) = policy(fake.clone());
+            p.copy_to_devmem(&req(&contiguous(4097), &addrs(4097), Some(&pre)))
+                .unwrap();
+            let seen = fake.seen();
+            assert_eq!(seen.len(), 3, "case {i}");
+            assert!(seen.iter().all(|s| s.pre.is_none() || s.pre_pending));
+            let with: Vec<bool> = seen.iter().map(|s| s.pre.is_some()).collect();
+            assert_eq!(with, vec![true, each, each], "case {i}");
+            assert_eq!(
+                stats.snapshot().ordering_repairs,
+                u64::from(each),
+                "case {i}"
+            );
+            assert_eq!(stats.snapshot().cpu_fence_waits.count, 0, "case {i}");
+        }
     }
 
     fn signal_later(f: Arc<HostFence>, error: bool) -> std::thread::JoinHandle<()> {
@@ -586,63 +686,37 @@ mod tests {
         })
     }
 
+    /// A backend that declares nothing would block on host fences in the call: the policy
+    /// waits for them first, with the context's fence timeout as `Svm::new` hands it over,
+    /// at 0, 1 ns and `Duration::MAX` (issue 11, D1): no panic; the short ones time a
+    /// pending fence out with an error, `MAX` waits. Device fences of a declared kind are
+    /// still passed on unwaited.
     #[test]
-    fn host_only_and_container_fences_are_waited_on_the_cpu() {
-        for container in [false, true] {
-            let fake = Fake::new();
-            let (p, stats, _) = policy(fake.clone());
-            let host = HostFence::new(FenceContext::new(), 1);
-            let pre = if container {
-                Fence::new(FenceArray::new(vec![
-                    Fence::from_host(host.clone()),
-                    Fence::signaled(),
-                ]))
-            } else {
-                Fence::from_host(host.clone())
-            };
-            let t = signal_later(host, false);
-            let req = CopyRequest {
-                page_size: PageSize::Size4K,
-                pages: &contiguous(3),
-                addrs: &addrs(3),
-                pre_fence: Some(&pre),
-            };
-            p.copy_to_devmem(&req).unwrap().wait().unwrap();
-            assert!(pre.is_signaled(), "returned only after the CPU wait");
-            let seen = fake.seen();
-            assert!(!seen[0].had_pre_fence, "nothing left to depend on");
-            let s = stats.snapshot();
-            assert_eq!(s.cpu_fence_waits.count, 1);
-            assert_eq!(s.fence_dependencies, 0);
-            t.join().unwrap();
-        }
-    }
-
-    /// The CPU waits of the policy (pre-migrate fence, ordering repair) with the context's
-    /// fence timeout as `Svm::new` hands it over, at 0, 1 ns and `Duration::MAX` (issue 11,
-    /// D1): no panic; the short ones time a pending fence out with an error, `MAX` waits.
-    #[test]
-    fn cpu_waits_take_a_fence_timeout_of_any_length() {
+    fn a_blocking_backend_gets_host_fences_waited_with_the_fence_timeout() {
         for d in [Duration::ZERO, Duration::from_nanos(1), Duration::MAX] {
             let forever = d == Duration::MAX;
-            let fake = Fake::new();
-            let (mut p, stats, _) = policy(fake.clone());
+            let fake = Fake::new(CopyCaps {
+                native_fence_kinds: NativeFenceKinds::one(NativeFenceKind::PLUGIN_FIRST),
+                ..CopyCaps::default()
+            });
+            let (mut p, stats) = policy(fake.clone());
             p.fence_timeout = crate::svm::fence_limit(Some(d));
-            let host = HostFence::new(FenceContext::new(), 1);
-            let pre = Fence::from_host(host.clone());
+            let host = HostFence::new(drm_pagemap_core::FenceContext::new(), 1);
+            let dev = FenceTimeline::new().host_fence();
+            let pre = Fence::new(FenceArray::new(vec![
+                Fence::from_host(host.clone()),
+                Fence::new(Dev(dev.clone())),
+            ]));
             let t = signal_later(host, false);
-            let req = CopyRequest {
-                page_size: PageSize::Size4K,
-                pages: &contiguous(3),
-                addrs: &addrs(3),
-                pre_fence: Some(&pre),
-            };
-            match p.copy_to_devmem(&req) {
-                Ok(f) => {
+            match p.copy_to_devmem(&req(&contiguous(3), &addrs(3), Some(&pre))) {
+                Ok(_) => {
                     assert!(forever, "{d:?}: a pending fence was not timed out");
-                    f.wait().unwrap();
-                    assert!(pre.is_signaled());
-                    assert_eq!(fake.seen().len(), 1);
+                    let seen = fake.seen();
+                    assert_eq!(seen.len(), 1);
+                    assert!(seen[0].pre_pending, "the device part is left to the device");
+                    assert!(!pre.is_signaled());
+                    let s = stats.snapshot();
+                    assert_eq!((s.fence_dependencies, s.bridged_fences), (1, 0));
                 }
                 Err(e) => {
                     assert!(!forever, "{d:?}: {e}");
@@ -652,169 +726,106 @@ mod tests {
             }
             assert_eq!(stats.snapshot().cpu_fence_waits.count, 1);
             t.join().unwrap();
-
-            // The ordering repair waits for the pre-migrate fence and every command.
-            let fake = Fake::with(true, None, false);
-            let (mut p, stats, queues) = policy(fake.clone());
-            p.fence_timeout = crate::svm::fence_limit(Some(d));
-            let queue = FenceTimeline::new();
-            let host = queue.host_fence();
-            let pre = Fence::from_host(host.clone());
-            queues.learn(&pre);
-            let t = signal_later(host, false);
-            let pages = [Pfn(0), Pfn(4), Pfn(8)];
-            let req = CopyRequest {
-                page_size: PageSize::Size4K,
-                pages: &pages,
-                addrs: &addrs(3),
-                pre_fence: Some(&pre),
-            };
-            // A failure after commands were issued comes back through the call's fence.
-            match p.copy_to_devmem(&req).map(|f| f.wait()) {
-                Ok(Ok(())) => {
-                    assert!(pre.is_signaled(), "{d:?}");
-                    assert_eq!(fake.seen().len(), 5, "{d:?}: two commands issued again");
-                }
-                Ok(Err(e)) => {
-                    assert!(!forever, "{d:?}: {e}");
-                    assert!(e.to_string().contains("timed out"), "{d:?}: {e}");
-                }
-                Err(e) => panic!("{d:?}: {e}"),
-            }
-            assert_eq!(stats.snapshot().ordering_repairs, 1, "{d:?}");
-            t.join().unwrap();
+            dev.signal();
         }
     }
 
     #[test]
     fn failed_pre_fence_fails_the_call_before_any_command() {
-        let fake = Fake::new();
-        let (p, stats, _) = policy(fake.clone());
-        // Already failed.
-        let bad = failed_fence(BackendError::new(
+        let fake = Fake::new(CopyCaps::default());
+        let (p, stats) = policy(fake.clone());
+        let bad = Fence::failed(BackendError::new(
             BackendErrorKind::CopyFailed,
             "clear failed",
         ));
-        let req = CopyRequest {
-            page_size: PageSize::Size4K,
-            pages: &contiguous(2),
-            addrs: &addrs(2),
-            pre_fence: Some(&bad),
-        };
-        let e = p.copy_to_devmem(&req).unwrap_err();
+        let (pages, a) = (contiguous(2), addrs(2));
+        let e = p.copy_to_devmem(&req(&pages, &a, Some(&bad))).unwrap_err();
         assert!(e.message.contains("pre-migrate fence failed"), "{e}");
-        // Fails while we wait on the CPU (host-only).
-        let host = HostFence::new(FenceContext::new(), 1);
+        // Fails while a blocking backend's host fence is waited for.
+        let host = HostFence::new(drm_pagemap_core::FenceContext::new(), 1);
         let pre = Fence::from_host(host.clone());
         let t = signal_later(host, true);
-        let req = CopyRequest {
-            pre_fence: Some(&pre),
-            ..req
-        };
-        assert!(p.copy_to_devmem(&req).is_err());
+        assert!(p.copy_to_devmem(&req(&pages, &a, Some(&pre))).is_err());
         t.join().unwrap();
         assert!(fake.seen().is_empty(), "no command was issued");
         assert_eq!(stats.snapshot().fence_errors, 2);
     }
 
     #[test]
-    fn nothing_copied_returns_the_pre_migrate_fence() {
-        let fake = Fake::new();
-        let (p, _, _) = policy(fake.clone());
-        let b = p.allocate(2, PageSize::Size4K).unwrap();
-        let pre = b.pre_migrate_fence.clone().unwrap();
+    fn nothing_copied_returns_the_pre_migrate_fence_when_splitting() {
         let none = [DmaAddr::NONE, DmaAddr::NONE];
-        let req = CopyRequest {
-            page_size: PageSize::Size4K,
-            pages: &contiguous(2),
-            addrs: &none,
-            pre_fence: Some(&pre),
-        };
-        let f = p.copy_to_devmem(&req).unwrap();
+        let pages = contiguous(2);
+        let fake = Fake::new(XE);
+        let (p, _) = policy(fake.clone());
+        let pre = Fence::from_host(FenceTimeline::new().host_fence());
+        let f = p.copy_to_devmem(&req(&pages, &none, Some(&pre))).unwrap();
         assert!(fake.seen().is_empty());
         assert!(f.ptr_eq(&pre), "the only thing to wait for");
-        let req = CopyRequest {
-            pre_fence: None,
-            ..req
-        };
-        assert!(p.copy_to_devmem(&req).unwrap().is_signaled());
+        assert!(
+            p.copy_to_devmem(&req(&pages, &none, None))
+                .unwrap()
+                .is_signaled()
+        );
+        // Without a limit the call is the backend's, whatever it holds.
+        let fake = Fake::new(SIM);
+        let (p, _) = policy(fake.clone());
+        p.copy_to_devmem(&req(&pages, &none, None)).unwrap();
+        assert_eq!(fake.lens(), vec![2]);
     }
 
+    /// Completion is observed through a callback on the backend's fence: counted when it
+    /// signals, whoever waits (or nobody), errors included.
     #[test]
-    fn command_fence_errors_propagate() {
-        let fake = Fake::with(false, None, true);
-        let (p, stats, _) = policy(fake.clone());
-        let pages = [Pfn(0), Pfn(7)];
-        let req = CopyRequest {
-            page_size: PageSize::Size4K,
-            pages: &pages,
-            addrs: &addrs(2),
-            pre_fence: None,
-        };
-        let f = p.copy_to_ram(&req).unwrap();
+    fn completion_and_errors_are_observed_when_the_fence_signals() {
+        let fake = Fake::with(SIM, |f| f.hold = true);
+        let (p, stats) = policy(fake.clone());
+        let (pages, a) = (contiguous(16), addrs(16));
+        let f = p.copy_to_ram(&req(&pages, &a, None)).unwrap();
+        let g = p.copy_to_ram(&req(&pages, &a, None)).unwrap();
+        let s = stats.snapshot();
+        assert_eq!(s.copy_to_ram[1].calls, 2);
+        assert_eq!(s.copy_to_ram[1].bytes, 2 * 16 * 4096);
+        assert_eq!((s.copy_to_ram[1].micros, s.fence_errors), (0, 0));
+        std::thread::sleep(Duration::from_millis(2));
+        let held = fake.held.lock().unwrap().clone();
+        held[0].signal();
+        held[1].signal_error(BackendError::new(BackendErrorKind::CopyFailed, "x"));
+        // HostFence callbacks run in the signalling thread: counted by now, unwaited.
+        let s = stats.snapshot();
+        assert!(s.copy_to_ram[1].micros >= 2 * 2000, "{s:?}");
+        assert_eq!(s.fence_errors, 1);
+        assert!(f.wait().is_ok() && g.wait().is_err());
+        assert_eq!(stats.snapshot().fence_errors, 1, "once per fence");
+        // A fence that signals an error at once.
+        let fake = Fake::with(XE, |f| f.error_fences = true);
+        let (p, stats) = policy(fake);
+        let f = p
+            .copy_to_ram(&req(&[Pfn(0), Pfn(7)], &addrs(2), None))
+            .unwrap();
         assert!(matches!(f.wait(), Err(FenceError::Failed(_))));
         assert_eq!(stats.snapshot().fence_errors, 1);
     }
 
     #[test]
-    fn submit_failure_after_a_command_comes_back_through_the_fence() {
-        let fake = Fake::with(false, Some(1), false);
-        let (p, _, _) = policy(fake.clone());
-        let pages = [Pfn(0), Pfn(9)];
-        let req = CopyRequest {
-            page_size: PageSize::Size4K,
-            pages: &pages,
-            addrs: &addrs(2),
-            pre_fence: None,
+    fn submit_failure_after_a_piece_comes_back_through_the_fence() {
+        let one_page = CopyCaps {
+            max_command_bytes: Some(4096),
+            ..XE
         };
-        let f = p.copy_to_devmem(&req).unwrap();
+        let (pages, a) = ([Pfn(0), Pfn(9)], addrs(2));
+        let fake = Fake::with(one_page, |f| f.fail_nth = Some(1));
+        let (p, _) = policy(fake);
+        let f = p.copy_to_devmem(&req(&pages, &a, None)).unwrap();
         let e = f.wait().unwrap_err();
         assert!(e.to_string().contains("fake submit failure"), "{e}");
-        // The first command failing: nothing in flight, plain error.
-        let fake = Fake::with(false, Some(0), false);
-        let (p, _, _) = policy(fake);
-        assert!(p.copy_to_devmem(&req).is_err());
-    }
-
-    #[test]
-    fn unordered_queue_is_repaired_after_the_pre_migrate_fence() {
-        let fake = Fake::with(true, None, false);
-        let (p, stats, queues) = policy(fake.clone());
-        // A pending pre-migrate fence from a known device queue.
-        let queue = FenceTimeline::new();
-        let host = queue.host_fence();
-        let pre = Fence::from_host(host.clone());
-        queues.learn(&pre);
-        *fake.watch.lock().unwrap() = Some(pre.clone());
-        // Signal only once all three commands were issued, so two of them went out without
-        // the dependency while it was pending: the policy must wait and issue them again.
-        let watcher = fake.clone();
-        let t = std::thread::spawn(move || {
-            while watcher.seen().len() < 3 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            host.signal();
-        });
-        let pages = [Pfn(0), Pfn(4), Pfn(8)];
-        let req = CopyRequest {
-            page_size: PageSize::Size4K,
-            pages: &pages,
-            addrs: &addrs(3),
-            pre_fence: Some(&pre),
-        };
-        let f = p.copy_to_devmem(&req).unwrap();
-        f.wait().unwrap();
-        t.join().unwrap();
-        let seen = fake.seen();
-        // Three commands, then the two unproven ones again, after the fence.
-        let firsts: Vec<u32> = seen.iter().map(|s| s.first_pfn).collect();
-        assert_eq!(firsts, vec![0, 4, 8, 4, 8]);
-        assert!(seen[0].had_pre_fence && !seen[1].had_pre_fence && !seen[2].had_pre_fence);
-        assert!(!seen[1].pre_signalled_at_issue && !seen[2].pre_signalled_at_issue);
-        assert!(seen[3].pre_signalled_at_issue && seen[4].pre_signalled_at_issue);
-        assert!(!seen[3].had_pre_fence && !seen[4].had_pre_fence);
-        let s = stats.snapshot();
-        assert_eq!(s.ordering_repairs, 1);
-        assert!(s.cpu_fence_waits.count >= 1);
+        // The first piece failing: nothing in flight, plain error.
+        let fake = Fake::with(one_page, |f| f.fail_nth = Some(0));
+        let (p, _) = policy(fake);
+        assert!(p.copy_to_devmem(&req(&pages, &a, None)).is_err());
+        // Without a limit, the backend's error as it is.
+        let fake = Fake::with(SIM, |f| f.fail_nth = Some(0));
+        let (p, stats) = policy(fake);
+        assert!(p.copy_to_devmem(&req(&pages, &a, None)).is_err());
+        assert_eq!(stats.snapshot().total_copy_calls(), 0);
     }
 }

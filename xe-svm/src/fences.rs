@@ -1,205 +1,214 @@
-//! Which fences a device can wait on by itself, and a copy fence that times its call.
+//! A copy call's pre-migrate fence under the backend's caps ([`CopyCaps`]): the core's
+//! [`sort_dependencies`] sorts it into what the device waits on natively (a declared
+//! [`drm_pagemap_core::NativeFenceKind`]), what the backend must bridge from the host, and
+//! what already failed. Nothing is learnt or guessed: a fence's native handle says what it
+//! is, whatever wraps it.
 //!
-//! A pre-migrate fence is handed to a backend as a device-side dependency only when it comes
-//! from a device queue of this SVM context: its context was seen on a fence the backend
-//! returned (an allocation's clear, a copy command). Anything else is *host-only* (signalled by
-//! CPU code the devices know nothing about) and is waited on the CPU, as are containers, whose
-//! context is their own and never a queue's.
+//! The only CPU wait left is for a backend that declares [`HostFenceWait::Blocking`]: it would
+//! wait for its host fences in the copy call anyway, on this same thread and without a limit;
+//! waiting here first bounds that wait by the context's fence timeout (a typed error instead
+//! of a hang) and counts it. Backends that bridge host fences themselves
+//! ([`HostFenceWait::InQueue`], [`HostFenceWait::Deferred`]) get them passed on, and the
+//! faulting thread never blocks on them.
 
 use crate::stats::Counters;
-use drm_pagemap_core::{Fence, FenceError, FenceOps, FenceStatus};
-use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use drm_pagemap_core::{
+    BackendError, CopyCaps, Dependencies, Fence, FenceError, HostFenceWait, sort_dependencies,
+};
+use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
-/// How many queue contexts are remembered. Backends have a few queues per device; a backend
-/// that made a fresh context per fence would fill the table, after which unknown contexts are
-/// treated as host-only (a CPU wait: correct, only slower).
-const MAX_QUEUES: usize = 64;
+/// What is pending of a call's pre-fence once the policy has looked at it; the backend gets
+/// the pre-fence as it is and orders the copy after these parts itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Pending {
+    /// Parts the device waits on natively.
+    pub device: bool,
+    /// Parts the backend bridges from the host.
+    pub host: bool,
+}
 
-/// The fence contexts of device queues seen so far. Lock-free: a fixed table of atomics,
-/// filled once per queue, read with a short scan.
+impl Pending {
+    /// Whether the backend has anything to order the copy after.
+    pub(crate) fn any(self) -> bool {
+        self.device || self.host
+    }
+}
+
+/// Why a pre-fence stops a call before anything is issued.
 #[derive(Debug)]
-pub(crate) struct QueueContexts {
-    slots: [AtomicU64; MAX_QUEUES],
+pub(crate) enum Refused {
+    /// It had already failed.
+    Failed(BackendError),
+    /// The CPU wait for a blocking backend failed or timed out.
+    Wait(FenceError),
 }
 
-impl Default for QueueContexts {
-    fn default() -> Self {
-        QueueContexts {
-            slots: std::array::from_fn(|_| AtomicU64::new(0)),
-        }
+thread_local! {
+    /// Scratch lists for sorting (no allocation per call once warm).
+    static SCRATCH: RefCell<Dependencies> = RefCell::new(Dependencies::default());
+}
+
+/// Sorts `pre` for a backend with `caps`; waits on the CPU (bounded by `timeout`, counted in
+/// `stats`) only for the host parts of a [`HostFenceWait::Blocking`] backend.
+pub(crate) fn sort_pre(
+    pre: Option<&Fence>,
+    caps: &CopyCaps,
+    stats: &Counters,
+    timeout: Option<Duration>,
+) -> Result<Pending, Refused> {
+    let Some(f) = pre else {
+        return Ok(Pending::default());
+    };
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut deps) => sort_into(f, caps, stats, timeout, &mut deps),
+        Err(_) => sort_into(f, caps, stats, timeout, &mut Dependencies::default()),
+    })
+}
+
+fn sort_into(
+    f: &Fence,
+    caps: &CopyCaps,
+    stats: &Counters,
+    timeout: Option<Duration>,
+    deps: &mut Dependencies,
+) -> Result<Pending, Refused> {
+    sort_dependencies(Some(f), |_, n| caps.native_wait(n), deps);
+    let r = decide(caps, stats, timeout, deps);
+    deps.clear();
+    r
+}
+
+fn decide(
+    caps: &CopyCaps,
+    stats: &Counters,
+    timeout: Option<Duration>,
+    deps: &mut Dependencies,
+) -> Result<Pending, Refused> {
+    if let Some(e) = deps.failed.take() {
+        stats.fence_errors.inc();
+        return Err(Refused::Failed(e));
     }
-}
-
-impl QueueContexts {
-    /// Remembers the context of `fence`, a fence a device queue returned.
-    pub(crate) fn learn(&self, fence: &Fence) {
-        if fence.is_container() {
-            return;
-        }
-        let ctx = fence.context();
-        if ctx == 0 {
-            return;
-        }
-        for slot in &self.slots {
-            let v = slot.load(Ordering::Acquire);
-            if v == ctx {
-                return;
+    let mut p = Pending {
+        device: !deps.device.is_empty(),
+        host: !deps.host.is_empty(),
+    };
+    if p.host && caps.host_fences == HostFenceWait::Blocking {
+        let t = Instant::now();
+        let r = deps.host.iter().try_for_each(|h| h.wait_for(timeout));
+        stats.cpu_fence_waits.add(0, t.elapsed());
+        if let Err(e) = r {
+            if matches!(e, FenceError::Failed(_)) {
+                stats.fence_errors.inc();
             }
-            if v == 0 {
-                match slot.compare_exchange(0, ctx, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return,
-                    Err(other) if other == ctx => return,
-                    Err(_) => continue,
-                }
-            }
+            return Err(Refused::Wait(e));
         }
+        p.host = false;
     }
-
-    /// Whether `fence` comes from a known device queue (so a device can wait on it).
-    pub(crate) fn is_device_fence(&self, fence: &Fence) -> bool {
-        if fence.is_container() {
-            return false;
-        }
-        let ctx = fence.context();
-        for slot in &self.slots {
-            match slot.load(Ordering::Acquire) {
-                0 => return false,
-                v if v == ctx => return true,
-                _ => {}
-            }
-        }
-        false
-    }
-}
-
-/// The fence returned for one copy call: the call's own fence, plus the bookkeeping that
-/// records the call's duration (and a fence error) the first time its completion is observed.
-pub(crate) struct TimedFence {
-    inner: Fence,
-    start: Instant,
-    stats: Arc<Counters>,
-    op: usize,
-    bucket: usize,
-    recorded: AtomicBool,
-}
-
-impl fmt::Debug for TimedFence {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TimedFence")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-impl TimedFence {
-    pub(crate) fn wrap(
-        inner: Fence,
-        start: Instant,
-        stats: Arc<Counters>,
-        op: usize,
-        bucket: usize,
-    ) -> Fence {
-        Fence::new(TimedFence {
-            inner,
-            start,
-            stats,
-            op,
-            bucket,
-            recorded: AtomicBool::new(false),
-        })
-    }
-
-    fn observe(&self, failed: bool) {
-        if !self.recorded.swap(true, Ordering::AcqRel) {
-            self.stats.copies[self.op][self.bucket].completed(self.start.elapsed());
-            if failed {
-                self.stats.fence_errors.inc();
-            }
-        }
-    }
-}
-
-impl FenceOps for TimedFence {
-    fn context(&self) -> u64 {
-        self.inner.context()
-    }
-
-    fn seqno(&self) -> u64 {
-        self.inner.seqno()
-    }
-
-    fn status(&self) -> FenceStatus {
-        let s = self.inner.status();
-        match &s {
-            FenceStatus::Pending => {}
-            FenceStatus::Signaled => self.observe(false),
-            FenceStatus::Failed(_) => self.observe(true),
-        }
-        s
-    }
-
-    fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
-        let r = self.inner.wait_for(timeout);
-        match &r {
-            Ok(()) => self.observe(false),
-            Err(FenceError::Failed(_)) => self.observe(true),
-            Err(FenceError::Timeout(_)) => {}
-        }
-        r
-    }
-
-    // Timing only observes: the outcome is the inner fence's, so a device may wait for its
-    // native handle, and containers and callbacks are the inner fence's.
-    fn native(&self) -> Option<drm_pagemap_core::NativeFence> {
-        self.inner.native()
-    }
-
-    fn members(&self) -> Option<&[Fence]> {
-        self.inner.members()
-    }
-
-    fn add_callback(
-        &self,
-        cb: drm_pagemap_core::FenceCallback,
-    ) -> Result<(), drm_pagemap_core::FenceCallback> {
-        self.inner.add_callback(cb);
-        Ok(())
-    }
+    Ok(p)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drm_pagemap_core::{FenceArray, FenceTimeline};
+    use drm_pagemap_core::{
+        BackendErrorKind, FenceArray, FenceOps, FenceStatus, FenceTimeline, HostFence, NativeFence,
+        NativeFenceKind, NativeFenceKinds,
+    };
+    use std::sync::Arc;
 
-    #[test]
-    fn learns_queue_contexts_and_rejects_others() {
-        let q = QueueContexts::default();
-        let queue = FenceTimeline::new();
-        let a = Fence::from_host(queue.host_fence());
-        let b = Fence::from_host(queue.host_fence());
-        let other = Fence::from_host(FenceTimeline::new().host_fence());
-        assert!(!q.is_device_fence(&a));
-        q.learn(&a);
-        q.learn(&a);
-        assert!(q.is_device_fence(&b), "same queue, later fence");
-        assert!(!q.is_device_fence(&other));
-        let container = Fence::new(FenceArray::new(vec![a.clone(), b.clone()]));
-        q.learn(&container);
-        assert!(!q.is_device_fence(&container));
+    /// A device fence of a plug-in kind over a host fence.
+    #[derive(Debug)]
+    struct Dev(Arc<HostFence>);
+
+    impl FenceOps for Dev {
+        fn context(&self) -> u64 {
+            self.0.context()
+        }
+        fn seqno(&self) -> u64 {
+            self.0.seqno()
+        }
+        fn status(&self) -> FenceStatus {
+            self.0.status()
+        }
+        fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
+            self.0.wait(timeout)
+        }
+        fn native(&self) -> Option<NativeFence> {
+            Some(NativeFence {
+                kind: NativeFenceKind::PLUGIN_FIRST,
+                flags: NativeFence::COMPLETE,
+                domain: 1,
+                handle: self.0.seqno(),
+            })
+        }
+    }
+
+    fn caps(host_fences: HostFenceWait) -> CopyCaps {
+        CopyCaps {
+            native_fence_kinds: NativeFenceKinds::one(NativeFenceKind::PLUGIN_FIRST),
+            host_fences,
+            ..CopyCaps::default()
+        }
     }
 
     #[test]
-    fn full_table_treats_new_contexts_as_host_only() {
-        let q = QueueContexts::default();
-        for _ in 0..MAX_QUEUES {
-            q.learn(&Fence::from_host(FenceTimeline::new().host_fence()));
+    fn device_parts_pass_host_parts_pass_or_wait_by_caps() {
+        let tl = FenceTimeline::new();
+        let (d, h) = (tl.host_fence(), tl.host_fence());
+        let pre = Fence::new(FenceArray::new(vec![
+            Fence::new(Dev(d.clone())),
+            Fence::from_host(h.clone()),
+        ]));
+        let stats = Counters::default();
+        for bridge in [HostFenceWait::InQueue, HostFenceWait::Deferred] {
+            let p = sort_pre(Some(&pre), &caps(bridge), &stats, None).unwrap();
+            assert_eq!(
+                p,
+                Pending {
+                    device: true,
+                    host: true
+                }
+            );
         }
-        let late = Fence::from_host(FenceTimeline::new().host_fence());
-        q.learn(&late);
-        assert!(!q.is_device_fence(&late));
+        assert_eq!(stats.snapshot().cpu_fence_waits.count, 0);
+        // A blocking backend: the host part is waited here, bounded by the timeout.
+        let blocking = caps(HostFenceWait::Blocking);
+        let e = sort_pre(Some(&pre), &blocking, &stats, Some(Duration::ZERO)).unwrap_err();
+        assert!(matches!(e, Refused::Wait(FenceError::Timeout(_))), "{e:?}");
+        h.signal();
+        let p = sort_pre(Some(&pre), &blocking, &stats, None).unwrap();
+        assert_eq!(
+            p,
+            Pending {
+                device: true,
+                host: false
+            }
+        );
+        assert!(
+            d.status().outcome().is_none(),
+            "the device part was not waited"
+        );
+        // Signalled parts are dropped: only the timed-out wait was one.
+        assert_eq!(stats.snapshot().cpu_fence_waits.count, 1);
+        // Without the kind declared, the device fence is a host fence to the backend.
+        let p = sort_pre(
+            Some(&pre),
+            &CopyCaps::default(),
+            &stats,
+            Some(Duration::ZERO),
+        );
+        assert!(matches!(p, Err(Refused::Wait(FenceError::Timeout(_)))));
+        d.signal_error(drm_pagemap_core::BackendError::new(
+            BackendErrorKind::CopyFailed,
+            "clear failed",
+        ));
+        let p = sort_pre(Some(&pre), &blocking, &stats, None);
+        assert!(matches!(p, Err(Refused::Failed(e)) if e.message == "clear failed"));
+        assert_eq!(stats.snapshot().fence_errors, 1);
+        assert_eq!(
+            sort_pre(None, &blocking, &stats, None).unwrap(),
+            Pending::default()
+        );
     }
 }

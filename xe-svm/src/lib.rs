@@ -22,16 +22,32 @@
 //! - **Timeslice**: pages a device received stay there for the range's timeslice before
 //!   another device (or the CPU) takes them: fault ping-pong costs at most one migration of a
 //!   range per timeslice.
-//! - **Copies** (every copy the engine makes through the context's pagemaps): commands of at
-//!   most 8 MiB of contiguous device pages; the pre-migrate fence is a device dependency of
-//!   each call's first command when a device can wait on it, a CPU wait otherwise (host-only
-//!   or container fences); ordering is checked and repaired; fence errors propagate. See
-//!   [`copy`].
+//! - **Copies** (every copy the engine makes through the context's pagemaps) follow the
+//!   core's copy-submission contract: each backend declares its
+//!   [`drm_pagemap_core::CopyCaps`] (`DevmemOps::caps`, read once by [`Svm::new`]) and the
+//!   copy policy follows them instead of guessing. A pre-migrate fence that already failed
+//!   fails the call before anything is issued. Pending parts whose native handle
+//!   ([`drm_pagemap_core::NativeFence`]) is of a kind the backend declares are device
+//!   dependencies, host fences are bridged by backends that say they bridge them (sim: its
+//!   engine thread; CUDA: the core's fence worker): the backend gets the pre-fence as it is
+//!   and the faulting thread never waits for it (sorted with
+//!   [`drm_pagemap_core::sort_dependencies`]). Only for a backend that would block on host
+//!   fences in the call anyway ([`drm_pagemap_core::HostFenceWait::Blocking`], the default)
+//!   are they waited first, bounded by the fence timeout. Calls are split only for a
+//!   backend's declared `max_command_bytes` (the first piece waits for the pre-fence, later
+//!   pieces run behind it on an in-order queue, or each waits for it); a backend without a
+//!   limit (sim, CUDA) gets the core's call untouched, so nothing the backend plans (a CUDA
+//!   gather launch) is re-planned. The fence returned is the backend's own. Fence errors
+//!   propagate. See [`copy`].
 //! - **Device memory** of each pagemap is accounted against a capacity ([`SvmConfig`]); a
 //!   fault that does not fit evicts least-recently-used allocations to system memory until it
 //!   does, so a workload that oversubscribes device memory keeps running with correct data.
-//! - **Statistics** ([`Stats`]): faults, migrations, evictions, bytes, commands and
-//!   microseconds by direction and size bucket, CPU fence waits; relaxed atomics only.
+//! - **Statistics** ([`Stats`]) and the accounting observe, they do not decorate: the
+//!   accounting sees each allocation and release, the statistics each copy call issued and,
+//!   through a completion callback on the backend's fence
+//!   ([`drm_pagemap_core::Fence::add_callback`]), completed. Faults, migrations, evictions,
+//!   bytes, commands and microseconds by direction and size bucket, fence dependencies,
+//!   bridged and CPU-waited fences; relaxed atomics only.
 //!
 //! ```
 //! use drm_pagemap_core::{AddressSpace, Backend, PageSize, VaRange};

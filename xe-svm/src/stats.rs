@@ -1,13 +1,22 @@
 //! Statistics that stay on: faults, migrations, evictions, copy calls and commands, CPU fence
 //! waits, by direction and by size bucket.
 //!
+//! Copies are observed, not decorated: a call counts when it is issued, and its duration
+//! when its fence signals, through a completion callback on the backend's own fence
+//! ([`drm_pagemap_core::Fence::add_callback`]); the fence the core waits for is the one the
+//! backend returned.
+//!
 //! # Cost
 //! Every counter is an [`AtomicU64`] bumped with `Relaxed` `fetch_add`: a handful per copy
 //! call, per fault and per migration, never per page, and no lock anywhere. Times come from one
 //! `Instant::now()` pair per event (tens of nanoseconds). That is cheaper than any sampling
 //! switch would save, so there is no switch. Counters of one device share cache lines; the
 //! contention that causes is a few uncontended-in-practice atomic adds per fault, far below the
-//! cost of the fault itself.
+//! cost of the fault itself. Each copy call also registers one completion callback (a boxed
+//! closure) on its fence: a host fence (the sim's) keeps it in its own list and calls it when
+//! it signals; a fence without callbacks of its own (CUDA's events today) is handed to the
+//! core's shared fence worker, which polls it (a lock and a wake-up of that thread per call,
+//! off the copy's critical path: the copy is already submitted).
 //!
 //! # Consistency
 //! A [`Stats`] snapshot reads each counter once; it is not a consistent cut across counters
@@ -17,9 +26,11 @@
 //! Sizes are bucketed as upper bounds: up to 4 KiB, up to 64 KiB, up to 2 MiB, larger. Faults
 //! and migrations are bucketed by the SVM range's size, copy calls by the bytes the call moved.
 
+use drm_pagemap_core::{CopyOp, Fence};
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A size bucket (upper bounds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,12 +102,16 @@ impl Tally {
 pub struct CopyTally {
     /// Copy calls the core made.
     pub calls: u64,
-    /// Commands they were split into (contiguous device pages, at most 8 MiB each).
+    /// Backend commands they were issued as: one per call for a backend without a command
+    /// limit (the core's call, untouched), else the pieces the call was split into for the
+    /// backend's declared limit ([`drm_pagemap_core::CopyCaps::max_command_bytes`]).
     pub commands: u64,
     /// Bytes copied.
     pub bytes: u64,
-    /// Total microseconds from issue until completion was observed (an upper bound of the
-    /// device time: the core may look at a fence after it signalled).
+    /// Total microseconds from issue until the call's fence signalled (learnt by a
+    /// completion callback: in the signalling context, or from the core's fence worker, which
+    /// polls fences without callbacks of their own, so an upper bound of the device time).
+    /// Counted when the fence signals, which may be after the fault that issued it returned.
     pub micros: u64,
 }
 
@@ -140,14 +155,25 @@ pub struct Stats {
     pub copy_to_devmem: [CopyTally; 4],
     /// `copy_to_ram` calls (the executor pushes its own pages out), by call size.
     pub copy_to_ram: [CopyTally; 4],
-    /// Pre-migrate fences waited on the CPU (host-only or container fences, ordering repairs).
+    /// Pre-migrate fences waited on the CPU by the copy policy: only the host parts of a
+    /// pre-fence for a backend that would block on them in the copy call itself
+    /// ([`drm_pagemap_core::HostFenceWait::Blocking`]), so the wait is bounded by the context's
+    /// fence timeout. Zero for backends that bridge host fences (sim, CUDA).
     pub cpu_fence_waits: Tally,
-    /// Pre-migrate fences handed to a first command as a device-side dependency.
+    /// Copy calls whose pre-migrate fence had a pending part the device waits on natively (a
+    /// native handle of a kind the backend declares), handed to the backend as a device-side
+    /// dependency (of the first command, when the call was split).
     pub fence_dependencies: u64,
+    /// Copy calls whose pre-migrate fence had a pending part the device cannot wait on (a
+    /// host fence), handed to a backend that bridges it from the host without blocking the
+    /// faulting thread.
+    pub bridged_fences: u64,
     /// Fences that signalled an error (pre-migrate or copy).
     pub fence_errors: u64,
-    /// Copy calls whose commands could not be shown to run after the pre-migrate fence and
-    /// were re-issued after it.
+    /// Split copy calls whose later commands could not be ordered behind the first on the
+    /// backend's queue (a queue not in order, or a host fence the backend defers), so every
+    /// command was given the pre-migrate fence itself. (Before backends declared their caps,
+    /// such commands were issued again after a CPU wait.)
     pub ordering_repairs: u64,
     /// Page tables built; bytes: bytes mapped; time: mapping time.
     pub page_tables: Tally,
@@ -171,6 +197,7 @@ impl Stats {
         self.lru_evictions.merge(&other.lru_evictions);
         self.cpu_fence_waits.merge(&other.cpu_fence_waits);
         self.fence_dependencies += other.fence_dependencies;
+        self.bridged_fences += other.bridged_fences;
         self.fence_errors += other.fence_errors;
         self.ordering_repairs += other.ordering_repairs;
         self.page_tables.merge(&other.page_tables);
@@ -291,10 +318,12 @@ impl fmt::Display for Stats {
         )?;
         writeln!(
             f,
-            "CPU fence waits {} ({} us), fence dependencies {}, fence errors {}, ordering repairs {}",
+            "CPU fence waits {} ({} us), fence dependencies {}, bridged fences {}, fence errors {}, \
+             ordering repairs {}",
             self.cpu_fence_waits.count,
             self.cpu_fence_waits.micros,
             self.fence_dependencies,
+            self.bridged_fences,
             self.fence_errors,
             self.ordering_repairs
         )?;
@@ -412,12 +441,41 @@ pub(crate) struct Counters {
     pub copies: [[CopyCell; 4]; 2],
     pub cpu_fence_waits: TallyCell,
     pub fence_dependencies: Count,
+    pub bridged_fences: Count,
     pub fence_errors: Count,
     pub ordering_repairs: Count,
     pub page_tables: TallyCell,
 }
 
 impl Counters {
+    /// Observes a copy call of `op` issued as `commands` backend commands moving `bytes`
+    /// (started at `start`) and, when `done` is its fence, its completion: a callback on that
+    /// fence adds the duration (and a fence error) once it signals.
+    pub(crate) fn copy_issued(
+        self: &Arc<Self>,
+        op: CopyOp,
+        commands: u64,
+        bytes: u64,
+        start: Instant,
+        done: Option<&Fence>,
+    ) {
+        let opi = match op {
+            CopyOp::ToDevmem => 0,
+            CopyOp::ToRam => 1,
+        };
+        let bucket = Bucket::of(bytes).index();
+        self.copies[opi][bucket].issued(commands, bytes);
+        if let Some(f) = done {
+            let stats = self.clone();
+            f.add_callback(Box::new(move |outcome| {
+                stats.copies[opi][bucket].completed(start.elapsed());
+                if outcome.is_err() {
+                    stats.fence_errors.inc();
+                }
+            }));
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> Stats {
         let t = |a: &[TallyCell; 4]| [a[0].get(), a[1].get(), a[2].get(), a[3].get()];
         let c = |a: &[CopyCell; 4]| [a[0].get(), a[1].get(), a[2].get(), a[3].get()];
@@ -435,6 +493,7 @@ impl Counters {
             copy_to_ram: c(&self.copies[1]),
             cpu_fence_waits: self.cpu_fence_waits.get(),
             fence_dependencies: self.fence_dependencies.get(),
+            bridged_fences: self.bridged_fences.get(),
             fence_errors: self.fence_errors.get(),
             ordering_repairs: self.ordering_repairs.get(),
             page_tables: self.page_tables.get(),
@@ -454,6 +513,7 @@ impl Counters {
             &self.fallbacks,
             &self.busy_retries,
             &self.fence_dependencies,
+            &self.bridged_fences,
             &self.fence_errors,
             &self.ordering_repairs,
         ] {

@@ -5,7 +5,6 @@
 use crate::accounting::{Account, MemoryUsage};
 use crate::copy::PolicyOps;
 use crate::error::SvmError;
-use crate::fences::QueueContexts;
 use crate::stats::{Bucket, Counters, Stats};
 use crate::vm::GpuVm;
 use drm_pagemap_core::{
@@ -339,9 +338,11 @@ impl std::fmt::Debug for Svm {
 
 impl Svm {
     /// Builds the context over `mm` and adds `pagemaps` to it, each with the copy path's
-    /// fence policy and the device-memory accounting installed around its operations. The
-    /// pagemaps must not be in `mm` yet (pages of pagemaps added behind the context's back
-    /// are still mapped, but their memory is neither accounted nor copied with the policy).
+    /// fence policy (following the pagemap's [`drm_pagemap_core::CopyCaps`], read here once)
+    /// and the observers of its device memory (accounting, statistics) installed around its
+    /// operations. The pagemaps must not be in `mm` yet (pages of pagemaps added behind the
+    /// context's back are still mapped, but their memory is neither accounted nor copied with
+    /// the policy).
     pub fn new(
         mm: Arc<AddressSpace>,
         pagemaps: Vec<Pagemap>,
@@ -359,7 +360,6 @@ impl Svm {
                 }));
             }
         }
-        let queues = Arc::new(QueueContexts::default());
         let mut wrapped = Vec::with_capacity(pagemaps.len());
         for pm in pagemaps {
             let device = pm.device();
@@ -378,10 +378,10 @@ impl Svm {
             let account = Arc::new(Account::new(pm.id(), device, capacity));
             let policy = PolicyOps {
                 inner: pm.devmem().clone(),
+                caps: pm.devmem().caps(),
                 pagemap: pm.id(),
                 device,
                 stats,
-                queues: queues.clone(),
                 account: account.clone(),
                 fence_timeout: fence_limit(config.fence_timeout),
             };

@@ -15,9 +15,10 @@ use crate::settle::{Cleared, Settling};
 use cudarc::driver::sys;
 use drm_pagemap_core::mem::ExtentAllocator;
 use drm_pagemap_core::{
-    BackendError, BackendErrorKind, CopyRequest, Dependencies, DeviceId, DevmemBacking, DevmemOps,
-    Direction, DmaAddr, Fence, FenceContext, FenceStatus, FenceTimeline, GRANULE, NativeFence,
-    NativeFenceKind, NativeWait, PageSize, PagemapOps, Pfn, sort_dependencies,
+    BackendError, BackendErrorKind, CopyCaps, CopyRequest, Dependencies, DeviceId, DevmemBacking,
+    DevmemOps, Direction, DmaAddr, Fence, FenceContext, FenceStatus, FenceTimeline, GRANULE,
+    HostFenceWait, NativeFence, NativeFenceKind, NativeFenceKinds, NativeWait, PageSize,
+    PagemapOps, Pfn, sort_dependencies,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -790,13 +791,9 @@ impl CudaPagemap {
         self.group.contains(&d)
     }
 
-    /// Sorts the pending parts of the pre-fence: fences of this stream that order everything
-    /// queued after them (clears) need nothing; other CUDA fences of this backend (also inside
-    /// containers) become stream dependencies; anything else is waited for on the CPU by a
-    /// helper thread. Err: the pre-fence already failed.
-    /// Sorts a copy's pre-fence: CUDA events are waited for on the stream (those of this
-    /// stream that carry their whole outcome need nothing), anything else is bridged from
-    /// the host.
+    /// Sorts a copy's pre-fence (as [`DevmemOps::caps`] declares): CUDA events are waited for
+    /// on the stream (those of this stream that carry their whole outcome need nothing),
+    /// anything else is bridged from the host.
     fn sort_pre(&self, pre: Option<&Fence>, out: &mut Dependencies) {
         let own = self.timeline.context();
         sort_dependencies(
@@ -1408,5 +1405,21 @@ impl DevmemOps for CudaPagemap {
 
     fn capacity_bytes(&self) -> u64 {
         self.arena.capacity
+    }
+
+    /// No command limit: each call is planned here (one gather/scatter launch for the
+    /// scattered entries, one DMA per long run), so it must arrive whole. The stream waits on
+    /// CUDA events ([`NativeFenceKind::CUDA_EVENT`], of any context of the process); any other
+    /// pending pre-fence defers the call, queued from the core's fence worker once it has
+    /// signalled ([`HostFenceWait::Deferred`]: the call never blocks, the stream never waits
+    /// for the host). One stream runs the pagemap's copies in submission order.
+    fn caps(&self) -> CopyCaps {
+        CopyCaps {
+            max_command_bytes: None,
+            native_fence_kinds: NativeFenceKinds::one(NativeFenceKind::CUDA_EVENT),
+            host_fences: HostFenceWait::Deferred,
+            in_order: true,
+            batch_bytes_hint: None,
+        }
     }
 }

@@ -1498,8 +1498,8 @@ fn threads() -> usize {
         .unwrap_or(0)
 }
 
-/// A wrapper that only observes its fence (as xe-svm's timing fence, or a fault injector that
-/// is not firing): it delegates the native handle, members and callbacks.
+/// A wrapper that only observes its fence (as a timing or accounting layer, or a fault
+/// injector that is not firing): it delegates the native handle, members and callbacks.
 #[derive(Debug)]
 struct Observe(Fence);
 

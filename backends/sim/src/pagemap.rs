@@ -4,8 +4,8 @@
 use crate::device::{SimDevice, SimStats, Work};
 use drm_pagemap_core::mem::arena_addr;
 use drm_pagemap_core::{
-    BackendError, BackendErrorKind, CopyRequest, DeviceId, DevmemBacking, DevmemOps, Direction,
-    DmaAddr, Fence, GRANULE, PageSize, PagemapOps, Pfn,
+    BackendError, BackendErrorKind, CopyCaps, CopyRequest, DeviceId, DevmemBacking, DevmemOps,
+    Direction, DmaAddr, Fence, GRANULE, HostFenceWait, NativeFenceKinds, PageSize, PagemapOps, Pfn,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -264,5 +264,19 @@ impl DevmemOps for SimPagemap {
 
     fn capacity_bytes(&self) -> u64 {
         self.capacity
+    }
+
+    /// No command limit (a call is one job of any size); no native fence kind (the sim's
+    /// fences are host fences); any pending pre-fence is waited for by the engine thread
+    /// before it runs the job, so the call never blocks and later jobs stay behind it
+    /// ([`HostFenceWait::InQueue`]); one engine runs the jobs in submission order.
+    fn caps(&self) -> CopyCaps {
+        CopyCaps {
+            max_command_bytes: None,
+            native_fence_kinds: NativeFenceKinds::NONE,
+            host_fences: HostFenceWait::InQueue,
+            in_order: true,
+            batch_bytes_hint: None,
+        }
     }
 }

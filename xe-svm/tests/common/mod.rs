@@ -164,3 +164,13 @@ pub fn watchdog<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send
         Err(mpsc::RecvTimeoutError::Timeout) => panic!("no progress within {limit:?}: deadlock"),
     }
 }
+
+/// Polls `cond` until it holds (statistics learnt from completion callbacks, which may run
+/// on the core's fence worker just after the waiter saw the fence signal); fails after 10 s.
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(10), "never: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
