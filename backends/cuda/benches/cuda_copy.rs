@@ -17,8 +17,8 @@
 //! Without a GPU: one "skipped: <reason>" line, exit 0.
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
+use cudarc::driver::sys;
 use drm_pagemap_core::*;
-use drm_pagemap_cuda::sys;
 use drm_pagemap_cuda::{CudaBackend, CudaConfig, CudaPagemap, PinnedHostMemory};
 use std::collections::BTreeMap;
 use std::ffi::c_void;

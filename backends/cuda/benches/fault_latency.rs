@@ -11,8 +11,8 @@
 //! `cargo bench -p drm-pagemap-cuda --bench fault_latency [-- --iters N]`.
 //! Without a GPU: one "skipped: <reason>" line, exit 0.
 
+use cudarc::driver::sys;
 use drm_pagemap_core::*;
-use drm_pagemap_cuda::sys;
 use drm_pagemap_cuda::{CudaBackend, CudaConfig, KernelSource};
 use std::ffi::c_void;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! One GPU: its primary context, its event pool and its kernels (loaded at first use).
 
-use crate::driver::{Context, EventPool};
-use crate::kernel::{KernelSource, Kernels};
+use crate::driver::{Attribute, Context, EventPool};
+use crate::kernel::{FALLBACK_SM_COUNT, KernelSource, Kernels};
 use drm_pagemap_core::{BackendError, DeviceId};
 use std::sync::{Arc, OnceLock};
 
@@ -16,6 +16,9 @@ pub(crate) struct CudaDevice {
     pub total_mem: u64,
     /// Whether pagemap arenas use the virtual memory management API (lazily backed).
     pub vmm: bool,
+    /// Multiprocessors (`CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`; [`FALLBACK_SM_COUNT`]
+    /// when the device does not say): sizes the zeroing kernel's grid.
+    pub sm_count: u32,
     kernel_source: KernelSource,
 }
 
@@ -29,18 +32,22 @@ impl CudaDevice {
         let ctx = Arc::new(Context::retain(ordinal)?);
         let vmm = use_vmm
             && ctx
-                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_ADDRESS_MANAGEMENT_SUPPORTED)
+                .attribute(Attribute::VirtualAddressManagementSupported)
                 .unwrap_or(0)
                 != 0;
-        let unified = ctx.attribute(
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING,
-        )?;
+        let unified = ctx.attribute(Attribute::UnifiedAddressing)?;
         if unified == 0 {
             return Err(crate::driver::err(
                 drm_pagemap_core::BackendErrorKind::Unsupported,
                 format!("cuda device {ordinal}: no unified addressing"),
             ));
         }
+        let sm_count = ctx
+            .attribute(Attribute::MultiprocessorCount)
+            .ok()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(FALLBACK_SM_COUNT);
         Ok(CudaDevice {
             kernels: OnceLock::new(),
             events: EventPool::new(&ctx),
@@ -50,6 +57,7 @@ impl CudaDevice {
             id,
             ordinal,
             vmm,
+            sm_count,
             kernel_source,
         })
     }
@@ -57,7 +65,9 @@ impl CudaDevice {
     /// The kernels, loaded on first use (NVRTC, else the checked-in PTX).
     pub(crate) fn kernels(&self) -> Result<Arc<Kernels>, BackendError> {
         self.kernels
-            .get_or_init(|| Kernels::load(&self.ctx, self.kernel_source).map(Arc::new))
+            .get_or_init(|| {
+                Kernels::load(&self.ctx, self.kernel_source, self.sm_count).map(Arc::new)
+            })
             .clone()
     }
 }

@@ -180,7 +180,7 @@ impl FenceOps for CudaFence {
                 0
             },
             domain: ev.context_handle(),
-            handle: ev.raw as usize as u64,
+            handle: ev.handle(),
         })
     }
 

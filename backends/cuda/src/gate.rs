@@ -1,10 +1,10 @@
-//! Gates: words of pinned, mapped host memory a stream waits on (`dpm_wait`). A host
-//! pre-fence is waited for on the CPU by a helper thread, which then opens the gate (or
-//! aborts the copy behind it), so a copy call never blocks on a fence of another kind.
+//! Gates: words of pinned, mapped host memory a stream waits on (`dpm_wait`), opened (or
+//! aborted) from the CPU. They hold a stream for tests (`CudaPagemap::hold`, feature
+//! `internals`). Every pagemap makes its control page, whatever the features, and its
+//! teardown opens, aborted, any gate still closed.
 
-use crate::driver::{Context, Event, check};
+use crate::driver::{Context, DriverResult, Event, mem};
 use crate::kernel::GATE_ABORT;
-use cudarc::driver::sys;
 use drm_pagemap_core::{BackendError, BackendErrorKind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,9 +13,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub(crate) const GATES: usize = 1024;
 
 /// One page of gate words (`cuMemHostAlloc(DEVICEMAP | PORTABLE)`), freed when the last
-/// holder (the pagemap, a helper thread, a [`crate::Hold`]) lets go.
+/// holder (the pagemap, a `Hold`) lets go.
 pub(crate) struct ControlPage {
+    // INVARIANT: `host` is a `mem::host_alloc` allocation of `GATES` words (zeroed when made),
+    // mapped at `dev` for every device, freed only by Drop; the words are only accessed
+    // atomically by the CPU.
     host: *mut AtomicU32,
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     dev: u64,
     ctx: Arc<Context>,
 }
@@ -28,29 +32,21 @@ unsafe impl Sync for ControlPage {}
 impl ControlPage {
     pub(crate) fn new(ctx: &Arc<Context>) -> Result<ControlPage, BackendError> {
         ctx.bind()?;
-        let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
         let bytes = GATES * 4;
-        // SAFETY: writes one pointer; freed in Drop.
-        let r = unsafe {
-            sys::cuMemHostAlloc(
-                &mut p,
-                bytes,
-                sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE,
-            )
-        };
-        check("cuMemHostAlloc", r, "control page")?;
+        // Freed in Drop.
+        let p = mem::host_alloc(bytes).about("control page")?;
         // SAFETY: fresh allocation of `bytes`.
         unsafe { std::ptr::write_bytes(p as *mut u8, 0, bytes) };
-        let mut dev = 0u64;
-        // SAFETY: `p` was allocated with DEVICEMAP.
-        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0) };
-        if let Err(e) = check("cuMemHostGetDevicePointer", r, "control page") {
-            // SAFETY: allocated above, unused.
-            unsafe {
-                sys::cuMemFreeHost(p);
+        // SAFETY: `p` was just allocated by `host_alloc`.
+        let dev = unsafe { mem::host_device_pointer(p) };
+        let dev = match dev.about("control page") {
+            Ok(d) => d,
+            Err(e) => {
+                // SAFETY: allocated above, unused.
+                let _ = unsafe { mem::free_host(p) };
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         Ok(ControlPage {
             host: p as *mut AtomicU32,
             dev,
@@ -67,6 +63,7 @@ impl ControlPage {
     }
 
     /// The device address of gate `i`.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub(crate) fn addr(&self, i: usize) -> u64 {
         self.dev + 4 * i as u64
     }
@@ -75,10 +72,9 @@ impl ControlPage {
 impl Drop for ControlPage {
     fn drop(&mut self) {
         let _ = self.ctx.bind();
-        // SAFETY: no stream waits on the page any more: its owners are gone.
-        unsafe {
-            sys::cuMemFreeHost(self.host as *mut std::ffi::c_void);
-        }
+        // SAFETY: allocated by `host_alloc` (INVARIANT); no stream waits on the page any
+        // more: its owners are gone.
+        let _ = unsafe { mem::free_host(self.host as *mut std::ffi::c_void) };
     }
 }
 
@@ -86,6 +82,7 @@ impl Drop for ControlPage {
 /// reads it has completed.
 pub(crate) struct Gates {
     pub page: Arc<ControlPage>,
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     free: Vec<usize>,
     busy: Vec<(usize, Option<Arc<Event>>)>,
 }
@@ -100,6 +97,7 @@ impl Gates {
     }
 
     /// A closed gate.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub(crate) fn take(&mut self) -> Result<usize, BackendError> {
         if self.free.is_empty() {
             let free = &mut self.free;
@@ -123,6 +121,7 @@ impl Gates {
     }
 
     /// Gate `i` may be reused once `event` has completed.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub(crate) fn retire_after(&mut self, i: usize, event: Arc<Event>) {
         if let Some(b) = self.busy.iter_mut().find(|(g, _)| *g == i) {
             b.1 = Some(event);
@@ -137,12 +136,15 @@ impl Gates {
     }
 }
 
-/// A stream held until [`Hold::release`] (or drop): see [`crate::CudaPagemap::hold`].
+/// A stream held until [`Hold::release`] (or drop): see [`crate::CudaPagemap::hold`]
+/// (feature `internals`).
+#[cfg(feature = "internals")]
 pub struct Hold {
     pub(crate) page: Arc<ControlPage>,
     pub(crate) gate: usize,
 }
 
+#[cfg(feature = "internals")]
 impl std::fmt::Debug for Hold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hold")
@@ -151,11 +153,13 @@ impl std::fmt::Debug for Hold {
     }
 }
 
+#[cfg(feature = "internals")]
 impl Hold {
     /// Lets the stream go on.
     pub fn release(self) {}
 }
 
+#[cfg(feature = "internals")]
 impl Drop for Hold {
     fn drop(&mut self) {
         self.page.set(self.gate, crate::kernel::GATE_OPEN);

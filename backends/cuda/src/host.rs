@@ -3,8 +3,7 @@
 //! frames. Backed lazily in chunks; with unified addressing a frame's device address is its
 //! host address, the same for every GPU, so `map_frames` is arithmetic.
 
-use crate::driver::{Context, check, err};
-use cudarc::driver::sys;
+use crate::driver::{Context, DriverResult, err, mem};
 use drm_pagemap_core::mem::ExtentAllocator;
 use drm_pagemap_core::{
     BackendError, BackendErrorKind, DeviceId, Direction, DmaAddr, GRANULE, HostFrame, HostMemory,
@@ -13,9 +12,11 @@ use drm_pagemap_core::{
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Bytes of one lazily allocated chunk (a multiple of the largest page size).
-pub const HOST_CHUNK: u64 = 64 << 20;
+pub(crate) const HOST_CHUNK: u64 = 64 << 20;
 
 struct Chunk {
+    // INVARIANT: `host` is a `mem::host_alloc` allocation of `HOST_CHUNK` bytes whose device
+    // address is `dev == host` (unified addressing), freed only by the owner's Drop.
     host: *mut u8,
     dev: u64,
 }
@@ -104,37 +105,35 @@ impl PinnedHostMemory {
             return Ok(());
         }
         self.ctx.bind()?;
-        let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
-        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
-        // SAFETY: writes one pointer; freed in Drop.
-        let r = unsafe { sys::cuMemHostAlloc(&mut p, HOST_CHUNK as usize, flags) };
-        if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-            return Err(err(
-                BackendErrorKind::OutOfMemory,
-                format!(
-                    "cuda host memory: pinning another {} MiB failed",
-                    HOST_CHUNK >> 20
-                ),
-            ));
-        }
-        check("cuMemHostAlloc", r, "pinned host chunk")?;
-        let mut dev = 0u64;
-        // SAFETY: `p` was just allocated with DEVICEMAP.
-        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0) };
-        if let Err(e) = check("cuMemHostGetDevicePointer", r, "pinned host chunk") {
-            // SAFETY: allocated above, not shared yet.
-            unsafe {
-                sys::cuMemFreeHost(p);
+        // Freed in Drop.
+        let p = match mem::host_alloc(HOST_CHUNK as usize) {
+            Ok(p) => p,
+            Err(e) if e.is_out_of_memory() => {
+                return Err(err(
+                    BackendErrorKind::OutOfMemory,
+                    format!(
+                        "cuda host memory: pinning another {} MiB failed",
+                        HOST_CHUNK >> 20
+                    ),
+                ));
             }
-            return Err(e);
-        }
+            Err(e) => return Err(e.about("pinned host chunk")),
+        };
+        // SAFETY: `p` was just allocated by `host_alloc`.
+        let dev = unsafe { mem::host_device_pointer(p) };
+        let dev = match dev.about("pinned host chunk") {
+            Ok(d) => d,
+            Err(e) => {
+                // SAFETY: allocated above, not shared yet.
+                let _ = unsafe { mem::free_host(p) };
+                return Err(e);
+            }
+        };
         if dev != p as u64 {
             // Unified addressing gives one address for the host and every device; a portable
             // mapping that differs would be per-context, which this backend does not track.
             // SAFETY: allocated above, not shared yet.
-            unsafe {
-                sys::cuMemFreeHost(p);
-            }
+            let _ = unsafe { mem::free_host(p) };
             return Err(err(
                 BackendErrorKind::Unsupported,
                 "cuda host memory: device pointer differs from host pointer (no unified addressing)",
@@ -178,11 +177,9 @@ impl Drop for PinnedHostMemory {
         let _ = self.ctx.bind();
         for c in self.chunks.iter_mut() {
             if let Some(c) = c.take() {
-                // SAFETY: allocated by cuMemHostAlloc; no copy is in flight once the address
-                // spaces and pagemaps using it are gone.
-                unsafe {
-                    sys::cuMemFreeHost(c.host as *mut std::ffi::c_void);
-                }
+                // SAFETY: allocated by `host_alloc` (INVARIANT); no copy is in flight once the
+                // address spaces and pagemaps using it are gone.
+                let _ = unsafe { mem::free_host(c.host as *mut std::ffi::c_void) };
             }
         }
     }

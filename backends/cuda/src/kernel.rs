@@ -2,27 +2,26 @@
 //! from the checked-in PTX (`kernels/pages.ptx`, generated from `kernels/pages.ll`) when
 //! NVRTC is missing or its output does not load.
 
-use crate::driver::{Context, Stream, check, err};
-use cudarc::driver::sys;
+use crate::driver::{Attribute, Context, DriverResult, Function, Module, Stream, err, nvrtc};
 use drm_pagemap_core::{BackendError, BackendErrorKind};
 use std::ffi::{CString, c_void};
-use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
 /// The CUDA C source NVRTC compiles.
-pub const KERNEL_SOURCE: &str = include_str!("../kernels/pages.cu");
+pub(crate) const KERNEL_SOURCE: &str = include_str!("../kernels/pages.cu");
 /// The fallback PTX (ISA 6.0, sm_52: any driver since CUDA 9 JIT-compiles it).
-pub const FALLBACK_PTX: &str = include_str!("../kernels/pages.ptx");
+pub(crate) const FALLBACK_PTX: &str = include_str!("../kernels/pages.ptx");
 
 /// Gate word values (see `dpm_wait`): open, and open with the work after it cancelled.
+#[cfg(feature = "internals")]
 pub(crate) const GATE_OPEN: u32 = 1;
 /// The pre-fence failed: the copy kernel behind the gate copies nothing.
 pub(crate) const GATE_ABORT: u32 = 2;
 
 /// Threads per block of the copy kernel (8 warps, one 4 KiB item each).
-pub const BLOCK_THREADS: u32 = 256;
+pub(crate) const BLOCK_THREADS: u32 = 256;
 /// Entries a small call passes to the kernel by value (`DPM_SMALL` in `pages.cu`).
-pub const SMALL_ENTRIES: usize = 64;
+pub(crate) const SMALL_ENTRIES: usize = 64;
 
 /// The page lists of a small call, passed by value (layout of `dpm_small_lists`).
 #[repr(C)]
@@ -31,6 +30,8 @@ pub(crate) struct SmallLists {
     pub pfns: [u32; SMALL_ENTRIES],
 }
 const MAX_BLOCKS: u64 = 1 << 20;
+/// The multiprocessor count assumed when the device does not report one (an H100's).
+pub(crate) const FALLBACK_SM_COUNT: u32 = 132;
 
 /// Where the kernel comes from (option `cuda.kernel`: `auto`, `nvrtc`, `ptx`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -46,32 +47,23 @@ pub enum KernelSource {
 
 /// The loaded module of one device.
 pub(crate) struct Kernels {
-    ctx: Arc<Context>,
-    module: sys::CUmodule,
-    copy: sys::CUfunction,
+    // INVARIANT: the functions are kernels of `_module`, which this value keeps loaded (it
+    // unloads when this value drops, functions and all), in the device's context.
+    copy: Function,
     /// `dpm_copy_small` (NVRTC builds; the fallback PTX has none).
-    small: sys::CUfunction,
-    spin: sys::CUfunction,
-    wait: sys::CUfunction,
-    zero: sys::CUfunction,
+    small: Option<Function>,
+    // Looked up whatever the features; launched only by the `internals` hooks.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
+    spin: Function,
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
+    wait: Function,
+    zero: Function,
+    /// Kept loaded for the functions above.
+    _module: Module,
+    /// Most blocks of a zeroing launch: 8 per multiprocessor, 4 times over.
+    zero_max_blocks: u64,
     /// "nvrtc (compute_90)" or "fallback ptx (why)".
     pub origin: String,
-}
-
-// SAFETY: module and function handles may be used from any thread.
-unsafe impl Send for Kernels {}
-// SAFETY: as above.
-unsafe impl Sync for Kernels {}
-
-impl Drop for Kernels {
-    fn drop(&mut self) {
-        if self.ctx.bind().is_ok() {
-            // SAFETY: the module is ours; streams using it were synchronised by their owners.
-            unsafe {
-                sys::cuModuleUnload(self.module);
-            }
-        }
-    }
 }
 
 /// NVRTC output per architecture, compiled once per process.
@@ -79,11 +71,11 @@ fn nvrtc_ptx(ctx: &Context) -> Result<(String, String), String> {
     type Compiled = Result<(String, String), String>;
     static CACHE: Mutex<Vec<(i32, Compiled)>> = Mutex::new(Vec::new());
     let cc = ctx
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .attribute(Attribute::ComputeCapabilityMajor)
         .map_err(|e| e.to_string())?
         * 10
         + ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+            .attribute(Attribute::ComputeCapabilityMinor)
             .map_err(|e| e.to_string())?;
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, r)) = cache.iter().find(|(c, _)| *c == cc) {
@@ -95,90 +87,66 @@ fn nvrtc_ptx(ctx: &Context) -> Result<(String, String), String> {
 }
 
 fn nvrtc_compile(ctx: &Context) -> Result<(String, String), String> {
-    // SAFETY: only tries to dlopen the candidate library names.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+    if !nvrtc::available() {
         return Err("NVRTC not found".into());
     }
     let major = ctx
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .attribute(Attribute::ComputeCapabilityMajor)
         .map_err(|e| e.to_string())?;
     let minor = ctx
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        .attribute(Attribute::ComputeCapabilityMinor)
         .map_err(|e| e.to_string())?;
     let arch = format!("compute_{major}{minor}");
-    let opts = cudarc::nvrtc::CompileOptions {
-        options: vec![format!("--gpu-architecture={arch}")],
-        name: Some("pages.cu".into()),
-        ..Default::default()
-    };
-    let compiled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts)
-    }))
-    .map_err(|_| "NVRTC panicked (missing symbol?)".to_string())?;
-    let ptx = compiled.map_err(|e| format!("NVRTC failed: {e:?}"))?;
-    Ok((ptx.to_src(), arch))
+    let ptx = nvrtc::compile(KERNEL_SOURCE, "pages.cu", &arch)?;
+    Ok((ptx, arch))
 }
 
-fn load_ptx(ctx: &Arc<Context>, ptx: &str, origin: String) -> Result<Kernels, BackendError> {
+fn load_ptx(
+    ctx: &Arc<Context>,
+    ptx: &str,
+    origin: String,
+    sm_count: u32,
+) -> Result<Kernels, BackendError> {
     let text = CString::new(ptx)
         .map_err(|_| err(BackendErrorKind::Unsupported, "PTX contains a NUL byte"))?;
     ctx.bind()?;
-    let mut module = std::ptr::null_mut();
-    // SAFETY: `text` is NUL-terminated PTX; the module is unloaded in Drop.
-    let r = unsafe { sys::cuModuleLoadData(&mut module, text.as_ptr() as *const c_void) };
-    check("cuModuleLoadData", r, &origin)?;
-    let mut k = Kernels {
-        ctx: ctx.clone(),
-        module,
-        copy: std::ptr::null_mut(),
-        small: std::ptr::null_mut(),
-        spin: std::ptr::null_mut(),
-        wait: std::ptr::null_mut(),
-        zero: std::ptr::null_mut(),
-        origin,
+    // Unloaded when it drops: also right here, if a lookup below fails.
+    let module = Module::load_data(ctx, &text).about(&origin)?;
+    let copy = module.function(c"dpm_copy_pages").about("dpm_copy_pages")?;
+    let spin = module.function(c"dpm_spin").about("dpm_spin")?;
+    let wait = module.function(c"dpm_wait").about("dpm_wait")?;
+    let zero = module.function(c"dpm_zero").about("dpm_zero")?;
+    // Optional (small calls take dpm_copy_pages without it); looked up only where the PTX
+    // defines it, so that no failing driver call is made (tools report those).
+    let small = if ptx.contains(".entry dpm_copy_small") {
+        module.function(c"dpm_copy_small").ok()
+    } else {
+        None
     };
-    // SAFETY: the names are NUL-terminated; the module is loaded.
-    unsafe {
-        check(
-            "cuModuleGetFunction",
-            sys::cuModuleGetFunction(&mut k.copy, module, c"dpm_copy_pages".as_ptr()),
-            "dpm_copy_pages",
-        )?;
-        check(
-            "cuModuleGetFunction",
-            sys::cuModuleGetFunction(&mut k.spin, module, c"dpm_spin".as_ptr()),
-            "dpm_spin",
-        )?;
-        check(
-            "cuModuleGetFunction",
-            sys::cuModuleGetFunction(&mut k.wait, module, c"dpm_wait".as_ptr()),
-            "dpm_wait",
-        )?;
-        check(
-            "cuModuleGetFunction",
-            sys::cuModuleGetFunction(&mut k.zero, module, c"dpm_zero".as_ptr()),
-            "dpm_zero",
-        )?;
-        // Optional (small calls take dpm_copy_pages without it); looked up only where the PTX
-        // defines it, so that no failing driver call is made (tools report those).
-        if ptx.contains(".entry dpm_copy_small")
-            && sys::cuModuleGetFunction(&mut k.small, module, c"dpm_copy_small".as_ptr())
-                != sys::CUresult::CUDA_SUCCESS
-        {
-            k.small = std::ptr::null_mut();
-        }
-    }
-    Ok(k)
+    Ok(Kernels {
+        copy,
+        small,
+        spin,
+        wait,
+        zero,
+        _module: module,
+        zero_max_blocks: 4 * sm_count as u64 * 8,
+        origin,
+    })
 }
 
 impl Kernels {
-    /// Loads the kernels into `ctx` from `source`.
-    pub(crate) fn load(ctx: &Arc<Context>, source: KernelSource) -> Result<Kernels, BackendError> {
+    /// Loads the kernels into `ctx` from `source`, for a device of `sm_count` multiprocessors.
+    pub(crate) fn load(
+        ctx: &Arc<Context>,
+        source: KernelSource,
+        sm_count: u32,
+    ) -> Result<Kernels, BackendError> {
         let why = if source == KernelSource::Fallback {
             "requested".to_string()
         } else {
             let tried = nvrtc_ptx(ctx).and_then(|(ptx, arch)| {
-                load_ptx(ctx, &ptx, format!("nvrtc ({arch})"))
+                load_ptx(ctx, &ptx, format!("nvrtc ({arch})"), sm_count)
                     .map_err(|e| format!("NVRTC output did not load: {e}"))
             });
             match tried {
@@ -189,7 +157,7 @@ impl Kernels {
                 Err(why) => why,
             }
         };
-        load_ptx(ctx, FALLBACK_PTX, format!("fallback ptx ({why})"))
+        load_ptx(ctx, FALLBACK_PTX, format!("fallback ptx ({why})"), sm_count)
     }
 
     /// Queues the gather/scatter kernel on `stream`: `n_items` 4 KiB items; entry
@@ -229,29 +197,15 @@ impl Kernels {
             &mut a_to_own as *mut u32 as *mut c_void,
             &mut a_abort as *mut u64 as *mut c_void,
         ];
-        // SAFETY: the parameters match the kernel's signature and outlive the call (the
-        // driver copies them); the caller vouches for the addresses.
-        let r = unsafe {
-            sys::cuLaunchKernel(
-                self.copy,
-                blocks,
-                1,
-                1,
-                BLOCK_THREADS,
-                1,
-                1,
-                0,
-                stream.raw,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
-        check("cuLaunchKernel", r, "dpm_copy_pages")
+        // SAFETY: `self` keeps the module loaded; the parameters match the kernel's signature
+        // and outlive the call (the driver copies them); the caller vouches for the addresses.
+        let r = unsafe { self.copy.launch(blocks, BLOCK_THREADS, stream, &mut params) };
+        r.about("dpm_copy_pages")
     }
 
     /// Whether small calls can pass their lists by value ([`Kernels::launch_copy_small`]).
     pub(crate) fn has_small(&self) -> bool {
-        !self.small.is_null()
+        self.small.is_some()
     }
 
     /// Queues the copy of a small call whose lists are `lists` (entries `0..n_items >>
@@ -270,9 +224,9 @@ impl Kernels {
         item_shift: u32,
         to_own: bool,
     ) -> Result<bool, BackendError> {
-        if self.small.is_null() {
+        let Some(small) = &self.small else {
             return Ok(false);
-        }
+        };
         let warps_per_block = (BLOCK_THREADS / 32) as u64;
         let blocks = n_items.div_ceil(warps_per_block).clamp(1, MAX_BLOCKS) as u32;
         let mut a_n = n_items;
@@ -286,25 +240,11 @@ impl Kernels {
             &mut a_shift as *mut u32 as *mut c_void,
             &mut a_to_own as *mut u32 as *mut c_void,
         ];
-        // SAFETY: the parameters match the kernel's signature (the struct by value, laid out
-        // as in pages.cu) and outlive the call (the driver copies them); the caller vouches
-        // for the addresses.
-        let r = unsafe {
-            sys::cuLaunchKernel(
-                self.small,
-                blocks,
-                1,
-                1,
-                BLOCK_THREADS,
-                1,
-                1,
-                0,
-                stream.raw,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
-        check("cuLaunchKernel", r, "dpm_copy_small").map(|()| true)
+        // SAFETY: `self` keeps the module loaded; the parameters match the kernel's signature
+        // (the struct by value, laid out as in pages.cu) and outlive the call (the driver
+        // copies them); the caller vouches for the addresses.
+        let r = unsafe { small.launch(blocks, BLOCK_THREADS, stream, &mut params) };
+        r.about("dpm_copy_small").map(|()| true)
     }
 
     /// Queues a kernel that holds `stream` until the word at `flag` is non-zero (or
@@ -313,6 +253,7 @@ impl Kernels {
     /// # Safety
     /// `flag` must be the device address of a pinned, mapped host word that stays valid until
     /// the kernel has run.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub(crate) unsafe fn launch_wait(
         &self,
         stream: &Stream,
@@ -325,23 +266,10 @@ impl Kernels {
             &mut a_flag as *mut u64 as *mut c_void,
             &mut a_max as *mut u64 as *mut c_void,
         ];
-        // SAFETY: two u64 parameters, matching the kernel; the caller vouches for `flag`.
-        let r = unsafe {
-            sys::cuLaunchKernel(
-                self.wait,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                0,
-                stream.raw,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
-        check("cuLaunchKernel", r, "dpm_wait")
+        // SAFETY: `self` keeps the module loaded; two u64 parameters, matching the kernel;
+        // the caller vouches for `flag`.
+        let r = unsafe { self.wait.launch(1, 1, stream, &mut params) };
+        r.about("dpm_wait")
     }
 
     /// Queues a kernel that zeroes `bytes` (a multiple of 16) at device address `dst`.
@@ -356,53 +284,28 @@ impl Kernels {
     ) -> Result<(), BackendError> {
         let blocks = (bytes / 16)
             .div_ceil(BLOCK_THREADS as u64)
-            .clamp(1, 4 * 132 * 8) as u32;
+            .clamp(1, self.zero_max_blocks) as u32;
         let mut a_dst = dst;
         let mut a_bytes = bytes;
         let mut params: [*mut c_void; 2] = [
             &mut a_dst as *mut u64 as *mut c_void,
             &mut a_bytes as *mut u64 as *mut c_void,
         ];
-        // SAFETY: two u64 parameters, matching the kernel; the caller vouches for the range.
-        let r = unsafe {
-            sys::cuLaunchKernel(
-                self.zero,
-                blocks,
-                1,
-                1,
-                BLOCK_THREADS,
-                1,
-                1,
-                0,
-                stream.raw,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
-        check("cuLaunchKernel", r, "dpm_zero")
+        // SAFETY: `self` keeps the module loaded; two u64 parameters, matching the kernel;
+        // the caller vouches for the range.
+        let r = unsafe { self.zero.launch(blocks, BLOCK_THREADS, stream, &mut params) };
+        r.about("dpm_zero")
     }
 
     /// Queues a kernel that keeps `stream` busy for `ns` nanoseconds.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub(crate) fn launch_spin(&self, stream: &Stream, ns: u64) -> Result<(), BackendError> {
         let mut a_ns = ns;
         let mut params: [*mut c_void; 1] = [&mut a_ns as *mut u64 as *mut c_void];
-        // SAFETY: one u64 parameter, matching the kernel; it touches no memory.
-        let r = unsafe {
-            sys::cuLaunchKernel(
-                self.spin,
-                1,
-                1,
-                1,
-                1,
-                1,
-                1,
-                0,
-                stream.raw,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
-        check("cuLaunchKernel", r, "dpm_spin")
+        // SAFETY: `self` keeps the module loaded; one u64 parameter, matching the kernel; it
+        // touches no memory.
+        let r = unsafe { self.spin.launch(1, 1, stream, &mut params) };
+        r.about("dpm_spin")
     }
 }
 

@@ -37,8 +37,11 @@
 //! ([`CudaConfig::from_backend_config`]), or, in binaries, from the `DRM_PAGEMAP_CUDA_*`
 //! environment variables ([`CudaConfig::from_env`], the only place this crate reads them).
 //!
-//! Tests hold a stream deterministically with [`CudaPagemap::hold`]; while a stream is held,
-//! an implicitly synchronising driver call of any thread (allocations) waits for it.
+//! Tests and benches reach a few internals through the cargo feature `internals` (off by
+//! default; this crate's own tests and benches turn it on): holding a pagemap's stream
+//! deterministically (`CudaPagemap::hold`; while a stream is held, an implicitly
+//! synchronising driver call of any thread, such as an allocation, waits for it), stalling
+//! it, setting the DMA crossover and reading the raw stream handle.
 
 mod allocs;
 mod clean;
@@ -49,17 +52,15 @@ mod gate;
 mod host;
 mod kernel;
 mod pagemap;
-pub mod plan;
+mod plan;
 mod settle;
 
 pub use fence::CudaFence;
+#[cfg(feature = "internals")]
 pub use gate::Hold;
-pub use host::{HOST_CHUNK, PinnedHostMemory};
-pub use kernel::{BLOCK_THREADS, FALLBACK_PTX, KERNEL_SOURCE, KernelSource, SMALL_ENTRIES};
-pub use pagemap::{CudaPagemap, CudaStats, LATENCY_DMA_RUNS};
-
-/// cudarc's driver bindings, as this crate was built with them (benches use them).
-pub use cudarc::driver::sys;
+pub use host::PinnedHostMemory;
+pub use kernel::KernelSource;
+pub use pagemap::{CudaPagemap, CudaStats};
 
 use device::CudaDevice;
 use drm_pagemap_core::{
@@ -75,11 +76,11 @@ pub const DEFAULT_DMA_MIN_HOST: u64 = 2 << 20;
 /// one DMA per run for every run length measured (up to 64 MiB, where they were within 3%),
 /// so only runs longer than any layout produces in practice go to the copy engine.
 pub const DEFAULT_DMA_MIN_DEVICE: u64 = 256 << 20;
-/// Default bytes of host memory for system pages (pinned lazily, 256 MiB at a time).
+/// Default bytes of host memory for system pages (pinned lazily, 64 MiB at a time).
 pub const DEFAULT_HOST_CAPACITY: u64 = 16 << 30;
 /// Most bytes of host memory for system pages: 128 TiB, the user address space of x86-64
 /// (pinned memory must fit in RAM besides; the chunk table costs 24 bytes per
-/// [`HOST_CHUNK`] of capacity, 48 MiB at this limit).
+/// 64 MiB chunk of capacity, 48 MiB at this limit).
 pub const MAX_HOST_CAPACITY: u64 = 1 << 47;
 
 /// How to open the CUDA backend.
@@ -372,10 +373,7 @@ fn peer_groups(devices: &[Arc<CudaDevice>]) -> Vec<u32> {
     for i in 0..n {
         for j in i + 1..n {
             let can = |a: &CudaDevice, b: &CudaDevice| {
-                let mut v = 0;
-                // SAFETY: writes one int; both are valid device handles.
-                let r = unsafe { sys::cuDeviceCanAccessPeer(&mut v, a.ctx.dev, b.ctx.dev) };
-                r == sys::CUresult::CUDA_SUCCESS && v != 0
+                driver::peer::can_access(&a.ctx, &b.ctx).unwrap_or(false)
             };
             let (a, b) = (&devices[i], &devices[j]);
             if !(can(a, b) && can(b, a)) {
@@ -385,10 +383,8 @@ fn peer_groups(devices: &[Arc<CudaDevice>]) -> Vec<u32> {
                 if from.ctx.bind().is_err() {
                     return false;
                 }
-                // SAFETY: enables access from the current context to `to`'s context.
-                let r = unsafe { sys::cuCtxEnablePeerAccess(to.ctx.ctx, 0) };
-                r == sys::CUresult::CUDA_SUCCESS
-                    || r == sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
+                // Access already enabled counts as enabled.
+                driver::peer::enable_access(&to.ctx).is_ok()
             };
             if enable(a, b) && enable(b, a) {
                 let (ra, rb) = (find(&mut group, i as u32), find(&mut group, j as u32));
@@ -479,6 +475,7 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::{FALLBACK_PTX, KERNEL_SOURCE};
 
     #[test]
     fn probe_and_open_never_panic() {

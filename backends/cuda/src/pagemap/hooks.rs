@@ -1,0 +1,72 @@
+//! Test and bench hooks (cargo feature `internals`, which this crate's own tests and benches
+//! turn on): setting the DMA crossover at run time, the raw copy stream, stalling a stream
+//! and holding one until released.
+
+use super::CudaPagemap;
+use crate::driver::Stream;
+use crate::gate::Hold;
+use crate::kernel::GATE_ABORT;
+use drm_pagemap_core::BackendError;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+impl CudaPagemap {
+    /// Runs with the DMA crossover set to `host` bytes (runs touching system memory) and
+    /// `device` bytes (device-to-device runs): a run at least that long is one DMA copy.
+    /// Besides, a call of at most 64 entries in at most 3 runs copies its system-memory runs
+    /// by DMA whatever their length; `host == u64::MAX` turns DMA off for those as well.
+    pub fn set_dma_min(&self, host: u64, device: u64) {
+        self.dma_min_host.store(host, Ordering::SeqCst);
+        self.dma_min_device.store(device, Ordering::SeqCst);
+    }
+
+    /// The raw `CUstream` of this pagemap's copies (benches record timing events on it).
+    pub fn stream_handle(&self) -> usize {
+        self.stream.handle()
+    }
+
+    /// Keeps the copy stream busy for `ns` nanoseconds of GPU time (tests widen race windows
+    /// with it; benches queue work behind it so only device time is measured).
+    pub fn stall(&self, ns: u64) -> Result<(), BackendError> {
+        let k = self.device.kernels()?;
+        let _g = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+        self.device.ctx.bind()?;
+        k.launch_spin(&self.stream, ns)
+    }
+
+    /// Holds the copy stream until the returned [`Hold`] is released or dropped: work queued
+    /// meanwhile waits on the device (tests use it to order things deterministically).
+    ///
+    /// While the stream is held, driver calls that synchronise the device implicitly (memory
+    /// allocations: a new pagemap, arena growth, more pinned host memory) wait for the
+    /// release, in every thread of the process: release it from a thread that makes none.
+    pub fn hold(&self) -> Result<Hold, BackendError> {
+        self.hold_stream(&self.stream)
+    }
+
+    /// Holds the clear stream (clears of freed pages and of fresh segments) like
+    /// [`CudaPagemap::hold`] holds the copy stream.
+    pub fn hold_clears(&self) -> Result<Hold, BackendError> {
+        self.hold_stream(&self.clear_stream)
+    }
+
+    fn hold_stream(&self, stream: &Stream) -> Result<Hold, BackendError> {
+        let k = self.device.kernels()?;
+        let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+        self.device.ctx.bind()?;
+        let g = sub.gates.take()?;
+        // SAFETY: the gate word lives in the control page, kept alive by the Hold.
+        let launched = unsafe { k.launch_wait(stream, sub.gates.page.addr(g), 0) };
+        if let Err(e) = launched {
+            sub.gates.page.set(g, GATE_ABORT);
+            return Err(e);
+        }
+        let ev = Arc::new(self.device.events.get()?);
+        ev.record(stream)?;
+        sub.gates.retire_after(g, ev);
+        Ok(Hold {
+            page: sub.gates.page.clone(),
+            gate: g,
+        })
+    }
+}
