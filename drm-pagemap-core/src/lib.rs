@@ -25,7 +25,9 @@
 //!   honours the allocation's timeslice.
 //!
 //! The core has no `unsafe` and no FFI: backends ([`HostMemory`], [`PagemapOps`],
-//! [`DevmemOps`]) bring the hardware. Page state lives in packed arrays (one `u64` per page).
+//! [`DevmemOps`]) bring the hardware. Page state lives in packed arrays (one `u64` per page),
+//! in chunks allocated when first written: a range costs memory for the pages it populates,
+//! not for its size.
 
 #![forbid(unsafe_code)]
 
@@ -41,6 +43,7 @@ mod mm;
 mod page;
 pub mod plan;
 mod sync;
+mod table;
 mod time;
 mod to_ram;
 mod types;
