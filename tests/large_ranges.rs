@@ -153,3 +153,171 @@ fn two_megabyte_pages_mixed_layout() {
         rig.finish();
     }
 }
+
+/// Random writes, migrations, evictions and reads of spans next to the page table's chunk
+/// boundaries (every 2^14 pages; issue 11 D5 made the table sparse, in chunks allocated on
+/// first write) of a 4-chunk range, against a model of the bytes and of each page's place:
+/// every read returns the bytes last written, every page is where the model says, and the
+/// range's generation never goes back.
+#[test]
+fn spans_across_page_table_chunks_behave_like_one_array() {
+    use drm_pagemap::sim::{SimBackend, SimConfig};
+    use drm_pagemap::{AddressSpace, AllocId, Backend, Error, PageLocation, PagemapId, VaRange};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    const PS: u64 = 4096;
+    const CHUNK: u64 = 1 << 14;
+    const PAGES: u64 = 4 * CHUNK;
+    const START: u64 = 1 << 40;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write(u64, usize, u8),
+        Migrate(u64, u64, u8),
+        Evict(u64),
+        Read(u64, u64),
+    }
+    // A page next to a chunk boundary (or an end of the range).
+    let near = (0..=4i64, -20i64..20)
+        .prop_map(|(c, d)| (c * CHUNK as i64 + d).clamp(0, PAGES as i64 - 1) as u64);
+    let op = prop_oneof![
+        (near.clone(), 1..3 * PS as usize, any::<u8>()).prop_map(|(p, n, b)| Op::Write(p, n, b)),
+        (near.clone(), 1..40u64, 0..2u8).prop_map(|(p, n, k)| Op::Migrate(p, n, k)),
+        near.clone().prop_map(Op::Evict),
+        (near, 1..40u64).prop_map(|(p, n)| Op::Read(p, n)),
+    ];
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    // A CPU access to `pages` (a write populates holes): device pages of the span came
+    // home, and other pages of their allocations may have come with them (the fault's
+    // window), which the model takes from the engine.
+    fn cpu_access(
+        mm: &AddressSpace,
+        place: &mut BTreeMap<u64, PageLocation>,
+        pages: std::ops::Range<u64>,
+        write: bool,
+    ) {
+        let mut faulted: BTreeSet<AllocId> = BTreeSet::new();
+        for q in pages {
+            match place.get(&q) {
+                Some(&PageLocation::Device { alloc, .. }) => {
+                    faulted.insert(alloc);
+                }
+                None if !write => continue,
+                _ => {}
+            }
+            place.insert(q, PageLocation::System);
+        }
+        for (&q, l) in place.iter_mut() {
+            if matches!(l, PageLocation::Device { alloc, .. } if faulted.contains(alloc)) {
+                *l = mm.location(START + q * PS).unwrap();
+            }
+        }
+    }
+    runner
+        .run(&proptest::collection::vec(op, 1..40), |ops| {
+            let sim = SimBackend::new(SimConfig {
+                devices: 2,
+                device_capacity: 64 << 20,
+                host_capacity: 64 << 20,
+                ..SimConfig::default()
+            })
+            .unwrap();
+            let mm = AddressSpace::new(sim.host_memory());
+            for pm in sim.pagemap_per_device().unwrap() {
+                mm.add_pagemap(pm).unwrap();
+            }
+            let range = VaRange::new(START, PAGES * PS);
+            mm.create_range(range, PageSize::Size4K).unwrap();
+            let va = |p: u64| START + p * PS;
+            // Bytes written (others read as zeros), and where each page lives (absent:
+            // unpopulated).
+            let mut bytes: BTreeMap<u64, u8> = BTreeMap::new();
+            let mut place: BTreeMap<u64, PageLocation> = BTreeMap::new();
+            let mut generation = mm.generation(range).unwrap();
+            for op in ops {
+                match op {
+                    Op::Write(p, n, b) => {
+                        let n = n.min(((PAGES - p) * PS) as usize);
+                        mm.write(va(p), &vec![b; n]).unwrap();
+                        for a in va(p)..va(p) + n as u64 {
+                            bytes.insert(a, b);
+                        }
+                        let last = (va(p) + n as u64 - 1 - START) / PS;
+                        cpu_access(&mm, &mut place, p..last + 1, true);
+                    }
+                    Op::Migrate(p, n, k) => {
+                        let n = n.min(PAGES - p);
+                        let span = VaRange::new(va(p), n * PS);
+                        let on_k = |l: Option<&PageLocation>| {
+                            matches!(l, Some(PageLocation::Device { pagemap, .. }) if pagemap.0 == k)
+                        };
+                        let local = (p..p + n).filter(|q| on_k(place.get(q))).count() as u64;
+                        match mm.migrate(span, PagemapId(k), &MigrateDetails::default()) {
+                            Ok(rep) if rep.outcome == MigrateOutcome::NotNeeded => {
+                                prop_assert_eq!(local, n)
+                            }
+                            Ok(rep) => {
+                                prop_assert_eq!(local, 0);
+                                let alloc = rep.alloc.unwrap();
+                                for q in p..p + n {
+                                    let d = PageLocation::Device {
+                                        pagemap: PagemapId(k),
+                                        alloc,
+                                    };
+                                    place.insert(q, d);
+                                }
+                            }
+                            // Some pages there already (fragmentation): nothing moved.
+                            Err(Error::Busy { .. }) => prop_assert!(local > 0 && local < n),
+                            Err(e) => prop_assert!(false, "migrate {}: {}", span, e),
+                        }
+                    }
+                    Op::Evict(p) => {
+                        if let Some(&PageLocation::Device { alloc, .. }) = place.get(&p) {
+                            mm.evict_to_ram(alloc).unwrap();
+                            for l in place.values_mut() {
+                                if matches!(l, PageLocation::Device { alloc: a, .. } if *a == alloc)
+                                {
+                                    *l = PageLocation::System;
+                                }
+                            }
+                        }
+                    }
+                    Op::Read(p, n) => {
+                        let n = n.min(PAGES - p);
+                        let mut buf = vec![0xEE; (n * PS) as usize];
+                        mm.read(va(p), &mut buf).unwrap();
+                        for (i, &got) in buf.iter().enumerate() {
+                            let a = va(p) + i as u64;
+                            let want = bytes.get(&a).copied().unwrap_or(0);
+                            prop_assert_eq!(got, want, "byte at {:#x}", a);
+                        }
+                        cpu_access(&mm, &mut place, p..p + n, false);
+                    }
+                }
+                let g = mm.generation(range).unwrap();
+                prop_assert!(g >= generation, "generations never go back");
+                generation = g;
+                // Every page around each chunk boundary is where the model says.
+                for c in 0..=4 {
+                    let lo = (c * CHUNK).saturating_sub(24);
+                    let hi = (c * CHUNK + 24).min(PAGES);
+                    let got = mm.locations(VaRange::new(va(lo), (hi - lo) * PS)).unwrap();
+                    for (q, loc) in (lo..hi).zip(got) {
+                        let want = place.get(&q).copied().unwrap_or(PageLocation::Unpopulated);
+                        prop_assert_eq!(loc, want, "page {}", q);
+                    }
+                }
+            }
+            mm.free_range(START).unwrap();
+            prop_assert!(mm.allocations().is_empty());
+            Ok(())
+        })
+        .unwrap();
+}

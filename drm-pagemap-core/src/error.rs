@@ -282,6 +282,18 @@ pub enum Error {
         /// The pagemap's capacity.
         capacity: u64,
     },
+    /// The engine could not allocate host memory for its own bookkeeping of `range` (the
+    /// directory of a range's page table in [`crate::AddressSpace::create_range`], a chunk
+    /// of page entries when pages are first written); nothing changed.
+    #[error("range {range}: out of memory: {bytes} bytes for {what} could not be allocated")]
+    OutOfMemory {
+        /// The range of the request.
+        range: VaRange,
+        /// What needed the memory, e.g. "the page table's directory".
+        what: &'static str,
+        /// Bytes asked for.
+        bytes: u64,
+    },
     /// A backend operation failed; nothing changed.
     #[error("range {range}: {op} on {at} failed: {source}", at = Where(*pagemap, *device))]
     Backend {
@@ -376,6 +388,8 @@ impl Error {
     /// - [`Error::Backend`] whose source is out of memory ([`BackendError::is_transient`]):
     ///   memory comes back as allocations are released or evicted (evicting least recently
     ///   used allocations is the caller's faster way);
+    /// - [`Error::OutOfMemory`] (host memory for the engine's tables comes back as ranges
+    ///   are freed and other work finishes);
     /// - [`Error::Fence`] that timed out (the device is slow, not wrong; a later call waits
     ///   again) or whose fence failed with a transient backend error.
     ///
@@ -396,6 +410,7 @@ impl Error {
             }
             Error::CpuAccessTimeout { .. } => true,
             Error::Backend { source, .. } => source.is_transient(),
+            Error::OutOfMemory { .. } => true,
             Error::Fence { source, .. } => match source {
                 FenceError::Timeout(_) => true,
                 FenceError::Failed(e) => e.is_transient(),
@@ -503,6 +518,15 @@ mod tests {
                 false,
             ),
             (
+                Error::OutOfMemory {
+                    range,
+                    what: "the page table's directory",
+                    bytes: 4 << 20,
+                },
+                false,
+                true,
+            ),
+            (
                 Error::BadConfig {
                     backend: "sim".into(),
                     reason: "0 devices".into(),
@@ -599,13 +623,14 @@ mod tests {
             Error::BackendUnavailable { .. } => 11,
             Error::CpuAccessTimeout { .. } => 12,
             Error::BadOption { .. } => 13,
+            Error::OutOfMemory { .. } => 14,
         }
     }
 
     #[test]
     fn retry_helpers_classify_every_variant() {
         let t = table();
-        let mut seen = [false; 14];
+        let mut seen = [false; 15];
         for (e, busy, transient) in &t {
             seen[variant(e)] = true;
             assert_eq!(e.is_busy(), *busy, "is_busy of {e}");

@@ -42,7 +42,9 @@
 //!   typed getters; an unknown key or a bad value is an [`OptionError`] naming the key).
 //!
 //! The core has no `unsafe` and no FFI: backends ([`HostMemory`], [`PagemapOps`],
-//! [`DevmemOps`]) bring the hardware. Page state lives in packed arrays (one `u64` per page).
+//! [`DevmemOps`]) bring the hardware. Page state lives in packed arrays (one `u64` per page),
+//! in chunks allocated when first written: a range costs memory for the pages it populates,
+//! not for its size.
 
 #![forbid(unsafe_code)]
 
@@ -60,6 +62,7 @@ pub mod options;
 mod page;
 pub mod plan;
 mod sync;
+mod table;
 mod time;
 mod to_ram;
 mod types;

@@ -420,8 +420,7 @@ impl AddressSpace {
             };
             return Err(fail(&mut st, e));
         };
-        let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
-        let summary = Summary::of(pages);
+        let summary = st.range(span.slot).pages.summary(span.first, span.count);
         let held = if summary.any_locked() {
             Some(crate::BusyReason::PageLocked)
         } else if st.claimed_by_cpu(span) {
@@ -438,7 +437,17 @@ impl AddressSpace {
             };
             return Err(fail(&mut st, e));
         }
-        snapshot.extend_from_slice(pages);
+        // Locking writes every entry: allocate the span's chunks now (the commit or roll
+        // back that follows writes the same entries and allocates nothing).
+        if let Err(e) = st
+            .range_mut(span.slot)
+            .reserve(span.first, span.count, range)
+        {
+            return Err(fail(&mut st, e));
+        }
+        st.range(span.slot)
+            .pages
+            .copy_into(span.first, span.count, snapshot);
         // Source pfns of device pages (only those are read); none without device pages.
         if summary.any_device() {
             src_pfns.resize(span.count, Pfn(0));
@@ -780,7 +789,11 @@ impl AddressSpace {
         let snapshot = {
             let st = self.lock();
             let span = st.locate(range, true)?;
-            st.range(span.slot).pages[span.first..span.first + span.count].to_vec()
+            let mut v = Vec::new();
+            st.range(span.slot)
+                .pages
+                .copy_into(span.first, span.count, &mut v);
+            v
         };
         if snapshot.iter().any(|p| p.is_locked()) {
             return Err(Error::Busy {
@@ -1053,10 +1066,10 @@ impl Job<'_> {
             }
             guard.touch(span.slot, span.first, span.count);
             let st = &mut *guard;
-            let pages = &mut st.range_slots[span.slot as usize]
+            let table = &mut st.range_slots[span.slot as usize]
                 .as_mut()
                 .expect("range slot in use")
-                .pages[span.first..span.first + span.count];
+                .pages;
             let allocs = &mut st.allocs;
             // Separate simple loops (the compiler vectorises them) rather than one loop
             // that branches on every page's kind.
@@ -1087,8 +1100,13 @@ impl Job<'_> {
                     allocs.put_pages(slot, (i - start) as u32, &mut releases);
                 }
             }
-            for (k, new) in pages.iter_mut().enumerate() {
-                *new = PageEntry::device(dest, slot, k as u32);
+            // One slice per chunk (allocated when the pages were locked).
+            let mut k = 0u32;
+            for pages in table.slices_mut(span.first, span.count) {
+                for (j, new) in pages.iter_mut().enumerate() {
+                    *new = PageEntry::device(dest, slot, k + j as u32);
+                }
+                k += pages.len() as u32;
             }
             self.mm.notify_unlocked(st);
             st.generation_of(span)

@@ -1,4 +1,5 @@
-//! The address space: ranges of pages in packed arrays, the pagemaps it may use, CPU access.
+//! The address space: ranges of pages in packed, lazily allocated page tables (see
+//! [`crate::table`]), the pagemaps it may use, CPU access.
 
 use crate::alloc::{
     AllocId, AllocRecord, AllocState, AllocTable, AllocationInfo, Release, release_all,
@@ -6,7 +7,8 @@ use crate::alloc::{
 use crate::backend::{HostMemory, Pagemap};
 use crate::error::{Error, RangeProblem, Result};
 use crate::layout::LayoutPage;
-use crate::page::{Kind, PageEntry, RmapEntry, Summary};
+use crate::page::{Kind, PageEntry, RmapEntry};
+use crate::table::{NoMemory, PageTable, Stamps};
 use crate::types::{DeviceId, HostFrame, OwnerId, PageSize, PagemapId, Pfn, VaRange};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -60,10 +62,12 @@ pub enum PageBacking {
 pub(crate) struct RangeRecord {
     pub va: VaRange,
     pub page_size: PageSize,
-    pub pages: Vec<PageEntry>,
+    /// One entry per page, in chunks allocated when first written.
+    pub pages: PageTable,
     /// Per 2 MiB block of addresses the range overlaps: the address space's stamp when a
-    /// page of that block last changed (see [`AddressSpace::generation`]).
-    pub stamps: Vec<u64>,
+    /// page of that block last changed (see [`AddressSpace::generation`]); blocks never
+    /// changed carry the range's creation stamp without storing it.
+    pub stamps: Stamps,
 }
 
 /// Blocks of addresses that carry one stamp each.
@@ -77,6 +81,28 @@ impl RangeRecord {
         let a = (self.va.start + first as u64 * ps) >> STAMP_BLOCK_SHIFT;
         let b = (self.va.start + (first + count.max(1) - 1) as u64 * ps) >> STAMP_BLOCK_SHIFT;
         (a - base) as usize..=(b - base) as usize
+    }
+
+    /// Allocates the page-table and stamp chunks of pages `first..first + count`, so that
+    /// writing them (lock bits, a commit) allocates nothing. `range` names the request.
+    pub(crate) fn reserve(&mut self, first: usize, count: usize, range: VaRange) -> Result<()> {
+        let oom = |what| move |e: NoMemory| out_of_memory(range, what, e);
+        self.pages
+            .reserve(first, count)
+            .map_err(oom("a chunk of page entries"))?;
+        let blocks = self.blocks(first, count);
+        self.stamps
+            .reserve(blocks)
+            .map_err(oom("a chunk of page-table stamps"))
+    }
+}
+
+/// [`Error::OutOfMemory`] for `what` of `range`.
+fn out_of_memory(range: VaRange, what: &'static str, e: NoMemory) -> Error {
+    Error::OutOfMemory {
+        range,
+        what,
+        bytes: e.bytes,
     }
 }
 
@@ -220,11 +246,7 @@ impl MmState {
     /// The generation of `span`: the newest stamp of its blocks (stamps only grow).
     pub(crate) fn generation_of(&self, span: Span) -> u64 {
         let rec = self.range(span.slot);
-        rec.stamps[rec.blocks(span.first, span.count)]
-            .iter()
-            .copied()
-            .max()
-            .unwrap_or(0)
+        rec.stamps.max(rec.blocks(span.first, span.count))
     }
 
     /// Records that pages `first..first + count` of range `slot` are about to change (entry,
@@ -236,13 +258,7 @@ impl MmState {
             .as_mut()
             .expect("range slot in use");
         let blocks = rec.blocks(first, count);
-        rec.stamps[blocks].fill(stamp);
-    }
-
-    /// The pages of `span`, for writing (their blocks are stamped).
-    pub(crate) fn pages_mut(&mut self, span: Span) -> &mut [PageEntry] {
-        self.touch(span.slot, span.first, span.count);
-        &mut self.range_mut(span.slot).pages[span.first..span.first + span.count]
+        rec.stamps.fill(blocks, stamp);
     }
 
     /// Whether a waiting CPU access claims a page of `span`.
@@ -253,13 +269,19 @@ impl MmState {
             .any(|c| c.slot == span.slot && c.first < end && span.first < c.end)
     }
 
-    /// Sets or clears the lock bit of pages.
+    /// Sets or clears the lock bit of pages (their blocks are stamped). Locking writes the
+    /// entries: [`RangeRecord::reserve`] their chunks first where an allocation failure must
+    /// be an error.
     pub(crate) fn set_locked(&mut self, span: Span, locked: bool) {
-        let pages = self.pages_mut(span);
+        self.touch(span.slot, span.first, span.count);
+        let pages = self
+            .range_mut(span.slot)
+            .pages
+            .slices_mut(span.first, span.count);
         if locked {
-            pages.iter_mut().for_each(|p| *p = p.locked());
+            pages.for_each(|s| s.iter_mut().for_each(|p| *p = p.locked()));
         } else {
-            pages.iter_mut().for_each(|p| *p = p.unlocked());
+            pages.for_each(|s| s.iter_mut().for_each(|p| *p = p.unlocked()));
         }
     }
 }
@@ -449,14 +471,29 @@ impl AddressSpace {
         {
             return Err(bad(RangeProblem::Overlapping));
         }
-        st.stamp += 1;
+        // Only the directories of the page table and of the stamps are allocated here (a
+        // few MiB for the largest range); chunks follow as pages are written.
         let blocks = (range.end() - 1) >> STAMP_BLOCK_SHIFT;
         let blocks = (blocks - (range.start >> STAMP_BLOCK_SHIFT) + 1) as usize;
+        let oom = |what| move |e: NoMemory| out_of_memory(range, what, e);
+        let pages = PageTable::new(npages as usize).map_err(oom("the page table's directory"))?;
+        let stamps =
+            Stamps::new(blocks, st.stamp + 1).map_err(oom("the page-table stamps' directory"))?;
+        st.range_slots.try_reserve(1).map_err(|_| {
+            out_of_memory(
+                range,
+                "the range list",
+                NoMemory {
+                    bytes: size_of::<Option<RangeRecord>>() as u64,
+                },
+            )
+        })?;
+        st.stamp += 1;
         let rec = RangeRecord {
             va: range,
             page_size,
-            pages: vec![PageEntry::HOLE; npages as usize],
-            stamps: vec![st.stamp; blocks],
+            pages,
+            stamps,
         };
         let slot = match st.free_range_slots.pop() {
             Some(s) => {
@@ -496,7 +533,7 @@ impl AddressSpace {
                         },
                     });
                 };
-                if st.range(slot).pages.iter().any(|p| p.is_locked()) {
+                if st.range(slot).pages.summary_all().any_locked() {
                     st = self.wait_unlocked(st);
                     continue;
                 }
@@ -508,7 +545,8 @@ impl AddressSpace {
                 .expect("range slot in use");
             st.free_range_slots.push(slot);
             let mut run: Option<(u32, u32)> = None;
-            for e in &rec.pages {
+            // Only chunks ever written can hold anything but holes.
+            for e in rec.pages.written().flat_map(|(_, s)| s) {
                 match e.kind() {
                     Kind::Hole => {}
                     Kind::System => frames.push((e.frame(), rec.page_size)),
@@ -556,7 +594,7 @@ impl AddressSpace {
     pub fn location(&self, va: u64) -> Result<PageLocation> {
         let st = self.lock();
         let span = st.locate(VaRange::new(va, 1), false)?;
-        let e = st.range(span.slot).pages[span.first].unlocked();
+        let e = st.range(span.slot).pages.get(span.first).unlocked();
         Ok(st.location_of(e))
     }
 
@@ -564,8 +602,11 @@ impl AddressSpace {
     pub fn locations(&self, range: VaRange) -> Result<Vec<PageLocation>> {
         let st = self.lock();
         let span = st.locate(range, true)?;
-        let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
-        Ok(pages.iter().map(|e| st.location_of(e.unlocked())).collect())
+        let pages = st.range(span.slot).pages.slices(span.first, span.count);
+        Ok(pages
+            .flat_map(|s| s.iter())
+            .map(|e| st.location_of(e.unlocked()))
+            .collect())
     }
 
     /// The layout of `range` (see [`crate::layout`]).
@@ -785,8 +826,8 @@ impl AddressSpace {
         let mut st = self.lock();
         loop {
             let span = st.locate(range, true)?;
-            let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
-            if Summary::of(pages).any_locked() {
+            let table = &st.range(span.slot).pages;
+            if table.summary(span.first, span.count).any_locked() {
                 st = self.wait_unlocked(st);
                 continue;
             }
@@ -794,7 +835,7 @@ impl AddressSpace {
             // Neighbouring pages mostly share an allocation: look it up once per run.
             let allocs = &st.allocs;
             let mut run: Option<(u32, AllocId, &[Pfn])> = None;
-            out.extend(pages.iter().map(|&e| match e.kind() {
+            let mut back = |&e: &PageEntry| match e.kind() {
                 Kind::Hole => PageBacking::Unpopulated,
                 Kind::System => PageBacking::System(e.frame()),
                 Kind::Device => {
@@ -814,7 +855,11 @@ impl AddressSpace {
                         pfn: pfns[e.index() as usize],
                     }
                 }
-            }));
+            };
+            out.reserve(span.count);
+            for s in table.slices(span.first, span.count) {
+                out.extend(s.iter().map(&mut back));
+            }
             return Ok(generation);
         }
     }
@@ -887,13 +932,17 @@ impl AddressSpace {
         written: VaRange,
     ) -> Result<()> {
         let rec = st.range(span.slot);
-        let holes = rec.pages[span.first..span.first + span.count]
-            .iter()
-            .filter(|e| e.kind() == Kind::Hole)
-            .count();
+        let holes: usize = rec
+            .pages
+            .slices(span.first, span.count)
+            .map(|s| s.iter().filter(|e| e.kind() == Kind::Hole).count())
+            .sum();
         if holes == 0 {
             return Ok(());
         }
+        // The entries written below need their chunks: allocated (or refused) first.
+        st.range_mut(span.slot)
+            .reserve(span.first, span.count, range)?;
         let mut frames = Vec::with_capacity(holes);
         self.host
             .alloc_frames(holes, span.page_size, &mut frames)
@@ -908,18 +957,18 @@ impl AddressSpace {
         st.touch(span.slot, span.first, span.count);
         let rec = st.range_mut(span.slot);
         let mut next = frames.into_iter();
-        for (i, e) in rec.pages[span.first..span.first + span.count]
-            .iter_mut()
-            .enumerate()
-        {
-            if e.kind() == Kind::Hole {
-                let f = next.next().expect("one frame per hole");
-                let page_va = rec.va.start + (span.first + i) as u64 * ps.bytes();
-                // Fresh frames may hold old bytes: clear what the write will not cover.
-                if page_va < written.start || page_va + ps.bytes() > written.end() {
-                    self.host.zero(f, ps);
+        let mut page_va = rec.va.start + span.first as u64 * ps.bytes();
+        for s in rec.pages.slices_mut(span.first, span.count) {
+            for e in s {
+                if e.kind() == Kind::Hole {
+                    let f = next.next().expect("one frame per hole");
+                    // Fresh frames may hold old bytes: clear what the write will not cover.
+                    if page_va < written.start || page_va + ps.bytes() > written.end() {
+                        self.host.zero(f, ps);
+                    }
+                    *e = PageEntry::system(f);
                 }
-                *e = PageEntry::system(f);
+                page_va += ps.bytes();
             }
         }
         Ok(())
@@ -929,17 +978,18 @@ impl AddressSpace {
         let rec = st.range(span.slot);
         let ps = span.page_size.bytes();
         let mut done = 0usize;
-        for i in span.first..span.first + span.count {
-            let page_va = rec.va.start + i as u64 * ps;
+        let mut page_va = rec.va.start + span.first as u64 * ps;
+        for e in rec.pages.slices(span.first, span.count).flatten() {
             let at = va + done as u64;
             let off = (at - page_va) as usize;
             let n = (ps as usize - off).min(buf.len() - done);
             let dst = &mut buf[done..done + n];
-            match rec.pages[i].kind() {
-                Kind::System => self.host.read(rec.pages[i].frame(), off, dst),
+            match e.kind() {
+                Kind::System => self.host.read(e.frame(), off, dst),
                 _ => dst.fill(0),
             }
             done += n;
+            page_va += ps;
         }
     }
 
@@ -947,14 +997,14 @@ impl AddressSpace {
         let rec = st.range(span.slot);
         let ps = span.page_size.bytes();
         let mut done = 0usize;
-        for i in span.first..span.first + span.count {
-            let page_va = rec.va.start + i as u64 * ps;
+        let mut page_va = rec.va.start + span.first as u64 * ps;
+        for e in rec.pages.slices(span.first, span.count).flatten() {
             let at = va + done as u64;
             let off = (at - page_va) as usize;
             let n = (ps as usize - off).min(data.len() - done);
-            self.host
-                .write(rec.pages[i].frame(), off, &data[done..done + n]);
+            self.host.write(e.frame(), off, &data[done..done + n]);
             done += n;
+            page_va += ps;
         }
     }
 
@@ -996,9 +1046,9 @@ pub(crate) fn check_fits(
 }
 
 fn scan_for_cpu(st: &MmState, span: Span) -> CpuScan {
-    let pages = &st.range(span.slot).pages[span.first..span.first + span.count];
+    let pages = st.range(span.slot).pages.slices(span.first, span.count);
     let mut device = None;
-    for (i, e) in pages.iter().enumerate() {
+    for (i, e) in pages.flatten().enumerate() {
         if e.is_locked() {
             return CpuScan::Locked;
         }

@@ -95,8 +95,17 @@ impl PageEntry {
 pub(crate) struct Summary(u64);
 
 impl Summary {
+    /// The summary of no entries (also of any number of holes).
+    pub(crate) const NONE: Summary = Summary(0);
+
     pub(crate) fn of(entries: &[PageEntry]) -> Summary {
         Summary(entries.iter().fold(0, |a, e| a | e.0))
+    }
+
+    /// The summary of both sets.
+    #[inline]
+    pub(crate) const fn union(self, other: Summary) -> Summary {
+        Summary(self.0 | other.0)
     }
 
     /// Some entry is locked.

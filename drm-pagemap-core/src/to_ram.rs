@@ -187,7 +187,12 @@ impl AddressSpace {
                 {
                     continue;
                 }
-                if st.range(r.range_slot()).pages[r.page() as usize].is_locked() {
+                if st
+                    .range(r.range_slot())
+                    .pages
+                    .get(r.page() as usize)
+                    .is_locked()
+                {
                     busy += 1;
                     continue;
                 }
@@ -196,7 +201,10 @@ impl AddressSpace {
             }
             touch_picked(&mut st, &picked);
             for &(_, r) in &picked {
-                let p = &mut st.range_mut(r.range_slot()).pages[r.page() as usize];
+                let p = st
+                    .range_mut(r.range_slot())
+                    .pages
+                    .entry_mut(r.page() as usize);
                 *p = p.locked();
             }
             if picked.is_empty() {
@@ -226,7 +234,10 @@ impl AddressSpace {
             let mut st = self.lock();
             touch_picked(&mut st, &picked);
             for &(_, r) in &picked {
-                let p = &mut st.range_mut(r.range_slot()).pages[r.page() as usize];
+                let p = st
+                    .range_mut(r.range_slot())
+                    .pages
+                    .entry_mut(r.page() as usize);
                 *p = p.unlocked();
             }
             self.notify_unlocked(&st);
@@ -245,10 +256,11 @@ impl AddressSpace {
             let st = &mut *st;
             let rmap = &mut st.allocs.get_mut(alloc).expect("live").rmap;
             for (&(j, r), &f) in picked.iter().zip(&frames) {
-                st.range_slots[r.range_slot() as usize]
+                *st.range_slots[r.range_slot() as usize]
                     .as_mut()
                     .expect("range slot in use")
-                    .pages[r.page() as usize] = PageEntry::system(f);
+                    .pages
+                    .entry_mut(r.page() as usize) = PageEntry::system(f);
                 rmap[j as usize] = RmapEntry::EMPTY;
             }
             st.allocs.put_pages(alloc.slot, n as u32, &mut releases);

@@ -514,10 +514,15 @@ impl Driver {
                 }
             }
             10 => {
-                // A range with arbitrary arguments (length capped: the page table costs 8
-                // bytes per page up front).
+                // A range with arbitrary arguments: any length, up to 32 TiB, or up to
+                // 1 GiB (the page table is allocated as pages are written, so a range of
+                // u32::MAX pages costs its directory only).
                 let start = inp.u64();
-                let len = inp.u64() % (1 << 30);
+                let len = match inp.u8() % 3 {
+                    0 => inp.u64(),
+                    1 => inp.u64() % (1 << 45),
+                    _ => inp.u64() % (1 << 30),
+                };
                 let ps = page_size(inp.u8());
                 let r = VaRange::new(start, len);
                 match self.mm.create_range(r, ps) {
