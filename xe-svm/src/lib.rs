@@ -44,8 +44,8 @@
 //!   does, so a workload that oversubscribes device memory keeps running with correct data.
 //! - **Statistics** ([`Stats`]) and the accounting observe, they do not decorate: the
 //!   accounting sees each allocation and release, the statistics each copy call issued and,
-//!   through a completion callback on the backend's fence
-//!   ([`drm_pagemap_core::Fence::add_callback`]), completed. Faults, migrations, evictions,
+//!   when its completion is first observed (an observing wrapper of the backend's fence that
+//!   delegates its native handle), completed. Faults, migrations, evictions,
 //!   bytes, commands and microseconds by direction and size bucket, fence dependencies,
 //!   bridged and CPU-waited fences; relaxed atomics only.
 //!
