@@ -299,6 +299,7 @@ impl DevmemOps for PolicyOps {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::fence_limit;
     use drm_pagemap_core::{
         DmaAddr, FenceError, FenceOps, FenceStatus, FenceTimeline, HostFence, NativeFence,
         NativeFenceKind, NativeFenceKinds,
@@ -700,7 +701,7 @@ mod tests {
                 ..CopyCaps::default()
             });
             let (mut p, stats) = policy(fake.clone());
-            p.fence_timeout = crate::svm::fence_limit(Some(d));
+            p.fence_timeout = fence_limit(Some(d));
             let host = HostFence::new(drm_pagemap_core::FenceContext::new(), 1);
             let dev = FenceTimeline::new().host_fence();
             let pre = Fence::new(FenceArray::new(vec![

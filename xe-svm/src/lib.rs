@@ -72,13 +72,36 @@
 //! assert_eq!(&back, b"shared");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! ## Modules
+//! Each depends only on those listed before it (no import cycle):
+//! - `accounting`, `attrs`, `config`, `error`, `range`, `stats`: leaves. Device-memory
+//!   accounting of one pagemap ([`MemoryUsage`]); the attributes by address interval;
+//!   [`SvmConfig`] and [`FOREVER`]; [`SvmError`]; SVM ranges, their chunking and page tables
+//!   ([`PageTable`]); the counters behind [`Stats`].
+//! - `fences` (stats), [`copy`] (accounting, fences, stats): the copy path's fence policy
+//!   and its observers, installed around every pagemap of the context.
+//! - `context` (accounting, config, copy, error, range, stats): the shared context (the
+//!   address space, the pagemaps, the migrate and block locks, the statistics) and the moves
+//!   every VM shares: migrate a range in with room made by LRU eviction, evict a range, make
+//!   it system-resident. The lock order is documented there.
+//! - `fault` (attrs, context, error, range): one fault on one SVM range, its steps (target,
+//!   already there?, place, page table) read top to bottom; [`Access`], [`Target`],
+//!   [`FaultAction`], [`FaultReport`].
+//! - `vm` (attrs, context, error, fault, range, stats): [`GpuVm`]: one device's SVM ranges
+//!   and attributes, and the entry of its fault handler.
+//! - `svm` (accounting, config, context, error, stats, vm): [`Svm`], the public handle of a
+//!   context.
 
 #![forbid(unsafe_code)]
 
 mod accounting;
 mod attrs;
+mod config;
+mod context;
 pub mod copy;
 mod error;
+mod fault;
 mod fences;
 mod range;
 mod stats;
@@ -87,8 +110,10 @@ mod vm;
 
 pub use accounting::MemoryUsage;
 pub use attrs::{AtomicAccess, Attributes, PreferredLocation};
+pub use config::{FOREVER, SvmConfig};
 pub use error::SvmError;
+pub use fault::{Access, FaultAction, FaultReport, Target};
 pub use range::{CHUNK_SIZES, PageTable, Placement, Pte};
 pub use stats::{Bucket, CopyTally, Stats, Tally};
-pub use svm::{FOREVER, Svm, SvmConfig};
-pub use vm::{Access, FaultAction, FaultReport, GpuVm, Target};
+pub use svm::Svm;
+pub use vm::GpuVm;

@@ -207,12 +207,18 @@ fn source_of(b: PageBacking) -> Option<MapSource> {
     }
 }
 
+/// Where a page table finds the mapping operations of a pagemap (the SVM context).
+pub(crate) trait OpsOf {
+    /// The mapping operations of pagemap `id`, if it is known.
+    fn ops_of(&self, id: PagemapId) -> Option<Arc<dyn PagemapOps>>;
+}
+
 /// What mapping pages of one range for one device needs.
 pub(crate) struct MapCtx<'a> {
     /// The address space (its host memory maps system pages).
     pub mm: &'a AddressSpace,
-    /// The mapping operations of a pagemap.
-    pub ops: &'a dyn Fn(PagemapId) -> Option<Arc<dyn PagemapOps>>,
+    /// The mapping operations of the pagemaps.
+    pub ops: &'a dyn OpsOf,
     /// The device the page table is for.
     pub device: DeviceId,
     /// The range (for messages).
@@ -230,7 +236,7 @@ impl RangeState {
             match src {
                 MapSource::Host => cx.mm.host().unmap_frames(device, addrs, ps, dir),
                 MapSource::Pagemap(id) => {
-                    if let Some(o) = (cx.ops)(id) {
+                    if let Some(o) = cx.ops.ops_of(id) {
                         o.device_unmap(device, addrs, ps, dir);
                     }
                 }
@@ -292,7 +298,7 @@ impl RangeState {
                         PageBacking::Device { pfn, .. } => *pfn,
                         _ => Pfn(0),
                     }));
-                    match (cx.ops)(id) {
+                    match cx.ops.ops_of(id) {
                         None => Err(CoreError::UnknownPagemap { range, pagemap: id }),
                         Some(o) => {
                             o.device_map(device, &self.pfns, ps, dir, out)
