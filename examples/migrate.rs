@@ -392,8 +392,8 @@ fn print_table(a: &Args, config: &BackendConfig, backend: &dyn Backend, o: &Outc
         backend
             .devices()
             .first()
-            .map(|d| d.name.as_str())
-            .unwrap_or("?"),
+            .map(|d| d.name.to_string())
+            .unwrap_or_else(|| "?".into()),
         a.devices,
         a.page_size,
         o.before.len(),

@@ -120,7 +120,7 @@ fn setup(backend: &str, capacity: Option<u64>, host_bytes: u64) -> Result<Setup,
             .backend
             .devices()
             .iter()
-            .map(|d| d.name.clone())
+            .map(|d| d.name.to_string())
             .collect(),
         svm,
         vms,

@@ -61,14 +61,15 @@ mod registry;
 // The engine's API, by name (test tooling lives in its own modules: `inject`, `layout`, `mem`).
 pub use drm_pagemap_core::{
     AddressSpace, AllocId, AllocState, AllocationInfo, Backend, BackendConfig, BackendError,
-    BackendErrorKind, BackendOption, BackendOptions, BusyReason, Coalesce, CopyCall, CopyCaps,
-    CopyOp, CopyRequest, Dependencies, DeviceId, DeviceInfo, DevmemBacking, DevmemOps, Direction,
-    DmaAddr, Error, EvictReport, Fence, FenceArray, FenceCallback, FenceContext,
-    FenceContextSource, FenceContexts, FenceError, FenceOps, FenceStatus, FenceTimeline, GRANULE,
-    HostFence, HostFenceWait, HostFrame, HostMemory, MigrateDetails, MigrateOutcome, MigrateReport,
-    MigrateTiming, NativeFence, NativeFenceKind, NativeFenceKinds, NativeWait, OptionError,
-    OptionReader, OwnerId, PageBacking, PageLocation, PageSize, Pagemap, PagemapId, PagemapOps,
-    PagemapSpec, Pfn, RangeProblem, Result, VaRange, WhileCopying, sort_dependencies,
+    BackendErrorKind, BackendOp, BackendOption, BackendOptions, BusyReason, Coalesce, CopyCall,
+    CopyCaps, CopyOp, CopyRequest, Dependencies, DeviceId, DeviceInfo, DeviceName, DevmemBacking,
+    DevmemOps, Direction, DmaAddr, Error, EvictReport, Fence, FenceArray, FenceCallback,
+    FenceContext, FenceContextSource, FenceContexts, FenceError, FenceOps, FenceRole, FenceStatus,
+    FenceTimeline, GRANULE, HostFence, HostFenceWait, HostFrame, HostMemory, MigrateDetails,
+    MigrateOutcome, MigrateReport, MigrateTiming, NativeFence, NativeFenceKind, NativeFenceKinds,
+    NativeWait, OptionError, OptionReader, OwnerId, PageBacking, PageLocation, PageSize, Pagemap,
+    PagemapId, PagemapOps, PagemapSpec, Pfn, RangeProblem, Result, VaRange, WhileCopying,
+    sort_dependencies,
 };
 pub use drm_pagemap_core::{fence, inject, layout, mem, options, plan};
 /// Re-exported so a backend crate can register with

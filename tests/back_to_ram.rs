@@ -98,7 +98,7 @@ fn evict_with_a_fault_changes_nothing_and_a_retry_works() {
                     matches!(
                         err,
                         Error::Backend {
-                            op: "copy_to_ram",
+                            op: drm_pagemap::BackendOp::CopyToRam,
                             pagemap: Some(PagemapId(1)),
                             ..
                         }
@@ -121,7 +121,7 @@ fn evict_with_a_fault_changes_nothing_and_a_retry_works() {
                         matches!(
                             err,
                             Error::Backend {
-                                op: "host frame allocation",
+                                op: drm_pagemap::BackendOp::AllocFrames,
                                 ..
                             }
                         ),
@@ -132,7 +132,7 @@ fn evict_with_a_fault_changes_nothing_and_a_retry_works() {
                     matches!(
                         err,
                         Error::Backend {
-                            op: "map_frames",
+                            op: drm_pagemap::BackendOp::MapFrames,
                             ..
                         }
                     ),
@@ -173,7 +173,7 @@ fn cpu_fault_with_a_copy_fault_leaves_the_page_on_the_device() {
             matches!(
                 err,
                 Error::Backend {
-                    op: "copy_to_ram",
+                    op: drm_pagemap::BackendOp::CopyToRam,
                     ..
                 }
             ),

@@ -123,20 +123,20 @@ fn check_error(
     match site {
         FaultSite::Alloc => {
             assert!(
-                matches!(err, Error::Backend { op: "allocate", pagemap: Some(p), .. } if *p == to),
+                matches!(err, Error::Backend { op: drm_pagemap::BackendOp::Allocate, pagemap: Some(p), .. } if *p == to),
                 "{err}"
             );
             common::assert_names(err, range, &[&to.to_string()]);
         }
         FaultSite::Map => match err {
             Error::Backend {
-                op: "map_frames",
+                op: drm_pagemap::BackendOp::MapFrames,
                 pagemap: Some(p),
                 device: Some(d),
                 ..
             } if *p == to => common::assert_names(err, range, &[&d.to_string(), &to.to_string()]),
             Error::Backend {
-                op: "device_map",
+                op: drm_pagemap::BackendOp::DeviceMap,
                 pagemap: Some(p),
                 ..
             } => common::assert_names(err, range, &[&p.to_string()]),
@@ -150,7 +150,7 @@ fn check_error(
                     pagemap: Some(p),
                     ..
                 } => {
-                    assert_eq!(*o, op.name());
+                    assert_eq!(*o, drm_pagemap::BackendOp::from(op));
                     assert_eq!(*p, PagemapId(exec));
                 }
                 other => panic!("copy failure reported as {other}"),
@@ -161,7 +161,7 @@ fn check_error(
             let (exec, _, _) = want[n as usize - 1];
             match err {
                 Error::Fence {
-                    what: "copy",
+                    what: drm_pagemap::FenceRole::Copy,
                     pagemap: Some(p),
                     source,
                     ..
@@ -326,7 +326,7 @@ fn populate_failure() {
             let (r, trace) = rig.migrate_traced(case.to, &case.details);
             let err = r.unwrap_err();
             assert!(
-                matches!(&err, Error::Backend { op: "populate_devmem_pfn", pagemap: Some(p), .. } if *p == PagemapId(case.to)),
+                matches!(&err, Error::Backend { op: drm_pagemap::BackendOp::PopulateDevmemPfn, pagemap: Some(p), .. } if *p == PagemapId(case.to)),
                 "{err}"
             );
             common::assert_names(&err, rig.range, &[&PagemapId(case.to).to_string()]);
@@ -481,7 +481,7 @@ fn holes_only_with_failing_pre_migrate_fence() {
             matches!(
                 err,
                 Error::Fence {
-                    what: "pre-migrate",
+                    what: drm_pagemap::FenceRole::PreMigrate,
                     pagemap: Some(PagemapId(0)),
                     ..
                 }
@@ -515,7 +515,7 @@ fn late_pre_migrate_fence_keeps_the_destination_until_it_signals() {
             matches!(
                 err,
                 Error::Fence {
-                    what: "pre-migrate",
+                    what: drm_pagemap::FenceRole::PreMigrate,
                     source: FenceError::Timeout(_),
                     ..
                 }
@@ -554,7 +554,7 @@ fn sim_only_out_of_device_memory_then_evict_and_retry() {
     let err = rig.migrate(1, &details).unwrap_err();
     match &err {
         Error::Backend {
-            op: "allocate",
+            op: drm_pagemap::BackendOp::Allocate,
             pagemap: Some(PagemapId(1)),
             source,
             ..

@@ -184,7 +184,8 @@ trait FromInjectedPanic {
 fn injected_panic_error(message: String) -> Error {
     Error::Backend {
         range: VaRange::new(0, 0),
-        op: "a backend call that panicked",
+        // The panic's message names the call that panicked.
+        op: drm_pagemap::BackendOp::CopyToDevmem,
         pagemap: None,
         device: None,
         source: BackendError::new(BackendErrorKind::Injected, message),
@@ -610,7 +611,7 @@ fn injected(e: &Error) -> bool {
 }
 
 fn out_of_memory(e: &Error) -> bool {
-    matches!(e, Error::Backend { op: "allocate", source, .. } if source.kind == BackendErrorKind::OutOfMemory)
+    matches!(e, Error::Backend { op: drm_pagemap::BackendOp::Allocate, source, .. } if source.kind == BackendErrorKind::OutOfMemory)
 }
 
 impl World {

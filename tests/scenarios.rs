@@ -604,7 +604,7 @@ fn scenario_21_unsupported_copy_to_ram_releases_the_destination() {
                 source,
                 ..
             } => {
-                assert_eq!(*op, "copy_to_ram");
+                assert_eq!(*op, drm_pagemap::BackendOp::CopyToRam);
                 assert_eq!(*pagemap, Some(PagemapId(1)));
                 assert_eq!(source.kind, BackendErrorKind::Unsupported);
             }
@@ -698,7 +698,7 @@ fn scenario_23_populate_failure_releases_the_allocation_once() {
         let err = rig.migrate(0, &MigrateDetails::default()).unwrap_err();
         match &err {
             Error::Backend { op, pagemap, .. } => {
-                assert_eq!(*op, "populate_devmem_pfn");
+                assert_eq!(*op, drm_pagemap::BackendOp::PopulateDevmemPfn);
                 assert_eq!(*pagemap, Some(PagemapId(0)));
             }
             other => panic!("{other}"),
@@ -760,7 +760,7 @@ fn scenario_24_peer_copy_fails_first() {
                 matches!(
                     e,
                     Error::Backend {
-                        op: "copy_to_ram",
+                        op: drm_pagemap::BackendOp::CopyToRam,
                         pagemap: Some(PagemapId(1)),
                         ..
                     }
@@ -780,7 +780,7 @@ fn scenario_24_peer_copy_fails_first() {
                     matches!(
                         e,
                         Error::Fence {
-                            what: "copy",
+                            what: drm_pagemap::FenceRole::Copy,
                             pagemap: Some(PagemapId(1)),
                             ..
                         }
@@ -801,7 +801,7 @@ fn scenario_25_last_copy_fails_and_earlier_copies_are_discarded() {
                 matches!(
                     e,
                     Error::Backend {
-                        op: "copy_to_ram",
+                        op: drm_pagemap::BackendOp::CopyToRam,
                         pagemap: Some(PagemapId(1)),
                         ..
                     }
@@ -821,7 +821,7 @@ fn scenario_26_destination_device_map_fails() {
                 matches!(
                     e,
                     Error::Backend {
-                        op: "device_map",
+                        op: drm_pagemap::BackendOp::DeviceMap,
                         pagemap: Some(PagemapId(0)),
                         ..
                     }
@@ -841,7 +841,7 @@ fn scenario_27_system_page_mapping_fails() {
                 matches!(
                     e,
                     Error::Backend {
-                        op: "map_frames",
+                        op: drm_pagemap::BackendOp::MapFrames,
                         pagemap: Some(PagemapId(0)),
                         ..
                     }

@@ -387,7 +387,7 @@ mod tests {
             .allocate_devmem(PagemapId(4), 1, PageSize::Size4K, r)
             .unwrap_err();
         assert!(
-            matches!(&e, crate::Error::Backend { op: "allocate", source, .. }
+            matches!(&e, crate::Error::Backend { op: crate::BackendOp::Allocate, source, .. }
                 if source.kind == crate::BackendErrorKind::OutOfMemory),
             "{e:?}"
         );

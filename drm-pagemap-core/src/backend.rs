@@ -62,13 +62,9 @@ pub struct CopyRequest<'a> {
 /// `read`/`write`/`zero` are CPU accesses; the core never calls them on a frame with a copy in
 /// flight (see the module's memory access contract).
 pub trait HostMemory: Send + Sync {
-    /// Allocates `count` frames of `page_size`, appending them to `out`. All or nothing.
-    fn alloc_frames(
-        &self,
-        count: usize,
-        page_size: PageSize,
-        out: &mut Vec<HostFrame>,
-    ) -> Result<(), BackendError>;
+    /// Allocates `out.len()` frames of `page_size` into `out` (the caller's buffer). All or
+    /// nothing: on error `out` holds nothing the caller must free.
+    fn alloc_frames(&self, page_size: PageSize, out: &mut [HostFrame]) -> Result<(), BackendError>;
     /// Returns frames to the pool.
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize);
     /// Copies bytes out of a frame, from `offset` (must stay inside the page).
@@ -343,27 +339,108 @@ impl BackendConfig {
     }
 }
 
-/// Description of one device.
-#[derive(Clone, Debug)]
+/// Description of one device: plain data (a C ABI carries it as is).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
     /// Its id.
     pub id: DeviceId,
     /// A name for tables, e.g. "NVIDIA H100 80GB HBM3".
-    pub name: String,
+    pub name: DeviceName,
     /// Bytes of device memory.
     pub memory_bytes: u64,
+}
+
+/// A device's name in a fixed buffer: UTF-8, at most [`DeviceName::CAPACITY`] bytes (longer
+/// names are cut at a character boundary).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct DeviceName {
+    len: u8,
+    bytes: [u8; DeviceName::CAPACITY],
+}
+
+impl DeviceName {
+    /// Bytes a name can hold.
+    pub const CAPACITY: usize = 63;
+
+    /// `name`, cut to [`DeviceName::CAPACITY`] bytes at a character boundary.
+    pub fn new(name: &str) -> DeviceName {
+        let mut end = name.len().min(DeviceName::CAPACITY);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; DeviceName::CAPACITY];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        DeviceName {
+            len: end as u8,
+            bytes,
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        // Built from a &str cut at a character boundary: valid UTF-8.
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for DeviceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl From<&str> for DeviceName {
+    fn from(name: &str) -> DeviceName {
+        DeviceName::new(name)
+    }
 }
 
 /// An opened backend: devices, host memory, and pagemaps on demand.
 pub trait Backend: Send + Sync {
     /// The backend's name ("sim", "cuda").
     fn name(&self) -> &str;
-    /// Its devices.
-    fn devices(&self) -> Vec<DeviceInfo>;
+    /// How many devices it has.
+    fn device_count(&self) -> usize;
+    /// Device `index` (0 to [`Backend::device_count`]), `None` past the end.
+    fn device_info(&self, index: usize) -> Option<DeviceInfo>;
+    /// Every device (built from the two above).
+    fn devices(&self) -> Vec<DeviceInfo> {
+        (0..self.device_count())
+            .filter_map(|i| self.device_info(i))
+            .collect()
+    }
     /// The host memory system pages of address spaces used with this backend live in.
     fn host_memory(&self) -> Arc<dyn HostMemory>;
     /// Creates a pagemap on `spec.device`.
     fn create_pagemap(&self, spec: &PagemapSpec) -> Result<Pagemap, BackendError>;
     /// Whether `a`'s copy engine can write into `b`'s memory directly.
     fn can_access_peer(&self, a: DeviceId, b: DeviceId) -> bool;
+}
+
+#[cfg(test)]
+mod device_name_tests {
+    use super::DeviceName;
+
+    #[test]
+    fn names_are_cut_at_a_character_boundary() {
+        assert_eq!(DeviceName::new("NVIDIA H200").as_str(), "NVIDIA H200");
+        assert_eq!(DeviceName::new("").as_str(), "");
+        let long = "x".repeat(100);
+        assert_eq!(DeviceName::new(&long).as_str().len(), DeviceName::CAPACITY);
+        // A 3-byte character straddling the limit is left out whole.
+        let s = format!("{}€", "a".repeat(DeviceName::CAPACITY - 1));
+        assert_eq!(
+            DeviceName::new(&s).as_str(),
+            "a".repeat(DeviceName::CAPACITY - 1)
+        );
+        assert_eq!(format!("{}", DeviceName::from("sim 0")), "sim 0");
+    }
 }

@@ -299,8 +299,8 @@ pub enum Error {
     Backend {
         /// The range.
         range: VaRange,
-        /// The operation, e.g. `copy_to_ram`.
-        op: &'static str,
+        /// The operation.
+        op: BackendOp,
         /// The pagemap involved (`None` for system memory).
         pagemap: Option<PagemapId>,
         /// The device involved.
@@ -313,8 +313,8 @@ pub enum Error {
     Fence {
         /// The range.
         range: VaRange,
-        /// Which fence: "pre-migrate", "copy".
-        what: &'static str,
+        /// Which fence.
+        what: FenceRole,
         /// The pagemap whose work the fence guards.
         pagemap: Option<PagemapId>,
         /// Its device.
@@ -426,6 +426,75 @@ impl Error {
             | Error::BadOption { .. }
             | Error::BackendUnavailable { .. } => false,
         }
+    }
+}
+
+/// A backend operation, as errors name it (a C ABI carries the number).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendOp {
+    /// [`crate::DevmemOps::allocate`].
+    Allocate = 1,
+    /// [`crate::DevmemOps::populate_devmem_pfn`].
+    PopulateDevmemPfn = 2,
+    /// [`crate::DevmemOps::copy_to_devmem`].
+    CopyToDevmem = 3,
+    /// [`crate::DevmemOps::copy_to_ram`].
+    CopyToRam = 4,
+    /// [`crate::PagemapOps::device_map`].
+    DeviceMap = 5,
+    /// [`crate::HostMemory::map_frames`].
+    MapFrames = 6,
+    /// [`crate::HostMemory::alloc_frames`].
+    AllocFrames = 7,
+}
+
+impl BackendOp {
+    /// The operation's name in messages (the trait method's, as upstream names it).
+    pub const fn name(self) -> &'static str {
+        match self {
+            BackendOp::Allocate => "allocate",
+            BackendOp::PopulateDevmemPfn => "populate_devmem_pfn",
+            BackendOp::CopyToDevmem => "copy_to_devmem",
+            BackendOp::CopyToRam => "copy_to_ram",
+            BackendOp::DeviceMap => "device_map",
+            BackendOp::MapFrames => "map_frames",
+            BackendOp::AllocFrames => "host frame allocation",
+        }
+    }
+}
+
+impl fmt::Display for BackendOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl From<crate::CopyOp> for BackendOp {
+    fn from(op: crate::CopyOp) -> BackendOp {
+        match op {
+            crate::CopyOp::ToDevmem => BackendOp::CopyToDevmem,
+            crate::CopyOp::ToRam => BackendOp::CopyToRam,
+        }
+    }
+}
+
+/// Which fence an [`Error::Fence`] is about.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FenceRole {
+    /// A copy call's fence.
+    Copy = 1,
+    /// The destination's pre-migrate fence (its clear).
+    PreMigrate = 2,
+}
+
+impl fmt::Display for FenceRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FenceRole::Copy => "copy",
+            FenceRole::PreMigrate => "pre-migrate",
+        })
     }
 }
 
@@ -556,7 +625,7 @@ mod tests {
             (
                 Error::Fence {
                     range,
-                    what: "copy",
+                    what: FenceRole::Copy,
                     pagemap: Some(pagemap),
                     device: Some(device),
                     source: FenceError::Timeout(Duration::from_millis(5)),
@@ -583,7 +652,7 @@ mod tests {
             t.push((
                 Error::Backend {
                     range,
-                    op: "allocate",
+                    op: BackendOp::Allocate,
                     pagemap: Some(pagemap),
                     device: Some(device),
                     source: backend(kind.clone()),
@@ -594,7 +663,7 @@ mod tests {
             t.push((
                 Error::Fence {
                     range,
-                    what: "copy",
+                    what: FenceRole::Copy,
                     pagemap: None,
                     device: None,
                     source: FenceError::Failed(backend(kind)),

@@ -257,14 +257,9 @@ struct InjectedHost {
 }
 
 impl HostMemory for InjectedHost {
-    fn alloc_frames(
-        &self,
-        count: usize,
-        page_size: PageSize,
-        out: &mut Vec<HostFrame>,
-    ) -> Result<(), BackendError> {
+    fn alloc_frames(&self, page_size: PageSize, out: &mut [HostFrame]) -> Result<(), BackendError> {
         self.inj.check(FaultSite::Alloc, "host frame allocation")?;
-        self.inner.alloc_frames(count, page_size, out)
+        self.inner.alloc_frames(page_size, out)
     }
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize) {
         self.inner.free_frames(frames, page_size)

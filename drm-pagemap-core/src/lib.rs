@@ -69,12 +69,13 @@ mod types;
 
 pub use alloc::{AllocId, AllocState, AllocationInfo};
 pub use backend::{
-    Backend, BackendConfig, CopyRequest, DeviceInfo, DevmemBacking, DevmemOps, HostMemory, Pagemap,
-    PagemapOps, PagemapSpec,
+    Backend, BackendConfig, CopyRequest, DeviceInfo, DeviceName, DevmemBacking, DevmemOps,
+    HostMemory, Pagemap, PagemapOps, PagemapSpec,
 };
 pub use caps::{CopyCaps, HostFenceWait, NativeFenceKinds};
 pub use error::{
-    BackendError, BackendErrorKind, BusyReason, Error, FenceError, RangeProblem, Result,
+    BackendError, BackendErrorKind, BackendOp, BusyReason, Error, FenceError, FenceRole,
+    RangeProblem, Result,
 };
 pub use fence::{
     Dependencies, Fence, FenceArray, FenceCallback, FenceContext, FenceContextSource,

@@ -471,10 +471,10 @@ impl ArenaHostMemory {
 impl crate::HostMemory for ArenaHostMemory {
     fn alloc_frames(
         &self,
-        count: usize,
         page_size: crate::PageSize,
-        out: &mut Vec<crate::HostFrame>,
+        out: &mut [crate::HostFrame],
     ) -> Result<(), crate::BackendError> {
+        let count = out.len();
         let mut starts = Vec::new();
         if !self
             .frames
@@ -488,7 +488,9 @@ impl crate::HostMemory for ArenaHostMemory {
                 ),
             ));
         }
-        out.extend(starts.into_iter().map(crate::HostFrame));
+        for (o, s) in out.iter_mut().zip(starts) {
+            *o = crate::HostFrame(s);
+        }
         Ok(())
     }
 

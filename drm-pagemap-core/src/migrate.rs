@@ -682,7 +682,7 @@ impl AddressSpace {
                 Err(source) => {
                     failure = Some(Error::Backend {
                         range,
-                        op: call.op.name(),
+                        op: call.op.into(),
                         pagemap: Some(call.executor),
                         device: Some(exec.device()),
                         source,
@@ -710,7 +710,7 @@ impl AddressSpace {
                 let call = calls[k];
                 failure.get_or_insert(Error::Fence {
                     range,
-                    what: "copy",
+                    what: crate::FenceRole::Copy,
                     pagemap: Some(call.executor),
                     device: Some(call.device),
                     source,
@@ -727,7 +727,7 @@ impl AddressSpace {
             timed_out |= matches!(source, crate::FenceError::Timeout(_));
             failure = Some(Error::Fence {
                 range,
-                what: "pre-migrate",
+                what: crate::FenceRole::PreMigrate,
                 pagemap: Some(dest.id()),
                 device: Some(dest.device()),
                 source,
@@ -1026,8 +1026,8 @@ impl Job<'_> {
                 Err(Error::Backend {
                     range: self.range,
                     op: match src {
-                        MapSource::Host => "map_frames",
-                        MapSource::Pagemap(_) => "device_map",
+                        MapSource::Host => crate::BackendOp::MapFrames,
+                        MapSource::Pagemap(_) => crate::BackendOp::DeviceMap,
                     },
                     // System memory has no pagemap: name the destination.
                     pagemap: match src {

@@ -670,12 +670,12 @@ impl AddressSpace {
         let backing = pm
             .devmem()
             .allocate(npages, page_size)
-            .map_err(|e| backend_err("allocate", e))?;
+            .map_err(|e| backend_err(crate::BackendOp::Allocate, e))?;
         let mut pfns: Arc<[Pfn]> = std::iter::repeat_n(Pfn(0), npages).collect();
         let out = Arc::get_mut(&mut pfns).expect("not shared yet");
         if let Err(e) = pm.devmem().populate_devmem_pfn(&backing, out) {
             pm.devmem().devmem_release(backing);
-            return Err(backend_err("populate_devmem_pfn", e));
+            return Err(backend_err(crate::BackendOp::PopulateDevmemPfn, e));
         }
         let pre_fence = backing.pre_migrate_fence.clone();
         let rec = AllocRecord {
@@ -700,7 +700,7 @@ impl AddressSpace {
                     rec.devmem.devmem_release(b);
                 }
                 Err(backend_err(
-                    "allocate",
+                    crate::BackendOp::Allocate,
                     crate::BackendError::new(
                         crate::BackendErrorKind::OutOfMemory,
                         format!("the address space tracks at most {limit} live allocations"),
@@ -943,12 +943,12 @@ impl AddressSpace {
         // The entries written below need their chunks: allocated (or refused) first.
         st.range_mut(span.slot)
             .reserve(span.first, span.count, range)?;
-        let mut frames = Vec::with_capacity(holes);
+        let mut frames = vec![HostFrame(0); holes];
         self.host
-            .alloc_frames(holes, span.page_size, &mut frames)
+            .alloc_frames(span.page_size, &mut frames)
             .map_err(|source| Error::Backend {
                 range,
-                op: "host frame allocation",
+                op: crate::BackendOp::AllocFrames,
                 pagemap: None,
                 device: None,
                 source,

@@ -296,15 +296,15 @@ impl AddressSpace {
         };
         let n = pages.len();
         // Destination frames, mapped for the owning device.
-        let mut frames: Vec<HostFrame> = Vec::with_capacity(n);
+        let mut frames: Vec<HostFrame> = vec![HostFrame(0); n];
         self.host
-            .alloc_frames(n, ps, &mut frames)
-            .map_err(|e| backend("host frame allocation", e))?;
+            .alloc_frames(ps, &mut frames)
+            .map_err(|e| backend(crate::BackendOp::AllocFrames, e))?;
         flight.frames = frames;
         let mut addrs = vec![DmaAddr::NONE; n];
         self.host
             .map_frames(dev, &flight.frames, ps, Direction::FromDevice, &mut addrs)
-            .map_err(|e| backend("map_frames", e))?;
+            .map_err(|e| backend(crate::BackendOp::MapFrames, e))?;
         flight.mapped = Some((dev, addrs));
         let addrs = &flight.mapped.as_ref().expect("just mapped").1;
         let req = CopyRequest {
@@ -316,7 +316,7 @@ impl AddressSpace {
         let fence = pm
             .devmem()
             .copy_to_ram(&req)
-            .map_err(|e| backend("copy_to_ram", e))?;
+            .map_err(|e| backend(crate::BackendOp::CopyToRam, e))?;
         let fence = flight.fence.insert(fence);
         if let Err(source) = fence.wait_for(self.to_ram_fence_timeout()) {
             if !matches!(source, crate::FenceError::Timeout(_)) {
@@ -325,7 +325,7 @@ impl AddressSpace {
             }
             return Err(Error::Fence {
                 range,
-                what: "copy",
+                what: crate::FenceRole::Copy,
                 pagemap: Some(pm_id),
                 device: Some(dev),
                 source,

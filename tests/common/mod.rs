@@ -627,13 +627,8 @@ struct AuditHost {
 }
 
 impl HostMemory for AuditHost {
-    fn alloc_frames(
-        &self,
-        count: usize,
-        page_size: PageSize,
-        out: &mut Vec<HostFrame>,
-    ) -> Result<(), BackendError> {
-        self.inner.alloc_frames(count, page_size, out)
+    fn alloc_frames(&self, page_size: PageSize, out: &mut [HostFrame]) -> Result<(), BackendError> {
+        self.inner.alloc_frames(page_size, out)
     }
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize) {
         self.inner.free_frames(frames, page_size)

@@ -286,7 +286,7 @@ impl RangeState {
                         .map_frames(device, &self.frames, ps, dir, out)
                         .map_err(|source| CoreError::Backend {
                             range,
-                            op: "map_frames",
+                            op: drm_pagemap_core::BackendOp::MapFrames,
                             pagemap: None,
                             device: Some(device),
                             source,
@@ -304,7 +304,7 @@ impl RangeState {
                             o.device_map(device, &self.pfns, ps, dir, out)
                                 .map_err(|source| CoreError::Backend {
                                     range,
-                                    op: "device_map",
+                                    op: drm_pagemap_core::BackendOp::DeviceMap,
                                     pagemap: Some(id),
                                     device: Some(device),
                                     source,

@@ -149,7 +149,10 @@ fn copy_submission_and_allocation_failures_are_typed() {
         matches!(
             &e,
             SvmError::Migrate {
-                source: CoreError::Backend { op: "allocate", .. },
+                source: CoreError::Backend {
+                    op: drm_pagemap_core::BackendOp::Allocate,
+                    ..
+                },
                 ..
             }
         ),

@@ -374,7 +374,8 @@ impl Scatter {
     fn new(env: &Env, ps: PageSize) -> Scatter {
         let n = (BYTES / ps.bytes()) as usize;
         let mut frames = Vec::new();
-        env.host.alloc_frames(n, ps, &mut frames).unwrap();
+        frames.resize(n, HostFrame(0));
+        env.host.alloc_frames(ps, &mut frames).unwrap();
         shuffle(&mut frames, 0x1111);
         for (k, &f) in frames.iter().enumerate() {
             env.host.write(f, 0, &(k as u64).to_le_bytes());
@@ -684,7 +685,8 @@ fn mixed(c: &mut Criterion, env: &Env) {
         .unwrap();
     // Sources in range order: frames for system pages, one allocation per pagemap.
     let mut frames = Vec::new();
-    env.host.alloc_frames(ns, ps, &mut frames).unwrap();
+    frames.resize(ns, HostFrame(0));
+    env.host.alloc_frames(ps, &mut frames).unwrap();
     let mut f_addrs = vec![DmaAddr::NONE; ns];
     env.host
         .map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut f_addrs)
@@ -819,7 +821,8 @@ fn crossover(c: &mut Criterion, env: &Env) {
     let ps = PageSize::Size4K;
     let n = (BYTES / ps.bytes()) as usize;
     let mut frames = Vec::new();
-    env.host.alloc_frames(n, ps, &mut frames).unwrap();
+    frames.resize(n, HostFrame(0));
+    env.host.alloc_frames(ps, &mut frames).unwrap();
     let mut h_addrs = vec![DmaAddr::NONE; n];
     env.host
         .map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut h_addrs)

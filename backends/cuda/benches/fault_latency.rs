@@ -66,7 +66,8 @@ fn faults(backend: &CudaBackend, id: u8, n: usize, ps: PageSize, iters: usize, d
     }
     let host = backend.pinned_host();
     let mut frames = Vec::new();
-    host.alloc_frames(n, ps, &mut frames).unwrap();
+    frames.resize(n, HostFrame(0));
+    host.alloc_frames(ps, &mut frames).unwrap();
     for (k, &f) in frames.iter().enumerate() {
         host.write(f, 0, &(k as u64 + 1).to_le_bytes());
     }
@@ -101,7 +102,8 @@ fn faults(backend: &CudaBackend, id: u8, n: usize, ps: PageSize, iters: usize, d
         // Check a word of the last page, then free (untimed, like an eviction).
         let mut one = [0u8; 8];
         let mut back = Vec::new();
-        host.alloc_frames(1, ps, &mut back).unwrap();
+        back.resize(1, HostFrame(0));
+        host.alloc_frames(ps, &mut back).unwrap();
         let mut ba = [DmaAddr::NONE];
         host.map_frames(DeviceId(0), &back, ps, Direction::FromDevice, &mut ba)
             .unwrap();

@@ -186,12 +186,8 @@ impl Drop for PinnedHostMemory {
 }
 
 impl HostMemory for PinnedHostMemory {
-    fn alloc_frames(
-        &self,
-        count: usize,
-        page_size: PageSize,
-        out: &mut Vec<HostFrame>,
-    ) -> Result<(), BackendError> {
+    fn alloc_frames(&self, page_size: PageSize, out: &mut [HostFrame]) -> Result<(), BackendError> {
+        let count = out.len();
         let g = page_size.granules();
         // Not sized from `count` up front: an absurd count is out of memory, not an abort.
         let mut starts = Vec::new();
@@ -217,7 +213,9 @@ impl HostMemory for PinnedHostMemory {
                 last = idx;
             }
         }
-        out.extend(starts.into_iter().map(HostFrame));
+        for (o, s) in out.iter_mut().zip(starts) {
+            *o = HostFrame(s);
+        }
         Ok(())
     }
 

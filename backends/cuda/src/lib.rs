@@ -64,8 +64,8 @@ pub use pagemap::{CudaPagemap, CudaStats};
 
 use device::CudaDevice;
 use drm_pagemap_core::{
-    Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, HostMemory,
-    OptionError, OwnerId, Pagemap, PagemapId, PagemapSpec,
+    Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, DeviceName,
+    HostMemory, OptionError, OwnerId, Pagemap, PagemapId, PagemapSpec,
 };
 use std::sync::{Arc, Mutex};
 
@@ -400,15 +400,17 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
-    fn devices(&self) -> Vec<DeviceInfo> {
-        self.devices
-            .iter()
-            .map(|d| DeviceInfo {
-                id: d.id,
-                name: d.name.clone(),
-                memory_bytes: self.device_capacity(d),
-            })
-            .collect()
+    fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    fn device_info(&self, index: usize) -> Option<DeviceInfo> {
+        let d = self.devices.get(index)?;
+        Some(DeviceInfo {
+            id: d.id,
+            name: DeviceName::new(&d.name),
+            memory_bytes: self.device_capacity(d),
+        })
     }
 
     fn host_memory(&self) -> Arc<dyn HostMemory> {

@@ -217,7 +217,8 @@ fn scattered_round_trip(r: &Rig, ps: PageSize, pages: usize, seed: u64, dma_min:
     };
     // Frames: allocate 2x, keep a shuffled selection made of runs of random length.
     let mut frames = Vec::new();
-    host.alloc_frames(pages * 2, ps, &mut frames).unwrap();
+    frames.resize(pages * 2, HostFrame(0));
+    host.alloc_frames(ps, &mut frames).unwrap();
     let mut chosen = Vec::new();
     let mut i = 0;
     while chosen.len() < pages && i < frames.len() {
@@ -274,7 +275,8 @@ fn scattered_round_trip(r: &Rig, ps: PageSize, pages: usize, seed: u64, dma_min:
     f.wait().unwrap();
     // Back to fresh host frames, in yet another order, through the destination.
     let mut back = Vec::new();
-    host.alloc_frames(pages, ps, &mut back).unwrap();
+    back.resize(pages, HostFrame(0));
+    host.alloc_frames(ps, &mut back).unwrap();
     for &f in &back {
         host.zero(f, ps);
     }
@@ -371,7 +373,8 @@ fn holes_are_skipped_and_new_pages_read_as_zero() {
     pm.populate_devmem_pfn(&a, &mut pfns).unwrap();
     let host = r.backend.pinned_host();
     let mut frames = Vec::new();
-    host.alloc_frames(n as usize, ps, &mut frames).unwrap();
+    frames.resize(n as usize, HostFrame(0));
+    host.alloc_frames(ps, &mut frames).unwrap();
     for &f in &frames {
         host.write(f, 0, &vec![0xee; ps.bytes() as usize]);
     }
@@ -506,7 +509,8 @@ fn pre_migrate_fence_orders_a_source_push_after_the_clear() {
 fn pattern_frames(r: &Rig, n: usize, ps: PageSize, seed: u64) -> (Vec<HostFrame>, Vec<DmaAddr>) {
     let host = r.backend.pinned_host();
     let mut frames = Vec::new();
-    host.alloc_frames(n, ps, &mut frames).unwrap();
+    frames.resize(n, HostFrame(0));
+    host.alloc_frames(ps, &mut frames).unwrap();
     for (k, &f) in frames.iter().enumerate() {
         host.write(f, 0, &pattern(seed, k as u64, ps.bytes()));
     }
@@ -538,7 +542,8 @@ fn through_host(
 ) -> Vec<HostFrame> {
     let host = r.backend.pinned_host();
     let mut frames = Vec::new();
-    host.alloc_frames(pfns.len(), ps, &mut frames).unwrap();
+    frames.resize(pfns.len(), HostFrame(0));
+    host.alloc_frames(ps, &mut frames).unwrap();
     for (k, &f) in frames.iter().enumerate() {
         fill(k, f);
     }

@@ -29,8 +29,8 @@ use device::{Memories, SimDevice};
 use drm_pagemap_core::inject::FaultInjector;
 use drm_pagemap_core::mem::ArenaHostMemory;
 use drm_pagemap_core::{
-    Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, HostMemory,
-    OptionError, OwnerId, Pagemap, PagemapId, PagemapSpec,
+    Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, DeviceName,
+    HostMemory, OptionError, OwnerId, Pagemap, PagemapId, PagemapSpec,
 };
 use pagemap::SimPagemap;
 use std::sync::{Arc, Mutex};
@@ -238,15 +238,17 @@ impl Backend for SimBackend {
         "sim"
     }
 
-    fn devices(&self) -> Vec<DeviceInfo> {
-        self.devices
-            .iter()
-            .map(|d| DeviceInfo {
-                id: d.id,
-                name: format!("simulated device {}", d.id.0),
-                memory_bytes: self.config.device_capacity,
-            })
-            .collect()
+    fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    fn device_info(&self, index: usize) -> Option<DeviceInfo> {
+        let d = self.devices.get(index)?;
+        Some(DeviceInfo {
+            id: d.id,
+            name: DeviceName::new(&format!("simulated device {}", d.id.0)),
+            memory_bytes: self.config.device_capacity,
+        })
     }
 
     fn host_memory(&self) -> Arc<dyn HostMemory> {
