@@ -52,15 +52,13 @@ mod alloc;
 mod backend;
 mod caps;
 mod error;
+mod extent;
 pub mod fence;
-pub mod inject;
-pub mod layout;
-pub mod mem;
 mod migrate;
 mod mm;
 pub mod options;
 mod page;
-pub mod plan;
+mod plan;
 mod sync;
 mod table;
 mod time;
@@ -76,6 +74,7 @@ pub use caps::{CopyCaps, HostFenceWait, NativeFenceKinds};
 pub use error::{
     BackendError, BackendErrorKind, BusyReason, Error, FenceError, RangeProblem, Result,
 };
+pub use extent::ExtentAllocator;
 pub use fence::{
     Dependencies, Fence, FenceArray, FenceCallback, FenceContext, FenceContextSource,
     FenceContexts, FenceOps, FenceStatus, FenceTimeline, HostFence, NativeFence, NativeFenceKind,
@@ -86,7 +85,7 @@ pub use migrate::{
 };
 pub use mm::{AddressSpace, PageBacking, PageLocation};
 pub use options::{BackendOption, BackendOptions, OptionError, OptionReader};
-pub use plan::Coalesce;
+pub use plan::{Classified, Coalesce, Plan, PlannedCall};
 pub use to_ram::EvictReport;
 pub use types::{
     CopyOp, DeviceId, Direction, DmaAddr, GRANULE, HostFrame, OwnerId, PageSize, PagemapId, Pfn,
