@@ -5,8 +5,8 @@
 #   2. the fuzz drivers' corpus replay on stable (always);
 #   3. bounded cargo-fuzz runs of both fuzz targets (nightly + cargo-fuzz, installed here
 #      when missing and installable);
-#   4. Miri on the core's unit tests (nightly + the miri component, installed here when
-#      missing and installable);
+#   4. Miri on the unit tests of the core and of drm-pagemap-testkit (nightly + the miri
+#      component, installed here when missing and installable);
 #   5. with DRM_PAGEMAP_LONG=1: the long model and stress runs, longer fuzzing, every Miri test.
 # Whatever the toolchain cannot do is skipped with a line saying "SKIP: <what>: <why>".
 # A failing check makes the script exit non-zero after every check ran.
@@ -87,7 +87,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------
-step "miri: the core's unit tests"
+step "miri: the unit tests of the core and the testkit"
 if [ "$NIGHTLY" = 0 ]; then
     skip "miri: no nightly toolchain"
 else
@@ -99,18 +99,24 @@ else
     elif ! timeout 600 cargo +nightly miri setup >/dev/null 2>&1; then
         skip "miri: 'cargo miri setup' failed (no rust-src?)"
     else
-        # Tests of the arena-backed modules (mem, mm) fill 2 MiB chunks of atomics: minutes
-        # each under Miri on 2 cores. CI runs the pure-logic modules (new tests there are
-        # picked up by the filters); the long run runs every unit test.
+        # Tests that fill 2 MiB chunks of atomics (the testkit's arena memory, `mem`) or
+        # build large page tables (the core's `table`) take minutes each under Miri on 2
+        # cores. CI runs the pure-logic modules (new tests there are picked up by the
+        # filters); the long run runs every unit test of both crates.
         if [ "$LONG" = 1 ]; then
-            filters=()
-            what="every core unit test"
+            core_filters=()
+            kit_filters=()
+            what="every unit test"
         else
-            filters=(layout:: page:: plan:: fence:: types:: error:: inject::)
-            what="core unit tests of ${filters[*]}"
+            core_filters=(page:: plan:: fence:: types:: error:: extent::)
+            kit_filters=(layout:: inject:: time::)
+            what="unit tests of ${core_filters[*]}"
         fi
-        check "miri ($what)" env CARGO_TARGET_DIR=target/miri \
-            timeout 900 cargo +nightly miri test -p drm-pagemap-core --lib -- "${filters[@]}"
+        check "miri core ($what)" env CARGO_TARGET_DIR=target/miri \
+            timeout 900 cargo +nightly miri test -p drm-pagemap-core --lib -- "${core_filters[@]}"
+        [ "$LONG" = 1 ] || what="unit tests of ${kit_filters[*]}"
+        check "miri testkit ($what)" env CARGO_TARGET_DIR=target/miri \
+            timeout 900 cargo +nightly miri test -p drm-pagemap-testkit --lib -- "${kit_filters[@]}"
     fi
 fi
 

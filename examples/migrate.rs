@@ -19,12 +19,12 @@
 //! `--option sim.copy_latency=1ms`; the last value of a key wins). The keys are documented on
 //! `SimConfig` and `CudaConfig`.
 
-use drm_pagemap::inject::{FaultInjector, FaultSite};
-use drm_pagemap::layout::{self, LayoutPage};
 use drm_pagemap::{
     AddressSpace, Backend, BackendConfig, BackendOptions, Coalesce, CopyCall, CopyOp, Error,
     MigrateDetails, MigrateOutcome, PageSize, PagemapId, VaRange,
 };
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
+use drm_pagemap_testkit::layout::{self, LayoutPage};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -541,7 +541,7 @@ fn run(args: &Args, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
     mm.create_range(range, args.page_size)?;
     let mut progress = Progress::new(!args.json && args.layout.is_none());
     build(&mm, range, args.page_size, pages, &mut progress)?;
-    let before = mm.layout(range)?;
+    let before = layout::of(&mm, range)?;
     let details = MigrateDetails {
         source_peer_migrates: args.source_peer_migrates,
         can_migrate_same_pagemap: args.same_pagemap,
@@ -558,7 +558,7 @@ fn run(args: &Args, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
     let elapsed = t.elapsed();
     progress.update("migrating", 1, 1);
     injector.disarm();
-    let after = mm.layout(range)?;
+    let after = layout::of(&mm, range)?;
     let verified = verify(&mm, range, args.page_size, pages, &mut progress)?;
     progress.finish();
     let failed = result.is_err();

@@ -53,25 +53,31 @@
 //! loads `libcuda` at run time) and `svm` (the xe-style SVM layer, [`svm`]) are on by
 //! default. `--no-default-features --features sim` builds without cudarc; with no backend
 //! feature at all the registry is empty until a crate of yours registers one.
+//!
+//! ## Test tooling
+//! Fault injection, the one-character-per-page layout notation of the `migrate` example and
+//! the arena memory of the simulator are the `drm-pagemap-testkit` crate, not part of this
+//! API: tests and examples take it as a dev-dependency.
 
 #![forbid(unsafe_code)]
 
 mod registry;
 
-// The engine's API, by name (test tooling lives in its own modules: `inject`, `layout`, `mem`).
+// The engine's API, by name. Test tooling (fault injection, the layout notation, arena
+// memory) is the `drm-pagemap-testkit` crate, not re-exported here.
 pub use drm_pagemap_core::{
     AddressSpace, AllocId, AllocState, AllocationInfo, Backend, BackendConfig, BackendError,
-    BackendErrorKind, BackendOp, BackendOption, BackendOptions, BusyReason, Coalesce, CopyCall,
-    CopyCaps, CopyOp, CopyRequest, Dependencies, DeviceId, DeviceInfo, DeviceName, DevmemBacking,
-    DevmemOps, Direction, DmaAddr, Error, EvictReport, Fence, FenceArray, FenceCallback,
-    FenceContext, FenceContextSource, FenceContexts, FenceError, FenceOps, FenceRole, FenceStatus,
-    FenceTimeline, GRANULE, HostFence, HostFenceWait, HostFrame, HostMemory, MigrateDetails,
-    MigrateOutcome, MigrateReport, MigrateTiming, NativeFence, NativeFenceKind, NativeFenceKinds,
-    NativeWait, OptionError, OptionReader, OwnerId, PageBacking, PageLocation, PageSize, Pagemap,
-    PagemapId, PagemapOps, PagemapSpec, Pfn, RangeProblem, Result, VaRange, WhileCopying,
-    sort_dependencies,
+    BackendErrorKind, BackendOp, BackendOption, BackendOptions, BusyReason, Classified, Coalesce,
+    CopyCall, CopyCaps, CopyOp, CopyRequest, Dependencies, DeviceId, DeviceInfo, DeviceName,
+    DevmemBacking, DevmemOps, Direction, DmaAddr, Error, EvictReport, ExtentAllocator, Fence,
+    FenceArray, FenceCallback, FenceContext, FenceContextSource, FenceContexts, FenceError,
+    FenceOps, FenceRole, FenceStatus, FenceTimeline, GRANULE, HostFence, HostFenceWait, HostFrame,
+    HostMemory, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming, NativeFence,
+    NativeFenceKind, NativeFenceKinds, NativeWait, OptionError, OptionReader, OwnerId, PageBacking,
+    PageLocation, PageSize, Pagemap, PagemapId, PagemapOps, PagemapSpec, Pfn, Plan, PlannedCall,
+    RangeProblem, Result, VaRange, WhileCopying, sort_dependencies,
 };
-pub use drm_pagemap_core::{fence, inject, layout, mem, options, plan};
+pub use drm_pagemap_core::{fence, options};
 /// Re-exported so a backend crate can register with
 /// `drm_pagemap::inventory::submit! { drm_pagemap::BackendRegistration { .. } }`.
 pub use inventory;

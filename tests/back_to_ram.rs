@@ -5,11 +5,11 @@
 mod common;
 
 use common::{Event, Gate, Options, Provider, R, backends, build};
-use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::{
     BusyReason, Direction, Error, FenceError, MigrateDetails, PageLocation, PageSize, PagemapId,
     VaRange,
 };
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
 use std::time::{Duration, Instant};
 
 fn releases_since(rig: &common::Rig, mark: usize) -> Vec<(u8, u64)> {

@@ -8,13 +8,14 @@
 //! neighbours (overflowing ranges, stale allocation handles, absurd page counts) and, at the
 //! end, extreme parameter values of every entry (module `extremes`).
 
-use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::sim::{SimBackend, SimConfig};
 use drm_pagemap::{
     AddressSpace, AllocId, AllocState, Backend, BackendError, BusyReason, CopyRequest,
     DevmemBacking, DevmemOps, Error, Fence, FenceArray, FenceContext, FenceError, HostFence,
-    MigrateDetails, PageLocation, PageSize, PagemapId, Pfn, RangeProblem, VaRange, layout,
+    MigrateDetails, PageLocation, PageSize, PagemapId, Pfn, RangeProblem, VaRange,
 };
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
+use drm_pagemap_testkit::layout;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,7 +87,7 @@ impl Rig {
     }
 
     fn layout(&self, start: u64, pages: u64) -> String {
-        layout::format(&self.mm.layout(VaRange::new(start, pages * PS)).unwrap())
+        layout::format(&layout::of(&self.mm, VaRange::new(start, pages * PS)).unwrap())
     }
 
     /// Reads without disturbing: locations are captured before, and a read faults device
@@ -100,7 +101,7 @@ impl Rig {
         let mut bytes = Vec::new();
         for &(r, _) in &ranges {
             let locs = self.mm.locations(r).unwrap();
-            layouts.push(layout::format(&self.mm.layout(r).unwrap()));
+            layouts.push(layout::format(&layout::of(&self.mm, r).unwrap()));
             let ps = r.len / locs.len() as u64;
             let mut b = Vec::new();
             for (i, l) in locs.iter().enumerate() {
@@ -276,7 +277,7 @@ fn unaligned_ranges() {
     refuse(
         &rig,
         "layout",
-        |mm| mm.layout(VaRange::new(BASE + 16, PS)),
+        |mm| layout::of(mm, VaRange::new(BASE + 16, PS)),
         range_problem(RangeProblem::Unaligned),
         &["not aligned"],
     );
@@ -846,7 +847,7 @@ fn a_fence_that_signals_late_is_cleaned_up() {
         ),
         "{e:?}"
     );
-    assert_eq!(layout::format(&mm.layout(r).unwrap()), "s.");
+    assert_eq!(layout::format(&layout::of(&mm, r).unwrap()), "s.");
     assert_eq!(
         mm.deferred_cleanups(),
         1,
@@ -885,9 +886,10 @@ fn a_fence_that_signals_late_is_cleaned_up() {
 
 mod extremes {
     use super::*;
-    use drm_pagemap::mem::{AtomicArena, ExtentAllocator};
+    use drm_pagemap::ExtentAllocator;
     use drm_pagemap::sim::{MAX_DEVICE_CAPACITY, MAX_HOST_CAPACITY};
     use drm_pagemap::{BackendConfig, BackendErrorKind, DeviceId, Machine, PagemapSpec};
+    use drm_pagemap_testkit::mem::AtomicArena;
     use xe_svm::{Access, Attributes, PreferredLocation, Svm, SvmConfig, SvmError};
 
     /// The last page an address space can hold a range at (the one above it would end at
@@ -960,7 +962,13 @@ mod extremes {
                 any_range_problem,
                 names,
             );
-            refuse(&rig, "layout", |mm| mm.layout(r), any_range_problem, names);
+            refuse(
+                &rig,
+                "layout",
+                |mm| layout::of(mm, r),
+                any_range_problem,
+                names,
+            );
             refuse(
                 &rig,
                 "locations",
@@ -1335,7 +1343,7 @@ mod extremes {
         rig.mm.write(TOP, b"top").unwrap();
         rig.mm.write(TOP + PS - 1, b"!").unwrap();
         rig.mm.migrate(top, PagemapId(1), &d).unwrap();
-        assert_eq!(layout::format(&rig.mm.layout(top).unwrap()), "1");
+        assert_eq!(layout::format(&layout::of(&rig.mm, top).unwrap()), "1");
         let mut b = [0u8; 3];
         rig.mm.read(TOP, &mut b).unwrap();
         assert_eq!(&b, b"top");
@@ -1593,7 +1601,7 @@ mod extremes {
             let snapshot = || {
                 let mut b = vec![0u8; 8 * PS as usize];
                 // Reading faults device pages home: compare layouts first.
-                let l = layout::format(&mm.layout(r).unwrap());
+                let l = layout::format(&layout::of(&mm, r).unwrap());
                 mm.read(BASE, &mut b).unwrap();
                 (l, b)
             };
@@ -1610,7 +1618,7 @@ mod extremes {
             // A fault in the range works whatever the capacity (too small: served from
             // system memory).
             vm.handle_gpu_fault(BASE + PS, Access::Write).unwrap();
-            let before = layout::format(&mm.layout(r).unwrap());
+            let before = layout::format(&layout::of(&mm, r).unwrap());
             for a in [0, 1, BASE - 1, BASE + 8 * PS, u64::MAX - 1, u64::MAX] {
                 for access in [Access::Read, Access::Write, Access::Atomic] {
                     let e = vm.handle_gpu_fault(a, access).unwrap_err();
@@ -1649,7 +1657,7 @@ mod extremes {
                 )
                 .unwrap_err();
             assert!(matches!(e, SvmError::UnknownPagemap { .. }), "{e:?}");
-            assert_eq!(layout::format(&mm.layout(r).unwrap()), before);
+            assert_eq!(layout::format(&layout::of(&mm, r).unwrap()), before);
             // The whole address space at once is a valid interval.
             let sys = Attributes {
                 preferred: PreferredLocation::System,
@@ -1660,7 +1668,7 @@ mod extremes {
             assert_eq!(vm.attributes(u64::MAX - 1), sys);
             assert_eq!(vm.attributes(u64::MAX), Attributes::default());
             vm.invalidate(VaRange::new(0, u64::MAX));
-            assert_eq!(layout::format(&mm.layout(r).unwrap()), before);
+            assert_eq!(layout::format(&layout::of(&mm, r).unwrap()), before);
             let (_, bytes) = snapshot();
             assert_eq!(&bytes[3..6], b"svm");
         }

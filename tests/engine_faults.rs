@@ -12,11 +12,11 @@
 mod common;
 
 use common::{Calls, Gate, Options, backends, build, calls};
-use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::{
     AllocState, Coalesce, CopyOp, Error, FenceError, MigrateDetails, PageBacking, PageSize,
     PagemapId,
 };
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
 use std::time::Duration;
 
 #[derive(Clone)]

@@ -6,8 +6,8 @@
 mod common;
 
 use common::{D, Options, R, backends, build, calls};
-use drm_pagemap::layout::{self, LayoutPage};
 use drm_pagemap::{Coalesce, CopyOp, MigrateDetails, MigrateOutcome, PageSize};
+use drm_pagemap_testkit::layout::{self, LayoutPage};
 
 const MILLION: usize = 1 << 20;
 

@@ -43,13 +43,13 @@
 //! (CI). `DRM_PAGEMAP_LONG=1` runs 200,000 and 50,000 cases of up to 80 steps (use
 //! `--release`: about 20,000 cases per 30 s there); `DRM_PAGEMAP_MODEL_CASES=n` sets both.
 
-use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::sim::{SimBackend, SimConfig};
 use drm_pagemap::{
     AddressSpace, AllocId, AllocState, Backend, BackendError, BackendErrorKind, BusyReason,
     Coalesce, CopyCaps, CopyOp, CopyRequest, DevmemBacking, DevmemOps, Error, Fence, FenceError,
     MigrateDetails, MigrateOutcome, PageLocation, PageSize, PagemapId, Pfn, RangeProblem, VaRange,
 };
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use std::collections::{BTreeMap, BTreeSet, HashMap};

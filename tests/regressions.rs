@@ -11,12 +11,13 @@
 //! The bad-input suite (`tests/bad_input.rs`), the model (`tests/model.rs`) and the stress
 //! suite (`tests/stress.rs`) cover the classes these came from.
 
-use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::sim::{SimBackend, SimConfig};
 use drm_pagemap::{
     AddressSpace, Backend, BusyReason, Error, Fence, FenceError, HostFence, MigrateDetails,
     MigrateOutcome, PageLocation, PageSize, PagemapId, VaRange,
 };
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
+use drm_pagemap_testkit::layout::{self, LayoutPage};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -273,7 +274,7 @@ fn d1_a_panic_in_a_backend_during_a_migration_leaves_the_range_usable() {
             &MigrateDetails::default(),
         )
         .unwrap();
-        let before = m.mm.layout(r).unwrap();
+        let before = layout::of(&m.mm, r).unwrap();
         m.inj.set_panics(true);
         m.inj.fail_nth(site, 1);
         let msg = must_panic(|| {
@@ -282,7 +283,11 @@ fn d1_a_panic_in_a_backend_during_a_migration_leaves_the_range_usable() {
         m.inj.disarm();
         m.inj.set_panics(false);
         assert!(msg.contains("injected panic"), "{site:?}: {msg}");
-        assert_eq!(m.mm.layout(r).unwrap(), before, "{site:?}: pages moved");
+        assert_eq!(
+            layout::of(&m.mm, r).unwrap(),
+            before,
+            "{site:?}: pages moved"
+        );
         check(&m.mm, r, 3, &format!("panic at {site:?}"));
         assert_unlocked(&m.mm, r, &format!("panic at {site:?}"));
         finish(&m, r);
@@ -307,10 +312,10 @@ fn d1_a_panic_in_the_callers_work_rolls_the_migration_back() {
     assert!(msg.contains("page-table build"), "{msg}");
     // Nothing moved; the reservation is released once the copies it received are done.
     assert!(
-        m.mm.layout(r)
+        layout::of(&m.mm, r)
             .unwrap()
             .iter()
-            .all(|p| *p == drm_pagemap::layout::LayoutPage::System)
+            .all(|p| *p == LayoutPage::System)
     );
     check(&m.mm, r, 4, "panic in while_copying");
     assert_unlocked(&m.mm, r, "panic in while_copying");
@@ -333,7 +338,7 @@ fn d1_a_panic_in_a_backend_on_the_way_back_leaves_the_pages_on_the_device() {
             let rep =
                 m.mm.migrate(r, PagemapId(1), &MigrateDetails::default())
                     .unwrap();
-            let before = m.mm.layout(r).unwrap();
+            let before = layout::of(&m.mm, r).unwrap();
             m.inj.set_panics(true);
             m.inj.fail_nth(site, 1);
             let msg = must_panic(|| {
@@ -351,7 +356,7 @@ fn d1_a_panic_in_a_backend_on_the_way_back_leaves_the_pages_on_the_device() {
                 if cpu { "CPU fault" } else { "eviction" }
             );
             assert!(msg.contains("injected panic"), "{what}: {msg}");
-            assert_eq!(m.mm.layout(r).unwrap(), before, "{what}: pages moved");
+            assert_eq!(layout::of(&m.mm, r).unwrap(), before, "{what}: pages moved");
             check(&m.mm, r, 5, &what);
             assert_unlocked(&m.mm, r, &what);
             finish(&m, r);

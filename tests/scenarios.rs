@@ -723,12 +723,12 @@ fn scenario_23_populate_failure_releases_the_allocation_once() {
 fn copy_phase_failure(
     b: &'static str,
     layout: &str,
-    site: drm_pagemap::inject::FaultSite,
+    site: drm_pagemap_testkit::inject::FaultSite,
     n: u64,
     want_trace: &[(u8, CopyOp, usize)],
     check: impl Fn(&Error),
 ) {
-    let inj = drm_pagemap::inject::FaultInjector::new();
+    let inj = drm_pagemap_testkit::inject::FaultInjector::new();
     let rig = build(layout, 3, PageSize::Size4K, Options::on(b).faults(&inj));
     let mark = rig.audit.mark();
     inj.fail_nth(site, n);
@@ -751,7 +751,7 @@ fn copy_phase_failure(
 
 #[test]
 fn scenario_24_peer_copy_fails_first() {
-    use drm_pagemap::inject::FaultSite;
+    use drm_pagemap_testkit::inject::FaultSite;
     for b in backends() {
         // Seed: releases all N destination entries including raw pfns (bug); FIX1 releases
         // the initialised ones. Ours: nothing migrated, the allocation released once.
@@ -794,7 +794,7 @@ fn scenario_24_peer_copy_fails_first() {
 
 #[test]
 fn scenario_25_last_copy_fails_and_earlier_copies_are_discarded() {
-    use drm_pagemap::inject::FaultSite;
+    use drm_pagemap_testkit::inject::FaultSite;
     for b in backends() {
         copy_phase_failure(b, "ss11", FaultSite::Copy, 2, &[(0, D, 2)], |e| {
             assert!(
@@ -814,7 +814,7 @@ fn scenario_25_last_copy_fails_and_earlier_copies_are_discarded() {
 
 #[test]
 fn scenario_26_destination_device_map_fails() {
-    use drm_pagemap::inject::FaultSite;
+    use drm_pagemap_testkit::inject::FaultSite;
     for b in backends() {
         copy_phase_failure(b, "11", FaultSite::Map, 1, &[], |e| {
             assert!(
@@ -834,7 +834,7 @@ fn scenario_26_destination_device_map_fails() {
 
 #[test]
 fn scenario_27_system_page_mapping_fails() {
-    use drm_pagemap::inject::FaultSite;
+    use drm_pagemap_testkit::inject::FaultSite;
     for b in backends() {
         copy_phase_failure(b, "ssss", FaultSite::Map, 1, &[], |e| {
             assert!(

@@ -22,12 +22,12 @@
 
 mod common;
 
-use drm_pagemap::inject::{FaultInjector, FaultSite};
 use drm_pagemap::sim::{SimBackend, SimConfig};
 use drm_pagemap::{
     AddressSpace, Backend, BackendConfig, BackendErrorKind, BusyReason, Coalesce, Error,
     FenceError, Machine, MigrateDetails, PageLocation, PageSize, PagemapId, VaRange,
 };
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;

@@ -6,7 +6,7 @@
 //! `cargo bench -p drm-pagemap-benches --bench planning`
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use drm_pagemap::plan::Classified;
+use drm_pagemap::Classified;
 use drm_pagemap::sim::{SimBackend, SimConfig};
 use drm_pagemap::{AddressSpace, Backend, Coalesce, MigrateDetails, PageSize, PagemapId, VaRange};
 use std::hint::black_box;

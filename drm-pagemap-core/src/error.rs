@@ -19,7 +19,10 @@ pub enum BackendErrorKind {
     Unsupported,
     /// The backend is not usable on this machine.
     Unavailable,
-    /// A fault injected on purpose (tests, `--fail-copy`).
+    /// A fault injected on purpose: the fault injector of the `drm-pagemap-testkit` crate
+    /// (tests, fuzzing, the `migrate` example's `--fail-copy`) fails operations with this
+    /// kind. No production backend returns it; it is defined here because errors cross
+    /// crates (a test tells an injected failure from a real one by this kind).
     Injected,
     /// The configuration asks for something the backend cannot provide (0 devices, a
     /// capacity its page frame numbers or addresses cannot reach); the message names the

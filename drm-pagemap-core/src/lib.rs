@@ -52,15 +52,13 @@ mod alloc;
 mod backend;
 mod caps;
 mod error;
+mod extent;
 pub mod fence;
-pub mod inject;
-pub mod layout;
-pub mod mem;
 mod migrate;
 mod mm;
 pub mod options;
 mod page;
-pub mod plan;
+mod plan;
 mod sync;
 mod table;
 mod time;
@@ -77,6 +75,7 @@ pub use error::{
     BackendError, BackendErrorKind, BackendOp, BusyReason, Error, FenceError, FenceRole,
     RangeProblem, Result,
 };
+pub use extent::ExtentAllocator;
 pub use fence::{
     Dependencies, Fence, FenceArray, FenceCallback, FenceContext, FenceContextSource,
     FenceContexts, FenceOps, FenceStatus, FenceTimeline, HostFence, NativeFence, NativeFenceKind,
@@ -87,7 +86,7 @@ pub use migrate::{
 };
 pub use mm::{AddressSpace, PageBacking, PageLocation};
 pub use options::{BackendOption, BackendOptions, OptionError, OptionReader};
-pub use plan::Coalesce;
+pub use plan::{Classified, Coalesce, Plan, PlannedCall};
 pub use to_ram::EvictReport;
 pub use types::{
     CopyOp, DeviceId, Direction, DmaAddr, GRANULE, HostFrame, OwnerId, PageSize, PagemapId, Pfn,

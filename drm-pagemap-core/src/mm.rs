@@ -6,7 +6,6 @@ use crate::alloc::{
 };
 use crate::backend::{HostMemory, Pagemap};
 use crate::error::{Error, RangeProblem, Result};
-use crate::layout::LayoutPage;
 use crate::page::{Kind, PageEntry, RmapEntry};
 use crate::table::{NoMemory, PageTable, Stamps};
 use crate::types::{DeviceId, HostFrame, OwnerId, PageSize, PagemapId, Pfn, VaRange};
@@ -28,17 +27,6 @@ pub enum PageLocation {
         /// The allocation.
         alloc: AllocId,
     },
-}
-
-impl PageLocation {
-    /// The layout character of this location.
-    pub fn layout(self) -> LayoutPage {
-        match self {
-            PageLocation::Unpopulated => LayoutPage::Hole,
-            PageLocation::System => LayoutPage::System,
-            PageLocation::Device { pagemap, .. } => LayoutPage::Device(pagemap.0),
-        }
-    }
 }
 
 /// What backs one page, as a device page table needs it (see [`AddressSpace::backing`]).
@@ -609,15 +597,6 @@ impl AddressSpace {
             .collect())
     }
 
-    /// The layout of `range` (see [`crate::layout`]).
-    pub fn layout(&self, range: VaRange) -> Result<Vec<LayoutPage>> {
-        Ok(self
-            .locations(range)?
-            .into_iter()
-            .map(PageLocation::layout)
-            .collect())
-    }
-
     /// A snapshot of one allocation, if it exists.
     pub fn allocation(&self, id: AllocId) -> Option<AllocationInfo> {
         self.lock().allocs.info(id)
@@ -1077,36 +1056,5 @@ fn flush_run(
             Some((slot, 1))
         }
         None => Some((slot, 1)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::mem::ArenaHostMemory;
-
-    #[test]
-    fn populate_zeroes_holes_keeps_data_and_backing_reports_frames() {
-        let host = Arc::new(ArenaHostMemory::new(1, 1 << 20));
-        // Dirty every frame so that a hole populated without clearing would show it.
-        host.arena().write(0, &vec![0xAB; 1 << 20]);
-        let mm = AddressSpace::new(host.clone());
-        let r = VaRange::new(1 << 20, 4 * 4096);
-        mm.create_range(r, PageSize::Size4K).unwrap();
-        mm.write(r.start + 4096, &[7u8; 4096]).unwrap();
-        let mut b = Vec::new();
-        mm.backing(r, &mut b).unwrap();
-        assert_eq!(b[0], PageBacking::Unpopulated);
-        assert!(matches!(b[1], PageBacking::System(_)));
-        mm.populate(r).unwrap();
-        mm.backing(r, &mut b).unwrap();
-        assert_eq!(b.len(), 4);
-        assert!(b.iter().all(|p| matches!(p, PageBacking::System(_))));
-        let mut buf = vec![1u8; 4 * 4096];
-        mm.read(r.start, &mut buf).unwrap();
-        assert!(buf[..4096].iter().all(|&x| x == 0));
-        assert!(buf[4096..8192].iter().all(|&x| x == 7));
-        assert!(buf[8192..].iter().all(|&x| x == 0));
-        assert!(mm.backing(VaRange::new(r.start, 100), &mut b).is_err());
     }
 }

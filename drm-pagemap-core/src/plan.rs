@@ -58,7 +58,19 @@ pub struct Plan {
     pub order: Vec<u32>,
 }
 
-/// What planning concluded.
+/// What planning concluded: the result of [`AddressSpace::plan`](crate::AddressSpace::plan),
+/// and what [`AddressSpace::migrate`](crate::AddressSpace::migrate) executes.
+///
+/// Each page is keyed by who copies it and how (executor pagemap, op):
+/// - a hole or system page: (destination, `copy_to_devmem`); holes move no data;
+/// - a page of a peer pagemap (same owner): (peer, `copy_to_ram`) with
+///   `source_peer_migrates` (the source pushes), else (destination, `copy_to_devmem`);
+/// - a page already in the destination: with `can_migrate_same_pagemap`, (destination,
+///   `copy_to_ram`) with `source_peer_migrates`, else (destination, `copy_to_devmem`);
+///   without it, all local is [`Classified::NotNeeded`] and some local is busy;
+/// - a page of another owner: busy, nothing collected.
+///
+/// Pages of one key are grouped into calls as [`Coalesce`] says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Classified {
     /// Every page is already in the destination pagemap.

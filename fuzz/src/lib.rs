@@ -15,13 +15,13 @@
 
 #![forbid(unsafe_code)]
 
-use drm_pagemap_core::inject::{FaultInjector, FaultSite};
-use drm_pagemap_core::layout::{self, LayoutPage, MAX_LAYOUT_PAGES};
 use drm_pagemap_core::{
     AddressSpace, AllocId, AllocState, Backend, Coalesce, Error, MigrateDetails, MigrateOutcome,
     PageBacking, PageLocation, PageSize, PagemapId, Pfn, VaRange,
 };
 use drm_pagemap_sim::{SimBackend, SimConfig};
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
+use drm_pagemap_testkit::layout::{self, LayoutPage, MAX_LAYOUT_PAGES};
 use std::time::Duration;
 
 /// The layout parser property.
@@ -489,7 +489,7 @@ impl Driver {
                             self.typed(&e);
                         }
                     }
-                    2 => match self.mm.layout(VaRange::new(va, len)) {
+                    2 => match layout::of(&self.mm, VaRange::new(va, len)) {
                         Ok(l) => assert!(!l.is_empty()),
                         Err(e) => self.typed(&e),
                     },

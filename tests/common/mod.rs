@@ -18,8 +18,6 @@
 
 #![allow(dead_code)]
 
-use drm_pagemap::inject::FaultInjector;
-use drm_pagemap::layout::{self, LayoutPage};
 use drm_pagemap::sim::{SimBackend, SimConfig, SimStats};
 use drm_pagemap::{
     AddressSpace, Backend, BackendConfig, BackendError, BackendErrorKind, CopyCall, CopyCaps,
@@ -27,6 +25,8 @@ use drm_pagemap::{
     FenceArray, FenceContext, HostFence, HostFrame, HostMemory, Machine, MigrateDetails,
     MigrateReport, PageLocation, PageSize, Pagemap, PagemapId, PagemapOps, Pfn, VaRange,
 };
+use drm_pagemap_testkit::inject::FaultInjector;
+use drm_pagemap_testkit::layout::{self, LayoutPage};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
@@ -901,9 +901,9 @@ pub fn machine(devices: usize, opts: &Options) -> Rig {
     }
 }
 
-/// Builds `layout` (see [`drm_pagemap::layout`]) on `devices` pagemaps with `page_size`
-/// pages: writes generation 1 into every populated page, migrates the device pages to their
-/// pagemaps, and asserts the layout came out as asked.
+/// Builds `layout` (see [`drm_pagemap_testkit::layout`]) on `devices` pagemaps with
+/// `page_size` pages: writes generation 1 into every populated page, migrates the device pages
+/// to their pagemaps, and asserts the layout came out as asked.
 pub fn build(layout_text: &str, devices: usize, page_size: PageSize, opts: Options) -> Rig {
     let want = layout::parse(layout_text).expect("layout");
     let mut rig = machine(devices, &opts);
@@ -1030,7 +1030,7 @@ impl Rig {
 
     /// The layout now.
     pub fn layout(&self) -> Vec<LayoutPage> {
-        self.mm.layout(self.range).expect("layout")
+        layout::of(&self.mm, self.range).expect("layout")
     }
 
     /// The layout now, one character per page.

@@ -142,8 +142,10 @@ fn system_preference_maps_system_pages() {
     vm.with_page_table(BASE, |pt| {
         for (i, p) in pt.ptes.iter().enumerate() {
             let mut b = vec![0u8; 4096];
-            host.arena()
-                .read(drm_pagemap_core::mem::arena_addr::decode(p.addr).1, &mut b);
+            host.arena().read(
+                drm_pagemap_testkit::mem::arena_addr::decode(p.addr).1,
+                &mut b,
+            );
             let va = BASE + i as u64 * K4;
             if va < BASE + M2 / 2 {
                 assert_eq!(b, pattern(VaRange::new(va, K4), 2), "page {i}");

@@ -5,10 +5,10 @@
 mod common;
 
 use common::*;
-use drm_pagemap_core::inject::{FaultInjector, FaultSite};
 use drm_pagemap_core::{
     Error as CoreError, FenceError, PageLocation, PageSize, PagemapId, VaRange,
 };
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
 use std::time::Duration;
 use xe_svm::{Access, FaultAction, Placement, SvmConfig, SvmError};
 

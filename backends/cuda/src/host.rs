@@ -4,10 +4,9 @@
 //! host address, the same for every GPU, so `map_frames` is arithmetic.
 
 use crate::driver::{Context, DriverResult, err, mem};
-use drm_pagemap_core::mem::ExtentAllocator;
 use drm_pagemap_core::{
-    BackendError, BackendErrorKind, DeviceId, Direction, DmaAddr, GRANULE, HostFrame, HostMemory,
-    PageSize,
+    BackendError, BackendErrorKind, DeviceId, Direction, DmaAddr, ExtentAllocator, GRANULE,
+    HostFrame, HostMemory, PageSize,
 };
 use std::sync::{Arc, Mutex, OnceLock};
 

@@ -1,9 +1,10 @@
 //! A simulated device: its memory arena and its copy engine (an in-order worker thread).
 
-use drm_pagemap_core::mem::{AtomicArena, ExtentAllocator, arena_addr};
 use drm_pagemap_core::{
-    BackendError, BackendErrorKind, DeviceId, DmaAddr, Fence, FenceTimeline, GRANULE, HostFence,
+    BackendError, BackendErrorKind, DeviceId, DmaAddr, ExtentAllocator, Fence, FenceTimeline,
+    GRANULE, HostFence,
 };
+use drm_pagemap_testkit::mem::{AtomicArena, arena_addr};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

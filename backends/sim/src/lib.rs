@@ -9,15 +9,18 @@
 //! - fresh allocations are cleared asynchronously on that engine and the clear is their
 //!   pre-migrate fence;
 //! - devices are grouped into owner groups (devices of one group reach each other's memory);
-//! - faults can be injected through [`drm_pagemap_core::inject::FaultInjector`]: the Nth
+//! - faults can be injected through [`drm_pagemap_testkit::inject::FaultInjector`]: the Nth
 //!   allocation, map or copy fails, or the Nth copy fence signals an error or never signals.
 //!
 //! Configured by [`SimConfig`], or through the generic [`BackendConfig`] with its `sim.*`
 //! options (`sim.copy_latency`, `sim.owner_groups`: [`SimConfig::from_backend_config`]). No
 //! environment variable is read.
 //!
-//! Memory is made of atomic words ([`drm_pagemap_core::mem::AtomicArena`]), so the backend
-//! needs no `unsafe`.
+//! Memory is made of atomic words ([`drm_pagemap_testkit::mem::AtomicArena`]), so the backend
+//! needs no `unsafe`. The arenas, the address encoding of device and host memory
+//! ([`drm_pagemap_testkit::mem::arena_addr`]) and the fault injector come from
+//! `drm-pagemap-testkit`: this backend is test tooling built over them, which a backend of
+//! real devices does not need.
 
 #![forbid(unsafe_code)]
 
@@ -26,12 +29,12 @@ mod pagemap;
 
 pub use device::SimStats;
 use device::{Memories, SimDevice};
-use drm_pagemap_core::inject::FaultInjector;
-use drm_pagemap_core::mem::ArenaHostMemory;
 use drm_pagemap_core::{
     Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, DeviceName,
     HostMemory, OptionError, OwnerId, Pagemap, PagemapId, PagemapSpec,
 };
+use drm_pagemap_testkit::inject::FaultInjector;
+use drm_pagemap_testkit::mem::ArenaHostMemory;
 use pagemap::SimPagemap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,7 +51,7 @@ pub const MAX_DEVICES: usize = 64;
 /// [`Pfn`]: drm_pagemap_core::Pfn
 pub const MAX_DEVICE_CAPACITY: u64 = (u32::MAX as u64 + 1) * drm_pagemap_core::GRANULE;
 /// Most bytes of host memory: 256 TiB, what the 48-bit offsets of sim addresses reach.
-pub const MAX_HOST_CAPACITY: u64 = drm_pagemap_core::mem::arena_addr::MAX_OFFSET + 1;
+pub const MAX_HOST_CAPACITY: u64 = drm_pagemap_testkit::mem::arena_addr::MAX_OFFSET + 1;
 
 /// How to build a simulated machine.
 #[derive(Clone, Debug)]

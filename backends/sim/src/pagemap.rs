@@ -2,11 +2,11 @@
 //! address computations, copies queued on the device's copy engine.
 
 use crate::device::{SimDevice, SimStats, Work};
-use drm_pagemap_core::mem::arena_addr;
 use drm_pagemap_core::{
     BackendError, BackendErrorKind, CopyCaps, CopyRequest, DeviceId, DevmemBacking, DevmemOps,
     Direction, DmaAddr, Fence, GRANULE, HostFenceWait, NativeFenceKinds, PageSize, PagemapOps, Pfn,
 };
+use drm_pagemap_testkit::mem::arena_addr;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

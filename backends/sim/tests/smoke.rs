@@ -1,6 +1,7 @@
 //! End-to-end smoke test of the engine on sim.
 use drm_pagemap_core::*;
 use drm_pagemap_sim::{SimBackend, SimConfig};
+use drm_pagemap_testkit::layout;
 use std::sync::Arc;
 
 #[test]
@@ -29,7 +30,7 @@ fn mixed_layout_migrates_and_reads_back() {
         mm.migrate(VaRange::new(base + i * ps, ps), PagemapId(k), &d)
             .unwrap();
     }
-    let l = layout::format(&mm.layout(VaRange::new(base, n * ps)).unwrap());
+    let l = layout::format(&layout::of(&mm, VaRange::new(base, n * ps)).unwrap());
     assert_eq!(l, "ss00s11s0");
     let r = mm
         .migrate(VaRange::new(base, n * ps), PagemapId(2), &d)
@@ -48,7 +49,7 @@ fn mixed_layout_migrates_and_reads_back() {
         ]
     );
     assert_eq!(
-        layout::format(&mm.layout(VaRange::new(base, n * ps)).unwrap()),
+        layout::format(&layout::of(&mm, VaRange::new(base, n * ps)).unwrap()),
         "2*9"
     );
     for i in 0..n {
@@ -57,7 +58,7 @@ fn mixed_layout_migrates_and_reads_back() {
         assert!(b.iter().all(|&x| x == i as u8 + 1), "page {i}");
     }
     assert_eq!(
-        layout::format(&mm.layout(VaRange::new(base, n * ps)).unwrap()),
+        layout::format(&layout::of(&mm, VaRange::new(base, n * ps)).unwrap()),
         "s*9"
     );
     // Every allocation was released.

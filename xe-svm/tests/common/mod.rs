@@ -1,10 +1,10 @@
 //! Shared set-up for the xe-svm tests on the simulated backend.
 #![allow(dead_code)]
 
-use drm_pagemap_core::inject::FaultInjector;
-use drm_pagemap_core::mem::arena_addr;
 use drm_pagemap_core::{AddressSpace, Backend, DmaAddr, PageSize, PagemapId, VaRange};
 use drm_pagemap_sim::{HOST_MEM, SimBackend, SimConfig};
+use drm_pagemap_testkit::inject::FaultInjector;
+use drm_pagemap_testkit::mem::arena_addr;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;

@@ -29,11 +29,10 @@ use crate::gate::{ControlPage, Gates};
 use crate::host::PinnedHostMemory;
 use crate::settle::Settling;
 use arena::Arena;
-use drm_pagemap_core::mem::ExtentAllocator;
 use drm_pagemap_core::{
     BackendError, BackendErrorKind, CopyCaps, CopyRequest, DeviceId, DevmemBacking, DevmemOps,
-    Direction, DmaAddr, Fence, FenceTimeline, GRANULE, HostFenceWait, NativeFenceKind,
-    NativeFenceKinds, PageSize, PagemapOps, Pfn,
+    Direction, DmaAddr, ExtentAllocator, Fence, FenceTimeline, GRANULE, HostFenceWait,
+    NativeFenceKind, NativeFenceKinds, PageSize, PagemapOps, Pfn,
 };
 use slots::{PRESET_SLOTS, SLOT_BYTES, Slot, new_slot};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,7 +3,11 @@
 //! `s` a system page, `.` an unpopulated page, `0`-`9` a page in pagemap k. `x*n` repeats
 //! `x` n times; items join with commas: `s*1000,1*500,.,2*7`. An item may also be a plain
 //! run of characters: `ss00s11s0`.
+//!
+//! [`of`] reads the layout of a range of an [`AddressSpace`], [`page`] the layout character
+//! of one [`PageLocation`].
 
+use drm_pagemap_core::{AddressSpace, PageLocation, Result, VaRange};
 use std::fmt;
 
 /// Where one page of a layout lives.
@@ -36,6 +40,22 @@ impl LayoutPage {
             _ => None,
         }
     }
+}
+
+/// The layout character of a page at `location`: a hole, a system page, or a page in the
+/// location's pagemap (pagemaps 10 and up print as `?`).
+pub fn page(location: PageLocation) -> LayoutPage {
+    match location {
+        PageLocation::Unpopulated => LayoutPage::Hole,
+        PageLocation::System => LayoutPage::System,
+        PageLocation::Device { pagemap, .. } => LayoutPage::Device(pagemap.0),
+    }
+}
+
+/// The layout of `range` (page aligned) in `mm`: [`AddressSpace::locations`] through
+/// [`page`]. Fails as [`AddressSpace::locations`] does.
+pub fn of(mm: &AddressSpace, range: VaRange) -> Result<Vec<LayoutPage>> {
+    Ok(mm.locations(range)?.into_iter().map(page).collect())
 }
 
 /// Why a layout string was refused.

@@ -1,166 +1,15 @@
-//! Safe memory building blocks for backends without special host memory: an extent allocator
-//! over 4 KiB granules, and an arena of real bytes that devices (threads) and the CPU may touch
-//! concurrently without undefined behaviour (it is made of atomic words, backed lazily in 2 MiB
-//! chunks so a large capacity costs nothing until used).
+//! Memory of real bytes for simulated devices and tests: an arena that devices (threads) and
+//! the CPU may touch concurrently without undefined behaviour (it is made of atomic words,
+//! backed lazily in 2 MiB chunks so a large capacity costs nothing until used), the address
+//! encoding that names a byte of an arena ([`arena_addr`]), and [`ArenaHostMemory`], a
+//! [`HostMemory`](drm_pagemap_core::HostMemory) over an arena.
+//!
+//! This is what the simulated backend is made of; a real backend brings its own memory (the
+//! extent allocator both use is the core's [`ExtentAllocator`]).
 
-use crate::types::GRANULE;
-use std::collections::BTreeMap;
+use drm_pagemap_core::{ExtentAllocator, GRANULE};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
-
-/// Hands out aligned runs of granules from `[0, total)`. First fit; frees merge neighbours.
-#[derive(Debug)]
-pub struct ExtentAllocator {
-    inner: Mutex<Extents>,
-}
-
-#[derive(Debug)]
-struct Extents {
-    /// Free extents: start -> length, in granules; never adjacent (merged on free).
-    free: BTreeMap<u64, u64>,
-    free_granules: u64,
-    total: u64,
-}
-
-impl ExtentAllocator {
-    /// An allocator of `total` granules, all free.
-    pub fn new(total: u64) -> ExtentAllocator {
-        let mut free = BTreeMap::new();
-        if total > 0 {
-            free.insert(0, total);
-        }
-        ExtentAllocator {
-            inner: Mutex::new(Extents {
-                free,
-                free_granules: total,
-                total,
-            }),
-        }
-    }
-
-    /// Total granules managed.
-    pub fn total(&self) -> u64 {
-        self.lock().total
-    }
-
-    /// Granules not allocated.
-    pub fn free_granules(&self) -> u64 {
-        self.lock().free_granules
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Extents> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// One run of `len` granules starting at a multiple of `align`, or `None`.
-    pub fn alloc(&self, len: u64, align: u64) -> Option<u64> {
-        self.lock().alloc(len, align)
-    }
-
-    /// `count` pages of `page` granules each, appended to `out` as page starts: one contiguous
-    /// run when one fits, else page by page. All or nothing; `false` (nothing appended) also
-    /// when the request cannot fit whatever is free.
-    pub fn alloc_pages(&self, count: usize, page: u64, out: &mut Vec<u64>) -> bool {
-        let mut ex = self.lock();
-        let need = match (count as u64).checked_mul(page) {
-            Some(n) if n <= ex.free_granules => n,
-            _ => return false,
-        };
-        if out.try_reserve(count).is_err() {
-            return false;
-        }
-        if let Some(start) = ex.alloc(need, page) {
-            out.extend((0..count as u64).map(|i| start + i * page));
-            return true;
-        }
-        let mark = out.len();
-        for _ in 0..count {
-            match ex.alloc(page, page) {
-                Some(s) => out.push(s),
-                None => {
-                    for &s in &out[mark..] {
-                        ex.free(s, page);
-                    }
-                    out.truncate(mark);
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
-    /// Returns `len` granules at `start`.
-    pub fn free(&self, start: u64, len: u64) {
-        self.lock().free(start, len)
-    }
-
-    /// Returns pages of `page` granules, merging runs of consecutive starts.
-    pub fn free_pages(&self, starts: &[u64], page: u64) {
-        self.free_page_iter(starts.iter().copied(), page)
-    }
-
-    /// [`ExtentAllocator::free_pages`] over any sequence of page starts (no list built).
-    pub fn free_page_iter(&self, starts: impl IntoIterator<Item = u64>, page: u64) {
-        let mut ex = self.lock();
-        let mut run: Option<(u64, u64)> = None;
-        for s in starts {
-            run = match run {
-                Some((a, n)) if a + n * page == s => Some((a, n + 1)),
-                Some((a, n)) => {
-                    ex.free(a, n * page);
-                    Some((s, 1))
-                }
-                None => Some((s, 1)),
-            };
-        }
-        if let Some((a, n)) = run {
-            ex.free(a, n * page);
-        }
-    }
-}
-
-impl Extents {
-    fn alloc(&mut self, len: u64, align: u64) -> Option<u64> {
-        if len == 0 || len > self.free_granules {
-            return None;
-        }
-        let align = align.max(1);
-        let (start, elen, at) = self.free.iter().find_map(|(&s, &l)| {
-            let at = s.div_ceil(align).checked_mul(align)?;
-            (at.checked_add(len)? <= s + l).then_some((s, l, at))
-        })?;
-        self.free.remove(&start);
-        if at > start {
-            self.free.insert(start, at - start);
-        }
-        if at + len < start + elen {
-            self.free.insert(at + len, start + elen - at - len);
-        }
-        self.free_granules -= len;
-        Some(at)
-    }
-
-    fn free(&mut self, start: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let mut s = start;
-        let mut l = len;
-        if let Some((&ps, &pl)) = self.free.range(..start).next_back()
-            && ps + pl == start
-        {
-            self.free.remove(&ps);
-            s = ps;
-            l += pl;
-        }
-        if let Some(&nl) = self.free.get(&(start + len)) {
-            self.free.remove(&(start + len));
-            l += nl;
-        }
-        self.free.insert(s, l);
-        self.free_granules += len;
-    }
-}
 
 const CHUNK_BYTES: u64 = 2 << 20;
 const CHUNK_WORDS: usize = (CHUNK_BYTES / 8) as usize;
@@ -387,15 +236,10 @@ fn write_words(words: &[AtomicU64], byte_off: usize, src: &[u8]) {
     }
 }
 
-/// Granule count of `bytes`, rounded up.
-pub fn granules_of(bytes: u64) -> u64 {
-    bytes.div_ceil(GRANULE)
-}
-
 /// Address encoding for arena-backed memory: the top 16 bits name the memory (never 0, so
-/// an encoded address is never [`crate::DmaAddr::NONE`]), the low 48 bits are a byte offset.
+/// an encoded address is never [`DmaAddr::NONE`](drm_pagemap_core::DmaAddr::NONE)), the low 48 bits are a byte offset.
 pub mod arena_addr {
-    use crate::types::DmaAddr;
+    use drm_pagemap_core::DmaAddr;
 
     /// The largest offset an address carries (48 bits).
     pub const MAX_OFFSET: u64 = (1 << 48) - 1;
@@ -411,7 +255,7 @@ pub mod arena_addr {
     }
 }
 
-/// [`crate::HostMemory`] over an [`AtomicArena`]: frames are 4 KiB granules of the arena;
+/// [`HostMemory`](drm_pagemap_core::HostMemory) over an [`AtomicArena`]: frames are 4 KiB granules of the arena;
 /// every device reaches them at [`arena_addr::encode`]`(mem_id, byte offset)`.
 #[derive(Debug)]
 pub struct ArenaHostMemory {
@@ -542,6 +386,8 @@ impl crate::HostMemory for ArenaHostMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use drm_pagemap_core::{AddressSpace, PageBacking, PageSize, VaRange};
+    use std::sync::Arc;
 
     #[test]
     fn copying_unwritten_memory_backs_nothing_and_reads_as_zeros() {
@@ -564,5 +410,32 @@ mod tests {
         dst.read(6 << 20, &mut buf);
         assert_eq!(buf, [7u8; 64]);
         assert_eq!(dst.resident_bytes(), 4 << 20);
+    }
+
+    /// The engine over arena host memory (moved from the core's `mm.rs`, whose unit tests
+    /// can no longer use this crate's memory).
+    #[test]
+    fn populate_zeroes_holes_keeps_data_and_backing_reports_frames() {
+        let host = Arc::new(ArenaHostMemory::new(1, 1 << 20));
+        // Dirty every frame so that a hole populated without clearing would show it.
+        host.arena().write(0, &vec![0xAB; 1 << 20]);
+        let mm = AddressSpace::new(host.clone());
+        let r = VaRange::new(1 << 20, 4 * 4096);
+        mm.create_range(r, PageSize::Size4K).unwrap();
+        mm.write(r.start + 4096, &[7u8; 4096]).unwrap();
+        let mut b = Vec::new();
+        mm.backing(r, &mut b).unwrap();
+        assert_eq!(b[0], PageBacking::Unpopulated);
+        assert!(matches!(b[1], PageBacking::System(_)));
+        mm.populate(r).unwrap();
+        mm.backing(r, &mut b).unwrap();
+        assert_eq!(b.len(), 4);
+        assert!(b.iter().all(|p| matches!(p, PageBacking::System(_))));
+        let mut buf = vec![1u8; 4 * 4096];
+        mm.read(r.start, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&x| x == 0));
+        assert!(buf[4096..8192].iter().all(|&x| x == 7));
+        assert!(buf[8192..].iter().all(|&x| x == 0));
+        assert!(mm.backing(VaRange::new(r.start, 100), &mut b).is_err());
     }
 }

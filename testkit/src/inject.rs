@@ -2,11 +2,11 @@
 //! Nth copy's fence signal an error or never signal. Counting is shared by every object wrapped
 //! with one [`FaultInjector`], so "the 3rd copy" means the 3rd copy call anywhere.
 
-use crate::backend::{CopyRequest, DevmemBacking, DevmemOps, HostMemory, Pagemap, PagemapOps};
-use crate::caps::CopyCaps;
-use crate::error::{BackendError, BackendErrorKind, FenceError};
-use crate::fence::{Fence, FenceOps, FenceStatus};
-use crate::types::{DeviceId, Direction, DmaAddr, HostFrame, PageSize, Pfn};
+use drm_pagemap_core::{
+    BackendError, BackendErrorKind, CopyCaps, CopyRequest, DeviceId, DevmemBacking, DevmemOps,
+    Direction, DmaAddr, Fence, FenceError, FenceOps, FenceStatus, HostFrame, HostMemory, PageSize,
+    Pagemap, PagemapOps, Pfn,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
