@@ -652,6 +652,30 @@ mod tests {
         (f.clone(), Fence::from_host(f))
     }
 
+    /// A copy that finishes once someone waits for it (however long a panic takes to
+    /// report, it is still running when the roll back starts).
+    #[derive(Debug, Default)]
+    struct DoneWhenWaited(AtomicBool);
+
+    impl crate::fence::FenceOps for DoneWhenWaited {
+        fn context(&self) -> u64 {
+            0
+        }
+        fn seqno(&self) -> u64 {
+            1
+        }
+        fn status(&self) -> crate::fence::FenceStatus {
+            match self.0.load(Ordering::SeqCst) {
+                true => crate::fence::FenceStatus::Signaled,
+                false => crate::fence::FenceStatus::Pending,
+            }
+        }
+        fn wait(&self, _: Option<Duration>) -> std::result::Result<(), FenceError> {
+            self.0.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
     fn quiet<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
         catch_unwind(AssertUnwindSafe(f))
     }
@@ -755,11 +779,7 @@ mod tests {
     fn a_panic_waits_for_the_copies_issued_then_releases() {
         let rig = rig();
         let (mut tr, alloc) = rig.transfer(None);
-        let (late, fence) = pending();
-        let signaller = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            late.signal();
-        });
+        let fence = Fence::new(DoneWhenWaited::default());
         let r = quiet(|| {
             tr.run(|tr| -> Result<()> {
                 map(tr, 0, 4)?;
@@ -767,12 +787,11 @@ mod tests {
                 panic!("the caller's work panicked")
             })
         });
-        // Released before the transfer returned: nothing was parked.
-        assert!(rig.mm.allocation(alloc).is_none());
-        assert_eq!(rig.log(), ["unmap 4", "release 0"]);
-        signaller.join().unwrap();
         assert!(r.is_err(), "the panic continues");
         assert!(!rig.locked());
+        // Waited for, then released: nothing was parked.
+        assert!(rig.mm.allocation(alloc).is_none());
+        assert_eq!(rig.log(), ["unmap 4", "release 0"]);
         assert_eq!(rig.mm.deferred_cleanups(), 0);
     }
 
