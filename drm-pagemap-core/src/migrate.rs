@@ -8,8 +8,8 @@ use crate::fence::Fence;
 use crate::mm::{AddressSpace, MmState, Span};
 use crate::page::{Kind, PageEntry, RmapEntry, Summary};
 use crate::plan::{Classified, Coalesce, Plan, PlanParams, Verdict, plan, plan_into};
-use crate::transfer::{Issued, Locked, MapRecord, MapRequest, MapSource, Mappings, Transfer};
-use crate::types::{CopyOp, DeviceId, Direction, DmaAddr, HostFrame, PagemapId, Pfn, VaRange};
+use crate::transfer::{Locked, MapRequest, MapSource, SCRATCH_KEEP, Transfer};
+use crate::types::{CopyOp, DeviceId, Direction, HostFrame, PagemapId, Pfn, VaRange};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -114,15 +114,9 @@ struct Scratch {
     src_pfns: Vec<Pfn>,
     plan: Plan,
     pages: Vec<Pfn>,
-    addrs: Vec<DmaAddr>,
-    records: Vec<MapRecord>,
     frames: Vec<HostFrame>,
     pfns: Vec<Pfn>,
-    fences: Vec<Issued>,
 }
-
-/// Buffers of more entries than this are not kept (a huge migration would pin its memory).
-const SCRATCH_KEEP: usize = 1 << 14;
 
 thread_local! {
     static SCRATCH: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
@@ -142,13 +136,12 @@ impl Scratch {
             self.src_pfns.capacity(),
             self.plan.order.capacity(),
             self.pages.capacity(),
-            self.addrs.capacity(),
             self.frames.capacity(),
             self.pfns.capacity(),
         ]
         .into_iter()
         .any(|c| c > SCRATCH_KEEP);
-        if big || self.records.capacity() > SCRATCH_KEEP || self.fences.capacity() > 1024 {
+        if big {
             return;
         }
         self.snapshot.clear();
@@ -156,11 +149,8 @@ impl Scratch {
         self.plan.calls.clear();
         self.plan.order.clear();
         self.pages.clear();
-        self.addrs.clear();
-        self.records.clear();
         self.frames.clear();
         self.pfns.clear();
-        self.fences.clear();
         SCRATCH.with(|c| c.set(Some(self)));
     }
 }
@@ -297,28 +287,18 @@ impl AddressSpace {
             }
         };
         let span = collected.span;
-        let maps = Mappings::reuse(
-            span.page_size,
-            std::mem::take(&mut sc.addrs),
-            std::mem::take(&mut sc.records),
-        );
         let mut tr = Transfer::new(
             self,
             range,
             collected.dest.id(),
             Locked::Span(span),
-            maps,
-            std::mem::take(&mut sc.fences),
+            span.page_size,
             details.fence_timeout,
         );
         if let Some(d) = &mut collected.reserved {
             tr.adopt_allocation(d.alloc, d.pre_fence.take(), collected.dest.device());
         }
-        let r = tr.run(|tr| {
-            self.run_collected(collected, range, details, trace, while_copying, sc, tr, t0)
-        });
-        (sc.addrs, sc.records, sc.fences) = tr.into_buffers();
-        r
+        tr.run(|tr| self.run_collected(collected, range, details, trace, while_copying, sc, tr, t0))
     }
 
     /// Validates the request, snapshots the pages and locks them. Refused when a page is

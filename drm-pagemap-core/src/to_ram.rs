@@ -7,7 +7,7 @@ use crate::backend::CopyRequest;
 use crate::error::{BusyReason, Error, Result};
 use crate::mm::AddressSpace;
 use crate::page::{PageEntry, RmapEntry};
-use crate::transfer::{Locked, Mappings, Transfer};
+use crate::transfer::{Locked, Transfer};
 use crate::types::{CopyOp, Direction, HostFrame, Pfn, VaRange};
 
 /// What an eviction did.
@@ -201,10 +201,9 @@ impl AddressSpace {
         // From here the picked pages carry their lock bit: the transfer commits or unlocks
         // them, also when the backend panics (then the frames a copy may still write are
         // parked until its fence signals, and the panic continues).
-        let maps = Mappings::reuse(ps, Vec::new(), Vec::new());
         let timeout = self.to_ram_fence_timeout();
         let locked = Locked::Pages(&picked);
-        let mut tr = Transfer::new(self, range, pm_id, locked, maps, Vec::new(), timeout);
+        let mut tr = Transfer::new(self, range, pm_id, locked, ps, timeout);
         tr.prepare_addrs(n);
         tr.run(|tr| {
             // New frames, mapped for the owning device, which copies its pages into them.

@@ -70,7 +70,7 @@ pub(crate) struct Mappings {
 
 impl Mappings {
     /// Mappings of pages of `page_size`, in buffers kept from an earlier transfer.
-    pub(crate) fn reuse(
+    fn reuse(
         page_size: PageSize,
         mut addrs: Vec<DmaAddr>,
         mut records: Vec<MapRecord>,
@@ -164,6 +164,43 @@ impl Locked<'_> {
     }
 }
 
+/// Buffers of more entries than this are not kept between transfers or migrations (a huge
+/// one would pin its memory).
+pub(crate) const SCRATCH_KEEP: usize = 1 << 14;
+
+/// The buffers of a transfer, kept per thread between transfers so that a small one makes
+/// no heap allocation of its own (a lookup in the thread's cache instead).
+#[derive(Default)]
+struct Buffers {
+    addrs: Vec<DmaAddr>,
+    records: Vec<MapRecord>,
+    copies: Vec<Issued>,
+}
+
+thread_local! {
+    static BUFFERS: std::cell::Cell<Option<Buffers>> = const { std::cell::Cell::new(None) };
+}
+
+impl Buffers {
+    /// The thread's buffers (fresh ones while another transfer of this thread holds them).
+    fn take() -> Buffers {
+        BUFFERS.with(|c| c.take()).unwrap_or_default()
+    }
+
+    /// Empties the buffers (dropping the fences) and gives them back to the thread, unless
+    /// they grew too large to keep.
+    fn put_back(mut self) {
+        if self.addrs.capacity() > SCRATCH_KEEP
+            || self.records.capacity() > SCRATCH_KEEP
+            || self.copies.capacity() > 1024
+        {
+            return;
+        }
+        self.copies.clear();
+        BUFFERS.with(|c| c.set(Some(self)));
+    }
+}
+
 /// One transfer in progress, from the moment its pages are locked until it commits or
 /// rolls back (see the module docs).
 pub(crate) struct Transfer<'a> {
@@ -196,24 +233,26 @@ pub(crate) struct Transfer<'a> {
 }
 
 impl<'a> Transfer<'a> {
-    /// Takes over the `locked` pages of `mm`; `copies` is a buffer kept from an earlier
-    /// transfer (emptied here).
+    /// Takes over the `locked` pages (of `page_size`) of `mm`.
     pub(crate) fn new(
         mm: &'a AddressSpace,
         range: VaRange,
         pagemap: PagemapId,
         locked: Locked<'a>,
-        maps: Mappings,
-        mut copies: Vec<Issued>,
+        page_size: PageSize,
         timeout: Option<Duration>,
     ) -> Transfer<'a> {
-        copies.clear();
+        let Buffers {
+            addrs,
+            records,
+            copies,
+        } = Buffers::take();
         Transfer {
             mm,
             range,
             pagemap,
             locked,
-            maps,
+            maps: Mappings::reuse(page_size, addrs, records),
             copies,
             pre_fence: None,
             timeout,
@@ -241,12 +280,6 @@ impl<'a> Transfer<'a> {
                 resume_unwind(panic)
             }
         }
-    }
-
-    /// The buffers of the transfer, to keep for the next one (a parked transfer gave its
-    /// mappings to its cleanup: empty ones then).
-    pub(crate) fn into_buffers(self) -> (Vec<DmaAddr>, Vec<MapRecord>, Vec<Issued>) {
-        (self.maps.addrs, self.maps.records, self.copies)
     }
 
     /// The destination allocation: released by a roll back (after its pre-migrate fence
@@ -481,6 +514,19 @@ impl<'a> Transfer<'a> {
     }
 }
 
+impl Drop for Transfer<'_> {
+    /// Keeps the buffers for the thread's next transfer (a parked transfer gave its
+    /// mappings to its cleanup: empty ones then).
+    fn drop(&mut self) {
+        Buffers {
+            addrs: std::mem::take(&mut self.maps.addrs),
+            records: std::mem::take(&mut self.maps.records),
+            copies: std::mem::take(&mut self.copies),
+        }
+        .put_back();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -682,9 +728,8 @@ mod tests {
                 .mm
                 .allocate_as(PM, 4, PS, self.range, AllocState::Migrating)
                 .unwrap();
-            let maps = Mappings::reuse(PS, Vec::new(), Vec::new());
             let locked = Locked::Span(span);
-            let mut tr = Transfer::new(&self.mm, self.range, PM, locked, maps, Vec::new(), timeout);
+            let mut tr = Transfer::new(&self.mm, self.range, PM, locked, PS, timeout);
             tr.adopt_allocation(alloc, pre, DEV);
             tr.prepare_addrs(4);
             (tr, alloc)
