@@ -63,7 +63,6 @@ mod sync;
 mod table;
 mod time;
 mod to_ram;
-mod transfer;
 mod types;
 
 pub use alloc::{AllocId, AllocState, AllocationInfo};

@@ -94,12 +94,15 @@ fn out_of_memory(range: VaRange, what: &'static str, e: NoMemory) -> Error {
     }
 }
 
-/// A cleanup that waits for fences: the destination of a transfer (a migration's allocation,
-/// the system frames of a copy back to RAM) and its mappings, which copies that did not
-/// finish in time may still write (see [`crate::transfer`]). Run once every fence signalled.
+/// Deferred cleanup of a migration whose copies did not finish in time: the destination
+/// allocation stays reserved (and mapped) until its fences signal.
 pub(crate) struct Deferred {
     pub fences: Vec<crate::Fence>,
-    pub cleanup: Box<dyn FnOnce(&AddressSpace) + Send>,
+    pub unmap: crate::migrate::Mappings,
+    /// The destination allocation of a migration, released once the fences signal.
+    pub slot: Option<u32>,
+    /// Host frames a copy back to RAM may still write, freed once the fences signal.
+    pub frames: Vec<(HostFrame, PageSize)>,
 }
 
 #[derive(Default)]
@@ -267,39 +270,6 @@ impl MmState {
             pages.for_each(|s| s.iter_mut().for_each(|p| *p = p.locked()));
         } else {
             pages.for_each(|s| s.iter_mut().for_each(|p| *p = p.unlocked()));
-        }
-    }
-
-    /// Stamps the pages `picked` (an allocation's `(index, reverse-map entry)` pairs, see
-    /// [`MmState::touch`]): once per run of one range, over the span from its lowest to its
-    /// highest page.
-    pub(crate) fn touch_pages(&mut self, picked: &[(u32, RmapEntry)]) {
-        let mut run: Option<(u32, u32, u32)> = None;
-        for &(_, r) in picked {
-            let (slot, page) = (r.range_slot(), r.page());
-            run = match run {
-                Some((s, lo, hi)) if s == slot => Some((s, lo.min(page), hi.max(page))),
-                Some((s, lo, hi)) => {
-                    self.touch(s, lo as usize, (hi - lo + 1) as usize);
-                    Some((slot, page, page))
-                }
-                None => Some((slot, page, page)),
-            };
-        }
-        if let Some((s, lo, hi)) = run {
-            self.touch(s, lo as usize, (hi - lo + 1) as usize);
-        }
-    }
-
-    /// [`MmState::set_locked`] for the pages `picked` (written entries: no allocation).
-    pub(crate) fn set_pages_locked(&mut self, picked: &[(u32, RmapEntry)], locked: bool) {
-        self.touch_pages(picked);
-        for &(_, r) in picked {
-            let p = self
-                .range_mut(r.range_slot())
-                .pages
-                .entry_mut(r.page() as usize);
-            *p = if locked { p.locked() } else { p.unlocked() };
         }
     }
 }
@@ -1020,31 +990,6 @@ impl AddressSpace {
     /// The device of a pagemap (for messages).
     pub(crate) fn device_of(&self, id: PagemapId) -> Option<DeviceId> {
         self.pagemap(id).map(|p| p.device())
-    }
-
-    /// Runs the deferred cleanups whose fences have all signalled.
-    pub(crate) fn reap_deferred(&self) {
-        let ready: Vec<Deferred> = {
-            let mut st = self.lock();
-            if st.deferred.is_empty() {
-                return;
-            }
-            let (ready, pending) = std::mem::take(&mut st.deferred)
-                .into_iter()
-                .partition(|d| d.fences.iter().all(crate::Fence::is_signaled));
-            st.deferred = pending;
-            ready
-        };
-        for d in ready {
-            (d.cleanup)(self);
-        }
-    }
-
-    /// Cleanups waiting for late fences: destinations of timed-out migrations, and system
-    /// frames of timed-out copies back to RAM.
-    pub fn deferred_cleanups(&self) -> usize {
-        self.reap_deferred();
-        self.lock().deferred.len()
     }
 }
 
