@@ -24,6 +24,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fence;
 pub mod inject;
 pub mod layout;
 pub mod mem;

@@ -301,9 +301,10 @@ mod tests {
     use super::*;
     use crate::config::fence_limit;
     use drm_pagemap_core::{
-        DmaAddr, FenceError, FenceOps, FenceStatus, FenceTimeline, HostFence, NativeFence,
-        NativeFenceKind, NativeFenceKinds,
+        DmaAddr, FenceError, FenceStatus, FenceTimeline, HostFence, NativeFenceKind,
+        NativeFenceKinds,
     };
+    use drm_pagemap_testkit::fence::NativeTestFence as Dev;
     use std::sync::Mutex;
 
     /// What the fake backend saw of one call.
@@ -421,33 +422,6 @@ mod tests {
         }
         fn caps(&self) -> CopyCaps {
             self.caps
-        }
-    }
-
-    /// A device fence of a plug-in kind (completed through a host fence by the test).
-    #[derive(Debug)]
-    struct Dev(Arc<HostFence>);
-
-    impl FenceOps for Dev {
-        fn context(&self) -> u64 {
-            self.0.context()
-        }
-        fn seqno(&self) -> u64 {
-            self.0.seqno()
-        }
-        fn status(&self) -> FenceStatus {
-            self.0.status()
-        }
-        fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
-            self.0.wait(timeout)
-        }
-        fn native(&self) -> Option<NativeFence> {
-            Some(NativeFence {
-                kind: NativeFenceKind::PLUGIN_FIRST,
-                flags: NativeFence::COMPLETE,
-                domain: 1,
-                handle: self.0.seqno(),
-            })
         }
     }
 

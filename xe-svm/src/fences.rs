@@ -112,37 +112,9 @@ fn decide(
 mod tests {
     use super::*;
     use drm_pagemap_core::{
-        BackendErrorKind, FenceArray, FenceOps, FenceStatus, FenceTimeline, HostFence, NativeFence,
-        NativeFenceKind, NativeFenceKinds,
+        BackendErrorKind, FenceArray, FenceOps, FenceTimeline, NativeFenceKind, NativeFenceKinds,
     };
-    use std::sync::Arc;
-
-    /// A device fence of a plug-in kind over a host fence.
-    #[derive(Debug)]
-    struct Dev(Arc<HostFence>);
-
-    impl FenceOps for Dev {
-        fn context(&self) -> u64 {
-            self.0.context()
-        }
-        fn seqno(&self) -> u64 {
-            self.0.seqno()
-        }
-        fn status(&self) -> FenceStatus {
-            self.0.status()
-        }
-        fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
-            self.0.wait(timeout)
-        }
-        fn native(&self) -> Option<NativeFence> {
-            Some(NativeFence {
-                kind: NativeFenceKind::PLUGIN_FIRST,
-                flags: NativeFence::COMPLETE,
-                domain: 1,
-                handle: self.0.seqno(),
-            })
-        }
-    }
+    use drm_pagemap_testkit::fence::NativeTestFence as Dev;
 
     fn caps(host_fences: HostFenceWait) -> CopyCaps {
         CopyCaps {

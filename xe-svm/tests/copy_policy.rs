@@ -11,11 +11,11 @@ mod common;
 use common::*;
 use drm_pagemap_core::{
     AddressSpace, Backend, BackendError, CopyCaps, CopyOp, CopyRequest, DevmemBacking, DevmemOps,
-    Direction, DmaAddr, Fence, FenceError, FenceOps, FenceStatus, FenceTimeline, HostFence,
-    MigrateDetails, NativeFence, NativeFenceKind, NativeFenceKinds, PageSize, Pagemap, PagemapId,
-    PagemapOps, Pfn, VaRange,
+    Direction, DmaAddr, Fence, FenceTimeline, HostFence, MigrateDetails, NativeFenceKind,
+    NativeFenceKinds, PageSize, Pagemap, PagemapId, PagemapOps, Pfn, VaRange,
 };
 use drm_pagemap_sim::{SimBackend, SimConfig};
+use drm_pagemap_testkit::fence::NativeTestFence as NativeGate;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use xe_svm::{Access, FaultAction, Placement, Svm, SvmConfig, SvmError};
@@ -85,33 +85,6 @@ struct Closed {
     clear: Option<Fence>,
     pfns: Vec<Pfn>,
     page_size: PageSize,
-}
-
-/// A device fence of a plug-in kind: the gate, with a native handle.
-#[derive(Debug)]
-struct NativeGate(Arc<HostFence>);
-
-impl FenceOps for NativeGate {
-    fn context(&self) -> u64 {
-        self.0.context()
-    }
-    fn seqno(&self) -> u64 {
-        self.0.seqno()
-    }
-    fn status(&self) -> FenceStatus {
-        self.0.status()
-    }
-    fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
-        self.0.wait(timeout)
-    }
-    fn native(&self) -> Option<NativeFence> {
-        Some(NativeFence {
-            kind: NativeFenceKind::PLUGIN_FIRST,
-            flags: NativeFence::COMPLETE,
-            domain: 1,
-            handle: self.0.seqno(),
-        })
-    }
 }
 
 /// A sim pagemap that declares `caps`, records every copy call, and with a gate gives each
