@@ -224,7 +224,7 @@ pub(crate) fn release_all(list: Vec<Release>) {
         if v.len() == 1 {
             ops.devmem_release(v.pop().expect("one"));
         } else {
-            ops.devmem_release_many(v);
+            ops.devmem_release_many(&v);
         }
     }
 }
@@ -259,7 +259,7 @@ mod tests {
         fn devmem_release(&self, b: DevmemBacking) {
             self.0.lock().unwrap().push(vec![b.cookie]);
         }
-        fn devmem_release_many(&self, bs: Vec<DevmemBacking>) {
+        fn devmem_release_many(&self, bs: &[DevmemBacking]) {
             self.0
                 .lock()
                 .unwrap()

@@ -118,7 +118,10 @@ pub trait PagemapOps: Send + Sync {
 
 /// The backend's side of one device-memory allocation: an opaque cookie, its size, and the
 /// fence that must signal before its pages may be written (typically their clear).
-#[derive(Debug)]
+///
+/// A descriptor: cloning it copies the description, not the memory. The allocation is freed
+/// once, by one of the `devmem_release*` calls of [`DevmemOps`].
+#[derive(Clone, Debug)]
 pub struct DevmemBacking {
     /// Backend-private identification of the allocation.
     pub cookie: u64,
@@ -161,9 +164,13 @@ pub trait DevmemOps: Send + Sync {
     /// Frees several allocations at once (a migration's commit or an eviction releases many
     /// together): a backend can batch the work (one clear for all of them). Same contract as
     /// [`DevmemOps::devmem_release`] for each; the default releases them one by one.
-    fn devmem_release_many(&self, backings: Vec<DevmemBacking>) {
+    ///
+    /// The slice is the caller's buffer (a C table carries it as a pointer and a count): the
+    /// backend reads the descriptors and keeps none of them; the caller drops them after the
+    /// call and never passes them again.
+    fn devmem_release_many(&self, backings: &[DevmemBacking]) {
         for b in backings {
-            self.devmem_release(b);
+            self.devmem_release(b.clone());
         }
     }
     /// Frees an allocation into which no copy was ever issued (a migration refused, not

@@ -231,7 +231,7 @@ impl DevmemOps for InjectedDevmem {
         self.inner.devmem_release(backing)
     }
 
-    fn devmem_release_many(&self, backings: Vec<DevmemBacking>) {
+    fn devmem_release_many(&self, backings: &[DevmemBacking]) {
         self.inner.devmem_release_many(backings)
     }
 

@@ -271,14 +271,10 @@ impl DevmemOps for PolicyOps {
         self.account.release(bytes);
     }
 
-    fn devmem_release_many(&self, backings: Vec<DevmemBacking>) {
-        let sizes: Vec<u64> = backings
-            .iter()
-            .map(|b| bytes_of(b.npages, b.page_size))
-            .collect();
+    fn devmem_release_many(&self, backings: &[DevmemBacking]) {
         self.inner.devmem_release_many(backings);
-        for bytes in sizes {
-            self.account.release(bytes);
+        for b in backings {
+            self.account.release(bytes_of(b.npages, b.page_size));
         }
     }
 

@@ -678,7 +678,7 @@ fn pages_are_cleared_when_freed_and_reallocated_without_a_clear() {
         for (k, x) in read_back(&r, pm, &cp, ps).iter().enumerate() {
             assert!(x.iter().all(|&v| v == 0), "{ps}: page {k} reads as zeros");
         }
-        pm.devmem_release_many(vec![b, c]);
+        pm.devmem_release_many(&[b, c]);
         pm.synchronize().unwrap();
 
         // Scattered: fill the small pagemap with single pages, free every other one, and
@@ -768,7 +768,7 @@ fn releasing_many_allocations_queues_one_clear() {
     write_pages(&r, pm, &p64, PageSize::Size64K, 32);
     backs.extend(b64);
     let s0 = pm.stats();
-    pm.devmem_release_many(backs);
+    pm.devmem_release_many(&backs);
     let s1 = pm.stats();
     assert_eq!(s1.releases, s0.releases + 49);
     assert_eq!(
@@ -1209,7 +1209,7 @@ fn a_copy_right_after_a_release_goes_to_dma_and_waits_for_no_clear() {
         assert!(x.iter().all(|&v| v == 0), "evicted page {k} reads as zeros");
     }
     host.free_frames(&frames, ps);
-    pm.devmem_release_many(vec![b, c]);
+    pm.devmem_release_many(&[b, c]);
 }
 
 #[test]

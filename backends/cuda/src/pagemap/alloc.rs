@@ -174,13 +174,13 @@ impl CudaPagemap {
     }
 
     /// [`DevmemOps::devmem_release_many`]: one clear per page size for them all.
-    pub(super) fn release_backings(&self, backings: Vec<DevmemBacking>) {
+    pub(super) fn release_backings(&self, backings: &[DevmemBacking]) {
         // Page starts of every allocation, by page size: one clear per size for them all.
         let mut by_size: [Vec<u64>; 3] = Default::default();
         let (mut bytes, mut count) = (0u64, 0u64);
         {
             let mut allocs = self.allocs.lock().unwrap_or_else(|p| p.into_inner());
-            for b in &backings {
+            for b in backings {
                 let k = PAGE_SIZES
                     .iter()
                     .position(|&p| p == b.page_size)

@@ -431,14 +431,14 @@ impl DevmemOps for CudaPagemap {
     }
 
     fn devmem_release(&self, backing: DevmemBacking) {
-        self.devmem_release_many(vec![backing]);
+        self.release_backings(std::slice::from_ref(&backing));
     }
 
     fn devmem_release_unused(&self, backing: DevmemBacking) {
         self.release_untouched(backing)
     }
 
-    fn devmem_release_many(&self, backings: Vec<DevmemBacking>) {
+    fn devmem_release_many(&self, backings: &[DevmemBacking]) {
         self.release_backings(backings)
     }
 
