@@ -26,3 +26,6 @@ bindgen "$header" \
     --raw-line "// Do not edit: run the script. The test tests/regen.rs checks that it is current." \
     -o "$out" \
     -- -I "$include"
+# The workspace's `cargo fmt` formats the file too: format it the same way here, so that a
+# fresh run and the checked-in file compare equal.
+rustfmt --edition 2024 "$out"
