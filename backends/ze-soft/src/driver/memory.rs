@@ -102,9 +102,15 @@ fn allocate(
     if align != 0 && !align.is_power_of_two() {
         return Err(code::UNSUPPORTED_ALIGNMENT);
     }
-    let layout =
-        Layout::from_size_align(size, align.max(64)).map_err(|_| code::UNSUPPORTED_SIZE)?;
     let counted = device.filter(|_| kind == MemKind::Device);
+    let layout = Layout::from_size_align(size, align.max(64)).map_err(|_| {
+        // Larger than any memory: a device allocation is out of device memory.
+        if counted.is_some() {
+            code::OUT_OF_DEVICE_MEMORY
+        } else {
+            code::UNSUPPORTED_SIZE
+        }
+    })?;
     if let Some(dev) = counted {
         let size = size as u64;
         dev.obj

@@ -81,6 +81,7 @@ api! {
     fence_destroy: ze_pfnFenceDestroy_t = "zeFenceDestroy",
     fence_host_synchronize: ze_pfnFenceHostSynchronize_t = "zeFenceHostSynchronize",
     fence_query_status: ze_pfnFenceQueryStatus_t = "zeFenceQueryStatus",
+    fence_reset: ze_pfnFenceReset_t = "zeFenceReset",
 }
 
 /// Calls an entry point of the loader (tests pass raw handles and pointers on purpose, some of
@@ -358,4 +359,141 @@ pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// An all-zero C struct of the Level Zero API.
+pub fn zeroed<T: Copy>() -> T {
+    // SAFETY: used only for bindgen structs of integers, raw pointers, arrays and newtype enums,
+    // for all of which the all-zero bit pattern is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Sets loader variables before [`env`] opens the loader (call first in a test binary).
+pub fn preset(vars: &[(&str, &str)]) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for (k, v) in vars {
+            // SAFETY: runs once, before the loader is opened and before zeInit; the test binary
+            // using it has a single test, so no other thread reads the environment.
+            unsafe { std::env::set_var(k, v) };
+        }
+    });
+}
+
+/// A scenario over the whole copy path: immediate and regular lists, a queue with a fence,
+/// fills, allocation properties and the control entry. Panics on any unexpected result.
+pub fn scenario(env: &Env) {
+    const N: usize = 8192;
+    let src = env.host(N);
+    let dev0 = env.device(0, N);
+    let dev1 = env.device(1, N);
+    let back = env.host(N);
+    // SAFETY: a fresh host allocation of N bytes.
+    let s = unsafe { std::slice::from_raw_parts_mut(src, N) };
+    s.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i % 253) as u8);
+    let before = env.counters();
+    // Immediate: host -> dev0 -> dev1 (peer), gated by events.
+    let list = env.immediate(0);
+    let (pool, evs) = env.events(3);
+    assert_eq!(env.copy(list, dev0, src, N, Some(evs[0]), &[]), OK);
+    assert_eq!(env.copy(list, dev1, dev0, N, Some(evs[1]), &[evs[0]]), OK);
+    assert_eq!(env.wait(evs[1]), OK);
+    // Regular: dev1 -> back, then a fill of the first 64 bytes of dev0, on a queue with a fence.
+    let desc = ze_command_list_desc_t {
+        stype: _ze_structure_type_t::ZE_STRUCTURE_TYPE_COMMAND_LIST_DESC,
+        pNext: std::ptr::null(),
+        commandQueueGroupOrdinal: 1,
+        flags: 0,
+    };
+    let mut regular = ze_command_list_handle_t(null_mut());
+    assert_eq!(
+        ze!(
+            env.api,
+            list_create(env.ctx, env.devices[1], &desc, &mut regular)
+        ),
+        OK
+    );
+    let r = ze!(
+        env.api,
+        append_copy(regular, back.cast(), dev1.cast(), N, evs[2], 0, null_mut())
+    );
+    assert_eq!(r, OK);
+    let pattern = 0xDEAD_BEEFu32;
+    let r = ze!(
+        env.api,
+        append_fill(
+            regular,
+            dev1.cast(),
+            (&pattern as *const u32).cast(),
+            4,
+            64,
+            ze_event_handle_t(null_mut()),
+            1,
+            [evs[2]].as_mut_ptr()
+        )
+    );
+    assert_eq!(r, OK);
+    assert_eq!(ze!(env.api, list_close(regular)), OK);
+    let qdesc = Env::copy_desc(1);
+    let mut queue = ze_command_queue_handle_t(null_mut());
+    assert_eq!(
+        ze!(
+            env.api,
+            queue_create(env.ctx, env.devices[1], &qdesc, &mut queue)
+        ),
+        OK
+    );
+    let fdesc = ze_fence_desc_t {
+        stype: _ze_structure_type_t::ZE_STRUCTURE_TYPE_FENCE_DESC,
+        pNext: std::ptr::null(),
+        flags: 0,
+    };
+    let mut fence = ze_fence_handle_t(null_mut());
+    assert_eq!(ze!(env.api, fence_create(queue, &fdesc, &mut fence)), OK);
+    let mut lists = [regular];
+    assert_eq!(
+        ze!(env.api, queue_execute(queue, 1, lists.as_mut_ptr(), fence)),
+        OK
+    );
+    assert_eq!(ze!(env.api, fence_host_synchronize(fence, u64::MAX)), OK);
+    assert_eq!(ze!(env.api, queue_synchronize(queue, u64::MAX)), OK);
+    // SAFETY: the fence covers every write to `back` and `dev1`.
+    let (b, d1) = unsafe {
+        (
+            std::slice::from_raw_parts(back, N),
+            std::slice::from_raw_parts(dev1, 64),
+        )
+    };
+    assert_eq!(b, &s[..]);
+    assert!(d1.chunks(4).all(|c| c == pattern.to_ne_bytes()));
+    // Allocation properties of an interior pointer.
+    let mut props: ze_memory_allocation_properties_t = zeroed();
+    props.stype = _ze_structure_type_t::ZE_STRUCTURE_TYPE_MEMORY_ALLOCATION_PROPERTIES;
+    let mut owner = ze_device_handle_t(null_mut());
+    let r = ze!(
+        env.api,
+        mem_get_alloc_properties(
+            env.ctx,
+            dev1.wrapping_add(100).cast(),
+            &mut props,
+            &mut owner
+        )
+    );
+    assert_eq!(r, OK);
+    assert_eq!(props.type_, _ze_memory_type_t::ZE_MEMORY_TYPE_DEVICE);
+    assert_eq!(owner.0, env.devices[1].0);
+    let after = env.counters();
+    assert_eq!(after.copies - before.copies, 3);
+    assert_eq!(after.fills - before.fills, 1);
+    assert_eq!(after.strict_violations, before.strict_violations);
+    assert_eq!(ze!(env.api, fence_destroy(fence)), OK);
+    assert_eq!(ze!(env.api, queue_destroy(queue)), OK);
+    assert_eq!(ze!(env.api, list_destroy(regular)), OK);
+    assert_eq!(ze!(env.api, list_destroy(list)), OK);
+    env.destroy_events(pool, evs);
+    for p in [src, dev0, dev1, back] {
+        env.free(p);
+    }
 }
