@@ -16,7 +16,8 @@ pub const EXTENSION_NAME: &str = "ZEX_soft_control";
 pub const CONTROL_SYMBOL: &str = "zeSoftControl";
 
 /// Clears every injection (pending append/submit failures, hanging events, lost devices: a lost
-/// device is usable again) and every counter.
+/// device is usable again) and every counter except the `live_*` gauges, which keep describing
+/// the objects that still exist.
 pub const OP_RESET: u32 = 0;
 /// The `count`-th command-list append from now (1 = the next) on any list of device `device`
 /// (`u32::MAX`: any device) fails with `result` and enqueues nothing.

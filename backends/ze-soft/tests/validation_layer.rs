@@ -12,6 +12,9 @@ fn the_copy_path_passes_the_validation_layer() {
     ]);
     let Some(env) = common::env() else { return };
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    assert!(maps.contains("libze_validation_layer"), "the validation layer is not loaded");
+    assert!(
+        maps.contains("libze_validation_layer"),
+        "the validation layer is not loaded"
+    );
     common::scenario(env);
 }

@@ -1,7 +1,5 @@
 //! Command queues (one engine thread each) and fences.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use level_zero_sys::*;
 
 use super::cmdlist::CommandList;
@@ -27,8 +25,6 @@ impl Kind for CommandQueue {
 pub(crate) struct Fence {
     pub queue: &'static Handle<CommandQueue>,
     pub signal: Signal,
-    /// Submitted with an execution and not yet reset.
-    pub armed: AtomicBool,
 }
 impl Kind for Fence {
     const MAGIC: u64 = 0x5A45_5346_4645_0008;
@@ -119,7 +115,6 @@ pub(crate) unsafe extern "C" fn command_queue_execute_command_lists(
         INJECT.on_submit(q.obj.device.obj.index)?;
         if let Some(f) = fence {
             f.obj.signal.reset();
-            f.obj.armed.store(true, Ordering::Release);
         }
         let last = batches.len() - 1;
         for (i, cmds) in batches.into_iter().enumerate() {
@@ -189,7 +184,6 @@ pub(crate) unsafe extern "C" fn fence_reset(h: ze_fence_handle_t) -> ze_result_t
     guard(|| {
         let f = resolve!(Fence, h)?;
         f.obj.signal.reset();
-        f.obj.armed.store(false, Ordering::Release);
         Ok(())
     })
 }
