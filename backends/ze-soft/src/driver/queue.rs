@@ -148,7 +148,6 @@ pub(crate) unsafe extern "C" fn fence_create(
         let fence = Handle::create(Fence {
             queue,
             signal: Signal::default(),
-            armed: AtomicBool::new(false),
         });
         // SAFETY: non-null application out-pointer.
         unsafe { write_out(out, ze_fence_handle_t(fence.raw())) }
