@@ -1,0 +1,48 @@
+//! Engine threads stop when their queues and immediate lists are destroyed.
+
+#[macro_use]
+mod common;
+
+use std::ptr::null_mut;
+
+use common::*;
+use level_zero_sys::*;
+
+#[test]
+fn engine_threads_stop_when_queues_and_lists_are_destroyed() {
+    let Some(env) = env() else { return };
+    let before = thread_count();
+    let lists: Vec<_> = (0..3).map(|d| env.immediate(d)).collect();
+    let queues: Vec<_> = (0..2u32)
+        .map(|i| {
+            let desc = Env::copy_desc(i);
+            let mut q = ze_command_queue_handle_t(null_mut());
+            assert_eq!(
+                ze!(
+                    env.api,
+                    queue_create(env.ctx, env.devices[0], &desc, &mut q)
+                ),
+                OK
+            );
+            q
+        })
+        .collect();
+    // One list blocked on an event nobody signals: destroy must still stop its thread.
+    let (pool, evs) = env.events(1);
+    let mut wait = [evs[0]];
+    assert_eq!(
+        ze!(env.api, append_wait(lists[0], 1, wait.as_mut_ptr())),
+        OK
+    );
+    assert_eq!(thread_count(), before + 5);
+    for l in lists {
+        assert_eq!(ze!(env.api, list_destroy(l)), OK);
+    }
+    for q in queues {
+        assert_eq!(ze!(env.api, queue_destroy(q)), OK);
+    }
+    assert_eq!(thread_count(), before, "engine threads leaked");
+    assert_eq!(env.counters().live_queues, 0);
+    assert_eq!(env.counters().live_command_lists, 0);
+    env.destroy_events(pool, evs);
+}
