@@ -2,9 +2,9 @@
 //! driver), what discovery learnt of it.
 
 use crate::events::Events;
+use crate::ze::Device;
 use crate::ze::discover::DeviceFacts;
 use crate::ze::objects::Context;
-use crate::ze::Device;
 use drm_pagemap_core::DeviceId;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -69,7 +69,11 @@ impl ZeFence {
     }
 
     /// A fence that has failed already (nothing was queued).
-    pub(crate) fn failed((context, seqno): (u64, u64), device: DeviceId, e: BackendError) -> ZeFence {
+    pub(crate) fn failed(
+        (context, seqno): (u64, u64),
+        device: DeviceId,
+        e: BackendError,
+    ) -> ZeFence {
         let f = ZeFence {
             context,
             seqno,
@@ -113,7 +117,10 @@ impl ZeFence {
     }
 
     fn driver_error(&self, f: crate::ze::Failure) -> BackendError {
-        f.about(format_args!("{} fence (context {}, seqno {})", self.device, self.context, self.seqno))
+        f.about(format_args!(
+            "{} fence (context {}, seqno {})",
+            self.device, self.context, self.seqno
+        ))
     }
 
     /// Once the event has signalled: the dependencies' outcome, then the forced error.
@@ -218,16 +225,20 @@ impl fmt::Debug for HostEvent {
 }
 
 impl HostEvent {
-    pub(crate) fn new(event: Arc<EventSlot>, device: DeviceId, seq: (u64, u64)) -> (HostEvent, Fence) {
+    pub(crate) fn new(
+        event: Arc<EventSlot>,
+        device: DeviceId,
+        seq: (u64, u64),
+    ) -> (HostEvent, Fence) {
         let fence = Fence::new(ZeFence::new(seq, device, event.clone(), Vec::new(), None));
         (HostEvent { event, device }, fence)
     }
 
     /// Signals the event (`zeEventHostSignal`).
     pub fn signal(&self) -> Result<(), BackendError> {
-        self.event.host_signal().map_err(|f| {
-            f.about(format_args!("host event of {}", self.device))
-        })
+        self.event
+            .host_signal()
+            .map_err(|f| f.about(format_args!("host event of {}", self.device)))
     }
 }
 

@@ -60,7 +60,9 @@ impl ZeHostMemory {
             .ok_or_else(|| {
                 BackendError::new(
                     BackendErrorKind::OutOfMemory,
-                    format!("level-zero host memory of {capacity} bytes: its chunk table does not fit"),
+                    format!(
+                        "level-zero host memory of {capacity} bytes: its chunk table does not fit"
+                    ),
                 )
             })?;
         chunks.extend((0..n).map(|_| OnceLock::new()));
@@ -95,7 +97,12 @@ impl ZeHostMemory {
         let ptr = self
             .ctx
             .alloc_host(CHUNK_BYTES as usize, CHUNK_BYTES as usize)
-            .map_err(|f| f.about(format_args!("host memory chunk {idx} ({} MiB)", CHUNK_BYTES >> 20)))?;
+            .map_err(|f| {
+                f.about(format_args!(
+                    "host memory chunk {idx} ({} MiB)",
+                    CHUNK_BYTES >> 20
+                ))
+            })?;
         let _ = self.chunks[idx].set(Chunk { ptr });
         Ok(())
     }

@@ -65,8 +65,7 @@ pub use pagemap::{ZePagemap, ZeStats};
 use device::ZeDevice;
 use drm_pagemap_core::{
     Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, DeviceName,
-    FenceContext, HostMemory, OptionError, OwnerId, Pagemap, PagemapId,
-    PagemapSpec,
+    FenceContext, HostMemory, OptionError, OwnerId, Pagemap, PagemapId, PagemapSpec,
 };
 use events::Events;
 use level_zero_sys::Loader;
@@ -173,7 +172,9 @@ impl LevelZeroConfig {
             )));
         }
         if self.regular_list_min_runs == 0 {
-            return Err(bad("level-zero: regular_list_min_runs must be at least 1".into()));
+            return Err(bad(
+                "level-zero: regular_list_min_runs must be at least 1".into()
+            ));
         }
         Ok(())
     }
@@ -192,7 +193,9 @@ pub fn probe() -> Result<(), String> {
     let drivers = discover::drivers(&loader).map_err(|f| f.to_string())?;
     let mut devices = 0usize;
     for d in drivers {
-        devices += discover::devices(&loader, d).map_err(|f| f.to_string())?.len();
+        devices += discover::devices(&loader, d)
+            .map_err(|f| f.to_string())?
+            .len();
     }
     if devices == 0 {
         return Err("no Level Zero device".into());
@@ -236,7 +239,11 @@ impl std::fmt::Debug for LevelZeroBackend {
         f.debug_struct("LevelZeroBackend")
             .field(
                 "devices",
-                &self.devices.iter().map(|d| &d.facts.name).collect::<Vec<_>>(),
+                &self
+                    .devices
+                    .iter()
+                    .map(|d| &d.facts.name)
+                    .collect::<Vec<_>>(),
             )
             .field("groups", &self.groups)
             .field("config", &self.config)
@@ -355,7 +362,10 @@ impl LevelZeroBackend {
     /// A Level Zero event of `device`'s context that the host signals, and its fence (kind
     /// [`drm_pagemap_core::NativeFenceKind::LEVEL_ZERO_EVENT`]): a copy of this backend given that fence as
     /// its pre-fence waits for it on the device.
-    pub fn host_event(&self, device: DeviceId) -> Result<(HostEvent, drm_pagemap_core::Fence), BackendError> {
+    pub fn host_event(
+        &self,
+        device: DeviceId,
+    ) -> Result<(HostEvent, drm_pagemap_core::Fence), BackendError> {
         let d = self.device(device)?;
         let ev = d
             .events

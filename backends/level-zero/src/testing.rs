@@ -39,7 +39,9 @@ impl SoftDriver {
         let f = discover::extension_function(backend.loader(), driver, &name)
             .map_err(|f| format!("{CONTROL_EXTENSION}: {f}"))?;
         if f.is_null() {
-            return Err(format!("{CONTROL_EXTENSION}: the driver returned no address"));
+            return Err(format!(
+                "{CONTROL_EXTENSION}: the driver returned no address"
+            ));
         }
         // SAFETY: the software driver's control extension has the signature `SoftControlFn`
         // (the contract between it and this crate, defined by its `control` module).

@@ -124,21 +124,29 @@ fn probe_and_open_never_panic() {
             assert!(!reason.is_empty());
             let e = open(&BackendConfig::default()).err().expect("unavailable");
             assert_eq!(e.kind, BackendErrorKind::Unavailable, "{e}");
-            assert!(e.to_string().starts_with("unavailable: level-zero: "), "{e}");
+            assert!(
+                e.to_string().starts_with("unavailable: level-zero: "),
+                "{e}"
+            );
         }
     }
 }
 
 #[test]
 fn driver_errors_keep_their_code_and_typed_kinds() {
-    let call = |code| Failure::Call(ZeError {
-        call: "zeMemAllocDevice",
-        code,
-    });
+    let call = |code| {
+        Failure::Call(ZeError {
+            call: "zeMemAllocDevice",
+            code,
+        })
+    };
     let oom = call(ze_result_t::ZE_RESULT_ERROR_OUT_OF_DEVICE_MEMORY).about("device 1: chunk 3");
     assert_eq!(oom.kind, BackendErrorKind::OutOfMemory);
     assert!(oom.message.contains("device 1: chunk 3"), "{oom}");
-    assert!(oom.message.contains("ZE_RESULT_ERROR_OUT_OF_DEVICE_MEMORY"), "{oom}");
+    assert!(
+        oom.message.contains("ZE_RESULT_ERROR_OUT_OF_DEVICE_MEMORY"),
+        "{oom}"
+    );
     assert_eq!(ze_result_of(&oom), Some(0x7000_0003));
     let host = call(ze_result_t::ZE_RESULT_ERROR_OUT_OF_HOST_MEMORY).about("x");
     assert_eq!(host.kind, BackendErrorKind::OutOfMemory);

@@ -46,10 +46,18 @@ fn round_trip(ps: PageSize, n: usize, scatter: bool) {
         .expect("copy_to_ram");
     wait(&f);
     check_host(&*host, &dst_frames, ps, 7).expect("bytes back in RAM");
-    let stats = env.backend.ze_pagemap(drm_pagemap_core::PagemapId(0)).unwrap().stats();
+    let stats = env
+        .backend
+        .ze_pagemap(drm_pagemap_core::PagemapId(0))
+        .unwrap()
+        .stats();
     assert_eq!(stats.pages_copied, 2 * n as u64);
     if scatter {
-        assert_eq!(stats.runs, n as u64 + 1, "scattered in, one run out: {stats:?}");
+        assert_eq!(
+            stats.runs,
+            n as u64 + 1,
+            "scattered in, one run out: {stats:?}"
+        );
         assert_eq!(stats.regular_calls, u64::from(n >= 16), "{stats:?}");
     } else {
         assert_eq!(stats.runs, 2, "contiguous both ways: {stats:?}");
@@ -92,10 +100,16 @@ fn a_device_pushes_into_a_peer_and_not_into_a_stranger() {
     assert_ne!(pm0.owner(), pm2.owner());
     let (src_frames, src) = host_pages(&*host, n, ps, 3, 0);
     let (b0, p0) = alloc(&pm0, n, ps);
-    wait(&pm0
-        .devmem()
-        .copy_to_devmem(&CopyRequest { page_size: ps, pages: &p0, addrs: &src, pre_fence: None })
-        .unwrap());
+    wait(
+        &pm0.devmem()
+            .copy_to_devmem(&CopyRequest {
+                page_size: ps,
+                pages: &p0,
+                addrs: &src,
+                pre_fence: None,
+            })
+            .unwrap(),
+    );
     // Device 0 pushes its pages straight into device 1's memory.
     let b1 = pm1.devmem().allocate(n, ps).unwrap();
     let mut p1 = vec![Pfn(0); n];
@@ -115,10 +129,16 @@ fn a_device_pushes_into_a_peer_and_not_into_a_stranger() {
         .unwrap();
     wait(&f);
     let (dst_frames, dst) = host_pages(&*host, n, ps, 0, 1);
-    wait(&pm1
-        .devmem()
-        .copy_to_ram(&CopyRequest { page_size: ps, pages: &p1, addrs: &dst, pre_fence: None })
-        .unwrap());
+    wait(
+        &pm1.devmem()
+            .copy_to_ram(&CopyRequest {
+                page_size: ps,
+                pages: &p1,
+                addrs: &dst,
+                pre_fence: None,
+            })
+            .unwrap(),
+    );
     check_host(&*host, &dst_frames, ps, 3).expect("bytes in the peer");
     // Device 2 is not a peer: its memory cannot be mapped for device 0.
     let (b2, p2) = alloc(&pm2, 1, ps);

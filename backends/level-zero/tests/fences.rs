@@ -6,8 +6,8 @@ mod common;
 
 use common::*;
 use drm_pagemap_core::{
-    BackendError, BackendErrorKind, CopyRequest, DeviceId, Direction, DmaAddr, Fence,
-    FenceArray, FenceTimeline, NativeFenceKind, PageSize, PagemapId,
+    BackendError, BackendErrorKind, CopyRequest, DeviceId, Direction, DmaAddr, Fence, FenceArray,
+    FenceTimeline, NativeFenceKind, PageSize, PagemapId,
 };
 use drm_pagemap_level_zero::LevelZeroConfig;
 use std::collections::HashSet;
@@ -55,15 +55,29 @@ fn a_pre_fence_of_this_driver_is_a_wait_event_of_the_first_command() {
         pm.ops()
             .device_map(DeviceId(0), &pfns, PS, Direction::ToDevice, &mut own)
             .unwrap();
-        wait(&reader
-            .devmem()
-            .copy_to_devmem(&CopyRequest { page_size: PS, pages: &rp, addrs: &own, pre_fence: None })
-            .unwrap());
+        wait(
+            &reader
+                .devmem()
+                .copy_to_devmem(&CopyRequest {
+                    page_size: PS,
+                    pages: &rp,
+                    addrs: &own,
+                    pre_fence: None,
+                })
+                .unwrap(),
+        );
         let (frames, dst) = host_pages(&*host, n, PS, 0, 0);
-        wait(&reader
-            .devmem()
-            .copy_to_ram(&CopyRequest { page_size: PS, pages: &rp, addrs: &dst, pre_fence: None })
-            .unwrap());
+        wait(
+            &reader
+                .devmem()
+                .copy_to_ram(&CopyRequest {
+                    page_size: PS,
+                    pages: &rp,
+                    addrs: &dst,
+                    pre_fence: None,
+                })
+                .unwrap(),
+        );
         let r = check_host(&*host, &frames, PS, seed);
         host.free_frames(&frames, PS);
         reader.devmem().devmem_release(rb);
@@ -80,12 +94,24 @@ fn a_pre_fence_of_this_driver_is_a_wait_event_of_the_first_command() {
     let (frames, dst) = host_pages(&*host, n, PS, 0, 0);
     let g = pm
         .devmem()
-        .copy_to_ram(&CopyRequest { page_size: PS, pages: &pfns, addrs: &dst, pre_fence: Some(&f) })
+        .copy_to_ram(&CopyRequest {
+            page_size: PS,
+            pages: &pfns,
+            addrs: &dst,
+            pre_fence: Some(&f),
+        })
         .unwrap();
     wait(&g);
     check_host(&*host, &frames, PS, 9).unwrap();
-    assert_eq!(env.backend.ze_pagemap(PagemapId(0)).unwrap().stats().device_waits, 1,
-        "a signalled pre-fence needs no wait");
+    assert_eq!(
+        env.backend
+            .ze_pagemap(PagemapId(0))
+            .unwrap()
+            .stats()
+            .device_waits,
+        1,
+        "a signalled pre-fence needs no wait"
+    );
     pm.devmem().devmem_release(b);
     host.free_frames(&src_frames, PS);
     host.free_frames(&frames, PS);
@@ -137,10 +163,16 @@ fn host_fences_are_bridged_without_a_thread_per_copy() {
         wait(f);
     }
     let (frames, dst) = host_pages(&*host, copies, PS, 0, 0);
-    wait(&pm
-        .devmem()
-        .copy_to_ram(&CopyRequest { page_size: PS, pages: &pfns, addrs: &dst, pre_fence: None })
-        .unwrap());
+    wait(
+        &pm.devmem()
+            .copy_to_ram(&CopyRequest {
+                page_size: PS,
+                pages: &pfns,
+                addrs: &dst,
+                pre_fence: None,
+            })
+            .unwrap(),
+    );
     check_host(&*host, &frames, PS, 5).expect("every bridged copy landed");
     assert!(threads() <= before + 4);
     pm.devmem().devmem_release(b);
@@ -162,7 +194,12 @@ fn failed_pre_fences_fail_the_call_fence() {
     let failed = Fence::failed(BackendError::new(BackendErrorKind::CopyFailed, "upstream"));
     let f = pm
         .devmem()
-        .copy_to_devmem(&CopyRequest { page_size: PS, pages: &pfns, addrs: &src, pre_fence: Some(&failed) })
+        .copy_to_devmem(&CopyRequest {
+            page_size: PS,
+            pages: &pfns,
+            addrs: &src,
+            pre_fence: Some(&failed),
+        })
         .unwrap();
     let e = f.wait_timeout(LONG).unwrap_err();
     assert!(e.to_string().contains("upstream"), "{e}");
@@ -183,7 +220,11 @@ fn failed_pre_fences_fail_the_call_fence() {
     let e = f.wait_timeout(LONG).unwrap_err();
     assert!(e.to_string().contains("late"), "{e}");
     assert_eq!(
-        env.backend.ze_pagemap(PagemapId(0)).unwrap().stats().failed_pre_fences,
+        env.backend
+            .ze_pagemap(PagemapId(0))
+            .unwrap()
+            .stats()
+            .failed_pre_fences,
         1
     );
     pm.devmem().devmem_release(b);
@@ -257,7 +298,10 @@ fn events_are_recycled_only_once_retired_under_load() {
         "events bounded: {} live ({stats:?})",
         mid.live_events - start.live_events
     );
-    assert!(stats.resets >= (threads_n * per_thread) as u64 / 2, "{stats:?}");
+    assert!(
+        stats.resets >= (threads_n * per_thread) as u64 / 2,
+        "{stats:?}"
+    );
     assert!(mid.events_host_reset > start.events_host_reset);
     assert_eq!(mid.strict_violations, 0);
     drop((kept, pms, host));

@@ -161,10 +161,17 @@ impl Engine {
             *appended += 1;
             counters.appends.fetch_add(1, Ordering::Relaxed);
         };
-        // SAFETY (every block below): the caller vouches for the list, memory and events.
         match ops {
-            [] => unsafe { ctx.append_barrier(list, Some(signal), waits) }.map(|()| count(appended)),
-            [op] => unsafe { append(ctx, list, op, Some(signal), waits) }.map(|()| count(appended)),
+            [] => {
+                // SAFETY: the caller vouches for the list, memory and events.
+                let r = unsafe { ctx.append_barrier(list, Some(signal), waits) };
+                r.map(|()| count(appended))
+            }
+            [op] => {
+                // SAFETY: as above.
+                let r = unsafe { append(ctx, list, op, Some(signal), waits) };
+                r.map(|()| count(appended))
+            }
             _ => {
                 if !waits.is_empty() {
                     // SAFETY: as above.
@@ -207,9 +214,8 @@ impl Engine {
         if !regular {
             // SAFETY: the caller vouches for memory and events; the list is ours, under the
             // engine's lock (`&mut self`).
-            let r = unsafe {
-                self.record(self.immediate, ops, signal, waits, &mut appended, counters)
-            };
+            let r =
+                unsafe { self.record(self.immediate, ops, signal, waits, &mut appended, counters) };
             return match r {
                 Ok(()) => Ok(None),
                 Err(f) if appended == 0 => Err(SubmitError::Nothing(f.about(what))),
@@ -218,8 +224,10 @@ impl Engine {
                     // What was queued runs: close it with a barrier that signals the event,
                     // so the fence reports the failure only once it has completed.
                     // SAFETY: as above.
-                    match unsafe { self.ctx.append_barrier(self.immediate, Some(signal), &mut []) }
-                    {
+                    match unsafe {
+                        self.ctx
+                            .append_barrier(self.immediate, Some(signal), &mut [])
+                    } {
                         Ok(()) => Err(SubmitError::Partial(e)),
                         Err(_) => Err(SubmitError::Nothing(e)),
                     }

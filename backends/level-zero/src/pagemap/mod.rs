@@ -13,8 +13,8 @@ use crate::fence::ZeFence;
 use arena::Arena;
 use drm_pagemap_core::{
     BackendError, BackendErrorKind, CopyCaps, CopyRequest, DeviceId, DevmemBacking, DevmemOps,
-    Direction, DmaAddr, ExtentAllocator, Fence, FenceTimeline, HostFenceWait,
-    NativeFenceKind, NativeFenceKinds, PageSize, PagemapOps, Pfn,
+    Direction, DmaAddr, ExtentAllocator, Fence, FenceTimeline, HostFenceWait, NativeFenceKind,
+    NativeFenceKinds, PageSize, PagemapOps, Pfn,
 };
 use engine::{Engine, InFlight, SubmitError};
 use plan::Op;
@@ -246,9 +246,7 @@ impl ZePagemap {
         // were mapped for this device by the core, which does not free them while the call
         // is in flight; the events belong to this device's context (sorted by domain) and
         // the in-flight record below keeps them alive until the call completes.
-        let r = unsafe {
-            eng.submit(ops, signal.handle, waits, regular, &self.counters, what)
-        };
+        let r = unsafe { eng.submit(ops, signal.handle, waits, regular, &self.counters, what) };
         let (list, forced) = match r {
             Ok(list) => (list, None),
             Err(SubmitError::Nothing(e)) => return Err(e),
@@ -380,7 +378,13 @@ impl DevmemOps for ZePagemap {
         self.allocs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(cookie, Alloc { starts, granules: g });
+            .insert(
+                cookie,
+                Alloc {
+                    starts,
+                    granules: g,
+                },
+            );
         self.counters.allocations.fetch_add(1, Ordering::Relaxed);
         self.counters.used.fetch_add(bytes, Ordering::Relaxed);
         let fence = ZeFence::new(self.seq(), self.device.id, signal, Vec::new(), None);

@@ -29,10 +29,7 @@ pub(crate) fn push(ops: &mut Vec<Op>, op: Op) {
                 _ => false,
             };
         let len = last.len + op.len;
-        if contiguous
-            && one_window(last.dst, len)
-            && last.src.is_none_or(|s| one_window(s, len))
-        {
+        if contiguous && one_window(last.dst, len) && last.src.is_none_or(|s| one_window(s, len)) {
             last.len = len;
             return;
         }
@@ -49,7 +46,14 @@ mod tests {
     fn copies(pairs: &[(u64, u64)]) -> Vec<Op> {
         let mut ops = Vec::new();
         for &(d, s) in pairs {
-            push(&mut ops, Op { dst: d, src: Some(s), len: P });
+            push(
+                &mut ops,
+                Op {
+                    dst: d,
+                    src: Some(s),
+                    len: P,
+                },
+            );
         }
         ops
     }
@@ -62,17 +66,46 @@ mod tests {
         assert_eq!(
             ops,
             vec![
-                Op { dst: b, src: Some(2 * b), len: 2 * P },
-                Op { dst: b + 2 * P, src: Some(2 * b + 5 * P), len: P },
+                Op {
+                    dst: b,
+                    src: Some(2 * b),
+                    len: 2 * P
+                },
+                Op {
+                    dst: b + 2 * P,
+                    src: Some(2 * b + 5 * P),
+                    len: P
+                },
             ]
         );
         // Descending pages do not merge.
         assert_eq!(copies(&[(b + P, 2 * b + P), (b, 2 * b)]).len(), 2);
         // Fills merge with fills only.
         let mut ops = Vec::new();
-        push(&mut ops, Op { dst: b, src: None, len: P });
-        push(&mut ops, Op { dst: b + P, src: None, len: P });
-        push(&mut ops, Op { dst: b + 2 * P, src: Some(3 * b), len: P });
+        push(
+            &mut ops,
+            Op {
+                dst: b,
+                src: None,
+                len: P,
+            },
+        );
+        push(
+            &mut ops,
+            Op {
+                dst: b + P,
+                src: None,
+                len: P,
+            },
+        );
+        push(
+            &mut ops,
+            Op {
+                dst: b + 2 * P,
+                src: Some(3 * b),
+                len: P,
+            },
+        );
         assert_eq!(ops.len(), 2);
         assert_eq!(ops[0].len, 2 * P);
     }

@@ -57,7 +57,14 @@ impl ZePagemap {
                 ))
             })?;
             let (dst, src) = if to_own { (own, a.0) } else { (a.0, own) };
-            plan::push(&mut ops, Op { dst, src: Some(src), len });
+            plan::push(
+                &mut ops,
+                Op {
+                    dst,
+                    src: Some(src),
+                    len,
+                },
+            );
         }
         Ok(ops)
     }
@@ -72,9 +79,13 @@ impl ZePagemap {
             let e = BackendError::new(e.kind.clone(), format!("pre-fence failed: {}", e.message));
             return Ok(Fence::new(ZeFence::failed(self.seq(), self.device.id, e)));
         }
-        self.counters.runs.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        self.counters
+            .runs
+            .fetch_add(ops.len() as u64, Ordering::Relaxed);
         let pages = req.addrs.iter().filter(|a| !a.is_none()).count();
-        self.counters.pages.fetch_add(pages as u64, Ordering::Relaxed);
+        self.counters
+            .pages
+            .fetch_add(pages as u64, Ordering::Relaxed);
 
         // The first command waits for the device dependencies and for the bridge event.
         let mut waits: Vec<EventHandle> = deps
@@ -106,13 +117,16 @@ impl ZePagemap {
         let what = format_args!(
             "{}: {} of {} pages in {} runs",
             self.device.id,
-            if to_own { "copy_to_devmem" } else { "copy_to_ram" },
+            if to_own {
+                "copy_to_devmem"
+            } else {
+                "copy_to_ram"
+            },
             pages,
             ops.len()
         )
         .to_string();
-        let (signal, forced) =
-            self.submit_ops(&ops, &mut waits, keep, bridge.clone(), &what)?;
+        let (signal, forced) = self.submit_ops(&ops, &mut waits, keep, bridge.clone(), &what)?;
         if let Some(b) = bridge {
             self.counters.host_bridges.fetch_add(1, Ordering::Relaxed);
             let host = FenceArray::unify(deps.host).expect("host fences are pending");

@@ -55,9 +55,10 @@ impl Failure {
     /// `ze_result_t` (see [`crate::ze_result_of`]).
     pub(crate) fn about(&self, what: impl fmt::Display) -> BackendError {
         match self {
-            Failure::Missing(e) => {
-                BackendError::new(BackendErrorKind::Unsupported, format!("level-zero {what}: {e}"))
-            }
+            Failure::Missing(e) => BackendError::new(
+                BackendErrorKind::Unsupported,
+                format!("level-zero {what}: {e}"),
+            ),
             Failure::Call(e) => {
                 let kind = if e.is_device_lost() {
                     BackendErrorKind::DeviceLost

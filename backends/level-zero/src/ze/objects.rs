@@ -1,7 +1,9 @@
 //! Contexts and what lives in them: memory, command queues and lists, event pools and events.
 //! Calls that name memory or events the caller must vouch for are `unsafe fn`s.
 
-use super::{ContextHandle, Device, Driver, EventHandle, Failure, List, PoolHandle, Queue, ze_call};
+use super::{
+    ContextHandle, Device, Driver, EventHandle, Failure, List, PoolHandle, Queue, ze_call,
+};
 use level_zero_sys::*;
 use std::ffi::c_void;
 use std::ptr::{null, null_mut};
@@ -218,7 +220,11 @@ impl Context {
 
     /// Event `index` of `pool` (signalled and waited for with host scope: the host sees the
     /// memory the signalling command wrote).
-    pub(crate) fn create_event(&self, pool: PoolHandle, index: u32) -> Result<EventHandle, Failure> {
+    pub(crate) fn create_event(
+        &self,
+        pool: PoolHandle,
+        index: u32,
+    ) -> Result<EventHandle, Failure> {
         let scope = ze_event_scope_flag_t::ZE_EVENT_SCOPE_FLAG_HOST.0;
         let desc = ze_event_desc_t {
             stype: ze_structure_type_t::ZE_STRUCTURE_TYPE_EVENT_DESC,
@@ -263,7 +269,11 @@ impl Context {
 
     /// Waits for `event` at most `timeout_ns` (`u64::MAX`: for ever); `Ok(false)` when the
     /// time ran out.
-    pub(crate) fn host_synchronize(&self, event: EventHandle, timeout_ns: u64) -> Result<bool, Failure> {
+    pub(crate) fn host_synchronize(
+        &self,
+        event: EventHandle,
+        timeout_ns: u64,
+    ) -> Result<bool, Failure> {
         // SAFETY: as in `host_signal`.
         ready(unsafe { ze_call!(self.ze, zeEventHostSynchronize(event.0, timeout_ns)) })
     }
@@ -398,10 +408,12 @@ fn wait_list(waits: &mut [EventHandle]) -> (u32, *mut ze_event_handle_t) {
         (0, null_mut())
     } else {
         // `EventHandle` is `#[repr(transparent)]` over `ze_event_handle_t`.
-        const _: () = assert!(
-            std::mem::size_of::<EventHandle>() == std::mem::size_of::<ze_event_handle_t>()
-        );
-        (waits.len() as u32, waits.as_mut_ptr() as *mut ze_event_handle_t)
+        const _: () =
+            assert!(std::mem::size_of::<EventHandle>() == std::mem::size_of::<ze_event_handle_t>());
+        (
+            waits.len() as u32,
+            waits.as_mut_ptr() as *mut ze_event_handle_t,
+        )
     }
 }
 

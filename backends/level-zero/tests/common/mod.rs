@@ -4,8 +4,8 @@
 #![allow(dead_code)]
 
 use drm_pagemap_core::{
-    Backend, DeviceId, DevmemBacking, Direction, DmaAddr, Fence, HostFrame,
-    HostMemory, PageSize, Pagemap, PagemapId, PagemapSpec, Pfn,
+    Backend, DeviceId, DevmemBacking, Direction, DmaAddr, Fence, HostFrame, HostMemory, PageSize,
+    Pagemap, PagemapId, PagemapSpec, Pfn,
 };
 use drm_pagemap_level_zero::testing::{SoftCounters, SoftDriver};
 use drm_pagemap_level_zero::{LevelZeroBackend, LevelZeroConfig, probe};
@@ -112,8 +112,14 @@ pub fn host_pages(
         host.write(f, 0, &buf);
     }
     let mut addrs = vec![DmaAddr::NONE; n];
-    host.map_frames(DeviceId(device), &frames, ps, Direction::ToDevice, &mut addrs)
-        .expect("map frames");
+    host.map_frames(
+        DeviceId(device),
+        &frames,
+        ps,
+        Direction::ToDevice,
+        &mut addrs,
+    )
+    .expect("map frames");
     (frames, addrs)
 }
 
@@ -142,7 +148,9 @@ pub fn alloc(pm: &Pagemap, n: usize, ps: PageSize) -> (DevmemBacking, Vec<Pfn>) 
     let b = pm.devmem().allocate(n, ps).expect("allocate");
     b.wait_ready().expect("clear");
     let mut pfns = vec![Pfn(0); n];
-    pm.devmem().populate_devmem_pfn(&b, &mut pfns).expect("pfns");
+    pm.devmem()
+        .populate_devmem_pfn(&b, &mut pfns)
+        .expect("pfns");
     (b, pfns)
 }
 
