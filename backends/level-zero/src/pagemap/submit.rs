@@ -114,19 +114,22 @@ impl ZePagemap {
             .collect();
         fence_deps.extend(deps.host.iter().cloned());
         let keep: Vec<Fence> = deps.device.iter().map(|(f, _)| f.clone()).collect();
-        let what = format_args!(
-            "{}: {} of {} pages in {} runs",
-            self.device.id,
-            if to_own {
-                "copy_to_devmem"
-            } else {
-                "copy_to_ram"
-            },
-            pages,
-            ops.len()
-        )
-        .to_string();
-        let (signal, forced) = self.submit_ops(&ops, &mut waits, keep, bridge.clone(), &what)?;
+        let op = if to_own {
+            "copy_to_devmem"
+        } else {
+            "copy_to_ram"
+        };
+        let (signal, forced) = self.submit_ops(
+            &ops,
+            &mut waits,
+            keep,
+            bridge.clone(),
+            &format_args!(
+                "{}: {op} of {pages} pages in {} runs",
+                self.device.id,
+                ops.len()
+            ),
+        )?;
         if let Some(b) = bridge {
             self.counters.host_bridges.fetch_add(1, Ordering::Relaxed);
             let host = FenceArray::unify(deps.host).expect("host fences are pending");
