@@ -54,6 +54,7 @@ mod caps;
 mod error;
 mod extent;
 pub mod fence;
+mod mapping;
 mod migrate;
 mod mm;
 pub mod options;
@@ -63,6 +64,7 @@ mod sync;
 mod table;
 mod time;
 mod to_ram;
+mod txn;
 mod types;
 
 pub use alloc::{AllocId, AllocState, AllocationInfo};

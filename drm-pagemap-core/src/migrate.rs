@@ -1,16 +1,17 @@
 //! Migration to device memory: collect -> classify -> plan -> map -> issue every call ->
-//! wait once -> commit all pages, or roll back leaving every source page as it was.
+//! wait once -> commit all pages, or roll back leaving every source page as it was (the
+//! transaction of [`crate::txn`]).
 
 use crate::alloc::{AllocId, AllocState, Release, release_all, release_unused};
 use crate::backend::{CopyRequest, Pagemap};
-use crate::error::{BackendError, Error, RangeProblem, Result};
+use crate::error::{Error, RangeProblem, Result};
 use crate::fence::Fence;
-use crate::mm::{AddressSpace, Deferred, MmState, Span};
+use crate::mapping::MapSource;
+use crate::mm::{AddressSpace, MmState, Span};
 use crate::page::{Kind, PageEntry, RmapEntry, Summary};
 use crate::plan::{Classified, Coalesce, Plan, PlanParams, Verdict, plan, plan_into};
-use crate::types::{
-    CopyOp, DeviceId, Direction, DmaAddr, HostFrame, PageSize, PagemapId, Pfn, VaRange,
-};
+use crate::txn::{Locked, Scratch, Txn};
+use crate::types::{CopyOp, DeviceId, Direction, HostFrame, PagemapId, Pfn, VaRange};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -107,80 +108,6 @@ pub struct MigrateReport {
 /// `pfns[k]`).
 pub type WhileCopying<'a> = &'a mut dyn FnMut(&[Pfn]);
 
-/// Which memory a mapping record came from (to undo it through the same provider).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum MapSource {
-    Host,
-    Pagemap(PagemapId),
-}
-
-/// Mappings made for one migration: every address, and the records to undo them.
-#[derive(Default)]
-pub(crate) struct Mappings {
-    pub addrs: Vec<DmaAddr>,
-    pub records: Vec<(MapSource, DeviceId, Direction, usize, usize)>,
-    pub page_size: Option<PageSize>,
-}
-
-/// Buffers one migration uses, kept per thread between migrations so that a small
-/// migration makes no heap allocation of its own (a lookup in the thread's cache instead).
-#[derive(Default)]
-struct Scratch {
-    snapshot: Vec<PageEntry>,
-    src_pfns: Vec<Pfn>,
-    plan: Plan,
-    pages: Vec<Pfn>,
-    addrs: Vec<DmaAddr>,
-    records: Vec<(MapSource, DeviceId, Direction, usize, usize)>,
-    frames: Vec<HostFrame>,
-    pfns: Vec<Pfn>,
-    fences: Vec<(usize, Fence)>,
-}
-
-/// Buffers of more entries than this are not kept (a huge migration would pin its memory).
-const SCRATCH_KEEP: usize = 1 << 14;
-
-thread_local! {
-    static SCRATCH: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
-}
-
-impl Scratch {
-    /// The thread's buffers (fresh ones if another migration of this thread holds them).
-    fn take() -> Box<Scratch> {
-        SCRATCH.with(|c| c.take()).unwrap_or_default()
-    }
-
-    /// Empties the buffers (dropping the fences) and gives them back to the thread, unless
-    /// they grew too large to keep.
-    fn put_back(mut self: Box<Scratch>) {
-        let big = [
-            self.snapshot.capacity(),
-            self.src_pfns.capacity(),
-            self.plan.order.capacity(),
-            self.pages.capacity(),
-            self.addrs.capacity(),
-            self.frames.capacity(),
-            self.pfns.capacity(),
-        ]
-        .into_iter()
-        .any(|c| c > SCRATCH_KEEP);
-        if big || self.records.capacity() > SCRATCH_KEEP || self.fences.capacity() > 1024 {
-            return;
-        }
-        self.snapshot.clear();
-        self.src_pfns.clear();
-        self.plan.calls.clear();
-        self.plan.order.clear();
-        self.pages.clear();
-        self.addrs.clear();
-        self.records.clear();
-        self.frames.clear();
-        self.pfns.clear();
-        self.fences.clear();
-        SCRATCH.with(|c| c.set(Some(self)));
-    }
-}
-
 /// Where a migration's pages go.
 #[derive(Clone, Copy)]
 enum Target {
@@ -209,16 +136,27 @@ struct Collected {
 /// A refused request: what to release (a reserved allocation is consumed), and why.
 type Refused = Box<(Option<Release>, Error)>;
 
-/// What must be undone when a migration unwinds (a backend or the caller's work panicked)
-/// between locking its pages and switching the page table.
-#[derive(Default)]
-struct InFlight {
-    /// The destination allocation, once there is one.
-    alloc: Option<AllocId>,
-    /// The mappings made so far.
-    maps: Mappings,
-    /// The page table has switched: nothing is left to undo.
-    committed: bool,
+/// A migration's request, handed to its transaction's body.
+struct Run<'r, 'w> {
+    span: Span,
+    dest: &'r Pagemap,
+    /// The allocation the caller reserved, and its pfns.
+    reserved: Option<(AllocId, Arc<[Pfn]>)>,
+    range: VaRange,
+    details: &'r MigrateDetails,
+    trace: Option<&'r mut Vec<CopyCall>>,
+    while_copying: Option<WhileCopying<'w>>,
+    t0: Instant,
+}
+
+/// The thread's buffers a migration uses besides its transaction's (see [`Scratch`]).
+struct Buffers<'a> {
+    snapshot: &'a [PageEntry],
+    src_pfns: &'a [Pfn],
+    plan: &'a mut Plan,
+    pages: &'a mut Vec<Pfn>,
+    frames: &'a mut Vec<HostFrame>,
+    pfns: &'a mut Vec<Pfn>,
 }
 
 impl AddressSpace {
@@ -301,9 +239,10 @@ impl AddressSpace {
         r
     }
 
-    /// Collects and locks the pages, then runs the migration; whatever happens after the
-    /// pages are locked (an error, or a panic of a backend or of the caller's work), they
-    /// are committed or rolled back, never left locked.
+    /// Collects and locks the pages, then runs the migration as a transaction
+    /// ([`crate::txn`]): whatever happens after the pages are locked (an error, or a panic of
+    /// a backend or of the caller's work), they are committed or rolled back, never left
+    /// locked.
     fn migrate_with(
         &self,
         target: Target,
@@ -323,39 +262,57 @@ impl AddressSpace {
                 return Err(e);
             }
         };
-        let span = collected.span;
-        let mut flight = InFlight {
-            alloc: collected.reserved.as_ref().map(|d| d.alloc),
-            maps: Mappings {
-                addrs: std::mem::take(&mut sc.addrs),
-                records: std::mem::take(&mut sc.records),
-                page_size: Some(span.page_size),
-            },
-            committed: false,
+        let Collected {
+            span,
+            dest,
+            reserved,
+        } = collected;
+        let Scratch {
+            snapshot,
+            src_pfns,
+            plan,
+            pages,
+            frames,
+            pfns,
+            maps,
+            copies,
+            new_frames,
+            ..
+        } = sc;
+        let mut txn = Txn::new(
+            self,
+            range,
+            dest.id(),
+            Locked::Span(span),
+            span.page_size,
+            maps,
+            copies,
+            new_frames,
+            details.fence_timeout,
+        );
+        let reserved = reserved.map(|d| {
+            txn.adopt_allocation(d.alloc, d.pre_fence, dest.device());
+            (d.alloc, d.pfns)
+        });
+        let bufs = Buffers {
+            snapshot,
+            src_pfns,
+            plan,
+            pages,
+            frames,
+            pfns,
         };
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.run_collected(
-                collected,
-                range,
-                details,
-                trace,
-                while_copying,
-                sc,
-                &mut flight,
-                t0,
-            )
-        }));
-        match run {
-            Ok(r) => {
-                sc.addrs = std::mem::take(&mut flight.maps.addrs);
-                sc.records = std::mem::take(&mut flight.maps.records);
-                r
-            }
-            Err(panic) => {
-                self.unwind_migration(span, &mut flight, &mut sc.fences, details.fence_timeout);
-                std::panic::resume_unwind(panic)
-            }
-        }
+        let run = Run {
+            span,
+            dest: &dest,
+            reserved,
+            range,
+            details,
+            trace,
+            while_copying,
+            t0,
+        };
+        txn.run(|txn| self.run_collected(txn, run, bufs))
     }
 
     /// Validates the request, snapshots the pages and locks them. Refused when a page is
@@ -498,83 +455,38 @@ impl AddressSpace {
         })
     }
 
-    /// Rolls back a migration that unwound: its pages are unlocked unchanged; its
-    /// destination is released, or parked until the copies already issued are done.
-    fn unwind_migration(
-        &self,
-        span: Span,
-        flight: &mut InFlight,
-        fences: &mut Vec<(usize, Fence)>,
-        fence_timeout: Option<Duration>,
-    ) {
-        if flight.committed {
-            return;
-        }
-        let maps = std::mem::take(&mut flight.maps);
-        // Copies issued may still write the destination: wait for them as an error would
-        // (as long as the migration's fence timeout allows; a wait that panics again counts
-        // as not done), then park it if some are still running; otherwise it goes now.
-        let used = !fences.is_empty();
-        for (_, f) in fences.iter() {
-            if !f.is_signaled() {
-                let wait = std::panic::AssertUnwindSafe(|| f.wait_for(fence_timeout));
-                let _ = std::panic::catch_unwind(wait);
-            }
-        }
-        let running = fences.iter().any(|(_, f)| !f.is_signaled());
-        let deferred = match flight.alloc {
-            Some(alloc) if running => Some(Deferred {
-                fences: fences.drain(..).map(|(_, f)| f).collect(),
-                unmap: maps,
-                slot: Some(alloc.slot),
-                frames: Vec::new(),
-            }),
-            _ => {
-                self.unmap(&maps);
-                None
-            }
-        };
-        roll_back(self, span, flight.alloc, deferred, used);
-    }
-
     /// Everything after the pages are locked: classify, allocate (when the caller did not),
-    /// map, issue, wait, commit or roll back.
-    #[allow(clippy::too_many_arguments)]
+    /// map, issue, wait, commit. Any way out before the commit rolls `txn` back.
     fn run_collected(
         &self,
-        collected: Collected,
-        range: VaRange,
-        details: &MigrateDetails,
-        trace: Option<&mut Vec<CopyCall>>,
-        while_copying: Option<WhileCopying<'_>>,
-        sc: &mut Scratch,
-        flight: &mut InFlight,
-        t0: Instant,
+        txn: &mut Txn<'_>,
+        run: Run<'_, '_>,
+        bufs: Buffers<'_>,
     ) -> Result<MigrateReport> {
-        let Collected {
+        let Run {
             span,
             dest,
             reserved,
-        } = collected;
-        let mut timing = MigrateTiming::default();
-        let Scratch {
+            range,
+            details,
+            trace,
+            while_copying,
+            t0,
+        } = run;
+        let Buffers {
             snapshot,
             src_pfns,
             plan: planned,
             pages,
-            addrs: _,
-            records: _,
             frames,
             pfns,
-            fences,
-        } = sc;
-        let (snapshot, src_pfns): (&[PageEntry], &[Pfn]) = (snapshot, src_pfns);
+        } = bufs;
+        let mut timing = MigrateTiming::default();
         // Classify and coalesce.
         let verdict = self.classify_into(snapshot, dest.id(), details, planned);
         timing.plan = t0.elapsed();
         match verdict {
             Verdict::NotNeeded => {
-                roll_back(self, span, flight.alloc, None, false);
                 return Ok(MigrateReport {
                     outcome: MigrateOutcome::NotNeeded,
                     alloc: None,
@@ -585,7 +497,6 @@ impl AddressSpace {
                 });
             }
             Verdict::Busy(reason, _) => {
-                roll_back(self, span, flight.alloc, None, false);
                 return Err(Error::Busy {
                     range,
                     pagemap: dest.id(),
@@ -596,29 +507,19 @@ impl AddressSpace {
             Verdict::Plan => {}
         }
         // Pages will move: now the destination is needed.
-        let destination = match reserved {
+        let (alloc, dst_pfns) = match reserved {
             Some(d) => d,
-            None => match self.allocate_destination(&dest, span, range) {
-                Ok(d) => {
-                    flight.alloc = Some(d.alloc);
-                    d
-                }
-                Err(e) => {
-                    roll_back(self, span, None, None, false);
-                    return Err(e);
-                }
-            },
+            None => {
+                let d = self.allocate_destination(dest, span, range)?;
+                txn.adopt_allocation(d.alloc, d.pre_fence, dest.device());
+                (d.alloc, d.pfns)
+            }
         };
-        let Destination {
-            alloc,
-            pfns: dst_pfns,
-            pre_fence,
-        } = destination;
         let job = Job {
             mm: self,
             range,
             span,
-            dest: &dest,
+            dest,
             snapshot,
             src_pfns,
             dst_pfns: &dst_pfns,
@@ -626,25 +527,19 @@ impl AddressSpace {
         let plan = &*planned;
         // Map.
         let t = Instant::now();
-        let maps = &mut flight.maps;
         pages.resize(plan.order.len(), Pfn(0));
-        maps.addrs.resize(plan.order.len(), DmaAddr::NONE);
-        if let Err(e) = job.map_all(plan, pages, maps, frames, pfns) {
-            self.unmap(maps);
-            maps.records.clear();
-            roll_back(self, span, Some(alloc), None, false);
-            return Err(e);
-        }
+        txn.prepare_addrs(plan.order.len());
+        job.map_all(txn, plan, pages, frames, pfns)?;
         let t1 = Instant::now();
         timing.map = t1 - t;
         // Issue every call before waiting for any.
         let mut calls: Vec<CopyCall> = Vec::with_capacity(plan.calls.len());
         let mut failure: Option<Error> = None;
-        for (ci, call) in plan.calls.iter().enumerate() {
+        for call in &plan.calls {
             // The destination executes most calls: no lookup for it.
             let looked_up;
             let exec = if call.executor == dest.id() {
-                &dest
+                dest
             } else {
                 match self.pagemap_for(range, call.executor) {
                     Ok(p) => {
@@ -658,38 +553,30 @@ impl AddressSpace {
                 }
             };
             let (s, e) = (call.start as usize, call.end as usize);
-            let req = CopyRequest {
-                page_size: span.page_size,
-                pages: &pages[s..e],
-                addrs: &maps.addrs[s..e],
-                pre_fence: pre_fence.as_ref(),
-            };
-            let issued = match call.op {
-                CopyOp::ToDevmem => exec.devmem().copy_to_devmem(&req),
-                CopyOp::ToRam => exec.devmem().copy_to_ram(&req),
-            };
-            match issued {
-                Ok(f) => {
-                    calls.push(CopyCall {
-                        executor: call.executor,
-                        device: exec.device(),
-                        op: call.op,
-                        pages: call.pages(),
-                        first_page: call.first_page as usize,
-                    });
-                    fences.push((ci, f));
+            let issued = {
+                let req = CopyRequest {
+                    page_size: span.page_size,
+                    pages: &pages[s..e],
+                    addrs: txn.addrs(s..e),
+                    pre_fence: txn.pre_fence(),
+                };
+                match call.op {
+                    CopyOp::ToDevmem => exec.devmem().copy_to_devmem(&req),
+                    CopyOp::ToRam => exec.devmem().copy_to_ram(&req),
                 }
-                Err(source) => {
-                    failure = Some(Error::Backend {
-                        range,
-                        op: call.op.into(),
-                        pagemap: Some(call.executor),
-                        device: Some(exec.device()),
-                        source,
-                    });
-                    break;
-                }
+            };
+            let device = exec.device();
+            if let Err(e) = txn.issued(call.op, call.executor, device, issued) {
+                failure = Some(e);
+                break;
             }
+            calls.push(CopyCall {
+                executor: call.executor,
+                device,
+                op: call.op,
+                pages: call.pages(),
+                first_page: call.first_page as usize,
+            });
         }
         if let Some(trace) = trace {
             trace.extend_from_slice(&calls);
@@ -702,67 +589,14 @@ impl AddressSpace {
         let t2 = Instant::now();
         timing.issue = t2 - t1;
         // Wait once for everything issued, then for the pre-migrate fence (it orders the
-        // clear of pages no call wrote, such as holes, and carries its error).
-        let mut timed_out = false;
-        for (k, (_, f)) in fences.iter().enumerate() {
-            if let Err(source) = f.wait_for(details.fence_timeout) {
-                timed_out |= matches!(source, crate::FenceError::Timeout(_));
-                let call = calls[k];
-                failure.get_or_insert(Error::Fence {
-                    range,
-                    what: crate::FenceRole::Copy,
-                    pagemap: Some(call.executor),
-                    device: Some(call.device),
-                    source,
-                });
-                if timed_out {
-                    break;
-                }
-            }
-        }
-        if failure.is_none()
-            && let Some(pf) = &pre_fence
-            && let Err(source) = pf.wait_for(details.fence_timeout)
-        {
-            timed_out |= matches!(source, crate::FenceError::Timeout(_));
-            failure = Some(Error::Fence {
-                range,
-                what: crate::FenceRole::PreMigrate,
-                pagemap: Some(dest.id()),
-                device: Some(dest.device()),
-                source,
-            });
-        }
+        // clear of pages no call wrote, such as holes, and carries its error). On a
+        // failure the transaction rolls back: the sources are untouched.
+        let waited = txn.wait(failure);
         let t3 = Instant::now();
         timing.wait = t3 - t2;
-        if let Some(err) = failure {
-            if timed_out {
-                // Copies (or the clear behind the pre-migrate fence) may still be writing
-                // into the destination: keep it (and its mappings) until their fences
-                // signal. The sources are untouched.
-                let deferred = Deferred {
-                    fences: fences
-                        .drain(..)
-                        .map(|(_, f)| f)
-                        .chain(pre_fence.clone())
-                        .collect(),
-                    unmap: std::mem::take(maps),
-                    slot: Some(alloc.slot),
-                    frames: Vec::new(),
-                };
-                roll_back(self, span, Some(alloc), Some(deferred), true);
-            } else {
-                self.unmap(maps);
-                maps.records.clear();
-                // A call that failed to submit may have written part of its pages.
-                roll_back(self, span, Some(alloc), None, true);
-            }
-            return Err(err);
-        }
-        self.unmap(maps);
-        maps.records.clear();
+        waited?;
         // Commit. A timeslice past any reachable instant saturates ("for ever").
-        flight.committed = true;
+        txn.commit();
         let expires = crate::time::saturating_after(t3, details.timeslice);
         let generation = job.commit(alloc, expires, frames);
         timing.commit = t3.elapsed();
@@ -847,49 +681,6 @@ impl AddressSpace {
             out,
         )
     }
-
-    pub(crate) fn unmap(&self, maps: &Mappings) {
-        let Some(ps) = maps.page_size else { return };
-        for &(src, dev, dir, s, e) in &maps.records {
-            let addrs = &maps.addrs[s..e];
-            match src {
-                MapSource::Host => self.host.unmap_frames(dev, addrs, ps, dir),
-                MapSource::Pagemap(id) => {
-                    if let Some(pm) = self.pagemap(id) {
-                        pm.ops().device_unmap(dev, addrs, ps, dir)
-                    }
-                }
-            }
-        }
-    }
-
-    /// Finishes deferred cleanups whose fences have all signalled.
-    pub(crate) fn reap_deferred(&self) {
-        let ready: Vec<Deferred> = {
-            let mut st = self.lock();
-            if st.deferred.is_empty() {
-                return;
-            }
-            let (ready, pending) = std::mem::take(&mut st.deferred)
-                .into_iter()
-                .partition(|d| d.fences.iter().all(Fence::is_signaled));
-            st.deferred = pending;
-            ready
-        };
-        for d in ready {
-            self.unmap(&d.unmap);
-            let rel = d.slot.and_then(|s| self.lock().allocs.remove(s));
-            release_all(rel.into_iter().collect());
-            self.free_frames(&d.frames);
-        }
-    }
-
-    /// Cleanups waiting for late fences: destinations of timed-out migrations, and system
-    /// frames of timed-out copies back to RAM.
-    pub fn deferred_cleanups(&self) -> usize {
-        self.reap_deferred();
-        self.lock().deferred.len()
-    }
 }
 
 /// One migration in progress, between collect and commit.
@@ -904,12 +695,12 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Fills `pages` and `maps` for every call of `plan`.
+    /// Fills `pages`, and the mappings of `txn`, for every call of `plan`.
     fn map_all(
         &self,
+        txn: &mut Txn<'_>,
         plan: &Plan,
         pages: &mut [Pfn],
-        maps: &mut Mappings,
         frames: &mut Vec<HostFrame>,
         pfns: &mut Vec<Pfn>,
     ) -> Result<()> {
@@ -926,14 +717,13 @@ impl Job<'_> {
                         pages[s + k] = self.src_pfns[i as usize];
                         pfns.push(self.dst_pfns[i as usize]);
                     }
-                    self.map(
+                    txn.map(
                         MapSource::Pagemap(self.dest.id()),
                         exec.device(),
                         Direction::FromDevice,
                         &[],
                         pfns,
                         s,
-                        maps,
                     )?;
                 }
                 CopyOp::ToDevmem => {
@@ -970,14 +760,13 @@ impl Job<'_> {
                             }
                         }
                         let j = k + frames.len() + pfns.len();
-                        self.map(
+                        txn.map(
                             src,
                             self.dest.device(),
                             Direction::ToDevice,
                             frames,
                             pfns,
                             s + k,
-                            maps,
                         )?;
                         k = j;
                     }
@@ -992,52 +781,6 @@ impl Job<'_> {
         match e.kind() {
             Kind::Device => MapSource::Pagemap(e.pagemap()),
             _ => MapSource::Host,
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn map(
-        &self,
-        src: MapSource,
-        device: DeviceId,
-        dir: Direction,
-        frames: &[HostFrame],
-        pfns: &[Pfn],
-        at: usize,
-        maps: &mut Mappings,
-    ) -> Result<()> {
-        let ps = self.span.page_size;
-        let n = frames.len() + pfns.len();
-        let out = &mut maps.addrs[at..at + n];
-        let res: std::result::Result<(), BackendError> = match src {
-            MapSource::Host => self.mm.host.map_frames(device, frames, ps, dir, out),
-            MapSource::Pagemap(id) => {
-                let pm = self.mm.pagemap_for(self.range, id)?;
-                pm.ops().device_map(device, pfns, ps, dir, out)
-            }
-        };
-        match res {
-            Ok(()) => {
-                maps.records.push((src, device, dir, at, at + n));
-                Ok(())
-            }
-            Err(source) => {
-                out.fill(DmaAddr::NONE);
-                Err(Error::Backend {
-                    range: self.range,
-                    op: match src {
-                        MapSource::Host => crate::BackendOp::MapFrames,
-                        MapSource::Pagemap(_) => crate::BackendOp::DeviceMap,
-                    },
-                    // System memory has no pagemap: name the destination.
-                    pagemap: match src {
-                        MapSource::Host => Some(self.dest.id()),
-                        MapSource::Pagemap(id) => Some(id),
-                    },
-                    device: Some(device),
-                    source,
-                })
-            }
         }
     }
 
@@ -1116,35 +859,5 @@ impl Job<'_> {
         }
         release_all(releases);
         generation
-    }
-}
-
-/// Unlocks the pages of `span` (unchanged) and releases the destination `alloc`, or parks it
-/// in `deferred` until its fences signal. `used`: a copy was issued into it (else it goes
-/// back through [`crate::DevmemOps::devmem_release_unused`]).
-fn roll_back(
-    mm: &AddressSpace,
-    span: Span,
-    alloc: Option<AllocId>,
-    deferred: Option<Deferred>,
-    used: bool,
-) {
-    let rel = {
-        let mut st = mm.lock();
-        st.set_locked(span, false);
-        let rel = match deferred {
-            Some(d) => {
-                st.deferred.push(d);
-                None
-            }
-            None => alloc.and_then(|a| st.allocs.remove(a.slot)),
-        };
-        mm.notify_unlocked(&st);
-        rel
-    };
-    if used {
-        release_all(rel.into_iter().collect());
-    } else {
-        release_unused(rel);
     }
 }

@@ -94,11 +94,12 @@ fn out_of_memory(range: VaRange, what: &'static str, e: NoMemory) -> Error {
     }
 }
 
-/// Deferred cleanup of a migration whose copies did not finish in time: the destination
-/// allocation stays reserved (and mapped) until its fences signal.
+/// Deferred cleanup of a transaction whose copies did not finish in time (see
+/// [`crate::txn`]): its destination (a migration's allocation, the system frames of a copy
+/// back to RAM) stays reserved, and mapped, until its fences signal.
 pub(crate) struct Deferred {
     pub fences: Vec<crate::Fence>,
-    pub unmap: crate::migrate::Mappings,
+    pub unmap: crate::mapping::Mappings,
     /// The destination allocation of a migration, released once the fences signal.
     pub slot: Option<u32>,
     /// Host frames a copy back to RAM may still write, freed once the fences signal.
@@ -270,6 +271,40 @@ impl MmState {
             pages.for_each(|s| s.iter_mut().for_each(|p| *p = p.locked()));
         } else {
             pages.for_each(|s| s.iter_mut().for_each(|p| *p = p.unlocked()));
+        }
+    }
+
+    /// Stamps the pages `picked` (an allocation's `(index, reverse-map entry)` pairs, see
+    /// [`MmState::touch`]): once per run of one range, over the span from its lowest to its
+    /// highest page.
+    pub(crate) fn touch_pages(&mut self, picked: &[(u32, RmapEntry)]) {
+        let mut run: Option<(u32, u32, u32)> = None;
+        for &(_, r) in picked {
+            let (slot, page) = (r.range_slot(), r.page());
+            run = match run {
+                Some((s, lo, hi)) if s == slot => Some((s, lo.min(page), hi.max(page))),
+                Some((s, lo, hi)) => {
+                    self.touch(s, lo as usize, (hi - lo + 1) as usize);
+                    Some((slot, page, page))
+                }
+                None => Some((slot, page, page)),
+            };
+        }
+        if let Some((s, lo, hi)) = run {
+            self.touch(s, lo as usize, (hi - lo + 1) as usize);
+        }
+    }
+
+    /// [`MmState::set_locked`] for the pages `picked` (entries written before: no
+    /// allocation).
+    pub(crate) fn set_pages_locked(&mut self, picked: &[(u32, RmapEntry)], locked: bool) {
+        self.touch_pages(picked);
+        for &(_, r) in picked {
+            let p = self
+                .range_mut(r.range_slot())
+                .pages
+                .entry_mut(r.page() as usize);
+            *p = if locked { p.locked() } else { p.unlocked() };
         }
     }
 }

@@ -1,14 +1,14 @@
 //! Back to system memory: eviction of an allocation and the CPU-fault path. Always executed
 //! by the device that owns the pages (`copy_to_ram` of the allocation's pagemap), never with a
-//! pre-migrate fence. All pages of one pass or none.
+//! pre-migrate fence. All pages of one pass or none (the transaction of [`crate::txn`]).
 
 use crate::alloc::{AllocId, AllocState, Release, release_all};
 use crate::backend::CopyRequest;
 use crate::error::{BusyReason, Error, Result};
-use crate::migrate::{MapSource, Mappings};
-use crate::mm::{AddressSpace, Deferred, MmState};
+use crate::mm::AddressSpace;
 use crate::page::{PageEntry, RmapEntry};
-use crate::types::{Direction, DmaAddr, HostFrame, PageSize, PagemapId, Pfn, VaRange};
+use crate::txn::{Locked, Scratch, Txn};
+use crate::types::{CopyOp, Direction, Pfn, VaRange};
 
 /// What an eviction did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,18 +25,6 @@ struct Window {
     range_slot: u32,
     first: u32,
     end: u32,
-}
-
-/// A copy back to RAM between locking its pages and committing: what to undo if it fails.
-#[derive(Default)]
-struct ToRamFlight {
-    /// The new system frames.
-    frames: Vec<HostFrame>,
-    /// Their mapping for the owning device, while it stands.
-    mapped: Option<(crate::DeviceId, Vec<DmaAddr>)>,
-    /// The copy's fence, from issue until it is known to be done (while it is here, the
-    /// copy may still write the frames: it timed out, or the wait unwound).
-    fence: Option<crate::Fence>,
 }
 
 /// One pass's outcome.
@@ -145,8 +133,34 @@ impl AddressSpace {
     }
 
     fn to_ram_pass(&self, alloc: AllocId, window: Option<Window>, range: VaRange) -> Result<Pass> {
+        let mut sc = Scratch::take();
+        let r = self.to_ram_pass_with(alloc, window, range, &mut sc);
+        sc.put_back();
+        r
+    }
+
+    /// [`AddressSpace::to_ram_pass`] in the thread's buffers `sc`: collects and locks the
+    /// pages, then copies them back as a transaction ([`crate::txn`]): whatever happens after
+    /// the pages are locked (an error, a timeout, a panic of the backend), they are committed
+    /// or unlocked unchanged, and the new frames a copy may still write are parked until its
+    /// fence signals.
+    fn to_ram_pass_with(
+        &self,
+        alloc: AllocId,
+        window: Option<Window>,
+        range: VaRange,
+        sc: &mut Scratch,
+    ) -> Result<Pass> {
+        let Scratch {
+            picked,
+            pages,
+            maps,
+            copies,
+            new_frames,
+            ..
+        } = sc;
         // Collect and lock the pages of `alloc` (inside `window`).
-        let (pm_id, ps, picked, pages) = {
+        let (pm_id, ps) = {
             let mut st = self.lock();
             let Some(rec) = st.allocs.get(alloc) else {
                 return Err(Error::NoSuchAllocation { alloc });
@@ -175,8 +189,8 @@ impl AddressSpace {
                 });
             }
             let (pm_id, ps) = (rec.pagemap, rec.page_size);
-            let mut picked: Vec<(u32, RmapEntry)> = Vec::with_capacity(rec.rmap.len());
-            let mut pages: Vec<Pfn> = Vec::with_capacity(rec.rmap.len());
+            picked.clear();
+            pages.clear();
             let mut busy = 0;
             for (j, r) in rec.rmap.iter().enumerate() {
                 if r.is_empty() {
@@ -199,14 +213,7 @@ impl AddressSpace {
                 picked.push((j as u32, *r));
                 pages.push(rec.pfns[j]);
             }
-            touch_picked(&mut st, &picked);
-            for &(_, r) in &picked {
-                let p = st
-                    .range_mut(r.range_slot())
-                    .pages
-                    .entry_mut(r.page() as usize);
-                *p = p.locked();
-            }
+            st.set_pages_locked(picked, true);
             if picked.is_empty() {
                 return Ok(Pass {
                     moved: 0,
@@ -214,187 +221,67 @@ impl AddressSpace {
                     gone: false,
                 });
             }
-            (pm_id, ps, picked, pages)
+            (pm_id, ps)
         };
+        let picked: &[(u32, RmapEntry)] = picked;
+        let pages: &[Pfn] = pages;
         let n = picked.len();
-        // From here the picked pages carry their lock bit: every exit commits or unlocks
-        // them, also when the backend panics (then the frames a copy may still write are
-        // parked until its fence signals, and the panic continues).
-        let mut flight = ToRamFlight::default();
-        let copied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.copy_back(pm_id, ps, &pages, range, &mut flight)
-        }));
-        let failure = match copied {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(Ok(e)),
-            Err(panic) => Some(Err(panic)),
-        };
-        if let Some(failure) = failure {
-            self.abandon_copy_back(&mut flight, ps);
-            let mut st = self.lock();
-            touch_picked(&mut st, &picked);
-            for &(_, r) in &picked {
-                let p = st
-                    .range_mut(r.range_slot())
-                    .pages
-                    .entry_mut(r.page() as usize);
-                *p = p.unlocked();
-            }
-            self.notify_unlocked(&st);
-            drop(st);
-            match failure {
-                Ok(e) => return Err(e),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        let frames = std::mem::take(&mut flight.frames);
-        // Commit: the pages become system pages; the allocation loses them.
-        let mut releases: Vec<Release> = Vec::new();
-        let gone = {
-            let mut st = self.lock();
-            touch_picked(&mut st, &picked);
-            let st = &mut *st;
-            let rmap = &mut st.allocs.get_mut(alloc).expect("live").rmap;
-            for (&(j, r), &f) in picked.iter().zip(&frames) {
-                *st.range_slots[r.range_slot() as usize]
-                    .as_mut()
-                    .expect("range slot in use")
-                    .pages
-                    .entry_mut(r.page() as usize) = PageEntry::system(f);
-                rmap[j as usize] = RmapEntry::EMPTY;
-            }
-            st.allocs.put_pages(alloc.slot, n as u32, &mut releases);
-            self.notify_unlocked(st);
-            st.allocs.get(alloc).is_none()
-        };
-        release_all(releases);
-        Ok(Pass {
-            moved: n,
-            busy: 0,
-            gone,
-        })
-    }
-
-    /// Copies `pages` of `alloc` back into new system frames (kept in `flight`, which also
-    /// records what to undo if this fails or unwinds).
-    fn copy_back(
-        &self,
-        pm_id: PagemapId,
-        ps: PageSize,
-        pages: &[Pfn],
-        range: VaRange,
-        flight: &mut ToRamFlight,
-    ) -> Result<()> {
-        let pm = self.pagemap_for(range, pm_id)?;
-        let dev = pm.device();
-        let backend = |op, source| Error::Backend {
+        // From here the picked pages carry their lock bit: the transaction commits or
+        // unlocks them, also when the backend panics.
+        let txn = Txn::new(
+            self,
             range,
-            op,
-            pagemap: Some(pm_id),
-            device: Some(dev),
-            source,
-        };
-        let n = pages.len();
-        // Destination frames, mapped for the owning device.
-        let mut frames: Vec<HostFrame> = vec![HostFrame(0); n];
-        self.host
-            .alloc_frames(ps, &mut frames)
-            .map_err(|e| backend(crate::BackendOp::AllocFrames, e))?;
-        flight.frames = frames;
-        let mut addrs = vec![DmaAddr::NONE; n];
-        self.host
-            .map_frames(dev, &flight.frames, ps, Direction::FromDevice, &mut addrs)
-            .map_err(|e| backend(crate::BackendOp::MapFrames, e))?;
-        flight.mapped = Some((dev, addrs));
-        let addrs = &flight.mapped.as_ref().expect("just mapped").1;
-        let req = CopyRequest {
-            page_size: ps,
-            pages,
-            addrs,
-            pre_fence: None,
-        };
-        let fence = pm
-            .devmem()
-            .copy_to_ram(&req)
-            .map_err(|e| backend(crate::BackendOp::CopyToRam, e))?;
-        let fence = flight.fence.insert(fence);
-        if let Err(source) = fence.wait_for(self.to_ram_fence_timeout()) {
-            if !matches!(source, crate::FenceError::Timeout(_)) {
-                // The copy ended (with an error): nothing writes the frames any more.
-                flight.fence = None;
-            }
-            return Err(Error::Fence {
-                range,
-                what: crate::FenceRole::Copy,
-                pagemap: Some(pm_id),
-                device: Some(dev),
-                source,
-            });
-        }
-        flight.fence = None;
-        if let Some((dev, addrs)) = flight.mapped.take() {
-            self.host
-                .unmap_frames(dev, &addrs, ps, Direction::FromDevice);
-        }
-        Ok(())
-    }
-
-    /// Undoes a copy back to RAM that failed or unwound: the frames (and their mapping) are
-    /// freed, or parked until the copy's fence signals when it may still write them (it
-    /// timed out, or the backend panicked after issuing it, and the fence has not signalled).
-    fn abandon_copy_back(&self, flight: &mut ToRamFlight, ps: PageSize) {
-        let frames = std::mem::take(&mut flight.frames);
-        let mapped = flight.mapped.take();
-        match flight.fence.take() {
-            Some(late) if !late.is_signaled() => {
-                let unmap = match mapped {
-                    Some((dev, addrs)) => {
-                        let n = addrs.len();
-                        Mappings {
-                            addrs,
-                            records: vec![(MapSource::Host, dev, Direction::FromDevice, 0, n)],
-                            page_size: Some(ps),
-                        }
-                    }
-                    None => Mappings::default(),
+            pm_id,
+            Locked::Pages(picked),
+            ps,
+            maps,
+            copies,
+            new_frames,
+            self.to_ram_fence_timeout(),
+        );
+        txn.run(|txn| {
+            let pm = self.pagemap_for(range, pm_id)?;
+            let dev = pm.device();
+            // Destination frames, mapped for the owning device.
+            txn.alloc_frames(n, dev)?;
+            txn.map_frames(dev, Direction::FromDevice)?;
+            let issued = {
+                let req = CopyRequest {
+                    page_size: ps,
+                    pages,
+                    addrs: txn.addrs(0..n),
+                    pre_fence: None,
                 };
-                let deferred = Deferred {
-                    fences: vec![late],
-                    unmap,
-                    slot: None,
-                    frames: frames.iter().map(|&f| (f, ps)).collect(),
-                };
-                self.lock().deferred.push(deferred);
-            }
-            _ => {
-                if let Some((dev, addrs)) = mapped {
-                    self.host
-                        .unmap_frames(dev, &addrs, ps, Direction::FromDevice);
+                pm.devmem().copy_to_ram(&req)
+            };
+            txn.issued(CopyOp::ToRam, pm_id, dev, issued)?;
+            txn.wait(None)?;
+            txn.commit();
+            // The pages become system pages; the allocation loses them.
+            let mut releases: Vec<Release> = Vec::new();
+            let gone = {
+                let mut st = self.lock();
+                st.touch_pages(picked);
+                let st = &mut *st;
+                let rmap = &mut st.allocs.get_mut(alloc).expect("live").rmap;
+                for (&(j, r), &f) in picked.iter().zip(txn.frames()) {
+                    *st.range_slots[r.range_slot() as usize]
+                        .as_mut()
+                        .expect("range slot in use")
+                        .pages
+                        .entry_mut(r.page() as usize) = PageEntry::system(f);
+                    rmap[j as usize] = RmapEntry::EMPTY;
                 }
-                if !frames.is_empty() {
-                    self.host.free_frames(&frames, ps);
-                }
-            }
-        }
-    }
-}
-
-/// Stamps the pages of `picked` (see [`MmState::touch`]): once per run of one range, over
-/// the span from its lowest to its highest page.
-fn touch_picked(st: &mut MmState, picked: &[(u32, RmapEntry)]) {
-    let mut run: Option<(u32, u32, u32)> = None;
-    for &(_, r) in picked {
-        let (slot, page) = (r.range_slot(), r.page());
-        run = match run {
-            Some((s, lo, hi)) if s == slot => Some((s, lo.min(page), hi.max(page))),
-            Some((s, lo, hi)) => {
-                st.touch(s, lo as usize, (hi - lo + 1) as usize);
-                Some((slot, page, page))
-            }
-            None => Some((slot, page, page)),
-        };
-    }
-    if let Some((s, lo, hi)) = run {
-        st.touch(s, lo as usize, (hi - lo + 1) as usize);
+                st.allocs.put_pages(alloc.slot, n as u32, &mut releases);
+                self.notify_unlocked(st);
+                st.allocs.get(alloc).is_none()
+            };
+            release_all(releases);
+            Ok(Pass {
+                moved: n,
+                busy: 0,
+                gone,
+            })
+        })
     }
 }
