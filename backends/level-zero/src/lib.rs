@@ -81,9 +81,12 @@ pub const DEFAULT_HOST_CAPACITY: u64 = 16 << 30;
 /// Most bytes of host memory for system pages: 128 TiB, the user address space of x86-64.
 pub const MAX_HOST_CAPACITY: u64 = 1 << 47;
 /// Default runs from which a call is recorded in a regular command list instead of the
-/// immediate list. A first guess: the CPU cost of both paths is to be measured
-/// (`benches`), and the crossover written down there.
-pub const DEFAULT_REGULAR_LIST_MIN_RUNS: usize = 16;
+/// immediate list: where the calling thread's cost of a scattered 4 KiB call crosses over
+/// (bench `l0_copy`, BENCHMARKS.md, "Level Zero"): through the loader and the software
+/// driver the immediate list costs less up to 64 runs, the regular list from 128 on. The
+/// backend's own work per run is the same on both paths; the crossover is the driver's, so
+/// re-measure it on Intel hardware (`level-zero.regular_list_min_runs`).
+pub const DEFAULT_REGULAR_LIST_MIN_RUNS: usize = 128;
 
 /// How to open the Level Zero backend.
 ///
