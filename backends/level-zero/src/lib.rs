@@ -1,11 +1,26 @@
 //! # drm-pagemap-level-zero
 //!
-//! The Level Zero backend of drm-pagemap: the core's traits on Level Zero devices, through
+//! The Level Zero backend of drm-pagemap, registered as `"level-zero"`: drm-pagemap-core's
+//! [`Backend`], [`HostMemory`], `PagemapOps` and `DevmemOps` on Level Zero devices, through
 //! Debian's real loader (`libze_loader.so.1`, opened at run time by `level-zero-sys`'s
-//! [`Loader`](level_zero_sys::Loader): the crate builds and its tests pass on machines
+//! [`Loader`]: the crate builds and its tests pass on machines
 //! without Level Zero; there [`probe`] says why the backend is unavailable and [`open`]
-//! fails, nothing panics). Verified against the workspace's software driver (`ze-soft`)
-//! through that loader; not yet run on Intel hardware.
+//! fails, nothing panics).
+//!
+//! ## Verified where, and how
+//!
+//! Verified through Debian's Level Zero loader 1.8.12 against the workspace's software
+//! driver (`ze-soft`, loaded with `ZE_ENABLE_ALT_DRIVERS`): copies with bytes read back on
+//! immediate and regular lists, peer pushes, pre-fences as wait events, bridged host fences,
+//! event recycling under load, out of device memory, a lost device, injected append and
+//! submission failures, an event that never signals, eight threads copying at once; the
+//! same scenario with the loader wrapping every handle (`ZE_ENABLE_LOADER_INTERCEPT=1`) and
+//! under the validation layer (`ZE_ENABLE_VALIDATION_LAYER=1
+//! ZE_ENABLE_PARAMETER_VALIDATION=1`, every call accepted). **It has not yet run on Intel
+//! hardware**: the crate's tests always route the loader to `ze-soft` (they need its fault
+//! injection and counters), so no real driver has exercised it.
+//!
+//! ## The contract
 //!
 //! - **Devices**: every root device of every driver (`zeInit(ZE_INIT_FLAG_GPU_ONLY)`) with a
 //!   queue group that copies; one context per driver.
@@ -22,10 +37,17 @@
 //!   [`LevelZeroConfig::regular_list_min_runs`] runs goes to the pagemap's immediate command
 //!   list, a larger one is recorded as one regular command list (one append per run) and
 //!   submitted once. Several commands are framed by barriers: the first waits for the
-//!   pre-fence, the last signals the call's event.
+//!   pre-fence, the last signals the call's event. The default threshold
+//!   ([`DEFAULT_REGULAR_LIST_MIN_RUNS`], 128) is where the calling thread's cost crosses
+//!   over (bench `l0_copy`, BENCHMARKS.md).
 //! - **Fences** ([`ZeFence`]) are events from host-visible pools, recycled (reset) only once
-//!   retired: the fence is gone and every command that waits for the event has completed.
-//!   A pre-fence that is an event of the same context ([`NativeFenceKind::LEVEL_ZERO_EVENT`],
+//!   retired: the fence is gone and every command that signals or waits for the event has
+//!   completed. Each call is retired on its own event: an event that never signals (a hung
+//!   command) keeps its call's record, and so the event, for ever (it is never reset while
+//!   that command might still signal it), without holding back later calls; its fence's
+//!   [`Fence::wait_timeout`](drm_pagemap_core::Fence::wait_timeout) returns
+//!   [`FenceError::Timeout`](drm_pagemap_core::FenceError::Timeout).
+//!   A pre-fence that is an event of the same context ([`LEVEL_ZERO_EVENT`](drm_pagemap_core::NativeFenceKind::LEVEL_ZERO_EVENT),
 //!   also inside a [`drm_pagemap_core::FenceArray`]) is a wait event of the first command (no
 //!   CPU wait); any other pending pre-fence is bridged into the queue: the command waits for a
 //!   fresh event that a callback of that fence host-signals (no thread per copy); a failed
@@ -40,13 +62,28 @@
 //!   append fails closes what it queued with a barrier and returns a fence that fails once
 //!   that has completed, so nothing is freed under a running command.
 //!
-//! Limits: system memory lives in the first driver's context, so devices of other drivers
-//! cannot map system pages (their `map_frames` fails); dropping a pagemap waits at most 5 s
-//! for its pending work (a lost device never completes it).
+//! ## Options
 //!
-//! Configured by [`LevelZeroConfig`] (pure `Default`) or a [`BackendConfig`]'s
-//! `level-zero.*` options ([`LevelZeroConfig::from_backend_config`]). The library reads no
-//! environment variable (the loader and the drivers it loads read theirs).
+//! [`LevelZeroConfig`] (pure `Default`), or a [`BackendConfig`]'s `level-zero.*` options
+//! ([`LevelZeroConfig::from_backend_config`]): `level-zero.regular_list_min_runs` (runs from
+//! which a call is a regular list, default 128), `level-zero.device_capacity` (bytes offered
+//! per device, default the device's memory), `level-zero.disable`; the generic device count
+//! and host capacity (default 16 GiB, allocated lazily). The library reads no environment
+//! variable (the loader and the drivers it loads read theirs).
+//!
+//! ## Limits
+//!
+//! - System memory lives in the first driver's context, so devices of other drivers cannot
+//!   map system pages (their `map_frames` fails).
+//! - Dropping a pagemap waits at most 5 s for its pending work (a lost device or a hung
+//!   event never completes it).
+//! - Device memory chunks are freed only when their pagemap is dropped (a chunk whose pages
+//!   are all free stays allocated: freeing it would need the lock-free address lookup of
+//!   every copy to take a lock or an epoch), and fresh allocations are cleared when allocated
+//!   (no clear-on-free yet: the clear is the allocation's pre-migrate fence, which the first
+//!   copy waits for on the device, not the CPU).
+//! - More than 16 consecutive calls whose events never signal hold back the retirement of
+//!   the calls after them (they are kept until the pagemap is dropped).
 
 mod device;
 mod events;
