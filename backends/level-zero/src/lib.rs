@@ -13,7 +13,8 @@
 //! driver (`ze-soft`, loaded with `ZE_ENABLE_ALT_DRIVERS`): copies with bytes read back on
 //! immediate and regular lists, peer pushes, pre-fences as wait events, bridged host fences,
 //! event recycling under load, out of device memory, a lost device, injected append and
-//! submission failures, an event that never signals, eight threads copying at once; the
+//! submission failures, an event that never signals, eight threads copying at once, clears
+//! on free (recycled pages read back as zeros with no pre-migrate fence) and their failure; the
 //! same scenario with the loader wrapping every handle (`ZE_ENABLE_LOADER_INTERCEPT=1`) and
 //! under the validation layer (`ZE_ENABLE_VALIDATION_LAYER=1
 //! ZE_ENABLE_PARAMETER_VALIDATION=1`, every call accepted). **It has not yet run on Intel
@@ -29,8 +30,12 @@
 //!   mapping a system page for a device is an address computation.
 //! - **Pagemaps** ([`ZePagemap`]): device memory in chunks (`zeMemAllocDevice`, at most
 //!   [`CHUNK_BYTES`] each, made when a page first lands in them), several pagemaps per
-//!   device, pages handed out by an extent allocator. A fresh allocation is cleared by
-//!   `zeCommandListAppendMemoryFill`; that clear is its pre-migrate fence.
+//!   device, pages handed out by an extent allocator. Pages not known to hold zeros are
+//!   cleared by `zeCommandListAppendMemoryFill` when allocated; that clear is the
+//!   allocation's pre-migrate fence. With [`LevelZeroConfig::clear_on_free`] (the default)
+//!   released pages are cleared on the way back and reach the allocator once that clear has
+//!   completed, so an allocation of recycled pages has no pre-migrate fence; out of pages,
+//!   an allocation waits for pending clears of released pages (at most 10 s) and retries.
 //! - **Copies** run on the device's copy group (a COPY-only group when there is one; each
 //!   pagemap takes a queue of it in turn). A call's physically contiguous entries are merged
 //!   into runs (never across an allocation); a call of fewer than
@@ -66,8 +71,9 @@
 //!
 //! [`LevelZeroConfig`] (pure `Default`), or a [`BackendConfig`]'s `level-zero.*` options
 //! ([`LevelZeroConfig::from_backend_config`]): `level-zero.regular_list_min_runs` (runs from
-//! which a call is a regular list, default 128), `level-zero.device_capacity` (bytes offered
-//! per device, default the device's memory), `level-zero.disable`; the generic device count
+//! which a call is a regular list, default 128), `level-zero.clear_on_free` (default true),
+//! `level-zero.device_capacity` (bytes offered per device, default the device's memory),
+//! `level-zero.disable`; the generic device count
 //! and host capacity (default 16 GiB, allocated lazily). The library reads no environment
 //! variable (the loader and the drivers it loads read theirs).
 //!
@@ -77,11 +83,10 @@
 //!   map system pages (their `map_frames` fails).
 //! - Dropping a pagemap waits at most 5 s for its pending work (a lost device or a hung
 //!   event never completes it).
-//! - Device memory chunks are freed only when their pagemap is dropped (a chunk whose pages
-//!   are all free stays allocated: freeing it would need the lock-free address lookup of
-//!   every copy to take a lock or an epoch), and fresh allocations are cleared when allocated
-//!   (no clear-on-free yet: the clear is the allocation's pre-migrate fence, which the first
-//!   copy waits for on the device, not the CPU).
+//! - Device memory chunks are freed only when their pagemap is dropped: a chunk whose pages
+//!   are all free stays allocated (freeing it would need the lock-free address lookup of
+//!   every copy, and the map of clean pages, to take a lock or an epoch against a chunk
+//!   going away under a call being planned).
 //! - More than 16 consecutive calls whose events never signal hold back the retirement of
 //!   the calls after them (they are kept until the pagemap is dropped).
 
@@ -133,6 +138,7 @@ pub const DEFAULT_REGULAR_LIST_MIN_RUNS: usize = 128;
 /// |---|---|---|
 /// | `regular_list_min_runs` | a positive integer | [`regular_list_min_runs`](Self::regular_list_min_runs) |
 /// | `device_capacity` | a byte count | [`device_capacity`](Self::device_capacity) |
+/// | `clear_on_free` | a boolean | [`clear_on_free`](Self::clear_on_free) |
 /// | `disable` | a boolean | [`disable`](Self::disable) |
 ///
 /// [`BackendConfig::devices`] and [`BackendConfig::host_capacity`] set
@@ -149,6 +155,12 @@ pub struct LevelZeroConfig {
     /// Calls of at least this many runs are recorded in a regular command list and
     /// submitted once; smaller ones go to the immediate list (at least 1).
     pub regular_list_min_runs: usize,
+    /// Clear released pages on the way back (a memory fill queued at release; the pages
+    /// reach the allocator once it has completed), so that an allocation of recycled pages
+    /// has nothing to clear and no pre-migrate fence. `false`: every allocation clears its
+    /// pages (the clear is its pre-migrate fence). Fresh device memory is cleared when first
+    /// allocated either way. Default `true`.
+    pub clear_on_free: bool,
     /// Do not use Level Zero: [`probe_with`] reports the backend unavailable and
     /// [`LevelZeroBackend::new`] refuses ([`BackendErrorKind::Unavailable`]).
     pub disable: bool,
@@ -161,6 +173,7 @@ impl Default for LevelZeroConfig {
             device_capacity: None,
             host_capacity: DEFAULT_HOST_CAPACITY,
             regular_list_min_runs: DEFAULT_REGULAR_LIST_MIN_RUNS,
+            clear_on_free: true,
             disable: false,
         }
     }
@@ -191,6 +204,7 @@ impl LevelZeroConfig {
             device_capacity: r.bytes("device_capacity")?.or(d.device_capacity),
             host_capacity: c.host_capacity.unwrap_or(d.host_capacity),
             regular_list_min_runs,
+            clear_on_free: r.bool("clear_on_free")?.unwrap_or(d.clear_on_free),
             disable: r.bool("disable")?.unwrap_or(d.disable),
         };
         r.finish()?;
@@ -510,6 +524,7 @@ impl Backend for LevelZeroBackend {
             capacity,
             reach,
             self.config.regular_list_min_runs,
+            self.config.clear_on_free,
         )?);
         self.pagemaps
             .lock()
