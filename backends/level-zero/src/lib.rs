@@ -1,11 +1,27 @@
 //! # drm-pagemap-level-zero
 //!
-//! The Level Zero backend of drm-pagemap: the core's traits on Level Zero devices, through
+//! The Level Zero backend of drm-pagemap, registered as `"level-zero"`: drm-pagemap-core's
+//! [`Backend`], [`HostMemory`], `PagemapOps` and `DevmemOps` on Level Zero devices, through
 //! Debian's real loader (`libze_loader.so.1`, opened at run time by `level-zero-sys`'s
-//! [`Loader`](level_zero_sys::Loader): the crate builds and its tests pass on machines
+//! [`Loader`]: the crate builds and its tests pass on machines
 //! without Level Zero; there [`probe`] says why the backend is unavailable and [`open`]
-//! fails, nothing panics). Verified against the workspace's software driver (`ze-soft`)
-//! through that loader; not yet run on Intel hardware.
+//! fails, nothing panics).
+//!
+//! ## Verified where, and how
+//!
+//! Verified through Debian's Level Zero loader 1.8.12 against the workspace's software
+//! driver (`ze-soft`, loaded with `ZE_ENABLE_ALT_DRIVERS`): copies with bytes read back on
+//! immediate and regular lists, peer pushes, pre-fences as wait events, bridged host fences,
+//! event recycling under load, out of device memory, a lost device, injected append and
+//! submission failures, an event that never signals, eight threads copying at once, clears
+//! on free (recycled pages read back as zeros with no pre-migrate fence) and their failure; the
+//! same scenario with the loader wrapping every handle (`ZE_ENABLE_LOADER_INTERCEPT=1`) and
+//! under the validation layer (`ZE_ENABLE_VALIDATION_LAYER=1
+//! ZE_ENABLE_PARAMETER_VALIDATION=1`, every call accepted). **It has not yet run on Intel
+//! hardware**: the crate's tests always route the loader to `ze-soft` (they need its fault
+//! injection and counters), so no real driver has exercised it.
+//!
+//! ## The contract
 //!
 //! - **Devices**: every root device of every driver (`zeInit(ZE_INIT_FLAG_GPU_ONLY)`) with a
 //!   queue group that copies; one context per driver.
@@ -14,18 +30,29 @@
 //!   mapping a system page for a device is an address computation.
 //! - **Pagemaps** ([`ZePagemap`]): device memory in chunks (`zeMemAllocDevice`, at most
 //!   [`CHUNK_BYTES`] each, made when a page first lands in them), several pagemaps per
-//!   device, pages handed out by an extent allocator. A fresh allocation is cleared by
-//!   `zeCommandListAppendMemoryFill`; that clear is its pre-migrate fence.
+//!   device, pages handed out by an extent allocator. Pages not known to hold zeros are
+//!   cleared by `zeCommandListAppendMemoryFill` when allocated; that clear is the
+//!   allocation's pre-migrate fence. With [`LevelZeroConfig::clear_on_free`] (the default)
+//!   released pages are cleared on the way back and reach the allocator once that clear has
+//!   completed, so an allocation of recycled pages has no pre-migrate fence; out of pages,
+//!   an allocation waits for pending clears of released pages (at most 10 s) and retries.
 //! - **Copies** run on the device's copy group (a COPY-only group when there is one; each
 //!   pagemap takes a queue of it in turn). A call's physically contiguous entries are merged
 //!   into runs (never across an allocation); a call of fewer than
 //!   [`LevelZeroConfig::regular_list_min_runs`] runs goes to the pagemap's immediate command
 //!   list, a larger one is recorded as one regular command list (one append per run) and
 //!   submitted once. Several commands are framed by barriers: the first waits for the
-//!   pre-fence, the last signals the call's event.
+//!   pre-fence, the last signals the call's event. The default threshold
+//!   ([`DEFAULT_REGULAR_LIST_MIN_RUNS`], 128) is where the calling thread's cost crosses
+//!   over (bench `l0_copy`, BENCHMARKS.md).
 //! - **Fences** ([`ZeFence`]) are events from host-visible pools, recycled (reset) only once
-//!   retired: the fence is gone and every command that waits for the event has completed.
-//!   A pre-fence that is an event of the same context ([`NativeFenceKind::LEVEL_ZERO_EVENT`],
+//!   retired: the fence is gone and every command that signals or waits for the event has
+//!   completed. Each call is retired on its own event: an event that never signals (a hung
+//!   command) keeps its call's record, and so the event, for ever (it is never reset while
+//!   that command might still signal it), without holding back later calls; its fence's
+//!   [`Fence::wait_timeout`](drm_pagemap_core::Fence::wait_timeout) returns
+//!   [`FenceError::Timeout`](drm_pagemap_core::FenceError::Timeout).
+//!   A pre-fence that is an event of the same context ([`LEVEL_ZERO_EVENT`](drm_pagemap_core::NativeFenceKind::LEVEL_ZERO_EVENT),
 //!   also inside a [`drm_pagemap_core::FenceArray`]) is a wait event of the first command (no
 //!   CPU wait); any other pending pre-fence is bridged into the queue: the command waits for a
 //!   fresh event that a callback of that fence host-signals (no thread per copy); a failed
@@ -40,13 +67,28 @@
 //!   append fails closes what it queued with a barrier and returns a fence that fails once
 //!   that has completed, so nothing is freed under a running command.
 //!
-//! Limits: system memory lives in the first driver's context, so devices of other drivers
-//! cannot map system pages (their `map_frames` fails); dropping a pagemap waits at most 5 s
-//! for its pending work (a lost device never completes it).
+//! ## Options
 //!
-//! Configured by [`LevelZeroConfig`] (pure `Default`) or a [`BackendConfig`]'s
-//! `level-zero.*` options ([`LevelZeroConfig::from_backend_config`]). The library reads no
-//! environment variable (the loader and the drivers it loads read theirs).
+//! [`LevelZeroConfig`] (pure `Default`), or a [`BackendConfig`]'s `level-zero.*` options
+//! ([`LevelZeroConfig::from_backend_config`]): `level-zero.regular_list_min_runs` (runs from
+//! which a call is a regular list, default 128), `level-zero.clear_on_free` (default true),
+//! `level-zero.device_capacity` (bytes offered per device, default the device's memory),
+//! `level-zero.disable`; the generic device count
+//! and host capacity (default 16 GiB, allocated lazily). The library reads no environment
+//! variable (the loader and the drivers it loads read theirs).
+//!
+//! ## Limits
+//!
+//! - System memory lives in the first driver's context, so devices of other drivers cannot
+//!   map system pages (their `map_frames` fails).
+//! - Dropping a pagemap waits at most 5 s for its pending work (a lost device or a hung
+//!   event never completes it).
+//! - Device memory chunks are freed only when their pagemap is dropped: a chunk whose pages
+//!   are all free stays allocated (freeing it would need the lock-free address lookup of
+//!   every copy, and the map of clean pages, to take a lock or an epoch against a chunk
+//!   going away under a call being planned).
+//! - More than 16 consecutive calls whose events never signal hold back the retirement of
+//!   the calls after them (they are kept until the pagemap is dropped).
 
 mod device;
 mod events;
@@ -81,9 +123,12 @@ pub const DEFAULT_HOST_CAPACITY: u64 = 16 << 30;
 /// Most bytes of host memory for system pages: 128 TiB, the user address space of x86-64.
 pub const MAX_HOST_CAPACITY: u64 = 1 << 47;
 /// Default runs from which a call is recorded in a regular command list instead of the
-/// immediate list. A first guess: the CPU cost of both paths is to be measured
-/// (`benches`), and the crossover written down there.
-pub const DEFAULT_REGULAR_LIST_MIN_RUNS: usize = 16;
+/// immediate list: where the calling thread's cost of a scattered 4 KiB call crosses over
+/// (bench `l0_copy`, BENCHMARKS.md, "Level Zero"): through the loader and the software
+/// driver the immediate list costs less up to 64 runs, the regular list from 128 on. The
+/// backend's own work per run is the same on both paths; the crossover is the driver's, so
+/// re-measure it on Intel hardware (`level-zero.regular_list_min_runs`).
+pub const DEFAULT_REGULAR_LIST_MIN_RUNS: usize = 128;
 
 /// How to open the Level Zero backend.
 ///
@@ -93,6 +138,7 @@ pub const DEFAULT_REGULAR_LIST_MIN_RUNS: usize = 16;
 /// |---|---|---|
 /// | `regular_list_min_runs` | a positive integer | [`regular_list_min_runs`](Self::regular_list_min_runs) |
 /// | `device_capacity` | a byte count | [`device_capacity`](Self::device_capacity) |
+/// | `clear_on_free` | a boolean | [`clear_on_free`](Self::clear_on_free) |
 /// | `disable` | a boolean | [`disable`](Self::disable) |
 ///
 /// [`BackendConfig::devices`] and [`BackendConfig::host_capacity`] set
@@ -109,6 +155,12 @@ pub struct LevelZeroConfig {
     /// Calls of at least this many runs are recorded in a regular command list and
     /// submitted once; smaller ones go to the immediate list (at least 1).
     pub regular_list_min_runs: usize,
+    /// Clear released pages on the way back (a memory fill queued at release; the pages
+    /// reach the allocator once it has completed), so that an allocation of recycled pages
+    /// has nothing to clear and no pre-migrate fence. `false`: every allocation clears its
+    /// pages (the clear is its pre-migrate fence). Fresh device memory is cleared when first
+    /// allocated either way. Default `true`.
+    pub clear_on_free: bool,
     /// Do not use Level Zero: [`probe_with`] reports the backend unavailable and
     /// [`LevelZeroBackend::new`] refuses ([`BackendErrorKind::Unavailable`]).
     pub disable: bool,
@@ -121,6 +173,7 @@ impl Default for LevelZeroConfig {
             device_capacity: None,
             host_capacity: DEFAULT_HOST_CAPACITY,
             regular_list_min_runs: DEFAULT_REGULAR_LIST_MIN_RUNS,
+            clear_on_free: true,
             disable: false,
         }
     }
@@ -151,6 +204,7 @@ impl LevelZeroConfig {
             device_capacity: r.bytes("device_capacity")?.or(d.device_capacity),
             host_capacity: c.host_capacity.unwrap_or(d.host_capacity),
             regular_list_min_runs,
+            clear_on_free: r.bool("clear_on_free")?.unwrap_or(d.clear_on_free),
             disable: r.bool("disable")?.unwrap_or(d.disable),
         };
         r.finish()?;
@@ -470,6 +524,7 @@ impl Backend for LevelZeroBackend {
             capacity,
             reach,
             self.config.regular_list_min_runs,
+            self.config.clear_on_free,
         )?);
         self.pagemaps
             .lock()

@@ -21,6 +21,7 @@ fn default_is_the_documented_constants() {
     );
     assert_eq!(d.regular_list_min_runs, DEFAULT_REGULAR_LIST_MIN_RUNS);
     assert!(!d.disable);
+    assert!(d.clear_on_free);
     assert_eq!(
         LevelZeroConfig::from_backend_config(&BackendConfig::default()).unwrap(),
         d
@@ -33,6 +34,7 @@ fn every_option_reaches_its_field() {
         ("level-zero.regular_list_min_runs", "4"),
         ("level-zero.device_capacity", "1G"),
         ("level-zero.disable", "yes"),
+        ("level-zero.clear_on_free", "no"),
         ("sim.copy_latency", "1ms"),
     ]);
     c.devices = Some(2);
@@ -45,6 +47,7 @@ fn every_option_reaches_its_field() {
             device_capacity: Some(1 << 30),
             host_capacity: 1 << 30,
             regular_list_min_runs: 4,
+            clear_on_free: false,
             disable: true,
         }
     );
@@ -58,6 +61,7 @@ fn bad_options_are_refused_naming_the_key() {
         ("level-zero.regular_list_min_runs", "many"),
         ("level-zero.device_capacity", "lots"),
         ("level-zero.disable", "2"),
+        ("level-zero.clear_on_free", "maybe"),
         ("level-zero.immediate", "1"),
     ] {
         let cfg = with_options(&[(key, value)]);

@@ -7,7 +7,7 @@ use common::*;
 use drm_pagemap_core::{
     Backend, BackendErrorKind, CopyRequest, DeviceId, Direction, DmaAddr, PageSize, Pfn,
 };
-use drm_pagemap_level_zero::LevelZeroConfig;
+use drm_pagemap_level_zero::{DEFAULT_REGULAR_LIST_MIN_RUNS, LevelZeroConfig};
 
 fn round_trip(ps: PageSize, n: usize, scatter: bool) {
     let Some(env) = setup(LevelZeroConfig::default()) else {
@@ -58,7 +58,11 @@ fn round_trip(ps: PageSize, n: usize, scatter: bool) {
             n as u64 + 1,
             "scattered in, one run out: {stats:?}"
         );
-        assert_eq!(stats.regular_calls, u64::from(n >= 16), "{stats:?}");
+        assert_eq!(
+            stats.regular_calls,
+            u64::from(n >= DEFAULT_REGULAR_LIST_MIN_RUNS),
+            "{stats:?}"
+        );
     } else {
         assert_eq!(stats.runs, 2, "contiguous both ways: {stats:?}");
         assert_eq!(stats.regular_calls, 0, "{stats:?}");
@@ -74,8 +78,13 @@ fn bytes_round_trip_ram_device_ram_4k_contiguous() {
 }
 
 #[test]
-fn bytes_round_trip_ram_device_ram_4k_scattered_on_a_regular_list() {
+fn bytes_round_trip_ram_device_ram_4k_scattered_on_the_immediate_list() {
     round_trip(PageSize::Size4K, 64, true);
+}
+
+#[test]
+fn bytes_round_trip_ram_device_ram_4k_scattered_on_a_regular_list() {
+    round_trip(PageSize::Size4K, 300, true);
 }
 
 #[test]

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 /// never signals must not hang the drop).
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// Consecutive pending in-flight records after which [`Engine::reap`] stops looking.
+const SCAN_PENDING: usize = 16;
+
 /// What a submitted call keeps alive until its signal event has been seen signalled.
 pub(crate) struct InFlight {
     /// The event its last command signals.
@@ -113,15 +116,21 @@ impl Engine {
         self.free_lists.len() + self.in_flight.iter().filter(|f| f.list.is_some()).count()
     }
 
-    /// Drops the records of calls seen complete, oldest first, up to the first pending one:
-    /// their events may be recycled, their lists reset for reuse.
+    /// Drops the records of calls seen complete, oldest first: their events may be recycled,
+    /// their lists reset for reuse. A record still pending does not hold back the ones after
+    /// it (each is retired on its own event: an event that never signals keeps its record,
+    /// and so the event itself, for ever, but nothing else); the scan stops after
+    /// [`SCAN_PENDING`] consecutive pending records (work queued behind them is younger).
     pub(crate) fn reap(&mut self) {
-        while let Some(f) = self.in_flight.front() {
-            if !matches!(f.signal.query(), Ok(true)) {
-                break;
+        let (mut i, mut pending) = (0, 0);
+        while i < self.in_flight.len() && pending < SCAN_PENDING {
+            if matches!(self.in_flight[i].signal.query(), Ok(true)) {
+                let f = self.in_flight.remove(i).expect("index in range");
+                self.retire(f);
+            } else {
+                i += 1;
+                pending += 1;
             }
-            let f = self.in_flight.pop_front().expect("front exists");
-            self.retire(f);
         }
     }
 

@@ -3,6 +3,7 @@
 //! submitted ([`submit`]).
 
 mod arena;
+mod clean;
 mod engine;
 mod plan;
 mod submit;
@@ -11,10 +12,11 @@ use crate::device::ZeDevice;
 use crate::events::{EventSlot, Events};
 use crate::fence::ZeFence;
 use arena::Arena;
+use clean::CleanMap;
 use drm_pagemap_core::{
     BackendError, BackendErrorKind, CopyCaps, CopyRequest, DeviceId, DevmemBacking, DevmemOps,
-    Direction, DmaAddr, ExtentAllocator, Fence, FenceTimeline, HostFenceWait, NativeFenceKind,
-    NativeFenceKinds, PageSize, PagemapOps, Pfn,
+    Direction, DmaAddr, ExtentAllocator, Fence, FenceStatus, FenceTimeline, GRANULE, HostFenceWait,
+    NativeFenceKind, NativeFenceKinds, PageSize, PagemapOps, Pfn,
 };
 use engine::{Engine, InFlight, SubmitError};
 use plan::Op;
@@ -60,6 +62,10 @@ pub struct ZeStats {
     pub in_flight: u64,
     /// Regular command lists made (free or in flight).
     pub command_lists: u64,
+    /// Allocations that had pages to clear (fresh memory, or pages freed without a clear).
+    pub alloc_clears: u64,
+    /// Releases whose pages were cleared on the way back (clear on free).
+    pub free_clears: u64,
     /// Bytes allocated now.
     pub used_bytes: u64,
     /// Device memory allocated from the driver.
@@ -81,6 +87,8 @@ pub(crate) struct Counters {
     device_waits: AtomicU64,
     host_bridges: AtomicU64,
     failed_pre: AtomicU64,
+    alloc_clears: AtomicU64,
+    free_clears: AtomicU64,
     used: AtomicU64,
 }
 
@@ -94,7 +102,11 @@ struct Alloc {
 pub struct ZePagemap {
     // Field order is drop order: the engine drains before the arena's memory is freed.
     engine: Mutex<Engine>,
-    parked: Mutex<Vec<(Fence, Alloc)>>,
+    /// Released pages waiting for a clear: whether they are clean once it has succeeded.
+    parked: Mutex<Vec<(Fence, Alloc, bool)>>,
+    /// Which free pages hold zeros (under its own lock, taken once per call).
+    clean: Mutex<CleanMap>,
+    clear_on_free: bool,
     arena: Arena,
     device: Arc<ZeDevice>,
     events: Arc<Events>,
@@ -123,6 +135,7 @@ impl ZePagemap {
         capacity: u64,
         reach: Vec<bool>,
         regular_min_runs: usize,
+        clear_on_free: bool,
     ) -> Result<ZePagemap, BackendError> {
         let index = device.next_queue();
         let engine = Engine::new(
@@ -136,6 +149,8 @@ impl ZePagemap {
         Ok(ZePagemap {
             engine: Mutex::new(engine),
             parked: Mutex::new(Vec::new()),
+            clean: Mutex::new(CleanMap::new(arena.granules())),
+            clear_on_free,
             frames: ExtentAllocator::new(arena.granules()),
             arena,
             events: device.events.clone(),
@@ -176,6 +191,8 @@ impl ZePagemap {
             device_waits: l(&c.device_waits),
             host_bridges: l(&c.host_bridges),
             failed_pre_fences: l(&c.failed_pre),
+            alloc_clears: l(&c.alloc_clears),
+            free_clears: l(&c.free_clears),
             in_flight,
             command_lists: lists,
             used_bytes: l(&c.used),
@@ -198,16 +215,80 @@ impl ZePagemap {
         (self.timeline.context(), self.timeline.next_seqno())
     }
 
+    /// Hands released pages whose clear has finished to the allocator: clean when the clear
+    /// succeeded and was a clear on free, else marked as holding old data.
     fn free_parked(&self) {
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-        parked.retain(|(f, a)| {
-            if f.is_signaled() {
-                self.frames.free_pages(&a.starts, a.granules);
-                false
-            } else {
-                true
-            }
+        if parked.is_empty() {
+            return;
+        }
+        let mut clean = self.clean.lock().unwrap_or_else(|p| p.into_inner());
+        parked.retain(|(f, a, clears)| {
+            let ok = match f.status() {
+                FenceStatus::Pending => return true,
+                FenceStatus::Signaled => *clears,
+                FenceStatus::Failed(_) => false,
+            };
+            clean.set_pages(&a.starts, a.granules, ok);
+            self.frames.free_pages(&a.starts, a.granules);
+            false
         });
+    }
+
+    /// Out of pages: waits (at most [`CLEAR_DRAIN`] in all) for the clears of released
+    /// pages, then hands them over. Whether any were waiting.
+    fn drain_parked(&self) -> bool {
+        let fences: Vec<Fence> = {
+            let parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+            parked.iter().map(|(f, _, _)| f.clone()).collect()
+        };
+        let start = std::time::Instant::now();
+        for f in &fences {
+            let _ = f.wait_timeout(CLEAR_DRAIN.saturating_sub(start.elapsed()));
+        }
+        self.free_parked();
+        !fences.is_empty()
+    }
+
+    /// Gives released pages back: cleared on the way when clearing on free (they reach the
+    /// allocator once the clear has completed), else at once, marked as holding old data.
+    fn release_pages(&self, a: Alloc, page_size: PageSize) {
+        if self.clear_on_free {
+            let mut ops: Vec<Op> = Vec::new();
+            for &s in &a.starts {
+                if let Some(dst) = self.arena.addr(Pfn(s as u32)) {
+                    plan::push(
+                        &mut ops,
+                        Op {
+                            dst,
+                            src: None,
+                            len: a.granules * GRANULE,
+                        },
+                    );
+                }
+            }
+            let what = format_args!(
+                "{}: clear on free of {} pages of {page_size}",
+                self.device.id,
+                a.starts.len()
+            )
+            .to_string();
+            if let Ok((signal, forced)) = self.submit_ops(&ops, &mut [], Vec::new(), None, &what) {
+                self.counters.free_clears.fetch_add(1, Ordering::Relaxed);
+                let fence = ZeFence::new(self.seq(), self.device.id, signal, Vec::new(), forced);
+                self.parked.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    Fence::new(fence),
+                    a,
+                    true,
+                ));
+                return;
+            }
+        }
+        self.clean
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_pages(&a.starts, a.granules, false);
+        self.frames.free_pages(&a.starts, a.granules);
     }
 
     /// The device address of own page `pfn` of `page_size`, if it lies in the arena and is
@@ -331,49 +412,92 @@ impl DevmemOps for ZePagemap {
         self.free_parked();
         let g = page_size.granules();
         let mut starts = Vec::new();
-        if !self.frames.alloc_pages(npages, g, &mut starts) {
-            return Err(oom());
-        }
         let give_back = |e: BackendError, starts: &[u64]| {
             self.frames.free_pages(starts, g);
             e
         };
-        // Back the chunks the pages lie in; fill the pages with zeros, run by run.
+        // Released pages may still be clearing: out of pages, or of device memory for a
+        // new chunk, wait for those clears once and try again.
+        let mut retried = false;
+        loop {
+            starts.clear();
+            if !self.frames.alloc_pages(npages, g, &mut starts) {
+                if !retried && self.drain_parked() {
+                    retried = true;
+                    continue;
+                }
+                return Err(oom());
+            }
+            // Back the chunks the pages lie in.
+            match starts.iter().try_for_each(|&s| self.arena.back(s)) {
+                Ok(()) => break,
+                Err(e) => {
+                    let e = give_back(e, &starts);
+                    if !retried && e.kind == BackendErrorKind::OutOfMemory && self.drain_parked() {
+                        retried = true;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        // Fill the pages not known to hold zeros, run by run (none when all of them were
+        // cleared on free: then nothing to wait for).
         let mut ops: Vec<Op> = Vec::new();
-        for &s in &starts {
-            if let Err(e) = self.arena.back(s) {
-                return Err(give_back(e, &starts));
+        {
+            let clean = self.clean.lock().unwrap_or_else(|p| p.into_inner());
+            for &s in &starts {
+                if clean.page_clean(s, g) {
+                    continue;
+                }
+                let dst = self.arena.addr(Pfn(s as u32)).expect("backed just now");
+                plan::push(
+                    &mut ops,
+                    Op {
+                        dst,
+                        src: None,
+                        len: page_size.bytes(),
+                    },
+                );
             }
-            let dst = self.arena.addr(Pfn(s as u32)).expect("backed just now");
-            plan::push(
-                &mut ops,
-                Op {
-                    dst,
-                    src: None,
-                    len: page_size.bytes(),
-                },
-            );
         }
-        let what = format_args!(
-            "{}: clear of {npages} pages of {page_size} (pfn {}..)",
-            self.device.id,
-            starts.first().copied().unwrap_or(0)
-        )
-        .to_string();
-        let (signal, forced) = match self.submit_ops(&ops, &mut [], Vec::new(), None, &what) {
-            Ok(x) => x,
-            Err(e) => return Err(give_back(e, &starts)),
+        let pre_migrate_fence = if ops.is_empty() {
+            None
+        } else {
+            let what = format_args!(
+                "{}: clear of {npages} pages of {page_size} (pfn {}..)",
+                self.device.id,
+                starts.first().copied().unwrap_or(0)
+            )
+            .to_string();
+            let (signal, forced) = match self.submit_ops(&ops, &mut [], Vec::new(), None, &what) {
+                Ok(x) => x,
+                Err(e) => return Err(give_back(e, &starts)),
+            };
+            if let Some(e) = forced {
+                // Part of the clear runs: give the pages back only once it has completed
+                // (they hold old data in part: dirty, as they were).
+                if matches!(
+                    signal.host_synchronize(CLEAR_DRAIN.as_nanos() as u64),
+                    Ok(true)
+                ) {
+                    self.clean
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .set_pages(&starts, g, false);
+                    return Err(give_back(e, &starts));
+                }
+                return Err(e);
+            }
+            self.counters.alloc_clears.fetch_add(1, Ordering::Relaxed);
+            Some(Fence::new(ZeFence::new(
+                self.seq(),
+                self.device.id,
+                signal,
+                Vec::new(),
+                None,
+            )))
         };
-        if let Some(e) = forced {
-            // Part of the clear runs: give the pages back only once it has completed.
-            if matches!(
-                signal.host_synchronize(CLEAR_DRAIN.as_nanos() as u64),
-                Ok(true)
-            ) {
-                return Err(give_back(e, &starts));
-            }
-            return Err(e);
-        }
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         self.allocs
             .lock()
@@ -387,12 +511,11 @@ impl DevmemOps for ZePagemap {
             );
         self.counters.allocations.fetch_add(1, Ordering::Relaxed);
         self.counters.used.fetch_add(bytes, Ordering::Relaxed);
-        let fence = ZeFence::new(self.seq(), self.device.id, signal, Vec::new(), None);
         Ok(DevmemBacking {
             cookie,
             npages,
             page_size,
-            pre_migrate_fence: Some(Fence::new(fence)),
+            pre_migrate_fence,
         })
     }
 
@@ -452,14 +575,14 @@ impl DevmemOps for ZePagemap {
         self.counters.releases.fetch_add(1, Ordering::Relaxed);
         match backing.pre_migrate_fence {
             // The clear may still run (an allocation released unused): its pages come back
-            // once it has completed.
+            // once it has completed (not known clean: it may fail).
             Some(f) if !f.is_signaled() => {
                 self.parked
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push((f, a));
+                    .push((f, a, false));
             }
-            _ => self.frames.free_pages(&a.starts, a.granules),
+            _ => self.release_pages(a, backing.page_size),
         }
     }
 
