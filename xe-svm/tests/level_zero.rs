@@ -109,7 +109,10 @@ fn devices_take_turns_and_every_byte_survives() {
                 let va = BASE + r * M2;
                 let rep = vm.handle_gpu_fault(va + 4096 * r, access).expect("fault");
                 assert!(
-                    matches!(rep.action, FaultAction::Migrated { .. } | FaultAction::Mapped),
+                    matches!(
+                        rep.action,
+                        FaultAction::Migrated { .. } | FaultAction::Mapped
+                    ),
                     "round {round}, device {k}, range {r}: {:?}",
                     rep.action
                 );
@@ -118,9 +121,15 @@ fn devices_take_turns_and_every_byte_survives() {
         }
     }
     let s = svm.total_stats();
-    assert!(s.copy_to_ram.iter().map(|t| t.calls).sum::<u64>() > 0, "{s}");
+    assert!(
+        s.copy_to_ram.iter().map(|t| t.calls).sum::<u64>() > 0,
+        "{s}"
+    );
     check(&mm, buf, 3);
-    assert!(mm.allocations().is_empty(), "the CPU read brought every page home");
+    assert!(
+        mm.allocations().is_empty(),
+        "the CPU read brought every page home"
+    );
     drop((vms, svm));
     mm.free_range(buf.start).expect("free");
 }
@@ -180,7 +189,11 @@ fn out_of_device_memory_in_the_driver_evicts_and_retries() {
             "range {r} on pagemap {k}: {:?}",
             rep.action
         );
-        check_placed(&vms[k], BASE + r * M2, Placement::Device(PagemapId(k as u8)));
+        check_placed(
+            &vms[k],
+            BASE + r * M2,
+            Placement::Device(PagemapId(k as u8)),
+        );
     }
     let s = svm.total_stats();
     assert!(s.lru_evictions.count > 0, "nothing was evicted: {s}");
