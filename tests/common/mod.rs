@@ -86,6 +86,22 @@ pub fn backends() -> Vec<&'static str> {
     out
 }
 
+/// With `ZE_ENABLE_VALIDATION_LAYER=1` (CI's validation run), the loader's validation layer is
+/// really in this process (checked while a level-zero backend is open: the loader and its
+/// layers are unloaded when the last user closes it): a run that asks for it cannot pass
+/// without it. The 1.8.12 layer
+/// prints nothing when it rejects a call, it returns the error (e.g.
+/// `ZE_RESULT_ERROR_INVALID_ENUMERATION`), which the backend turns into a failed operation.
+fn assert_validation_layer_loaded() {
+    if std::env::var_os("ZE_ENABLE_VALIDATION_LAYER").is_some_and(|v| v == "1") {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        assert!(
+            maps.contains("libze_validation_layer"),
+            "ZE_ENABLE_VALIDATION_LAYER=1 but the validation layer is not loaded"
+        );
+    }
+}
+
 /// Prints the skip line straight to stderr (the test harness captures `eprintln!` of
 /// passing tests; this line is meant to be seen).
 fn say_skipped(name: &str, reason: &str) {
@@ -880,6 +896,9 @@ pub fn machine(devices: usize, opts: &Options) -> Rig {
             ..BackendConfig::from_env()
         };
         let b = drm_pagemap::open_backend(opts.backend, &cfg).expect("open backend");
+        if opts.backend == "level-zero" {
+            assert_validation_layer_loaded();
+        }
         (Arc::from(b), None)
     };
     // Machine::with_backend creates the pagemaps (owners, device sharing); the rig builds its

@@ -108,3 +108,27 @@ pub fn route_loader_with(settings: &[(&str, &str)]) -> Result<PathBuf, String> {
         })
         .clone()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::route_loader_with;
+
+    #[test]
+    fn settings_outside_ze_soft_are_refused_before_anything_is_set() {
+        let before = std::env::var_os("ZE_SOFT_DEVICES");
+        for (name, value) in [
+            ("PATH", "/x"),
+            ("ZE_ENABLE_ALT_DRIVERS", "/x.so"),
+            ("ZE_SOFT_A=B", "1"),
+            ("ZE_SOFT_DEVICES", "2\0"),
+        ] {
+            let e = route_loader_with(&[("ZE_SOFT_DEVICES", "2"), (name, value)]).expect_err(name);
+            assert!(e.contains("is not a ZE_SOFT_* driver setting"), "{e}");
+        }
+        assert_eq!(
+            std::env::var_os("ZE_SOFT_DEVICES"),
+            before,
+            "a setting leaked"
+        );
+    }
+}
