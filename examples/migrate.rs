@@ -4,7 +4,7 @@
 //! failed migration.
 //!
 //! ```text
-//! cargo run --release --example migrate -- [--backend auto|sim|cuda] [--devices N]
+//! cargo run --release --example migrate -- [--backend auto|sim|cuda|level-zero] [--devices N]
 //!     [--page-size BYTES] [--layout LAYOUT] [--to K] [--no-source-peer-migrates]
 //!     [--same-pagemap] [--coalesce by-source|consecutive] [--foreign K]... [--fail-copy N]
 //!     [--option BACKEND.KEY=VALUE]... [--json]
@@ -18,6 +18,13 @@
 //! `DRM_PAGEMAP_CUDA_VMM=0` and the others), then each `--option` (`--option cuda.kernel=ptx`,
 //! `--option sim.copy_latency=1ms`; the last value of a key wins). The keys are documented on
 //! `SimConfig` and `CudaConfig`.
+//!
+//! `--backend level-zero` runs on the workspace's software Level Zero driver (`ze-soft`, built
+//! next to this example) through the real loader: before anything probes Level Zero, the
+//! loader is routed to it with `--devices` devices of enough memory for the range (settings
+//! already in the environment win: `ZE_SOFT_*`, `ZE_ENABLE_ALT_DRIVERS`). With
+//! `DRM_PAGEMAP_LEVEL_ZERO_REAL=1` the loader keeps its own drivers (an Intel GPU's). `auto`
+//! never routes the loader: it picks CUDA, else an Intel GPU, else sim.
 
 use drm_pagemap::{
     AddressSpace, Backend, BackendConfig, BackendOptions, Coalesce, CopyCall, CopyOp, Error,
@@ -54,7 +61,7 @@ struct Args {
     json: bool,
 }
 
-const USAGE: &str = "usage: migrate [--backend auto|sim|cuda] [--devices N] [--page-size BYTES] \
+const USAGE: &str = "usage: migrate [--backend auto|sim|cuda|level-zero] [--devices N] [--page-size BYTES] \
 [--layout LAYOUT] [--to K] [--no-source-peer-migrates] [--same-pagemap] \
 [--coalesce by-source|consecutive] [--foreign K]... [--fail-copy N] \
 [--option BACKEND.KEY=VALUE]... [--json]";
@@ -100,9 +107,9 @@ fn parse_args(
         match flag.as_str() {
             "--backend" => {
                 a.backend = val()?;
-                if !["auto", "sim", "cuda"].contains(&a.backend.as_str()) {
+                if !["auto", "sim", "cuda", "level-zero"].contains(&a.backend.as_str()) {
                     return Err(format!(
-                        "--backend: {:?} is not one of auto, sim, cuda",
+                        "--backend: {:?} is not one of auto, sim, cuda, level-zero",
                         a.backend
                     ));
                 }
@@ -500,6 +507,12 @@ fn main() -> ExitCode {
         eprintln!("migrate: {e}");
         return ExitCode::from(2);
     }
+    if args.backend == "level-zero"
+        && let Err(e) = route_level_zero(&args, bytes)
+    {
+        eprintln!("migrate: backend level-zero unavailable: {e}");
+        return ExitCode::from(1);
+    }
     match run(&args, &pages) {
         Ok(code) => code,
         Err(e) => {
@@ -507,6 +520,25 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Points the Level Zero loader at the software driver (unless `DRM_PAGEMAP_LEVEL_ZERO_REAL=1`):
+/// one device per pagemap, each able to hold the whole range. Must run before anything probes
+/// Level Zero (the loader initialises once per process).
+fn route_level_zero(args: &Args, bytes: u64) -> Result<(), String> {
+    if std::env::var_os("DRM_PAGEMAP_LEVEL_ZERO_REAL").is_some_and(|v| v == "1") {
+        return Ok(());
+    }
+    let devices = args.devices.to_string();
+    let memory = config(args, bytes)
+        .device_capacity
+        .unwrap_or(bytes)
+        .to_string();
+    ze_soft::route_loader_with(&[
+        ("ZE_SOFT_DEVICES", &devices),
+        ("ZE_SOFT_DEVICE_MEMORY", &memory),
+    ])
+    .map(drop)
 }
 
 /// The backend config for a range of `bytes`.

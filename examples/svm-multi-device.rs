@@ -2,9 +2,9 @@
 //! backend (a GPU backend when one is available, else the simulated one).
 //!
 //! ```text
-//! cargo run --release --example svm-multi-device -- [--backend auto|sim|cuda] [--mib N]
+//! cargo run --release --example svm-multi-device -- [--backend auto|sim|cuda|level-zero] [--mib N]
 //!     [--rounds N] [--capacity-mib N]
-//! cargo run --release --example svm-multi-device -- latency [--backend auto|sim|cuda]
+//! cargo run --release --example svm-multi-device -- latency [--backend auto|sim|cuda|level-zero]
 //!     [--iters N]
 //! ```
 //!
@@ -25,6 +25,11 @@
 //!
 //! Backend options come from the environment (`BackendConfig::from_env`), e.g.
 //! `DRM_PAGEMAP_CUDA_VMM=0`.
+//!
+//! `--backend level-zero` runs on the workspace's software Level Zero driver through the real
+//! loader (routed before anything probes Level Zero: 3 devices of 1 GiB; `ZE_SOFT_*` settings
+//! already in the environment win); `DRM_PAGEMAP_LEVEL_ZERO_REAL=1` keeps the loader's own
+//! drivers (an Intel GPU's). `auto` never routes the loader to the software driver.
 
 use drm_pagemap::svm::{
     Access, Attributes, FaultAction, GpuVm, Placement, PreferredLocation, Svm, SvmConfig,
@@ -46,7 +51,7 @@ struct Args {
     iters: usize,
 }
 
-const USAGE: &str = "usage: svm-multi-device [latency] [--backend auto|sim|cuda] [--mib N] [--rounds N] \
+const USAGE: &str = "usage: svm-multi-device [latency] [--backend auto|sim|cuda|level-zero] [--mib N] [--rounds N] \
 [--capacity-mib N] [--iters N]";
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -504,6 +509,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.backend == "level-zero"
+        && std::env::var_os("DRM_PAGEMAP_LEVEL_ZERO_REAL").is_none_or(|v| v != "1")
+        && let Err(e) =
+            ze_soft::route_loader_with(&[("ZE_SOFT_DEVICES", "3"), ("ZE_SOFT_DEVICE_MEMORY", "1G")])
+    {
+        eprintln!("error: backend level-zero unavailable: {e}");
+        return ExitCode::from(1);
+    }
     let r = if args.latency {
         latency(&args)
     } else {

@@ -50,7 +50,8 @@
 //!
 //! ## Features
 //! `sim` (the simulated backend, [`sim`]), `cuda` (the CUDA backend, [`cuda`]; links cudarc,
-//! loads `libcuda` at run time) and `svm` (the xe-style SVM layer, [`svm`]) are on by
+//! loads `libcuda` at run time), `level-zero` (the Level Zero backend, [`level_zero`]; loads
+//! `libze_loader.so.1` at run time) and `svm` (the xe-style SVM layer, [`svm`]) are on by
 //! default. `--no-default-features --features sim` builds without cudarc; with no backend
 //! feature at all the registry is empty until a crate of yours registers one.
 //!
@@ -91,6 +92,10 @@ pub use drm_pagemap_sim as sim;
 #[cfg(feature = "cuda")]
 pub use drm_pagemap_cuda as cuda;
 
+/// The Level Zero backend.
+#[cfg(feature = "level-zero")]
+pub use drm_pagemap_level_zero as level_zero;
+
 /// The SVM layer a GPU runtime talks to (the `xe-svm` crate): GPU VMs, the fault handler,
 /// eviction, statistics. [`Machine::open_svm`] sets one up over a backend.
 #[cfg(feature = "svm")]
@@ -118,10 +123,20 @@ inventory::submit! {
     }
 }
 
+#[cfg(feature = "level-zero")]
+inventory::submit! {
+    BackendRegistration {
+        name: "level-zero",
+        is_gpu: true,
+        probe: drm_pagemap_level_zero::probe,
+        open: drm_pagemap_level_zero::open,
+    }
+}
+
 /// A backend as the registry sees it.
 #[derive(Clone, Debug)]
 pub struct BackendStatus {
-    /// Its name ("sim", "cuda").
+    /// Its name ("sim", "cuda", "level-zero").
     pub name: &'static str,
     /// Whether it drives real GPUs.
     pub is_gpu: bool,
@@ -167,8 +182,14 @@ pub fn auto_backend() -> &'static str {
     auto_backend_with(&BackendConfig::from_env())
 }
 
-/// The backend `auto` resolves to under `config`: the first available GPU backend, else
-/// "sim". Reads no environment variable.
+/// The backend `auto` resolves to under `config`: the first available GPU backend by name
+/// ("cuda" before "level-zero"), else "sim". Reads no environment variable.
+///
+/// The Level Zero backend is available only where the Level Zero loader finds a driver:
+/// an Intel GPU's, or the workspace's software driver (`ze-soft`) when a process routes the
+/// loader to it (`ze_soft::route_loader`, which the test suites call and the `migrate`
+/// example calls only for `--backend level-zero`). A process that does not route it never
+/// sees the software driver, so `auto` there is CUDA, an Intel GPU, or "sim".
 pub fn auto_backend_with(config: &BackendConfig) -> &'static str {
     backends_with(config)
         .into_iter()
@@ -187,6 +208,10 @@ const OPTION_CHECKS: &[(&str, OptionCheck)] = &[
     #[cfg(feature = "cuda")]
     ("cuda", |c| {
         drm_pagemap_cuda::CudaConfig::from_backend_config(c).map(drop)
+    }),
+    #[cfg(feature = "level-zero")]
+    ("level-zero", |c| {
+        drm_pagemap_level_zero::LevelZeroConfig::from_backend_config(c).map(drop)
     }),
 ];
 

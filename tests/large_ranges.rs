@@ -97,7 +97,11 @@ fn million_pages_mixed_layout_to_one_device() {
     // One call per distinct source: system, and each of the three peers.
     assert_eq!(want.len(), 4);
     assert_eq!(want[0].1, D);
-    for b in backends() {
+    // Not on the software Level Zero driver: its device memory is host RAM, and 4 GiB copied
+    // into each of two devices' memory is 8.7 GiB resident (41 s here). On an Intel GPU
+    // (`DRM_PAGEMAP_LEVEL_ZERO_REAL=1`) it runs.
+    let on = |b: &&str| *b != "level-zero" || common::level_zero_is_real();
+    for b in backends().into_iter().filter(on) {
         let rig = build(&text, 4, PageSize::Size4K, Options::on(b).stamps());
         let r = rig.migrate(0, &MigrateDetails::default()).unwrap();
         assert_eq!(r.outcome, MigrateOutcome::Migrated);

@@ -28,6 +28,44 @@ fn lists_sim_and_cuda_with_availability() {
 }
 
 #[test]
+fn level_zero_is_a_gpu_backend_after_cuda() {
+    let list = backends();
+    let names: Vec<&str> = list.iter().map(|b| b.name).collect();
+    let l0 = list
+        .iter()
+        .find(|b| b.name == "level-zero")
+        .expect("level-zero is registered");
+    assert!(l0.is_gpu);
+    if let Err(why) = &l0.available {
+        // This binary does not route the loader to the software driver: without an Intel
+        // GPU's driver the loader finds none, and `auto` cannot pick the software driver.
+        assert!(!why.is_empty(), "an unavailable backend says why");
+    }
+    // `auto` prefers CUDA: it comes first among the GPU backends.
+    let pos = |n: &str| names.iter().position(|&m| m == n).expect(n);
+    assert!(pos("cuda") < pos("level-zero"), "{names:?}");
+    let cfg = BackendConfig::default()
+        .with_option("cuda.disable", "1")
+        .unwrap()
+        .with_option("level-zero.disable", "1")
+        .unwrap();
+    assert_eq!(auto_backend_with(&cfg), "sim");
+    assert!(matches!(
+        open_backend("level-zero", &cfg),
+        Err(Error::BackendUnavailable { reason, .. }) if reason.contains("level-zero.disable")
+    ));
+    // Its options are checked before anything opens.
+    let bad = BackendConfig::default()
+        .with_option("level-zero.regular_list_min_runs", "0")
+        .unwrap();
+    assert!(matches!(
+        check_config(&bad),
+        Err(Error::BadOption { backend, source }) if backend == "level-zero"
+            && source.key() == Some("level-zero.regular_list_min_runs")
+    ));
+}
+
+#[test]
 fn auto_picks_an_available_gpu_backend_else_sim() {
     let gpu = backends()
         .into_iter()

@@ -10,8 +10,9 @@
 //!   fences or pre-migrate fences behind a [`Gate`], fail `populate_devmem_pfn`, and refuse
 //!   `copy_to_ram`.
 //! - [`backends`] lists the backends every backend-generic scenario runs on: always "sim",
-//!   plus "cuda" when the registry reports it available; otherwise it prints one line
-//!   `skipped: cuda: <reason>` per test binary.
+//!   plus "cuda" and "level-zero" when the registry reports them available; otherwise it
+//!   prints one line `skipped: NAME: <reason>` per test binary. Level Zero runs on the
+//!   workspace's software driver through the real loader ([`route_level_zero`], called first).
 //!
 //! Checks that only the simulated backend can make (its statistics, copy latency) go through
 //! [`Rig::sim`] and are labelled "sim-only" where they are used.
@@ -39,27 +40,73 @@ pub const BASE: u64 = 1 << 30;
 pub const DEADLOCK: Duration = Duration::from_secs(60);
 
 static SKIP_CUDA: Once = Once::new();
+static SKIP_LEVEL_ZERO: Once = Once::new();
 
-/// The backends a backend-generic scenario runs on: "sim" always, "cuda" when available.
+/// The software Level Zero driver's settings for these suites (a value already set in the
+/// environment wins): 4 devices, all peers, 1 GiB of device memory each.
+pub const ZE_SOFT_SETTINGS: &[(&str, &str)] =
+    &[("ZE_SOFT_DEVICES", "4"), ("ZE_SOFT_DEVICE_MEMORY", "1G")];
+
+/// Points the Level Zero loader at the software driver (`ze_soft::route_loader_with`, the
+/// settings above first) unless `DRM_PAGEMAP_LEVEL_ZERO_REAL=1` asks for the drivers the loader
+/// finds itself (an Intel GPU's). Must run before anything probes level-zero: the loader
+/// runs `zeInit` once per process. Idempotent.
+pub fn route_level_zero() -> Result<(), String> {
+    if level_zero_is_real() {
+        return Ok(());
+    }
+    ze_soft::route_loader_with(ZE_SOFT_SETTINGS).map(drop)
+}
+
+/// Whether `DRM_PAGEMAP_LEVEL_ZERO_REAL=1` asks for the loader's own drivers (real hardware)
+/// instead of the software driver.
+pub fn level_zero_is_real() -> bool {
+    std::env::var_os("DRM_PAGEMAP_LEVEL_ZERO_REAL").is_some_and(|v| v == "1")
+}
+
+/// The backends a backend-generic scenario runs on: "sim" always, "cuda" and "level-zero"
+/// when available (level-zero on the software driver, see [`route_level_zero`]); each one
+/// missing prints one `skipped: NAME: <reason>` line per test binary.
 pub fn backends() -> Vec<&'static str> {
+    let routed = route_level_zero();
     let mut out = vec!["sim"];
     let list = drm_pagemap::backends();
-    match list.iter().find(|b| b.name == "cuda") {
-        Some(b) if b.available.is_ok() => out.push("cuda"),
-        Some(b) => {
-            let reason = b.available.clone().err().unwrap_or_default();
-            SKIP_CUDA.call_once(|| say_skipped(&reason));
+    for (name, once) in [("cuda", &SKIP_CUDA), ("level-zero", &SKIP_LEVEL_ZERO)] {
+        let status = list.iter().find(|b| b.name == name);
+        let why = match (status, &routed) {
+            (None, _) => Err("not registered in this build".to_string()),
+            (Some(_), Err(e)) if name == "level-zero" => Err(e.clone()),
+            (Some(b), _) => b.available.clone(),
+        };
+        match why {
+            Ok(()) => out.push(name),
+            Err(reason) => once.call_once(|| say_skipped(name, &reason)),
         }
-        None => SKIP_CUDA.call_once(|| say_skipped("not registered in this build")),
     }
     out
 }
 
+/// With `ZE_ENABLE_VALIDATION_LAYER=1` (CI's validation run), the loader's validation layer is
+/// really in this process (checked while a level-zero backend is open: the loader and its
+/// layers are unloaded when the last user closes it): a run that asks for it cannot pass
+/// without it. The 1.8.12 layer
+/// prints nothing when it rejects a call, it returns the error (e.g.
+/// `ZE_RESULT_ERROR_INVALID_ENUMERATION`), which the backend turns into a failed operation.
+fn assert_validation_layer_loaded() {
+    if std::env::var_os("ZE_ENABLE_VALIDATION_LAYER").is_some_and(|v| v == "1") {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        assert!(
+            maps.contains("libze_validation_layer"),
+            "ZE_ENABLE_VALIDATION_LAYER=1 but the validation layer is not loaded"
+        );
+    }
+}
+
 /// Prints the skip line straight to stderr (the test harness captures `eprintln!` of
 /// passing tests; this line is meant to be seen).
-fn say_skipped(reason: &str) {
+fn say_skipped(name: &str, reason: &str) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipped: cuda: {reason}");
+    let _ = writeln!(std::io::stderr(), "skipped: {name}: {reason}");
 }
 
 /// How pages are filled with their pattern.
@@ -74,7 +121,7 @@ pub enum Fill {
 /// How to build a rig.
 #[derive(Clone)]
 pub struct Options {
-    /// The backend ("sim", "cuda").
+    /// The backend ("sim", "cuda", "level-zero").
     pub backend: &'static str,
     /// Pagemaps that get an owner of their own.
     pub foreign: Vec<usize>,
@@ -840,12 +887,18 @@ pub fn machine(devices: usize, opts: &Options) -> Rig {
         );
         (sim.clone(), Some(sim))
     } else {
+        if opts.backend == "level-zero" {
+            route_level_zero().expect("route the Level Zero loader");
+        }
         let cfg = BackendConfig {
             devices: Some(devices),
             // A GPU backend as the environment configures it (gpu-run.sh's variables).
             ..BackendConfig::from_env()
         };
         let b = drm_pagemap::open_backend(opts.backend, &cfg).expect("open backend");
+        if opts.backend == "level-zero" {
+            assert_validation_layer_loaded();
+        }
         (Arc::from(b), None)
     };
     // Machine::with_backend creates the pagemaps (owners, device sharing); the rig builds its

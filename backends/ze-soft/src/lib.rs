@@ -15,12 +15,13 @@
 //! # let _ = path;
 //! ```
 //! [`route_loader`] sets `ZE_ENABLE_ALT_DRIVERS` to [`library_path`] once per process (unless
-//! it is already set). Cargo builds the cdylib whenever `ze-soft` is a (dev-)dependency, next to
+//! it is already set); [`route_loader_with`] sets the driver's `ZE_SOFT_*` settings first (those
+//! not already set). Cargo builds the cdylib whenever `ze-soft` is a (dev-)dependency, next to
 //! the test and example executables (`target/<profile>/` and `target/<profile>/deps/`).
 //!
-//! The rlib exposes only [`library_path`], [`route_loader`] and the [`control`] types. Never call
-//! driver internals through the rlib: the loader loads the cdylib, a separate copy with its own
-//! state. Fault injection and counters go through the control entry `zexSoftControl`, reached
+//! The rlib exposes only [`library_path`], [`route_loader`], [`route_loader_with`] and the
+//! [`control`] types. Never call driver internals through the rlib: the loader loads the
+//! cdylib, a separate copy with its own state. Fault injection and counters go through the control entry `zexSoftControl`, reached
 //! with `zeDriverGetExtensionFunctionAddress` (see [`control`]).
 //!
 //! ## What it implements (API 1.4, the version `zeDriverGetApiVersion` reports)
@@ -91,4 +92,4 @@ pub mod control;
 mod driver;
 mod path;
 
-pub use path::{LIBRARY_FILE, library_path, route_loader};
+pub use path::{LIBRARY_FILE, library_path, route_loader, route_loader_with};

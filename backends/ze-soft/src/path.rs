@@ -66,9 +66,36 @@ fn newest_in(dir: &Path) -> Option<PathBuf> {
 /// # Errors
 /// [`library_path`]'s error when the library cannot be found.
 pub fn route_loader() -> Result<PathBuf, String> {
+    route_loader_with(&[])
+}
+
+/// [`route_loader`], after setting the driver's configuration variables: each `(name, value)`
+/// of `settings` whose `name` starts with `ZE_SOFT_` and is not set yet in the environment is
+/// set (a value the user already set wins). Only the first routing call of the process
+/// (this or [`route_loader`]) applies settings: the driver reads them once, at `zeInit`.
+///
+/// # Errors
+/// A name outside `ZE_SOFT_*`, or a name or value that cannot be an environment variable
+/// (empty, `=` or NUL in it), before anything is set; else [`library_path`]'s error.
+pub fn route_loader_with(settings: &[(&str, &str)]) -> Result<PathBuf, String> {
+    for (name, value) in settings {
+        let bad_name = !name.starts_with("ZE_SOFT_") || name.contains(['=', '\0']);
+        if bad_name || value.contains('\0') {
+            return Err(format!(
+                "ze-soft: {name:?}={value:?} is not a ZE_SOFT_* driver setting"
+            ));
+        }
+    }
     static ROUTED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     ROUTED
         .get_or_init(|| {
+            for (name, value) in settings {
+                if std::env::var_os(name).is_none() {
+                    // SAFETY: as below: once per process, before the loader is opened and
+                    // zeInit runs (the driver reads these there).
+                    unsafe { std::env::set_var(name, value) };
+                }
+            }
             if let Some(value) = std::env::var_os(ALT_DRIVERS) {
                 return Ok(PathBuf::from(value));
             }
@@ -80,4 +107,28 @@ pub fn route_loader() -> Result<PathBuf, String> {
             Ok(path)
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_loader_with;
+
+    #[test]
+    fn settings_outside_ze_soft_are_refused_before_anything_is_set() {
+        let before = std::env::var_os("ZE_SOFT_DEVICES");
+        for (name, value) in [
+            ("PATH", "/x"),
+            ("ZE_ENABLE_ALT_DRIVERS", "/x.so"),
+            ("ZE_SOFT_A=B", "1"),
+            ("ZE_SOFT_DEVICES", "2\0"),
+        ] {
+            let e = route_loader_with(&[("ZE_SOFT_DEVICES", "2"), (name, value)]).expect_err(name);
+            assert!(e.contains("is not a ZE_SOFT_* driver setting"), "{e}");
+        }
+        assert_eq!(
+            std::env::var_os("ZE_SOFT_DEVICES"),
+            before,
+            "a setting leaked"
+        );
+    }
 }
