@@ -147,20 +147,37 @@ typedef struct backend {
     int hang;
 } backend;
 
+typedef struct allocation allocation;
+
 typedef struct pagemap {
     backend *b;
     arena mem;
     uint32_t device;
     uint64_t context;
     uint64_t seqno;
+    uint64_t next_id;
+    allocation *live;        /* under mem.lock */
     char name[32];
 } pagemap;
 
-typedef struct allocation {
+struct allocation {
+    struct allocation *next; /* the pagemap's live allocations */
+    uint64_t id;             /* the cookie: never reused */
     uint64_t npages;
     uint64_t page_size;
     uint64_t starts[];   /* granule index of each page */
-} allocation;
+};
+
+/* Finds (and with `unlink`, removes) the live allocation `id`. */
+static allocation *find(pagemap *p, uint64_t id, int unlink) {
+    pthread_mutex_lock(&p->mem.lock);
+    allocation **at = &p->live;
+    while (*at && (*at)->id != id) at = &(*at)->next;
+    allocation *a = *at;
+    if (a && unlink) *at = a->next;
+    pthread_mutex_unlock(&p->mem.lock);
+    return a;
+}
 
 static int fails(backend *b, const char *entry) { return strcmp(b->fail, entry) == 0; }
 
@@ -267,7 +284,12 @@ static int32_t dm_allocate(void *obj, uint64_t npages, uint64_t ps, dpp_devmem_b
         free(a);
         return fail(e, DPP_E_OUT_OF_MEMORY, "hostmem: device memory exhausted");
     }
-    out->cookie = (uint64_t)(uintptr_t)a;
+    pthread_mutex_lock(&p->mem.lock);
+    a->id = ++p->next_id;
+    a->next = p->live;
+    p->live = a;
+    pthread_mutex_unlock(&p->mem.lock);
+    out->cookie = a->id;
     out->npages = npages;
     out->page_size = ps;
     out->pre_migrate_fence.obj = NULL; /* freed pages are zeroed at once */
@@ -278,7 +300,8 @@ static int32_t dm_allocate(void *obj, uint64_t npages, uint64_t ps, dpp_devmem_b
 static int32_t dm_populate(void *obj, const dpp_devmem_backing *bk, uint32_t *out, size_t n, dpp_error *e) {
     pagemap *p = obj;
     if (fails(p->b, "populate_devmem_pfn")) return injected(e, "populate_devmem_pfn");
-    allocation *a = (allocation *)(uintptr_t)bk->cookie;
+    allocation *a = find(p, bk->cookie, 0);
+    if (!a) return fail(e, DPP_E_INVALID_ARGUMENT, "hostmem: no such allocation");
     if (n != a->npages) return fail(e, DPP_E_INVALID_ARGUMENT, "hostmem: pfn buffer size");
     for (size_t i = 0; i < n; i++) out[i] = (uint32_t)a->starts[i];
     return DPP_OK;
@@ -326,7 +349,8 @@ static int32_t dm_copy_to_ram(void *obj, const dpp_copy_request *r, dpp_fence *o
 
 static void dm_release(void *obj, const dpp_devmem_backing *bk) {
     pagemap *p = obj;
-    allocation *a = (allocation *)(uintptr_t)bk->cookie;
+    allocation *a = find(p, bk->cookie, 1);
+    if (!a) return;
     arena_free(&p->mem, a->starts, a->npages, a->page_size / GRANULE);
     free(a);
 }
@@ -460,8 +484,8 @@ static int32_t open_backend(const dpp_host_services *host, const dpp_config *c, 
         return fail(e, DPP_E_BAD_CONFIG, "hostmem: 0 devices");
     }
     b->device_capacity = (c->flags & DPP_CONFIG_HAS_DEVICE_CAPACITY) ? c->device_capacity : (64ull << 20);
-    uint64_t host = (c->flags & DPP_CONFIG_HAS_HOST_CAPACITY) ? c->host_capacity : (256ull << 20);
-    if (!arena_init(&b->host, host)) {
+    uint64_t host_bytes = (c->flags & DPP_CONFIG_HAS_HOST_CAPACITY) ? c->host_capacity : (256ull << 20);
+    if (!arena_init(&b->host, host_bytes)) {
         arena_fini(&b->host);
         free(b);
         return fail(e, DPP_E_OUT_OF_MEMORY, "hostmem: host arena");
