@@ -452,7 +452,7 @@ static int eq(const dpp_option *o, const char *key) {
     return o->key_len == strlen(key) && memcmp(o->key, key, o->key_len) == 0;
 }
 
-static int32_t open_backend(const dpp_host_services *host, const dpp_config *c, dpp_backend *out, dpp_error *e) {
+__attribute__((unused)) static int32_t open_backend(const dpp_host_services *host, const dpp_config *c, dpp_backend *out, dpp_error *e) {
     g_host = host;
     backend *b = calloc(1, sizeof *b);
     if (!b) return fail(e, DPP_E_OUT_OF_MEMORY, "hostmem: no memory for the backend");
