@@ -120,7 +120,8 @@ pub type DppNativeFence = NativeFence;
 
 /// A completion callback: `status` is [`DPP_OK`] or an error code, `error` its details
 /// (null on success; valid only during the call).
-pub type DppFenceCallback = unsafe extern "C" fn(user: *mut c_void, status: i32, error: *const DppError);
+pub type DppFenceCallback =
+    unsafe extern "C" fn(user: *mut c_void, status: i32, error: *const DppError);
 
 /// The operations of a fence (`FenceOps`). Implemented by whichever side made the fence:
 /// the plug-in for the fences of its copies, the host for the pre-fences it hands in.
@@ -201,7 +202,8 @@ pub struct DppHostServices {
     /// the first (never 0, never twice): the plug-in's fences share the host's id space.
     pub reserve_fence_contexts: Option<unsafe extern "C" fn(host: *mut c_void, count: u64) -> u64>,
     /// Logs `len` bytes of UTF-8 at `level` (`DPP_LOG_*`); the host copies them.
-    pub log: Option<unsafe extern "C" fn(host: *mut c_void, level: u32, msg: *const c_char, len: usize)>,
+    pub log:
+        Option<unsafe extern "C" fn(host: *mut c_void, level: u32, msg: *const c_char, len: usize)>,
     /// Creates a host fence on (`context`, `seqno`): `out_fence` gets a reference to it,
     /// `out_signal` a one-shot signal handle that [`DppHostServices::fence_signal`] consumes.
     pub fence_create: Option<
@@ -215,8 +217,9 @@ pub struct DppHostServices {
     >,
     /// Signals the fence of `signal` (success when `error` is null) and frees the handle.
     /// Runs the fence's callbacks in this thread.
-    pub fence_signal:
-        Option<unsafe extern "C" fn(host: *mut c_void, signal: *mut c_void, error: *const DppError)>,
+    pub fence_signal: Option<
+        unsafe extern "C" fn(host: *mut c_void, signal: *mut c_void, error: *const DppError),
+    >,
     /// Runs `cb(user, ...)` exactly once on the host's fence worker thread once `fence`
     /// signalled (`on_signal`): where a plug-in submits work deferred behind a fence,
     /// without a thread of its own. Borrows `fence`.
@@ -355,7 +358,11 @@ pub struct DppBackendOps {
         Option<unsafe extern "C" fn(obj: *mut c_void, index: u32, out: *mut DppDeviceInfo) -> i32>,
     /// Required. The host memory system pages live in; called once, the host keeps it.
     pub host_memory: Option<
-        unsafe extern "C" fn(obj: *mut c_void, out: *mut DppHostMemory, error: *mut DppError) -> i32,
+        unsafe extern "C" fn(
+            obj: *mut c_void,
+            out: *mut DppHostMemory,
+            error: *mut DppError,
+        ) -> i32,
     >,
     /// Required. Creates a pagemap.
     pub create_pagemap: Option<
@@ -431,7 +438,14 @@ pub struct DppPagemapOps {
     >,
     /// Required. `device_unmap`: undoes it; 0 entries are skipped. Cannot fail.
     pub device_unmap: Option<
-        unsafe extern "C" fn(obj: *mut c_void, device: u32, addrs: *const u64, n: usize, page_size: u64, dir: u32),
+        unsafe extern "C" fn(
+            obj: *mut c_void,
+            device: u32,
+            addrs: *const u64,
+            n: usize,
+            page_size: u64,
+            dir: u32,
+        ),
     >,
 }
 
@@ -538,7 +552,8 @@ pub struct DppDevmemOps {
         ) -> i32,
     >,
     /// Required. Frees an allocation, exactly once, when no page uses it.
-    pub devmem_release: Option<unsafe extern "C" fn(obj: *mut c_void, backing: *const DppDevmemBacking)>,
+    pub devmem_release:
+        Option<unsafe extern "C" fn(obj: *mut c_void, backing: *const DppDevmemBacking)>,
     /// Optional (null: `devmem_release` each). Frees `n` allocations at once.
     pub devmem_release_many:
         Option<unsafe extern "C" fn(obj: *mut c_void, backings: *const DppDevmemBacking, n: usize)>,
@@ -575,20 +590,49 @@ pub struct DppHostMemoryOps {
     /// Required. Allocates `n` frames of `page_size` into `out` (4 KiB frame numbers). All or
     /// nothing.
     pub alloc_frames: Option<
-        unsafe extern "C" fn(obj: *mut c_void, page_size: u64, out: *mut u64, n: usize, error: *mut DppError) -> i32,
+        unsafe extern "C" fn(
+            obj: *mut c_void,
+            page_size: u64,
+            out: *mut u64,
+            n: usize,
+            error: *mut DppError,
+        ) -> i32,
     >,
     /// Required. Returns frames to the pool.
-    pub free_frames: Option<unsafe extern "C" fn(obj: *mut c_void, frames: *const u64, n: usize, page_size: u64)>,
+    pub free_frames: Option<
+        unsafe extern "C" fn(obj: *mut c_void, frames: *const u64, n: usize, page_size: u64),
+    >,
     /// Required. Copies `len` bytes out of `frame` from `offset` (inside the page).
     pub read: Option<
-        unsafe extern "C" fn(obj: *mut c_void, frame: u64, offset: usize, buf: *mut u8, len: usize, error: *mut DppError) -> i32,
+        unsafe extern "C" fn(
+            obj: *mut c_void,
+            frame: u64,
+            offset: usize,
+            buf: *mut u8,
+            len: usize,
+            error: *mut DppError,
+        ) -> i32,
     >,
     /// Required. Copies `len` bytes into `frame` at `offset` (inside the page).
     pub write: Option<
-        unsafe extern "C" fn(obj: *mut c_void, frame: u64, offset: usize, data: *const u8, len: usize, error: *mut DppError) -> i32,
+        unsafe extern "C" fn(
+            obj: *mut c_void,
+            frame: u64,
+            offset: usize,
+            data: *const u8,
+            len: usize,
+            error: *mut DppError,
+        ) -> i32,
     >,
     /// Required. Zeroes a whole page.
-    pub zero: Option<unsafe extern "C" fn(obj: *mut c_void, frame: u64, page_size: u64, error: *mut DppError) -> i32>,
+    pub zero: Option<
+        unsafe extern "C" fn(
+            obj: *mut c_void,
+            frame: u64,
+            page_size: u64,
+            error: *mut DppError,
+        ) -> i32,
+    >,
     /// Required. The addresses by which `device` reaches `frames[0..n]`, into `out`.
     pub map_frames: Option<
         unsafe extern "C" fn(
@@ -604,7 +648,14 @@ pub struct DppHostMemoryOps {
     >,
     /// Required. Undoes `map_frames`; 0 entries are skipped.
     pub unmap_frames: Option<
-        unsafe extern "C" fn(obj: *mut c_void, device: u32, addrs: *const u64, n: usize, page_size: u64, dir: u32),
+        unsafe extern "C" fn(
+            obj: *mut c_void,
+            device: u32,
+            addrs: *const u64,
+            n: usize,
+            page_size: u64,
+            dir: u32,
+        ),
     >,
     /// Required. Bytes of frames the pool can hand out in total.
     pub capacity_bytes: Option<unsafe extern "C" fn(obj: *mut c_void) -> u64>,

@@ -92,7 +92,11 @@ fn timeout_of(ns: u64) -> Option<Duration> {
 
 /// A timeout as nanoseconds for the ABI (`u64::MAX`: none; saturating).
 fn timeout_ns(t: Option<Duration>) -> u64 {
-    t.map_or(u64::MAX, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX - 1).min(u64::MAX - 1))
+    t.map_or(u64::MAX, |d| {
+        u64::try_from(d.as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            .min(u64::MAX - 1)
+    })
 }
 
 unsafe extern "C" fn ex_wait(obj: *mut c_void, timeout: u64, err: *mut DppError) -> i32 {
@@ -133,12 +137,20 @@ fn call_foreign(cb: DppFenceCallback, user: SendPtr, outcome: Result<(), FenceEr
         // SAFETY: `raw` is a local writable struct.
         unsafe { ffi::fill_backend_error(&mut raw, e) };
     }
-    let p: *const DppError = if err.is_some() { &raw } else { std::ptr::null() };
+    let p: *const DppError = if err.is_some() {
+        &raw
+    } else {
+        std::ptr::null()
+    };
     // SAFETY: the other side registered `cb` with `user` for exactly this one call.
     unsafe { cb(user.get(), status, p) };
 }
 
-unsafe extern "C" fn ex_add_callback(obj: *mut c_void, cb: DppFenceCallback, user: *mut c_void) -> i32 {
+unsafe extern "C" fn ex_add_callback(
+    obj: *mut c_void,
+    cb: DppFenceCallback,
+    user: *mut c_void,
+) -> i32 {
     ffi::guard_value(DPP_E_PANICKED, || {
         let user = SendPtr(user);
         // SAFETY: as above.
@@ -149,13 +161,19 @@ unsafe extern "C" fn ex_add_callback(obj: *mut c_void, cb: DppFenceCallback, use
 
 unsafe extern "C" fn ex_member_count(obj: *mut c_void) -> usize {
     // SAFETY: as above.
-    ffi::guard_value(0, || unsafe { fence_of(obj) }.members().map_or(0, <[Fence]>::len))
+    ffi::guard_value(0, || {
+        // SAFETY: a live object of this module (the ABI).
+        unsafe { fence_of(obj) }.members().map_or(0, <[Fence]>::len)
+    })
 }
 
 unsafe extern "C" fn ex_member_at(obj: *mut c_void, index: usize, out: *mut DppFence) -> i32 {
     ffi::guard_value(DPP_E_PANICKED, || {
         // SAFETY: as above.
-        match unsafe { fence_of(obj) }.members().and_then(|m| m.get(index)) {
+        match unsafe { fence_of(obj) }
+            .members()
+            .and_then(|m| m.get(index))
+        {
             Some(m) if !out.is_null() => {
                 // SAFETY: non-null, the caller's writable struct.
                 unsafe { *out = export(m) };
@@ -178,12 +196,16 @@ unsafe extern "C" fn callback_trampoline(user: *mut c_void, status: i32, err: *c
     let outcome = match status {
         DPP_OK => Ok(()),
         s => {
-            let e = if err.is_null() { DppError::empty() } else {
+            let e = if err.is_null() {
+                DppError::empty()
+            } else {
                 // SAFETY: non-null: valid during this call (the ABI).
                 unsafe { *err }
             };
             // SAFETY: the strings of `e` are valid during this call.
-            Err(FenceError::Failed(unsafe { ffi::error_from_ffi(s, &e, "fence") }))
+            Err(FenceError::Failed(unsafe {
+                ffi::error_from_ffi(s, &e, "fence")
+            }))
         }
     };
     ffi::guard_value((), move || cb(outcome));
@@ -203,7 +225,11 @@ pub struct Imported {
 
 impl std::fmt::Debug for Imported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Imported({}, ctx {}, seq {})", self.what, self.context, self.seqno)
+        write!(
+            f,
+            "Imported({}, ctx {}, seq {})",
+            self.what, self.context, self.seqno
+        )
     }
 }
 
@@ -256,10 +282,17 @@ pub unsafe fn import(
             // SAFETY: the reference we were given, released once.
             unsafe { release(raw.obj) };
         }
-        return Err(ffi::bad_argument(&format!("{what}: fence table lacks required entry `{name}`")));
+        return Err(ffi::bad_argument(&format!(
+            "{what}: fence table lacks required entry `{name}`"
+        )));
     }
     // SAFETY: checked present above; `obj` is live.
-    let (context, seqno) = unsafe { (ops.context.unwrap_unchecked()(raw.obj), ops.seqno.unwrap_unchecked()(raw.obj)) };
+    let (context, seqno) = unsafe {
+        (
+            ops.context.unwrap_unchecked()(raw.obj),
+            ops.seqno.unwrap_unchecked()(raw.obj),
+        )
+    };
     let mut fence = Imported {
         raw,
         ops,
@@ -305,7 +338,9 @@ pub unsafe fn import_borrowed(
     // SAFETY: as above.
     let ops: DppFenceOps = unsafe { read_table(raw.ops, size) };
     let Some(retain) = ops.retain else {
-        return Err(ffi::bad_argument(&format!("{what}: fence table lacks required entry `retain`")));
+        return Err(ffi::bad_argument(&format!(
+            "{what}: fence table lacks required entry `retain`"
+        )));
     };
     // SAFETY: a live borrowed object.
     let obj = unsafe { retain(raw.obj) };
@@ -343,7 +378,9 @@ impl FenceOps for Imported {
     fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
         let mut err = DppError::empty();
         // SAFETY: as above.
-        let s = unsafe { self.ops.wait.unwrap_unchecked()(self.raw.obj, timeout_ns(timeout), &mut err) };
+        let s = unsafe {
+            self.ops.wait.unwrap_unchecked()(self.raw.obj, timeout_ns(timeout), &mut err)
+        };
         match s {
             DPP_OK => Ok(()),
             DPP_TIMEOUT => Err(FenceError::Timeout(timeout.unwrap_or_default())),

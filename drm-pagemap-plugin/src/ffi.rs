@@ -114,7 +114,13 @@ fn cstring(s: &str) -> CString {
 ///
 /// # Safety
 /// `err` is null or points to a writable [`DppError`].
-pub unsafe fn fill_error(err: *mut DppError, kind: i32, message: &str, api: Option<&str>, driver_code: i64) -> i32 {
+pub unsafe fn fill_error(
+    err: *mut DppError,
+    kind: i32,
+    message: &str,
+    api: Option<&str>,
+    driver_code: i64,
+) -> i32 {
     if err.is_null() {
         return kind;
     }
@@ -166,7 +172,11 @@ pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 ///
 /// # Safety
 /// `err` is null or points to a writable [`DppError`].
-pub unsafe fn guard(entry: &str, err: *mut DppError, f: impl FnOnce() -> Result<(), BackendError>) -> i32 {
+pub unsafe fn guard(
+    entry: &str,
+    err: *mut DppError,
+    f: impl FnOnce() -> Result<(), BackendError>,
+) -> i32 {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => DPP_OK,
         // SAFETY: forwarded.

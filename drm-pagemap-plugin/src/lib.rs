@@ -37,8 +37,8 @@
 //! Unsafe code lives here (and in plug-ins), never in the core.
 
 pub mod abi;
-pub mod ffi;
 pub mod fence;
+pub mod ffi;
 #[cfg(feature = "host")]
 pub mod host;
 pub mod sdk;

@@ -854,9 +854,9 @@ pub fn machine(devices: usize, opts: &Options) -> Rig {
         };
         #[cfg(feature = "plugins")]
         if plugins::load_all().contains(&opts.backend) {
-            // The plug-ins' arenas: as large as the sim's where the tests need it (sparse).
-            cfg.device_capacity = Some(opts.device_capacity.unwrap_or(1 << 30));
-            cfg.host_capacity = Some(2 << 30);
+            // The plug-ins' arenas: as large as the sim's defaults (reserved, not touched).
+            cfg.device_capacity = Some(opts.device_capacity.unwrap_or(4 << 30));
+            cfg.host_capacity = Some(8 << 30);
             if opts.backend == "tier" {
                 cfg = cfg
                     .with_option("tier.path", plugins::tier_dir().display().to_string())

@@ -44,10 +44,17 @@ pub fn c_plugin(variant: &str, file_name: &str, defines: &[(&str, &str)]) -> Pat
     }
     let compiler = b.try_get_compiler().expect("a C compiler (cc)");
     let mut cmd = compiler.to_command();
-    cmd.args(["-shared", "-Wall", "-Werror", "-std=c11", "-D_GNU_SOURCE", "-o"])
-        .arg(&out)
-        .arg(root().join("examples/plugins/hostmem-c/hostmem.c"))
-        .arg("-lpthread");
+    cmd.args([
+        "-shared",
+        "-Wall",
+        "-Werror",
+        "-std=c11",
+        "-D_GNU_SOURCE",
+        "-o",
+    ])
+    .arg(&out)
+    .arg(root().join("examples/plugins/hostmem-c/hostmem.c"))
+    .arg("-lpthread");
     for (k, v) in defines {
         cmd.arg(format!("-D{k}={v}"));
     }
@@ -83,7 +90,13 @@ pub fn tier() -> PathBuf {
         let target = scratch().join("cargo-target");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let st = std::process::Command::new(cargo)
-            .args(["build", "-q", "-p", "drm-pagemap-plugin-tier", "--target-dir"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "drm-pagemap-plugin-tier",
+                "--target-dir",
+            ])
             .arg(&target)
             .current_dir(root())
             .status()
@@ -100,7 +113,13 @@ fn fresh(lib: &Path) -> bool {
         return false;
     };
     let mut newest = std::time::SystemTime::UNIX_EPOCH;
-    for dir in ["examples/plugins/tier/src", "drm-pagemap-plugin/src", "drm-pagemap-plugin/src/sdk", "drm-pagemap-core/src", "drm-pagemap-core/src/fence"] {
+    for dir in [
+        "examples/plugins/tier/src",
+        "drm-pagemap-plugin/src",
+        "drm-pagemap-plugin/src/sdk",
+        "drm-pagemap-core/src",
+        "drm-pagemap-core/src/fence",
+    ] {
         if let Ok(rd) = std::fs::read_dir(root().join(dir)) {
             for e in rd.flatten() {
                 if let Ok(m) = e.metadata().and_then(|m| m.modified()) {

@@ -4,8 +4,8 @@
 
 use super::{Plugin, services};
 use crate::abi::*;
-use crate::ffi;
 use crate::fence;
+use crate::ffi;
 use drm_pagemap_core::{
     Backend, BackendConfig, BackendError, BackendErrorKind, CopyCaps, CopyRequest, DeviceId,
     DeviceInfo, DeviceName, DevmemBacking, DevmemOps, Direction, DmaAddr, Fence, HostFenceWait,
@@ -41,7 +41,11 @@ impl Drop for BackendHandle {
 ///
 /// # Safety
 /// `ops` is null or points to a table of at least its `struct_size` bytes.
-unsafe fn table<T: Copy>(ops: *const T, what: &str, required: impl Fn(&T) -> Option<&'static str>) -> Result<T, BackendError> {
+unsafe fn table<T: Copy>(
+    ops: *const T,
+    what: &str,
+    required: impl Fn(&T) -> Option<&'static str>,
+) -> Result<T, BackendError> {
     if ops.is_null() {
         return Err(unavailable(format!("{what}: the operations table is null")));
     }
@@ -50,7 +54,9 @@ unsafe fn table<T: Copy>(ops: *const T, what: &str, required: impl Fn(&T) -> Opt
     // SAFETY: `size` bytes readable.
     let t = unsafe { read_table(ops, size) };
     match required(&t) {
-        Some(e) => Err(unavailable(format!("{what}: a required entry missing: `{e}`"))),
+        Some(e) => Err(unavailable(format!(
+            "{what}: a required entry missing: `{e}`"
+        ))),
         None => Ok(t),
     }
 }
@@ -61,17 +67,29 @@ fn unavailable(message: String) -> BackendError {
 
 /// The first of `entries` that is absent.
 fn first_missing(entries: &[(&'static str, bool)]) -> Option<&'static str> {
-    entries.iter().find(|(_, present)| !present).map(|(n, _)| *n)
+    entries
+        .iter()
+        .find(|(_, present)| !present)
+        .map(|(n, _)| *n)
 }
 
 /// Opens the plug-in's backend with `config`.
 pub(super) fn open(
     plugin: Arc<Plugin>,
-    open: unsafe extern "C" fn(*const DppHostServices, *const DppConfig, *mut DppBackend, *mut DppError) -> i32,
+    open: unsafe extern "C" fn(
+        *const DppHostServices,
+        *const DppConfig,
+        *mut DppBackend,
+        *mut DppError,
+    ) -> i32,
     config: &BackendConfig,
 ) -> Result<Box<dyn Backend>, BackendError> {
     let what: Arc<str> = Arc::from(format!("plug-in {}", plugin.name()));
-    let options: Vec<(String, String)> = config.options.iter().map(|o| (o.key.clone(), o.value.clone())).collect();
+    let options: Vec<(String, String)> = config
+        .options
+        .iter()
+        .map(|o| (o.key.clone(), o.value.clone()))
+        .collect();
     let raw_opts: Vec<DppOption> = options
         .iter()
         .map(|(k, v)| DppOption {
@@ -142,19 +160,23 @@ pub(super) fn open(
     }
     // SAFETY: the plug-in's table (the ABI).
     let hops = unsafe {
-        table(hm.ops, &format!("{what}: host memory"), |t: &DppHostMemoryOps| {
-            first_missing(&[
-                ("destroy", t.destroy.is_some()),
-                ("alloc_frames", t.alloc_frames.is_some()),
-                ("free_frames", t.free_frames.is_some()),
-                ("read", t.read.is_some()),
-                ("write", t.write.is_some()),
-                ("zero", t.zero.is_some()),
-                ("map_frames", t.map_frames.is_some()),
-                ("unmap_frames", t.unmap_frames.is_some()),
-                ("capacity_bytes", t.capacity_bytes.is_some()),
-            ])
-        })
+        table(
+            hm.ops,
+            &format!("{what}: host memory"),
+            |t: &DppHostMemoryOps| {
+                first_missing(&[
+                    ("destroy", t.destroy.is_some()),
+                    ("alloc_frames", t.alloc_frames.is_some()),
+                    ("free_frames", t.free_frames.is_some()),
+                    ("read", t.read.is_some()),
+                    ("write", t.write.is_some()),
+                    ("zero", t.zero.is_some()),
+                    ("map_frames", t.map_frames.is_some()),
+                    ("unmap_frames", t.unmap_frames.is_some()),
+                    ("capacity_bytes", t.capacity_bytes.is_some()),
+                ])
+            },
+        )
     }?;
     let host = Arc::new(PluginHost {
         obj: hm.obj,
@@ -232,10 +254,23 @@ impl Backend for PluginBackend {
         };
         let mut err = DppError::empty();
         // SAFETY: a checked entry on the live backend; every pointer is valid for the call.
-        let st = unsafe { self.handle.ops.create_pagemap.unwrap_unchecked()(self.handle.obj, &s, &mut out, &mut err) };
+        let st = unsafe {
+            self.handle.ops.create_pagemap.unwrap_unchecked()(
+                self.handle.obj,
+                &s,
+                &mut out,
+                &mut err,
+            )
+        };
         if st != DPP_OK {
             // SAFETY: the plug-in's error, valid now.
-            return Err(unsafe { ffi::error_from_ffi(st, &err, &format!("{}: create_pagemap of {}", self.what, spec.id)) });
+            return Err(unsafe {
+                ffi::error_from_ffi(
+                    st,
+                    &err,
+                    &format!("{}: create_pagemap of {}", self.what, spec.id),
+                )
+            });
         }
         let what = format!("{}: {}", self.what, spec.id);
         // SAFETY: the plug-in's table (the ABI).
@@ -270,7 +305,8 @@ impl Backend for PluginBackend {
             }
         };
         // SAFETY: null or the plug-in's string, valid while the object lives (now).
-        let name = unsafe { ffi::c_text(out.name) }.unwrap_or_else(|| format!("{} {}", self.name, spec.id));
+        let name = unsafe { ffi::c_text(out.name) }
+            .unwrap_or_else(|| format!("{} {}", self.name, spec.id));
         let caps = match dops.caps {
             None => CopyCaps::CONSERVATIVE,
             Some(f) => {
@@ -288,7 +324,14 @@ impl Backend for PluginBackend {
             what: Arc::from(what),
             backend: self.handle.clone(),
         });
-        Ok(Pagemap::new(spec.id, OwnerId(out.owner), DeviceId(out.device), name, pm.clone(), pm))
+        Ok(Pagemap::new(
+            spec.id,
+            OwnerId(out.owner),
+            DeviceId(out.device),
+            name,
+            pm.clone(),
+            pm,
+        ))
     }
 
     fn can_access_peer(&self, a: DeviceId, b: DeviceId) -> bool {
@@ -354,7 +397,13 @@ impl HostMemory for PluginHost {
         let mut err = DppError::empty();
         // SAFETY: a checked entry; `HostFrame` is `repr(transparent)` over `u64`.
         let s = unsafe {
-            self.ops.alloc_frames.unwrap_unchecked()(self.obj, page_size.bytes(), out.as_mut_ptr().cast(), out.len(), &mut err)
+            self.ops.alloc_frames.unwrap_unchecked()(
+                self.obj,
+                page_size.bytes(),
+                out.as_mut_ptr().cast(),
+                out.len(),
+                &mut err,
+            )
         };
         if s == DPP_OK {
             Ok(())
@@ -366,13 +415,29 @@ impl HostMemory for PluginHost {
 
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize) {
         // SAFETY: a checked entry; `HostFrame` is `repr(transparent)` over `u64`.
-        unsafe { self.ops.free_frames.unwrap_unchecked()(self.obj, frames.as_ptr().cast(), frames.len(), page_size.bytes()) };
+        unsafe {
+            self.ops.free_frames.unwrap_unchecked()(
+                self.obj,
+                frames.as_ptr().cast(),
+                frames.len(),
+                page_size.bytes(),
+            )
+        };
     }
 
     fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) {
         let mut err = DppError::empty();
         // SAFETY: a checked entry; `buf` is writable for its length.
-        let s = unsafe { self.ops.read.unwrap_unchecked()(self.obj, frame.0, offset, buf.as_mut_ptr(), buf.len(), &mut err) };
+        let s = unsafe {
+            self.ops.read.unwrap_unchecked()(
+                self.obj,
+                frame.0,
+                offset,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut err,
+            )
+        };
         if s != DPP_OK {
             self.broken("read", s, &err);
         }
@@ -381,7 +446,16 @@ impl HostMemory for PluginHost {
     fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) {
         let mut err = DppError::empty();
         // SAFETY: a checked entry; `data` is readable for its length.
-        let s = unsafe { self.ops.write.unwrap_unchecked()(self.obj, frame.0, offset, data.as_ptr(), data.len(), &mut err) };
+        let s = unsafe {
+            self.ops.write.unwrap_unchecked()(
+                self.obj,
+                frame.0,
+                offset,
+                data.as_ptr(),
+                data.len(),
+                &mut err,
+            )
+        };
         if s != DPP_OK {
             self.broken("write", s, &err);
         }
@@ -390,7 +464,9 @@ impl HostMemory for PluginHost {
     fn zero(&self, frame: HostFrame, page_size: PageSize) {
         let mut err = DppError::empty();
         // SAFETY: a checked entry.
-        let s = unsafe { self.ops.zero.unwrap_unchecked()(self.obj, frame.0, page_size.bytes(), &mut err) };
+        let s = unsafe {
+            self.ops.zero.unwrap_unchecked()(self.obj, frame.0, page_size.bytes(), &mut err)
+        };
         if s != DPP_OK {
             self.broken("zero", s, &err);
         }
@@ -405,7 +481,9 @@ impl HostMemory for PluginHost {
         out: &mut [DmaAddr],
     ) -> Result<(), BackendError> {
         if frames.len() != out.len() {
-            return Err(ffi::bad_argument("map_frames: frames and out differ in length"));
+            return Err(ffi::bad_argument(
+                "map_frames: frames and out differ in length",
+            ));
         }
         let mut err = DppError::empty();
         // SAFETY: a checked entry; both slices are `repr(transparent)` over `u64`, `n` long.
@@ -425,11 +503,19 @@ impl HostMemory for PluginHost {
             Ok(())
         } else {
             // SAFETY: the plug-in's error, valid now.
-            Err(unsafe { ffi::error_from_ffi(s, &err, &format!("{}: map_frames for {device}", self.what)) })
+            Err(unsafe {
+                ffi::error_from_ffi(s, &err, &format!("{}: map_frames for {device}", self.what))
+            })
         }
     }
 
-    fn unmap_frames(&self, device: DeviceId, addrs: &[DmaAddr], page_size: PageSize, dir: Direction) {
+    fn unmap_frames(
+        &self,
+        device: DeviceId,
+        addrs: &[DmaAddr],
+        page_size: PageSize,
+        dir: Direction,
+    ) {
         // SAFETY: a checked entry; `DmaAddr` is `repr(transparent)` over `u64`.
         unsafe {
             self.ops.unmap_frames.unwrap_unchecked()(
@@ -492,9 +578,15 @@ impl PluginPagemap {
     }
 
     fn copy(&self, req: &CopyRequest<'_>, to_ram: bool) -> Result<Fence, BackendError> {
-        let entry = if to_ram { "copy_to_ram" } else { "copy_to_devmem" };
+        let entry = if to_ram {
+            "copy_to_ram"
+        } else {
+            "copy_to_devmem"
+        };
         if req.pages.len() != req.addrs.len() {
-            return Err(ffi::bad_argument(&format!("{entry}: pages and addrs differ in length")));
+            return Err(ffi::bad_argument(&format!(
+                "{entry}: pages and addrs differ in length"
+            )));
         }
         let pre = req.pre_fence.map(fence::export);
         let r = DppCopyRequest {
@@ -502,11 +594,17 @@ impl PluginPagemap {
             pages: req.pages.as_ptr().cast(),
             addrs: req.addrs.as_ptr().cast(),
             count: req.pages.len(),
-            pre_fence: pre.as_ref().map_or(std::ptr::null(), |p| p as *const DppFence),
+            pre_fence: pre
+                .as_ref()
+                .map_or(std::ptr::null(), |p| p as *const DppFence),
         };
         let mut out = DppFence::NONE;
         let mut err = DppError::empty();
-        let f = if to_ram { self.dops.copy_to_ram } else { self.dops.copy_to_devmem };
+        let f = if to_ram {
+            self.dops.copy_to_ram
+        } else {
+            self.dops.copy_to_devmem
+        };
         // SAFETY: a checked entry; every pointer is valid for the call.
         let s = unsafe { f.unwrap_unchecked()(self.obj, &r, &mut out, &mut err) };
         if let Some(p) = pre {
@@ -531,7 +629,9 @@ impl PagemapOps for PluginPagemap {
         out: &mut [DmaAddr],
     ) -> Result<(), BackendError> {
         if pfns.len() != out.len() {
-            return Err(ffi::bad_argument("device_map: pfns and out differ in length"));
+            return Err(ffi::bad_argument(
+                "device_map: pfns and out differ in length",
+            ));
         }
         let mut err = DppError::empty();
         // SAFETY: a checked entry; `Pfn` / `DmaAddr` are `repr(transparent)`, `n` long.
@@ -547,10 +647,20 @@ impl PagemapOps for PluginPagemap {
                 &mut err,
             )
         };
-        if s == DPP_OK { Ok(()) } else { Err(self.error(s, &err, "device_map")) }
+        if s == DPP_OK {
+            Ok(())
+        } else {
+            Err(self.error(s, &err, "device_map"))
+        }
     }
 
-    fn device_unmap(&self, device: DeviceId, addrs: &[DmaAddr], page_size: PageSize, dir: Direction) {
+    fn device_unmap(
+        &self,
+        device: DeviceId,
+        addrs: &[DmaAddr],
+        page_size: PageSize,
+        dir: Direction,
+    ) {
         // SAFETY: a checked entry; `DmaAddr` is `repr(transparent)`.
         unsafe {
             self.pops.device_unmap.unwrap_unchecked()(
@@ -575,7 +685,15 @@ impl DevmemOps for PluginPagemap {
         };
         let mut err = DppError::empty();
         // SAFETY: a checked entry; `out` is writable.
-        let s = unsafe { self.dops.allocate.unwrap_unchecked()(self.obj, npages as u64, page_size.bytes(), &mut out, &mut err) };
+        let s = unsafe {
+            self.dops.allocate.unwrap_unchecked()(
+                self.obj,
+                npages as u64,
+                page_size.bytes(),
+                &mut out,
+                &mut err,
+            )
+        };
         if s != DPP_OK {
             return Err(self.error(s, &err, "allocate"));
         }
@@ -586,7 +704,10 @@ impl DevmemOps for PluginPagemap {
             match unsafe { fence::import(out.pre_migrate_fence, self.what.clone(), self.keep()) } {
                 Ok(f) => Some(f),
                 Err(e) => {
-                    let raw = DppDevmemBacking { pre_migrate_fence: DppFence::NONE, ..out };
+                    let raw = DppDevmemBacking {
+                        pre_migrate_fence: DppFence::NONE,
+                        ..out
+                    };
                     // SAFETY: a checked entry: the allocation is given back, unused.
                     unsafe { self.dops.devmem_release.unwrap_unchecked()(self.obj, &raw) };
                     return Err(e);
@@ -601,14 +722,28 @@ impl DevmemOps for PluginPagemap {
         })
     }
 
-    fn populate_devmem_pfn(&self, backing: &DevmemBacking, out: &mut [Pfn]) -> Result<(), BackendError> {
+    fn populate_devmem_pfn(
+        &self,
+        backing: &DevmemBacking,
+        out: &mut [Pfn],
+    ) -> Result<(), BackendError> {
         let raw = Self::raw_backing(backing);
         let mut err = DppError::empty();
         // SAFETY: a checked entry; `Pfn` is `repr(transparent)`; `out` is writable.
         let s = unsafe {
-            self.dops.populate_devmem_pfn.unwrap_unchecked()(self.obj, &raw, out.as_mut_ptr().cast(), out.len(), &mut err)
+            self.dops.populate_devmem_pfn.unwrap_unchecked()(
+                self.obj,
+                &raw,
+                out.as_mut_ptr().cast(),
+                out.len(),
+                &mut err,
+            )
         };
-        if s == DPP_OK { Ok(()) } else { Err(self.error(s, &err, "populate_devmem_pfn")) }
+        if s == DPP_OK {
+            Ok(())
+        } else {
+            Err(self.error(s, &err, "populate_devmem_pfn"))
+        }
     }
 
     fn copy_to_devmem(&self, req: &CopyRequest<'_>) -> Result<Fence, BackendError> {

@@ -70,14 +70,23 @@ impl fmt::Display for LoadError {
         match self {
             LoadError::FileMissing(p) => write!(f, "file missing: {}", p.display()),
             LoadError::CannotLoad(m) => write!(f, "cannot be loaded: {m}"),
-            LoadError::NotAPlugin => f.write_str("not a plug-in (no entry symbol drm_pagemap_plugin_v1)"),
+            LoadError::NotAPlugin => {
+                f.write_str("not a plug-in (no entry symbol drm_pagemap_plugin_v1)")
+            }
             LoadError::Version(v) => write!(
                 f,
                 "ABI version {v} not supported (this host supports {})",
-                SUPPORTED_VERSIONS.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                SUPPORTED_VERSIONS
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             LoadError::TableTooSmall { size, needed } => {
-                write!(f, "table too small ({size} bytes; ABI version 1 needs {needed})")
+                write!(
+                    f,
+                    "table too small ({size} bytes; ABI version 1 needs {needed})"
+                )
             }
             LoadError::MissingEntry(e) => write!(f, "a required entry missing: `{e}`"),
             LoadError::BadName(m) => write!(f, "bad name: {m}"),
@@ -138,15 +147,28 @@ pub fn load(path: impl AsRef<Path>) -> Result<Arc<Plugin>, LoadError> {
     }
     // SAFETY: loading a library runs its initialisers: the caller chose to trust this file
     // (that is what loading a plug-in means).
-    let lib = unsafe { libloading::Library::new(&canonical) }.map_err(|e| LoadError::CannotLoad(e.to_string()))?;
+    let lib = unsafe { libloading::Library::new(&canonical) }
+        .map_err(|e| LoadError::CannotLoad(e.to_string()))?;
     let table = check(&lib)?;
     // SAFETY: `check` verified a non-null, NUL-terminated name (the ABI's static string).
-    let name = unsafe { CStr::from_ptr(table.name) }.to_string_lossy().into_owned();
-    if name.is_empty() || name.len() > 32 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
-        return Err(LoadError::BadName(format!("{name:?} is not [a-z0-9_-]{{1,32}}")));
+    let name = unsafe { CStr::from_ptr(table.name) }
+        .to_string_lossy()
+        .into_owned();
+    if name.is_empty()
+        || name.len() > 32
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        return Err(LoadError::BadName(format!(
+            "{name:?} is not [a-z0-9_-]{{1,32}}"
+        )));
     }
     if let Some(other) = list.iter().find(|p| p.name == name) {
-        return Err(LoadError::BadName(format!("{name:?} is already loaded from {}", other.path.display())));
+        return Err(LoadError::BadName(format!(
+            "{name:?} is already loaded from {}",
+            other.path.display()
+        )));
     }
     // SAFETY: as the name.
     let description = unsafe { ffi::c_text(table.description) }.unwrap_or_default();
@@ -238,7 +260,10 @@ impl Plugin {
         // SAFETY: the plug-in's strings, valid now.
         let message = unsafe { ffi::c_text(err.message) }.unwrap_or_else(|| format!("status {s}"));
         if s == DPP_E_PANICKED {
-            let m = message.strip_prefix("panicked in probe: ").unwrap_or(&message).to_owned();
+            let m = message
+                .strip_prefix("panicked in probe: ")
+                .unwrap_or(&message)
+                .to_owned();
             Err(LoadError::ProbePanicked(m))
         } else {
             Err(LoadError::ProbeFailed(message))
@@ -247,11 +272,16 @@ impl Plugin {
 
     /// Opens the backend with `config` (every option is passed; the plug-in reads the keys
     /// under its name and refuses unknown ones).
-    pub fn open(self: &Arc<Self>, config: &BackendConfig) -> Result<Box<dyn Backend>, BackendError> {
-        let open = self
-            .table
-            .open
-            .ok_or_else(|| BackendError::new(BackendErrorKind::Unavailable, "a required entry missing: `open`"))?;
+    pub fn open(
+        self: &Arc<Self>,
+        config: &BackendConfig,
+    ) -> Result<Box<dyn Backend>, BackendError> {
+        let open = self.table.open.ok_or_else(|| {
+            BackendError::new(
+                BackendErrorKind::Unavailable,
+                "a required entry missing: `open`",
+            )
+        })?;
         adapter::open(self.clone(), open, config)
     }
 }
@@ -263,7 +293,8 @@ pub fn plugins_in(dir: &Path) -> Vec<PathBuf> {
             rd.filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| {
                     p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                        n.starts_with("libdrm_pagemap_plugin_") && (n.ends_with(".so") || n.ends_with(".dylib"))
+                        n.starts_with("libdrm_pagemap_plugin_")
+                            && (n.ends_with(".so") || n.ends_with(".dylib"))
                     })
                 })
                 .collect()

@@ -3,8 +3,8 @@
 //! and a log.
 
 use crate::abi::*;
-use crate::ffi::{self, SendPtr};
 use crate::fence;
+use crate::ffi::{self, SendPtr};
 use drm_pagemap_core::{BackendError, FenceContexts, FenceError, HostFence};
 use std::collections::VecDeque;
 use std::ffi::{c_char, c_void};
@@ -46,13 +46,19 @@ static LOG: Mutex<VecDeque<LogRecord>> = Mutex::new(VecDeque::new());
 
 /// The last messages plug-ins logged (at most 512), oldest first.
 pub fn log_records() -> Vec<LogRecord> {
-    LOG.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    LOG.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .cloned()
+        .collect()
 }
 
 unsafe extern "C" fn log(_host: *mut c_void, level: u32, msg: *const c_char, len: usize) {
     ffi::guard_value((), || {
         // SAFETY: `len` bytes at `msg`, valid for the call (the ABI).
-        let Some(bytes) = (unsafe { ffi::slice(msg.cast::<u8>(), len) }) else { return };
+        let Some(bytes) = (unsafe { ffi::slice(msg.cast::<u8>(), len) }) else {
+            return;
+        };
         let mut log = LOG.lock().unwrap_or_else(|p| p.into_inner());
         if log.len() >= LOG_KEPT {
             log.pop_front();
@@ -109,7 +115,9 @@ unsafe extern "C" fn on_signal(
 ) -> i32 {
     ffi::guard_value(DPP_E_PANICKED, || {
         // SAFETY: null or a borrowed fence of the plug-in (the ABI).
-        let Some(raw) = (unsafe { fence.as_ref() }) else { return DPP_E_INVALID_ARGUMENT };
+        let Some(raw) = (unsafe { fence.as_ref() }) else {
+            return DPP_E_INVALID_ARGUMENT;
+        };
         // SAFETY: as above; a new reference is taken.
         let f = match unsafe { fence::import_borrowed(raw, Arc::from("plug-in fence"), None) } {
             Ok(f) => f,

@@ -100,13 +100,16 @@ unsafe fn adopt(services: *const DppHostServices) -> Result<&'static Host, Backe
     // SAFETY: `size` bytes readable (the host's promise).
     let table: DppHostServices = unsafe { read_table(services, size) };
     if table.reserve_fence_contexts.is_none() {
-        return Err(ffi::bad_argument("host services lack `reserve_fence_contexts`"));
+        return Err(ffi::bad_argument(
+            "host services lack `reserve_fence_contexts`",
+        ));
     }
     let host = HOST.get_or_init(|| {
         let h = Host { services: table };
         // Before any fence of this copy of the core takes an id. A second host table (the same
         // host again) finds it installed: nothing to do.
-        let _ = FenceContexts::install_global(FenceContexts::from_source(Arc::new(HostContexts(h))));
+        let _ =
+            FenceContexts::install_global(FenceContexts::from_source(Arc::new(HostContexts(h))));
         h
     });
     Ok(host)
@@ -126,14 +129,17 @@ unsafe fn config_of(config: *const DppConfig) -> Result<BackendConfig, BackendEr
     // SAFETY: `size` bytes readable.
     let c: DppConfig = unsafe { read_table(config, size) };
     let mut out = BackendConfig {
-        devices: (c.flags & DPP_CONFIG_HAS_DEVICES != 0).then(|| usize::try_from(c.devices).unwrap_or(usize::MAX)),
-        device_capacity: (c.flags & DPP_CONFIG_HAS_DEVICE_CAPACITY != 0).then_some(c.device_capacity),
+        devices: (c.flags & DPP_CONFIG_HAS_DEVICES != 0)
+            .then(|| usize::try_from(c.devices).unwrap_or(usize::MAX)),
+        device_capacity: (c.flags & DPP_CONFIG_HAS_DEVICE_CAPACITY != 0)
+            .then_some(c.device_capacity),
         host_capacity: (c.flags & DPP_CONFIG_HAS_HOST_CAPACITY != 0).then_some(c.host_capacity),
         options: BackendOptions::with_version(c.options_version.max(1))
             .map_err(|e| BackendError::new(BackendErrorKind::BadConfig, e.to_string()))?,
     };
     // SAFETY: the host's array of `option_count` options, valid for the call.
-    let opts = unsafe { ffi::slice(c.options, c.option_count) }.ok_or_else(|| ffi::bad_argument("options are null"))?;
+    let opts = unsafe { ffi::slice(c.options, c.option_count) }
+        .ok_or_else(|| ffi::bad_argument("options are null"))?;
     for o in opts {
         // SAFETY: each string is `len` bytes, valid for the call.
         let key = unsafe { ffi::slice(o.key.cast::<u8>(), o.key_len) };
@@ -153,7 +159,10 @@ unsafe fn config_of(config: *const DppConfig) -> Result<BackendConfig, BackendEr
 ///
 /// # Safety
 /// Called by the host per the ABI.
-pub unsafe extern "C" fn probe<P: Plugin>(services: *const DppHostServices, err: *mut DppError) -> i32 {
+pub unsafe extern "C" fn probe<P: Plugin>(
+    services: *const DppHostServices,
+    err: *mut DppError,
+) -> i32 {
     // SAFETY: the host's arguments, per the ABI.
     unsafe {
         ffi::guard("probe", err, || {
@@ -217,4 +226,95 @@ macro_rules! export_plugin {
             &TABLE
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::c_void;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct Panicky;
+
+    impl Plugin for Panicky {
+        const NAME: &'static CStr = c"panicky";
+        const DESCRIPTION: &'static CStr = c"panics everywhere";
+        fn probe(_: &Host) -> Result<(), BackendError> {
+            panic!("boom in probe")
+        }
+        fn open(_: &Host, _: &BackendConfig) -> Result<Arc<dyn Backend>, BackendError> {
+            panic!("boom in open")
+        }
+    }
+
+    unsafe extern "C" fn reserve(_: *mut c_void, count: u64) -> u64 {
+        static NEXT: AtomicU64 = AtomicU64::new(1 << 40);
+        NEXT.fetch_add(count, Ordering::Relaxed)
+    }
+
+    fn services() -> DppHostServices {
+        DppHostServices {
+            abi_version: ABI_VERSION,
+            struct_size: size_of_table::<DppHostServices>(),
+            host: std::ptr::null_mut(),
+            reserve_fence_contexts: Some(reserve),
+            log: None,
+            fence_create: None,
+            fence_signal: None,
+            on_signal: None,
+        }
+    }
+
+    fn message(e: &DppError) -> String {
+        // SAFETY: filled by this crate's own guard just before.
+        unsafe { ffi::c_text(e.message) }.unwrap_or_default()
+    }
+
+    #[test]
+    fn a_panic_in_probe_or_open_is_a_status_with_its_message() {
+        let s = services();
+        let mut err = DppError::empty();
+        // SAFETY: valid services and error struct.
+        let st = unsafe { probe::<Panicky>(&s, &mut err) };
+        assert_eq!(st, DPP_E_PANICKED);
+        assert_eq!(message(&err), "panicked in probe: boom in probe");
+        let mut out = DppBackend {
+            obj: std::ptr::null_mut(),
+            ops: std::ptr::null(),
+        };
+        // SAFETY: as above; a null config is the default config.
+        let st = unsafe { open::<Panicky>(&s, std::ptr::null(), &mut out, &mut err) };
+        assert_eq!(st, DPP_E_PANICKED);
+        assert_eq!(message(&err), "panicked in open: boom in open");
+        assert!(out.obj.is_null(), "nothing was handed out");
+        // The host's allocator is this copy's global one now.
+        assert!(FenceContexts::global().next() >= 1 << 40);
+    }
+
+    #[test]
+    fn bad_host_services_are_refused_before_the_plugin_runs() {
+        let mut err = DppError::empty();
+        // SAFETY: null services are refused by the SDK itself.
+        let st = unsafe { probe::<Panicky>(std::ptr::null(), &mut err) };
+        assert_eq!(st, DPP_E_DRIVER);
+        assert!(message(&err).contains("host services are null"));
+        let mut s = services();
+        s.abi_version = 9;
+        // SAFETY: valid memory; the version is refused.
+        let st = unsafe { probe::<Panicky>(&s, &mut err) };
+        assert_eq!(st, DPP_E_UNAVAILABLE);
+        assert!(message(&err).contains("ABI version 9"));
+    }
+
+    #[test]
+    fn the_table_describes_the_plugin() {
+        let t = plugin_table::<Panicky>();
+        assert_eq!(
+            (t.abi_version, t.struct_size as usize),
+            (1, std::mem::size_of::<DppPluginV1>())
+        );
+        // SAFETY: a static C string.
+        assert_eq!(unsafe { CStr::from_ptr(t.name) }, c"panicky");
+        assert!(t.probe.is_some() && t.open.is_some() && t.flags == 0);
+    }
 }

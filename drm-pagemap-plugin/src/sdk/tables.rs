@@ -2,11 +2,11 @@
 //! the ABI's objects, one trampoline per entry, each in [`ffi::guard`].
 
 use crate::abi::*;
-use crate::ffi::{self, guard};
 use crate::fence;
+use crate::ffi::{self, guard};
 use drm_pagemap_core::{
-    Backend, BackendError, CopyRequest, DeviceId, DevmemBacking, DmaAddr, HostFenceWait,
-    HostFrame, HostMemory, OwnerId, Pagemap, PagemapId, PagemapSpec, Pfn,
+    Backend, BackendError, CopyRequest, DeviceId, DevmemBacking, DmaAddr, HostFenceWait, HostFrame,
+    HostMemory, OwnerId, Pagemap, PagemapId, PagemapSpec, Pfn,
 };
 use std::ffi::{CString, c_void};
 use std::sync::Arc;
@@ -107,10 +107,17 @@ unsafe extern "C" fn backend_destroy(o: *mut c_void) {
 
 unsafe extern "C" fn backend_device_count(o: *mut c_void) -> u32 {
     // SAFETY: a live backend (the ABI).
-    ffi::guard_value(0, || u32::try_from(unsafe { obj::<SdkBackend>(o) }.backend.device_count()).unwrap_or(u32::MAX))
+    ffi::guard_value(0, || {
+        // SAFETY: a live object of this module (the ABI).
+        u32::try_from(unsafe { obj::<SdkBackend>(o) }.backend.device_count()).unwrap_or(u32::MAX)
+    })
 }
 
-unsafe extern "C" fn backend_device_info(o: *mut c_void, index: u32, out: *mut DppDeviceInfo) -> i32 {
+unsafe extern "C" fn backend_device_info(
+    o: *mut c_void,
+    index: u32,
+    out: *mut DppDeviceInfo,
+) -> i32 {
     ffi::guard_value(DPP_E_PANICKED, || {
         // SAFETY: a live backend (the ABI).
         let b = unsafe { obj::<SdkBackend>(o) };
@@ -123,7 +130,8 @@ unsafe extern "C" fn backend_device_info(o: *mut c_void, index: u32, out: *mut D
                     name: [0; 63],
                     memory_bytes: d.memory_bytes,
                 };
-                info.name[..info.name_len as usize].copy_from_slice(&name[..info.name_len as usize]);
+                info.name[..info.name_len as usize]
+                    .copy_from_slice(&name[..info.name_len as usize]);
                 // SAFETY: non-null, the host's writable struct.
                 unsafe { *out = info };
                 DPP_OK
@@ -133,7 +141,11 @@ unsafe extern "C" fn backend_device_info(o: *mut c_void, index: u32, out: *mut D
     })
 }
 
-unsafe extern "C" fn backend_host_memory(o: *mut c_void, out: *mut DppHostMemory, err: *mut DppError) -> i32 {
+unsafe extern "C" fn backend_host_memory(
+    o: *mut c_void,
+    out: *mut DppHostMemory,
+    err: *mut DppError,
+) -> i32 {
     // SAFETY: the host's arguments (the ABI).
     unsafe {
         guard("host_memory", err, || {
@@ -163,7 +175,8 @@ unsafe extern "C" fn backend_create_pagemap(
                 return Err(ffi::bad_argument("create_pagemap: null spec or out"));
             }
             let s = *spec;
-            let id = u8::try_from(s.id).map_err(|_| ffi::bad_argument(&format!("pagemap id {}", s.id)))?;
+            let id = u8::try_from(s.id)
+                .map_err(|_| ffi::bad_argument(&format!("pagemap id {}", s.id)))?;
             let spec = PagemapSpec {
                 id: PagemapId(id),
                 device: DeviceId(s.device),
@@ -190,7 +203,14 @@ unsafe extern "C" fn backend_create_pagemap(
 
 unsafe extern "C" fn backend_can_access_peer(o: *mut c_void, a: u32, b: u32) -> i32 {
     // SAFETY: a live backend (the ABI).
-    ffi::guard_value(0, || i32::from(unsafe { obj::<SdkBackend>(o) }.backend.can_access_peer(DeviceId(a), DeviceId(b))))
+    ffi::guard_value(0, || {
+        i32::from(
+            // SAFETY: a live object of this module (the ABI).
+            unsafe { obj::<SdkBackend>(o) }
+                .backend
+                .can_access_peer(DeviceId(a), DeviceId(b)),
+        )
+    })
 }
 
 unsafe extern "C" fn pagemap_destroy(o: *mut c_void) {
@@ -211,8 +231,10 @@ unsafe extern "C" fn pagemap_device_map(
     // SAFETY: the host's arguments (the ABI); `Pfn` and `DmaAddr` are `repr(transparent)`.
     unsafe {
         guard("device_map", err, || {
-            let pfns = ffi::slice(pfns.cast::<Pfn>(), n).ok_or_else(|| ffi::bad_argument("device_map: pfns"))?;
-            let out = ffi::slice_mut(out.cast::<DmaAddr>(), n).ok_or_else(|| ffi::bad_argument("device_map: out"))?;
+            let pfns = ffi::slice(pfns.cast::<Pfn>(), n)
+                .ok_or_else(|| ffi::bad_argument("device_map: pfns"))?;
+            let out = ffi::slice_mut(out.cast::<DmaAddr>(), n)
+                .ok_or_else(|| ffi::bad_argument("device_map: out"))?;
             obj::<SdkPagemap>(o).pagemap.ops().device_map(
                 DeviceId(device),
                 pfns,
@@ -224,14 +246,29 @@ unsafe extern "C" fn pagemap_device_map(
     }
 }
 
-unsafe extern "C" fn pagemap_device_unmap(o: *mut c_void, device: u32, addrs: *const u64, n: usize, page_size: u64, dir: u32) {
+unsafe extern "C" fn pagemap_device_unmap(
+    o: *mut c_void,
+    device: u32,
+    addrs: *const u64,
+    n: usize,
+    page_size: u64,
+    dir: u32,
+) {
     ffi::guard_value((), || {
         // SAFETY: the host's arguments (the ABI); `DmaAddr` is `repr(transparent)`.
-        let (Some(addrs), Ok(ps)) = (unsafe { ffi::slice(addrs.cast::<DmaAddr>(), n) }, ffi::page_size(page_size)) else {
+        let (Some(addrs), Ok(ps)) = (
+            unsafe { ffi::slice(addrs.cast::<DmaAddr>(), n) },
+            ffi::page_size(page_size),
+        ) else {
             return;
         };
         // SAFETY: a live pagemap.
-        unsafe { obj::<SdkPagemap>(o) }.pagemap.ops().device_unmap(DeviceId(device), addrs, ps, ffi::direction(dir));
+        unsafe { obj::<SdkPagemap>(o) }.pagemap.ops().device_unmap(
+            DeviceId(device),
+            addrs,
+            ps,
+            ffi::direction(dir),
+        );
     })
 }
 
@@ -259,12 +296,18 @@ unsafe extern "C" fn devmem_allocate(
                 return Err(ffi::bad_argument("allocate: `out` is null"));
             }
             let n = usize::try_from(npages).map_err(|_| ffi::bad_argument("npages"))?;
-            let b = obj::<SdkPagemap>(o).pagemap.devmem().allocate(n, ffi::page_size(page_size)?)?;
+            let b = obj::<SdkPagemap>(o)
+                .pagemap
+                .devmem()
+                .allocate(n, ffi::page_size(page_size)?)?;
             *out = DppDevmemBacking {
                 cookie: b.cookie,
                 npages: b.npages as u64,
                 page_size: b.page_size.bytes(),
-                pre_migrate_fence: b.pre_migrate_fence.as_ref().map_or(DppFence::NONE, fence::export),
+                pre_migrate_fence: b
+                    .pre_migrate_fence
+                    .as_ref()
+                    .map_or(DppFence::NONE, fence::export),
             };
             Ok(())
         })
@@ -281,9 +324,15 @@ unsafe extern "C" fn devmem_populate(
     // SAFETY: the host's arguments (the ABI); `Pfn` is `repr(transparent)`.
     unsafe {
         guard("populate_devmem_pfn", err, || {
-            let b = backing.as_ref().ok_or_else(|| ffi::bad_argument("populate_devmem_pfn: backing"))?;
-            let out = ffi::slice_mut(out.cast::<Pfn>(), n).ok_or_else(|| ffi::bad_argument("populate_devmem_pfn: out"))?;
-            obj::<SdkPagemap>(o).pagemap.devmem().populate_devmem_pfn(&backing_of(b)?, out)
+            let b = backing
+                .as_ref()
+                .ok_or_else(|| ffi::bad_argument("populate_devmem_pfn: backing"))?;
+            let out = ffi::slice_mut(out.cast::<Pfn>(), n)
+                .ok_or_else(|| ffi::bad_argument("populate_devmem_pfn: out"))?;
+            obj::<SdkPagemap>(o)
+                .pagemap
+                .devmem()
+                .populate_devmem_pfn(&backing_of(b)?, out)
         })
     }
 }
@@ -303,14 +352,22 @@ unsafe fn copy(
     // SAFETY: forwarded.
     unsafe {
         guard(entry, err, || {
-            let r = req.as_ref().ok_or_else(|| ffi::bad_argument("copy: request is null"))?;
+            let r = req
+                .as_ref()
+                .ok_or_else(|| ffi::bad_argument("copy: request is null"))?;
             if out.is_null() {
                 return Err(ffi::bad_argument("copy: `out` is null"));
             }
-            let pages = ffi::slice(r.pages.cast::<Pfn>(), r.count).ok_or_else(|| ffi::bad_argument("copy: pages"))?;
-            let addrs = ffi::slice(r.addrs.cast::<DmaAddr>(), r.count).ok_or_else(|| ffi::bad_argument("copy: addrs"))?;
+            let pages = ffi::slice(r.pages.cast::<Pfn>(), r.count)
+                .ok_or_else(|| ffi::bad_argument("copy: pages"))?;
+            let addrs = ffi::slice(r.addrs.cast::<DmaAddr>(), r.count)
+                .ok_or_else(|| ffi::bad_argument("copy: addrs"))?;
             let pre = match r.pre_fence.as_ref() {
-                Some(f) if !f.obj.is_null() => Some(fence::import_borrowed(f, Arc::from("host pre-fence"), None)?),
+                Some(f) if !f.obj.is_null() => Some(fence::import_borrowed(
+                    f,
+                    Arc::from("host pre-fence"),
+                    None,
+                )?),
                 _ => None,
             };
             let request = CopyRequest {
@@ -320,19 +377,33 @@ unsafe fn copy(
                 pre_fence: pre.as_ref(),
             };
             let devmem = obj::<SdkPagemap>(o).pagemap.devmem();
-            let f = if to_ram { devmem.copy_to_ram(&request)? } else { devmem.copy_to_devmem(&request)? };
+            let f = if to_ram {
+                devmem.copy_to_ram(&request)?
+            } else {
+                devmem.copy_to_devmem(&request)?
+            };
             *out = fence::export(&f);
             Ok(())
         })
     }
 }
 
-unsafe extern "C" fn devmem_copy_to_devmem(o: *mut c_void, req: *const DppCopyRequest, out: *mut DppFence, err: *mut DppError) -> i32 {
+unsafe extern "C" fn devmem_copy_to_devmem(
+    o: *mut c_void,
+    req: *const DppCopyRequest,
+    out: *mut DppFence,
+    err: *mut DppError,
+) -> i32 {
     // SAFETY: the host's arguments.
     unsafe { copy("copy_to_devmem", o, req, out, err, false) }
 }
 
-unsafe extern "C" fn devmem_copy_to_ram(o: *mut c_void, req: *const DppCopyRequest, out: *mut DppFence, err: *mut DppError) -> i32 {
+unsafe extern "C" fn devmem_copy_to_ram(
+    o: *mut c_void,
+    req: *const DppCopyRequest,
+    out: *mut DppFence,
+    err: *mut DppError,
+) -> i32 {
     // SAFETY: the host's arguments.
     unsafe { copy("copy_to_ram", o, req, out, err, true) }
 }
@@ -342,7 +413,10 @@ unsafe extern "C" fn devmem_release(o: *mut c_void, backing: *const DppDevmemBac
         // SAFETY: the host's arguments (the ABI).
         if let Some(Ok(b)) = unsafe { backing.as_ref() }.map(backing_of) {
             // SAFETY: a live pagemap.
-            unsafe { obj::<SdkPagemap>(o) }.pagemap.devmem().devmem_release(b);
+            unsafe { obj::<SdkPagemap>(o) }
+                .pagemap
+                .devmem()
+                .devmem_release(b);
         }
     })
 }
@@ -352,24 +426,42 @@ unsafe extern "C" fn devmem_release_unused(o: *mut c_void, backing: *const DppDe
         // SAFETY: the host's arguments (the ABI).
         if let Some(Ok(b)) = unsafe { backing.as_ref() }.map(backing_of) {
             // SAFETY: a live pagemap.
-            unsafe { obj::<SdkPagemap>(o) }.pagemap.devmem().devmem_release_unused(b);
+            unsafe { obj::<SdkPagemap>(o) }
+                .pagemap
+                .devmem()
+                .devmem_release_unused(b);
         }
     })
 }
 
-unsafe extern "C" fn devmem_release_many(o: *mut c_void, backings: *const DppDevmemBacking, n: usize) {
+unsafe extern "C" fn devmem_release_many(
+    o: *mut c_void,
+    backings: *const DppDevmemBacking,
+    n: usize,
+) {
     ffi::guard_value((), || {
         // SAFETY: the host's array (the ABI).
-        let Some(raw) = (unsafe { ffi::slice(backings, n) }) else { return };
+        let Some(raw) = (unsafe { ffi::slice(backings, n) }) else {
+            return;
+        };
         let list: Vec<DevmemBacking> = raw.iter().filter_map(|b| backing_of(b).ok()).collect();
         // SAFETY: a live pagemap.
-        unsafe { obj::<SdkPagemap>(o) }.pagemap.devmem().devmem_release_many(&list);
+        unsafe { obj::<SdkPagemap>(o) }
+            .pagemap
+            .devmem()
+            .devmem_release_many(&list);
     })
 }
 
 unsafe extern "C" fn devmem_capacity(o: *mut c_void) -> u64 {
     // SAFETY: a live pagemap.
-    ffi::guard_value(0, || unsafe { obj::<SdkPagemap>(o) }.pagemap.devmem().capacity_bytes())
+    ffi::guard_value(0, || {
+        // SAFETY: a live object of this module (the ABI).
+        unsafe { obj::<SdkPagemap>(o) }
+            .pagemap
+            .devmem()
+            .capacity_bytes()
+    })
 }
 
 unsafe extern "C" fn devmem_caps(o: *mut c_void, out: *mut DppCopyCaps) {
@@ -401,26 +493,42 @@ unsafe extern "C" fn devmem_caps(o: *mut c_void, out: *mut DppCopyCaps) {
     })
 }
 
-
 unsafe extern "C" fn host_destroy(o: *mut c_void) {
     // SAFETY: the host destroys its host memory once (the ABI).
     unsafe { destroy::<SdkHost>(o) }
 }
 
-unsafe extern "C" fn host_alloc_frames(o: *mut c_void, page_size: u64, out: *mut u64, n: usize, err: *mut DppError) -> i32 {
+unsafe extern "C" fn host_alloc_frames(
+    o: *mut c_void,
+    page_size: u64,
+    out: *mut u64,
+    n: usize,
+    err: *mut DppError,
+) -> i32 {
     // SAFETY: the host's arguments; `HostFrame` is `repr(transparent)`.
     unsafe {
         guard("alloc_frames", err, || {
-            let out = ffi::slice_mut(out.cast::<HostFrame>(), n).ok_or_else(|| ffi::bad_argument("alloc_frames: out"))?;
-            obj::<SdkHost>(o).host.alloc_frames(ffi::page_size(page_size)?, out)
+            let out = ffi::slice_mut(out.cast::<HostFrame>(), n)
+                .ok_or_else(|| ffi::bad_argument("alloc_frames: out"))?;
+            obj::<SdkHost>(o)
+                .host
+                .alloc_frames(ffi::page_size(page_size)?, out)
         })
     }
 }
 
-unsafe extern "C" fn host_free_frames(o: *mut c_void, frames: *const u64, n: usize, page_size: u64) {
+unsafe extern "C" fn host_free_frames(
+    o: *mut c_void,
+    frames: *const u64,
+    n: usize,
+    page_size: u64,
+) {
     ffi::guard_value((), || {
         // SAFETY: the host's arguments; `HostFrame` is `repr(transparent)`.
-        let (Some(f), Ok(ps)) = (unsafe { ffi::slice(frames.cast::<HostFrame>(), n) }, ffi::page_size(page_size)) else {
+        let (Some(f), Ok(ps)) = (
+            unsafe { ffi::slice(frames.cast::<HostFrame>(), n) },
+            ffi::page_size(page_size),
+        ) else {
             return;
         };
         // SAFETY: a live host memory.
@@ -428,7 +536,14 @@ unsafe extern "C" fn host_free_frames(o: *mut c_void, frames: *const u64, n: usi
     })
 }
 
-unsafe extern "C" fn host_read(o: *mut c_void, frame: u64, offset: usize, buf: *mut u8, len: usize, err: *mut DppError) -> i32 {
+unsafe extern "C" fn host_read(
+    o: *mut c_void,
+    frame: u64,
+    offset: usize,
+    buf: *mut u8,
+    len: usize,
+    err: *mut DppError,
+) -> i32 {
     // SAFETY: the host's arguments.
     unsafe {
         guard("read", err, || {
@@ -439,7 +554,14 @@ unsafe extern "C" fn host_read(o: *mut c_void, frame: u64, offset: usize, buf: *
     }
 }
 
-unsafe extern "C" fn host_write(o: *mut c_void, frame: u64, offset: usize, data: *const u8, len: usize, err: *mut DppError) -> i32 {
+unsafe extern "C" fn host_write(
+    o: *mut c_void,
+    frame: u64,
+    offset: usize,
+    data: *const u8,
+    len: usize,
+    err: *mut DppError,
+) -> i32 {
     // SAFETY: the host's arguments.
     unsafe {
         guard("write", err, || {
@@ -450,11 +572,18 @@ unsafe extern "C" fn host_write(o: *mut c_void, frame: u64, offset: usize, data:
     }
 }
 
-unsafe extern "C" fn host_zero(o: *mut c_void, frame: u64, page_size: u64, err: *mut DppError) -> i32 {
+unsafe extern "C" fn host_zero(
+    o: *mut c_void,
+    frame: u64,
+    page_size: u64,
+    err: *mut DppError,
+) -> i32 {
     // SAFETY: the host's arguments.
     unsafe {
         guard("zero", err, || {
-            obj::<SdkHost>(o).host.zero(HostFrame(frame), ffi::page_size(page_size)?);
+            obj::<SdkHost>(o)
+                .host
+                .zero(HostFrame(frame), ffi::page_size(page_size)?);
             Ok(())
         })
     }
@@ -473,21 +602,44 @@ unsafe extern "C" fn host_map_frames(
     // SAFETY: the host's arguments; `HostFrame`, `DmaAddr` are `repr(transparent)`.
     unsafe {
         guard("map_frames", err, || {
-            let frames = ffi::slice(frames.cast::<HostFrame>(), n).ok_or_else(|| ffi::bad_argument("map_frames: frames"))?;
-            let out = ffi::slice_mut(out.cast::<DmaAddr>(), n).ok_or_else(|| ffi::bad_argument("map_frames: out"))?;
-            obj::<SdkHost>(o).host.map_frames(DeviceId(device), frames, ffi::page_size(page_size)?, ffi::direction(dir), out)
+            let frames = ffi::slice(frames.cast::<HostFrame>(), n)
+                .ok_or_else(|| ffi::bad_argument("map_frames: frames"))?;
+            let out = ffi::slice_mut(out.cast::<DmaAddr>(), n)
+                .ok_or_else(|| ffi::bad_argument("map_frames: out"))?;
+            obj::<SdkHost>(o).host.map_frames(
+                DeviceId(device),
+                frames,
+                ffi::page_size(page_size)?,
+                ffi::direction(dir),
+                out,
+            )
         })
     }
 }
 
-unsafe extern "C" fn host_unmap_frames(o: *mut c_void, device: u32, addrs: *const u64, n: usize, page_size: u64, dir: u32) {
+unsafe extern "C" fn host_unmap_frames(
+    o: *mut c_void,
+    device: u32,
+    addrs: *const u64,
+    n: usize,
+    page_size: u64,
+    dir: u32,
+) {
     ffi::guard_value((), || {
         // SAFETY: the host's arguments; `DmaAddr` is `repr(transparent)`.
-        let (Some(a), Ok(ps)) = (unsafe { ffi::slice(addrs.cast::<DmaAddr>(), n) }, ffi::page_size(page_size)) else {
+        let (Some(a), Ok(ps)) = (
+            unsafe { ffi::slice(addrs.cast::<DmaAddr>(), n) },
+            ffi::page_size(page_size),
+        ) else {
             return;
         };
         // SAFETY: a live host memory.
-        unsafe { obj::<SdkHost>(o) }.host.unmap_frames(DeviceId(device), a, ps, ffi::direction(dir));
+        unsafe { obj::<SdkHost>(o) }.host.unmap_frames(
+            DeviceId(device),
+            a,
+            ps,
+            ffi::direction(dir),
+        );
     })
 }
 

@@ -1,8 +1,9 @@
 /*
  * hostmem: a minimal drm-pagemap backend in C, written against include/drm_pagemap_plugin.h
  * alone. Its "devices" are arenas of host memory; addresses are plain pointers; copies are
- * memcpy in the calling thread (after waiting for the pre-fence), each returning a host fence
- * made through the host services. It shows the ABI is usable without Rust.
+ * memcpy in the calling thread, each returning a host fence
+ * made through the host services; a copy behind a pending pre-fence is deferred to the host's
+ * fence worker (on_signal), so no call blocks. It shows the ABI is usable without Rust.
  *
  * Build: cc -shared -fPIC -I include -o libdrm_pagemap_plugin_hostmem.so hostmem.c -lpthread
  *
@@ -318,24 +319,89 @@ static int32_t done_fence(pagemap *p, const dpp_error *err, dpp_fence *out, dpp_
     return DPP_OK;
 }
 
+static void do_copy(pagemap *p, int to_ram, uint64_t ps, const uint32_t *pages, const uint64_t *addrs, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (addrs[i] == 0) continue;
+        uint8_t *dev = p->mem.mem + (uint64_t)pages[i] * GRANULE;
+        uint8_t *other = (uint8_t *)(uintptr_t)addrs[i];
+        if (to_ram) memcpy(other, dev, ps);
+        else memcpy(dev, other, ps);
+    }
+}
+
+/* A copy deferred behind a pending pre-fence: runs on the host's fence worker. */
+typedef struct deferred {
+    pagemap *p;
+    int to_ram;
+    uint64_t ps;
+    size_t n;
+    uint32_t *pages;
+    uint64_t *addrs;
+    void *signal;
+} deferred;
+
+static void run_deferred(void *user, int32_t status, const dpp_error *err) {
+    deferred *d = user;
+    (void)err;
+    if (status == DPP_OK) {
+        do_copy(d->p, d->to_ram, d->ps, d->pages, d->addrs, d->n);
+        if (!d->p->b->hang) g_host->fence_signal(g_host->host, d->signal, NULL);
+    } else {
+        dpp_error fe = {DPP_E_COPY_FAILED, 0, 0, NULL, "hostmem: the pre-fence failed"};
+        g_host->fence_signal(g_host->host, d->signal, &fe);
+    }
+    free(d->pages);
+    free(d->addrs);
+    free(d);
+}
+
 static int32_t copy(pagemap *p, const dpp_copy_request *r, int to_ram, dpp_fence *out, dpp_error *e) {
     if (fails(p->b, to_ram ? "copy_to_ram" : "copy_to_devmem")) return injected(e, to_ram ? "copy_to_ram" : "copy_to_devmem");
+    if (!page_ok(r->page_size)) return fail(e, DPP_E_INVALID_ARGUMENT, "hostmem: bad page size");
     if (r->pre_fence && r->pre_fence->obj) {
-        /* Blocking: no destination byte before the pre-fence signalled. */
         dpp_error pe = {0};
-        int32_t s = r->pre_fence->ops->wait(r->pre_fence->obj, UINT64_MAX, &pe);
+        int32_t s = r->pre_fence->ops->status(r->pre_fence->obj, &pe);
+        if (s == DPP_PENDING) {
+            /* Deferred: no destination byte before the pre-fence signalled, and the call
+             * does not block. The request's arrays are borrowed: keep copies. */
+            deferred *d = calloc(1, sizeof *d);
+            if (!d) return fail(e, DPP_E_OUT_OF_MEMORY, "hostmem: no memory for a deferred copy");
+            d->p = p;
+            d->to_ram = to_ram;
+            d->ps = r->page_size;
+            d->n = r->count;
+            d->pages = malloc(r->count * sizeof *d->pages + 1);
+            d->addrs = malloc(r->count * sizeof *d->addrs + 1);
+            if (!d->pages || !d->addrs) {
+                free(d->pages);
+                free(d->addrs);
+                free(d);
+                return fail(e, DPP_E_OUT_OF_MEMORY, "hostmem: no memory for a deferred copy");
+            }
+            memcpy(d->pages, r->pages, r->count * sizeof *d->pages);
+            memcpy(d->addrs, r->addrs, r->count * sizeof *d->addrs);
+            uint64_t seq = __atomic_add_fetch(&p->seqno, 1, __ATOMIC_RELAXED);
+            if (g_host->fence_create(g_host->host, p->context, seq, out, &d->signal) != DPP_OK) {
+                free(d->pages);
+                free(d->addrs);
+                free(d);
+                return fail(e, DPP_E_COPY_FAILED, "hostmem: fence_create failed");
+            }
+            if (g_host->on_signal(g_host->host, r->pre_fence, run_deferred, d) != DPP_OK) {
+                dpp_error fe = {DPP_E_COPY_FAILED, 0, 0, NULL, "hostmem: on_signal refused the pre-fence"};
+                g_host->fence_signal(g_host->host, d->signal, &fe);
+                free(d->pages);
+                free(d->addrs);
+                free(d);
+            }
+            return DPP_OK;
+        }
         if (s != DPP_OK) {
             dpp_error fe = {DPP_E_COPY_FAILED, 0, 0, NULL, "hostmem: the pre-fence failed"};
             return done_fence(p, &fe, out, e);
         }
     }
-    for (size_t i = 0; i < r->count; i++) {
-        if (r->addrs[i] == 0) continue;
-        uint8_t *dev = p->mem.mem + (uint64_t)r->pages[i] * GRANULE;
-        uint8_t *other = (uint8_t *)(uintptr_t)r->addrs[i];
-        if (to_ram) memcpy(other, dev, r->page_size);
-        else memcpy(dev, other, r->page_size);
-    }
+    do_copy(p, to_ram, r->page_size, r->pages, r->addrs, r->count);
     return done_fence(p, NULL, out, e);
 }
 
@@ -360,8 +426,8 @@ static uint64_t dm_capacity(void *obj) { return ((pagemap *)obj)->mem.granules *
 static void dm_caps(void *obj, dpp_copy_caps *out) {
     (void)obj;
     memset(out, 0, sizeof *out);
-    out->host_fences = 0; /* waits in the call */
-    out->in_order = 1;    /* synchronous: trivially in order */
+    out->host_fences = 2; /* deferred behind a pending pre-fence (on the host's worker) */
+    out->in_order = 0;    /* a deferred copy may run after a later one */
 }
 
 static const dpp_devmem_ops DEVMEM_OPS = {

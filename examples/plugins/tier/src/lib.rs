@@ -59,7 +59,12 @@ impl Plugin for TierPlugin {
         cfg.check(Entry::Open);
         host.log(
             drm_pagemap_plugin::abi::DPP_LOG_INFO,
-            &format!("tier: {} tiers of {} bytes under {}", cfg.devices, cfg.capacity, cfg.path.display()),
+            &format!(
+                "tier: {} tiers of {} bytes under {}",
+                cfg.devices,
+                cfg.capacity,
+                cfg.path.display()
+            ),
         );
         Ok(Arc::new(TierBackend::new(cfg)?))
     }
@@ -132,7 +137,9 @@ pub struct TierConfig {
 impl TierConfig {
     /// Reads the `tier.*` options (unknown keys refused).
     pub fn from_backend_config(c: &BackendConfig) -> Result<TierConfig, BackendError> {
-        let bad = |e: drm_pagemap_plugin::core::OptionError| BackendError::new(BackendErrorKind::BadConfig, e.to_string());
+        let bad = |e: drm_pagemap_plugin::core::OptionError| {
+            BackendError::new(BackendErrorKind::BadConfig, e.to_string())
+        };
         let mut r = c.options.reader("tier").map_err(bad)?;
         let path = r.raw("path").map(|(_, v)| PathBuf::from(v));
         let capacity = r.bytes("capacity").map_err(bad)?;
@@ -161,7 +168,10 @@ impl TierConfig {
         if cfg.capacity > max || cfg.host_capacity > max {
             return Err(BackendError::new(
                 BackendErrorKind::BadConfig,
-                format!("tier: capacity {} / host capacity {} past {max} bytes", cfg.capacity, cfg.host_capacity),
+                format!(
+                    "tier: capacity {} / host capacity {} past {max} bytes",
+                    cfg.capacity, cfg.host_capacity
+                ),
             ));
         }
         Ok(cfg)
@@ -192,14 +202,33 @@ impl Mapping {
         let len = usize::try_from(len.max(GRANULE)).map_err(|_| oom("mapping length"))?;
         let (flags, fd) = match file {
             Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
-            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1),
+            None => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+            ),
         };
         // SAFETY: a fresh mapping at an address the kernel picks; no existing memory is touched.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
         if p == libc::MAP_FAILED {
-            return Err(BackendError::driver("mmap", i64::from(last_errno()), format!("tier: mmap of {len} bytes failed")));
+            return Err(BackendError::driver(
+                "mmap",
+                i64::from(last_errno()),
+                format!("tier: mmap of {len} bytes failed"),
+            ));
         }
-        Ok(Mapping { base: p.cast(), len })
+        Ok(Mapping {
+            base: p.cast(),
+            len,
+        })
     }
 
     /// The address of granule `g` (checked against the length).
@@ -210,7 +239,10 @@ impl Mapping {
 
     fn contains(&self, addr: u64, bytes: u64) -> bool {
         let b = self.base as u64;
-        addr >= b && addr.checked_add(bytes).is_some_and(|e| e <= b + self.len as u64)
+        addr >= b
+            && addr
+                .checked_add(bytes)
+                .is_some_and(|e| e <= b + self.len as u64)
     }
 }
 
@@ -240,8 +272,14 @@ impl HostMemory for TierHost {
     fn alloc_frames(&self, page_size: PageSize, out: &mut [HostFrame]) -> Result<(), BackendError> {
         self.cfg.check(Entry::AllocFrames);
         let mut starts = Vec::with_capacity(out.len());
-        if !self.frames.alloc_pages(out.len(), page_size.granules(), &mut starts) {
-            return Err(oom(&format!("{} system pages of {page_size}: host memory exhausted", out.len())));
+        if !self
+            .frames
+            .alloc_pages(out.len(), page_size.granules(), &mut starts)
+        {
+            return Err(oom(&format!(
+                "{} system pages of {page_size}: host memory exhausted",
+                out.len()
+            )));
         }
         for (o, s) in out.iter_mut().zip(starts) {
             *o = HostFrame(s);
@@ -250,24 +288,34 @@ impl HostMemory for TierHost {
     }
 
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize) {
-        self.frames.free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
+        self.frames
+            .free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
     }
 
     fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) {
         self.cfg.check(Entry::Read);
-        let p = self.mem.at(frame.0, offset as u64 + buf.len() as u64).expect("tier: read past the host memory");
+        let p = self
+            .mem
+            .at(frame.0, offset as u64 + buf.len() as u64)
+            .expect("tier: read past the host memory");
         // SAFETY: inside the mapping (checked); the core does not copy into this frame now.
         unsafe { std::ptr::copy_nonoverlapping(p.add(offset), buf.as_mut_ptr(), buf.len()) };
     }
 
     fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) {
-        let p = self.mem.at(frame.0, offset as u64 + data.len() as u64).expect("tier: write past the host memory");
+        let p = self
+            .mem
+            .at(frame.0, offset as u64 + data.len() as u64)
+            .expect("tier: write past the host memory");
         // SAFETY: as `read`.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.add(offset), data.len()) };
     }
 
     fn zero(&self, frame: HostFrame, page_size: PageSize) {
-        let p = self.mem.at(frame.0, page_size.bytes()).expect("tier: zero past the host memory");
+        let p = self
+            .mem
+            .at(frame.0, page_size.bytes())
+            .expect("tier: zero past the host memory");
         // SAFETY: as `read`.
         unsafe { std::ptr::write_bytes(p, 0, page_size.bytes() as usize) };
     }
@@ -283,7 +331,13 @@ impl HostMemory for TierHost {
         self.cfg.check(Entry::MapFrames);
         for (o, f) in out.iter_mut().zip(frames) {
             let p = self.mem.at(f.0, page_size.bytes()).ok_or_else(|| {
-                BackendError::new(BackendErrorKind::MapFailed, format!("tier: host frame {} for {device} is outside the host memory", f.0))
+                BackendError::new(
+                    BackendErrorKind::MapFailed,
+                    format!(
+                        "tier: host frame {} for {device} is outside the host memory",
+                        f.0
+                    ),
+                )
             })?;
             *o = DmaAddr(p as u64);
         }
@@ -345,10 +399,17 @@ impl Backend for TierBackend {
     fn create_pagemap(&self, spec: &PagemapSpec) -> Result<Pagemap, BackendError> {
         self.cfg.check(Entry::CreatePagemap);
         if spec.device.0 as usize >= self.cfg.devices {
-            return Err(BackendError::new(BackendErrorKind::BadConfig, format!("tier: no {}", spec.device)));
+            return Err(BackendError::new(
+                BackendErrorKind::BadConfig,
+                format!("tier: no {}", spec.device),
+            ));
         }
         let n = self.files.fetch_add(1, Ordering::Relaxed);
-        let path = self.cfg.path.join(format!("drm-pagemap-tier-{}-{:p}-{n}.bin", std::process::id(), self));
+        let path = self.cfg.path.join(format!(
+            "drm-pagemap-tier-{}-{:p}-{n}.bin",
+            std::process::id(),
+            self
+        ));
         let capacity = spec.capacity_bytes.min(self.cfg.capacity) / GRANULE * GRANULE;
         let tier = Tier::create(path, capacity, spec.device, self.cfg.clone())?;
         let tier = Arc::new(tier);
@@ -393,9 +454,18 @@ struct Tier {
 }
 
 impl Tier {
-    fn create(path: PathBuf, capacity: u64, device: DeviceId, cfg: Arc<TierConfig>) -> Result<Tier, BackendError> {
+    fn create(
+        path: PathBuf,
+        capacity: u64,
+        device: DeviceId,
+        cfg: Arc<TierConfig>,
+    ) -> Result<Tier, BackendError> {
         let io = |what: &str, e: std::io::Error| {
-            BackendError::driver("open", i64::from(e.raw_os_error().unwrap_or(0)), format!("tier: {what} {}: {e}", path.display()))
+            BackendError::driver(
+                "open",
+                i64::from(e.raw_os_error().unwrap_or(0)),
+                format!("tier: {what} {}: {e}", path.display()),
+            )
         };
         let file = OpenOptions::new()
             .read(true)
@@ -415,7 +485,12 @@ impl Tier {
                     run(&engine_mem, job);
                 }
             })
-            .map_err(|e| BackendError::new(BackendErrorKind::Unavailable, format!("tier: copy engine thread: {e}")))?;
+            .map_err(|e| {
+                BackendError::new(
+                    BackendErrorKind::Unavailable,
+                    format!("tier: copy engine thread: {e}"),
+                )
+            })?;
         Ok(Tier {
             file,
             mem,
@@ -439,9 +514,16 @@ impl Tier {
                 continue;
             }
             let local = self.mem.at(u64::from(pfn.0), bytes).ok_or_else(|| {
-                BackendError::new(BackendErrorKind::CopyFailed, format!("tier: pfn {} of {} past the file", pfn.0, self.device))
+                BackendError::new(
+                    BackendErrorKind::CopyFailed,
+                    format!("tier: pfn {} of {} past the file", pfn.0, self.device),
+                )
             })? as u64;
-            pairs.push(if to_ram { (local, addr.0) } else { (addr.0, local) });
+            pairs.push(if to_ram {
+                (local, addr.0)
+            } else {
+                (addr.0, local)
+            });
         }
         let done = self.timeline.host_fence();
         let job = Job {
@@ -454,7 +536,10 @@ impl Tier {
         let engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
         let sent = engine.as_ref().is_some_and(|tx| tx.send(job).is_ok());
         if !sent {
-            return Err(BackendError::new(BackendErrorKind::DeviceLost, format!("tier: the copy engine of {} stopped", self.device)));
+            return Err(BackendError::new(
+                BackendErrorKind::DeviceLost,
+                format!("tier: the copy engine of {} stopped", self.device),
+            ));
         }
         Ok(Fence::from_host(done))
     }
@@ -469,7 +554,10 @@ fn run(mem: &Mapping, job: Job) {
             FenceError::Failed(b) => b,
             other => BackendError::new(BackendErrorKind::CopyFailed, other.to_string()),
         };
-        job.done.signal_error(BackendError::new(BackendErrorKind::CopyFailed, format!("tier: pre-fence failed: {e}")));
+        job.done.signal_error(BackendError::new(
+            BackendErrorKind::CopyFailed,
+            format!("tier: pre-fence failed: {e}"),
+        ));
         return;
     }
     for (src, dst) in &job.pairs {
@@ -484,7 +572,11 @@ fn run(mem: &Mapping, job: Job) {
                 // SAFETY: a page-aligned range inside our live file mapping.
                 let r = unsafe { libc::msync(*dst as *mut libc::c_void, job.bytes, libc::MS_SYNC) };
                 if r != 0 {
-                    job.done.signal_error(BackendError::driver("msync", i64::from(last_errno()), "tier: msync failed"));
+                    job.done.signal_error(BackendError::driver(
+                        "msync",
+                        i64::from(last_errno()),
+                        "tier: msync failed",
+                    ));
                     return;
                 }
             }
@@ -514,9 +606,18 @@ impl PagemapOps for Tier {
     ) -> Result<(), BackendError> {
         self.cfg.check(Entry::DeviceMap);
         for (o, p) in out.iter_mut().zip(pfns) {
-            let a = self.mem.at(u64::from(p.0), page_size.bytes()).ok_or_else(|| {
-                BackendError::new(BackendErrorKind::MapFailed, format!("tier: pfn {} of {} for {device} past the file", p.0, self.device))
-            })?;
+            let a = self
+                .mem
+                .at(u64::from(p.0), page_size.bytes())
+                .ok_or_else(|| {
+                    BackendError::new(
+                        BackendErrorKind::MapFailed,
+                        format!(
+                            "tier: pfn {} of {} for {device} past the file",
+                            p.0, self.device
+                        ),
+                    )
+                })?;
             *o = DmaAddr(a as u64);
         }
         Ok(())
@@ -529,7 +630,10 @@ impl DevmemOps for Tier {
     fn allocate(&self, npages: usize, page_size: PageSize) -> Result<DevmemBacking, BackendError> {
         self.cfg.check(Entry::Allocate);
         let mut starts = Vec::new();
-        if !self.pfns.alloc_pages(npages, page_size.granules(), &mut starts) {
+        if !self
+            .pfns
+            .alloc_pages(npages, page_size.granules(), &mut starts)
+        {
             return Err(oom(&format!(
                 "{npages} pages of {page_size} do not fit in the free space of {} ({})",
                 self.device,
@@ -537,7 +641,10 @@ impl DevmemOps for Tier {
             )));
         }
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
-        self.allocations.lock().unwrap_or_else(|p| p.into_inner()).insert(cookie, starts);
+        self.allocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cookie, starts);
         Ok(DevmemBacking {
             cookie,
             npages,
@@ -546,11 +653,18 @@ impl DevmemOps for Tier {
         })
     }
 
-    fn populate_devmem_pfn(&self, backing: &DevmemBacking, out: &mut [Pfn]) -> Result<(), BackendError> {
+    fn populate_devmem_pfn(
+        &self,
+        backing: &DevmemBacking,
+        out: &mut [Pfn],
+    ) -> Result<(), BackendError> {
         self.cfg.check(Entry::Populate);
         let a = self.allocations.lock().unwrap_or_else(|p| p.into_inner());
         let starts = a.get(&backing.cookie).ok_or_else(|| {
-            BackendError::new(BackendErrorKind::Unsupported, format!("tier: no allocation {} on {}", backing.cookie, self.device))
+            BackendError::new(
+                BackendErrorKind::Unsupported,
+                format!("tier: no allocation {} on {}", backing.cookie, self.device),
+            )
         })?;
         for (o, s) in out.iter_mut().zip(starts) {
             *o = Pfn(*s as u32);
@@ -569,7 +683,12 @@ impl DevmemOps for Tier {
     }
 
     fn devmem_release(&self, backing: DevmemBacking) {
-        let Some(starts) = self.allocations.lock().unwrap_or_else(|p| p.into_inner()).remove(&backing.cookie) else {
+        let Some(starts) = self
+            .allocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&backing.cookie)
+        else {
             return;
         };
         let bytes = backing.page_size.bytes();
