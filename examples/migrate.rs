@@ -4,7 +4,7 @@
 //! failed migration.
 //!
 //! ```text
-//! cargo run --release --example migrate -- [--backend auto|sim|cuda|level-zero] [--devices N]
+//! cargo run --release --example migrate -- [--backend auto|sim|cuda|level-zero|plugin:PATH|NAME] [--devices N]
 //!     [--page-size BYTES] [--layout LAYOUT] [--to K] [--no-source-peer-migrates]
 //!     [--same-pagemap] [--coalesce by-source|consecutive] [--foreign K]... [--fail-copy N]
 //!     [--option BACKEND.KEY=VALUE]... [--json]
@@ -13,6 +13,11 @@
 //! migrated to pagemap 0, with a table of what moved. Exit codes: 0 success; 1 the migration
 //! failed (the data still verifies) or the backend is unavailable; 2 bad arguments (also a
 //! backend option that does not parse).
+//!
+//! Plug-ins: `--backend plugin:PATH` loads the shared object at PATH; the plug-ins in
+//! `DRM_PAGEMAP_PLUGIN_PATH` (files or directories, `:`-separated) are loaded at start and
+//! can be named by their name (`--backend tier`). A broken plug-in is `backend ...
+//! unavailable: REASON` and exit 1.
 //!
 //! Backend options: the environment's first (`BackendConfig::from_env`:
 //! `DRM_PAGEMAP_CUDA_VMM=0` and the others), then each `--option` (`--option cuda.kernel=ptx`,
@@ -61,7 +66,7 @@ struct Args {
     json: bool,
 }
 
-const USAGE: &str = "usage: migrate [--backend auto|sim|cuda|level-zero] [--devices N] [--page-size BYTES] \
+const USAGE: &str = "usage: migrate [--backend auto|sim|cuda|level-zero|plugin:PATH|NAME] [--devices N] [--page-size BYTES] \
 [--layout LAYOUT] [--to K] [--no-source-peer-migrates] [--same-pagemap] \
 [--coalesce by-source|consecutive] [--foreign K]... [--fail-copy N] \
 [--option BACKEND.KEY=VALUE]... [--json]";
@@ -107,9 +112,12 @@ fn parse_args(
         match flag.as_str() {
             "--backend" => {
                 a.backend = val()?;
-                if !["auto", "sim", "cuda", "level-zero"].contains(&a.backend.as_str()) {
+                if !["auto", "sim", "cuda", "level-zero"].contains(&a.backend.as_str())
+                    && !is_plugin_name(&a.backend)
+                {
                     return Err(format!(
-                        "--backend: {:?} is not one of auto, sim, cuda, level-zero",
+                        "--backend: {:?} is not one of auto, sim, cuda, level-zero, plugin:PATH \
+                         or a discovered plug-in's name",
                         a.backend
                     ));
                 }
@@ -484,8 +492,30 @@ fn print_table(a: &Args, config: &BackendConfig, backend: &dyn Backend, o: &Outc
     );
 }
 
+/// Whether `name` is `plugin:PATH` or the name of a plug-in loaded from the environment.
+fn is_plugin_name(name: &str) -> bool {
+    #[cfg(feature = "plugins")]
+    {
+        name.starts_with("plugin:")
+            || drm_pagemap::plugins::loaded()
+                .iter()
+                .any(|p| p.name() == name)
+    }
+    #[cfg(not(feature = "plugins"))]
+    {
+        let _ = name;
+        false
+    }
+}
+
 fn main() -> ExitCode {
-    // The one place this binary reads the environment's backend settings.
+    // The one place this binary reads the environment's backend settings (and plug-ins).
+    #[cfg(feature = "plugins")]
+    for d in drm_pagemap::plugins::from_env() {
+        if let Err(e) = &d.result {
+            eprintln!("migrate: plug-in {} not loaded: {e}", d.path.display());
+        }
+    }
     let env = BackendConfig::from_env().options;
     let args = match parse_args(std::env::args().skip(1), env) {
         Ok(a) => a,
@@ -501,6 +531,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A plug-in is loaded before the options are checked (its keys become known); one that
+    // cannot be loaded is an unavailable backend.
+    #[cfg(feature = "plugins")]
+    if let Some(path) = args.backend.strip_prefix("plugin:")
+        && let Err(e) = drm_pagemap::plugins::load(path)
+    {
+        eprintln!("migrate: backend {} unavailable: {e}", args.backend);
+        return ExitCode::from(1);
+    }
     // A backend option that does not parse is a bad argument, like a bad flag.
     let bytes = pages.len() as u64 * args.page_size.bytes();
     if let Err(e) = drm_pagemap::check_config(&config(&args, bytes)) {

@@ -51,8 +51,9 @@
 //! ## Features
 //! `sim` (the simulated backend, [`sim`]), `cuda` (the CUDA backend, [`cuda`]; links cudarc,
 //! loads `libcuda` at run time), `level-zero` (the Level Zero backend, [`level_zero`]; loads
-//! `libze_loader.so.1` at run time) and `svm` (the xe-style SVM layer, [`svm`]) are on by
-//! default. `--no-default-features --features sim` builds without cudarc; with no backend
+//! `libze_loader.so.1` at run time), `svm` (the xe-style SVM layer, [`svm`]) and `plugins`
+//! (out-of-tree backends loaded from shared objects, [`plugins`]) are on by default.
+//! `--no-default-features --features sim` builds without cudarc; with no backend
 //! feature at all the registry is empty until a crate of yours registers one.
 //!
 //! ## Test tooling
@@ -63,6 +64,10 @@
 #![forbid(unsafe_code)]
 
 mod registry;
+
+/// Out-of-tree backends loaded as plug-ins (the C ABI of the `drm-pagemap-plugin` crate).
+#[cfg(feature = "plugins")]
+pub mod plugins;
 
 // The engine's API, by name. Test tooling (fault injection, the layout notation, arena
 // memory) is the `drm-pagemap-testkit` crate, not re-exported here.
@@ -164,6 +169,8 @@ pub fn backends_with(config: &BackendConfig) -> Vec<BackendStatus> {
             available: availability(r, config),
         })
         .collect();
+    #[cfg(feature = "plugins")]
+    list.extend(plugins::statuses(config));
     list.sort_by_key(|b| (!b.is_gpu, b.name));
     list
 }
@@ -221,10 +228,13 @@ const OPTION_CHECKS: &[(&str, OptionCheck)] = &[
 /// a typo in an option for a backend other than the one opened is reported too. A command
 /// line can call it to report a bad `--option` as a bad argument.
 pub fn check_config(config: &BackendConfig) -> Result<(), Error> {
-    let names: Vec<&'static str> = inventory::iter::<BackendRegistration>
+    #[allow(unused_mut)]
+    let mut names: Vec<&'static str> = inventory::iter::<BackendRegistration>
         .into_iter()
         .map(|r| r.name)
         .collect();
+    #[cfg(feature = "plugins")]
+    names.extend(plugins::names());
     for b in config.options.backends() {
         if !names.contains(&b) {
             let key = config
@@ -261,6 +271,17 @@ pub fn check_config(config: &BackendConfig) -> Result<(), Error> {
 /// environment sets (`open_backend("auto", &BackendConfig::from_env())` is what the
 /// environment-configured binaries of this repository do).
 pub fn open_backend(name: &str, config: &BackendConfig) -> Result<Box<dyn Backend>, Error> {
+    // A plug-in (`plugin:PATH`, or a loaded plug-in's name) is loaded before the options are
+    // checked, so its keys are known.
+    #[cfg(feature = "plugins")]
+    if let Some(p) = plugins::resolve(name) {
+        let p = p.map_err(|reason| Error::BackendUnavailable {
+            name: name.into(),
+            reason,
+        })?;
+        check_config(config)?;
+        return plugins::open(name, &p, config);
+    }
     check_config(config)?;
     let name = if name == "auto" {
         auto_backend_with(config)

@@ -8,6 +8,7 @@
 #   ../shared/tools/gpu-pack bench -p drm-pagemap-cuda
 #   (the same in a worktree of the baseline commit, then copy its .gpu/bin/* to .gpu/base/)
 # On the GPU machine:  OUT=/some/dir ROUNDS=3 PARTS=main,latency,copy backends/cuda/ab-run.sh
+# (ORDER="bin base" runs this build first in each round, to rule out an order effect.)
 set -u
 OUT=${OUT:-/tmp/ab-run}
 ROUNDS=${ROUNDS:-3}
@@ -17,7 +18,7 @@ mkdir -p "$L"
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$L/gpu.txt" 2>&1
 for r in $(seq 1 "$ROUNDS"); do
-    for b in base bin; do
+    for b in ${ORDER:-base bin}; do
         if want main; then
             for ps in 4096 65536 2097152; do
                 timeout 60 ".gpu/$b/migrate" --backend cuda --page-size "$ps" \

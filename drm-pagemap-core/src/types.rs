@@ -91,17 +91,20 @@ impl fmt::Display for OwnerId {
 
 /// A device page frame number: the index, in 4 KiB granules, of a page inside its pagemap's
 /// device memory. A page of size `s` at pfn `p` covers granules `p .. p + s/4KiB`.
+#[repr(transparent)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Pfn(pub u32);
 
 /// A host frame number: the index, in 4 KiB granules, of a system page inside the host memory
 /// of an address space.
+#[repr(transparent)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct HostFrame(pub u64);
 
 /// An address by which one device reaches a page: produced by the backend
 /// ([`crate::PagemapOps::device_map`], [`crate::HostMemory::map_frames`]), consumed by the
 /// same backend's copy operations. The core never interprets it; `0` means "nothing mapped".
+#[repr(transparent)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct DmaAddr(pub u64);
 

@@ -19,6 +19,9 @@
 
 #![allow(dead_code)]
 
+#[cfg(feature = "plugins")]
+pub mod plugins;
+
 use drm_pagemap::sim::{SimBackend, SimConfig, SimStats};
 use drm_pagemap::{
     AddressSpace, Backend, BackendConfig, BackendError, BackendErrorKind, CopyCall, CopyCaps,
@@ -83,6 +86,9 @@ pub fn backends() -> Vec<&'static str> {
             Err(reason) => once.call_once(|| say_skipped(name, &reason)),
         }
     }
+    // The test plug-ins: the C one (built with `cc`) and the Rust tier (a workspace member).
+    #[cfg(feature = "plugins")]
+    out.extend(plugins::load_all());
     out
 }
 
@@ -890,11 +896,23 @@ pub fn machine(devices: usize, opts: &Options) -> Rig {
         if opts.backend == "level-zero" {
             route_level_zero().expect("route the Level Zero loader");
         }
-        let cfg = BackendConfig {
+        #[allow(unused_mut)]
+        let mut cfg = BackendConfig {
             devices: Some(devices),
             // A GPU backend as the environment configures it (gpu-run.sh's variables).
             ..BackendConfig::from_env()
         };
+        #[cfg(feature = "plugins")]
+        if plugins::load_all().contains(&opts.backend) {
+            // The plug-ins' arenas: as large as the sim's defaults (reserved, not touched).
+            cfg.device_capacity = Some(opts.device_capacity.unwrap_or(4 << 30));
+            cfg.host_capacity = Some(8 << 30);
+            if opts.backend == "tier" {
+                cfg = cfg
+                    .with_option("tier.path", plugins::tier_dir().display().to_string())
+                    .expect("tier option");
+            }
+        }
         let b = drm_pagemap::open_backend(opts.backend, &cfg).expect("open backend");
         if opts.backend == "level-zero" {
             assert_validation_layer_loaded();
