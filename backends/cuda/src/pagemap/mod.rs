@@ -211,9 +211,24 @@ impl CudaPagemap {
             }
             return Err(e);
         }
-        let slots = (0..PRESET_SLOTS)
-            .map(|_| new_slot(SLOT_BYTES))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut slots = Vec::with_capacity(PRESET_SLOTS);
+        for _ in 0..PRESET_SLOTS {
+            match new_slot(SLOT_BYTES) {
+                Ok(slot) => slots.push(slot),
+                Err(e) => {
+                    // SAFETY: all allocated above; the stream was synchronised and nothing
+                    // was queued that reads them (the slots are fresh, unused).
+                    unsafe {
+                        for s in slots.drain(..) {
+                            let _ = mem::free_host(s.host as *mut std::ffi::c_void);
+                        }
+                        let _ = mem::free(zero_src);
+                        let _ = mem::free(lists_dev);
+                    }
+                    return Err(e);
+                }
+            }
+        }
         let granules = capacity / GRANULE;
         Ok(CudaPagemap {
             frames: ExtentAllocator::new(capacity / GRANULE),
