@@ -142,8 +142,11 @@ pub struct Options {
     /// The pre-migrate fence of `dest`'s allocations signals only after a second clear,
     /// executed by `helper`'s device `delay` after the first one.
     pub slow_clear: Option<SlowClearSpec>,
-    /// Bytes of device memory per device (sim).
+    /// Bytes of device memory per device (sim, the plug-ins, level-zero) and at most that
+    /// per pagemap (every backend).
     pub device_capacity: Option<u64>,
+    /// Bytes of host memory (sim, the plug-ins, level-zero: rounded up to its chunks).
+    pub host_capacity: Option<u64>,
 }
 
 /// See [`Options::slow_clear`].
@@ -169,6 +172,7 @@ impl Options {
             fill: Fill::Full,
             slow_clear: None,
             device_capacity: None,
+            host_capacity: None,
         }
     }
 
@@ -199,6 +203,18 @@ impl Options {
     /// Stamps instead of full pages.
     pub fn stamps(mut self) -> Options {
         self.fill = Fill::Stamp;
+        self
+    }
+
+    /// With `bytes` of device memory per device (and at most that per pagemap).
+    pub fn device_capacity(mut self, bytes: u64) -> Options {
+        self.device_capacity = Some(bytes);
+        self
+    }
+
+    /// With `bytes` of host memory.
+    pub fn host_capacity(mut self, bytes: u64) -> Options {
+        self.host_capacity = Some(bytes);
         self
     }
 
@@ -256,6 +272,8 @@ pub enum Event {
         pagemap: u8,
         /// Pages.
         npages: usize,
+        /// Bytes (pages times the page size).
+        bytes: u64,
         /// The backend's cookie.
         cookie: u64,
     },
@@ -348,6 +366,8 @@ pub struct Audit {
     populate_fail_at: AtomicU64,
     populate_seen: AtomicU64,
     refuse_to_ram: AtomicBool,
+    /// 4 KiB granules of host frames allocated and not freed.
+    host_granules: AtomicU64,
 }
 
 impl Audit {
@@ -427,6 +447,46 @@ impl Audit {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Host granules (4 KiB) allocated through the host memory and not freed.
+    pub fn host_granules(&self) -> u64 {
+        self.host_granules.load(Ordering::SeqCst)
+    }
+
+    /// Allocations of pagemap `k` minus its releases, over the whole history.
+    pub fn balance(&self, k: u8) -> u64 {
+        let mut n = 0u64;
+        for e in self.events() {
+            match e {
+                Event::Alloc { pagemap, .. } if pagemap == k => n += 1,
+                Event::Release { pagemap, .. } if pagemap == k => n -= 1,
+                _ => {}
+            }
+        }
+        n
+    }
+
+    /// Bytes of the allocations of pagemap `k` not released (yet).
+    pub fn used_bytes(&self, k: u8) -> u64 {
+        let mut live: HashMap<u64, u64> = HashMap::new();
+        for e in self.events() {
+            match e {
+                Event::Alloc {
+                    pagemap,
+                    bytes,
+                    cookie,
+                    ..
+                } if pagemap == k => {
+                    live.insert(cookie, bytes);
+                }
+                Event::Release { pagemap, cookie } if pagemap == k => {
+                    live.remove(&cookie);
+                }
+                _ => {}
+            }
+        }
+        live.values().sum()
     }
 
     /// How often each allocation (pagemap, cookie) was released, over the whole history.
@@ -617,6 +677,7 @@ impl DevmemOps for AuditPagemap {
         self.audit.push(Event::Alloc {
             pagemap: self.id,
             npages,
+            bytes: npages as u64 * page_size.bytes(),
             cookie: b.cookie,
         });
         let gate = self
@@ -681,9 +742,16 @@ struct AuditHost {
 
 impl HostMemory for AuditHost {
     fn alloc_frames(&self, page_size: PageSize, out: &mut [HostFrame]) -> Result<(), BackendError> {
-        self.inner.alloc_frames(page_size, out)
+        self.inner.alloc_frames(page_size, out)?;
+        self.audit
+            .host_granules
+            .fetch_add(out.len() as u64 * page_size.granules(), Ordering::SeqCst);
+        Ok(())
     }
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize) {
+        self.audit
+            .host_granules
+            .fetch_sub(frames.len() as u64 * page_size.granules(), Ordering::SeqCst);
         self.inner.free_frames(frames, page_size)
     }
     fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) {
@@ -878,50 +946,70 @@ impl std::fmt::Debug for Rig {
     }
 }
 
-/// Opens a rig without a range: `devices` pagemaps on `opts.backend`.
-pub fn machine(devices: usize, opts: &Options) -> Rig {
-    let (backend, sim): (Arc<dyn Backend>, Option<Arc<SimBackend>>) = if opts.backend == "sim" {
+/// Opens `opts.backend` with `devices` devices, as `opts` configures it (capacities, sim's
+/// copy latency); returns the backend and, on sim, the simulated backend for its statistics.
+pub fn open(devices: usize, opts: &Options) -> (Arc<dyn Backend>, Option<Arc<SimBackend>>) {
+    if opts.backend == "sim" {
         let defaults = SimConfig::default();
         let sim = Arc::new(
             SimBackend::new(SimConfig {
                 devices,
                 copy_latency: opts.copy_latency,
                 device_capacity: opts.device_capacity.unwrap_or(defaults.device_capacity),
+                host_capacity: opts.host_capacity.unwrap_or(defaults.host_capacity),
                 ..defaults
             })
             .expect("sim backend"),
         );
-        (sim.clone(), Some(sim))
-    } else {
-        if opts.backend == "level-zero" {
-            route_level_zero().expect("route the Level Zero loader");
-        }
-        #[allow(unused_mut)]
-        let mut cfg = BackendConfig {
-            devices: Some(devices),
-            // A GPU backend as the environment configures it (gpu-run.sh's variables).
-            ..BackendConfig::from_env()
-        };
-        #[cfg(feature = "plugins")]
-        if plugins::load_all().contains(&opts.backend) {
-            // The plug-ins' arenas: as large as the sim's defaults (reserved, not touched).
-            cfg.device_capacity = Some(opts.device_capacity.unwrap_or(4 << 30));
-            cfg.host_capacity = Some(8 << 30);
-            if opts.backend == "tier" {
-                cfg = cfg
-                    .with_option("tier.path", plugins::tier_dir().display().to_string())
-                    .expect("tier option");
-            }
-        }
-        let b = drm_pagemap::open_backend(opts.backend, &cfg).expect("open backend");
-        if opts.backend == "level-zero" {
-            assert_validation_layer_loaded();
-        }
-        (Arc::from(b), None)
+        return (sim.clone(), Some(sim));
+    }
+    if opts.backend == "level-zero" {
+        route_level_zero().expect("route the Level Zero loader");
+    }
+    #[allow(unused_mut)]
+    let mut cfg = BackendConfig {
+        devices: Some(devices),
+        host_capacity: opts.host_capacity,
+        // A GPU backend as the environment configures it (gpu-run.sh's variables).
+        ..BackendConfig::from_env()
     };
+    if opts.backend == "level-zero"
+        && let Some(cap) = opts.device_capacity
+    {
+        cfg = cfg
+            .with_option("level-zero.device_capacity", cap.to_string())
+            .expect("level-zero option");
+    }
+    #[cfg(feature = "plugins")]
+    if plugins::load_all().contains(&opts.backend) {
+        // The plug-ins' arenas: as large as the sim's defaults (reserved, not touched).
+        cfg.device_capacity = Some(opts.device_capacity.unwrap_or(4 << 30));
+        cfg.host_capacity = Some(opts.host_capacity.unwrap_or(8 << 30));
+        if opts.backend == "tier" {
+            cfg = cfg
+                .with_option("tier.path", plugins::tier_dir().display().to_string())
+                .expect("tier option");
+        }
+    }
+    let b = drm_pagemap::open_backend(opts.backend, &cfg).expect("open backend");
+    if opts.backend == "level-zero" {
+        assert_validation_layer_loaded();
+    }
+    (Arc::from(b), None)
+}
+
+/// Opens a rig without a range: `devices` pagemaps on `opts.backend`.
+pub fn machine(devices: usize, opts: &Options) -> Rig {
+    let (backend, sim) = open(devices, opts);
     // Machine::with_backend creates the pagemaps (owners, device sharing); the rig builds its
     // own address space over them so it can wrap them generically.
-    let m = Machine::with_backend(backend.clone(), devices, &opts.foreign).expect("pagemaps");
+    let m = Machine::build(
+        backend.clone(),
+        devices,
+        &opts.foreign,
+        opts.device_capacity,
+    )
+    .expect("pagemaps");
     let audit = Arc::new(Audit::default());
     let mut host = backend.host_memory();
     if let Some(inj) = &opts.faults {

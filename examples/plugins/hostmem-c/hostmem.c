@@ -22,6 +22,7 @@
  */
 #include "drm_pagemap_plugin.h"
 
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -468,7 +469,12 @@ static int32_t be_host_memory(void *obj, dpp_host_memory *out, dpp_error *e) {
 static int32_t be_create_pagemap(void *obj, const dpp_pagemap_spec *spec, dpp_pagemap *out, dpp_error *e) {
     backend *b = obj;
     if (fails(b, "create_pagemap")) return injected(e, "create_pagemap");
-    if (spec->device >= b->devices) return fail(e, DPP_E_BAD_CONFIG, "hostmem: no such device");
+    if (spec->device >= b->devices) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "hostmem: device %" PRIu32 " does not exist (%" PRIu32 " devices)",
+                 spec->device, b->devices);
+        return fail(e, DPP_E_BAD_CONFIG, msg);
+    }
     pagemap *p = calloc(1, sizeof *p);
     if (!p) return fail(e, DPP_E_OUT_OF_MEMORY, "hostmem: no memory for the pagemap");
     uint64_t cap = spec->capacity_bytes < b->device_capacity ? spec->capacity_bytes : b->device_capacity;
