@@ -80,6 +80,21 @@ fn legend(
     Ok(())
 }
 
+/// Two significant digits: `9.5`, `16`, `250`, `1300`.
+fn significant(v: f64) -> String {
+    if !v.is_finite() || v <= 0.0 {
+        return String::new();
+    }
+    let digits = v.log10().floor() as i32;
+    let scale = 10f64.powi(digits - 1);
+    let r = (v / scale).round() * scale;
+    if digits >= 1 {
+        format!("{r:.0}")
+    } else {
+        format!("{r:.*}", (1 - digits) as usize)
+    }
+}
+
 fn log2(x: u64) -> f64 {
     (x.max(1) as f64).log2()
 }
@@ -248,7 +263,10 @@ pub fn latency_chart(runs: &[LatencyRun], machine: Option<&str>) -> Result<Strin
         let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
         root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
         let (plot, side) = root.split_horizontally(PLOT_W);
-        let (_, yhi) = log_bounds(runs.iter().flat_map(|r| {
+        // The y axis is log10 of microseconds (tails can be 100x the median on a busy machine),
+        // labelled in microseconds.
+        let (mut ylo, mut yhi) = (f64::INFINITY, f64::NEG_INFINITY);
+        for v in runs.iter().flat_map(|r| {
             [
                 Some(r.min_us),
                 Some(r.p50_us),
@@ -258,7 +276,17 @@ pub fn latency_chart(runs: &[LatencyRun], machine: Option<&str>) -> Result<Strin
             ]
             .into_iter()
             .flatten()
-        }));
+        }) {
+            if v.is_finite() && v > 0.0 {
+                ylo = ylo.min(v);
+                yhi = yhi.max(v);
+            }
+        }
+        if !ylo.is_finite() {
+            (ylo, yhi) = (1.0, 10.0);
+        }
+        let (ylo, yhi) = ((ylo / 1.25).log10(), (yhi * 1.25).log10());
+        let l = |v: f64| v.max(1e-9).log10();
         let title = format!(
             "{}{}",
             runs.first().map(|r| r.title.as_str()).unwrap_or(""),
@@ -278,7 +306,7 @@ pub fn latency_chart(runs: &[LatencyRun], machine: Option<&str>) -> Result<Strin
             .margin(12)
             .x_label_area_size(42)
             .y_label_area_size(58)
-            .build_cartesian_2d(-0.5..n - 0.5, 0.0..yhi / 1.6 * 1.1)
+            .build_cartesian_2d(-0.5..n - 0.5, ylo..yhi)
             .map_err(|x| e(x.to_string()))?;
         c.configure_mesh()
             .light_line_style(TRANSPARENT)
@@ -286,11 +314,12 @@ pub fn latency_chart(runs: &[LatencyRun], machine: Option<&str>) -> Result<Strin
             .x_labels(cases.len() * 2 + 1)
             .x_label_formatter(&tick)
             .x_desc("range, pages")
-            .y_desc("microseconds per fault")
-            .y_label_formatter(&|y| format!("{y}"))
+            .y_desc("microseconds per fault (log scale)")
+            .y_labels(12)
+            .y_label_formatter(&|y| significant(10f64.powf(*y)))
             .draw()
             .map_err(|x| e(x.to_string()))?;
-        let mut has_target = false;
+        let mut targets: Vec<String> = Vec::new();
         for (i, case) in cases.iter().enumerate() {
             let here: Vec<&LatencyRun> = series
                 .iter()
@@ -307,27 +336,30 @@ pub fn latency_chart(runs: &[LatencyRun], machine: Option<&str>) -> Result<Strin
                 let top = r.p99_us.unwrap_or(r.p90_us);
                 let half = (slot * 0.3).min(0.08);
                 let elements: Vec<DynElement<'static, SVGBackend<'_>, (f64, f64)>> = vec![
-                    PathElement::new(vec![(x, r.min_us), (x, top)], color.stroke_width(1))
+                    PathElement::new(vec![(x, l(r.min_us)), (x, l(top))], color.stroke_width(1))
                         .into_dyn(),
                     PathElement::new(
-                        vec![(x - half, top), (x + half, top)],
+                        vec![(x - half, l(top)), (x + half, l(top))],
                         color.stroke_width(1),
                     )
                     .into_dyn(),
                     Rectangle::new(
-                        [(x - half, r.p50_us), (x + half, r.p90_us)],
+                        [(x - half, l(r.p50_us)), (x + half, l(r.p90_us))],
                         color.mix(0.25).filled(),
                     )
                     .into_dyn(),
-                    Rectangle::new([(x - half, r.p50_us), (x + half, r.p90_us)], color).into_dyn(),
-                    Circle::new((x, r.p50_us), 4, color.filled()).into_dyn(),
+                    Rectangle::new([(x - half, l(r.p50_us)), (x + half, l(r.p90_us))], color)
+                        .into_dyn(),
+                    Circle::new((x, l(r.p50_us)), 4, color.filled()).into_dyn(),
                 ];
                 c.draw_series(elements).map_err(|x| e(x.to_string()))?;
             }
             if let Some(t) = here.iter().find_map(|r| r.target_us) {
-                has_target = true;
+                if !targets.contains(&significant(t)) {
+                    targets.push(significant(t));
+                }
                 c.draw_series(DashedLineSeries::new(
-                    vec![(i as f64 - 0.45, t), (i as f64 + 0.45, t)],
+                    vec![(i as f64 - 0.45, l(t)), (i as f64 + 0.45, l(t))],
                     6,
                     4,
                     BLACK.stroke_width(2),
@@ -340,8 +372,8 @@ pub fn latency_chart(runs: &[LatencyRun], machine: Option<&str>) -> Result<Strin
             .enumerate()
             .map(|(k, s)| (s.to_string(), PALETTE[k % PALETTE.len()], false))
             .collect();
-        if has_target {
-            entries.push(("target".into(), BLACK, true));
+        if !targets.is_empty() {
+            entries.push((format!("target: {} us", targets.join(", ")), BLACK, true));
         }
         legend(&side, &entries).map_err(&e)?;
         let key = [
