@@ -1111,7 +1111,7 @@ fn main() {
     }
     c.final_summary();
     summary(&env);
-    if let Some(path) = std::env::var_os("DRM_PAGEMAP_BENCH_JSON") {
+    if let Some(path) = std::env::var_os("DRM_PAGEMAP_BENCH_JSON").filter(|p| !p.is_empty()) {
         let path = std::path::PathBuf::from(path);
         match write_json(&env, &path) {
             Ok(n) => println!("results: {n} rows written to {}", path.display()),

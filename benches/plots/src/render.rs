@@ -82,17 +82,42 @@ fn legend(
 
 /// Two significant digits: `9.5`, `16`, `250`, `1300`.
 fn significant(v: f64) -> String {
+    significant_n(v, 2)
+}
+
+/// `n` significant digits (`n` >= 1), no exponent: `0.74`, `117`, `1370`.
+fn significant_n(v: f64, n: i32) -> String {
     if !v.is_finite() || v <= 0.0 {
         return String::new();
     }
     let digits = v.log10().floor() as i32;
-    let scale = 10f64.powi(digits - 1);
+    let scale = 10f64.powi(digits + 1 - n);
     let r = (v / scale).round() * scale;
-    if digits >= 1 {
-        format!("{r:.0}")
-    } else {
-        format!("{r:.*}", (1 - digits) as usize)
+    format!("{r:.*}", (n - 1 - digits).max(0) as usize)
+}
+
+/// The machine's description at the bottom of the legend panel, wrapped to its width.
+fn machine_note(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    machine: Option<&str>,
+) -> Result<(), String> {
+    let Some(m) = machine else { return Ok(()) };
+    let mut lines = vec![String::from("machine:")];
+    for word in m.split_whitespace() {
+        let last = lines.last_mut().expect("one line at least");
+        if last.len() + word.len() + 1 > 42 {
+            lines.push(word.to_string());
+        } else {
+            last.push(' ');
+            last.push_str(word);
+        }
     }
+    let top = H as i32 - 30 - 17 * lines.len() as i32;
+    for (k, l) in lines.iter().enumerate() {
+        area.draw(&Text::new(l.clone(), (8, top + 17 * k as i32), (FONT, 12)))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn log2(x: u64) -> f64 {
@@ -168,10 +193,7 @@ pub fn copy_chart(
                 .flat_map(|p| [Some(p.device_gbps), p.issue_gbps])
                 .flatten(),
         );
-        let title = format!(
-            "{direction} copies: GB/s by page size{}",
-            machine.map(|m| format!(" ({m})")).unwrap_or_default()
-        );
+        let title = format!("{direction} copies: GB/s by page size");
         let mut c = ChartBuilder::on(&plot)
             .caption(title, (FONT, 16))
             .margin(12)
@@ -237,6 +259,7 @@ pub fn copy_chart(
             }
         }
         legend(&side, &entries).map_err(&e)?;
+        machine_note(&side, machine).map_err(&e)?;
         root.present().map_err(|x| e(x.to_string()))?;
     }
     Ok(svg)
@@ -287,11 +310,7 @@ pub fn latency_chart(runs: &[LatencyRun], machine: Option<&str>) -> Result<Strin
         }
         let (ylo, yhi) = ((ylo / 1.25).log10(), (yhi * 1.25).log10());
         let l = |v: f64| v.max(1e-9).log10();
-        let title = format!(
-            "{}{}",
-            runs.first().map(|r| r.title.as_str()).unwrap_or(""),
-            machine.map(|m| format!(" ({m})")).unwrap_or_default()
-        );
+        let title = runs.first().map(|r| r.title.clone()).unwrap_or_default();
         let n = cases.len().max(1) as f64;
         let labels: Vec<String> = cases.iter().map(|c| c.to_string()).collect();
         let tick = move |x: &f64| {
@@ -376,6 +395,7 @@ pub fn latency_chart(runs: &[LatencyRun], machine: Option<&str>) -> Result<Strin
             entries.push((format!("target: {} us", targets.join(", ")), BLACK, true));
         }
         legend(&side, &entries).map_err(&e)?;
+        machine_note(&side, machine).map_err(&e)?;
         let key = [
             "dot: median; box: median to p90;",
             "line: fastest fault to p99",
@@ -407,10 +427,7 @@ pub fn main_job_chart(runs: &[MainJobRun], machine: Option<&str>) -> Result<Stri
         let (plot, side) = root.split_horizontally(PLOT_W);
         let sizes: Vec<u64> = runs.iter().map(|r| r.page_size).collect();
         let ymax = runs.iter().map(|r| r.gbps).fold(0.0, f64::max).max(1e-3) * 1.25;
-        let title = format!(
-            "Main job (migrate, 1 GiB, 3 sources) on {backend}: GB/s by page size{}",
-            machine.map(|m| format!(" ({m})")).unwrap_or_default()
-        );
+        let title = format!("Main job (migrate, 1 GiB, 3 sources) on {backend}: GB/s by page size");
         let mut c = ChartBuilder::on(&plot)
             .caption(title, (FONT, 15))
             .margin(12)
@@ -435,7 +452,7 @@ pub fn main_job_chart(runs: &[MainJobRun], machine: Option<&str>) -> Result<Stri
             .map_err(|x| e(x.to_string()))?;
         c.draw_series(
             meds.iter()
-                .map(|&(x, y)| Text::new(format!("  {y:.1}"), (x, y), (FONT, 13))),
+                .map(|&(x, y)| Text::new(format!("  {}", significant_n(y, 3)), (x, y), (FONT, 13))),
         )
         .map_err(|x| e(x.to_string()))?;
         let entries = vec![(
@@ -444,6 +461,7 @@ pub fn main_job_chart(runs: &[MainJobRun], machine: Option<&str>) -> Result<Stri
             false,
         )];
         legend(&side, &entries).map_err(&e)?;
+        machine_note(&side, machine).map_err(&e)?;
         root.present().map_err(|x| e(x.to_string()))?;
     }
     Ok(svg)
