@@ -2,8 +2,9 @@
 //! C ABI of the `drm-pagemap-plugin` crate, written in Rust with its SDK or in C against
 //! `include/drm_pagemap_plugin.h`.
 //!
-//! - [`load`] loads one (a path), [`discover`] files and directories (every
-//!   `libdrm_pagemap_plugin_*.so` in a directory), [`from_env`] the `:`-separated list in
+//! - [`load`](crate::plugins::load) loads one (a path), [`discover`](crate::plugins::discover)
+//!   files and directories (every `libdrm_pagemap_plugin_*.so` in a directory),
+//!   [`from_env`](crate::plugins::from_env) the `:`-separated list in
 //!   `DRM_PAGEMAP_PLUGIN_PATH` (the only function here that reads the environment; binaries
 //!   call it).
 //! - Loaded plug-ins appear in [`crate::backends`] beside the built-in backends, by their

@@ -10,6 +10,10 @@
 #   ../shared/tools/gpu-pack example migrate
 #   ../shared/tools/gpu-pack test -p drm-pagemap --test scenarios --test engine_faults --test stress
 # On the GPU machine, from the repository root:  OUT=/some/dir backends/cuda/gpu-run.sh
+# The plots of BENCHMARKS.md: STEPS=plots (also packs `example svm-multi-device`) runs the copy
+# bench, the fault-latency bench, `svm_multi_device latency` and the main job at each page
+# size with their results files written to $OUT/results.tgz; here, unpack it into
+# docs/plots/data/<machine>/ and run `cargo run -p drm-pagemap-plots -- docs/plots/data/<machine>`.
 # Steps run in priority order, each under its own time limit, so a cut-off run still leaves
 # the logs of what finished.
 set -u
@@ -30,7 +34,10 @@ step() {
 }
 have() { [ -x "$B/$1" ]; }
 # STEPS=tests,memcheck,... runs only those steps (default: all).
-want() { [ -z "${STEPS:-}" ] || [[ ",$STEPS," == *",$1,"* ]]; }
+want() {
+    [ -z "${STEPS:-}" ] || [[ ",$STEPS," == *",$1,"* ]] ||
+        { [[ "$1" == plots-* ]] && [[ ",$STEPS," == *",plots,"* ]]; }
+}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv >"$L/gpu.txt" 2>&1
 cat "$L/gpu.txt"
@@ -60,6 +67,27 @@ step tests-ptx 20 env DRM_PAGEMAP_CUDA_KERNEL=ptx "$B/test-gpu" --include-ignore
 step tests-eager 40 env DRM_PAGEMAP_CUDA_VMM=0 "$B/test-gpu" --include-ignored
 step tests-clear-on-alloc 40 env DRM_PAGEMAP_CUDA_CLEAR_ON_FREE=0 "$B/test-gpu" --include-ignored
 have bench-fault_latency && step latency 60 "$B/bench-fault_latency" --iters 300
+# Results files for the plots (not part of a default run: STEPS=plots asks for it).
+if [[ ",${STEPS:-}," == *",plots,"* ]]; then
+    R=$OUT/results
+    mkdir -p "$R"
+    tail -n +2 "$L/gpu.txt" | head -1 | cut -d, -f1,2 >"$R/machine.txt"
+    have bench-cuda_copy && step plots-copy 200 env DRM_PAGEMAP_BENCH_JSON="$R/cuda_copy.jsonl" \
+        DRM_PAGEMAP_CUDA_BENCH=transfers "$B/bench-cuda_copy" --bench
+    have bench-fault_latency && step plots-latency 90 "$B/bench-fault_latency" --iters 500 \
+        --json "$R/fault_latency.jsonl"
+    for r in 1 2 3; do
+        have svm_multi_device && step "plots-svm-$r" 120 bash -c \
+            "$B/svm_multi_device latency --iters 1000 | tee $R/svm-latency-cuda-run$r.txt"
+        if have migrate; then
+            for ps in 4096 65536 2097152; do
+                step "plots-main-$ps-$r" 60 bash -c \
+                    "$B/migrate --backend cuda --page-size $ps | tee $R/migrate-cuda-$ps-$r.txt"
+            done
+        fi
+    done
+    tar -C "$OUT" -czf "$OUT/results.tgz" results && rm -rf "$R"
+fi
 
 {
     echo "== summary"

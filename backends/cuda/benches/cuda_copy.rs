@@ -15,6 +15,10 @@
 //! execution is timed; "incl. issue": the GPU is idle when the timed region starts, so the
 //! CPU time to build and queue the work counts too.
 //! Without a GPU: one "skipped: <reason>" line, exit 0.
+//!
+//! With `DRM_PAGEMAP_BENCH_JSON=PATH` the rows are also written to PATH as JSON lines (a
+//! `meta` record, then one `row` record per row: `group`, `row`, `bytes`, `device_s`,
+//! `iters`, `issue_s`), the input of `drm-pagemap-plots` (BENCHMARKS.md's copy plots).
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use cudarc::driver::sys;
@@ -1107,4 +1111,50 @@ fn main() {
     }
     c.final_summary();
     summary(&env);
+    if let Some(path) = std::env::var_os("DRM_PAGEMAP_BENCH_JSON").filter(|p| !p.is_empty()) {
+        let path = std::path::PathBuf::from(path);
+        match write_json(&env, &path) {
+            Ok(n) => println!("results: {n} rows written to {}", path.display()),
+            Err(e) => {
+                eprintln!("error: writing {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// Writes the rows measured as JSON lines (see the crate doc above); returns the row count.
+fn write_json(env: &Env, path: &std::path::Path) -> std::io::Result<usize> {
+    use std::io::Write;
+    let g = RESULTS.lock().unwrap();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let d0 = &env.backend.devices()[0];
+    let meta = serde_json::json!({
+        "bench": "cuda_copy",
+        "kind": "meta",
+        "gpu": d0.name.to_string(),
+        "driver": env.backend.driver_version().to_string(),
+        "kernel": env.pms[0].kernel_origin().unwrap_or_else(|e| e.to_string()),
+    });
+    writeln!(out, "{meta}")?;
+    let mut n = 0;
+    if let Some(r) = g.as_ref() {
+        for (id, &(secs, iters)) in &r.device {
+            let (group, row) = id.split_once('/').unwrap_or((id.as_str(), ""));
+            let rec = serde_json::json!({
+                "bench": "cuda_copy",
+                "kind": "row",
+                "group": group,
+                "row": row,
+                "bytes": BYTES,
+                "device_s": secs / iters.max(1) as f64,
+                "iters": iters,
+                "issue_s": r.e2e.get(id),
+            });
+            writeln!(out, "{rec}")?;
+            n += 1;
+        }
+    }
+    out.flush()?;
+    Ok(n)
 }

@@ -8,7 +8,10 @@
 //! moving those bytes when nothing else has to happen). Both clear policies are measured:
 //! pages cleared when freed (the default) and cleared by every allocation.
 //!
-//! `cargo bench -p drm-pagemap-cuda --bench fault_latency [-- --iters N]`.
+//! `cargo bench -p drm-pagemap-cuda --bench fault_latency [-- --iters N] [--json PATH]`.
+//! `--json PATH` also writes each distribution as a JSON line (`kind` `fault` or `floor`,
+//! `case` like `64 KiB, 16x4K`, `series` the clear policy or the floor's API, `samples`,
+//! `min_us`, `p50_us`, `p90_us`, `p99_us`, `mean_us`), the input of `drm-pagemap-plots`.
 //! Without a GPU: one "skipped: <reason>" line, exit 0.
 
 use cudarc::driver::sys;
@@ -43,6 +46,38 @@ struct Steps {
     wait: Vec<f64>,
     total: Vec<f64>,
     cleared: u64,
+}
+
+/// One distribution as a JSON line of the results file (microseconds).
+fn record(kind: &str, case: &str, series: &str, v: &mut [f64]) -> serde_json::Value {
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    serde_json::json!({
+        "bench": "fault_latency",
+        "kind": kind,
+        "case": case,
+        "series": series,
+        "samples": v.len(),
+        "min_us": pct(v, 0.0),
+        "p50_us": pct(v, 0.5),
+        "p90_us": pct(v, 0.9),
+        "p99_us": pct(v, 0.99),
+        "mean_us": mean,
+    })
+}
+
+/// `64 KiB, 16x4K`: the range and its pages, as `svm-multi-device latency` names its cases.
+fn case_label(bytes: u64, n: usize, ps: PageSize) -> String {
+    let range = if bytes >= MIB {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{} KiB", bytes / KIB)
+    };
+    let page = match ps {
+        PageSize::Size4K => "4K",
+        PageSize::Size64K => "64K",
+        PageSize::Size2M => "2M",
+    };
+    format!("{range}, {n}x{page}")
 }
 
 fn us(d: Duration) -> f64 {
@@ -300,6 +335,12 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(300usize);
+    let json_path = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from);
+    let mut records: Vec<serde_json::Value> = Vec::new();
     let cases = [
         (64 * KIB, PageSize::Size4K),
         (64 * KIB, PageSize::Size64K),
@@ -353,6 +394,12 @@ fn main() {
         let mut floor = memcpy_floor(bytes, iters, false);
         let floor_med = pct(&mut floor, 0.5);
         let mut typed = memcpy_floor(bytes, iters, true);
+        records.push(record(
+            "floor",
+            &case_label(bytes, n, ps),
+            "cuMemcpyAsync + event",
+            &mut floor,
+        ));
         println!(
             "{:<16} cuMemcpyAsync + event {:.1} us, cuMemcpyHtoDAsync + event {:.1} us",
             format!("{} bytes", bytes),
@@ -372,6 +419,12 @@ fn main() {
             let mut s = faults(backend, id, n, ps, iters, dma);
             id += 1;
             let total = pct(&mut s.total, 0.5);
+            records.push(record(
+                "fault",
+                &case_label(bytes, n, ps),
+                label,
+                &mut s.total,
+            ));
             println!(
                 "{:<16} {:<14} {:>13.1} {:>13.1} {:>13.1} {:>7.1} ({:>5.1}) {:>14.1} {:>8.2} {:>9}",
                 format!("{} x{}", ps, n),
@@ -385,6 +438,20 @@ fn main() {
                 total / floor_med,
                 s.cleared
             );
+        }
+    }
+    if let Some(path) = &json_path {
+        let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+        match std::fs::write(path, text) {
+            Ok(()) => println!(
+                "results: {} distributions written to {}",
+                records.len(),
+                path.display()
+            ),
+            Err(e) => {
+                eprintln!("error: writing {}: {e}", path.display());
+                std::process::exit(1);
+            }
         }
     }
     println!(

@@ -1,7 +1,7 @@
 //! The Rust SDK: implement [`Plugin`] for a type whose `open` returns a backend built on the
 //! core's traits, and [`export_plugin!`](crate::export_plugin) turns it into the entry symbol
 //! `drm_pagemap_plugin_v1`. Every trampoline runs in [`crate::ffi::guard`]: a panic becomes
-//! [`DPP_E_PANICKED`](crate::abi::DPP_E_PANICKED) with its message, never an unwind into the host.
+//! [`DPP_E_PANICKED`] with its message, never an unwind into the host.
 //!
 //! When the host opens (or probes) the plug-in, the SDK first installs the host's fence
 //! context allocator as this copy of the core's global one, so the plug-in's fences never
