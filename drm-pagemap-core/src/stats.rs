@@ -283,11 +283,13 @@ impl Counters {
             FailureKind::OutOfMemory => &self.out_of_memory,
             FailureKind::FenceError => &self.fence_error,
             FailureKind::Timeout => &self.timeout,
-            FailureKind::Injected => &self.injected,
             FailureKind::Backend => &self.backend,
             FailureKind::Other => &self.other,
         };
         c.fetch_add(1, Relaxed);
+        if FailureKind::injected(e) {
+            self.injected.fetch_add(1, Relaxed);
+        }
     }
 
     /// Zeroes every counter (gauges stay).
@@ -345,22 +347,20 @@ pub enum FailureKind {
     /// No memory: [`Error::OutOfMemory`], or a backend's
     /// [`BackendErrorKind::OutOfMemory`].
     OutOfMemory,
-    /// A fence signalled an error ([`FenceError::Failed`], not injected).
+    /// A fence signalled an error ([`FenceError::Failed`]).
     FenceError,
     /// A fence wait or a CPU access ran out of time ([`FenceError::Timeout`],
     /// [`Error::CpuAccessTimeout`]).
     Timeout,
-    /// A fault injected on purpose ([`BackendErrorKind::Injected`], directly or through a
-    /// fence).
-    Injected,
-    /// Any other backend failure (device lost, mapping or copy failed, a driver error).
+    /// Any other backend failure (an allocation, mapping or copy submission failed, a
+    /// device lost, a driver error, an injected fault).
     Backend,
     /// A refused request (bad range, unknown pagemap or allocation, too large, ...).
     Other,
 }
 
 impl FailureKind {
-    /// The kind `e` is counted as. Injected faults count as injected whatever their kind.
+    /// The kind `e` is counted as (each failure has exactly one).
     pub fn of(e: &Error) -> FailureKind {
         match e {
             Error::Busy { reason, .. } => FailureKind::Busy(*reason),
@@ -368,17 +368,27 @@ impl FailureKind {
             Error::CpuAccessTimeout { .. } => FailureKind::Timeout,
             Error::Fence { source, .. } => match source {
                 FenceError::Timeout(_) => FailureKind::Timeout,
-                FenceError::Failed(b) if b.kind == BackendErrorKind::Injected => {
-                    FailureKind::Injected
-                }
                 FenceError::Failed(_) => FailureKind::FenceError,
             },
             Error::Backend { source, .. } => match source.kind {
-                BackendErrorKind::Injected => FailureKind::Injected,
                 BackendErrorKind::OutOfMemory => FailureKind::OutOfMemory,
                 _ => FailureKind::Backend,
             },
             _ => FailureKind::Other,
+        }
+    }
+
+    /// Whether `e` comes from a fault injected on purpose ([`BackendErrorKind::Injected`],
+    /// from a backend call or through a fence): counted in [`Failures::injected`] besides
+    /// its kind.
+    pub fn injected(e: &Error) -> bool {
+        match e {
+            Error::Backend { source, .. }
+            | Error::Fence {
+                source: FenceError::Failed(source),
+                ..
+            } => source.kind == BackendErrorKind::Injected,
+            _ => false,
         }
     }
 }
@@ -478,7 +488,8 @@ pub struct Failures {
     pub fence_error: u64,
     /// [`FailureKind::Timeout`].
     pub timeout: u64,
-    /// [`FailureKind::Injected`].
+    /// Of all the failures here, those an injected fault caused
+    /// ([`FailureKind::injected`]); already counted under their kind.
     pub injected: u64,
     /// [`FailureKind::Backend`].
     pub backend: u64,
@@ -487,13 +498,12 @@ pub struct Failures {
 }
 
 impl Failures {
-    /// Failures of every kind.
+    /// Failures of every kind (each counted once; `injected` is a part of them).
     pub fn total(&self) -> u64 {
         self.busy()
             + self.out_of_memory
             + self.fence_error
             + self.timeout
-            + self.injected
             + self.backend
             + self.other
     }
