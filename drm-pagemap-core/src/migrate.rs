@@ -294,7 +294,9 @@ impl AddressSpace {
         sc: &mut Scratch,
     ) -> Result<MigrateReport> {
         let t0 = Instant::now();
-        let collecting = tracing::trace_span!(target: "drm_pagemap", "collect").entered();
+        let traced = crate::stats::trace_on();
+        let collecting =
+            traced.then(|| tracing::trace_span!(target: "drm_pagemap", "collect").entered());
         let collected = self.collect(target, range, &mut sc.snapshot, &mut sc.src_pfns);
         drop(collecting);
         let collected = match collected {
@@ -527,7 +529,9 @@ impl AddressSpace {
         } = bufs;
         let mut timing = MigrateTiming::default();
         // Classify and coalesce.
-        let planning = tracing::trace_span!(target: "drm_pagemap", "plan").entered();
+        let traced = crate::stats::trace_on();
+        let planning =
+            traced.then(|| tracing::trace_span!(target: "drm_pagemap", "plan").entered());
         let verdict = self.classify_into(snapshot, dest.id(), details, planned);
         drop(planning);
         timing.plan = t0.elapsed();
@@ -574,13 +578,15 @@ impl AddressSpace {
         let plan = &*planned;
         // Map.
         let t = Instant::now();
-        let mapping = tracing::trace_span!(
-            target: "drm_pagemap",
-            "map",
-            pagemap = dest.id().0,
-            calls = plan.calls.len()
-        )
-        .entered();
+        let mapping = traced.then(|| {
+            tracing::trace_span!(
+                target: "drm_pagemap",
+                "map",
+                pagemap = dest.id().0,
+                calls = plan.calls.len()
+            )
+            .entered()
+        });
         pages.resize(plan.order.len(), Pfn(0));
         txn.prepare_addrs(plan.order.len());
         job.map_all(txn, plan, pages, frames, pfns)?;
@@ -588,13 +594,15 @@ impl AddressSpace {
         let t1 = Instant::now();
         timing.map = t1 - t;
         // Issue every call before waiting for any.
-        let issuing = tracing::trace_span!(
-            target: "drm_pagemap",
-            "issue",
-            pagemap = dest.id().0,
-            calls = plan.calls.len()
-        )
-        .entered();
+        let issuing = traced.then(|| {
+            tracing::trace_span!(
+                target: "drm_pagemap",
+                "issue",
+                pagemap = dest.id().0,
+                calls = plan.calls.len()
+            )
+            .entered()
+        });
         let to = Location::of(dest.id());
         let mut calls: Vec<CopyCall> = Vec::with_capacity(plan.calls.len());
         let mut failure: Option<Error> = None;
@@ -676,16 +684,21 @@ impl AddressSpace {
         // failure the transaction rolls back: the sources are untouched.
         let waited = txn.wait(failure);
         let t3 = Instant::now();
+        // The first call was issued at `t1`: its device time is known without a subtraction.
         timing.wait = t3 - t2;
+        txn.landed(t3, Some((t1, timing.issue + timing.wait)));
         waited?;
         // Commit. A timeslice past any reachable instant saturates ("for ever").
-        let committing = tracing::trace_span!(target: "drm_pagemap", "commit").entered();
+        let committing =
+            traced.then(|| tracing::trace_span!(target: "drm_pagemap", "commit").entered());
         txn.commit();
         let expires = crate::time::saturating_after(t3, details.timeslice);
         let generation = job.commit(alloc, expires, frames);
         drop(committing);
         timing.commit = t3.elapsed();
-        self.stats.migrated((t3 - t0) + timing.commit);
+        // The latency: the sum of the phases (no further clock reading or subtraction).
+        self.stats
+            .migrated(timing.plan + timing.map + timing.issue + timing.wait + timing.commit);
         Ok(MigrateReport {
             outcome: MigrateOutcome::Migrated,
             alloc: Some(alloc),

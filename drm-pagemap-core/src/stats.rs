@@ -118,11 +118,20 @@ struct LinkCounters {
     device_ns: AtomicU64,
 }
 
+/// Per page size: bytes are pages times the size (computed by the snapshot).
 #[derive(Default)]
 struct SizeCounters {
-    bytes: AtomicU64,
     pages: AtomicU64,
     calls: AtomicU64,
+}
+
+/// Whether `trace`-level spans of the engine may be recorded: the global level filter
+/// (one relaxed load), so that the per-phase spans cost nothing more without a subscriber.
+#[inline]
+pub(crate) fn trace_on() -> bool {
+    tracing::level_filters::STATIC_MAX_LEVEL >= tracing::level_filters::LevelFilter::TRACE
+        && tracing::level_filters::LevelFilter::current()
+            >= tracing::level_filters::LevelFilter::TRACE
 }
 
 /// The counters of one address space (see the module docs).
@@ -188,9 +197,12 @@ pub fn bucket_of(v: u64) -> usize {
     (63 - (v | 1).leading_zeros()) as usize
 }
 
+/// Nanoseconds of `d`, saturating (no 128-bit arithmetic on the hot path).
 #[inline]
 fn ns(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(d.subsec_nanos() as u64)
 }
 
 #[inline]
@@ -215,25 +227,23 @@ impl Counters {
         let s = &self.sizes[size_index(ps)];
         s.calls.fetch_add(1, Relaxed);
         s.pages.fetch_add(pages as u64, Relaxed);
-        s.bytes.fetch_add(bytes, Relaxed);
         self.call_bytes[bucket_of(bytes)].fetch_add(1, Relaxed);
         self.copies_in_flight.fetch_add(1, Relaxed);
         self.bytes_in_flight.fetch_add(bytes as i64, Relaxed);
         bytes
     }
 
-    /// A copy call of `bytes` on `link` was seen done (signalled, or failed) after
-    /// `device_time` (`None`: not timed).
+    /// A copy call on `link` took `device_time` (see the module docs).
     #[inline]
-    pub(crate) fn landed(&self, link: Link, bytes: u64, device_time: Option<Duration>) {
-        if let (Some(l), Some(t)) = (self.links.get(link.0 as usize), device_time) {
-            l.device_ns.fetch_add(ns(t), Relaxed);
+    pub(crate) fn device_time(&self, link: Link, device_time: Duration) {
+        if let Some(l) = self.links.get(link.0 as usize) {
+            l.device_ns.fetch_add(ns(device_time), Relaxed);
         }
-        self.copies_in_flight.fetch_sub(1, Relaxed);
-        self.bytes_in_flight.fetch_sub(bytes as i64, Relaxed);
     }
 
-    /// `copies` copies of `bytes` in all left the engine's sight (a parked cleanup ended).
+    /// `copies` copies of `bytes` in all were seen done (signalled, or failed; or a parked
+    /// cleanup ended): out of flight.
+    #[inline]
     pub(crate) fn landed_many(&self, copies: u64, bytes: u64) {
         self.copies_in_flight.fetch_sub(copies as i64, Relaxed);
         self.bytes_in_flight.fetch_sub(bytes as i64, Relaxed);
@@ -302,7 +312,6 @@ impl Counters {
             zero(&l.device_ns);
         }
         for s in &self.sizes {
-            zero(&s.bytes);
             zero(&s.pages);
             zero(&s.calls);
         }
@@ -547,8 +556,9 @@ pub struct StatsSnapshot {
     pub page_sizes: Vec<PageSizeStats>,
     /// Copy calls by size: buckets of bytes per call.
     pub call_bytes: Histogram,
-    /// Migrations to device memory by latency (from the call to the end of its commit):
-    /// buckets of nanoseconds.
+    /// Migrations to device memory by latency: buckets of nanoseconds. The latency is the
+    /// sum of the migration's [`crate::MigrateTiming`] phases (plan, map, issue, wait,
+    /// commit): the allocation of a fresh destination, between plan and map, is not in it.
     pub migrate_latency_ns: Histogram,
     /// Migrations to device memory that moved pages.
     pub migrations: u64,
@@ -648,10 +658,11 @@ impl AddressSpace {
             .into_iter()
             .map(|ps| {
                 let s = &c.sizes[size_index(ps)];
+                let pages = s.pages.load(Relaxed);
                 PageSizeStats {
                     page_size: ps.bytes(),
-                    bytes: s.bytes.load(Relaxed),
-                    pages: s.pages.load(Relaxed),
+                    bytes: pages.saturating_mul(ps.bytes()),
+                    pages,
                     calls: s.calls.load(Relaxed),
                 }
             })

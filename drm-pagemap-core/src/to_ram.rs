@@ -299,7 +299,9 @@ impl AddressSpace {
             };
             let link = Link::new(Location::of(pm_id), Location::System);
             txn.issued(CopyOp::ToRam, pm_id, dev, link, n, at, issued)?;
-            txn.wait(None)?;
+            let waited = txn.wait(None);
+            txn.landed(Instant::now(), None);
+            waited?;
             txn.commit();
             // The pages become system pages; the allocation loses them.
             let mut releases: Vec<Release> = Vec::new();

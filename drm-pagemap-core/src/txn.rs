@@ -172,7 +172,9 @@ pub(crate) struct Txn<'a> {
     used: bool,
     /// A wait ran out of time: copies may still be running.
     timed_out: bool,
-    /// The copies (from the first) already counted as landed in the statistics.
+    /// The copies (from the first) the wait saw done (signalled, or with an error).
+    waited: usize,
+    /// The copies (from the first) counted as landed in the statistics.
     landed: usize,
     /// Committed or rolled back: nothing is left to undo.
     ended: bool,
@@ -212,6 +214,7 @@ impl<'a> Txn<'a> {
             alloc: None,
             used: false,
             timed_out: false,
+            waited: 0,
             landed: 0,
             ended: false,
         }
@@ -455,14 +458,11 @@ impl<'a> Txn<'a> {
             copies = self.copies.len()
         )
         .entered();
-        let stats = &self.mm.stats;
         for c in self.copies.iter() {
             let waited = c.fence.wait_for(self.timeout);
             if !matches!(waited, Err(FenceError::Timeout(_))) {
-                // Landed (signalled, or with an error): out of flight.
-                let device_time = c.at.map(|at| at.elapsed());
-                stats.landed(c.link, c.bytes, device_time);
-                self.landed += 1;
+                // Done (signalled, or with an error): see [`Txn::landed`].
+                self.waited += 1;
             }
             if let Err(source) = waited {
                 let timeout = matches!(source, FenceError::Timeout(_));
@@ -488,6 +488,29 @@ impl<'a> Txn<'a> {
             failure = Some(fence_error(FenceRole::PreMigrate, pre, source));
         }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Counts the copies the wait saw done as landed in the statistics, `end` (the caller's
+    /// instant right after [`Txn::wait`]) as the moment their fences were seen signalled;
+    /// `known`: an issue instant whose time to `end` the caller knows already. The caller
+    /// calls it after every wait, whatever its result; a copy not seen done stays in flight
+    /// until the roll back counts it (or parks it).
+    #[inline]
+    pub(crate) fn landed(&mut self, end: Instant, known: Option<(Instant, Duration)>) {
+        let done = self.copies.get(self.landed..self.waited).unwrap_or(&[]);
+        let mut bytes = 0;
+        for c in done {
+            if let Some(at) = c.at {
+                let took = match known {
+                    Some((k, d)) if k == at => d,
+                    _ => end.saturating_duration_since(at),
+                };
+                self.mm.stats.device_time(c.link, took);
+            }
+            bytes += c.bytes;
+        }
+        self.mm.stats.landed_many(done.len() as u64, bytes);
+        self.landed = self.waited;
     }
 
     /// Ends the transaction before the caller switches its page table: the mappings are
