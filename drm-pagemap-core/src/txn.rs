@@ -31,9 +31,10 @@ use crate::mapping::{MapRecord, MapSource, Mappings};
 use crate::mm::{AddressSpace, Deferred, MmState, Span};
 use crate::page::{PageEntry, RmapEntry};
 use crate::plan::Plan;
+use crate::stats::Link;
 use crate::types::{CopyOp, DeviceId, Direction, DmaAddr, HostFrame, PagemapId, Pfn, VaRange};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Buffers one transaction (and the migration or copy back around it) uses, kept per thread
 /// between transactions so that a small one makes no heap allocation of its own (a lookup in
@@ -116,6 +117,12 @@ pub(crate) struct Issued {
     pub fence: Fence,
     pub pagemap: PagemapId,
     pub device: DeviceId,
+    /// The link the copy is counted on ([`Link::NONE`]: not a copy).
+    pub link: Link,
+    /// Bytes the copy moves (0: not a copy).
+    pub bytes: u64,
+    /// When it was submitted (`None`: not a copy).
+    pub at: Option<Instant>,
 }
 
 /// The pages a transaction locked.
@@ -165,6 +172,10 @@ pub(crate) struct Txn<'a> {
     used: bool,
     /// A wait ran out of time: copies may still be running.
     timed_out: bool,
+    /// The copies (from the first) the wait saw done (signalled, or with an error).
+    waited: usize,
+    /// The copies (from the first) counted as landed in the statistics.
+    landed: usize,
     /// Committed or rolled back: nothing is left to undo.
     ended: bool,
 }
@@ -203,6 +214,8 @@ impl<'a> Txn<'a> {
             alloc: None,
             used: false,
             timed_out: false,
+            waited: 0,
+            landed: 0,
             ended: false,
         }
     }
@@ -240,6 +253,9 @@ impl<'a> Txn<'a> {
             fence,
             pagemap: self.pagemap,
             device,
+            link: Link::NONE,
+            bytes: 0,
+            at: None,
         });
     }
 
@@ -314,6 +330,7 @@ impl<'a> Txn<'a> {
             *self.frames = frames;
             return Err(self.backend_error(BackendOp::AllocFrames, self.pagemap, device, source));
         }
+        self.mm.stats.host_frames(n as i64, ps);
         *self.frames = frames;
         Ok(())
     }
@@ -366,27 +383,58 @@ impl<'a> Txn<'a> {
         }
     }
 
-    /// Records a copy call `op` that `pagemap`'s `device` was asked to execute: its fence,
-    /// or the error it returned. The destination counts as written either way.
+    /// Records a copy call `op` of `pages` pages on `link` that `pagemap`'s `device` was
+    /// asked to execute at `at`: its fence, or the error it returned. The destination counts
+    /// as written either way; a submitted call is counted in the statistics.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(crate) fn issued(
         &mut self,
         op: CopyOp,
         pagemap: PagemapId,
         device: DeviceId,
+        link: Link,
+        pages: usize,
+        at: Instant,
         result: std::result::Result<Fence, BackendError>,
     ) -> Result<()> {
         self.used = true;
         match result {
             Ok(fence) => {
+                let bytes = self.mm.stats.issued(link, self.page_size, pages);
+                tracing::trace!(
+                    target: "drm_pagemap",
+                    range = %self.range,
+                    executor = pagemap.0,
+                    device = device.0,
+                    op = ?op,
+                    pages,
+                    bytes,
+                    "copy issued"
+                );
                 self.copies.push(Issued {
                     fence,
                     pagemap,
                     device,
+                    link,
+                    bytes,
+                    at: Some(at),
                 });
                 Ok(())
             }
-            Err(source) => Err(self.backend_error(op.into(), pagemap, device, source)),
+            Err(source) => {
+                tracing::debug!(
+                    target: "drm_pagemap",
+                    range = %self.range,
+                    executor = pagemap.0,
+                    device = device.0,
+                    op = ?op,
+                    pages,
+                    error = %source,
+                    "copy submission failed"
+                );
+                Err(self.backend_error(op.into(), pagemap, device, source))
+            }
         }
     }
 
@@ -403,10 +451,29 @@ impl<'a> Txn<'a> {
             device: Some(f.device),
             source,
         };
+        let _span = tracing::debug_span!(
+            target: "drm_pagemap",
+            "wait",
+            range = %range,
+            copies = self.copies.len()
+        )
+        .entered();
         for c in self.copies.iter() {
-            if let Err(source) = c.fence.wait_for(self.timeout) {
+            let waited = c.fence.wait_for(self.timeout);
+            if !matches!(waited, Err(FenceError::Timeout(_))) {
+                // Done (signalled, or with an error): see [`Txn::landed`].
+                self.waited += 1;
+            }
+            if let Err(source) = waited {
                 let timeout = matches!(source, FenceError::Timeout(_));
                 self.timed_out |= timeout;
+                tracing::debug!(
+                    target: "drm_pagemap",
+                    range = %range,
+                    pagemap = c.pagemap.0,
+                    error = %source,
+                    "copy fence failed"
+                );
                 failure.get_or_insert(fence_error(FenceRole::Copy, c, source));
                 if timeout {
                     break;
@@ -421,6 +488,29 @@ impl<'a> Txn<'a> {
             failure = Some(fence_error(FenceRole::PreMigrate, pre, source));
         }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Counts the copies the wait saw done as landed in the statistics, `end` (the caller's
+    /// instant right after [`Txn::wait`]) as the moment their fences were seen signalled;
+    /// `known`: an issue instant whose time to `end` the caller knows already. The caller
+    /// calls it after every wait, whatever its result; a copy not seen done stays in flight
+    /// until the roll back counts it (or parks it).
+    #[inline]
+    pub(crate) fn landed(&mut self, end: Instant, known: Option<(Instant, Duration)>) {
+        let done = self.copies.get(self.landed..self.waited).unwrap_or(&[]);
+        let mut bytes = 0;
+        for c in done {
+            if let Some(at) = c.at {
+                let took = match known {
+                    Some((k, d)) if k == at => d,
+                    _ => end.saturating_duration_since(at),
+                };
+                self.mm.stats.device_time(c.link, took);
+            }
+            bytes += c.bytes;
+        }
+        self.mm.stats.landed_many(done.len() as u64, bytes);
+        self.landed = self.waited;
     }
 
     /// Ends the transaction before the caller switches its page table: the mappings are
@@ -461,13 +551,32 @@ impl<'a> Txn<'a> {
             .iter()
             .chain(pre)
             .any(|c| !c.fence.is_signaled());
+        // The copies not yet counted as landed: landed now, or parked with the cleanup.
+        let rest = self.copies.get(self.landed..).unwrap_or(&[]);
+        let flying = (rest.len() as u64, rest.iter().map(|c| c.bytes).sum::<u64>());
+        self.landed = self.copies.len();
+        tracing::debug!(
+            target: "drm_pagemap",
+            range = %self.range,
+            pagemap = self.pagemap.0,
+            copies = self.copies.len(),
+            parked = running,
+            outcome = "rollback",
+            "transaction rolled back"
+        );
         let parked = if running {
-            Some(self.park())
+            let mut d = self.park();
+            d.in_flight = flying;
+            Some(d)
         } else {
+            self.mm.stats.landed_many(flying.0, flying.1);
             self.mm.unmap(self.maps);
             if !self.frames.is_empty() {
                 let frames = std::mem::take(self.frames);
                 self.mm.host.free_frames(&frames, self.page_size());
+                self.mm
+                    .stats
+                    .host_frames(-(frames.len() as i64), self.page_size());
             }
             None
         };
@@ -503,6 +612,7 @@ impl<'a> Txn<'a> {
             unmap: std::mem::take(self.maps),
             slot: self.alloc.take().map(|a| a.slot),
             frames: self.frames.drain(..).map(|f| (f, ps)).collect(),
+            in_flight: (0, 0),
         }
     }
 }
@@ -582,6 +692,7 @@ impl AddressSpace {
             ready
         };
         for mut d in ready {
+            self.stats.landed_many(d.in_flight.0, d.in_flight.1);
             self.unmap(&mut d.unmap);
             let rel = d.slot.and_then(|s| self.lock().allocs.remove(s));
             release_all(rel.into_iter().collect());

@@ -323,6 +323,7 @@ impl<'a> Fault<'a> {
         self.st.build(&self.cx, self.writes, generation)?;
         let built = Instant::now();
         self.dev.stats.page_tables.add(self.range.va.len, built - t);
+        tracing::trace!(target: "xe_svm", range = %self.range.va, "page table built");
         Ok(built)
     }
 
@@ -420,6 +421,11 @@ impl<'a> Fault<'a> {
             (Ok((pages, Some(generation))), Some(took)) => {
                 st.generation = generation;
                 dev.stats.page_tables.add(span.va.len, took);
+                tracing::trace!(
+                    target: "xe_svm",
+                    range = %span.va,
+                    "page table built while copying"
+                );
                 #[cfg(debug_assertions)]
                 if let Some(same) = st.backing_matches(cx) {
                     debug_assert!(same, "{}: page table built for another backing", span.va);

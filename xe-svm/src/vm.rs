@@ -287,8 +287,31 @@ impl GpuVm {
     /// was.
     pub fn handle_gpu_fault(&self, address: u64, access: Access) -> Result<FaultReport, SvmError> {
         let t0 = Instant::now();
+        let span = tracing::debug_span!(
+            target: "xe_svm",
+            "gpu_fault",
+            address,
+            access = ?access,
+            range = tracing::field::Empty,
+            action = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let _entered = span.enter();
         let r = self.fault(address, access, t0);
         let stats = &self.inner.dev.stats;
+        if !span.is_disabled() {
+            match &r {
+                Ok(rep) => {
+                    span.record("range", tracing::field::display(rep.range));
+                    span.record("action", tracing::field::debug(rep.action));
+                    span.record("outcome", "ok");
+                }
+                Err(e) => {
+                    span.record("outcome", "failed");
+                    tracing::debug!(target: "xe_svm", error = %e, "gpu fault failed");
+                }
+            }
+        }
         match &r {
             Ok(rep) => {
                 stats.faults[Bucket::of(rep.range.len).index()].add(rep.range.len, rep.elapsed);
