@@ -83,7 +83,11 @@ pub use drm_pagemap_core::{
     PageLocation, PageSize, Pagemap, PagemapId, PagemapOps, PagemapSpec, Pfn, Plan, PlannedCall,
     RangeProblem, Result, VaRange, WhileCopying, sort_dependencies,
 };
-pub use drm_pagemap_core::{fence, options};
+pub use drm_pagemap_core::{
+    FailureKind, Failures, Histogram, LinkStats, Location, PageSizeStats, PagemapStats,
+    StatsSnapshot,
+};
+pub use drm_pagemap_core::{fence, options, stats};
 /// Re-exported so a backend crate can register with
 /// `drm_pagemap::inventory::submit! { drm_pagemap::BackendRegistration { .. } }`.
 pub use inventory;

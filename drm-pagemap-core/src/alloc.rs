@@ -193,6 +193,22 @@ impl AllocTable {
     pub(crate) fn released(&self) -> u64 {
         self.released
     }
+
+    /// Per pagemap with allocations: (pagemap, bytes they hold, how many).
+    pub(crate) fn usage_by_pagemap(&self) -> Vec<(PagemapId, u64, u64)> {
+        let mut out: Vec<(PagemapId, u64, u64)> = Vec::new();
+        for r in self.slots.iter().flatten() {
+            let bytes = r.pfns.len() as u64 * r.page_size.bytes();
+            match out.iter_mut().find(|u| u.0 == r.pagemap) {
+                Some(u) => {
+                    u.1 += bytes;
+                    u.2 += 1;
+                }
+                None => out.push((r.pagemap, bytes, 1)),
+            }
+        }
+        out
+    }
 }
 
 /// Releases allocations (outside any lock): one call per pagemap for all of its
@@ -202,11 +218,22 @@ impl AllocTable {
 /// [`DevmemOps::devmem_release_unused`].
 pub(crate) fn release_unused(list: impl IntoIterator<Item = Release>) {
     for (ops, b) in list {
+        tracing::trace!(
+            target: "drm_pagemap",
+            cookie = b.cookie,
+            pages = b.npages,
+            unused = true,
+            "release"
+        );
         ops.devmem_release_unused(b);
     }
 }
 
 pub(crate) fn release_all(list: Vec<Release>) {
+    if list.is_empty() {
+        return;
+    }
+    tracing::trace!(target: "drm_pagemap", allocations = list.len(), "release");
     if list.len() == 1 {
         for (ops, b) in list {
             ops.devmem_release(b);

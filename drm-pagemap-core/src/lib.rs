@@ -41,6 +41,17 @@
 //!   [`BackendConfig::options`] ([`options`]: a versioned `backend.key=value` list read with
 //!   typed getters; an unknown key or a bad value is an [`OptionError`] naming the key).
 //!
+//! - **Counted, always.** Every address space keeps statistics ([`AddressSpace::stats`],
+//!   [`stats`]): bytes, pages, calls and device time per link, per page size, histograms,
+//!   what is in flight, memory in use, failures by kind. Relaxed atomics in fixed arrays:
+//!   no lock or allocation on the hot path.
+//! - **Traced, when asked.** Every phase of a migration (collect, plan, map, issue, wait,
+//!   commit or rollback), eviction, the CPU-fault path and releases emit `tracing` spans and
+//!   events (target `drm_pagemap`) with structured fields (range, pages, bytes, executor,
+//!   op, pagemap, outcome); per-call spans are at `debug`/`trace` level. Without a
+//!   subscriber each costs a check of the global level filter: no formatting, no
+//!   allocation.
+//!
 //! The core has no `unsafe` and no FFI: backends ([`HostMemory`], [`PagemapOps`],
 //! [`DevmemOps`]) bring the hardware. Page state lives in packed arrays (one `u64` per page),
 //! in chunks allocated when first written: a range costs memory for the pages it populates,
@@ -60,6 +71,7 @@ mod mm;
 pub mod options;
 mod page;
 mod plan;
+pub mod stats;
 mod sync;
 mod table;
 mod time;
@@ -89,6 +101,10 @@ pub use migrate::{
 pub use mm::{AddressSpace, PageBacking, PageLocation};
 pub use options::{BackendOption, BackendOptions, OptionError, OptionReader};
 pub use plan::{Classified, Coalesce, Plan, PlannedCall};
+pub use stats::{
+    FailureKind, Failures, Histogram, LinkStats, Location, PageSizeStats, PagemapStats,
+    StatsSnapshot,
+};
 pub use to_ram::EvictReport;
 pub use types::{
     CopyOp, DeviceId, Direction, DmaAddr, GRANULE, HostFrame, OwnerId, PageSize, PagemapId, Pfn,

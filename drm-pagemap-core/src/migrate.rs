@@ -10,6 +10,7 @@ use crate::mapping::MapSource;
 use crate::mm::{AddressSpace, MmState, Span};
 use crate::page::{Kind, PageEntry, RmapEntry, Summary};
 use crate::plan::{Classified, Coalesce, Plan, PlanParams, Verdict, plan, plan_into};
+use crate::stats::{Link, Location};
 use crate::txn::{Locked, Scratch, Txn};
 use crate::types::{CopyOp, DeviceId, Direction, HostFrame, PagemapId, Pfn, VaRange};
 use std::sync::Arc;
@@ -109,7 +110,7 @@ pub struct MigrateReport {
 pub type WhileCopying<'a> = &'a mut dyn FnMut(&[Pfn]);
 
 /// Where a migration's pages go.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Target {
     /// An allocation the caller reserved; consumed in every outcome.
     Reserved(AllocId),
@@ -181,10 +182,14 @@ impl AddressSpace {
         details: &MigrateDetails,
         trace: &mut Vec<CopyCall>,
     ) -> Result<MigrateReport> {
-        let pm = self.pagemap_for(range, to)?;
-        // A range the pagemap can never hold is refused before anything else is looked at.
-        let span = self.lock().locate(range, true)?;
-        crate::mm::check_fits(&pm, span.count, span.page_size, range)?;
+        let fits = || {
+            let pm = self.pagemap_for(range, to)?;
+            // A range the pagemap can never hold is refused before anything else is looked
+            // at.
+            let span = self.lock().locate(range, true)?;
+            crate::mm::check_fits(&pm, span.count, span.page_size, range)
+        };
+        fits().map_err(|e| self.count_failure(e))?;
         self.migrate_into(Target::Fresh(to), range, details, Some(trace), None)
     }
 
@@ -233,9 +238,45 @@ impl AddressSpace {
         while_copying: Option<WhileCopying<'_>>,
     ) -> Result<MigrateReport> {
         self.reap_deferred();
+        let span = tracing::debug_span!(
+            target: "drm_pagemap",
+            "migrate",
+            range = %range,
+            target = ?target,
+            pages = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            calls = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let _entered = span.enter();
         let mut sc = Scratch::take();
         let r = self.migrate_with(target, range, details, trace, while_copying, &mut sc);
         sc.put_back();
+        match &r {
+            Ok(rep) => {
+                if !span.is_disabled() {
+                    let ps = self
+                        .lock()
+                        .locate(range, true)
+                        .map_or(0, |s| s.page_size.bytes());
+                    span.record("pages", rep.pages);
+                    span.record("bytes", rep.pages as u64 * ps);
+                    span.record("calls", rep.calls.len());
+                    span.record(
+                        "outcome",
+                        match rep.outcome {
+                            MigrateOutcome::Migrated => "migrated",
+                            MigrateOutcome::NotNeeded => "not_needed",
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                self.stats.failed(e);
+                span.record("outcome", "failed");
+                tracing::debug!(target: "drm_pagemap", error = %e, "migration failed");
+            }
+        }
         r
     }
 
@@ -253,7 +294,10 @@ impl AddressSpace {
         sc: &mut Scratch,
     ) -> Result<MigrateReport> {
         let t0 = Instant::now();
-        let collected = match self.collect(target, range, &mut sc.snapshot, &mut sc.src_pfns) {
+        let collecting = tracing::trace_span!(target: "drm_pagemap", "collect").entered();
+        let collected = self.collect(target, range, &mut sc.snapshot, &mut sc.src_pfns);
+        drop(collecting);
+        let collected = match collected {
             Ok(c) => c,
             Err(refused) => {
                 // A refused request consumed its reservation, which no copy ever touched.
@@ -483,10 +527,13 @@ impl AddressSpace {
         } = bufs;
         let mut timing = MigrateTiming::default();
         // Classify and coalesce.
+        let planning = tracing::trace_span!(target: "drm_pagemap", "plan").entered();
         let verdict = self.classify_into(snapshot, dest.id(), details, planned);
+        drop(planning);
         timing.plan = t0.elapsed();
         match verdict {
             Verdict::NotNeeded => {
+                self.stats.not_needed();
                 return Ok(MigrateReport {
                     outcome: MigrateOutcome::NotNeeded,
                     alloc: None,
@@ -527,12 +574,28 @@ impl AddressSpace {
         let plan = &*planned;
         // Map.
         let t = Instant::now();
+        let mapping = tracing::trace_span!(
+            target: "drm_pagemap",
+            "map",
+            pagemap = dest.id().0,
+            calls = plan.calls.len()
+        )
+        .entered();
         pages.resize(plan.order.len(), Pfn(0));
         txn.prepare_addrs(plan.order.len());
         job.map_all(txn, plan, pages, frames, pfns)?;
+        drop(mapping);
         let t1 = Instant::now();
         timing.map = t1 - t;
         // Issue every call before waiting for any.
+        let issuing = tracing::trace_span!(
+            target: "drm_pagemap",
+            "issue",
+            pagemap = dest.id().0,
+            calls = plan.calls.len()
+        )
+        .entered();
+        let to = Location::of(dest.id());
         let mut calls: Vec<CopyCall> = Vec::with_capacity(plan.calls.len());
         let mut failure: Option<Error> = None;
         for call in &plan.calls {
@@ -553,6 +616,16 @@ impl AddressSpace {
                 }
             };
             let (s, e) = (call.start as usize, call.end as usize);
+            // The link: a push comes from its executor; a pull from its first page's
+            // source (see `crate::stats` on calls reading several sources).
+            let from = match call.op {
+                CopyOp::ToRam => Location::of(call.executor),
+                CopyOp::ToDevmem => match job.source_of(plan.order[s]) {
+                    MapSource::Host => Location::System,
+                    MapSource::Pagemap(p) => Location::of(p),
+                },
+            };
+            let at = if calls.is_empty() { t1 } else { Instant::now() };
             let issued = {
                 let req = CopyRequest {
                     page_size: span.page_size,
@@ -566,7 +639,16 @@ impl AddressSpace {
                 }
             };
             let device = exec.device();
-            if let Err(e) = txn.issued(call.op, call.executor, device, issued) {
+            let link = Link::new(from, to);
+            if let Err(e) = txn.issued(
+                call.op,
+                call.executor,
+                device,
+                link,
+                call.pages(),
+                at,
+                issued,
+            ) {
                 failure = Some(e);
                 break;
             }
@@ -586,6 +668,7 @@ impl AddressSpace {
         {
             work(&dst_pfns);
         }
+        drop(issuing);
         let t2 = Instant::now();
         timing.issue = t2 - t1;
         // Wait once for everything issued, then for the pre-migrate fence (it orders the
@@ -596,10 +679,13 @@ impl AddressSpace {
         timing.wait = t3 - t2;
         waited?;
         // Commit. A timeslice past any reachable instant saturates ("for ever").
+        let committing = tracing::trace_span!(target: "drm_pagemap", "commit").entered();
         txn.commit();
         let expires = crate::time::saturating_after(t3, details.timeslice);
         let generation = job.commit(alloc, expires, frames);
+        drop(committing);
         timing.commit = t3.elapsed();
+        self.stats.migrated((t3 - t0) + timing.commit);
         Ok(MigrateReport {
             outcome: MigrateOutcome::Migrated,
             alloc: Some(alloc),
@@ -856,6 +942,9 @@ impl Job<'_> {
         };
         if !frames.is_empty() {
             self.mm.host.free_frames(frames, span.page_size);
+            self.mm
+                .stats
+                .host_frames(-(frames.len() as i64), span.page_size);
         }
         release_all(releases);
         generation

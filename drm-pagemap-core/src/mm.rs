@@ -104,6 +104,8 @@ pub(crate) struct Deferred {
     pub slot: Option<u32>,
     /// Host frames a copy back to RAM may still write, freed once the fences signal.
     pub frames: Vec<(HostFrame, PageSize)>,
+    /// Copies and bytes still counted in flight, out of flight once the fences signal.
+    pub in_flight: (u64, u64),
 }
 
 #[derive(Default)]
@@ -152,6 +154,8 @@ pub struct AddressSpace {
     pub(crate) unlocked: Condvar,
     /// Longest wait for a copy fence on the way back to RAM (eviction, CPU faults).
     pub(crate) to_ram_timeout: Mutex<Option<Duration>>,
+    /// Statistics (see [`crate::stats`]).
+    pub(crate) stats: crate::stats::Counters,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -379,6 +383,7 @@ impl AddressSpace {
             state: Mutex::new(MmState::default()),
             unlocked: Condvar::new(),
             to_ram_timeout: Mutex::new(None),
+            stats: crate::stats::Counters::default(),
         }
     }
 
@@ -600,6 +605,7 @@ impl AddressSpace {
             }
             let list: Vec<HostFrame> = frames[i..j].iter().map(|f| f.0).collect();
             self.host.free_frames(&list, ps);
+            self.stats.host_frames(-(list.len() as i64), ps);
             i = j;
         }
     }
@@ -660,6 +666,7 @@ impl AddressSpace {
     ) -> Result<AllocId> {
         self.allocate_as(pagemap, npages, page_size, range, AllocState::Reserved)
             .map(|(id, _)| id)
+            .map_err(|e| self.count_failure(e))
     }
 
     /// Allocates device memory and enters it in the table in `state` (one step: nobody
@@ -888,6 +895,19 @@ impl AddressSpace {
     where
         F: FnOnce(&mut MmState, Span) -> Result<()>,
     {
+        self.cpu_access_inner(range, deadline, access)
+            .map_err(|e| self.count_failure(e))
+    }
+
+    fn cpu_access_inner<F>(
+        &self,
+        range: VaRange,
+        deadline: Option<Instant>,
+        access: F,
+    ) -> Result<()>
+    where
+        F: FnOnce(&mut MmState, Span) -> Result<()>,
+    {
         // Declared before the state guard so that it drops after it (its drop locks).
         let mut claim = ClaimGuard { mm: self, id: None };
         let started = Instant::now();
@@ -924,6 +944,13 @@ impl AddressSpace {
                             return Err(timed_out());
                         }
                         let until = deadline.map_or(expires, |d| d.min(expires));
+                        self.stats.timeslice_wait();
+                        tracing::trace!(
+                            target: "drm_pagemap",
+                            range = %range,
+                            alloc = %alloc,
+                            "cpu access waits for a timeslice"
+                        );
                         st = self.wait_unlocked_for(st, until - now);
                         continue;
                     }
@@ -968,6 +995,7 @@ impl AddressSpace {
                 source,
             })?;
         let ps = span.page_size;
+        self.stats.host_frames(frames.len() as i64, ps);
         st.touch(span.slot, span.first, span.count);
         let rec = st.range_mut(span.slot);
         let mut next = frames.into_iter();

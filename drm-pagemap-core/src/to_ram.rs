@@ -7,8 +7,10 @@ use crate::backend::CopyRequest;
 use crate::error::{BusyReason, Error, Result};
 use crate::mm::AddressSpace;
 use crate::page::{PageEntry, RmapEntry};
+use crate::stats::{Link, Location};
 use crate::txn::{Locked, Scratch, Txn};
 use crate::types::{CopyOp, Direction, Pfn, VaRange};
+use std::time::Instant;
 
 /// What an eviction did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +46,31 @@ impl AddressSpace {
     /// does not hold an eviction back (memory pressure wins, as upstream): only CPU access
     /// waits for it.
     pub fn evict_to_ram(&self, alloc: AllocId) -> Result<EvictReport> {
+        let span = tracing::debug_span!(
+            target: "drm_pagemap",
+            "evict",
+            alloc = %alloc,
+            pages = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        let r = self.evict_inner(alloc);
+        match &r {
+            Ok(rep) => {
+                self.stats.evicted(rep.pages);
+                span.record("pages", rep.pages);
+                span.record("outcome", "evicted");
+            }
+            Err(e) => {
+                self.stats.failed(e);
+                span.record("outcome", "failed");
+                tracing::debug!(target: "drm_pagemap", error = %e, "eviction failed");
+            }
+        }
+        r
+    }
+
+    fn evict_inner(&self, alloc: AllocId) -> Result<EvictReport> {
         self.reap_deferred();
         let mut moved = 0;
         for attempt in 0..EVICT_TRIES {
@@ -104,6 +131,14 @@ impl AddressSpace {
     /// The CPU touched `fault_va`, a page of `alloc`: move that allocation's pages inside the
     /// allocation-sized window around it (clamped to the range) back to system memory.
     pub(crate) fn cpu_fault(&self, alloc: AllocId, fault_va: u64, access: VaRange) -> Result<()> {
+        let _span = tracing::debug_span!(
+            target: "drm_pagemap",
+            "cpu_fault",
+            range = %access,
+            fault_va,
+            alloc = %alloc,
+        )
+        .entered();
         let window = {
             let st = self.lock();
             let Some(rec) = st.allocs.get(alloc) else {
@@ -128,7 +163,14 @@ impl AddressSpace {
             // pages since the caller looked: its pages are elsewhere now, so the caller
             // re-scans (the access never named this allocation).
             Err(Error::NoSuchAllocation { alloc: gone }) if gone == alloc => Ok(()),
-            r => r.map(|_| ()),
+            Ok(pass) => {
+                if pass.moved > 0 {
+                    self.stats.cpu_fault(pass.moved);
+                }
+                tracing::trace!(target: "drm_pagemap", pages = pass.moved, "cpu fault done");
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -245,6 +287,7 @@ impl AddressSpace {
             // Destination frames, mapped for the owning device.
             txn.alloc_frames(n, dev)?;
             txn.map_frames(dev, Direction::FromDevice)?;
+            let at = Instant::now();
             let issued = {
                 let req = CopyRequest {
                     page_size: ps,
@@ -254,7 +297,8 @@ impl AddressSpace {
                 };
                 pm.devmem().copy_to_ram(&req)
             };
-            txn.issued(CopyOp::ToRam, pm_id, dev, issued)?;
+            let link = Link::new(Location::of(pm_id), Location::System);
+            txn.issued(CopyOp::ToRam, pm_id, dev, link, n, at, issued)?;
             txn.wait(None)?;
             txn.commit();
             // The pages become system pages; the allocation loses them.

@@ -31,9 +31,10 @@ use crate::mapping::{MapRecord, MapSource, Mappings};
 use crate::mm::{AddressSpace, Deferred, MmState, Span};
 use crate::page::{PageEntry, RmapEntry};
 use crate::plan::Plan;
+use crate::stats::Link;
 use crate::types::{CopyOp, DeviceId, Direction, DmaAddr, HostFrame, PagemapId, Pfn, VaRange};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Buffers one transaction (and the migration or copy back around it) uses, kept per thread
 /// between transactions so that a small one makes no heap allocation of its own (a lookup in
@@ -116,6 +117,12 @@ pub(crate) struct Issued {
     pub fence: Fence,
     pub pagemap: PagemapId,
     pub device: DeviceId,
+    /// The link the copy is counted on ([`Link::NONE`]: not a copy).
+    pub link: Link,
+    /// Bytes the copy moves (0: not a copy).
+    pub bytes: u64,
+    /// When it was submitted (`None`: not a copy).
+    pub at: Option<Instant>,
 }
 
 /// The pages a transaction locked.
@@ -165,6 +172,8 @@ pub(crate) struct Txn<'a> {
     used: bool,
     /// A wait ran out of time: copies may still be running.
     timed_out: bool,
+    /// The copies (from the first) already counted as landed in the statistics.
+    landed: usize,
     /// Committed or rolled back: nothing is left to undo.
     ended: bool,
 }
@@ -203,6 +212,7 @@ impl<'a> Txn<'a> {
             alloc: None,
             used: false,
             timed_out: false,
+            landed: 0,
             ended: false,
         }
     }
@@ -240,6 +250,9 @@ impl<'a> Txn<'a> {
             fence,
             pagemap: self.pagemap,
             device,
+            link: Link::NONE,
+            bytes: 0,
+            at: None,
         });
     }
 
@@ -314,6 +327,7 @@ impl<'a> Txn<'a> {
             *self.frames = frames;
             return Err(self.backend_error(BackendOp::AllocFrames, self.pagemap, device, source));
         }
+        self.mm.stats.host_frames(n as i64, ps);
         *self.frames = frames;
         Ok(())
     }
@@ -366,27 +380,58 @@ impl<'a> Txn<'a> {
         }
     }
 
-    /// Records a copy call `op` that `pagemap`'s `device` was asked to execute: its fence,
-    /// or the error it returned. The destination counts as written either way.
+    /// Records a copy call `op` of `pages` pages on `link` that `pagemap`'s `device` was
+    /// asked to execute at `at`: its fence, or the error it returned. The destination counts
+    /// as written either way; a submitted call is counted in the statistics.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(crate) fn issued(
         &mut self,
         op: CopyOp,
         pagemap: PagemapId,
         device: DeviceId,
+        link: Link,
+        pages: usize,
+        at: Instant,
         result: std::result::Result<Fence, BackendError>,
     ) -> Result<()> {
         self.used = true;
         match result {
             Ok(fence) => {
+                let bytes = self.mm.stats.issued(link, self.page_size, pages);
+                tracing::trace!(
+                    target: "drm_pagemap",
+                    range = %self.range,
+                    executor = pagemap.0,
+                    device = device.0,
+                    op = ?op,
+                    pages,
+                    bytes,
+                    "copy issued"
+                );
                 self.copies.push(Issued {
                     fence,
                     pagemap,
                     device,
+                    link,
+                    bytes,
+                    at: Some(at),
                 });
                 Ok(())
             }
-            Err(source) => Err(self.backend_error(op.into(), pagemap, device, source)),
+            Err(source) => {
+                tracing::debug!(
+                    target: "drm_pagemap",
+                    range = %self.range,
+                    executor = pagemap.0,
+                    device = device.0,
+                    op = ?op,
+                    pages,
+                    error = %source,
+                    "copy submission failed"
+                );
+                Err(self.backend_error(op.into(), pagemap, device, source))
+            }
         }
     }
 
@@ -403,10 +448,32 @@ impl<'a> Txn<'a> {
             device: Some(f.device),
             source,
         };
+        let _span = tracing::debug_span!(
+            target: "drm_pagemap",
+            "wait",
+            range = %range,
+            copies = self.copies.len()
+        )
+        .entered();
+        let stats = &self.mm.stats;
         for c in self.copies.iter() {
-            if let Err(source) = c.fence.wait_for(self.timeout) {
+            let waited = c.fence.wait_for(self.timeout);
+            if !matches!(waited, Err(FenceError::Timeout(_))) {
+                // Landed (signalled, or with an error): out of flight.
+                let device_time = c.at.map(|at| at.elapsed());
+                stats.landed(c.link, c.bytes, device_time);
+                self.landed += 1;
+            }
+            if let Err(source) = waited {
                 let timeout = matches!(source, FenceError::Timeout(_));
                 self.timed_out |= timeout;
+                tracing::debug!(
+                    target: "drm_pagemap",
+                    range = %range,
+                    pagemap = c.pagemap.0,
+                    error = %source,
+                    "copy fence failed"
+                );
                 failure.get_or_insert(fence_error(FenceRole::Copy, c, source));
                 if timeout {
                     break;
@@ -461,13 +528,32 @@ impl<'a> Txn<'a> {
             .iter()
             .chain(pre)
             .any(|c| !c.fence.is_signaled());
+        // The copies not yet counted as landed: landed now, or parked with the cleanup.
+        let rest = self.copies.get(self.landed..).unwrap_or(&[]);
+        let flying = (rest.len() as u64, rest.iter().map(|c| c.bytes).sum::<u64>());
+        self.landed = self.copies.len();
+        tracing::debug!(
+            target: "drm_pagemap",
+            range = %self.range,
+            pagemap = self.pagemap.0,
+            copies = self.copies.len(),
+            parked = running,
+            outcome = "rollback",
+            "transaction rolled back"
+        );
         let parked = if running {
-            Some(self.park())
+            let mut d = self.park();
+            d.in_flight = flying;
+            Some(d)
         } else {
+            self.mm.stats.landed_many(flying.0, flying.1);
             self.mm.unmap(self.maps);
             if !self.frames.is_empty() {
                 let frames = std::mem::take(self.frames);
                 self.mm.host.free_frames(&frames, self.page_size());
+                self.mm
+                    .stats
+                    .host_frames(-(frames.len() as i64), self.page_size());
             }
             None
         };
@@ -503,6 +589,7 @@ impl<'a> Txn<'a> {
             unmap: std::mem::take(self.maps),
             slot: self.alloc.take().map(|a| a.slot),
             frames: self.frames.drain(..).map(|f| (f, ps)).collect(),
+            in_flight: (0, 0),
         }
     }
 }
@@ -582,6 +669,7 @@ impl AddressSpace {
             ready
         };
         for mut d in ready {
+            self.stats.landed_many(d.in_flight.0, d.in_flight.1);
             self.unmap(&mut d.unmap);
             let rel = d.slot.and_then(|s| self.lock().allocs.remove(s));
             release_all(rel.into_iter().collect());
