@@ -35,7 +35,7 @@
 use clap::{Parser, ValueEnum};
 use drm_pagemap::{
     AddressSpace, Backend, BackendConfig, BackendOptions, Coalesce, CopyCall, CopyOp, Error,
-    MigrateDetails, MigrateOutcome, PageSize, PagemapId, VaRange,
+    MigrateDetails, MigrateOutcome, PageSize, PagemapId, StatsSnapshot, VaRange,
 };
 use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
 use drm_pagemap_testkit::layout::{self, LayoutPage};
@@ -72,8 +72,9 @@ to pagemap --to, reads every byte back through the CPU path and prints the layou
 system memory and every pagemap but --to, printed as a table.
 
 Output: a table (no --layout), the layouts and copy calls (--layout), or one JSON line
-(--json: result, error, copies, layout_before, layout_after, verified). --stats adds the
-address space's statistics as a table.
+(--json: result, error, copies, layout_before, layout_after, verified, stats). --stats
+adds the address space's statistics of the migration as tables (with --json they are in
+its \"stats\" field only).
 
 Exit codes: 0 success; 1 the migration failed (the data still verifies) or the backend is
 unavailable; 2 bad arguments (also a backend option that does not parse).
@@ -341,11 +342,13 @@ struct Outcome {
     before: Vec<LayoutPage>,
     after: Vec<LayoutPage>,
     verified: bool,
+    /// The statistics of the migration.
+    stats: StatsSnapshot,
 }
 
 /// The `--json` line.
 #[derive(Serialize)]
-struct JsonReport {
+struct JsonReport<'a> {
     /// `ok` or `error`.
     result: &'static str,
     /// The error's message, or null.
@@ -356,6 +359,9 @@ struct JsonReport {
     layout_after: String,
     /// Every byte read back as written.
     verified: bool,
+    /// The address space's statistics of the migration (`AddressSpace::stats` after it;
+    /// counted from the end of building the layout).
+    stats: &'a StatsSnapshot,
 }
 
 /// One copy call of the `--json` line.
@@ -386,6 +392,7 @@ fn print_json(o: &Outcome) -> bool {
         layout_before: layout::format(&o.before),
         layout_after: layout::format(&o.after),
         verified: o.verified,
+        stats: &o.stats,
     };
     match serde_json::to_string(&report) {
         Ok(line) => {
@@ -620,9 +627,12 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
     }
     progress.phase("migrating", 1);
     let mut trace = Vec::new();
+    // The statistics cover the migration, not the placing of the layout.
+    mm.reset_stats();
     let t = Instant::now();
     let result = mm.migrate_traced(range, PagemapId(args.to as u8), &details, &mut trace);
     let elapsed = t.elapsed();
+    let stats = mm.stats();
     progress.inc(1);
     injector.disarm();
     let after = layout::of(&mm, range)?;
@@ -637,6 +647,7 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
         before,
         after,
         verified,
+        stats,
     };
     let mut printed = true;
     if args.json {
@@ -655,6 +666,9 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
         }
         println!("layout after:  {}", layout::format(&o.after));
         println!("verified: {}", o.verified);
+    }
+    if args.stats && !args.json {
+        tool::stats::print("the migration", &o.stats);
     }
     Ok(if failed || !o.verified || !printed {
         ExitCode::from(1)

@@ -91,7 +91,7 @@ struct Args {
     /// oversubscribes.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
     capacity_mib: Option<u64>,
-    /// Also print the address space's statistics as a table.
+    /// Also print the address space's statistics as tables (after everything else).
     #[arg(long, global = true)]
     stats: bool,
 }
@@ -391,6 +391,9 @@ fn demo(a: &Args) -> Result<usize, String> {
             format!("{} checks FAILED", c.failed)
         }
     );
+    if a.stats {
+        tool::stats::print("the address space", &mm.stats());
+    }
     Ok(c.failed)
 }
 
@@ -536,6 +539,9 @@ fn latency(a: &Args, iters: usize) -> Result<usize, String> {
     }
     if c.failed > 0 {
         println!("{} checks FAILED", c.failed);
+    }
+    if a.stats {
+        tool::stats::print("the address space", &mm.stats());
     }
     Ok(c.failed)
 }
