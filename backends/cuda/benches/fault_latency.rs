@@ -11,6 +11,7 @@
 //! `cargo bench -p drm-pagemap-cuda --bench fault_latency [-- --iters N]`.
 //! Without a GPU: one "skipped: <reason>" line, exit 0.
 
+use clap::Parser;
 use cudarc::driver::sys;
 use drm_pagemap_core::*;
 use drm_pagemap_cuda::{CudaBackend, CudaConfig, KernelSource};
@@ -288,18 +289,26 @@ fn memcpy_floor(bytes: u64, iters: usize, typed: bool) -> Vec<f64> {
     out
 }
 
+/// Fault latency at the backend level (allocate -> copy_to_devmem -> fence) against one
+/// cuMemcpyAsync of the same bytes.
+#[derive(Debug, Parser)]
+#[command(name = "fault_latency")]
+struct Args {
+    /// Faults per case.
+    #[arg(long, value_name = "N", default_value = "300", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    iters: u64,
+    /// Passed by `cargo bench`; nothing changes.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
+    let args = Args::parse();
     if let Err(reason) = drm_pagemap_cuda::probe_with(&env_config()) {
         println!("skipped: {reason}");
         return;
     }
-    let args: Vec<String> = std::env::args().collect();
-    let iters = args
-        .iter()
-        .position(|a| a == "--iters")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300usize);
+    let iters = args.iters as usize;
     let cases = [
         (64 * KIB, PageSize::Size4K),
         (64 * KIB, PageSize::Size64K),
