@@ -40,6 +40,7 @@ use drm_pagemap::{
 use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
 use drm_pagemap_testkit::layout::{self, LayoutPage};
 use serde::Serialize;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -394,11 +395,16 @@ fn print_json(o: &Outcome) -> bool {
         verified: o.verified,
         stats: &o.stats,
     };
-    match serde_json::to_string(&report) {
-        Ok(line) => {
-            println!("{line}");
-            true
-        }
+    // Not println!: a closed stdout (`| head -c 100`) is a line on stderr, not a panic.
+    let mut out = std::io::stdout().lock();
+    match serde_json::to_writer(&mut out, &report) {
+        Ok(()) => match writeln!(out) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("migrate: the JSON line cannot be written: {e}");
+                false
+            }
+        },
         Err(e) => {
             eprintln!("migrate: the JSON line cannot be written: {e}");
             false
