@@ -30,9 +30,9 @@ impl Progress {
 
     /// Starts `phase` of `total` steps.
     pub fn phase(&self, phase: &'static str, total: u64) {
-        self.bar.set_message(phase);
         self.bar.set_length(total);
         self.bar.set_position(0);
+        self.bar.set_message(phase);
     }
 
     /// Sets how far the current phase is.
