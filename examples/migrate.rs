@@ -7,12 +7,13 @@
 //! cargo run --release --example migrate -- [--backend auto|sim|cuda|level-zero|plugin:PATH|NAME] [--devices N]
 //!     [--page-size BYTES] [--layout LAYOUT] [--to K] [--no-source-peer-migrates]
 //!     [--same-pagemap] [--coalesce by-source|consecutive] [--foreign K]... [--fail-copy N]
-//!     [--option BACKEND.KEY=VALUE]... [--json]
+//!     [--option BACKEND.KEY=VALUE]... [--json] [--stats]
 //! ```
-//! Without `--layout`: a 1 GiB range spread over system memory and every other pagemap,
+//! `--help` lists the flags and explains the layout notation. Without `--layout`: a 1 GiB range spread over system memory and every other pagemap,
 //! migrated to pagemap 0, with a table of what moved. Exit codes: 0 success; 1 the migration
 //! failed (the data still verifies) or the backend is unavailable; 2 bad arguments (also a
-//! backend option that does not parse).
+//! backend option that does not parse; one line `migrate: MESSAGE` on stderr). A progress bar
+//! shows on stderr when stdout and stderr are a terminal (never with `--json`).
 //!
 //! Plug-ins: `--backend plugin:PATH` loads the shared object at PATH; the plug-ins in
 //! `DRM_PAGEMAP_PLUGIN_PATH` (files or directories, `:`-separated) are loaded at start and
@@ -31,16 +32,24 @@
 //! `DRM_PAGEMAP_LEVEL_ZERO_REAL=1` the loader keeps its own drivers (an Intel GPU's). `auto`
 //! never routes the loader: it picks CUDA, else an Intel GPU, else sim.
 
+use clap::{Parser, ValueEnum};
 use drm_pagemap::{
     AddressSpace, Backend, BackendConfig, BackendOptions, Coalesce, CopyCall, CopyOp, Error,
-    MigrateDetails, MigrateOutcome, PageSize, PagemapId, VaRange,
+    MigrateDetails, MigrateOutcome, PageSize, PagemapId, StatsSnapshot, VaRange,
 };
 use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
 use drm_pagemap_testkit::layout::{self, LayoutPage};
-use std::io::{IsTerminal, Write};
+use serde::Serialize;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "tool/mod.rs"]
+mod tool;
+
+use tool::cli;
+use tool::progress::Progress;
 
 /// Where the range starts (any page-aligned address works).
 const BASE: u64 = 1 << 40;
@@ -49,126 +58,149 @@ const DEFAULT_BYTES: u64 = 1 << 30;
 /// Pages per run of one source in the default workload's layout.
 const DEFAULT_RUN: usize = 16;
 
-#[derive(Debug)]
+/// What `--help` says after the flags.
+const AFTER_HELP: &str = "\
+Layouts (--layout): one character per page, left to right from the range's start:
+  s      a page in system memory
+  .      an unpopulated page (never written; reads as zeros)
+  0-9    a page in pagemap K's device memory (K < --devices)
+  x*N    the page x repeated N times
+  a,b    items joined with commas, each a plain run or a repetition
+Examples: ss00s11s0 (9 pages), s*1000,1*500,.,2*7 (1508 pages). The tool writes a distinct
+pattern into every populated page, places it as the layout says, migrates the whole range
+to pagemap --to, reads every byte back through the CPU path and prints the layout after
+(`2*9`: nine pages in pagemap 2). Without --layout: a 1 GiB range in runs of 16 pages over
+system memory and every pagemap but --to, printed as a table.
+
+Output: a table (no --layout), the layouts and copy calls (--layout), or one JSON line
+(--json: result, error, copies, layout_before, layout_after, verified, stats). --stats
+adds the address space's statistics of the migration as tables (with --json they are in
+its \"stats\" field only).
+
+Exit codes: 0 success; 1 the migration failed (the data still verifies) or the backend is
+unavailable; 2 bad arguments (also a backend option that does not parse).
+
+Environment: DRM_PAGEMAP_PLUGIN_PATH (plug-ins, `:`-separated files or directories, nameable
+by --backend), the backends' DRM_PAGEMAP_* settings (before --option), ZE_SOFT_* and
+DRM_PAGEMAP_LEVEL_ZERO_REAL=1 (level-zero: keep the loader's own drivers).";
+
+/// Migrates a range spread over system memory and several pagemaps to one pagemap and
+/// checks every byte.
+#[derive(Debug, Parser)]
+// A flag given twice: the last value wins (`--option` and `--foreign` collect every value).
+#[command(name = "migrate", after_help = AFTER_HELP, args_override_self = true)]
 struct Args {
+    /// auto (CUDA, else an Intel GPU's Level Zero, else sim), sim, cuda, level-zero (the
+    /// software driver through the real loader), plugin:PATH, or a loaded plug-in's name.
+    #[arg(long, value_name = "BACKEND", default_value = "auto", value_parser = backend_name)]
     backend: String,
+    /// Pagemaps (1 to 10), over the backend's devices.
+    #[arg(long, value_name = "N", default_value = "3", value_parser = devices)]
     devices: usize,
+    /// Page size in bytes: 4096, 65536 or 2097152.
+    #[arg(long, value_name = "BYTES", default_value = "4096", value_parser = page_size)]
     page_size: PageSize,
-    layout: Option<String>,
+    /// Where each page starts (see Layouts below); without it, the 1 GiB default workload.
+    #[arg(long, value_name = "LAYOUT", value_parser = layout_pages)]
+    layout: Option<Layout>,
+    /// The destination pagemap.
+    #[arg(long, value_name = "K", default_value_t = 0)]
     to: usize,
+    /// The destination's copy engine pulls pages from peers (the sources push by default).
+    #[arg(long = "no-source-peer-migrates", action = clap::ArgAction::SetFalse)]
     source_peer_migrates: bool,
+    /// Pages already in the destination pagemap migrate again (can_migrate_same_pagemap).
+    #[arg(long)]
     same_pagemap: bool,
-    coalesce: Coalesce,
+    /// How copy calls are formed: one per source, or one per run of consecutive pages.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = CoalesceArg::BySource)]
+    coalesce: CoalesceArg,
+    /// Pagemap K belongs to another owner (repeatable).
+    #[arg(long, value_name = "K")]
     foreign: Vec<usize>,
+    /// The Nth copy call of the migration fails (from 1).
+    #[arg(long, value_name = "N", value_parser = fail_copy)]
     fail_copy: Option<u64>,
-    /// The environment's options, then `--option`s.
-    options: BackendOptions,
+    /// A backend option, after the environment's (repeatable; the last value of a key
+    /// wins): cuda.kernel=ptx, sim.copy_latency=1ms, ...
+    #[arg(long = "option", value_name = "BACKEND.KEY=VALUE", value_parser = option)]
+    options: Vec<String>,
+    /// One JSON line instead of the text.
+    #[arg(long)]
     json: bool,
+    /// Also print the address space's statistics as a table.
+    #[arg(long)]
+    stats: bool,
 }
 
-const USAGE: &str = "usage: migrate [--backend auto|sim|cuda|level-zero|plugin:PATH|NAME] [--devices N] [--page-size BYTES] \
-[--layout LAYOUT] [--to K] [--no-source-peer-migrates] [--same-pagemap] \
-[--coalesce by-source|consecutive] [--foreign K]... [--fail-copy N] \
-[--option BACKEND.KEY=VALUE]... [--json]";
+/// `--coalesce`'s values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CoalesceArg {
+    /// One call per source pagemap.
+    BySource,
+    /// One call per run of consecutive pages of one source.
+    Consecutive,
+}
 
-/// Parses the arguments; `options` are the environment's, which `--option` adds to.
-fn parse_args(
-    mut it: impl Iterator<Item = String>,
-    options: BackendOptions,
-) -> Result<Args, String> {
-    let mut a = Args {
-        backend: "auto".into(),
-        devices: 3,
-        page_size: PageSize::Size4K,
-        layout: None,
-        to: 0,
-        source_peer_migrates: true,
-        same_pagemap: false,
-        coalesce: Coalesce::BySource,
-        foreign: Vec::new(),
-        fail_copy: None,
-        options,
-        json: false,
-    };
-    fn value(it: &mut impl Iterator<Item = String>, flag: &str) -> Result<String, String> {
-        it.next().ok_or_else(|| format!("{flag} needs a value"))
-    }
-    fn number<T: std::str::FromStr>(text: &str, flag: &str) -> Result<T, String> {
-        text.parse()
-            .map_err(|_| format!("{flag}: {text:?} is not a valid number"))
-    }
-    while let Some(arg) = it.next() {
-        // Accept both `--flag value` and `--flag=value` (`--option=KEY=VALUE` too).
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut val = || -> Result<String, String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => value(&mut it, &flag),
-            }
-        };
-        match flag.as_str() {
-            "--backend" => {
-                a.backend = val()?;
-                if !["auto", "sim", "cuda", "level-zero"].contains(&a.backend.as_str())
-                    && !is_plugin_name(&a.backend)
-                {
-                    return Err(format!(
-                        "--backend: {:?} is not one of auto, sim, cuda, level-zero, plugin:PATH \
-                         or a discovered plug-in's name",
-                        a.backend
-                    ));
-                }
-            }
-            "--devices" => {
-                a.devices = number(&val()?, "--devices")?;
-                if !(1..=10).contains(&a.devices) {
-                    return Err(format!(
-                        "--devices: {} is out of range (1 to 10)",
-                        a.devices
-                    ));
-                }
-            }
-            "--page-size" => {
-                let bytes: u64 = number(&val()?, "--page-size")?;
-                a.page_size = PageSize::from_bytes(bytes)
-                    .ok_or_else(|| format!("--page-size: {bytes} is not 4096, 65536 or 2097152"))?;
-            }
-            "--layout" => a.layout = Some(val()?),
-            "--to" => a.to = number(&val()?, "--to")?,
-            "--no-source-peer-migrates" => a.source_peer_migrates = false,
-            "--same-pagemap" => a.same_pagemap = true,
-            "--coalesce" => {
-                a.coalesce = match val()?.as_str() {
-                    "by-source" => Coalesce::BySource,
-                    "consecutive" => Coalesce::Consecutive,
-                    other => {
-                        return Err(format!(
-                            "--coalesce: {other:?} is not by-source or consecutive"
-                        ));
-                    }
-                }
-            }
-            "--foreign" => a.foreign.push(number(&val()?, "--foreign")?),
-            "--fail-copy" => {
-                let n: u64 = number(&val()?, "--fail-copy")?;
-                if n == 0 {
-                    return Err("--fail-copy: N counts from 1".into());
-                }
-                a.fail_copy = Some(n);
-            }
-            "--option" => {
-                a.options
-                    .parse_assignment(&val()?)
-                    .map_err(|e| format!("--option: {e}"))?;
-            }
-            "--json" => a.json = true,
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other:?} ({USAGE})")),
+impl From<CoalesceArg> for Coalesce {
+    fn from(c: CoalesceArg) -> Coalesce {
+        match c {
+            CoalesceArg::BySource => Coalesce::BySource,
+            CoalesceArg::Consecutive => Coalesce::Consecutive,
         }
     }
+}
+
+/// A parsed `--layout`.
+#[derive(Clone, Debug)]
+struct Layout(Vec<LayoutPage>);
+
+fn backend_name(name: &str) -> Result<String, String> {
+    if ["auto", "sim", "cuda", "level-zero"].contains(&name) || is_plugin_name(name) {
+        Ok(name.to_string())
+    } else {
+        Err(
+            "not one of auto, sim, cuda, level-zero, plugin:PATH or a discovered plug-in's name"
+                .into(),
+        )
+    }
+}
+
+fn devices(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=10).contains(&n) => Ok(n),
+        Ok(n) => Err(format!("{n} is out of range (1 to 10)")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn page_size(text: &str) -> Result<PageSize, String> {
+    let bytes: u64 = text.parse().map_err(|e| format!("{e}"))?;
+    PageSize::from_bytes(bytes).ok_or_else(|| format!("{bytes} is not 4096, 65536 or 2097152"))
+}
+
+fn layout_pages(text: &str) -> Result<Layout, String> {
+    layout::parse(text).map(Layout).map_err(|e| e.to_string())
+}
+
+fn fail_copy(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Err("N counts from 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn option(text: &str) -> Result<String, String> {
+    BackendOptions::new()
+        .parse_assignment(text)
+        .map(|_| text.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// The arguments clap cannot check alone (they depend on each other), and the backend
+/// options: the environment's (`env`), then `--option`s.
+fn check(a: &Args, env: BackendOptions) -> Result<BackendOptions, String> {
     if a.to >= a.devices {
         return Err(format!(
             "--to: pagemap {} does not exist (--devices {})",
@@ -181,14 +213,19 @@ fn parse_args(
             a.devices
         ));
     }
-    Ok(a)
+    let mut options = env;
+    for o in &a.options {
+        options
+            .parse_assignment(o)
+            .map_err(|e| format!("--option: {e}"))?;
+    }
+    Ok(options)
 }
 
 /// The layout to build: parsed from `--layout`, or the default workload.
 fn wanted_layout(a: &Args) -> Result<Vec<LayoutPage>, String> {
     match &a.layout {
-        Some(text) => {
-            let pages = layout::parse(text).map_err(|e| format!("--layout: {e}"))?;
+        Some(Layout(pages)) => {
             if let Some(LayoutPage::Device(k)) = pages
                 .iter()
                 .find(|p| matches!(p, LayoutPage::Device(k) if *k as usize >= a.devices))
@@ -198,7 +235,7 @@ fn wanted_layout(a: &Args) -> Result<Vec<LayoutPage>, String> {
                     a.devices
                 ));
             }
-            Ok(pages)
+            Ok(pages.clone())
         }
         None => {
             // System memory and every pagemap but the destination, in runs of 16 pages.
@@ -224,56 +261,6 @@ fn fill_pattern(i: u64, buf: &mut [u8]) {
     }
 }
 
-/// A progress line on stderr: a bar on a terminal, phase lines otherwise.
-struct Progress {
-    enabled: bool,
-    tty: bool,
-    phase: &'static str,
-    last: Instant,
-}
-
-impl Progress {
-    fn new(enabled: bool) -> Progress {
-        Progress {
-            enabled,
-            tty: std::io::stderr().is_terminal(),
-            phase: "",
-            last: Instant::now() - Duration::from_secs(1),
-        }
-    }
-
-    fn update(&mut self, phase: &'static str, done: usize, total: usize) {
-        if !self.enabled {
-            return;
-        }
-        let finished = done >= total;
-        if phase != self.phase {
-            if self.tty && !self.phase.is_empty() {
-                eprintln!();
-            }
-            self.phase = phase;
-            if !self.tty {
-                eprintln!("{phase} ...");
-            }
-        }
-        if self.tty && (finished || self.last.elapsed() > Duration::from_millis(100)) {
-            self.last = Instant::now();
-            let pct = (done * 100).checked_div(total).unwrap_or(100);
-            let bar: String = (0..40)
-                .map(|k| if k * 100 / 40 < pct { '#' } else { '.' })
-                .collect();
-            eprint!("\r{phase:<10} [{bar}] {pct:3}%");
-            let _ = std::io::stderr().flush();
-        }
-    }
-
-    fn finish(&mut self) {
-        if self.enabled && self.tty && !self.phase.is_empty() {
-            eprintln!();
-        }
-    }
-}
-
 /// Writes every page's pattern (holes stay unpopulated) and moves pages to the pagemaps the
 /// layout names, run by run.
 fn build(
@@ -281,20 +268,21 @@ fn build(
     range: VaRange,
     ps: PageSize,
     pages: &[LayoutPage],
-    p: &mut Progress,
+    p: &Progress,
 ) -> Result<(), Error> {
     let psz = ps.bytes();
     let mut buf = vec![0u8; psz as usize];
+    p.phase("filling", pages.len() as u64);
     for (i, page) in pages.iter().enumerate() {
         if *page != LayoutPage::Hole {
             fill_pattern(i as u64, &mut buf);
             mm.write(range.start + i as u64 * psz, &buf)?;
         }
         if i % 1024 == 0 {
-            p.update("filling", i, pages.len());
+            p.set(i as u64);
         }
     }
-    p.update("filling", pages.len(), pages.len());
+    p.phase("placing", pages.len() as u64);
     let mut i = 0;
     let setup = MigrateDetails::default();
     while i < pages.len() {
@@ -307,7 +295,7 @@ fn build(
             // Holes inside a device run are impossible: runs are of one kind.
             mm.migrate(run, PagemapId(k), &setup)?;
         }
-        p.update("placing", j, pages.len());
+        p.set(j as u64);
         i = j;
     }
     Ok(())
@@ -319,7 +307,7 @@ fn verify(
     range: VaRange,
     ps: PageSize,
     pages: &[LayoutPage],
-    p: &mut Progress,
+    p: &Progress,
 ) -> Result<bool, Error> {
     let psz = ps.bytes() as usize;
     let mut want = vec![0u8; psz];
@@ -329,6 +317,7 @@ fn verify(
     let mut got = vec![0u8; per_read * psz];
     let mut ok = true;
     let mut i = 0;
+    p.phase("verifying", pages.len() as u64);
     while i < pages.len() {
         let n = per_read.min(pages.len() - i);
         let chunk = &mut got[..n * psz];
@@ -342,25 +331,9 @@ fn verify(
             ok &= chunk[k * psz..(k + 1) * psz] == want[..];
         }
         i += n;
-        p.update("verifying", i, pages.len());
+        p.set(i as u64);
     }
     Ok(ok)
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 struct Outcome {
@@ -370,33 +343,73 @@ struct Outcome {
     before: Vec<LayoutPage>,
     after: Vec<LayoutPage>,
     verified: bool,
+    /// The statistics of the migration.
+    stats: StatsSnapshot,
 }
 
-fn print_json(o: &Outcome) {
-    let copies: Vec<String> = o
-        .trace
-        .iter()
-        .filter(|c| c.pages > 0)
-        .map(|c| {
-            format!(
-                "{{\"executor\":{},\"op\":\"{}\",\"pages\":{}}}",
-                c.executor.0,
-                c.op.name(),
-                c.pages
-            )
-        })
-        .collect();
-    let (result, error) = match &o.result {
-        Ok(_) => ("ok", "null".to_string()),
-        Err(e) => ("error", json_string(&e.to_string())),
+/// The `--json` line.
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    /// `ok` or `error`.
+    result: &'static str,
+    /// The error's message, or null.
+    error: Option<String>,
+    /// The copy calls that moved pages, in the order issued.
+    copies: Vec<JsonCopy>,
+    layout_before: String,
+    layout_after: String,
+    /// Every byte read back as written.
+    verified: bool,
+    /// The address space's statistics of the migration (`AddressSpace::stats` after it;
+    /// counted from the end of building the layout).
+    stats: &'a StatsSnapshot,
+}
+
+/// One copy call of the `--json` line.
+#[derive(Serialize)]
+struct JsonCopy {
+    /// The pagemap whose copy engine ran the call.
+    executor: u8,
+    /// `copy_to_devmem` or `copy_to_ram`.
+    op: &'static str,
+    pages: usize,
+}
+
+/// Prints the `--json` line; false (with a line on stderr) if it cannot be formed.
+fn print_json(o: &Outcome) -> bool {
+    let report = JsonReport {
+        result: if o.result.is_ok() { "ok" } else { "error" },
+        error: o.result.as_ref().err().map(|e| e.to_string()),
+        copies: o
+            .trace
+            .iter()
+            .filter(|c| c.pages > 0)
+            .map(|c| JsonCopy {
+                executor: c.executor.0,
+                op: c.op.name(),
+                pages: c.pages,
+            })
+            .collect(),
+        layout_before: layout::format(&o.before),
+        layout_after: layout::format(&o.after),
+        verified: o.verified,
+        stats: &o.stats,
     };
-    println!(
-        "{{\"result\":\"{result}\",\"error\":{error},\"copies\":[{}],\"layout_before\":{},\"layout_after\":{},\"verified\":{}}}",
-        copies.join(","),
-        json_string(&layout::format(&o.before)),
-        json_string(&layout::format(&o.after)),
-        o.verified
-    );
+    // Not println!: a closed stdout (`| head -c 100`) is a line on stderr, not a panic.
+    let mut out = std::io::stdout().lock();
+    match serde_json::to_writer(&mut out, &report) {
+        Ok(()) => match writeln!(out) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("migrate: the JSON line cannot be written: {e}");
+                false
+            }
+        },
+        Err(e) => {
+            eprintln!("migrate: the JSON line cannot be written: {e}");
+            false
+        }
+    }
 }
 
 fn print_table(a: &Args, config: &BackendConfig, backend: &dyn Backend, o: &Outcome) {
@@ -414,7 +427,7 @@ fn print_table(a: &Args, config: &BackendConfig, backend: &dyn Backend, o: &Outc
         o.before.len(),
         (o.before.len() as u64 * psz) >> 20,
         a.to,
-        a.coalesce
+        Coalesce::from(a.coalesce)
     );
     let list: Vec<String> = drm_pagemap::backends_with(config)
         .into_iter()
@@ -509,7 +522,8 @@ fn is_plugin_name(name: &str) -> bool {
 }
 
 fn main() -> ExitCode {
-    // The one place this binary reads the environment's backend settings (and plug-ins).
+    // The one place this binary reads the environment's backend settings (and plug-ins):
+    // before the arguments, so that `--backend` can name a discovered plug-in.
     #[cfg(feature = "plugins")]
     for d in drm_pagemap::plugins::from_env() {
         if let Err(e) = &d.result {
@@ -517,18 +531,16 @@ fn main() -> ExitCode {
         }
     }
     let env = BackendConfig::from_env().options;
-    let args = match parse_args(std::env::args().skip(1), env) {
+    let args: Args = match cli::parse("migrate") {
         Ok(a) => a,
-        Err(msg) => {
-            eprintln!("migrate: {msg}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let pages = match wanted_layout(&args) {
-        Ok(p) => p,
+    let checked = check(&args, env).and_then(|options| Ok((options, wanted_layout(&args)?)));
+    let (options, pages) = match checked {
+        Ok(c) => c,
         Err(msg) => {
-            eprintln!("migrate: {msg}");
-            return ExitCode::from(2);
+            cli::bad_argument("migrate", &msg);
+            return ExitCode::from(cli::BAD_ARGUMENTS);
         }
     };
     // A plug-in is loaded before the options are checked (its keys become known); one that
@@ -542,17 +554,18 @@ fn main() -> ExitCode {
     }
     // A backend option that does not parse is a bad argument, like a bad flag.
     let bytes = pages.len() as u64 * args.page_size.bytes();
-    if let Err(e) = drm_pagemap::check_config(&config(&args, bytes)) {
-        eprintln!("migrate: {e}");
-        return ExitCode::from(2);
+    let config = config(&args, &options, bytes);
+    if let Err(e) = drm_pagemap::check_config(&config) {
+        cli::bad_argument("migrate", &e.to_string());
+        return ExitCode::from(cli::BAD_ARGUMENTS);
     }
     if args.backend == "level-zero"
-        && let Err(e) = route_level_zero(&args, bytes)
+        && let Err(e) = route_level_zero(&args, &config)
     {
         eprintln!("migrate: backend level-zero unavailable: {e}");
         return ExitCode::from(1);
     }
-    match run(&args, &pages) {
+    match run(&args, &config, &pages) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("migrate: {e}");
@@ -564,15 +577,12 @@ fn main() -> ExitCode {
 /// Points the Level Zero loader at the software driver (unless `DRM_PAGEMAP_LEVEL_ZERO_REAL=1`):
 /// one device per pagemap, each able to hold the whole range. Must run before anything probes
 /// Level Zero (the loader initialises once per process).
-fn route_level_zero(args: &Args, bytes: u64) -> Result<(), String> {
+fn route_level_zero(args: &Args, config: &BackendConfig) -> Result<(), String> {
     if std::env::var_os("DRM_PAGEMAP_LEVEL_ZERO_REAL").is_some_and(|v| v == "1") {
         return Ok(());
     }
     let devices = args.devices.to_string();
-    let memory = config(args, bytes)
-        .device_capacity
-        .unwrap_or(bytes)
-        .to_string();
+    let memory = config.device_capacity.unwrap_or(1 << 30).to_string();
     ze_soft::route_loader_with(&[
         ("ZE_SOFT_DEVICES", &devices),
         ("ZE_SOFT_DEVICE_MEMORY", &memory),
@@ -581,21 +591,20 @@ fn route_level_zero(args: &Args, bytes: u64) -> Result<(), String> {
 }
 
 /// The backend config for a range of `bytes`.
-fn config(args: &Args, bytes: u64) -> BackendConfig {
+fn config(args: &Args, options: &BackendOptions, bytes: u64) -> BackendConfig {
     BackendConfig {
         devices: Some(args.devices),
         // Each pagemap may end up holding the whole range; the CPU path needs frames again.
         device_capacity: Some(bytes + (64 << 20)),
         host_capacity: Some(2 * bytes + (64 << 20)),
-        options: args.options.clone(),
+        options: options.clone(),
     }
 }
 
-fn run(args: &Args, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
+fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
     let psz = args.page_size.bytes();
     let bytes = pages.len() as u64 * psz;
-    let config = config(args, bytes);
-    let backend: Arc<dyn Backend> = Arc::from(drm_pagemap::open_backend(&args.backend, &config)?);
+    let backend: Arc<dyn Backend> = Arc::from(drm_pagemap::open_backend(&args.backend, config)?);
     let injector = FaultInjector::new();
     let machine = drm_pagemap::Machine::build(
         backend.clone(),
@@ -610,27 +619,30 @@ fn run(args: &Args, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
     }
     let range = VaRange::new(BASE, bytes);
     mm.create_range(range, args.page_size)?;
-    let mut progress = Progress::new(!args.json && args.layout.is_none());
-    build(&mm, range, args.page_size, pages, &mut progress)?;
+    let progress = Progress::new(!args.json);
+    build(&mm, range, args.page_size, pages, &progress)?;
     let before = layout::of(&mm, range)?;
     let details = MigrateDetails {
         source_peer_migrates: args.source_peer_migrates,
         can_migrate_same_pagemap: args.same_pagemap,
-        coalesce: args.coalesce,
+        coalesce: args.coalesce.into(),
         ..MigrateDetails::default()
     };
     if let Some(n) = args.fail_copy {
         injector.fail_nth(FaultSite::Copy, n);
     }
-    progress.update("migrating", 0, 1);
+    progress.phase("migrating", 1);
     let mut trace = Vec::new();
+    // The statistics cover the migration, not the placing of the layout.
+    mm.reset_stats();
     let t = Instant::now();
     let result = mm.migrate_traced(range, PagemapId(args.to as u8), &details, &mut trace);
     let elapsed = t.elapsed();
-    progress.update("migrating", 1, 1);
+    let stats = mm.stats();
+    progress.inc(1);
     injector.disarm();
     let after = layout::of(&mm, range)?;
-    let verified = verify(&mm, range, args.page_size, pages, &mut progress)?;
+    let verified = verify(&mm, range, args.page_size, pages, &progress)?;
     progress.finish();
     let failed = result.is_err();
     let not_needed = matches!(&result, Ok(r) if r.outcome == MigrateOutcome::NotNeeded);
@@ -641,11 +653,13 @@ fn run(args: &Args, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
         before,
         after,
         verified,
+        stats,
     };
+    let mut printed = true;
     if args.json {
-        print_json(&o);
+        printed = print_json(&o);
     } else if args.layout.is_none() {
-        print_table(args, &config, backend.as_ref(), &o);
+        print_table(args, config, backend.as_ref(), &o);
     } else {
         println!("layout before: {}", layout::format(&o.before));
         for c in &o.trace {
@@ -659,7 +673,10 @@ fn run(args: &Args, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
         println!("layout after:  {}", layout::format(&o.after));
         println!("verified: {}", o.verified);
     }
-    Ok(if failed || !o.verified {
+    if args.stats && !args.json {
+        tool::stats::print("the migration", &o.stats);
+    }
+    Ok(if failed || !o.verified || !printed {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

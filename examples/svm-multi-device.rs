@@ -3,10 +3,11 @@
 //!
 //! ```text
 //! cargo run --release --example svm-multi-device -- [--backend auto|sim|cuda|level-zero] [--mib N]
-//!     [--rounds N] [--capacity-mib N]
+//!     [--rounds N] [--capacity-mib N] [--stats]
 //! cargo run --release --example svm-multi-device -- latency [--backend auto|sim|cuda|level-zero]
-//!     [--iters N]
+//!     [--iters N] [--stats]
 //! ```
+//! (`--help` says more; `--backend` and `--stats` go before or after `latency`.)
 //!
 //! Default mode: the three devices take turns faulting (write, atomic, read) on the whole
 //! buffer, so each migration pulls the pages from the previous device (the source pushes its
@@ -21,7 +22,9 @@
 //! range whose pages are in system memory (4 KiB pages, and one page of the range's size),
 //! and of a fault that finds the range already resident. Prints a table.
 //!
-//! Exit codes: 0 success; 1 a check failed or the backend is unavailable; 2 bad arguments.
+//! Exit codes: 0 success; 1 a check failed or the backend is unavailable; 2 bad arguments
+//! (one line `svm-multi-device: MESSAGE` on stderr). A progress bar shows on stderr when stdout
+//! and stderr are a terminal.
 //!
 //! Backend options come from the environment (`BackendConfig::from_env`), e.g.
 //! `DRM_PAGEMAP_CUDA_VMM=0`.
@@ -31,6 +34,7 @@
 //! already in the environment win); `DRM_PAGEMAP_LEVEL_ZERO_REAL=1` keeps the loader's own
 //! drivers (an Intel GPU's). `auto` never routes the loader to the software driver.
 
+use clap::{Parser, Subcommand};
 use drm_pagemap::svm::{
     Access, Attributes, FaultAction, GpuVm, Placement, PreferredLocation, Svm, SvmConfig,
 };
@@ -38,52 +42,77 @@ use drm_pagemap::{AddressSpace, BackendConfig, Machine, PageSize, PagemapId, VaR
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+#[path = "tool/mod.rs"]
+mod tool;
+
+use tool::cli;
+use tool::progress::Progress;
+
 const BASE: u64 = 1 << 40;
 const M2: u64 = 2 << 20;
 
-#[derive(Debug)]
+/// What `--help` says after the flags.
+const AFTER_HELP: &str = "\
+Default mode: three GPU VMs over three pagemaps share one buffer of --mib MiB (2 MiB SVM
+ranges, 4 KiB pages). Phase 1 (--rounds rounds): the devices take turns faulting the whole
+buffer (write, atomic, read), so every migration pulls the pages from the previous device.
+Phase 2: each device faults a disjoint third at the same time, three times, the thirds
+rotating. Phase 3: device 0 prefers device 1's memory and maps it remotely. After each
+phase every page table is checked and the CPU reads every byte back. With --capacity-mib
+below the buffer's size, device memory is oversubscribed and LRU eviction keeps it running.
+
+latency: the CPU wall time of GPU fault -> migrate -> page table for a 2 MiB and a 64 KiB
+range in system memory (4 KiB pages, and one page of the range's size), and of a fault on a
+resident range; a table per case (min, median, p90, p99, mean, resident) and a breakdown.
+
+Exit codes: 0 success; 1 a check failed or the backend is unavailable; 2 bad arguments.
+
+Environment: the backends' DRM_PAGEMAP_* settings (DRM_PAGEMAP_CUDA_VMM=0, ...); for
+level-zero, ZE_SOFT_* and DRM_PAGEMAP_LEVEL_ZERO_REAL=1 (keep the loader's own drivers).";
+
+/// Three devices share one buffer through xe-svm.
+#[derive(Debug, Parser)]
+// A flag given twice: the last value wins.
+#[command(name = "svm-multi-device", after_help = AFTER_HELP, args_override_self = true)]
 struct Args {
-    latency: bool,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    /// auto (a GPU backend when one is available, else sim), sim, cuda, level-zero (the
+    /// software driver through the real loader: 3 devices of 1 GiB), or a plug-in.
+    #[arg(long, value_name = "BACKEND", default_value = "auto", global = true)]
     backend: String,
+    /// The buffer's size in MiB (even, 6 to 1048576).
+    #[arg(long, value_name = "N", default_value = "16", value_parser = mib)]
     mib: u64,
-    rounds: usize,
+    /// Rounds of phase 1 (at most 1000000).
+    #[arg(long, value_name = "N", default_value = "2", value_parser = clap::value_parser!(u64).range(..=1_000_000))]
+    rounds: u64,
+    /// Device memory per pagemap in MiB (default: uncapped); below the buffer's size it
+    /// oversubscribes.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
     capacity_mib: Option<u64>,
-    iters: usize,
+    /// Also print the address space's statistics as tables (after everything else).
+    #[arg(long, global = true)]
+    stats: bool,
 }
 
-const USAGE: &str = "usage: svm-multi-device [latency] [--backend auto|sim|cuda|level-zero] [--mib N] [--rounds N] \
-[--capacity-mib N] [--iters N]";
+/// The modes besides the default one.
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// GPU fault latency: fault -> migrate -> page table, from system memory.
+    Latency {
+        /// Faults per case (0 counts as 1; at most 1000000).
+        #[arg(long, value_name = "N", default_value = "200", value_parser = clap::value_parser!(u64).range(..=1_000_000))]
+        iters: u64,
+    },
+}
 
-fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut a = Args {
-        latency: false,
-        backend: "auto".into(),
-        mib: 16,
-        rounds: 2,
-        capacity_mib: None,
-        iters: 200,
-    };
-    let num = |v: Option<String>, what: &str| -> Result<u64, String> {
-        v.ok_or(format!("{what} needs a value"))?
-            .parse::<u64>()
-            .map_err(|e| format!("{what}: {e}"))
-    };
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "latency" => a.latency = true,
-            "--backend" => a.backend = it.next().ok_or("--backend needs a value")?,
-            "--mib" => a.mib = num(it.next(), "--mib")?,
-            "--rounds" => a.rounds = num(it.next(), "--rounds")? as usize,
-            "--capacity-mib" => a.capacity_mib = Some(num(it.next(), "--capacity-mib")?),
-            "--iters" => a.iters = num(it.next(), "--iters")?.max(1) as usize,
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument {other}")),
-        }
+fn mib(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(n) if (6..=1 << 20).contains(&n) && n.is_multiple_of(2) => Ok(n),
+        Ok(_) => Err("must be even, at least 6 and at most 1048576".into()),
+        Err(e) => Err(e.to_string()),
     }
-    if a.mib < 6 || !a.mib.is_multiple_of(2) {
-        return Err("--mib must be even and at least 6".into());
-    }
-    Ok(a)
 }
 
 /// The three VMs over three pagemaps of the backend (on a machine with fewer devices,
@@ -215,6 +244,7 @@ impl Checks {
 fn demo(a: &Args) -> Result<usize, String> {
     let bytes = a.mib << 20;
     let capacity = a.capacity_mib.map(|m| m << 20);
+    let progress = Progress::new(true);
     let s = setup(&a.backend, capacity, (bytes * 4).max(256 << 20))?;
     let mm = s.svm.mm().clone();
     println!(
@@ -233,8 +263,9 @@ fn demo(a: &Args) -> Result<usize, String> {
     let t0 = Instant::now();
     // Phase 1: turns on the whole buffer.
     let accesses = [Access::Write, Access::Atomic, Access::Read];
-    for round in 0..a.rounds {
-        let seed = round as u8 + 1;
+    progress.phase("turns", a.rounds * 3 * ranges.len() as u64);
+    for round in 0..a.rounds as usize {
+        let seed = (round as u8).wrapping_add(1);
         mm.write(buf.start, &pattern(buf, seed))
             .map_err(|e| e.to_string())?;
         for (d, vm) in s.vms.iter().enumerate() {
@@ -245,6 +276,7 @@ fn demo(a: &Args) -> Result<usize, String> {
                 {
                     c.table(vm, va, Placement::Device(vm.local_pagemap()), &phase);
                 }
+                progress.inc(1);
             }
         }
         c.data(&mm, buf, seed, &format!("turns round {round}"));
@@ -253,6 +285,7 @@ fn demo(a: &Args) -> Result<usize, String> {
     let seed = 0x40;
     mm.write(buf.start, &pattern(buf, seed))
         .map_err(|e| e.to_string())?;
+    progress.phase("pieces", 3 * ranges.len() as u64);
     for shift in 0..3 {
         let results: Vec<Vec<String>> = std::thread::scope(|scope| {
             let handles: Vec<_> = s
@@ -266,6 +299,7 @@ fn demo(a: &Args) -> Result<usize, String> {
                         .filter(|(i, _)| (i + shift) % 3 == d)
                         .map(|(_, &va)| va)
                         .collect();
+                    let progress = progress.clone();
                     scope.spawn(move || {
                         let mut errs = Vec::new();
                         for va in mine {
@@ -274,6 +308,7 @@ fn demo(a: &Args) -> Result<usize, String> {
                                     "pieces shift {shift}, device {d}: fault at {va:#x}: {e}"
                                 ));
                             }
+                            progress.inc(1);
                         }
                         errs
                     })
@@ -311,7 +346,9 @@ fn demo(a: &Args) -> Result<usize, String> {
         },
     )
     .map_err(|e| e.to_string())?;
+    progress.phase("peer", ranges.len() as u64);
     for &va in &ranges {
+        progress.inc(1);
         if let Some(r) = c.fault(vm0, va, Access::Read, "peer mapping")
             && r.action != FaultAction::FellBack
         {
@@ -325,6 +362,7 @@ fn demo(a: &Args) -> Result<usize, String> {
     }
     c.data(&mm, buf, seed, "peer mapping");
     let elapsed = t0.elapsed();
+    progress.finish();
     for d in s.svm.devices() {
         print!("\n== {d} ==\n{}", s.svm.stats(d));
     }
@@ -353,6 +391,9 @@ fn demo(a: &Args) -> Result<usize, String> {
             format!("{} checks FAILED", c.failed)
         }
     );
+    if a.stats {
+        tool::stats::print("the address space", &mm.stats());
+    }
     Ok(c.failed)
 }
 
@@ -374,7 +415,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
-fn latency(a: &Args) -> Result<usize, String> {
+fn latency(a: &Args, iters: usize) -> Result<usize, String> {
     let s = setup(&a.backend, None, 256 << 20)?;
     let mm = s.svm.mm().clone();
     let vm = &s.vms[0];
@@ -382,7 +423,7 @@ fn latency(a: &Args) -> Result<usize, String> {
         "backend {} ({}); GPU fault -> migrate -> page table, pages from system memory, {} faults each",
         s.backend,
         s.devices.join(", "),
-        a.iters
+        iters
     );
     println!(
         "{:<8} {:<8} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10}",
@@ -410,11 +451,13 @@ fn latency(a: &Args) -> Result<usize, String> {
         mm.create_range(range, ps).map_err(|e| e.to_string())?;
         mm.write(range.start, &pattern(range, k as u8))
             .map_err(|e| e.to_string())?;
-        let warmup = 5.min(a.iters);
+        let warmup = 5.min(iters);
+        let progress = Progress::new(true);
+        progress.phase(size_label(len), (iters + warmup) as u64);
         let mut breakdown = xe_svm::Stats::default();
-        let mut cold = Vec::with_capacity(a.iters);
-        let mut warm = Vec::with_capacity(a.iters);
-        for i in 0..a.iters + warmup {
+        let mut cold = Vec::with_capacity(iters);
+        let mut warm = Vec::with_capacity(iters);
+        for i in 0..iters + warmup {
             // Back to system memory (not timed).
             vm.evict_range(range).map_err(|e| e.to_string())?;
             s.svm.reset_stats();
@@ -441,6 +484,7 @@ fn latency(a: &Args) -> Result<usize, String> {
                 cold.push(dt);
                 warm.push(dw);
             }
+            progress.set(i as u64 + 1);
         }
         c.table(
             vm,
@@ -449,6 +493,7 @@ fn latency(a: &Args) -> Result<usize, String> {
             "latency",
         );
         c.data(&mm, range, k as u8, "latency");
+        progress.finish();
         cold.sort();
         warm.sort();
         let mean = cold.iter().map(|d| d.as_secs_f64()).sum::<f64>() / cold.len() as f64 * 1e6;
@@ -495,19 +540,16 @@ fn latency(a: &Args) -> Result<usize, String> {
     if c.failed > 0 {
         println!("{} checks FAILED", c.failed);
     }
+    if a.stats {
+        tool::stats::print("the address space", &mm.stats());
+    }
     Ok(c.failed)
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let args: Args = match cli::parse("svm-multi-device") {
         Ok(a) => a,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("{e}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if args.backend == "level-zero"
         && std::env::var_os("DRM_PAGEMAP_LEVEL_ZERO_REAL").is_none_or(|v| v != "1")
@@ -517,10 +559,9 @@ fn main() -> ExitCode {
         eprintln!("error: backend level-zero unavailable: {e}");
         return ExitCode::from(1);
     }
-    let r = if args.latency {
-        latency(&args)
-    } else {
-        demo(&args)
+    let r = match args.mode {
+        Some(Mode::Latency { iters }) => latency(&args, iters.max(1) as usize),
+        None => demo(&args),
     };
     match r {
         Ok(0) => ExitCode::SUCCESS,

@@ -1,8 +1,9 @@
 //! The `migrate` tool's interface, which other tooling reads: the exact JSON of the issue's
-//! example in both coalescing modes, a failed copy (exit 1, data verified), bad arguments
-//! (exit 2, one line on stderr). Runs the example binary `cargo test` builds, on sim; and on
-//! level-zero (the software driver through the real loader) every layout below gives sim's
-//! answer.
+//! example in both coalescing modes (the fields of before the statistics byte for byte, then
+//! `"stats"`), a failed copy (exit 1, data verified), bad arguments (exit 2, one line on
+//! stderr), `--help` (exit 0), `--stats`. Runs the example binary `cargo test` builds, on
+//! sim; and on level-zero (the software driver through the real loader) every layout below
+//! gives sim's answer, statistics included.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,6 +24,37 @@ fn migrate_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Splits a `--json` line into the line without its `"stats"` field (the last one) and the
+/// statistics.
+fn split_stats(line: &str) -> (String, serde_json::Value) {
+    let line = line.trim();
+    let at = line
+        .find(r#","stats":{"#)
+        .unwrap_or_else(|| panic!("no \"stats\" in {line}"));
+    let stats = serde_json::from_str(&line[at + r#","stats":"#.len()..line.len() - 1])
+        .unwrap_or_else(|e| panic!("stats of {line}: {e}"));
+    (format!("{}}}", &line[..at]), stats)
+}
+
+/// The links of a `"stats"` field: (from, to, pages, bytes, calls), device time left out.
+fn links(stats: &serde_json::Value) -> Vec<(String, String, u64, u64, u64)> {
+    stats["links"]
+        .as_array()
+        .expect("links")
+        .iter()
+        .map(|l| {
+            assert!(l["device_time_ns"].is_u64(), "{l}");
+            (
+                l["from"].to_string(),
+                l["to"].to_string(),
+                l["pages"].as_u64().unwrap(),
+                l["bytes"].as_u64().unwrap(),
+                l["calls"].as_u64().unwrap(),
+            )
+        })
+        .collect()
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -54,10 +86,49 @@ fn issue_example_by_source() {
         "--json",
     ]);
     assert_eq!(code, 0);
+    let (line, stats) = split_stats(&out);
     assert_eq!(
-        out.trim(),
+        line,
         r#"{"result":"ok","error":null,"copies":[{"executor":2,"op":"copy_to_devmem","pages":4},{"executor":0,"op":"copy_to_ram","pages":3},{"executor":1,"op":"copy_to_ram","pages":2}],"layout_before":"ss00s11s0","layout_after":"2*9","verified":true}"#
     );
+    // The statistics of the migration alone (placing the layout is not counted): one call
+    // per link, the pages and bytes of the copies above.
+    let p = |k: u64| format!(r#"{{"pagemap":{k}}}"#);
+    let sys = || r#""system""#.to_string();
+    assert_eq!(
+        links(&stats),
+        vec![
+            (sys(), p(2), 4, 4 * 4096, 1),
+            (p(0), p(2), 3, 3 * 4096, 1),
+            (p(1), p(2), 2, 2 * 4096, 1),
+        ]
+    );
+    assert_eq!(
+        stats["page_sizes"],
+        serde_json::json!([{"page_size":4096,"bytes":9*4096,"pages":9,"calls":3}])
+    );
+    assert_eq!(stats["migrations"], 1);
+    assert_eq!(stats["copies_in_flight"], 0);
+    let buckets = stats["call_bytes"]["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), 64);
+    // 16 KiB, 12 KiB and 8 KiB: floor(log2) 14, 13, 13.
+    assert_eq!(
+        (buckets[13].as_u64(), buckets[14].as_u64()),
+        (Some(2), Some(1))
+    );
+    let in_use: Vec<(u64, u64)> = stats["pagemaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["pagemap"].as_u64().unwrap(),
+                p["used_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(in_use, vec![(0, 0), (1, 0), (2, 9 * 4096)]);
+    assert_eq!(stats["failures"]["busy_fragmentation"], 0);
 }
 
 #[test]
@@ -125,6 +196,52 @@ fn failed_copy_exits_1_with_data_verified_and_layout_unchanged() {
     assert_eq!(v["verified"], true);
     // Only the call issued before the failing one is listed.
     assert_eq!(v["copies"].as_array().unwrap().len(), 1);
+    // Counted: the one failure, injected; no migration completed.
+    let f = &v["stats"]["failures"];
+    assert_eq!(f["injected"], 1, "{out}");
+    assert_eq!(v["stats"]["migrations"], 0);
+}
+
+#[test]
+fn help_exits_0_and_explains_layouts() {
+    for flag in ["--help", "-h"] {
+        let (code, out, err) = run(&[flag]);
+        assert_eq!(code, 0, "{flag}: {err}");
+        assert!(out.contains("--layout"), "{flag}: {out}");
+        assert!(out.contains("Layouts"), "{flag}: {out}");
+        assert!(out.contains("x*N"), "{flag}: {out}");
+        assert!(err.is_empty(), "{flag}: {err}");
+    }
+}
+
+#[test]
+fn stats_prints_tables_and_json_stays_one_line() {
+    let base = ["--devices", "3", "--layout", "ss00s11s0", "--to", "2"];
+    let (code, out, _) = run(&[&base[..], &["--stats"]].concat());
+    assert_eq!(code, 0, "{out}");
+    let table: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.contains("statistics"))
+        .collect();
+    assert!(!table.is_empty(), "{out}");
+    for want in [
+        "system -> pagemap 2",
+        "pagemap 0 -> pagemap 2",
+        "pagemap 1 -> pagemap 2",
+    ] {
+        let row = table
+            .iter()
+            .find(|l| l.starts_with(want))
+            .unwrap_or_else(|| panic!("no row {want}: {out}"));
+        // calls, pages: 1 call each; 4, 3, 2 pages.
+        let cols: Vec<&str> = row[want.len()..].split_whitespace().collect();
+        assert_eq!(cols[0], "1", "{row}");
+    }
+    // With --json the statistics are in the line, not printed.
+    let (code, out, _) = run(&[&base[..], &["--stats", "--json"]].concat());
+    assert_eq!(code, 0);
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+    split_stats(&out);
 }
 
 #[test]
@@ -207,6 +324,16 @@ fn outcome(backend: &str, args: &[&str]) -> (i32, serde_json::Value) {
     assert_eq!(v["verified"], true, "{backend} {args:?}: {out}");
     let failed = !v["error"].is_null();
     v["error"] = failed.into();
+    // The statistics that do not depend on timing: what moved where, the failures.
+    let stats = v["stats"].take();
+    v["stats"] = serde_json::json!({
+        "links": format!("{:?}", links(&stats)),
+        "page_sizes": stats["page_sizes"],
+        "call_bytes": stats["call_bytes"],
+        "migrations": stats["migrations"],
+        "migrations_not_needed": stats["migrations_not_needed"],
+        "failures": stats["failures"],
+    });
     (code, v)
 }
 

@@ -23,6 +23,7 @@
 //! Run by `cargo bench` without arguments it does 1,000 rounds of each shape and path and
 //! prints wall-clock microseconds per direction (informative only).
 
+use clap::{Parser, ValueEnum};
 use drm_pagemap::sim::{SimBackend, SimConfig};
 use drm_pagemap::{
     AddressSpace, AllocId, Backend, MigrateDetails, MigrateOutcome, PageSize, PagemapId, VaRange,
@@ -33,9 +34,11 @@ use std::time::{Duration, Instant};
 const BASE: u64 = 1 << 40;
 const PM: PagemapId = PagemapId(0);
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum Path {
+    /// The GPU fault path: allocate_devmem + migrate_to_devmem, back by evict_to_ram.
     Fault,
+    /// migrate into a new allocation, back by a CPU read (the CPU-fault path).
     Fresh,
 }
 
@@ -127,47 +130,73 @@ fn run(s: &Setup, path: Path, rounds: usize) -> (u128, u128) {
     (dev.as_nanos() / n, ram.as_nanos() / n)
 }
 
-fn shape(name: &str) -> Option<(usize, PageSize)> {
-    match name {
-        "16x4k" => Some((16, PageSize::Size4K)),
-        "1x64k" => Some((1, PageSize::Size64K)),
-        _ => None,
+/// The range: 16 pages of 4 KiB or one page of 64 KiB.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Shape {
+    /// A 64 KiB range of 16 pages of 4 KiB.
+    #[value(name = "16x4k")]
+    Pages16x4k,
+    /// One 64 KiB page.
+    #[value(name = "1x64k")]
+    Page1x64k,
+}
+
+impl Shape {
+    fn pages(self) -> (usize, PageSize) {
+        match self {
+            Shape::Pages16x4k => (16, PageSize::Size4K),
+            Shape::Page1x64k => (1, PageSize::Size64K),
+        }
     }
 }
 
-fn path(name: &str) -> Option<Path> {
-    match name {
-        "fault" => Some(Path::Fault),
-        "fresh" => Some(Path::Fresh),
-        _ => None,
-    }
+/// Instructions per small migration on the simulated backend (run under callgrind); without
+/// arguments, wall-clock microseconds of every shape and path (informative).
+#[derive(Debug, Parser)]
+#[command(name = "small_migration")]
+struct Args {
+    /// The range's pages.
+    #[arg(value_enum, requires_all = ["path", "rounds"])]
+    shape: Option<Shape>,
+    /// The path there and back.
+    #[arg(value_enum, requires = "rounds")]
+    path: Option<Path>,
+    /// Round trips after 10 warm-up rounds.
+    rounds: Option<usize>,
+    /// Passed by `cargo bench`; nothing changes.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; anything starting with `-` is not ours.
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    if let [sh, p, rounds] = &args[..] {
-        let (Some((pages, ps)), Some(p), Ok(rounds)) = (shape(sh), path(p), rounds.parse()) else {
-            eprintln!("usage: small_migration <16x4k|1x64k> <fault|fresh> <rounds>");
-            std::process::exit(2);
-        };
+    let args = Args::parse();
+    if let (Some(sh), Some(p), Some(rounds)) = (args.shape, args.path, args.rounds) {
+        let (pages, ps) = sh.pages();
         let s = setup(pages, ps);
         let (dev, ram) = run(&s, p, rounds);
         println!(
-            "{sh} {}: {rounds} rounds, to device {dev} ns, to RAM {ram} ns",
-            args[1]
+            "{} {}: {rounds} rounds, to device {dev} ns, to RAM {ram} ns",
+            name(sh),
+            name(p)
         );
         return;
     }
-    for sh in ["16x4k", "1x64k"] {
-        for p in ["fault", "fresh"] {
-            let (pages, ps) = shape(sh).expect("known");
+    for sh in Shape::value_variants() {
+        for p in Path::value_variants() {
+            let (pages, ps) = sh.pages();
             let s = setup(pages, ps);
-            let (dev, ram) = run(&s, path(p).expect("known"), 1000);
-            println!("{sh} {p}: to device {dev} ns, to RAM {ram} ns (wall clock, informative)");
+            let (dev, ram) = run(&s, *p, 1000);
+            println!(
+                "{} {}: to device {dev} ns, to RAM {ram} ns (wall clock, informative)",
+                name(*sh),
+                name(*p)
+            );
         }
     }
+}
+
+/// The command-line name of a value.
+fn name(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map_or_else(String::new, |p| p.get_name().to_string())
 }

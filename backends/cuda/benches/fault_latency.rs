@@ -14,6 +14,7 @@
 //! `min_us`, `p50_us`, `p90_us`, `p99_us`, `mean_us`), the input of `drm-pagemap-plots`.
 //! Without a GPU: one "skipped: <reason>" line, exit 0.
 
+use clap::Parser;
 use cudarc::driver::sys;
 use drm_pagemap_core::*;
 use drm_pagemap_cuda::{CudaBackend, CudaConfig, KernelSource};
@@ -323,23 +324,30 @@ fn memcpy_floor(bytes: u64, iters: usize, typed: bool) -> Vec<f64> {
     out
 }
 
+/// Fault latency at the backend level (allocate -> copy_to_devmem -> fence) against one
+/// cuMemcpyAsync of the same bytes.
+#[derive(Debug, Parser)]
+#[command(name = "fault_latency")]
+struct Args {
+    /// Faults per case.
+    #[arg(long, value_name = "N", default_value = "300", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    iters: u64,
+    /// Also write each distribution as a JSON line to this file (the plots' input).
+    #[arg(long, value_name = "PATH")]
+    json: Option<std::path::PathBuf>,
+    /// Passed by `cargo bench`; nothing changes.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
+    let args = Args::parse();
     if let Err(reason) = drm_pagemap_cuda::probe_with(&env_config()) {
         println!("skipped: {reason}");
         return;
     }
-    let args: Vec<String> = std::env::args().collect();
-    let iters = args
-        .iter()
-        .position(|a| a == "--iters")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300usize);
-    let json_path = args
-        .iter()
-        .position(|a| a == "--json")
-        .and_then(|i| args.get(i + 1))
-        .map(std::path::PathBuf::from);
+    let iters = args.iters as usize;
+    let json_path = args.json.clone();
     let mut records: Vec<serde_json::Value> = Vec::new();
     let cases = [
         (64 * KIB, PageSize::Size4K),

@@ -14,10 +14,12 @@
 //! - every call waits for the previous one first, so each starts with an idle engine.
 //!
 //! Prints a summary table (median ns per page, appends per second, the crossover) after the
-//! criterion rows. `--callgrind imm|reg N` runs a few warm-up calls and then exactly one call
+//! criterion rows. `--callgrind imm|reg [N]` (N from 1 to 512, default 64) runs a few warm-up calls and then exactly one call
 //! in `measured_call` (for `valgrind --tool=callgrind --collect-atstart=no
 //! --toggle-collect='*measured_call*'`). Without the loader: one `skipped: <reason>` line.
 
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, ValueEnum};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use drm_pagemap_core::*;
 use drm_pagemap_level_zero::{LevelZeroBackend, LevelZeroConfig, probe};
@@ -128,10 +130,47 @@ fn measured_call(p: &Path, n: usize) -> Fence {
     p.call(n)
 }
 
-fn callgrind(kind: &str, n: usize) {
-    let p = match kind {
-        "imm" | "immediate" => Path::new("immediate", usize::MAX),
-        _ => Path::new("regular", 1),
+/// The command list of a `--callgrind` call.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum List {
+    /// The pagemap's immediate command list.
+    #[value(alias = "immediate")]
+    Imm,
+    /// One regular command list.
+    #[value(alias = "regular")]
+    Reg,
+}
+
+/// The CPU side of a Level Zero copy call, immediate against regular command lists.
+#[derive(Debug, Parser)]
+#[command(name = "l0_copy")]
+struct Args {
+    /// Warm up, then exactly one call of RUNS runs (default 64, at most 512) on LIST (imm or
+    /// reg) in `measured_call`, for callgrind; no criterion rows.
+    #[arg(long, num_args = 1..=2, value_names = ["LIST", "RUNS"])]
+    callgrind: Option<Vec<String>>,
+    /// criterion's own arguments (`--bench`, a filter, `--save-baseline NAME`, ...).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    criterion: Vec<String>,
+}
+
+/// `--callgrind`'s values: the list, and the runs (1 to [`MAX`]).
+fn callgrind_values(values: &[String]) -> Result<(List, usize), String> {
+    let list = List::from_str(&values[0], true).map_err(|e| format!("LIST: {e}"))?;
+    let runs = match values.get(1) {
+        None => 64,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX).contains(&n) => n,
+            _ => return Err(format!("RUNS: {v:?} is not a number from 1 to {MAX}")),
+        },
+    };
+    Ok((list, runs))
+}
+
+fn callgrind(list: List, n: usize) {
+    let p = match list {
+        List::Imm => Path::new("immediate", usize::MAX),
+        List::Reg => Path::new("regular", 1),
     };
     for _ in 0..20 {
         p.call(n).wait_timeout(Duration::from_secs(30)).unwrap();
@@ -238,6 +277,16 @@ fn summary() {
 }
 
 fn main() {
+    // Criterion reads its own arguments again (`configure_from_args`) when there is no
+    // `--callgrind`.
+    let args = Args::parse();
+    let callgrind_call = match args.callgrind.as_deref().map(callgrind_values) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => Args::command()
+            .error(ErrorKind::InvalidValue, format!("--callgrind: {e}"))
+            .exit(),
+    };
     // SAFETY: before the loader is opened and before zeInit (the driver reads it then); the
     // bench is single-threaded here.
     unsafe { std::env::set_var("ZE_SOFT_COPY_LATENCY_US", "0") };
@@ -246,11 +295,8 @@ fn main() {
         println!("skipped: level-zero: {reason}");
         return;
     }
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--callgrind") {
-        let kind = args.get(i + 1).map_or("imm", |s| s.as_str());
-        let n = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(64);
-        callgrind(kind, n.clamp(1, MAX));
+    if let Some((list, runs)) = callgrind_call {
+        callgrind(list, runs);
         return;
     }
     let paths = [Path::new("immediate", usize::MAX), Path::new("regular", 1)];
