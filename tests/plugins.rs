@@ -509,6 +509,46 @@ fn workload(backend: &str, config: &BackendConfig) -> Outcome {
     o
 }
 
+/// Writes a few bytes into a fresh page of `backend` (its frame must be zeroed around them:
+/// [`drm_pagemap::HostMemory::zero`]), then reads them back: a refused clear must leave the
+/// page unpopulated and the range usable.
+fn partial_write(backend: &str, config: &BackendConfig) -> Outcome {
+    let mut o = Outcome::default();
+    let b = match catch_unwind(AssertUnwindSafe(|| {
+        drm_pagemap::open_backend(backend, config)
+    })) {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            o.errors.push(e.to_string());
+            return o;
+        }
+        Err(p) => {
+            o.errors.push(format!("panic: {}", panic_text(p)));
+            return o;
+        }
+    };
+    let m = Machine::with_backend(Arc::from(b), 2, &[]).expect("machine");
+    let range = VaRange::new(1 << 30, PAGES * 4096);
+    m.mm.create_range(range, PageSize::Size4K).expect("range");
+    let at = range.start + 4096 + 100;
+    match catch_unwind(AssertUnwindSafe(|| m.mm.write(at, b"partial"))) {
+        Ok(Ok(())) => {
+            let mut back = [0u8; 4096];
+            m.mm.read(range.start + 4096, &mut back).expect("read back");
+            o.verified = &back[100..107] == b"partial"
+                && back[..100].iter().chain(&back[107..]).all(|&x| x == 0);
+        }
+        Ok(Err(e)) => {
+            o.errors.push(e.to_string());
+            // Nothing changed: the page is still unpopulated.
+            let loc = m.mm.location(at).expect("location");
+            o.verified = loc == drm_pagemap::PageLocation::Unpopulated;
+        }
+        Err(p) => o.errors.push(format!("panic: {}", panic_text(p))),
+    }
+    o
+}
+
 fn plugin_config(extra: &[(&str, &str)]) -> BackendConfig {
     let mut c = BackendConfig {
         devices: Some(2),
@@ -535,6 +575,7 @@ fn both_plugins_run_the_workload() {
 
 /// Entries whose failure leaves the data readable (the CPU path does not need them).
 const OFF_READ_PATH: &[&str] = &[
+    "zero",
     "open",
     "host_memory",
     "create_pagemap",
@@ -560,12 +601,24 @@ fn an_error_status_in_every_c_entry_point_is_a_typed_error() {
         "map_frames",
         "read",
         "write",
+        "zero",
     ] {
-        let o = workload("hostmem", &plugin_config(&[("hostmem.fail", entry)]));
+        let config = plugin_config(&[("hostmem.fail", entry)]);
+        let o = if entry == "zero" {
+            partial_write("hostmem", &config)
+        } else {
+            workload("hostmem", &config)
+        };
         let needle = format!("injected failure in {entry}");
         assert!(
             o.errors.iter().any(|e| e.contains(&needle)),
             "{entry}: {o:?}"
+        );
+        // Every entry, host memory accesses included, fails with a typed error: nothing
+        // reaches the host as a panic.
+        assert!(
+            !o.errors.iter().any(|e| e.starts_with("panic: ")),
+            "{entry}: a panic reached the host: {o:?}"
         );
         if OFF_READ_PATH.contains(&entry) {
             assert!(
@@ -592,13 +645,24 @@ fn a_panic_in_every_rust_entry_point_is_a_typed_error() {
         "alloc_frames",
         "map_frames",
         "read",
+        "write",
+        "zero",
     ] {
-        let o = workload("tier", &plugin_config(&[("tier.inject_panic", entry)]));
+        let config = plugin_config(&[("tier.inject_panic", entry)]);
+        let o = if entry == "zero" {
+            partial_write("tier", &config)
+        } else {
+            workload("tier", &config)
+        };
         let hit = o
             .errors
             .iter()
             .any(|e| e.contains("panicked in ") && e.contains("injected panic"));
         assert!(hit, "{entry}: {o:?}");
+        assert!(
+            !o.errors.iter().any(|e| e.starts_with("panic: ")),
+            "{entry}: a panic reached the host: {o:?}"
+        );
         if OFF_READ_PATH.contains(&entry) {
             assert!(
                 o.verified || o.errors.iter().any(|e| e.contains("unavailable")),

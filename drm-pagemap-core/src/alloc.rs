@@ -400,13 +400,23 @@ mod tests {
             unreachable!("no system page in this test")
         }
         fn free_frames(&self, _: &[crate::HostFrame], _: PageSize) {}
-        fn read(&self, _: crate::HostFrame, _: usize, _: &mut [u8]) {
+        fn read(
+            &self,
+            _: crate::HostFrame,
+            _: usize,
+            _: &mut [u8],
+        ) -> Result<(), crate::BackendError> {
             unreachable!("no system page in this test")
         }
-        fn write(&self, _: crate::HostFrame, _: usize, _: &[u8]) {
+        fn write(
+            &self,
+            _: crate::HostFrame,
+            _: usize,
+            _: &[u8],
+        ) -> Result<(), crate::BackendError> {
             unreachable!("no system page in this test")
         }
-        fn zero(&self, _: crate::HostFrame, _: PageSize) {
+        fn zero(&self, _: crate::HostFrame, _: PageSize) -> Result<(), crate::BackendError> {
             unreachable!("no system page in this test")
         }
         fn map_frames(

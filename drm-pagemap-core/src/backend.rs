@@ -67,12 +67,15 @@ pub trait HostMemory: Send + Sync {
     fn alloc_frames(&self, page_size: PageSize, out: &mut [HostFrame]) -> Result<(), BackendError>;
     /// Returns frames to the pool.
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize);
-    /// Copies bytes out of a frame, from `offset` (must stay inside the page).
-    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]);
-    /// Copies bytes into a frame, at `offset` (must stay inside the page).
-    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]);
-    /// Fills a whole page with zeros.
-    fn zero(&self, frame: HostFrame, page_size: PageSize);
+    /// Copies bytes out of a frame, from `offset` (must stay inside the page). An error (a
+    /// plug-in's memory that could not be reached, say) fails the caller's access with
+    /// [`crate::BackendOp::HostAccess`]; memory a backend maps for the CPU cannot fail.
+    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) -> Result<(), BackendError>;
+    /// Copies bytes into a frame, at `offset` (must stay inside the page). Errors as
+    /// [`HostMemory::read`].
+    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) -> Result<(), BackendError>;
+    /// Fills a whole page with zeros. Errors as [`HostMemory::read`].
+    fn zero(&self, frame: HostFrame, page_size: PageSize) -> Result<(), BackendError>;
     /// The addresses by which `device` reaches `frames`.
     fn map_frames(
         &self,

@@ -450,6 +450,9 @@ pub enum BackendOp {
     MapFrames = 6,
     /// [`crate::HostMemory::alloc_frames`].
     AllocFrames = 7,
+    /// [`crate::HostMemory::read`], [`crate::HostMemory::write`], [`crate::HostMemory::zero`]:
+    /// a CPU access to system pages.
+    HostAccess = 8,
 }
 
 impl BackendOp {
@@ -463,6 +466,7 @@ impl BackendOp {
             BackendOp::DeviceMap => "device_map",
             BackendOp::MapFrames => "map_frames",
             BackendOp::AllocFrames => "host frame allocation",
+            BackendOp::HostAccess => "host memory access",
         }
     }
 }

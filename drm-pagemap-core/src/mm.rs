@@ -774,9 +774,10 @@ impl AddressSpace {
         if buf.is_empty() {
             return Ok(());
         }
-        self.cpu_access(VaRange::new(va, buf.len() as u64), deadline, |st, span| {
-            self.copy_out(st, span, va, buf);
-            Ok(())
+        let range = VaRange::new(va, buf.len() as u64);
+        self.cpu_access(range, deadline, |st, span| {
+            self.copy_out(st, span, va, buf)
+                .map_err(|source| host_access_error(range, source))
         })
     }
 
@@ -800,8 +801,8 @@ impl AddressSpace {
         let range = VaRange::new(va, data.len() as u64);
         self.cpu_access(range, deadline, |st, span| {
             self.populate_holes(st, span, range, range)?;
-            self.copy_in(st, span, va, data);
-            Ok(())
+            self.copy_in(st, span, va, data)
+                .map_err(|source| host_access_error(range, source))
         })
     }
 
@@ -995,28 +996,43 @@ impl AddressSpace {
                 source,
             })?;
         let ps = span.page_size;
+        // Fresh frames may hold old bytes: clear what the write will not cover, before any
+        // entry changes (a failed clear gives the frames back and changes no page).
+        let rec = st.range(span.slot);
+        let mut next = frames.iter();
+        let mut page_va = rec.va.start + span.first as u64 * ps.bytes();
+        for e in rec.pages.slices(span.first, span.count).flatten() {
+            if e.kind() == Kind::Hole {
+                let &f = next.next().expect("one frame per hole");
+                let not_covered = page_va < written.start || page_va + ps.bytes() > written.end();
+                if not_covered && let Err(source) = self.host.zero(f, ps) {
+                    self.host.free_frames(&frames, ps);
+                    return Err(host_access_error(range, source));
+                }
+            }
+            page_va += ps.bytes();
+        }
         self.stats.host_frames(frames.len() as i64, ps);
         st.touch(span.slot, span.first, span.count);
         let rec = st.range_mut(span.slot);
         let mut next = frames.into_iter();
-        let mut page_va = rec.va.start + span.first as u64 * ps.bytes();
         for s in rec.pages.slices_mut(span.first, span.count) {
             for e in s {
                 if e.kind() == Kind::Hole {
-                    let f = next.next().expect("one frame per hole");
-                    // Fresh frames may hold old bytes: clear what the write will not cover.
-                    if page_va < written.start || page_va + ps.bytes() > written.end() {
-                        self.host.zero(f, ps);
-                    }
-                    *e = PageEntry::system(f);
+                    *e = PageEntry::system(next.next().expect("one frame per hole"));
                 }
-                page_va += ps.bytes();
             }
         }
         Ok(())
     }
 
-    fn copy_out(&self, st: &MmState, span: Span, va: u64, buf: &mut [u8]) {
+    fn copy_out(
+        &self,
+        st: &MmState,
+        span: Span,
+        va: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), crate::BackendError> {
         let rec = st.range(span.slot);
         let ps = span.page_size.bytes();
         let mut done = 0usize;
@@ -1027,15 +1043,24 @@ impl AddressSpace {
             let n = (ps as usize - off).min(buf.len() - done);
             let dst = &mut buf[done..done + n];
             match e.kind() {
-                Kind::System => self.host.read(e.frame(), off, dst),
+                Kind::System => self.host.read(e.frame(), off, dst)?,
                 _ => dst.fill(0),
             }
             done += n;
             page_va += ps;
         }
+        Ok(())
     }
 
-    fn copy_in(&self, st: &MmState, span: Span, va: u64, data: &[u8]) {
+    /// Writes `data` page by page; on an error of the host memory the pages before the failing
+    /// one hold their new bytes (as a `write(2)` that failed part way).
+    fn copy_in(
+        &self,
+        st: &MmState,
+        span: Span,
+        va: u64,
+        data: &[u8],
+    ) -> std::result::Result<(), crate::BackendError> {
         let rec = st.range(span.slot);
         let ps = span.page_size.bytes();
         let mut done = 0usize;
@@ -1044,10 +1069,11 @@ impl AddressSpace {
             let at = va + done as u64;
             let off = (at - page_va) as usize;
             let n = (ps as usize - off).min(data.len() - done);
-            self.host.write(e.frame(), off, &data[done..done + n]);
+            self.host.write(e.frame(), off, &data[done..done + n])?;
             done += n;
             page_va += ps;
         }
+        Ok(())
     }
 
     /// The device of a pagemap (for messages).
@@ -1119,5 +1145,16 @@ fn flush_run(
             Some((slot, 1))
         }
         None => Some((slot, 1)),
+    }
+}
+
+/// A CPU access to `range` that the host memory refused.
+fn host_access_error(range: VaRange, source: crate::BackendError) -> Error {
+    Error::Backend {
+        range,
+        op: crate::BackendOp::HostAccess,
+        pagemap: None,
+        device: None,
+        source,
     }
 }

@@ -264,13 +264,13 @@ impl HostMemory for InjectedHost {
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize) {
         self.inner.free_frames(frames, page_size)
     }
-    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) {
+    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) -> Result<(), BackendError> {
         self.inner.read(frame, offset, buf)
     }
-    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) {
+    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) -> Result<(), BackendError> {
         self.inner.write(frame, offset, data)
     }
-    fn zero(&self, frame: HostFrame, page_size: PageSize) {
+    fn zero(&self, frame: HostFrame, page_size: PageSize) -> Result<(), BackendError> {
         self.inner.zero(frame, page_size)
     }
     fn map_frames(

@@ -343,16 +343,33 @@ impl crate::HostMemory for ArenaHostMemory {
             .free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
     }
 
-    fn read(&self, frame: crate::HostFrame, offset: usize, buf: &mut [u8]) {
-        self.arena.read(frame.0 * GRANULE + offset as u64, buf)
+    fn read(
+        &self,
+        frame: crate::HostFrame,
+        offset: usize,
+        buf: &mut [u8],
+    ) -> Result<(), crate::BackendError> {
+        self.arena.read(frame.0 * GRANULE + offset as u64, buf);
+        Ok(())
     }
 
-    fn write(&self, frame: crate::HostFrame, offset: usize, data: &[u8]) {
-        self.arena.write(frame.0 * GRANULE + offset as u64, data)
+    fn write(
+        &self,
+        frame: crate::HostFrame,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), crate::BackendError> {
+        self.arena.write(frame.0 * GRANULE + offset as u64, data);
+        Ok(())
     }
 
-    fn zero(&self, frame: crate::HostFrame, page_size: crate::PageSize) {
-        self.arena.zero(frame.0 * GRANULE, page_size.bytes())
+    fn zero(
+        &self,
+        frame: crate::HostFrame,
+        page_size: crate::PageSize,
+    ) -> Result<(), crate::BackendError> {
+        self.arena.zero(frame.0 * GRANULE, page_size.bytes());
+        Ok(())
     }
 
     fn map_frames(

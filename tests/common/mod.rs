@@ -754,13 +754,13 @@ impl HostMemory for AuditHost {
             .fetch_sub(frames.len() as u64 * page_size.granules(), Ordering::SeqCst);
         self.inner.free_frames(frames, page_size)
     }
-    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) {
+    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) -> Result<(), BackendError> {
         self.inner.read(frame, offset, buf)
     }
-    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) {
+    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) -> Result<(), BackendError> {
         self.inner.write(frame, offset, data)
     }
-    fn zero(&self, frame: HostFrame, page_size: PageSize) {
+    fn zero(&self, frame: HostFrame, page_size: PageSize) -> Result<(), BackendError> {
         self.inner.zero(frame, page_size)
     }
     fn map_frames(

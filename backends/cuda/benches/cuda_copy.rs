@@ -382,7 +382,9 @@ impl Scatter {
         env.host.alloc_frames(ps, &mut frames).unwrap();
         shuffle(&mut frames, 0x1111);
         for (k, &f) in frames.iter().enumerate() {
-            env.host.write(f, 0, &(k as u64).to_le_bytes());
+            env.host
+                .write(f, 0, &(k as u64).to_le_bytes())
+                .expect("host memory");
         }
         let mut host_addrs = vec![DmaAddr::NONE; n];
         env.host
@@ -558,7 +560,7 @@ fn check_data(env: &Env, sc: &Scatter) {
     // word is k (written before the first copy to the device, copied both ways since).
     let mut b = [0u8; 8];
     for (k, &f) in sc.frames.iter().enumerate().step_by(997) {
-        env.host.read(f, 0, &mut b);
+        env.host.read(f, 0, &mut b).expect("host memory");
         assert_eq!(
             u64::from_le_bytes(b),
             k as u64,
@@ -602,11 +604,13 @@ fn transfers(c: &mut Criterion, env: &Env) {
             pre_fence: None,
         };
         for (k, &f) in sc.frames.iter().enumerate() {
-            env.host.write(f, 0, &(k as u64).to_le_bytes());
+            env.host
+                .write(f, 0, &(k as u64).to_le_bytes())
+                .expect("host memory");
         }
         env.pms[0].copy_to_devmem(&req).unwrap().wait().unwrap();
         for &f in &sc.frames {
-            env.host.write(f, 0, &[0xff; 8]);
+            env.host.write(f, 0, &[0xff; 8]).expect("host memory");
         }
         env.pms[0].copy_to_ram(&req).unwrap().wait().unwrap();
         check_data(env, &sc);
@@ -638,7 +642,7 @@ fn transfers(c: &mut Criterion, env: &Env) {
         );
         // Check: pagemap 1 now holds pagemap 0's pages; bring them home and compare.
         for &f in &sc.frames {
-            env.host.write(f, 0, &[0xff; 8]);
+            env.host.write(f, 0, &[0xff; 8]).expect("host memory");
         }
         let back = CopyRequest {
             page_size: ps,

@@ -105,7 +105,8 @@ fn faults(backend: &CudaBackend, id: u8, n: usize, ps: PageSize, iters: usize, d
     frames.resize(n, HostFrame(0));
     host.alloc_frames(ps, &mut frames).unwrap();
     for (k, &f) in frames.iter().enumerate() {
-        host.write(f, 0, &(k as u64 + 1).to_le_bytes());
+        host.write(f, 0, &(k as u64 + 1).to_le_bytes())
+            .expect("host memory");
     }
     let mut addrs = vec![DmaAddr::NONE; n];
     host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
@@ -152,7 +153,7 @@ fn faults(backend: &CudaBackend, id: u8, n: usize, ps: PageSize, iters: usize, d
         .unwrap()
         .wait()
         .unwrap();
-        host.read(back[0], 0, &mut one);
+        host.read(back[0], 0, &mut one).expect("host memory");
         assert_eq!(u64::from_le_bytes(one), n as u64, "fault {i}: data arrived");
         host.free_frames(&back, ps);
         pm.devmem_release(a);

@@ -223,27 +223,33 @@ impl HostMemory for PinnedHostMemory {
             .free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
     }
 
-    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) {
+    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) -> Result<(), BackendError> {
         self.check_span(frame, offset, buf.len(), PageSize::Size2M.bytes());
         // SAFETY: in bounds of a backed chunk (checked); no device writes this page now (core
         // contract).
         unsafe {
             std::ptr::copy_nonoverlapping(self.ptr(frame).add(offset), buf.as_mut_ptr(), buf.len())
         }
+
+        Ok(())
     }
 
-    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) {
+    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) -> Result<(), BackendError> {
         self.check_span(frame, offset, data.len(), PageSize::Size2M.bytes());
         // SAFETY: as in `read`.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr(frame).add(offset), data.len())
         }
+
+        Ok(())
     }
 
-    fn zero(&self, frame: HostFrame, page_size: PageSize) {
+    fn zero(&self, frame: HostFrame, page_size: PageSize) -> Result<(), BackendError> {
         self.check_span(frame, 0, page_size.bytes() as usize, page_size.bytes());
         // SAFETY: as in `read`.
         unsafe { std::ptr::write_bytes(self.ptr(frame), 0, page_size.bytes() as usize) }
+
+        Ok(())
     }
 
     fn map_frames(

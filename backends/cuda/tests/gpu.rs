@@ -239,7 +239,8 @@ fn scattered_round_trip(r: &Rig, ps: PageSize, pages: usize, seed: u64, dma_min:
     chosen.truncate(pages);
     assert_eq!(chosen.len(), pages);
     for (k, &f) in chosen.iter().enumerate() {
-        host.write(f, 0, &pattern(seed, k as u64, ps.bytes()));
+        host.write(f, 0, &pattern(seed, k as u64, ps.bytes()))
+            .expect("host memory");
     }
     // Device pages: one allocation, used in an order of runs reversed in blocks.
     let a = src_pm.allocate(pages, ps).unwrap();
@@ -288,7 +289,7 @@ fn scattered_round_trip(r: &Rig, ps: PageSize, pages: usize, seed: u64, dma_min:
     back.resize(pages, HostFrame(0));
     host.alloc_frames(ps, &mut back).unwrap();
     for &f in &back {
-        host.zero(f, ps);
+        host.zero(f, ps).expect("host memory");
     }
     let mut baddrs = vec![DmaAddr::NONE; pages];
     host.map_frames(DeviceId(0), &back, ps, Direction::FromDevice, &mut baddrs)
@@ -304,7 +305,7 @@ fn scattered_round_trip(r: &Rig, ps: PageSize, pages: usize, seed: u64, dma_min:
     f.wait().unwrap();
     let mut buf = vec![0u8; ps.bytes() as usize];
     for (k, &f) in back.iter().enumerate() {
-        host.read(f, 0, &mut buf);
+        host.read(f, 0, &mut buf).expect("host memory");
         assert!(
             buf == pattern(seed, k as u64, ps.bytes()),
             "{ps}: page {k} of {pages} differs"
@@ -386,7 +387,8 @@ fn holes_are_skipped_and_new_pages_read_as_zero() {
     frames.resize(n as usize, HostFrame(0));
     host.alloc_frames(ps, &mut frames).unwrap();
     for &f in &frames {
-        host.write(f, 0, &vec![0xee; ps.bytes() as usize]);
+        host.write(f, 0, &vec![0xee; ps.bytes() as usize])
+            .expect("host memory");
     }
     let mut addrs = vec![DmaAddr::NONE; n as usize];
     host.map_frames(DeviceId(0), &frames, ps, Direction::FromDevice, &mut addrs)
@@ -401,7 +403,7 @@ fn holes_are_skipped_and_new_pages_read_as_zero() {
     .wait()
     .unwrap();
     for &f in &frames {
-        host.read(f, 0, &mut buf);
+        host.read(f, 0, &mut buf).expect("host memory");
         assert!(buf.iter().all(|&b| b == 0));
     }
     host.free_frames(&frames, ps);
@@ -487,7 +489,7 @@ fn pre_migrate_fence_orders_a_source_push_after_the_clear() {
     assert!(clear.is_signaled());
     // Read the destination back: the pushed data, not the clear's zeros.
     for &f in &frames {
-        host.zero(f, ps);
+        host.zero(f, ps).expect("host memory");
     }
     let mut baddrs = vec![DmaAddr::NONE; n];
     host.map_frames(DeviceId(0), &frames, ps, Direction::FromDevice, &mut baddrs)
@@ -503,7 +505,7 @@ fn pre_migrate_fence_orders_a_source_push_after_the_clear() {
     .unwrap();
     let mut buf = vec![0u8; ps.bytes() as usize];
     for (k, &f) in frames.iter().enumerate() {
-        host.read(f, 0, &mut buf);
+        host.read(f, 0, &mut buf).expect("host memory");
         assert!(
             buf == pattern(9, k as u64, ps.bytes()),
             "page {k}: the clear overwrote the push"
@@ -522,7 +524,8 @@ fn pattern_frames(r: &Rig, n: usize, ps: PageSize, seed: u64) -> (Vec<HostFrame>
     frames.resize(n, HostFrame(0));
     host.alloc_frames(ps, &mut frames).unwrap();
     for (k, &f) in frames.iter().enumerate() {
-        host.write(f, 0, &pattern(seed, k as u64, ps.bytes()));
+        host.write(f, 0, &pattern(seed, k as u64, ps.bytes()))
+            .expect("host memory");
     }
     let mut addrs = vec![DmaAddr::NONE; n];
     host.map_frames(DeviceId(0), &frames, ps, Direction::ToDevice, &mut addrs)
@@ -535,6 +538,7 @@ fn write_pages(r: &Rig, pm: &CudaPagemap, pfns: &[Pfn], ps: PageSize, seed: u64)
     let host = r.backend.pinned_host();
     let frames = through_host(r, pm, pfns, ps, true, |k, f| {
         host.write(f, 0, &pattern(seed, k as u64, ps.bytes()))
+            .expect("host memory")
     });
     host.free_frames(&frames, ps);
 }
@@ -843,7 +847,7 @@ fn read_back(r: &Rig, pm: &CudaPagemap, pfns: &[Pfn], ps: PageSize) -> Vec<Vec<u
         .iter()
         .map(|&f| {
             let mut b = vec![0u8; ps.bytes() as usize];
-            host.read(f, 0, &mut b);
+            host.read(f, 0, &mut b).expect("host memory");
             b
         })
         .collect();

@@ -385,10 +385,10 @@ impl PluginHost {
     /// An infallible trait entry failed: the plug-in broke its contract. The trait has no way
     /// to report it, so it is loud: the core rolls the operation back and the panic reaches
     /// the caller with the plug-in's message.
-    fn broken(&self, entry: &str, status: i32, err: &DppError) -> ! {
+    /// The plug-in's failure of `entry` as a typed error naming the plug-in.
+    fn error_of(&self, entry: &str, status: i32, err: &DppError) -> BackendError {
         // SAFETY: the plug-in's error, valid now.
-        let e = unsafe { ffi::error_from_ffi(status, err, &format!("{}: {entry}", self.what)) };
-        panic!("{e}")
+        unsafe { ffi::error_from_ffi(status, err, &format!("{}: {entry}", self.what)) }
     }
 }
 
@@ -425,7 +425,7 @@ impl HostMemory for PluginHost {
         };
     }
 
-    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) {
+    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) -> Result<(), BackendError> {
         let mut err = DppError::empty();
         // SAFETY: a checked entry; `buf` is writable for its length.
         let s = unsafe {
@@ -439,11 +439,13 @@ impl HostMemory for PluginHost {
             )
         };
         if s != DPP_OK {
-            self.broken("read", s, &err);
+            return Err(self.error_of("read", s, &err));
         }
+
+        Ok(())
     }
 
-    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) {
+    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) -> Result<(), BackendError> {
         let mut err = DppError::empty();
         // SAFETY: a checked entry; `data` is readable for its length.
         let s = unsafe {
@@ -457,19 +459,23 @@ impl HostMemory for PluginHost {
             )
         };
         if s != DPP_OK {
-            self.broken("write", s, &err);
+            return Err(self.error_of("write", s, &err));
         }
+
+        Ok(())
     }
 
-    fn zero(&self, frame: HostFrame, page_size: PageSize) {
+    fn zero(&self, frame: HostFrame, page_size: PageSize) -> Result<(), BackendError> {
         let mut err = DppError::empty();
         // SAFETY: a checked entry.
         let s = unsafe {
             self.ops.zero.unwrap_unchecked()(self.obj, frame.0, page_size.bytes(), &mut err)
         };
         if s != DPP_OK {
-            self.broken("zero", s, &err);
+            return Err(self.error_of("zero", s, &err));
         }
+
+        Ok(())
     }
 
     fn map_frames(

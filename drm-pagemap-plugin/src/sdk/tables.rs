@@ -548,8 +548,7 @@ unsafe extern "C" fn host_read(
     unsafe {
         guard("read", err, || {
             let buf = ffi::slice_mut(buf, len).ok_or_else(|| ffi::bad_argument("read: buf"))?;
-            obj::<SdkHost>(o).host.read(HostFrame(frame), offset, buf);
-            Ok(())
+            obj::<SdkHost>(o).host.read(HostFrame(frame), offset, buf)
         })
     }
 }
@@ -566,8 +565,7 @@ unsafe extern "C" fn host_write(
     unsafe {
         guard("write", err, || {
             let data = ffi::slice(data, len).ok_or_else(|| ffi::bad_argument("write: data"))?;
-            obj::<SdkHost>(o).host.write(HostFrame(frame), offset, data);
-            Ok(())
+            obj::<SdkHost>(o).host.write(HostFrame(frame), offset, data)
         })
     }
 }
@@ -583,8 +581,7 @@ unsafe extern "C" fn host_zero(
         guard("zero", err, || {
             obj::<SdkHost>(o)
                 .host
-                .zero(HostFrame(frame), ffi::page_size(page_size)?);
-            Ok(())
+                .zero(HostFrame(frame), ffi::page_size(page_size)?)
         })
     }
 }

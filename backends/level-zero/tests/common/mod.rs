@@ -109,7 +109,7 @@ pub fn host_pages(
         for (o, b) in buf.iter_mut().enumerate() {
             *b = if seed == 0 { 0 } else { byte(seed, i, o) };
         }
-        host.write(f, 0, &buf);
+        host.write(f, 0, &buf).expect("host memory");
     }
     let mut addrs = vec![DmaAddr::NONE; n];
     host.map_frames(
@@ -132,7 +132,7 @@ pub fn check_host(
 ) -> Result<(), String> {
     let mut buf = vec![0u8; ps.bytes() as usize];
     for (i, &f) in frames.iter().enumerate() {
-        host.read(f, 0, &mut buf);
+        host.read(f, 0, &mut buf).expect("host memory");
         for (o, &b) in buf.iter().enumerate() {
             let want = if seed == 0 { 0 } else { byte(seed, i, o) };
             if b != want {

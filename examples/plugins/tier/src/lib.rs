@@ -93,6 +93,10 @@ pub enum Entry {
     MapFrames,
     /// `read`.
     Read,
+    /// `write`.
+    Write,
+    /// `zero`.
+    Zero,
 }
 
 const ENTRIES: &[(&str, Entry)] = &[
@@ -106,6 +110,8 @@ const ENTRIES: &[(&str, Entry)] = &[
     ("alloc_frames", Entry::AllocFrames),
     ("map_frames", Entry::MapFrames),
     ("read", Entry::Read),
+    ("write", Entry::Write),
+    ("zero", Entry::Zero),
 ];
 
 /// When copies into a tier reach the disk.
@@ -292,7 +298,7 @@ impl HostMemory for TierHost {
             .free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
     }
 
-    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) {
+    fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) -> Result<(), BackendError> {
         self.cfg.check(Entry::Read);
         let p = self
             .mem
@@ -300,24 +306,32 @@ impl HostMemory for TierHost {
             .expect("tier: read past the host memory");
         // SAFETY: inside the mapping (checked); the core does not copy into this frame now.
         unsafe { std::ptr::copy_nonoverlapping(p.add(offset), buf.as_mut_ptr(), buf.len()) };
+
+        Ok(())
     }
 
-    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) {
+    fn write(&self, frame: HostFrame, offset: usize, data: &[u8]) -> Result<(), BackendError> {
+        self.cfg.check(Entry::Write);
         let p = self
             .mem
             .at(frame.0, offset as u64 + data.len() as u64)
             .expect("tier: write past the host memory");
         // SAFETY: as `read`.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.add(offset), data.len()) };
+
+        Ok(())
     }
 
-    fn zero(&self, frame: HostFrame, page_size: PageSize) {
+    fn zero(&self, frame: HostFrame, page_size: PageSize) -> Result<(), BackendError> {
+        self.cfg.check(Entry::Zero);
         let p = self
             .mem
             .at(frame.0, page_size.bytes())
             .expect("tier: zero past the host memory");
         // SAFETY: as `read`.
         unsafe { std::ptr::write_bytes(p, 0, page_size.bytes() as usize) };
+
+        Ok(())
     }
 
     fn map_frames(
