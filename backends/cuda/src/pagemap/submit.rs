@@ -12,8 +12,8 @@ use crate::fence::CudaFence;
 use crate::kernel::{Kernels, SMALL_ENTRIES, SmallLists};
 use crate::plan;
 use drm_pagemap_core::{
-    BackendError, BackendErrorKind, CopyOp, CopyRequest, Dependencies, Fence, FenceContext, GRANULE,
-    NativeFence, NativeFenceKind, NativeWait, sort_dependencies,
+    BackendError, BackendErrorKind, CopyOp, CopyRequest, Dependencies, Fence, FenceContext,
+    GRANULE, NativeFence, NativeFenceKind, NativeWait, sort_dependencies,
 };
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
