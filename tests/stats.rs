@@ -254,6 +254,11 @@ fn out_of_memory_and_timeout_on_sim() {
     assert_eq!(s.failures.timeout, 1, "{:?}", s.failures);
     assert_eq!(s.copies_in_flight, 1, "the hung copy is still in flight");
     assert_eq!(s.bytes_in_flight, 4 * P4K);
+    // A reset zeroes the links but keeps the gauge (in flight: submitted minus landed).
+    mm.reset_stats();
+    let s = mm.stats();
+    assert!(s.links.is_empty(), "{:?}", s.links);
+    assert_eq!((s.copies_in_flight, s.bytes_in_flight), (1, 4 * P4K));
 }
 
 #[test]

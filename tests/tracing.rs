@@ -1,6 +1,9 @@
-//! The `tracing` spans and events of one migration and of one rollback (sim): a subscriber
-//! that records every span's name and fields (also those recorded later) and every event's
-//! message and fields.
+//! The `tracing` spans and events of one migration and of one rollback (sim), of a Level
+//! Zero submission and fence wait (the software driver), and of the plug-in host adapter
+//! (a copy call, an allocation, a rejected shared object): a subscriber that records every
+//! span's name, level, target and fields (also those recorded later) and every event's
+//! message, level, target and fields. (CUDA's `submit` and `fence_wait` spans have the same
+//! shape; they need a GPU.)
 
 mod common;
 
@@ -44,6 +47,8 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Recorder {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _: Context<'_, S>) {
         let mut f = Fields::new();
         attrs.record(&mut Collect(&mut f));
+        f.insert("@level".into(), attrs.metadata().level().to_string());
+        f.insert("@target".into(), attrs.metadata().target().to_string());
         let name = attrs.metadata().name().to_string();
         self.0.lock().unwrap().spans.push((id.into_u64(), name, f));
     }
@@ -57,6 +62,8 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Recorder {
         let mut f = Fields::new();
         event.record(&mut Collect(&mut f));
         let msg = f.remove("message").unwrap_or_default();
+        f.insert("@level".into(), event.metadata().level().to_string());
+        f.insert("@target".into(), event.metadata().target().to_string());
         let within = cx.event_span(event).map(|s| s.name().to_string());
         self.0.lock().unwrap().events.push((msg, f, within));
     }
@@ -198,4 +205,106 @@ fn eviction_and_cpu_fault_are_traced() {
             .any(|e| e.0 == "cpu fault done" && e.1["pages"] == "4")
     );
     rig.finish();
+}
+
+/// The spans named `name` whose field `key` is `value`.
+fn spans_with<'a>(seen: &'a Seen, name: &str, key: &str, value: &str) -> Vec<&'a Fields> {
+    seen.spans
+        .iter()
+        .filter(|s| s.1 == name && s.2.get(key).is_some_and(|v| v == value))
+        .map(|s| &s.2)
+        .collect()
+}
+
+/// Level Zero (the software driver through the real loader): the copy's submission is a
+/// `submit` span with its pagemap, device, op, pages, bytes, runs, list kind and outcome;
+/// the engine's wait for its fence a `fence_wait` span that signalled.
+#[test]
+fn level_zero_submission_and_wait_are_traced() {
+    if !common::backends().contains(&"level-zero") {
+        return; // `skipped:` said once by `backends`.
+    }
+    let rig = build("ssss", 1, PageSize::Size4K, Options::on("level-zero"));
+    let (range, mm) = (rig.range, rig.mm.clone());
+    let seen = capture(|| {
+        mm.migrate(range, PagemapId(0), &MigrateDetails::default())
+            .expect("migrate");
+    });
+    let copies = spans_with(&seen, "submit", "op", "copy_to_devmem");
+    assert_eq!(copies.len(), 1, "{:?}", seen.spans);
+    let s = copies[0];
+    assert_eq!(s["pagemap"], "0");
+    assert_eq!(s["device"], "0");
+    assert_eq!(s["pages"], "4");
+    assert_eq!(s["bytes"], "16384");
+    assert!(s["runs"].parse::<u32>().unwrap() >= 1, "{s:?}");
+    assert!(
+        ["regular", "immediate"].contains(&s["list"].as_str()),
+        "{s:?}"
+    );
+    assert_eq!(s["outcome"], "queued");
+    assert_eq!(
+        (s["@level"].as_str(), s["@target"].as_str()),
+        ("DEBUG", "drm_pagemap::level_zero")
+    );
+    assert!(
+        !spans_with(&seen, "fence_wait", "outcome", "signaled").is_empty(),
+        "{:?}",
+        seen.spans
+    );
+    rig.finish();
+}
+
+/// A plug-in through the host adapter: each copy call into it is a `submit` span (plugin,
+/// pagemap, device, op, pages, bytes, outcome), each allocation an event; a shared object
+/// that is not a plug-in is rejected with a `warn` event that gives the path and reason.
+#[cfg(all(feature = "plugins", target_os = "linux"))]
+#[test]
+fn plugin_calls_and_rejections_are_traced() {
+    use common::plugins;
+    plugins::load_all();
+    let rig = build("ssss", 1, PageSize::Size4K, Options::on("hostmem"));
+    let (range, mm) = (rig.range, rig.mm.clone());
+    let seen = capture(|| {
+        mm.migrate(range, PagemapId(0), &MigrateDetails::default())
+            .expect("migrate");
+    });
+    let copies = spans_with(&seen, "submit", "op", "copy_to_devmem");
+    assert_eq!(copies.len(), 1, "{:?}", seen.spans);
+    let s = copies[0];
+    assert_eq!(s["plugin"], "hostmem");
+    assert_eq!(s["pagemap"], "0");
+    assert_eq!(s["pages"], "4");
+    assert_eq!(s["bytes"], "16384");
+    assert_eq!(s["outcome"], "queued");
+    assert!(s.contains_key("device"), "{s:?}");
+    assert_eq!(
+        (s["@level"].as_str(), s["@target"].as_str()),
+        ("DEBUG", "drm_pagemap::plugin")
+    );
+    let alloc = seen
+        .events
+        .iter()
+        .find(|e| e.0 == "allocate")
+        .unwrap_or_else(|| panic!("no allocate event: {:?}", seen.events));
+    assert_eq!(alloc.1["pages"], "4");
+    assert_eq!(alloc.1["outcome"], "allocated");
+    rig.finish();
+    let broken = plugins::c_plugin(
+        "trace-noentry",
+        "noentry3",
+        &[("DPP_TEST_NO_ENTRY", "1"), ("DPP_NAME", "\"noentry3\"")],
+    );
+    let seen = capture(|| {
+        assert!(drm_pagemap::plugins::load(&broken).is_err());
+    });
+    let w = seen
+        .events
+        .iter()
+        .find(|e| e.0 == "plug-in rejected")
+        .unwrap_or_else(|| panic!("no rejection event: {:?}", seen.events));
+    assert_eq!(w.1["path"], broken.display().to_string());
+    assert!(w.1["reason"].contains("not a plug-in"), "{:?}", w.1);
+    assert_eq!(w.1["outcome"], "rejected");
+    assert_eq!(w.1["@level"], "WARN");
 }

@@ -34,8 +34,8 @@ use std::time::Duration;
 
 /// Pagemap ids below this have a location of their own in the link statistics; higher ids
 /// share [`Location::OtherPagemaps`]. 16: two dozen devices per node is rare, and the link
-/// matrix (18 x 18 locations, 4 counters each, 10 KiB) stays small enough to keep per
-/// address space.
+/// matrix (18 x 18 locations, 7 counters each: calls and pages per page size, device
+/// time; 18 KiB) stays small enough to keep per address space.
 pub const TRACKED_PAGEMAPS: usize = 16;
 
 /// Locations: system memory, the tracked pagemaps, the overflow bucket.
@@ -110,20 +110,23 @@ impl Link {
     pub(crate) const NONE: Link = Link(u16::MAX);
 }
 
+/// The counters of one link. Calls and pages are kept per page size, so that a submitted
+/// call costs two additions here: the link's bytes and pages, the per-size statistics and
+/// the copies in flight are derived from them by the snapshot.
 #[derive(Default)]
 struct LinkCounters {
-    bytes: AtomicU64,
-    pages: AtomicU64,
-    calls: AtomicU64,
+    sizes: [SizeCounters; 3],
     device_ns: AtomicU64,
 }
 
-/// Per page size: bytes are pages times the size (computed by the snapshot).
+/// Calls and pages of one page size on one link (bytes: pages times the size).
 #[derive(Default)]
 struct SizeCounters {
     pages: AtomicU64,
     calls: AtomicU64,
 }
+
+const SIZES: [PageSize; 3] = [PageSize::Size4K, PageSize::Size64K, PageSize::Size2M];
 
 /// Whether `trace`-level spans of the engine may be recorded: the global level filter
 /// (one relaxed load), so that the per-phase spans cost nothing more without a subscriber.
@@ -135,17 +138,22 @@ pub(crate) fn trace_on() -> bool {
 }
 
 /// The counters of one address space (see the module docs).
+///
+/// The hot path adds as little as it can: a submitted call adds to its link's calls and
+/// pages of its page size and to one bucket of the call-size histogram (3 additions); the
+/// wait adds each call's device time and, once per wait, the calls and bytes that landed.
+/// Copies in flight are the calls submitted minus those landed (a reset moves what it
+/// zeroes out of the landed counts too, so that the difference stays); migrations are the
+/// latency histogram's count.
 pub(crate) struct Counters {
     links: Box<[LinkCounters]>,
-    sizes: [SizeCounters; 3],
     call_bytes: [AtomicU64; HISTOGRAM_BUCKETS],
     migrate_ns: [AtomicU64; HISTOGRAM_BUCKETS],
-    migrations: AtomicU64,
     not_needed: AtomicU64,
-    copies_in_flight: AtomicI64,
-    bytes_in_flight: AtomicI64,
-    host_frames: AtomicI64,
-    host_bytes: AtomicI64,
+    landed_calls: AtomicI64,
+    landed_bytes: AtomicI64,
+    /// Host frames in use, per page size.
+    host_frames: [AtomicI64; 3],
     busy: [AtomicU64; 5],
     out_of_memory: AtomicU64,
     fence_error: AtomicU64,
@@ -166,15 +174,12 @@ impl Default for Counters {
             links: (0..LOCATIONS * LOCATIONS)
                 .map(|_| LinkCounters::default())
                 .collect(),
-            sizes: Default::default(),
             call_bytes: [const { AtomicU64::new(0) }; HISTOGRAM_BUCKETS],
             migrate_ns: [const { AtomicU64::new(0) }; HISTOGRAM_BUCKETS],
-            migrations: AtomicU64::new(0),
             not_needed: AtomicU64::new(0),
-            copies_in_flight: AtomicI64::new(0),
-            bytes_in_flight: AtomicI64::new(0),
-            host_frames: AtomicI64::new(0),
-            host_bytes: AtomicI64::new(0),
+            landed_calls: AtomicI64::new(0),
+            landed_bytes: AtomicI64::new(0),
+            host_frames: Default::default(),
             busy: Default::default(),
             out_of_memory: AtomicU64::new(0),
             fence_error: AtomicU64::new(0),
@@ -220,16 +225,11 @@ impl Counters {
     pub(crate) fn issued(&self, link: Link, ps: PageSize, pages: usize) -> u64 {
         let bytes = pages as u64 * ps.bytes();
         if let Some(l) = self.links.get(link.0 as usize) {
-            l.calls.fetch_add(1, Relaxed);
-            l.pages.fetch_add(pages as u64, Relaxed);
-            l.bytes.fetch_add(bytes, Relaxed);
+            let s = &l.sizes[size_index(ps)];
+            s.calls.fetch_add(1, Relaxed);
+            s.pages.fetch_add(pages as u64, Relaxed);
         }
-        let s = &self.sizes[size_index(ps)];
-        s.calls.fetch_add(1, Relaxed);
-        s.pages.fetch_add(pages as u64, Relaxed);
         self.call_bytes[bucket_of(bytes)].fetch_add(1, Relaxed);
-        self.copies_in_flight.fetch_add(1, Relaxed);
-        self.bytes_in_flight.fetch_add(bytes as i64, Relaxed);
         bytes
     }
 
@@ -245,14 +245,13 @@ impl Counters {
     /// cleanup ended): out of flight.
     #[inline]
     pub(crate) fn landed_many(&self, copies: u64, bytes: u64) {
-        self.copies_in_flight.fetch_sub(copies as i64, Relaxed);
-        self.bytes_in_flight.fetch_sub(bytes as i64, Relaxed);
+        self.landed_calls.fetch_add(copies as i64, Relaxed);
+        self.landed_bytes.fetch_add(bytes as i64, Relaxed);
     }
 
     /// A migration committed after `latency` (from its start to the end of its commit).
     #[inline]
     pub(crate) fn migrated(&self, latency: Duration) {
-        self.migrations.fetch_add(1, Relaxed);
         self.migrate_ns[bucket_of(ns(latency))].fetch_add(1, Relaxed);
     }
 
@@ -264,8 +263,7 @@ impl Counters {
     /// `n` host frames of `ps` were allocated (`n` > 0) or freed (`n` < 0) by the engine.
     #[inline]
     pub(crate) fn host_frames(&self, n: i64, ps: PageSize) {
-        self.host_frames.fetch_add(n, Relaxed);
-        self.host_bytes.fetch_add(n * ps.bytes() as i64, Relaxed);
+        self.host_frames[size_index(ps)].fetch_add(n, Relaxed);
     }
 
     /// An eviction moved `pages` pages back and released its allocation.
@@ -306,20 +304,21 @@ impl Counters {
     fn reset(&self) {
         let zero = |a: &AtomicU64| a.store(0, Relaxed);
         for l in self.links.iter() {
-            zero(&l.bytes);
-            zero(&l.pages);
-            zero(&l.calls);
+            for (s, ps) in l.sizes.iter().zip(SIZES) {
+                // What is zeroed leaves the landed counts too: calls in flight (submitted
+                // minus landed) stay what they were.
+                let calls = s.calls.swap(0, Relaxed);
+                let pages = s.pages.swap(0, Relaxed);
+                self.landed_calls.fetch_sub(calls as i64, Relaxed);
+                self.landed_bytes
+                    .fetch_sub(pages.saturating_mul(ps.bytes()) as i64, Relaxed);
+            }
             zero(&l.device_ns);
-        }
-        for s in &self.sizes {
-            zero(&s.pages);
-            zero(&s.calls);
         }
         self.call_bytes.iter().for_each(zero);
         self.migrate_ns.iter().for_each(zero);
         self.busy.iter().for_each(zero);
         for a in [
-            &self.migrations,
             &self.not_needed,
             &self.out_of_memory,
             &self.fence_error,
@@ -638,36 +637,58 @@ impl AddressSpace {
     pub fn stats(&self) -> StatsSnapshot {
         let c = &self.stats;
         let mut links = Vec::new();
+        let mut page_sizes: Vec<PageSizeStats> = SIZES
+            .iter()
+            .map(|ps| PageSizeStats {
+                page_size: ps.bytes(),
+                bytes: 0,
+                pages: 0,
+                calls: 0,
+            })
+            .collect();
+        let (mut all_calls, mut all_bytes) = (0u64, 0u64);
         for (i, l) in c.links.iter().enumerate() {
-            let calls = l.calls.load(Relaxed);
-            let bytes = l.bytes.load(Relaxed);
-            let device_ns = l.device_ns.load(Relaxed);
-            if calls == 0 && bytes == 0 && device_ns == 0 {
-                continue;
-            }
-            links.push(LinkStats {
+            let mut link = LinkStats {
                 from: Location::from_index(i / LOCATIONS),
                 to: Location::from_index(i % LOCATIONS),
-                bytes,
-                pages: l.pages.load(Relaxed),
-                calls,
-                device_time_ns: device_ns,
-            });
-        }
-        let page_sizes = [PageSize::Size4K, PageSize::Size64K, PageSize::Size2M]
-            .into_iter()
-            .map(|ps| {
-                let s = &c.sizes[size_index(ps)];
+                bytes: 0,
+                pages: 0,
+                calls: 0,
+                device_time_ns: l.device_ns.load(Relaxed),
+            };
+            for ((s, ps), sum) in l.sizes.iter().zip(SIZES).zip(page_sizes.iter_mut()) {
+                let calls = s.calls.load(Relaxed);
                 let pages = s.pages.load(Relaxed);
-                PageSizeStats {
-                    page_size: ps.bytes(),
-                    bytes: pages.saturating_mul(ps.bytes()),
-                    pages,
-                    calls: s.calls.load(Relaxed),
-                }
+                let bytes = pages.saturating_mul(ps.bytes());
+                link.calls += calls;
+                link.pages += pages;
+                link.bytes = link.bytes.saturating_add(bytes);
+                sum.calls += calls;
+                sum.pages += pages;
+                sum.bytes = sum.bytes.saturating_add(bytes);
+            }
+            all_calls += link.calls;
+            all_bytes = all_bytes.saturating_add(link.bytes);
+            if link.calls != 0 || link.bytes != 0 || link.device_time_ns != 0 {
+                links.push(link);
+            }
+        }
+        page_sizes.retain(|s| s.calls > 0);
+        let in_flight = |submitted: u64, landed: &AtomicI64| {
+            (submitted as i64)
+                .saturating_sub(landed.load(Relaxed))
+                .max(0) as u64
+        };
+        let (host_frames, host_bytes) = c
+            .host_frames
+            .iter()
+            .zip(SIZES)
+            .map(|(n, ps)| {
+                let n = gauge(n);
+                (n, n.saturating_mul(ps.bytes()))
             })
-            .filter(|s| s.calls > 0)
-            .collect();
+            .fold((0u64, 0u64), |a, b| (a.0 + b.0, a.1.saturating_add(b.1)));
+        let migrate_latency_ns = Histogram::of(&c.migrate_ns);
         let b = |r| c.busy[busy_index(r)].load(Relaxed);
         let failures = Failures {
             busy_fragmentation: b(BusyReason::Fragmentation),
@@ -705,14 +726,14 @@ impl AddressSpace {
             links,
             page_sizes,
             call_bytes: Histogram::of(&c.call_bytes),
-            migrate_latency_ns: Histogram::of(&c.migrate_ns),
-            migrations: c.migrations.load(Relaxed),
+            migrations: migrate_latency_ns.count(),
+            migrate_latency_ns,
             migrations_not_needed: c.not_needed.load(Relaxed),
-            copies_in_flight: gauge(&c.copies_in_flight),
-            bytes_in_flight: gauge(&c.bytes_in_flight),
+            copies_in_flight: in_flight(all_calls, &c.landed_calls),
+            bytes_in_flight: in_flight(all_bytes, &c.landed_bytes),
             pagemaps,
-            host_frames_in_use: gauge(&c.host_frames),
-            host_bytes_in_use: gauge(&c.host_bytes),
+            host_frames_in_use: host_frames,
+            host_bytes_in_use: host_bytes,
             host_capacity_bytes: self.host.capacity_bytes(),
             failures,
             evictions: c.evictions.load(Relaxed),

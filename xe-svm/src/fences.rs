@@ -86,7 +86,7 @@ fn decide(
     deps: &mut Dependencies,
 ) -> Result<Pending, Refused> {
     if let Some(e) = deps.failed.take() {
-        stats.fence_errors.inc();
+        stats.pre_fence_errors.inc();
         return Err(Refused::Failed(e));
     }
     let mut p = Pending {
@@ -99,7 +99,7 @@ fn decide(
         stats.cpu_fence_waits.add(0, t.elapsed());
         if let Err(e) = r {
             if matches!(e, FenceError::Failed(_)) {
-                stats.fence_errors.inc();
+                stats.pre_fence_errors.inc();
             }
             return Err(Refused::Wait(e));
         }
@@ -177,7 +177,7 @@ mod tests {
         ));
         let p = sort_pre(Some(&pre), &blocking, &stats, None);
         assert!(matches!(p, Err(Refused::Failed(e)) if e.message == "clear failed"));
-        assert_eq!(stats.snapshot().fence_errors, 1);
+        assert_eq!(stats.snapshot().pre_fence_errors, 1);
         assert_eq!(
             sort_pre(None, &blocking, &stats, None).unwrap(),
             Pending::default()

@@ -114,6 +114,6 @@ pub use config::{FOREVER, SvmConfig};
 pub use error::SvmError;
 pub use fault::{Access, FaultAction, FaultReport, Target};
 pub use range::{CHUNK_SIZES, PageTable, Placement, Pte};
-pub use stats::{Bucket, CopyTally, Stats, Tally};
+pub use stats::{Bucket, CommandTally, Stats, Tally};
 pub use svm::Svm;
 pub use vm::GpuVm;

@@ -1,22 +1,20 @@
-//! Statistics that stay on: faults, migrations, evictions, copy calls and commands, CPU fence
-//! waits, by direction and by size bucket.
+//! Statistics only the SVM layer knows, per device: GPU faults and what the fault handler
+//! did for them (migrations and moves to system memory by SVM range size, LRU evictions,
+//! timeslice waits, fallbacks, busy retries), page-table builds, and the copy policy's own
+//! decisions (commands a call was split into, pre-migrate fence handling).
 //!
-//! Copies are observed, not decorated: a call counts when it is issued, and its duration
-//! when its completion is first observed, through a wrapper of the backend's fence that only
-//! observes (its status, waits, native handle, members and callbacks are the backend's
-//! fence's, so a device still waits for it natively). The engine waits for every copy it
-//! issues, so every call's completion is observed, right when the engine sees it.
+//! What moved where is the core's: bytes, pages, calls and device time per link, sizes,
+//! latency histograms, copies in flight, device memory and failures by kind are in the
+//! address space's [`drm_pagemap_core::StatsSnapshot`] (`svm.mm().stats()`), counted once,
+//! there. Copy fences that signal an error fail the migration and count there
+//! (`failures.fence_error`); this layer counts only the pre-migrate fences its policy
+//! refuses ([`Stats::pre_fence_errors`]).
 //!
 //! # Cost
-//! Every counter is an [`AtomicU64`] bumped with `Relaxed` `fetch_add`: a handful per copy
-//! call, per fault and per migration, never per page, and no lock anywhere. Times come from one
-//! `Instant::now()` pair per event (tens of nanoseconds). That is cheaper than any sampling
-//! switch would save, so there is no switch. Counters of one device share cache lines; the
-//! contention that causes is a few uncontended-in-practice atomic adds per fault, far below the
-//! cost of the fault itself. Each copy call costs one small allocation (the observing wrapper);
-//! no callback is registered and the fence worker is not involved (measured on the H200: a
-//! completion callback per copy, handed to the fence worker for CUDA's events, added 1.5-3 us
-//! to a 64 KiB fault).
+//! Every counter is an [`AtomicU64`] bumped with `Relaxed` `fetch_add`: a handful per fault
+//! and per migration, never per page or per copy call (a backend that declares a command
+//! limit adds two per call, for the split), and no lock anywhere. Times come from one
+//! `Instant::now()` pair per event the handler times anyway.
 //!
 //! # Consistency
 //! A [`Stats`] snapshot reads each counter once; it is not a consistent cut across counters
@@ -24,15 +22,12 @@
 //!
 //! # Buckets
 //! Sizes are bucketed as upper bounds: up to 4 KiB, up to 64 KiB, up to 2 MiB, larger. Faults
-//! and migrations are bucketed by the SVM range's size, copy calls by the bytes the call moved.
+//! and migrations are bucketed by the SVM range's size.
 
-use drm_pagemap_core::{
-    CopyOp, Fence, FenceCallback, FenceError, FenceOps, FenceStatus, NativeFence,
-};
+use drm_pagemap_core::CopyOp;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A size bucket (upper bounds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,35 +94,37 @@ impl Tally {
     }
 }
 
-/// Copy calls of one operation and size bucket.
+/// Copy calls on a pagemap whose backend declares a command limit
+/// ([`drm_pagemap_core::CopyCaps::max_command_bytes`]), and the backend commands the policy
+/// issued them as. Calls of a backend without a limit are passed on untouched (one command
+/// each) and are counted by the core only.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CopyTally {
-    /// Copy calls the core made.
+pub struct CommandTally {
+    /// Copy calls the core made on such a pagemap.
     pub calls: u64,
-    /// Backend commands they were issued as: one per call for a backend without a command
-    /// limit (the core's call, untouched), else the pieces the call was split into for the
-    /// backend's declared limit ([`drm_pagemap_core::CopyCaps::max_command_bytes`]).
+    /// Commands they were issued as (pieces of at most the declared limit; 0 for a call
+    /// with nothing to copy).
     pub commands: u64,
-    /// Bytes copied.
-    pub bytes: u64,
-    /// Total microseconds from issue until the call's completion was first observed (by the
-    /// engine's wait: an upper bound of the device time).
-    pub micros: u64,
 }
 
-impl CopyTally {
-    fn merge(&mut self, o: &CopyTally) {
+impl CommandTally {
+    fn merge(&mut self, o: &CommandTally) {
         self.calls += o.calls;
         self.commands += o.commands;
-        self.bytes += o.bytes;
-        self.micros += o.micros;
+    }
+
+    /// Calls that became more commands than one: the commands beyond one per call.
+    pub fn extra_commands(&self) -> u64 {
+        self.commands.saturating_sub(self.calls)
     }
 }
 
-/// A snapshot of one device's statistics (or a sum over devices).
+/// A snapshot of one device's statistics (or a sum over devices): what only the SVM layer
+/// knows. Copies (bytes, calls, device time per link), failures by kind, evictions and
+/// memory use are the core's ([`drm_pagemap_core::AddressSpace::stats`]).
 ///
-/// Faults, migrations and evictions count on the device whose fault caused them; copy calls
-/// and fence events count on the device that executed the copy.
+/// Faults, migrations and evictions count on the device whose fault caused them; copy
+/// commands and pre-migrate fence handling count on the device that executed the copy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Every fault handled successfully, by SVM range size; time: fault to page table.
@@ -143,18 +140,20 @@ pub struct Stats {
     pub busy_retries: u64,
     /// Time spent waiting for another device's timeslice before migrating.
     pub timeslice_waits: Tally,
-    /// Migrations into device memory, by SVM range size; bytes: bytes copied; time: the
-    /// allocation (with any LRU eviction it needed) and the migration.
+    /// Migrations into device memory for faults, by SVM range size; bytes: bytes copied;
+    /// time: the allocation (with any LRU eviction it needed) and the migration.
     pub to_device: [Tally; 4],
     /// Moves to system memory on behalf of faults (system placement, busy retries), by SVM
     /// range size; bytes: device bytes moved back.
     pub to_system: [Tally; 4],
-    /// Least-recently-used allocations evicted to make room; bytes: allocation size.
+    /// Least-recently-used allocations the fault handler evicted to make room; bytes:
+    /// allocation size; time: the eviction. (The core counts them among its evictions too,
+    /// without the reason.)
     pub lru_evictions: Tally,
-    /// `copy_to_devmem` calls (the executor writes its own memory), by call size.
-    pub copy_to_devmem: [CopyTally; 4],
-    /// `copy_to_ram` calls (the executor pushes its own pages out), by call size.
-    pub copy_to_ram: [CopyTally; 4],
+    /// `copy_to_devmem` calls on pagemaps with a command limit, and their commands.
+    pub commands_to_devmem: CommandTally,
+    /// `copy_to_ram` calls on pagemaps with a command limit, and their commands.
+    pub commands_to_ram: CommandTally,
     /// Pre-migrate fences waited on the CPU by the copy policy: only the host parts of a
     /// pre-fence for a backend that would block on them in the copy call itself
     /// ([`drm_pagemap_core::HostFenceWait::Blocking`]), so the wait is bounded by the context's
@@ -168,12 +167,13 @@ pub struct Stats {
     /// host fence), handed to a backend that bridges it from the host without blocking the
     /// faulting thread.
     pub bridged_fences: u64,
-    /// Fences that signalled an error (pre-migrate or copy).
-    pub fence_errors: u64,
+    /// Pre-migrate fences the policy found failed (or whose CPU wait failed): the call was
+    /// refused before anything was issued. Copy fences that fail are the core's
+    /// (`failures.fence_error` of [`drm_pagemap_core::StatsSnapshot`]).
+    pub pre_fence_errors: u64,
     /// Split copy calls whose later commands could not be ordered behind the first on the
     /// backend's queue (a queue not in order, or a host fence the backend defers), so every
-    /// command was given the pre-migrate fence itself. (Before backends declared their caps,
-    /// such commands were issued again after a CPU wait.)
+    /// command was given the pre-migrate fence itself.
     pub ordering_repairs: u64,
     /// Page tables built; bytes: bytes mapped; time: mapping time.
     pub page_tables: Tally,
@@ -186,8 +186,6 @@ impl Stats {
             self.faults[b].merge(&other.faults[b]);
             self.to_device[b].merge(&other.to_device[b]);
             self.to_system[b].merge(&other.to_system[b]);
-            self.copy_to_devmem[b].merge(&other.copy_to_devmem[b]);
-            self.copy_to_ram[b].merge(&other.copy_to_ram[b]);
         }
         self.valid_faults += other.valid_faults;
         self.fault_errors += other.fault_errors;
@@ -195,10 +193,12 @@ impl Stats {
         self.busy_retries += other.busy_retries;
         self.timeslice_waits.merge(&other.timeslice_waits);
         self.lru_evictions.merge(&other.lru_evictions);
+        self.commands_to_devmem.merge(&other.commands_to_devmem);
+        self.commands_to_ram.merge(&other.commands_to_ram);
         self.cpu_fence_waits.merge(&other.cpu_fence_waits);
         self.fence_dependencies += other.fence_dependencies;
         self.bridged_fences += other.bridged_fences;
-        self.fence_errors += other.fence_errors;
+        self.pre_fence_errors += other.pre_fence_errors;
         self.ordering_repairs += other.ordering_repairs;
         self.page_tables.merge(&other.page_tables);
     }
@@ -213,22 +213,14 @@ impl Stats {
         self.to_device.iter().map(|t| t.count).sum()
     }
 
-    /// Copy calls of both operations, over every bucket.
-    pub fn total_copy_calls(&self) -> u64 {
-        self.copy_to_devmem
-            .iter()
-            .chain(&self.copy_to_ram)
-            .map(|t| t.calls)
-            .sum()
+    /// Copy calls of both operations on pagemaps with a command limit.
+    pub fn total_limited_calls(&self) -> u64 {
+        self.commands_to_devmem.calls + self.commands_to_ram.calls
     }
 
-    /// Copy commands of both operations, over every bucket.
+    /// Commands of both operations on pagemaps with a command limit.
     pub fn total_commands(&self) -> u64 {
-        self.copy_to_devmem
-            .iter()
-            .chain(&self.copy_to_ram)
-            .map(|t| t.commands)
-            .sum()
+        self.commands_to_devmem.commands + self.commands_to_ram.commands
     }
 }
 
@@ -262,7 +254,8 @@ fn kib(bytes: u64) -> u64 {
 }
 
 impl fmt::Display for Stats {
-    /// A table: one row per metric, one column per size bucket, then the total.
+    /// A table: one row per metric, one column per size bucket, then the total; then the
+    /// counters without buckets.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:<26}", "")?;
         for b in Bucket::ALL {
@@ -286,22 +279,6 @@ impl fmt::Display for Stats {
         row(f, "moves to system", t(&self.to_system, |x| x.count))?;
         row(f, "  KiB moved", t(&self.to_system, |x| kib(x.bytes)))?;
         avg_row(f, "  us per move", avg(&self.to_system))?;
-        for (name, a) in [
-            ("copy_to_devmem", &self.copy_to_devmem),
-            ("copy_to_ram", &self.copy_to_ram),
-        ] {
-            let c = |g: fn(&CopyTally) -> u64| [g(&a[0]), g(&a[1]), g(&a[2]), g(&a[3])];
-            row(f, &format!("{name} calls"), c(|x| x.calls))?;
-            row(f, "  commands", c(|x| x.commands))?;
-            row(f, "  KiB", c(|x| kib(x.bytes)))?;
-            let us = [
-                (a[0].calls, a[0].micros),
-                (a[1].calls, a[1].micros),
-                (a[2].calls, a[2].micros),
-                (a[3].calls, a[3].micros),
-            ];
-            avg_row(f, "  us per call", us)?;
-        }
         writeln!(
             f,
             "valid faults {}, fault errors {}, fallbacks to system {}, busy retries {}",
@@ -316,15 +293,26 @@ impl fmt::Display for Stats {
             kib(self.lru_evictions.bytes),
             self.lru_evictions.micros
         )?;
+        if self.total_limited_calls() > 0 {
+            writeln!(
+                f,
+                "split copies: copy_to_devmem {} calls as {} commands, copy_to_ram {} calls \
+                 as {} commands",
+                self.commands_to_devmem.calls,
+                self.commands_to_devmem.commands,
+                self.commands_to_ram.calls,
+                self.commands_to_ram.commands
+            )?;
+        }
         writeln!(
             f,
-            "CPU fence waits {} ({} us), fence dependencies {}, bridged fences {}, fence errors {}, \
-             ordering repairs {}",
+            "CPU fence waits {} ({} us), fence dependencies {}, bridged fences {}, \
+             pre-fence errors {}, ordering repairs {}",
             self.cpu_fence_waits.count,
             self.cpu_fence_waits.micros,
             self.fence_dependencies,
             self.bridged_fences,
-            self.fence_errors,
+            self.pre_fence_errors,
             self.ordering_repairs
         )?;
         writeln!(
@@ -370,42 +358,24 @@ impl TallyCell {
     }
 }
 
-/// Live counters behind a [`CopyTally`].
+/// Live counters behind a [`CommandTally`].
 #[derive(Debug, Default)]
-pub(crate) struct CopyCell {
+pub(crate) struct CommandCell {
     calls: AtomicU64,
     commands: AtomicU64,
-    bytes: AtomicU64,
-    nanos: AtomicU64,
 }
 
-impl CopyCell {
-    pub(crate) fn issued(&self, commands: u64, bytes: u64) {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        self.commands.fetch_add(commands, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    pub(crate) fn completed(&self, time: Duration) {
-        self.nanos.fetch_add(
-            time.as_nanos().min(u64::MAX as u128) as u64,
-            Ordering::Relaxed,
-        );
-    }
-
-    fn get(&self) -> CopyTally {
-        CopyTally {
+impl CommandCell {
+    fn get(&self) -> CommandTally {
+        CommandTally {
             calls: self.calls.load(Ordering::Relaxed),
             commands: self.commands.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
-            micros: self.nanos.load(Ordering::Relaxed) / 1000,
         }
     }
 
     fn reset(&self) {
-        for a in [&self.calls, &self.commands, &self.bytes, &self.nanos] {
-            a.store(0, Ordering::Relaxed);
-        }
+        self.calls.store(0, Ordering::Relaxed);
+        self.commands.store(0, Ordering::Relaxed);
     }
 }
 
@@ -438,55 +408,30 @@ pub(crate) struct Counters {
     pub to_system: [TallyCell; 4],
     pub lru_evictions: TallyCell,
     /// `[0]`: copy_to_devmem, `[1]`: copy_to_ram.
-    pub copies: [[CopyCell; 4]; 2],
+    commands: [CommandCell; 2],
     pub cpu_fence_waits: TallyCell,
     pub fence_dependencies: Count,
     pub bridged_fences: Count,
-    pub fence_errors: Count,
+    pub pre_fence_errors: Count,
     pub ordering_repairs: Count,
     pub page_tables: TallyCell,
 }
 
 impl Counters {
-    /// Observes a copy call of `op` issued as `commands` backend commands moving `bytes`
-    /// (started at `start`) and, when `done` is its fence, its completion: a callback on that
-    /// fence adds the duration (and a fence error) once it signals.
-    /// Counts a copy call issued now (`commands` backend calls, `bytes` moved, started at
-    /// `start`) and returns its fence `done` wrapped to record its duration and error the
-    /// first time its completion is observed (the engine waits for every copy it issues).
-    /// The wrapper only observes: it delegates the native handle, members and callbacks,
-    /// so a device still waits for the copy natively. No callback, no fence-worker
-    /// traffic on the fault path.
-    pub(crate) fn copy_issued(
-        self: &Arc<Self>,
-        op: CopyOp,
-        commands: u64,
-        bytes: u64,
-        start: Instant,
-        done: Fence,
-    ) -> Fence {
-        let opi = match op {
+    /// A copy call of `op` on a pagemap with a command limit was issued as `commands`
+    /// backend commands.
+    #[inline]
+    pub(crate) fn split(&self, op: CopyOp, commands: u64) {
+        let c = &self.commands[match op {
             CopyOp::ToDevmem => 0,
             CopyOp::ToRam => 1,
-        };
-        let bucket = Bucket::of(bytes).index();
-        self.copies[opi][bucket].issued(commands, bytes);
-        if commands == 0 {
-            return done;
-        }
-        Fence::new(TimedFence {
-            inner: done,
-            start,
-            stats: self.clone(),
-            op: opi,
-            bucket,
-            recorded: std::sync::atomic::AtomicBool::new(false),
-        })
+        }];
+        c.calls.fetch_add(1, Ordering::Relaxed);
+        c.commands.fetch_add(commands, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
         let t = |a: &[TallyCell; 4]| [a[0].get(), a[1].get(), a[2].get(), a[3].get()];
-        let c = |a: &[CopyCell; 4]| [a[0].get(), a[1].get(), a[2].get(), a[3].get()];
         Stats {
             faults: t(&self.faults),
             valid_faults: self.valid_faults.get(),
@@ -497,12 +442,12 @@ impl Counters {
             to_device: t(&self.to_device),
             to_system: t(&self.to_system),
             lru_evictions: self.lru_evictions.get(),
-            copy_to_devmem: c(&self.copies[0]),
-            copy_to_ram: c(&self.copies[1]),
+            commands_to_devmem: self.commands[0].get(),
+            commands_to_ram: self.commands[1].get(),
             cpu_fence_waits: self.cpu_fence_waits.get(),
             fence_dependencies: self.fence_dependencies.get(),
             bridged_fences: self.bridged_fences.get(),
-            fence_errors: self.fence_errors.get(),
+            pre_fence_errors: self.pre_fence_errors.get(),
             ordering_repairs: self.ordering_repairs.get(),
             page_tables: self.page_tables.get(),
         }
@@ -512,9 +457,7 @@ impl Counters {
         for a in [&self.faults, &self.to_device, &self.to_system] {
             a.iter().for_each(TallyCell::reset);
         }
-        for a in &self.copies {
-            a.iter().for_each(CopyCell::reset);
-        }
+        self.commands.iter().for_each(CommandCell::reset);
         for c in [
             &self.valid_faults,
             &self.fault_errors,
@@ -522,7 +465,7 @@ impl Counters {
             &self.busy_retries,
             &self.fence_dependencies,
             &self.bridged_fences,
-            &self.fence_errors,
+            &self.pre_fence_errors,
             &self.ordering_repairs,
         ] {
             c.reset();
@@ -535,83 +478,6 @@ impl Counters {
         ] {
             t.reset();
         }
-    }
-}
-
-/// A copy call's fence, wrapped to record the call's duration (and a fence error) the first
-/// time its completion is observed. It changes nothing about the fence: status, waits,
-/// native handle, members and callbacks are the inner fence's.
-struct TimedFence {
-    inner: Fence,
-    start: Instant,
-    stats: Arc<Counters>,
-    op: usize,
-    bucket: usize,
-    recorded: std::sync::atomic::AtomicBool,
-}
-
-impl std::fmt::Debug for TimedFence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TimedFence")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-impl TimedFence {
-    fn observe(&self, failed: bool) {
-        if !self
-            .recorded
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
-            self.stats.copies[self.op][self.bucket].completed(self.start.elapsed());
-            if failed {
-                self.stats.fence_errors.inc();
-            }
-        }
-    }
-}
-
-impl FenceOps for TimedFence {
-    fn context(&self) -> u64 {
-        self.inner.context()
-    }
-
-    fn seqno(&self) -> u64 {
-        self.inner.seqno()
-    }
-
-    fn status(&self) -> FenceStatus {
-        let s = self.inner.status();
-        match &s {
-            FenceStatus::Pending => {}
-            FenceStatus::Signaled => self.observe(false),
-            FenceStatus::Failed(_) => self.observe(true),
-        }
-        s
-    }
-
-    fn wait(&self, timeout: Option<std::time::Duration>) -> Result<(), FenceError> {
-        let r = self.inner.wait_for(timeout);
-        match &r {
-            Ok(()) => self.observe(false),
-            Err(FenceError::Failed(_)) => self.observe(true),
-            Err(FenceError::Timeout(_)) => {}
-        }
-        r
-    }
-
-    fn native(&self) -> Option<NativeFence> {
-        self.inner.native()
-    }
-
-    fn members(&self) -> Option<&[Fence]> {
-        self.inner.members()
-    }
-
-    fn add_callback(&self, cb: FenceCallback) -> Result<(), FenceCallback> {
-        self.inner.add_callback(cb);
-        Ok(())
     }
 }
 
@@ -634,21 +500,31 @@ mod tests {
         let c = Counters::default();
         c.faults[Bucket::M2.index()].add(2 << 20, Duration::from_micros(40));
         c.faults[Bucket::M2.index()].add(2 << 20, Duration::from_micros(60));
-        c.copies[1][Bucket::K64.index()].issued(2, 65536);
-        c.copies[1][Bucket::K64.index()].completed(Duration::from_micros(7));
+        c.split(CopyOp::ToRam, 2);
         c.valid_faults.inc();
         let s = c.snapshot();
         assert_eq!(s.faults[2].count, 2);
         assert_eq!(s.faults[2].micros, 100);
-        assert_eq!(s.copy_to_ram[1].commands, 2);
-        assert_eq!(s.copy_to_ram[1].micros, 7);
+        assert_eq!(
+            s.commands_to_ram,
+            CommandTally {
+                calls: 1,
+                commands: 2
+            }
+        );
+        assert_eq!(s.commands_to_ram.extra_commands(), 1);
         let mut sum = s;
         sum.merge(&s);
         assert_eq!(sum.total_faults(), 4);
         assert_eq!(sum.total_commands(), 4);
+        assert_eq!(sum.total_limited_calls(), 2);
         let table = s.to_string();
         assert!(table.contains("us per fault"), "{table}");
         assert!(table.contains("50.0"), "{table}");
+        assert!(
+            table.contains("copy_to_ram 1 calls as 2 commands"),
+            "{table}"
+        );
         c.reset();
         assert_eq!(c.snapshot(), Stats::default());
     }

@@ -64,7 +64,10 @@ impl Svm {
         self.inner.devices().iter().map(|(d, _)| *d).collect()
     }
 
-    /// The statistics of `device` (zeros for a device the context does not know).
+    /// The statistics only the SVM layer knows of `device` (zeros for a device the context
+    /// does not know): faults, the fault handler's moves, page tables, the copy policy's
+    /// decisions. What moved where (bytes, calls, device time per link), failures by kind
+    /// and memory use are the address space's: [`AddressSpace::stats`] on [`Svm::mm`].
     pub fn stats(&self, device: DeviceId) -> Stats {
         self.inner
             .devices()
@@ -83,11 +86,13 @@ impl Svm {
         s
     }
 
-    /// Sets every counter back to zero.
+    /// Sets every counter back to zero: the context's own and the address space's
+    /// ([`AddressSpace::reset_stats`]; its gauges stay).
     pub fn reset_stats(&self) {
         for (_, c) in self.inner.devices() {
             c.reset();
         }
+        self.inner.mm.reset_stats();
     }
 
     /// The device-memory accounting of `pagemap`.

@@ -12,7 +12,7 @@ use common::*;
 use drm_pagemap_core::{
     AddressSpace, Backend, BackendError, CopyCaps, CopyOp, CopyRequest, DevmemBacking, DevmemOps,
     Direction, DmaAddr, Fence, FenceTimeline, HostFence, MigrateDetails, NativeFenceKind,
-    NativeFenceKinds, PageSize, Pagemap, PagemapId, PagemapOps, Pfn, VaRange,
+    NativeFenceKinds, PageSize, Pagemap, PagemapId, PagemapOps, Pfn, VaRange, stats::Location,
 };
 use drm_pagemap_sim::{SimBackend, SimConfig};
 use drm_pagemap_testkit::fence::NativeTestFence as NativeGate;
@@ -33,22 +33,26 @@ fn large_migrations_reach_the_sim_as_the_core_made_them() {
             .unwrap();
         assert_eq!(r.calls.len(), 1, "one call from the engine");
         let s = rig.svm.stats(rig.vms[1].device());
-        assert_eq!(s.total_copy_calls(), 1);
-        assert_eq!(s.total_commands(), 1, "{pages} pages: the sim has no limit");
-        assert_eq!(s.copy_to_devmem[3].bytes, pages * K4);
+        assert_eq!(
+            (s.total_limited_calls(), s.total_commands()),
+            (0, 0),
+            "{pages} pages: the sim has no limit, the policy splits nothing"
+        );
+        // Counted once, by the core.
+        let (sys, pm1) = (Location::System, Location::Pagemap(1));
+        let core = rig.mm.stats().link(sys, pm1);
+        assert_eq!((core.calls, core.pages, core.bytes), (1, pages, pages * K4));
+        assert!(core.device_time_ns > 0, "{core:?}");
         let sim = rig.sim.stats(PagemapId(1)).unwrap();
         assert_eq!((sim.copy_to_devmem_calls, sim.pages_copied), (1, pages));
         // Evicting goes through the policy too (device 1 pushes its pages home).
         assert_eq!(rig.vms[1].evict_range(range).unwrap(), pages as usize);
-        let s = rig.svm.stats(rig.vms[1].device());
-        assert_eq!((s.copy_to_ram[3].calls, s.copy_to_ram[3].commands), (1, 1));
-        assert_eq!(s.copy_to_ram[3].bytes, pages * K4);
+        let back = rig.mm.stats().link(pm1, sys);
+        assert_eq!((back.calls, back.bytes), (1, pages * K4));
+        assert!(back.device_time_ns > 0, "{back:?}");
+        assert_eq!(rig.svm.stats(rig.vms[1].device()).total_commands(), 0);
         assert_eq!(rig.sim.stats(PagemapId(1)).unwrap().copy_to_ram_calls, 1);
         check(&rig.mm, range, pages as u8);
-        eventually("both copies timed", || {
-            let s = rig.svm.stats(rig.vms[1].device());
-            s.copy_to_devmem[3].micros > 0 && s.copy_to_ram[3].micros > 0
-        });
         assert_eq!(rig.svm.stats(rig.vms[1].device()).cpu_fence_waits.count, 0);
     }
 }
@@ -299,7 +303,7 @@ fn a_backend_without_a_limit_gets_exactly_the_core_calls() {
             "device {k}: one backend call per core call, whole"
         );
         let s = rig.svm.stats(rig.vms[k].device());
-        assert_eq!(s.total_commands(), s.total_copy_calls(), "device {k}");
+        assert_eq!(s.total_commands(), 0, "device {k}: nothing split");
     }
     check(&rig.mm, range, 1);
 }
@@ -334,7 +338,7 @@ fn a_backend_declaring_a_limit_gets_split_calls_ordered_behind_the_first() {
     check(&rig.mm, range, 2);
     let s = rig.svm.stats(rig.vms[0].device());
     assert_eq!(
-        (s.copy_to_devmem[3].calls, s.copy_to_devmem[3].commands),
+        (s.commands_to_devmem.calls, s.commands_to_devmem.commands),
         (1, 3)
     );
     // The read above brought the pages home through device 0: pieces of at most 8 MiB.
@@ -348,11 +352,17 @@ fn a_backend_declaring_a_limit_gets_split_calls_ordered_behind_the_first() {
         !back.is_empty() && back.iter().all(|&n| n <= 2048),
         "{back:?}"
     );
-    let calls: u64 = s.copy_to_ram.iter().map(|t| t.calls).sum();
-    let commands: u64 = s.copy_to_ram.iter().map(|t| t.commands).sum();
+    let (calls, commands) = (s.commands_to_ram.calls, s.commands_to_ram.commands);
     assert_eq!(commands, back.len() as u64);
     assert!(calls >= 1 && calls <= commands);
-    assert_eq!(s.copy_to_devmem[3].bytes, pages * K4);
+    // The core counts the engine's calls, not the pieces.
+    let core = rig.mm.stats();
+    let to0 = core.link(Location::System, Location::Pagemap(0));
+    assert_eq!((to0.calls, to0.bytes), (1, pages * K4));
+    assert_eq!(
+        core.link(Location::Pagemap(0), Location::System).calls,
+        calls
+    );
     assert_eq!((s.bridged_fences, s.cpu_fence_waits.count), (1, 0));
     assert_eq!(s.ordering_repairs, 0);
 }
@@ -398,14 +408,12 @@ fn pre_fences_reach_the_backend_unwaited_and_the_copy_orders_after_them() {
             "{gate:?}"
         );
         assert_eq!(s.cpu_fence_waits.count, 0, "{gate:?}");
-        assert_eq!(
-            (s.copy_to_devmem[2].calls, s.copy_to_devmem[2].commands),
-            (1, 1)
-        );
-        assert_eq!(s.copy_to_devmem[2].bytes, M2);
-        eventually("the copy timed", || {
-            rig.svm.stats(rig.vms[0].device()).copy_to_devmem[2].micros >= 20_000
-        });
+        assert_eq!(s.total_commands(), 0, "no limit: nothing split");
+        // The core timed the copy from its submission to the engine seeing it done: it
+        // waited for the gate.
+        let core = rig.mm.stats().link(Location::System, Location::Pagemap(0));
+        assert_eq!((core.calls, core.bytes), (1, M2), "{gate:?}");
+        assert!(core.device_time_ns >= 20_000_000, "{gate:?}: {core:?}");
         // The data landed after the re-clear: read back through the CPU path.
         check(&rig.mm, buf, 3);
     }

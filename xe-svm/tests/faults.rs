@@ -37,17 +37,18 @@ fn fault_migrates_from_system_then_is_valid_then_goes_stale() {
     )));
     // One copy_to_devmem call by device 0, one command (the pages are contiguous).
     let s = rig.svm.stats(vm.device());
-    assert_eq!(s.total_copy_calls(), 1);
-    assert_eq!(s.copy_to_devmem[2].calls, 1);
-    assert_eq!(s.copy_to_devmem[2].commands, 1);
-    assert_eq!(s.copy_to_devmem[2].bytes, M2);
+    let core = rig.mm.stats();
+    assert_eq!(all_calls(&rig.mm), 1);
+    let l = core.link(loc(None), loc(Some(0)));
+    assert_eq!((l.calls, l.bytes), (1, M2));
+    assert_eq!(s.total_commands(), 0, "the sim has no limit: nothing split");
     assert_eq!(s.to_device[2].count, 1);
     assert_eq!(s.to_device[2].bytes, M2);
     // Again: nothing to do.
     let r = vm.handle_gpu_fault(BASE + M2 + 5000, Access::Read).unwrap();
     assert_eq!(r.action, FaultAction::Valid);
     let s = rig.svm.stats(vm.device());
-    assert_eq!(s.total_copy_calls(), 1);
+    assert_eq!(all_calls(&rig.mm), 1);
     assert_eq!(s.valid_faults, 1);
     assert_eq!(s.total_faults(), 2);
     // The CPU takes one page back: the table is stale, data intact, and the next fault
@@ -155,7 +156,7 @@ fn system_preference_maps_system_pages() {
         }
     })
     .unwrap();
-    assert_eq!(rig.svm.stats(vm.device()).total_copy_calls(), 0);
+    assert_eq!(all_calls(&rig.mm), 0);
     // Device pages come home when the preference is system.
     let other = &rig.vms[2];
     other.handle_gpu_fault(BASE, Access::Write).unwrap();
@@ -176,7 +177,7 @@ fn peer_preference_maps_the_peer_and_sources_push_their_own_pages() {
     let buf = VaRange::new(BASE, M2);
     create(&rig.mm, buf, PageSize::Size4K);
     fill(&rig.mm, buf, 3);
-    let (vm0, vm1) = (&rig.vms[0], &rig.vms[1]);
+    let vm0 = &rig.vms[0];
     vm0.madvise(
         buf,
         Attributes {
@@ -189,27 +190,14 @@ fn peer_preference_maps_the_peer_and_sources_push_their_own_pages() {
     assert_eq!(r.target, Target::Device(PagemapId(1)));
     // Device 1 pulled the system pages into its memory; device 0 maps them remotely.
     check_page_table(&rig, vm0, BASE, Placement::Device(PagemapId(1)), None);
-    assert_eq!(rig.svm.stats(vm1.device()).copy_to_devmem[2].calls, 1);
-    assert_eq!(rig.svm.stats(vm0.device()).total_copy_calls(), 0);
+    assert_eq!(link_calls(&rig.mm, None, Some(1)), 1);
+    assert_eq!(all_calls(&rig.mm), 1, "device 0 copied nothing");
     // Device 2 faults: device 1 pushes its own pages (copy_to_ram), device 2 copies nothing.
-    let before1 = rig.svm.stats(vm1.device());
     let vm2 = &rig.vms[2];
     let r = vm2.handle_gpu_fault(BASE, Access::Write).unwrap();
     assert_eq!(r.action, FaultAction::Migrated { pages: 512 });
-    let after1 = rig.svm.stats(vm1.device());
-    assert_eq!(
-        after1.copy_to_ram[2].calls - before1.copy_to_ram[2].calls,
-        1
-    );
-    assert_eq!(
-        rig.svm
-            .stats(vm2.device())
-            .copy_to_devmem
-            .iter()
-            .map(|c| c.calls)
-            .sum::<u64>(),
-        0
-    );
+    assert_eq!(link_calls(&rig.mm, Some(1), Some(2)), 1, "the push");
+    assert_eq!(all_calls(&rig.mm), 2, "device 2 copied nothing else");
     check_page_table(&rig, vm2, BASE, Placement::Device(PagemapId(2)), None);
     // vm0's table is stale now; its next fault brings the pages back to pagemap 1.
     assert!(!vm0.is_valid(BASE));
@@ -234,21 +222,18 @@ fn mixed_sources_one_call_per_executor() {
     rig.mm
         .migrate(VaRange::new(BASE + 8 * K64, K64), PagemapId(2), &d)
         .unwrap();
-    let before: Vec<_> = rig.vms.iter().map(|v| rig.svm.stats(v.device())).collect();
+    rig.svm.reset_stats();
     let r = rig.vms[0].handle_gpu_fault(BASE, Access::Write).unwrap();
     assert_eq!(r.action, FaultAction::Migrated { pages: 512 });
-    let delta = |d: usize, op: usize| {
-        let a = rig.svm.stats(rig.vms[d].device());
-        let (x, y) = if op == 0 {
-            (a.copy_to_devmem, before[d].copy_to_devmem)
-        } else {
-            (a.copy_to_ram, before[d].copy_to_ram)
-        };
-        x.iter().map(|c| c.calls).sum::<u64>() - y.iter().map(|c| c.calls).sum::<u64>()
-    };
-    assert_eq!(delta(0, 0), 1, "device 0 pulls the system pages once");
-    assert_eq!(delta(1, 1), 1, "device 1 pushes its pages");
-    assert_eq!(delta(2, 1), 1, "device 2 pushes its pages");
+    let calls = |from, to| link_calls(&rig.mm, from, to);
+    assert_eq!(
+        calls(None, Some(0)),
+        1,
+        "device 0 pulls the system pages once"
+    );
+    assert_eq!(calls(Some(1), Some(0)), 1, "device 1 pushes its pages");
+    assert_eq!(calls(Some(2), Some(0)), 1, "device 2 pushes its pages");
+    assert_eq!(all_calls(&rig.mm), 3);
     check_page_table(
         &rig,
         &rig.vms[0],

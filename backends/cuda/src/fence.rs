@@ -185,6 +185,34 @@ impl FenceOps for CudaFence {
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
+        // A trace span (its duration is the wait's, for a subscriber that times spans);
+        // nothing is done without one.
+        let span = tracing::trace_span!(
+            target: "drm_pagemap::cuda",
+            "fence_wait",
+            device = self.device.0,
+            seqno = self.seqno,
+            outcome = tracing::field::Empty,
+        );
+        let _in = span.enter();
+        let r = self.wait_untraced(timeout);
+        span.record("outcome", wait_outcome(&r));
+        r
+    }
+}
+
+/// The `outcome` field of a fence wait's span.
+pub(crate) fn wait_outcome(r: &Result<(), FenceError>) -> &'static str {
+    match r {
+        Ok(()) => "signaled",
+        Err(FenceError::Failed(_)) => "failed",
+        Err(FenceError::Timeout(_)) => "timeout",
+    }
+}
+
+impl CudaFence {
+    /// [`FenceOps::wait`] without its span.
+    fn wait_untraced(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
         let done = |r: Result<(), BackendError>| r.map_err(FenceError::Failed);
         if let Some(r) = self.poll() {
             return done(r);
@@ -231,7 +259,7 @@ impl FenceOps for CudaFence {
             }
             // Deferred work queued meanwhile: block in the driver instead of polling.
             if timeout.is_none() && self.event.get().is_some() {
-                return self.wait(None);
+                return self.wait_untraced(None);
             }
         }
     }

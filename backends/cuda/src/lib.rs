@@ -453,6 +453,7 @@ impl Backend for CudaBackend {
             self.host.clone(),
             capacity,
             &self.config,
+            spec.id,
         )?);
         pm.set_self();
         self.pagemaps

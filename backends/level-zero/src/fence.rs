@@ -167,6 +167,46 @@ impl FenceOps for ZeFence {
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
+        // A trace span (its duration is the wait's, for a subscriber that times spans);
+        // nothing is done without one.
+        let span = tracing::trace_span!(
+            target: "drm_pagemap::level_zero",
+            "fence_wait",
+            device = self.device.0,
+            seqno = self.seqno,
+            outcome = tracing::field::Empty,
+        );
+        let _in = span.enter();
+        let r = self.wait_untraced(timeout);
+        span.record(
+            "outcome",
+            match &r {
+                Ok(()) => "signaled",
+                Err(FenceError::Failed(_)) => "failed",
+                Err(FenceError::Timeout(_)) => "timeout",
+            },
+        );
+        r
+    }
+
+    fn native(&self) -> Option<NativeFence> {
+        let ev = self.event.as_ref()?;
+        Some(NativeFence {
+            kind: NativeFenceKind::LEVEL_ZERO_EVENT,
+            flags: if self.deps.is_empty() && self.forced.is_none() {
+                NativeFence::COMPLETE
+            } else {
+                0
+            },
+            domain: ev.ctx().handle.as_u64(),
+            handle: ev.handle.as_u64(),
+        })
+    }
+}
+
+impl ZeFence {
+    /// [`FenceOps::wait`] without its span.
+    fn wait_untraced(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
         let done = |r: Result<(), BackendError>| r.map_err(FenceError::Failed);
         if let Some(r) = self.poll() {
             return done(r);
@@ -188,20 +228,6 @@ impl FenceOps for ZeFence {
             }
         }
         done(self.settle().unwrap_or(Ok(())))
-    }
-
-    fn native(&self) -> Option<NativeFence> {
-        let ev = self.event.as_ref()?;
-        Some(NativeFence {
-            kind: NativeFenceKind::LEVEL_ZERO_EVENT,
-            flags: if self.deps.is_empty() && self.forced.is_none() {
-                NativeFence::COMPLETE
-            } else {
-                0
-            },
-            domain: ev.ctx().handle.as_u64(),
-            handle: ev.handle.as_u64(),
-        })
     }
 }
 

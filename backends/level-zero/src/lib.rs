@@ -525,6 +525,7 @@ impl Backend for LevelZeroBackend {
             reach,
             self.config.regular_list_min_runs,
             self.config.clear_on_free,
+            spec.id,
         )?);
         self.pagemaps
             .lock()

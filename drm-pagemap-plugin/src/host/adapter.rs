@@ -323,6 +323,9 @@ impl Backend for PluginBackend {
             caps,
             what: Arc::from(what),
             backend: self.handle.clone(),
+            plugin: self.name,
+            pagemap: spec.id.0,
+            device: out.device,
         });
         Ok(Pagemap::new(
             spec.id,
@@ -549,7 +552,14 @@ struct PluginPagemap {
     caps: CopyCaps,
     what: Arc<str>,
     backend: Arc<BackendHandle>,
+    /// The plug-in's name, the pagemap's id and its device's (for `tracing` fields).
+    plugin: &'static str,
+    pagemap: u8,
+    device: u32,
 }
+
+/// The `tracing` target of the host's calls into plug-ins.
+const TARGET: &str = "drm_pagemap::plugin";
 
 // SAFETY: the ABI requires every pagemap entry to accept calls from any thread.
 unsafe impl Send for PluginPagemap {}
@@ -583,7 +593,38 @@ impl PluginPagemap {
         }
     }
 
+    /// A copy call into the plug-in inside a `debug` span `submit` (target
+    /// `drm_pagemap::plugin`: plugin, pagemap, device, op, pages, bytes, outcome `queued`
+    /// or `failed`).
     fn copy(&self, req: &CopyRequest<'_>, to_ram: bool) -> Result<Fence, BackendError> {
+        // Lazy fields: nothing is computed or formatted unless a subscriber wants the span.
+        let span = tracing::debug_span!(
+            target: TARGET,
+            "submit",
+            plugin = self.plugin,
+            pagemap = self.pagemap,
+            device = self.device,
+            op = if to_ram { "copy_to_ram" } else { "copy_to_devmem" },
+            pages = req.pages.len(),
+            bytes = req.addrs.iter().filter(|a| !a.is_none()).count() as u64
+                * req.page_size.bytes(),
+            outcome = tracing::field::Empty,
+        );
+        let _in = span.enter();
+        let r = self.copy_untraced(req, to_ram);
+        match &r {
+            Ok(_) => {
+                span.record("outcome", "queued");
+            }
+            Err(e) => {
+                span.record("outcome", "failed");
+                tracing::debug!(target: TARGET, error = %e, "copy refused");
+            }
+        }
+        r
+    }
+
+    fn copy_untraced(&self, req: &CopyRequest<'_>, to_ram: bool) -> Result<Fence, BackendError> {
         let entry = if to_ram {
             "copy_to_ram"
         } else {
@@ -622,6 +663,58 @@ impl PluginPagemap {
         }
         // SAFETY: the plug-in's new reference (the ABI).
         unsafe { fence::import(out, self.what.clone(), self.keep()) }
+    }
+}
+
+impl PluginPagemap {
+    fn allocate_untraced(
+        &self,
+        npages: usize,
+        page_size: PageSize,
+    ) -> Result<DevmemBacking, BackendError> {
+        let mut out = DppDevmemBacking {
+            cookie: 0,
+            npages: 0,
+            page_size: 0,
+            pre_migrate_fence: DppFence::NONE,
+        };
+        let mut err = DppError::empty();
+        // SAFETY: a checked entry; `out` is writable.
+        let s = unsafe {
+            self.dops.allocate.unwrap_unchecked()(
+                self.obj,
+                npages as u64,
+                page_size.bytes(),
+                &mut out,
+                &mut err,
+            )
+        };
+        if s != DPP_OK {
+            return Err(self.error(s, &err, "allocate"));
+        }
+        let pre_migrate_fence = if out.pre_migrate_fence.obj.is_null() {
+            None
+        } else {
+            // SAFETY: the plug-in's new reference (the ABI).
+            match unsafe { fence::import(out.pre_migrate_fence, self.what.clone(), self.keep()) } {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    let raw = DppDevmemBacking {
+                        pre_migrate_fence: DppFence::NONE,
+                        ..out
+                    };
+                    // SAFETY: a checked entry: the allocation is given back, unused.
+                    unsafe { self.dops.devmem_release.unwrap_unchecked()(self.obj, &raw) };
+                    return Err(e);
+                }
+            }
+        };
+        Ok(DevmemBacking {
+            cookie: out.cookie,
+            npages,
+            page_size,
+            pre_migrate_fence,
+        })
     }
 }
 
@@ -683,49 +776,20 @@ impl PagemapOps for PluginPagemap {
 
 impl DevmemOps for PluginPagemap {
     fn allocate(&self, npages: usize, page_size: PageSize) -> Result<DevmemBacking, BackendError> {
-        let mut out = DppDevmemBacking {
-            cookie: 0,
-            npages: 0,
-            page_size: 0,
-            pre_migrate_fence: DppFence::NONE,
-        };
-        let mut err = DppError::empty();
-        // SAFETY: a checked entry; `out` is writable.
-        let s = unsafe {
-            self.dops.allocate.unwrap_unchecked()(
-                self.obj,
-                npages as u64,
-                page_size.bytes(),
-                &mut out,
-                &mut err,
-            )
-        };
-        if s != DPP_OK {
-            return Err(self.error(s, &err, "allocate"));
-        }
-        let pre_migrate_fence = if out.pre_migrate_fence.obj.is_null() {
-            None
-        } else {
-            // SAFETY: the plug-in's new reference (the ABI).
-            match unsafe { fence::import(out.pre_migrate_fence, self.what.clone(), self.keep()) } {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    let raw = DppDevmemBacking {
-                        pre_migrate_fence: DppFence::NONE,
-                        ..out
-                    };
-                    // SAFETY: a checked entry: the allocation is given back, unused.
-                    unsafe { self.dops.devmem_release.unwrap_unchecked()(self.obj, &raw) };
-                    return Err(e);
-                }
-            }
-        };
-        Ok(DevmemBacking {
-            cookie: out.cookie,
-            npages,
-            page_size,
-            pre_migrate_fence,
-        })
+        let r = self.allocate_untraced(npages, page_size);
+        tracing::debug!(
+            target: TARGET,
+            plugin = self.plugin,
+            pagemap = self.pagemap,
+            device = self.device,
+            op = "allocate",
+            pages = npages,
+            bytes = npages as u64 * page_size.bytes(),
+            outcome = if r.is_ok() { "allocated" } else { "failed" },
+            error = r.as_ref().err().map(tracing::field::display),
+            "allocate"
+        );
+        r
     }
 
     fn populate_devmem_pfn(

@@ -134,8 +134,32 @@ pub fn find(name: &str) -> Option<Arc<Plugin>> {
 /// Loads the plug-in at `path` (or returns the one loaded from it before) and checks its
 /// table. Calls nothing in the library but its entry symbol; [`Plugin::probe`] says whether
 /// it can be used here.
+///
+/// A rejection is a `warn` event (target `drm_pagemap::plugin`: path, reason); a load a
+/// `debug` event (path, plugin).
 pub fn load(path: impl AsRef<Path>) -> Result<Arc<Plugin>, LoadError> {
     let path = path.as_ref();
+    let r = load_untraced(path);
+    match &r {
+        Ok(p) => tracing::debug!(
+            target: "drm_pagemap::plugin",
+            path = %path.display(),
+            plugin = p.name,
+            outcome = "loaded",
+            "plug-in loaded"
+        ),
+        Err(e) => tracing::warn!(
+            target: "drm_pagemap::plugin",
+            path = %path.display(),
+            reason = %e,
+            outcome = "rejected",
+            "plug-in rejected"
+        ),
+    }
+    r
+}
+
+fn load_untraced(path: &Path) -> Result<Arc<Plugin>, LoadError> {
     if !path.exists() {
         return Err(LoadError::FileMissing(path.to_path_buf()));
     }
@@ -248,8 +272,24 @@ impl Plugin {
         self.is_gpu
     }
 
-    /// Whether it can be used here: its `probe`.
+    /// Whether it can be used here: its `probe`. A refusal is a `warn` event (target
+    /// `drm_pagemap::plugin`: plugin, path, reason).
     pub fn probe(&self) -> Result<(), LoadError> {
+        let r = self.probe_untraced();
+        if let Err(e) = &r {
+            tracing::warn!(
+                target: "drm_pagemap::plugin",
+                plugin = self.name,
+                path = %self.path.display(),
+                reason = %e,
+                outcome = "unavailable",
+                "plug-in probe refused"
+            );
+        }
+        r
+    }
+
+    fn probe_untraced(&self) -> Result<(), LoadError> {
         let mut err = DppError::empty();
         let probe = self.table.probe.ok_or(LoadError::MissingEntry("probe"))?;
         // SAFETY: a checked entry; the services are static; `err` is writable.
@@ -271,7 +311,8 @@ impl Plugin {
     }
 
     /// Opens the backend with `config` (every option is passed; the plug-in reads the keys
-    /// under its name and refuses unknown ones).
+    /// under its name and refuses unknown ones). A refusal is a `warn` event (target
+    /// `drm_pagemap::plugin`: plugin, reason).
     pub fn open(
         self: &Arc<Self>,
         config: &BackendConfig,
@@ -281,8 +322,18 @@ impl Plugin {
                 BackendErrorKind::Unavailable,
                 "a required entry missing: `open`",
             )
-        })?;
-        adapter::open(self.clone(), open, config)
+        });
+        let r = open.and_then(|open| adapter::open(self.clone(), open, config));
+        if let Err(e) = &r {
+            tracing::warn!(
+                target: "drm_pagemap::plugin",
+                plugin = self.name,
+                reason = %e,
+                outcome = "refused",
+                "plug-in open refused"
+            );
+        }
+        r
     }
 }
 

@@ -174,3 +174,21 @@ pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Where copies read or wrote, as the core's statistics name it.
+pub fn loc(pagemap: Option<u8>) -> drm_pagemap_core::stats::Location {
+    match pagemap {
+        None => drm_pagemap_core::stats::Location::System,
+        Some(p) => drm_pagemap_core::stats::Location::Pagemap(p),
+    }
+}
+
+/// Copy calls the core counted from `from` to `to` (`None`: system memory).
+pub fn link_calls(mm: &AddressSpace, from: Option<u8>, to: Option<u8>) -> u64 {
+    mm.stats().link(loc(from), loc(to)).calls
+}
+
+/// Copy calls the core counted in all.
+pub fn all_calls(mm: &AddressSpace) -> u64 {
+    mm.stats().links.iter().map(|l| l.calls).sum()
+}

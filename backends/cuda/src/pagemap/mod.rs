@@ -156,6 +156,8 @@ pub struct CudaPagemap {
     dma_min_device: AtomicU64,
     clear_on_free: bool,
     counters: Counters,
+    /// The pagemap's id (for `tracing` fields).
+    pagemap: u8,
 }
 
 impl std::fmt::Debug for CudaPagemap {
@@ -176,6 +178,7 @@ impl CudaPagemap {
         host: Arc<PinnedHostMemory>,
         capacity: u64,
         config: &crate::CudaConfig,
+        pagemap: drm_pagemap_core::PagemapId,
     ) -> Result<CudaPagemap, BackendError> {
         let capacity = capacity / PageSize::Size2M.bytes() * PageSize::Size2M.bytes();
         if capacity == 0 || capacity / GRANULE > u32::MAX as u64 {
@@ -256,6 +259,7 @@ impl CudaPagemap {
             dma_min_device: AtomicU64::new(config.dma_min_device),
             clear_on_free: config.clear_on_free,
             counters: Counters::default(),
+            pagemap: pagemap.0,
         })
     }
 

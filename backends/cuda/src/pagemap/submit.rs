@@ -12,8 +12,8 @@ use crate::fence::CudaFence;
 use crate::kernel::{Kernels, SMALL_ENTRIES, SmallLists};
 use crate::plan;
 use drm_pagemap_core::{
-    BackendError, BackendErrorKind, CopyRequest, Dependencies, Fence, FenceContext, GRANULE,
-    NativeFence, NativeFenceKind, NativeWait, sort_dependencies,
+    BackendError, BackendErrorKind, CopyOp, CopyRequest, Dependencies, Fence, FenceContext,
+    GRANULE, NativeFence, NativeFenceKind, NativeWait, sort_dependencies,
 };
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -145,6 +145,15 @@ impl CudaPagemap {
                 )
             })?;
         self.counters.cpu_waits.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            target: "drm_pagemap::cuda",
+            pagemap = self.pagemap,
+            device = self.device.id.0,
+            op = ?if to_own { CopyOp::ToDevmem } else { CopyOp::ToRam },
+            pages = req.pages.len(),
+            host_fences = deps.host.len(),
+            "copy deferred behind host fences"
+        );
         let all: Vec<Fence> = deps
             .device
             .iter()
@@ -193,6 +202,43 @@ impl CudaPagemap {
     /// Queues the copy on the stream and records its event: [`Self::queue_copy`], then
     /// [`Self::record_submission`], draining the stream if that failed after queuing work.
     fn submit_locked(
+        &self,
+        sub: &mut Submit,
+        req: &CopyRequest<'_>,
+        to_own: bool,
+        split: &plan::Split,
+        device_waits: &[(Fence, NativeFence)],
+    ) -> Result<Arc<Event>, BackendError> {
+        // Lazy fields: nothing is computed or formatted unless a subscriber wants the span.
+        let span = tracing::debug_span!(
+            target: "drm_pagemap::cuda",
+            "submit",
+            pagemap = self.pagemap,
+            device = self.device.id.0,
+            op = ?if to_own { CopyOp::ToDevmem } else { CopyOp::ToRam },
+            pages = req.pages.len(),
+            bytes = split.live_entries as u64 * req.page_size.bytes(),
+            runs = split.dma.len(),
+            kernel_entries = split.kernel_entries,
+            waits = device_waits.len(),
+            outcome = tracing::field::Empty,
+        );
+        let _in = span.enter();
+        let r = self.submit_in_span(sub, req, to_own, split, device_waits);
+        match &r {
+            Ok(_) => {
+                span.record("outcome", "queued");
+            }
+            Err(e) => {
+                span.record("outcome", "failed");
+                tracing::debug!(target: "drm_pagemap::cuda", error = %e, "submission failed");
+            }
+        }
+        r
+    }
+
+    /// [`Self::submit_locked`] inside its span.
+    fn submit_in_span(
         &self,
         sub: &mut Submit,
         req: &CopyRequest<'_>,

@@ -118,6 +118,17 @@ pub struct ZePagemap {
     timeline: FenceTimeline,
     regular_min_runs: usize,
     counters: Counters,
+    /// The pagemap's id (for `tracing` fields).
+    pagemap: u8,
+}
+
+/// What a submission is, for its `tracing` span: the operation (`copy_to_devmem`,
+/// `copy_to_ram`, `clear`, `clear_on_free`) and the pages it moves or clears.
+#[derive(Clone, Copy)]
+pub(crate) struct Traced {
+    pub op: &'static str,
+    pub pages: usize,
+    pub page_size: PageSize,
 }
 
 impl std::fmt::Debug for ZePagemap {
@@ -136,6 +147,7 @@ impl ZePagemap {
         reach: Vec<bool>,
         regular_min_runs: usize,
         clear_on_free: bool,
+        pagemap: drm_pagemap_core::PagemapId,
     ) -> Result<ZePagemap, BackendError> {
         let index = device.next_queue();
         let engine = Engine::new(
@@ -161,6 +173,7 @@ impl ZePagemap {
             timeline: FenceTimeline::new(),
             regular_min_runs: regular_min_runs.max(1),
             counters: Counters::default(),
+            pagemap: pagemap.0,
         })
     }
 
@@ -273,7 +286,14 @@ impl ZePagemap {
                 a.starts.len()
             )
             .to_string();
-            if let Ok((signal, forced)) = self.submit_ops(&ops, &mut [], Vec::new(), None, &what) {
+            let traced = Traced {
+                op: "clear_on_free",
+                pages: a.starts.len(),
+                page_size,
+            };
+            if let Ok((signal, forced)) =
+                self.submit_ops(&ops, &mut [], Vec::new(), None, &what, traced)
+            {
                 self.counters.free_clears.fetch_add(1, Ordering::Relaxed);
                 let fence = ZeFence::new(self.seq(), self.device.id, signal, Vec::new(), forced);
                 self.parked.lock().unwrap_or_else(|p| p.into_inner()).push((
@@ -307,7 +327,9 @@ impl ZePagemap {
             .map_err(|f| f.about(format_args!("{}: event for {what}", self.device.id)))
     }
 
-    /// Submits `ops` on the engine after `waits`, keeping `keep` and `bridge` until done.
+    /// Submits `ops` on the engine after `waits`, keeping `keep` and `bridge` until done,
+    /// inside a `debug` span `submit` (target `drm_pagemap::level_zero`: pagemap, device,
+    /// op, pages, bytes, runs, waits, list kind, outcome `queued`, `partial` or `failed`).
     /// `Ok`: the call's event and, if it was queued only in part, the error its fence must
     /// fail with once the event signals.
     #[allow(clippy::too_many_arguments)]
@@ -318,9 +340,52 @@ impl ZePagemap {
         keep: Vec<Fence>,
         bridge: Option<Arc<EventSlot>>,
         what: &dyn std::fmt::Display,
+        traced: Traced,
+    ) -> Result<(Arc<EventSlot>, Option<BackendError>), BackendError> {
+        let regular = ops.len() >= self.regular_min_runs;
+        // Lazy fields: nothing is computed or formatted unless a subscriber wants the span.
+        let span = tracing::debug_span!(
+            target: "drm_pagemap::level_zero",
+            "submit",
+            pagemap = self.pagemap,
+            device = self.device.id.0,
+            op = traced.op,
+            pages = traced.pages,
+            bytes = traced.pages as u64 * traced.page_size.bytes(),
+            runs = ops.len(),
+            waits = waits.len(),
+            list = if regular { "regular" } else { "immediate" },
+            outcome = tracing::field::Empty,
+        );
+        let _in = span.enter();
+        let r = self.submit_in_span(ops, waits, keep, bridge, what, regular);
+        match &r {
+            Ok((_, None)) => {
+                span.record("outcome", "queued");
+            }
+            Ok((_, Some(e))) => {
+                span.record("outcome", "partial");
+                tracing::debug!(target: "drm_pagemap::level_zero", error = %e, "queued in part");
+            }
+            Err(e) => {
+                span.record("outcome", "failed");
+                tracing::debug!(target: "drm_pagemap::level_zero", error = %e, "submission failed");
+            }
+        }
+        r
+    }
+
+    /// [`Self::submit_ops`] inside its span.
+    fn submit_in_span(
+        &self,
+        ops: &[Op],
+        waits: &mut [crate::ze::EventHandle],
+        keep: Vec<Fence>,
+        bridge: Option<Arc<EventSlot>>,
+        what: &dyn std::fmt::Display,
+        regular: bool,
     ) -> Result<(Arc<EventSlot>, Option<BackendError>), BackendError> {
         let signal = self.event("a call")?;
-        let regular = ops.len() >= self.regular_min_runs;
         let mut eng = self.lock_engine();
         eng.reap();
         // SAFETY: own pages lie in backed chunks (checked when planned); other addresses
@@ -470,7 +535,13 @@ impl DevmemOps for ZePagemap {
                 starts.first().copied().unwrap_or(0)
             )
             .to_string();
-            let (signal, forced) = match self.submit_ops(&ops, &mut [], Vec::new(), None, &what) {
+            let traced = Traced {
+                op: "clear",
+                pages: npages,
+                page_size,
+            };
+            let submitted = self.submit_ops(&ops, &mut [], Vec::new(), None, &what, traced);
+            let (signal, forced) = match submitted {
                 Ok(x) => x,
                 Err(e) => return Err(give_back(e, &starts)),
             };

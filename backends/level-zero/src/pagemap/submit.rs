@@ -129,6 +129,11 @@ impl ZePagemap {
                 self.device.id,
                 ops.len()
             ),
+            super::Traced {
+                op,
+                pages,
+                page_size: req.page_size,
+            },
         )?;
         if let Some(b) = bridge {
             self.counters.host_bridges.fetch_add(1, Ordering::Relaxed);
