@@ -1,0 +1,385 @@
+//! Pointer ranges on the simulated backend: loads and stores through the pointer while the
+//! engine migrates and evicts the same pages.
+
+use drm_pagemap_core::{
+    AddressSpace, Backend, MigrateDetails, PageLocation, PageSize, PagemapId, VaRange,
+};
+use drm_pagemap_sim::{SimBackend, SimConfig};
+use drm_pagemap_uffd::{MemfdMemory, PointerSpace, UffdConfig, UffdError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+struct Rig {
+    _sim: SimBackend,
+    mm: Arc<AddressSpace>,
+    mem: Arc<MemfdMemory>,
+    space: Arc<PointerSpace>,
+}
+
+fn rig(devices: usize, config: UffdConfig) -> Rig {
+    let mem = Arc::new(MemfdMemory::new(256 << 20).unwrap());
+    let sim = SimBackend::new(SimConfig {
+        devices,
+        device_capacity: 256 << 20,
+        host_bytes: Some(mem.clone()),
+        ..SimConfig::default()
+    })
+    .unwrap();
+    let mm = Arc::new(AddressSpace::new(sim.host_memory()));
+    for pm in sim.pagemap_per_device().unwrap() {
+        mm.add_pagemap(pm).unwrap();
+    }
+    let space = PointerSpace::new(mm.clone(), mem.clone(), config).unwrap();
+    Rig {
+        _sim: sim,
+        mm,
+        mem,
+        space,
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it has not finished within `limit` (a hang
+/// of the fault handler would otherwise hang the test run); a panic of `f` is the test's.
+fn watchdog<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let t = std::thread::spawn(f);
+    let end = Instant::now() + limit;
+    while !t.is_finished() {
+        assert!(
+            Instant::now() < end,
+            "watchdog: not finished within {limit:?} (deadlock?)"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Skips (one line) where this machine has no usable userfaultfd.
+fn available() -> bool {
+    let r = rig(1, UffdConfig::default());
+    match r.space.create_range(4096, PageSize::Size4K) {
+        Ok(_) => true,
+        Err(e @ (UffdError::Unavailable { .. } | UffdError::MissingFeature { .. })) => {
+            println!("skipped: {e}");
+            false
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn stores_survive_a_round_trip_through_a_device_and_fault_home() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        let r = rig(2, UffdConfig::default());
+        let pages = 64u64;
+        let pr = r
+            .space
+            .create_range(pages * 4096, PageSize::Size4K)
+            .unwrap();
+        let words = pages * 512;
+        for i in 0..words {
+            pr.word(i).unwrap().store(i * 7 + 1, Ordering::Relaxed);
+        }
+        // The explicit API sees the pointer's stores: the same frames.
+        let mut b = [0u8; 8];
+        r.mm.read(pr.range().start + 8 * 100, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 701);
+        let allocated = r.mem.allocated_bytes();
+        assert!(allocated >= pages * 4096, "{allocated}");
+        let d = MigrateDetails::default();
+        r.mm.migrate(pr.range(), PagemapId(0), &d).unwrap();
+        assert!(matches!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::Device { .. }
+        ));
+        // Device-resident pages hold no host memory.
+        assert!(
+            r.mem.allocated_bytes() <= allocated - pages * 4096,
+            "{} of {allocated} bytes still allocated",
+            r.mem.allocated_bytes()
+        );
+        // Device to device, then loads through the pointer fault every page home.
+        r.mm.migrate(pr.range(), PagemapId(1), &d).unwrap();
+        let served = r.space.fault_stats().served;
+        for i in 0..words {
+            assert_eq!(
+                pr.word(i).unwrap().load(Ordering::Relaxed),
+                i * 7 + 1,
+                "word {i}"
+            );
+        }
+        assert!(r.space.fault_stats().served >= served + pages);
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::System
+        );
+        assert_eq!(
+            r.space.fault_stats().errors,
+            0,
+            "{:?}",
+            r.space.last_fault_error()
+        );
+    });
+}
+
+#[test]
+fn first_touch_reads_zero_and_populates() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(30), || {
+        let r = rig(1, UffdConfig::default());
+        let pr = r.space.create_range(16 * 4096, PageSize::Size4K).unwrap();
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::Unpopulated
+        );
+        // Dirty the pool first: a fresh frame must still read zero through the pointer.
+        let junk = r.space.create_range(16 * 4096, PageSize::Size4K).unwrap();
+        for i in 0..16 * 512 {
+            junk.word(i).unwrap().store(u64::MAX, Ordering::Relaxed);
+        }
+        drop(junk);
+        for i in 0..16 * 512 {
+            assert_eq!(pr.word(i).unwrap().load(Ordering::Relaxed), 0, "word {i}");
+        }
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::System
+        );
+        // A store after a load lands (the page is mapped writable).
+        pr.word(3).unwrap().store(5, Ordering::Relaxed);
+        let mut b = [0u8; 8];
+        r.mm.read(pr.range().start + 24, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 5);
+    });
+}
+
+#[test]
+fn two_mib_pages_round_trip() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        let r = rig(1, UffdConfig::default());
+        let pr = r.space.create_range(4 << 20, PageSize::Size2M).unwrap();
+        assert_eq!(pr.range().start % (2 << 20), 0);
+        let words = (4 << 20) / 8;
+        for i in (0..words).step_by(61) {
+            pr.word(i).unwrap().store(!i, Ordering::Relaxed);
+        }
+        r.mm.migrate(pr.range(), PagemapId(0), &MigrateDetails::default())
+            .unwrap();
+        for i in (0..words).step_by(61) {
+            assert_eq!(pr.word(i).unwrap().load(Ordering::Relaxed), !i);
+        }
+    });
+}
+
+#[test]
+fn many_threads_store_and_load_while_others_migrate_and_evict() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(120), || {
+        let r = rig(3, UffdConfig::default());
+        let pages = 32u64;
+        let pr = Arc::new(
+            r.space
+                .create_range(pages * 4096, PageSize::Size4K)
+                .unwrap(),
+        );
+        let writers = 4u64;
+        let rounds = 400u64;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let start = Arc::new(Barrier::new(writers as usize + 2));
+        let mut threads = Vec::new();
+        // Writer w owns the words w, w + writers, ... of every page (its model is exact):
+        // each round it stores round+1 into its word of a page, then loads it back.
+        for w in 0..writers {
+            let (pr, start) = (pr.clone(), start.clone());
+            threads.push(std::thread::spawn(move || {
+                start.wait();
+                for round in 0..rounds {
+                    for p in 0..pages {
+                        let i = p * 512 + w + writers * (round % 8);
+                        let v = (w << 32) | (round + 1);
+                        pr.word(i).unwrap().store(v, Ordering::Relaxed);
+                        assert_eq!(pr.word(i).unwrap().load(Ordering::Relaxed), v);
+                    }
+                }
+            }));
+        }
+        // Movers: migrate the whole range and halves of it between devices, and evict.
+        for m in 0..2u64 {
+            let (mm, pr, start, stop) = (r.mm.clone(), pr.clone(), start.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                start.wait();
+                let d = MigrateDetails::default();
+                let mut k = m;
+                while !stop.load(Ordering::Relaxed) {
+                    let half = pr.len() / 2;
+                    let target = match k % 3 {
+                        0 => pr.range(),
+                        1 => VaRange::new(pr.range().start, half),
+                        _ => VaRange::new(pr.range().start + half, half),
+                    };
+                    if let Ok(rep) = mm.migrate(target, PagemapId((k % 3) as u8), &d)
+                        && k % 4 == 1
+                        && let Some(a) = rep.alloc
+                    {
+                        let _ = mm.evict_to_ram(a);
+                    }
+                    k += 1;
+                }
+            }));
+        }
+        let movers = threads.split_off(writers as usize);
+        for t in threads {
+            t.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in movers {
+            t.join().unwrap();
+        }
+        // The model: every writer's last store of each of its 8 slots per page.
+        for w in 0..writers {
+            for slot in 0..8u64 {
+                let last = (0..rounds).rev().find(|r| r % 8 == slot).unwrap();
+                for p in 0..pages {
+                    let i = p * 512 + w + writers * slot;
+                    let want = (w << 32) | (last + 1);
+                    assert_eq!(
+                        pr.word(i).unwrap().load(Ordering::Relaxed),
+                        want,
+                        "page {p} word {i}"
+                    );
+                    let mut b = [0u8; 8];
+                    r.mm.read(pr.range().start + i * 8, &mut b).unwrap();
+                    assert_eq!(u64::from_le_bytes(b), want);
+                }
+            }
+        }
+        assert_eq!(
+            r.space.fault_stats().errors,
+            0,
+            "{:?}",
+            r.space.last_fault_error()
+        );
+    });
+}
+
+#[test]
+fn userfaultfd_unavailable_is_a_typed_error_and_the_explicit_api_works() {
+    let r = rig(
+        1,
+        UffdConfig {
+            inject_open_errno: Some(libc_eperm()),
+            ..UffdConfig::default()
+        },
+    );
+    let e = r.space.create_range(4096, PageSize::Size4K).unwrap_err();
+    assert!(
+        matches!(e, UffdError::Unavailable { step: "open", .. }),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("explicit read/write API still works"),
+        "{e}"
+    );
+    assert_eq!(r.space.range_count(), 0);
+    let va = VaRange::new(1 << 40, 4 * 4096);
+    r.mm.create_range(va, PageSize::Size4K).unwrap();
+    r.mm.write(va.start, &[9u8; 100]).unwrap();
+    r.mm.migrate(va, PagemapId(0), &MigrateDetails::default())
+        .unwrap();
+    let mut b = [0u8; 100];
+    r.mm.read(va.start, &mut b).unwrap();
+    assert_eq!(b, [9u8; 100]);
+}
+
+#[test]
+fn a_range_that_could_exceed_the_map_count_is_refused() {
+    if !available() {
+        return;
+    }
+    let r = rig(
+        1,
+        UffdConfig {
+            limits: drm_pagemap_uffd::limits::MapLimits {
+                max_map_count: Some(drm_pagemap_uffd::limits::mappings_in_use() + 5000),
+                headroom: 1000,
+            },
+            ..UffdConfig::default()
+        },
+    );
+    let ok = r.space.create_range(1000 * 4096, PageSize::Size4K).unwrap();
+    // The first range's worst case stays reserved: a second one of 3,500 pages no longer fits.
+    let e = r
+        .space
+        .create_range(3500 * 4096, PageSize::Size4K)
+        .unwrap_err();
+    assert!(
+        matches!(e, UffdError::MapCountLimit { pages: 3500, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("vm.max_map_count"), "{e}");
+    drop(ok);
+    // Freed: its reservation is back.
+    r.space.create_range(3500 * 4096, PageSize::Size4K).unwrap();
+}
+
+#[test]
+fn backends_without_support_say_why() {
+    assert!(drm_pagemap_uffd::support("sim").is_ok());
+    for b in ["cuda", "level-zero", "tier"] {
+        let e = drm_pagemap_uffd::support(b).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("pointer ranges unsupported on backend {b}: ")),
+            "{e}"
+        );
+    }
+}
+
+fn libc_eperm() -> i32 {
+    1
+}
+
+#[test]
+fn fault_round_trip_figures() {
+    if !available() {
+        return;
+    }
+    // Printed, not asserted: the CPU-fault round trip through the pointer against the
+    // explicit read, 4 KiB and 2 MiB pages.
+    let r = rig(1, UffdConfig::default());
+    for (ps, len) in [(PageSize::Size4K, 4096u64), (PageSize::Size2M, 2 << 20)] {
+        let pr = r.space.create_range(len, ps).unwrap();
+        pr.word(0).unwrap().store(1, Ordering::Relaxed);
+        let n = if len == 4096 { 200 } else { 20 };
+        let d = MigrateDetails::default();
+        let mut fault = Duration::ZERO;
+        let mut explicit = Duration::ZERO;
+        let mut buf = vec![0u8; len as usize];
+        for _ in 0..n {
+            r.mm.migrate(pr.range(), PagemapId(0), &d).unwrap();
+            let t = Instant::now();
+            assert_eq!(pr.word(0).unwrap().load(Ordering::Relaxed), 1);
+            fault += t.elapsed();
+            r.mm.migrate(pr.range(), PagemapId(0), &d).unwrap();
+            let t = Instant::now();
+            r.mm.read(pr.range().start, &mut buf).unwrap();
+            explicit += t.elapsed();
+        }
+        println!(
+            "round trip {len} B page: pointer fault {:?}, explicit read {:?} (mean of {n})",
+            fault / n,
+            explicit / n
+        );
+    }
+}
