@@ -68,13 +68,18 @@ fn available() -> bool {
 
 #[test]
 fn freeing_unmaps_and_returns_every_frame() {
-    if !available() {
-        return;
-    }
     watchdog(Duration::from_secs(30), || {
         let r = rig(1, UffdConfig::default());
-        // Warm up (the handler thread, its descriptors) before taking the baseline.
-        drop(r.space.create_range(4096, PageSize::Size4K).unwrap());
+        // Warm up (the handler thread, its descriptors) before taking the baseline; no
+        // other rig is made (a dropped one's pool goes when its copy threads end).
+        match r.space.create_range(4096, PageSize::Size4K) {
+            Ok(warm) => drop(warm),
+            Err(e @ (UffdError::Unavailable { .. } | UffdError::MissingFeature { .. })) => {
+                println!("skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
         let maps0 = drm_pagemap_uffd::limits::mappings_in_use();
         let host = r._sim.bytes_host().unwrap().clone();
         let free0 = host.free_granules();
@@ -114,7 +119,12 @@ fn freeing_unmaps_and_returns_every_frame() {
         // Nothing of the range anywhere: no mapping of its file, only the pool maps the
         // host file. (The process's total moves with the sim's heap: device arena chunks.)
         assert_eq!(maps_named("drm-pagemap-range"), 0);
-        assert_eq!(maps_named("drm-pagemap-host"), 1);
+        assert_eq!(
+            maps_named("drm-pagemap-host"),
+            1,
+            "{}\nrange {span}",
+            std::fs::read_to_string("/proc/self/maps").unwrap()
+        );
         assert!(drm_pagemap_uffd::limits::mappings_in_use() <= maps0 + 16);
         assert_eq!(host.free_granules(), free0);
         assert_eq!(r.space.range_count(), 0);

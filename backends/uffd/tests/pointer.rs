@@ -111,6 +111,12 @@ fn stores_survive_a_round_trip_through_a_device_and_fault_home() {
                 "word {i}"
             );
         }
+        // The handler counts a fault after waking its thread: give it a moment.
+        let t = Instant::now();
+        while r.space.fault_stats().served < served + pages && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(r.space.fault_stats().served >= served + pages);
         assert_eq!(
             r.mm.location(pr.range().start).unwrap(),
