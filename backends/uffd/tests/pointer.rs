@@ -6,7 +6,7 @@ use drm_pagemap_core::{
 };
 use drm_pagemap_sim::{SimBackend, SimConfig};
 use drm_pagemap_uffd::{MemfdMemory, PointerSpace, UffdConfig, UffdError};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -18,11 +18,16 @@ struct Rig {
 }
 
 fn rig(devices: usize, config: UffdConfig) -> Rig {
+    rig_with(devices, config, Duration::ZERO)
+}
+
+fn rig_with(devices: usize, config: UffdConfig, copy_latency: Duration) -> Rig {
     let mem = Arc::new(MemfdMemory::new(256 << 20).unwrap());
     let sim = SimBackend::new(SimConfig {
         devices,
         device_capacity: 256 << 20,
         host_bytes: Some(mem.clone()),
+        copy_latency,
         ..SimConfig::default()
     })
     .unwrap();
@@ -191,7 +196,10 @@ fn many_threads_store_and_load_while_others_migrate_and_evict() {
         return;
     }
     watchdog(Duration::from_secs(120), || {
-        let r = rig(3, UffdConfig::default());
+        // Copies take 100 us: stores land while pages are in flight.
+        let r = rig_with(3, UffdConfig::default(), Duration::from_micros(100));
+        let moved = Arc::new(AtomicU64::new(0));
+        let evicted = Arc::new(AtomicU64::new(0));
         let pages = 32u64;
         let pr = Arc::new(
             r.space
@@ -199,7 +207,7 @@ fn many_threads_store_and_load_while_others_migrate_and_evict() {
                 .unwrap(),
         );
         let writers = 4u64;
-        let rounds = 400u64;
+        let rounds = 2000u64;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let start = Arc::new(Barrier::new(writers as usize + 2));
         let mut threads = Vec::new();
@@ -222,6 +230,7 @@ fn many_threads_store_and_load_while_others_migrate_and_evict() {
         // Movers: migrate the whole range and halves of it between devices, and evict.
         for m in 0..2u64 {
             let (mm, pr, start, stop) = (r.mm.clone(), pr.clone(), start.clone(), stop.clone());
+            let (moved, evicted) = (moved.clone(), evicted.clone());
             threads.push(std::thread::spawn(move || {
                 start.wait();
                 let d = MigrateDetails::default();
@@ -234,10 +243,15 @@ fn many_threads_store_and_load_while_others_migrate_and_evict() {
                         _ => VaRange::new(pr.range().start + half, half),
                     };
                     if let Ok(rep) = mm.migrate(target, PagemapId((k % 3) as u8), &d)
-                        && k % 4 == 1
-                        && let Some(a) = rep.alloc
+                        && rep.alloc.is_some()
                     {
-                        let _ = mm.evict_to_ram(a);
+                        moved.fetch_add(1, Ordering::Relaxed);
+                        if k % 4 == 1
+                            && let Some(a) = rep.alloc
+                            && mm.evict_to_ram(a).is_ok()
+                        {
+                            evicted.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     k += 1;
                 }
@@ -251,6 +265,16 @@ fn many_threads_store_and_load_while_others_migrate_and_evict() {
         for t in movers {
             t.join().unwrap();
         }
+        let (moved, evicted) = (
+            moved.load(Ordering::Relaxed),
+            evicted.load(Ordering::Relaxed),
+        );
+        let faults = r.space.fault_stats().served;
+        println!("{moved} migrations, {evicted} evictions, {faults} faults served");
+        assert!(
+            moved >= 10 && evicted >= 1 && faults >= 10,
+            "{moved} {evicted} {faults}"
+        );
         // The model: every writer's last store of each of its 8 slots per page.
         for w in 0..writers {
             for slot in 0..8u64 {
@@ -448,4 +472,40 @@ fn memcpy_through_the_pointer_1_gib() {
         return;
     }
     watchdog(Duration::from_secs(600), || memcpy_round_trip(1 << 30));
+}
+
+#[test]
+fn a_store_to_a_page_in_flight_waits_for_the_migration_and_lands() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        // Copies take 50 ms: the store comes 10 ms into the migration.
+        let r = rig_with(1, UffdConfig::default(), Duration::from_millis(50));
+        let pr = Arc::new(r.space.create_range(4096, PageSize::Size4K).unwrap());
+        pr.word(0).unwrap().store(1, Ordering::Relaxed);
+        let storer = {
+            let pr = pr.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(10));
+                pr.word(0).unwrap().store(2, Ordering::Relaxed);
+                Instant::now()
+            })
+        };
+        r.mm.migrate(pr.range(), PagemapId(0), &MigrateDetails::default())
+            .unwrap();
+        let migrated = Instant::now();
+        let stored = storer.join().unwrap();
+        // Taken out of the mapping before the copy: the store waited for the commit, then
+        // brought the page home (another copy) and landed there.
+        assert!(
+            stored > migrated,
+            "the store did not wait for the migration"
+        );
+        assert_eq!(pr.word(0).unwrap().load(Ordering::Relaxed), 2);
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::System
+        );
+    });
 }
