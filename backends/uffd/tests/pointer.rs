@@ -5,6 +5,7 @@ use drm_pagemap_core::{
     AddressSpace, Backend, MigrateDetails, PageLocation, PageSize, PagemapId, VaRange,
 };
 use drm_pagemap_sim::{SimBackend, SimConfig};
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
 use drm_pagemap_uffd::{MemfdMemory, PointerSpace, UffdConfig, UffdError};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -22,12 +23,22 @@ fn rig(devices: usize, config: UffdConfig) -> Rig {
 }
 
 fn rig_with(devices: usize, config: UffdConfig, copy_latency: Duration) -> Rig {
+    rig_full(devices, config, copy_latency, None)
+}
+
+fn rig_full(
+    devices: usize,
+    config: UffdConfig,
+    copy_latency: Duration,
+    faults: Option<Arc<FaultInjector>>,
+) -> Rig {
     let mem = Arc::new(MemfdMemory::new(256 << 20).unwrap());
     let sim = SimBackend::new(SimConfig {
         devices,
         device_capacity: 256 << 20,
         host_bytes: Some(mem.clone()),
         copy_latency,
+        faults,
         ..SimConfig::default()
     })
     .unwrap();
@@ -507,5 +518,56 @@ fn a_store_to_a_page_in_flight_waits_for_the_migration_and_lands() {
             r.mm.location(pr.range().start).unwrap(),
             PageLocation::System
         );
+    });
+}
+
+#[test]
+fn a_store_during_a_migration_that_rolls_back_lands_in_system_memory() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        let inj = FaultInjector::new();
+        let r = rig_full(
+            1,
+            UffdConfig::default(),
+            Duration::from_millis(50),
+            Some(inj.clone()),
+        );
+        let pr = Arc::new(r.space.create_range(4096, PageSize::Size4K).unwrap());
+        pr.word(0).unwrap().store(1, Ordering::Relaxed);
+        pr.word(1).unwrap().store(7, Ordering::Relaxed);
+        // The copy's fence signals an error: the migration rolls back.
+        inj.fail_nth(FaultSite::FenceError, 1);
+        let t0 = Instant::now();
+        let storer = {
+            let pr = pr.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(10));
+                pr.word(0).unwrap().store(2, Ordering::Relaxed);
+                Instant::now()
+            })
+        };
+        let e =
+            r.mm.migrate(pr.range(), PagemapId(0), &MigrateDetails::default());
+        let done = Instant::now();
+        assert!(
+            e.is_err(),
+            "the injected fence error must fail the migration"
+        );
+        let stored = storer.join().unwrap();
+        assert!(
+            stored >= done - Duration::from_millis(5),
+            "the store did not wait"
+        );
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::System
+        );
+        assert_eq!(pr.word(0).unwrap().load(Ordering::Relaxed), 2);
+        assert_eq!(pr.word(1).unwrap().load(Ordering::Relaxed), 7);
+        let mut b = [0u8; 8];
+        r.mm.read(pr.range().start, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 2);
     });
 }
