@@ -556,10 +556,13 @@ fn a_store_during_a_migration_that_rolls_back_lands_in_system_memory() {
             "the injected fence error must fail the migration"
         );
         let stored = storer.join().unwrap();
+        // Issued 10 ms in, it waited for the copy's fence (50 ms) and the roll back.
         assert!(
-            stored >= done - Duration::from_millis(5),
-            "the store did not wait"
+            stored >= t0 + Duration::from_millis(45),
+            "the store did not wait ({:?})",
+            stored - t0
         );
+        assert!(done >= t0 + Duration::from_millis(45));
         assert_eq!(
             r.mm.location(pr.range().start).unwrap(),
             PageLocation::System
