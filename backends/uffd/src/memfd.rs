@@ -12,10 +12,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 /// of the whole file (the pool) through which the engine and the simulated copies reach the
 /// frames. Frame `f` is bytes `[f * 4096, ...)` of the file.
 ///
-/// Give it to the simulated backend as [`SimConfig::host_bytes`] and to a
+/// Give it to the simulated backend as `SimConfig::host_bytes` and to a
 /// [`crate::PointerSpace`].
-///
-/// [`SimConfig::host_bytes`]: https://docs.rs/drm-pagemap-sim
 #[derive(Debug)]
 pub struct MemfdMemory {
     fd: OwnedFd,
