@@ -22,7 +22,7 @@ pub enum UffdError {
     },
     /// The kernel's userfaultfd lacks the shmem fault modes this crate uses.
     #[error(
-        "userfaultfd lacks {missing} (kernel features {features:#x}): pointer ranges need missing and minor faults on shmem (Linux 5.13 or later)"
+        "userfaultfd lacks {missing} (kernel features {features:#x}): pointer ranges need missing and minor faults on shmem (Linux 5.14 or later)"
     )]
     MissingFeature {
         /// The features missing, by name.

@@ -47,6 +47,10 @@
 //!   per page) fits under `vm.max_map_count` with headroom, counting the worst case of the
 //!   live ranges. With 4 KiB pages and the usual limit of 65,530 that is about 240 MiB of
 //!   pointer ranges; 2 MiB pages reach 120 GiB.
+//! - **Unprivileged processes** (`vm.unprivileged_userfaultfd=0`): the userfaultfd is made
+//!   with `UFFD_USER_MODE_ONLY`, which serves the application's loads and stores; a system
+//!   call writing into a page of the range that is not mapped (`read(2)` into it) fails with
+//!   `EFAULT` ([`PointerSpace::user_mode_only`] says so).
 //! - **userfaultfd unavailable**: [`UffdError::Unavailable`] (or
 //!   [`UffdError::MissingFeature`]) from the first [`PointerSpace::create_range`]; the
 //!   explicit `AddressSpace::read` / `write` API needs none of this and keeps working.

@@ -108,6 +108,7 @@ struct Shared {
     /// Mappings the live ranges may need at worst (one per page, plus the pieces around).
     reserved_maps: AtomicU64,
     stop: AtomicBool,
+    user_mode_only: AtomicBool,
     served: AtomicU64,
     errors: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -159,6 +160,7 @@ impl PointerSpace {
                 handler: Mutex::new(None),
                 reserved_maps: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
+                user_mode_only: AtomicBool::new(false),
                 served: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
                 last_error: Mutex::new(None),
@@ -177,6 +179,13 @@ impl PointerSpace {
             served: self.shared.served.load(Ordering::Relaxed),
             errors: self.shared.errors.load(Ordering::Relaxed),
         }
+    }
+
+    /// Whether the userfaultfd reports user-mode faults only (an unprivileged process with
+    /// `vm.unprivileged_userfaultfd=0`): a system call writing into an unmapped page of a
+    /// pointer range then fails with `EFAULT` instead of waiting for the page.
+    pub fn user_mode_only(&self) -> bool {
+        self.shared.user_mode_only.load(Ordering::Relaxed)
     }
 
     /// The last error the handler retried after, if any.
@@ -210,10 +219,13 @@ impl PointerSpace {
             step: "open",
             source,
         };
-        let uffd = match self.shared.config.inject_open_errno {
+        let (uffd, user_mode_only) = match self.shared.config.inject_open_errno {
             Some(errno) => return Err(open(io::Error::from_raw_os_error(errno))),
             None => sys::userfaultfd().map_err(open)?,
         };
+        self.shared
+            .user_mode_only
+            .store(user_mode_only, Ordering::Relaxed);
         let want = sys::FEATURE_MISSING_SHMEM | sys::FEATURE_MINOR_SHMEM;
         let features =
             sys::uffd_api(uffd.as_fd(), want).map_err(|source| UffdError::Unavailable {

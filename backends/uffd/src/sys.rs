@@ -69,6 +69,8 @@ const UFFDIO_API: u64 = ioc(IOC_WRITE_READ, 0x3F, size_of::<UffdioApi>());
 const UFFDIO_REGISTER: u64 = ioc(IOC_WRITE_READ, 0x00, size_of::<UffdioRegister>());
 const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
 const UFFDIO_CONTINUE: u64 = ioc(IOC_WRITE_READ, 0x07, size_of::<UffdioContinue>());
+/// `UFFD_USER_MODE_ONLY`: only faults of user-mode accesses are reported.
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 /// `USERFAULTFD_IOC_NEW` of `/dev/userfaultfd`.
 const USERFAULTFD_IOC_NEW: u64 = 0xAA00;
 
@@ -89,14 +91,27 @@ fn owned(rc: libc::c_int) -> io::Result<OwnedFd> {
 /// A userfaultfd (close-on-exec, non-blocking), through the system call or, where that is
 /// refused, through `/dev/userfaultfd`. The error of the system call is returned when both
 /// fail.
-pub(crate) fn userfaultfd() -> io::Result<OwnedFd> {
+///
+/// Where the system call is refused with `EPERM` (an unprivileged process and
+/// `vm.unprivileged_userfaultfd=0`), it is tried again with `UFFD_USER_MODE_ONLY` (Linux
+/// 5.11), which any process may use: faults of the application's own loads and stores are
+/// served; a system call that writes into an unmapped page of a range (`read(2)` into it)
+/// fails with `EFAULT` instead of waiting. The second value says whether that mode is in use.
+pub(crate) fn userfaultfd() -> io::Result<(OwnedFd, bool)> {
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     // SAFETY: the userfaultfd system call takes one integer argument and touches no memory.
     let rc = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
     if rc >= 0 {
-        return owned(rc as libc::c_int);
+        return owned(rc as libc::c_int).map(|fd| (fd, false));
     }
     let first = io::Error::last_os_error();
+    if first.raw_os_error() == Some(libc::EPERM) {
+        // SAFETY: as above.
+        let rc = unsafe { libc::syscall(libc::SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY) };
+        if rc >= 0 {
+            return owned(rc as libc::c_int).map(|fd| (fd, true));
+        }
+    }
     let dev = match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -108,7 +123,7 @@ pub(crate) fn userfaultfd() -> io::Result<OwnedFd> {
     // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument and returns a new
     // descriptor; `dev` is an open descriptor for the call's duration.
     let rc = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
-    owned(rc).map_err(|_| first)
+    owned(rc).map(|fd| (fd, false)).map_err(|_| first)
 }
 
 /// The `UFFDIO_API` handshake asking for `features`; returns the features the kernel has.

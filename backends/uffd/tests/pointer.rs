@@ -574,3 +574,36 @@ fn a_store_during_a_migration_that_rolls_back_lands_in_system_memory() {
         assert_eq!(u64::from_le_bytes(b), 2);
     });
 }
+
+#[test]
+fn user_mode_only_exactly_where_the_process_is_unprivileged() {
+    if !available() {
+        return;
+    }
+    let r = rig(1, UffdConfig::default());
+    let pr = r.space.create_range(4096, PageSize::Size4K).unwrap();
+    pr.word(0).unwrap().store(3, Ordering::Relaxed);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let euid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false);
+    println!(
+        "euid {euid}, vm.unprivileged_userfaultfd={}, user mode only: {}",
+        sysctl as u8,
+        r.space.user_mode_only()
+    );
+    // Root (CAP_SYS_PTRACE) gets every fault; an unprivileged process without the sysctl
+    // gets the user-mode-only descriptor (and the stores above were served through it).
+    if euid == 0 || sysctl {
+        assert!(!r.space.user_mode_only());
+    } else {
+        assert!(r.space.user_mode_only());
+    }
+    assert_eq!(pr.word(0).unwrap().load(Ordering::Relaxed), 3);
+}
