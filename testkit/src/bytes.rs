@@ -2,7 +2,7 @@
 //! engines read and write) and [`BytesHostMemory`], the
 //! [`HostMemory`](drm_pagemap_core::HostMemory) that numbers its 4 KiB granules as frames.
 //!
-//! [`AtomicArena`](crate::mem::AtomicArena) is one such store (the default of the simulated
+//! [`AtomicArena`] is one such store (the default of the simulated
 //! backend); `drm-pagemap-uffd`'s memfd memory is another: frames a process can map at a
 //! range's addresses, so the application's loads and stores and the simulated copies reach
 //! the same bytes.
