@@ -70,7 +70,7 @@ mod space;
 mod sys;
 
 pub use error::UffdError;
-pub use memfd::MemfdMemory;
+pub use memfd::{FrameFile, MemfdMemory};
 pub use space::{FaultStats, PointerRange, PointerSpace, UffdConfig};
 
 /// Whether backend `name` can give pointer ranges: `Ok` for `"sim"` (with its host memory a

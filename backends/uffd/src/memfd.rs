@@ -7,6 +7,21 @@ use crate::sys;
 use drm_pagemap_testkit::bytes::FrameBytes;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+/// System memory whose frames are pages of one file a process can map: frame `f` is the
+/// file's bytes at `f * 4096`. What a [`crate::PointerSpace`] maps at a range's addresses.
+/// [`MemfdMemory`] is one; a GPU backend whose host memory is a memfd registered with the
+/// driver would be another.
+pub trait FrameFile: Send + Sync {
+    /// The file.
+    fn frame_fd(&self) -> BorrowedFd<'_>;
+}
+
+impl FrameFile for MemfdMemory {
+    fn frame_fd(&self) -> BorrowedFd<'_> {
+        self.fd()
+    }
+}
+
 /// The bytes of system memory as a memfd of `capacity` bytes (sparse: memory is allocated
 /// when a frame is first written and given back when it is freed), with one shared mapping
 /// of the whole file (the pool) through which the engine and the simulated copies reach the

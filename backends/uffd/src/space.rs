@@ -4,7 +4,7 @@
 
 use crate::error::UffdError;
 use crate::limits::{MapLimits, mappings_in_use};
-use crate::memfd::MemfdMemory;
+use crate::memfd::FrameFile;
 use crate::sys;
 use drm_pagemap_core::{AddressSpace, CpuMappings, GRANULE, PageSize, VaRange};
 use std::collections::BTreeMap;
@@ -101,7 +101,7 @@ pub struct FaultStats {
 
 struct Shared {
     mm: Arc<AddressSpace>,
-    mem: Arc<MemfdMemory>,
+    mem: Arc<dyn FrameFile>,
     ranges: Ranges,
     config: UffdConfig,
     handler: Mutex<Option<Handler>>,
@@ -120,7 +120,8 @@ struct Handler {
     thread: Option<JoinHandle<()>>,
 }
 
-/// The pointer ranges of one [`AddressSpace`] whose system memory is a [`MemfdMemory`] (the
+/// The pointer ranges of one [`AddressSpace`] whose system memory is a [`FrameFile`] such as
+/// [`crate::MemfdMemory`] (the
 /// host memory of the backend the address space uses: the simulated backend with
 /// `SimConfig::host_bytes` set to the same memory). One per address space.
 ///
@@ -143,7 +144,7 @@ impl PointerSpace {
     /// [`UffdError::AlreadyAttached`] when `mm` already has a CPU mapping layer.
     pub fn new(
         mm: Arc<AddressSpace>,
-        mem: Arc<MemfdMemory>,
+        mem: Arc<dyn FrameFile>,
         config: UffdConfig,
     ) -> Result<Arc<PointerSpace>, UffdError> {
         let ranges: Ranges = Arc::default();
@@ -414,7 +415,12 @@ fn serve(shared: &Shared, uffd: &OwnedFd, addr: u64) {
                 // SAFETY: the page lies inside this live range's reservation (`inner.dead`
                 // is false under its lock, so it is not being unmapped).
                 unsafe {
-                    sys::map_fixed(page_va, r.page_bytes, shared.mem.fd(), frame.0 * GRANULE)?
+                    sys::map_fixed(
+                        page_va,
+                        r.page_bytes,
+                        shared.mem.frame_fd(),
+                        frame.0 * GRANULE,
+                    )?
                 };
                 sys::uffd_register(uffd.as_fd(), page_va, r.page_bytes)?;
                 inner.frames[i] = frame.0;

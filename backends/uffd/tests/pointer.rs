@@ -224,18 +224,29 @@ fn many_threads_store_and_load_while_others_migrate_and_evict() {
         let mut threads = Vec::new();
         // Writer w owns the words w, w + writers, ... of every page (its model is exact):
         // each round it stores round+1 into its word of a page, then loads it back.
+        // Each writer goes on past `rounds` until the movers have done enough (at most 30 s),
+        // and returns how many rounds it did.
+        let mut writer_threads = Vec::new();
         for w in 0..writers {
             let (pr, start) = (pr.clone(), start.clone());
-            threads.push(std::thread::spawn(move || {
+            let (moved, evicted) = (moved.clone(), evicted.clone());
+            writer_threads.push(std::thread::spawn(move || {
                 start.wait();
-                for round in 0..rounds {
+                let t0 = Instant::now();
+                let mut round = 0u64;
+                while round < rounds
+                    || ((moved.load(Ordering::Relaxed) < 20 || evicted.load(Ordering::Relaxed) < 2)
+                        && t0.elapsed() < Duration::from_secs(30))
+                {
                     for p in 0..pages {
                         let i = p * 512 + w + writers * (round % 8);
                         let v = (w << 32) | (round + 1);
                         pr.word(i).unwrap().store(v, Ordering::Relaxed);
                         assert_eq!(pr.word(i).unwrap().load(Ordering::Relaxed), v);
                     }
+                    round += 1;
                 }
+                round
             }));
         }
         // Movers: migrate the whole range and halves of it between devices, and evict.
@@ -268,10 +279,11 @@ fn many_threads_store_and_load_while_others_migrate_and_evict() {
                 }
             }));
         }
-        let movers = threads.split_off(writers as usize);
-        for t in threads {
-            t.join().unwrap();
-        }
+        let movers = threads;
+        let done: Vec<u64> = writer_threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
         stop.store(true, Ordering::Relaxed);
         for t in movers {
             t.join().unwrap();
@@ -283,13 +295,13 @@ fn many_threads_store_and_load_while_others_migrate_and_evict() {
         let faults = r.space.fault_stats().served;
         println!("{moved} migrations, {evicted} evictions, {faults} faults served");
         assert!(
-            moved >= 10 && evicted >= 1 && faults >= 10,
+            moved >= 20 && evicted >= 2 && faults >= 10,
             "{moved} {evicted} {faults}"
         );
         // The model: every writer's last store of each of its 8 slots per page.
         for w in 0..writers {
             for slot in 0..8u64 {
-                let last = (0..rounds).rev().find(|r| r % 8 == slot).unwrap();
+                let last = (0..done[w as usize]).rev().find(|r| r % 8 == slot).unwrap();
                 for p in 0..pages {
                     let i = p * 512 + w + writers * slot;
                     let want = (w << 32) | (last + 1);
