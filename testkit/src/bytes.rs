@@ -199,3 +199,78 @@ impl crate::HostMemory for BytesHostMemory {
         self.bytes.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::ArenaHostMemory;
+    use drm_pagemap_core::{
+        AddressSpace, CpuMappings, HostMemory, MigrateDetails, PageLocation, PageSize, PagemapId,
+        VaRange,
+    };
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<VaRange>>);
+
+    impl CpuMappings for Recorder {
+        fn take_out(&self, range: VaRange) {
+            self.0.lock().unwrap().push(range);
+        }
+    }
+
+    /// A host memory over an arena through [`BytesHostMemory`] (what the sim builds when
+    /// given bytes), read back through both.
+    #[test]
+    fn bytes_host_memory_over_an_arena_reads_back_and_releases() {
+        let arena: Arc<dyn FrameBytes> = Arc::new(AtomicArena::new(4 << 20));
+        let host = BytesHostMemory::try_new(1, arena.clone()).unwrap();
+        let mut f = [crate::HostFrame(0); 2];
+        host.alloc_frames(PageSize::Size4K, &mut f).unwrap();
+        host.write(f[1], 10, &[5u8; 20]);
+        let mut b = [0u8; 20];
+        arena.read(f[1].0 * GRANULE + 10, &mut b);
+        assert_eq!(b, [5u8; 20]);
+        let free = host.free_granules();
+        host.free_frames(&f, PageSize::Size4K);
+        assert_eq!(host.free_granules(), free + 2);
+        assert!(BytesHostMemory::try_new(0, arena).is_err());
+    }
+
+    /// The engine's side of pointer ranges, without userfaultfd: a migration to a device
+    /// calls `take_out` with its pages (locked, before copying), and `with_cpu_page`
+    /// populates a hole zeroed and brings a device page home with its bytes.
+    #[test]
+    fn take_out_is_called_per_migration_and_with_cpu_page_brings_pages_home() {
+        let host = Arc::new(ArenaHostMemory::new(1, 8 << 20));
+        host.arena().write(0, &vec![0xEE; 8 << 20]); // dirty frames: holes must read zero
+        let mm = AddressSpace::new(host.clone());
+        let rec = Arc::new(Recorder::default());
+        assert!(mm.set_cpu_mappings(rec.clone()).is_ok());
+        assert!(
+            mm.set_cpu_mappings(rec.clone()).is_err(),
+            "once per address space"
+        );
+        let r = VaRange::new(1 << 30, 4 * 4096);
+        mm.create_range(r, PageSize::Size4K).unwrap();
+
+        // A hole: populated zeroed, the frame handed over under the lock.
+        let (va, frame, ps) = mm
+            .with_cpu_page(r.start + 4096 + 17, |va, f, ps| (va, f, ps))
+            .unwrap();
+        assert_eq!((va, ps), (r.start + 4096, PageSize::Size4K));
+        let mut b = vec![1u8; 4096];
+        host.read(frame, 0, &mut b);
+        assert!(b.iter().all(|&x| x == 0));
+        assert_eq!(mm.location(va).unwrap(), PageLocation::System);
+        assert!(rec.0.lock().unwrap().is_empty());
+
+        // No pagemap: a migration fails before taking anything out.
+        assert!(
+            mm.migrate(r, PagemapId(0), &MigrateDetails::default())
+                .is_err()
+        );
+        assert!(rec.0.lock().unwrap().is_empty());
+        assert!(mm.with_cpu_page(r.end() + 1, |_, _, _| ()).is_err());
+    }
+}
