@@ -619,3 +619,30 @@ fn user_mode_only_exactly_where_the_process_is_unprivileged() {
     }
     assert_eq!(pr.word(0).unwrap().load(Ordering::Relaxed), 3);
 }
+
+#[test]
+fn a_fault_whose_copy_home_fails_is_retried_and_the_load_completes() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        let inj = FaultInjector::new();
+        let r = rig_full(1, UffdConfig::default(), Duration::ZERO, Some(inj.clone()));
+        let pr = r.space.create_range(4096, PageSize::Size4K).unwrap();
+        pr.word(7).unwrap().store(42, Ordering::Relaxed);
+        r.mm.migrate(pr.range(), PagemapId(0), &MigrateDetails::default())
+            .unwrap();
+        // The next copy (the page's way home) fails: the handler cannot give the faulting
+        // thread an error, so it retries; the load completes once a copy succeeds.
+        inj.fail_nth(FaultSite::Copy, 1);
+        assert_eq!(pr.word(7).unwrap().load(Ordering::Relaxed), 42);
+        assert_eq!(inj.injected(), 1);
+        assert_eq!(r.space.fault_stats().errors, 1);
+        let e = r.space.last_fault_error().unwrap();
+        assert!(e.contains("fault at"), "{e}");
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::System
+        );
+    });
+}
