@@ -56,7 +56,10 @@
 //!   explicit `AddressSpace::read` / `write` API needs none of this and keeps working.
 //! - **A fault the engine cannot serve** (a device copy failing) cannot be returned to the
 //!   faulting thread: the handler counts it ([`PointerSpace::fault_stats`],
-//!   [`PointerSpace::last_fault_error`]) and retries every millisecond; the thread waits.
+//!   [`PointerSpace::last_fault_error`]) and retries every millisecond for
+//!   [`UffdConfig::fault_retry`] (one second); then, or at once when the engine no longer has
+//!   the range (freed through the address space instead of [`PointerRange`]), the faulting
+//!   thread gets SIGBUS, as when the kernel's `migrate_to_ram` fails.
 //! - **One handler thread** serves the faults of a space one at a time.
 //!
 //! # Backends

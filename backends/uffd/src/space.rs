@@ -20,6 +20,10 @@ use std::time::Duration;
 pub struct UffdConfig {
     /// The map-count check (see [`crate::limits`]).
     pub limits: MapLimits,
+    /// How long a fault the engine cannot serve is retried before the faulting thread gets
+    /// SIGBUS (a page whose range was freed in the engine gets it at once). `None`: one
+    /// second.
+    pub fault_retry: Option<Duration>,
     /// Test hook: make opening the userfaultfd fail with this `errno` (as a kernel without
     /// it, or a seccomp filter, would), so the typed error can be tested on a machine that
     /// has it.
@@ -97,6 +101,8 @@ pub struct FaultStats {
     pub served: u64,
     /// Attempts that failed and were retried (the engine or a mapping call failed).
     pub errors: u64,
+    /// Faults given up on: the faulting thread got SIGBUS.
+    pub sigbus: u64,
 }
 
 struct Shared {
@@ -111,6 +117,7 @@ struct Shared {
     user_mode_only: AtomicBool,
     served: AtomicU64,
     errors: AtomicU64,
+    sigbus: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -164,6 +171,7 @@ impl PointerSpace {
                 user_mode_only: AtomicBool::new(false),
                 served: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
+                sigbus: AtomicU64::new(0),
                 last_error: Mutex::new(None),
             }),
         }))
@@ -179,6 +187,7 @@ impl PointerSpace {
         FaultStats {
             served: self.shared.served.load(Ordering::Relaxed),
             errors: self.shared.errors.load(Ordering::Relaxed),
+            sigbus: self.shared.sigbus.load(Ordering::Relaxed),
         }
     }
 
@@ -227,7 +236,7 @@ impl PointerSpace {
         self.shared
             .user_mode_only
             .store(user_mode_only, Ordering::Relaxed);
-        let want = sys::FEATURE_MISSING_SHMEM | sys::FEATURE_MINOR_SHMEM;
+        let want = sys::FEATURE_MISSING_SHMEM | sys::FEATURE_MINOR_SHMEM | sys::FEATURE_THREAD_ID;
         let features =
             sys::uffd_api(uffd.as_fd(), want).map_err(|source| UffdError::Unavailable {
                 step: "UFFDIO_API",
@@ -237,8 +246,10 @@ impl PointerSpace {
             return Err(UffdError::MissingFeature {
                 missing: if features & sys::FEATURE_MINOR_SHMEM == 0 {
                     "UFFD_FEATURE_MINOR_SHMEM"
-                } else {
+                } else if features & sys::FEATURE_MISSING_SHMEM == 0 {
                     "UFFD_FEATURE_MISSING_SHMEM"
+                } else {
+                    "UFFD_FEATURE_THREAD_ID"
                 },
                 features,
             });
@@ -374,7 +385,7 @@ fn handler_loop(shared: &Shared, uffd: &OwnedFd, wake: &OwnedFd) {
         loop {
             match sys::uffd_read(uffd.as_fd()) {
                 Ok(Some(msg)) if msg.event == sys::EVENT_PAGEFAULT => {
-                    serve(shared, uffd, msg.address)
+                    serve(shared, uffd, msg.address, msg.thread_id())
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => break,
@@ -394,14 +405,18 @@ fn note_error(shared: &Shared, e: String) {
 
 /// Serves one fault at `addr`: the engine makes the page a system page (bringing it home or
 /// populating it) and, with the page held still, the range's mapping of it is pointed at its
-/// frame and the page mapped; the faulting thread then resumes. A failure is retried (the
-/// faulting thread cannot be given an error; it waits).
-fn serve(shared: &Shared, uffd: &OwnedFd, addr: u64) {
+/// frame and the page mapped; the faulting thread then resumes. A failure cannot be returned
+/// to the faulting thread: it is retried for [`UffdConfig::fault_retry`], then (or at once
+/// when the engine no longer has the range) the thread gets SIGBUS, as the kernel's
+/// `migrate_to_ram` failing does.
+fn serve(shared: &Shared, uffd: &OwnedFd, addr: u64, tid: i32) {
     let Some(r) = find(&shared.ranges, addr) else {
         // Not a live range (freed meanwhile): let the thread retry.
         let _ = sys::uffd_wake(uffd.as_fd(), addr & !(GRANULE - 1), GRANULE);
         return;
     };
+    let give_up =
+        std::time::Instant::now() + shared.config.fault_retry.unwrap_or(Duration::from_secs(1));
     loop {
         let mut inner = r.lock();
         if inner.dead || shared.stop.load(Ordering::Acquire) {
@@ -427,6 +442,7 @@ fn serve(shared: &Shared, uffd: &OwnedFd, addr: u64) {
             }
             sys::uffd_continue(uffd.as_fd(), page_va, r.page_bytes)
         });
+        let gone = matches!(&result, Err(drm_pagemap_core::Error::BadRange { .. }));
         match result {
             Ok(Ok(())) => {
                 shared.served.fetch_add(1, Ordering::Relaxed);
@@ -436,6 +452,16 @@ fn serve(shared: &Shared, uffd: &OwnedFd, addr: u64) {
             Err(e) => note_error(shared, format!("fault at {addr:#x}: {e}")),
         }
         drop(inner);
+        if gone || std::time::Instant::now() >= give_up {
+            shared.sigbus.fetch_add(1, Ordering::Relaxed);
+            if sys::sigbus(tid).is_err() {
+                // The thread is gone: nothing waits.
+                return;
+            }
+            // The signal interrupts the wait; wake it too in case it is already past it.
+            let _ = sys::uffd_wake(uffd.as_fd(), addr & !(GRANULE - 1), GRANULE);
+            return;
+        }
         std::thread::sleep(Duration::from_millis(1));
     }
 }

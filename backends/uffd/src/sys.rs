@@ -11,6 +11,8 @@ const UFFD_API: u64 = 0xAA;
 pub(crate) const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 /// `UFFD_FEATURE_MINOR_SHMEM`: minor faults (page in the page cache, not in the page table).
 pub(crate) const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+/// `UFFD_FEATURE_THREAD_ID`: a fault message names the faulting thread.
+pub(crate) const FEATURE_THREAD_ID: u64 = 1 << 8;
 /// `UFFDIO_REGISTER_MODE_MISSING`.
 const MODE_MISSING: u64 = 1 << 0;
 /// `UFFDIO_REGISTER_MODE_MINOR`.
@@ -63,6 +65,13 @@ pub(crate) struct UffdMsg {
     pub flags: u64,
     pub address: u64,
     feat: u64,
+}
+
+impl UffdMsg {
+    /// The faulting thread's id (`UFFD_FEATURE_THREAD_ID`): the union's first 32 bits.
+    pub(crate) fn thread_id(&self) -> i32 {
+        self.feat as u32 as i32
+    }
 }
 
 const UFFDIO_API: u64 = ioc(IOC_WRITE_READ, 0x3F, size_of::<UffdioApi>());
@@ -356,4 +365,14 @@ pub(crate) fn zap(addr: u64, len: u64) -> io::Result<()> {
     // the crate calls it on its own mappings.
     check(unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) })
         .map(|_| ())
+}
+
+/// Sends SIGBUS to thread `tid` of this process (a fault that cannot be served, as the
+/// kernel does when a device page cannot come home).
+pub(crate) fn sigbus(tid: i32) -> io::Result<()> {
+    // SAFETY: getpid has no arguments and cannot fail.
+    let pid = unsafe { libc::getpid() };
+    // SAFETY: tgkill takes three integers and touches no memory.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGBUS) };
+    check(rc as libc::c_int).map(|_| ())
 }
