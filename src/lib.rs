@@ -51,8 +51,9 @@
 //! ## Features
 //! `sim` (the simulated backend, [`sim`]), `cuda` (the CUDA backend, [`cuda`]; links cudarc,
 //! loads `libcuda` at run time), `level-zero` (the Level Zero backend, [`level_zero`]; loads
-//! `libze_loader.so.1` at run time), `svm` (the xe-style SVM layer, [`svm`]) and `plugins`
-//! (out-of-tree backends loaded from shared objects, [`plugins`]) are on by default.
+//! `libze_loader.so.1` at run time), `svm` (the xe-style SVM layer, [`svm`]), `plugins`
+//! (out-of-tree backends loaded from shared objects, [`plugins`]) and `uffd` (ranges that are
+//! memory of the process, [`uffd`]) are on by default.
 //! `--no-default-features --features sim` builds without cudarc; with no backend
 //! feature at all the registry is empty until a crate of yours registers one.
 //!
@@ -105,6 +106,11 @@ pub use drm_pagemap_cuda as cuda;
 #[cfg(feature = "level-zero")]
 pub use drm_pagemap_level_zero as level_zero;
 
+/// Ranges that are memory of the process (the `drm-pagemap-uffd` crate): a pointer the
+/// application loads and stores through, device-resident pages faulting home through
+/// userfaultfd. The simulated backend for now ([`uffd::support`] says why the others are not).
+#[cfg(feature = "uffd")]
+pub use drm_pagemap_uffd as uffd;
 /// The SVM layer a GPU runtime talks to (the `xe-svm` crate): GPU VMs, the fault handler,
 /// eviction, statistics. [`Machine::open_svm`] sets one up over a backend.
 #[cfg(feature = "svm")]

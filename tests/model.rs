@@ -738,6 +738,7 @@ impl Bed {
                     owner_groups: Some(GROUPS.to_vec()),
                     copy_latency: Duration::ZERO,
                     faults: Some(inj.clone()),
+                    host_bytes: None,
                 })
                 .expect("sim backend"),
             );

@@ -45,6 +45,7 @@ fn machine(devices: usize, capacity: u64, copy_latency: Duration) -> Machine {
         owner_groups: None,
         copy_latency,
         faults: None,
+        host_bytes: None,
     })
     .unwrap();
     let mm = Arc::new(AddressSpace::new(inj.wrap_host(sim.host_memory())));

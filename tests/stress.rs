@@ -618,6 +618,7 @@ fn run_on(b: &'static str, faults: bool, gpu: bool) {
         owner_groups: None,
         copy_latency: Duration::from_micros(50),
         faults: faults.then(|| inj.clone()),
+        host_bytes: None,
     })
     .unwrap();
     let mm = Arc::new(AddressSpace::new(sim.host_memory()));

@@ -62,6 +62,7 @@
 mod alloc;
 mod backend;
 mod caps;
+mod cpu_map;
 mod error;
 mod extent;
 pub mod fence;
@@ -85,6 +86,7 @@ pub use backend::{
     HostMemory, Pagemap, PagemapOps, PagemapSpec,
 };
 pub use caps::{CopyCaps, HostFenceWait, NativeFenceKinds};
+pub use cpu_map::CpuMappings;
 pub use error::{
     BackendError, BackendErrorKind, BackendOp, BusyReason, Error, FenceError, FenceRole,
     RangeProblem, Result,

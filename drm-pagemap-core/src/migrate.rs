@@ -557,6 +557,15 @@ impl AddressSpace {
             }
             Verdict::Plan => {}
         }
+        // Pages will move: take them out of a process mapping first (they are locked), so
+        // that no CPU store through it lands while (or after) they are copied.
+        if let Some(hook) = self.cpu_maps.get() {
+            let ps = span.page_size.bytes();
+            hook.take_out(VaRange::new(
+                span.range_start + span.first as u64 * ps,
+                span.count as u64 * ps,
+            ));
+        }
         // Pages will move: now the destination is needed.
         let (alloc, dst_pfns) = match reserved {
             Some(d) => d,

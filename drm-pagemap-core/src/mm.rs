@@ -156,6 +156,8 @@ pub struct AddressSpace {
     pub(crate) to_ram_timeout: Mutex<Option<Duration>>,
     /// Statistics (see [`crate::stats`]).
     pub(crate) stats: crate::stats::Counters,
+    /// The process mapping kept in step with migrations, if a layer installed one.
+    pub(crate) cpu_maps: std::sync::OnceLock<Arc<dyn crate::CpuMappings>>,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -384,7 +386,55 @@ impl AddressSpace {
             unlocked: Condvar::new(),
             to_ram_timeout: Mutex::new(None),
             stats: crate::stats::Counters::default(),
+            cpu_maps: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the layer that maps ranges of this address space into the process (see
+    /// [`crate::CpuMappings`]). Once per address space: a second call returns the hook it was
+    /// given back as the error.
+    pub fn set_cpu_mappings(
+        &self,
+        hook: Arc<dyn crate::CpuMappings>,
+    ) -> std::result::Result<(), Arc<dyn crate::CpuMappings>> {
+        self.cpu_maps.set(hook)
+    }
+
+    /// Makes the page holding `va` a system page (an unpopulated page gets a zeroed frame; a
+    /// device page comes home through the CPU-fault path, honouring its timeslice; a page
+    /// under migration is waited for) and runs `f` with its page address, frame and size
+    /// under the state lock: the page cannot move until `f` returns. What a CPU-fault handler
+    /// of a mapped range calls to map the page again. `f` must not call into the address
+    /// space.
+    pub fn with_cpu_page<R>(
+        &self,
+        va: u64,
+        f: impl FnOnce(u64, HostFrame, PageSize) -> R,
+    ) -> Result<R> {
+        let probe = VaRange::new(va, 1);
+        let mut out = None;
+        let mut f = Some(f);
+        self.cpu_access(probe, None, |st, span| {
+            let ps = span.page_size;
+            let page_va = span.range_start + span.first as u64 * ps.bytes();
+            let page = VaRange::new(page_va, ps.bytes());
+            let span = st.locate(page, true)?;
+            self.populate_holes(st, span, page, VaRange::new(page_va, 0))?;
+            let e = st
+                .range(span.slot)
+                .pages
+                .slices(span.first, 1)
+                .next()
+                .map(|s| s[0]);
+            if let (Some(e), Some(f)) = (e, f.take()) {
+                out = Some(f(page_va, e.frame(), ps));
+            }
+            Ok(())
+        })?;
+        out.ok_or(Error::BadRange {
+            range: probe,
+            problem: RangeProblem::NotMapped,
+        })
     }
 
     /// Sets the longest wait for a copy fence on the way back to RAM (eviction and the

@@ -183,6 +183,7 @@ impl Driver {
             owner_groups: Some(vec![0, 0, 0, 1]),
             copy_latency: Duration::ZERO,
             faults: Some(inj.clone()),
+            host_bytes: None,
         })
         .expect("sim");
         let mm = AddressSpace::new(sim.host_memory());

@@ -17,6 +17,9 @@
 //!   an arena ([`ArenaHostMemory`](mem::ArenaHostMemory)): what the simulated backend is
 //!   built from.
 //!
+//! - [`bytes`]: host memory over any byte store ([`FrameBytes`](bytes::FrameBytes)), so the
+//!   simulated backend can run on memory a process maps (memfd frames of `drm-pagemap-uffd`).
+//!
 //! The contract is a test's: wrappers change outcomes only where armed, and every failure
 //! they cause is a typed error or (with
 //! [`FaultInjector::set_panics`](inject::FaultInjector::set_panics)) a panic, never undefined
@@ -24,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bytes;
 pub mod fence;
 pub mod inject;
 pub mod layout;

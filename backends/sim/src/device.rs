@@ -4,6 +4,7 @@ use drm_pagemap_core::{
     BackendError, BackendErrorKind, DeviceId, DmaAddr, ExtentAllocator, Fence, FenceTimeline,
     GRANULE, HostFence,
 };
+use drm_pagemap_testkit::bytes::{FrameBytes, copy_bytes};
 use drm_pagemap_testkit::mem::{AtomicArena, arena_addr};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
@@ -12,11 +13,11 @@ use std::time::Duration;
 /// Every memory a sim address can name, by memory id (`arenas[id - 1]`).
 #[derive(Debug)]
 pub(crate) struct Memories {
-    arenas: Vec<Arc<AtomicArena>>,
+    arenas: Vec<Arc<dyn FrameBytes>>,
 }
 
 impl Memories {
-    pub(crate) fn new(arenas: Vec<Arc<AtomicArena>>) -> Memories {
+    pub(crate) fn new(arenas: Vec<Arc<dyn FrameBytes>>) -> Memories {
         Memories { arenas }
     }
 
@@ -25,7 +26,7 @@ impl Memories {
         &self,
         addr: DmaAddr,
         len: u64,
-    ) -> Result<(&AtomicArena, u64), BackendError> {
+    ) -> Result<(&dyn FrameBytes, u64), BackendError> {
         let (mem, off) = arena_addr::decode(addr);
         let arena = mem
             .checked_sub(1)
@@ -42,7 +43,7 @@ impl Memories {
                 format!("sim: address {:#x} + {len} runs past memory {mem}", addr.0),
             ));
         }
-        Ok((arena, off))
+        Ok((&**arena, off))
     }
 }
 
@@ -179,7 +180,7 @@ fn run(
             for &(src, dst) in pairs {
                 let (sa, so) = memories.resolve(src, *bytes)?;
                 let (da, d_off) = memories.resolve(dst, *bytes)?;
-                AtomicArena::copy(sa, so, da, d_off, *bytes);
+                copy_bytes(sa, so, da, d_off, *bytes);
             }
         }
         Work::Clear { extents } => {

@@ -33,6 +33,7 @@ use drm_pagemap_core::{
     Backend, BackendConfig, BackendError, BackendErrorKind, DeviceId, DeviceInfo, DeviceName,
     HostMemory, OptionError, OwnerId, Pagemap, PagemapId, PagemapSpec,
 };
+use drm_pagemap_testkit::bytes::{BytesHostMemory, FrameBytes};
 use drm_pagemap_testkit::inject::FaultInjector;
 use drm_pagemap_testkit::mem::ArenaHostMemory;
 use pagemap::SimPagemap;
@@ -69,6 +70,10 @@ pub struct SimConfig {
     pub copy_latency: Duration,
     /// Fault injection shared by every pagemap and the host memory.
     pub faults: Option<Arc<FaultInjector>>,
+    /// The bytes of system memory, instead of the default arena (which `host_capacity`
+    /// sizes): for example `drm-pagemap-uffd`'s memfd memory, whose frames a process maps at
+    /// a range's addresses. Its length is the host capacity then.
+    pub host_bytes: Option<Arc<dyn FrameBytes>>,
 }
 
 impl Default for SimConfig {
@@ -80,6 +85,7 @@ impl Default for SimConfig {
             owner_groups: None,
             copy_latency: Duration::ZERO,
             faults: None,
+            host_bytes: None,
         }
     }
 }
@@ -110,6 +116,7 @@ impl SimConfig {
             owner_groups,
             copy_latency,
             faults: None,
+            host_bytes: None,
         })
     }
 }
@@ -119,6 +126,7 @@ pub struct SimBackend {
     config: SimConfig,
     devices: Vec<Arc<SimDevice>>,
     host: Arc<ArenaHostMemory>,
+    bytes_host: Option<Arc<BytesHostMemory>>,
     pagemaps: Mutex<Vec<(PagemapId, Arc<SimPagemap>)>>,
 }
 
@@ -166,8 +174,21 @@ impl SimBackend {
                 config.devices
             )));
         }
-        let host = Arc::new(ArenaHostMemory::try_new(HOST_MEM, config.host_capacity)?);
-        let mut arenas = vec![host.arena().clone()];
+        let arena_capacity = if config.host_bytes.is_some() {
+            0
+        } else {
+            config.host_capacity
+        };
+        let host = Arc::new(ArenaHostMemory::try_new(HOST_MEM, arena_capacity)?);
+        let bytes_host = match &config.host_bytes {
+            Some(b) => Some(Arc::new(BytesHostMemory::try_new(HOST_MEM, b.clone())?)),
+            None => None,
+        };
+        let host_bytes: Arc<dyn FrameBytes> = match &config.host_bytes {
+            Some(b) => b.clone(),
+            None => host.arena().clone(),
+        };
+        let mut arenas = vec![host_bytes];
         let mut devices = Vec::new();
         for d in 0..config.devices {
             let dev = SimDevice::new(
@@ -175,7 +196,7 @@ impl SimBackend {
                 FIRST_DEVICE_MEM + d as u16,
                 config.device_capacity,
             )?;
-            arenas.push(dev.arena.clone());
+            arenas.push(dev.arena.clone() as Arc<dyn FrameBytes>);
             devices.push(dev);
         }
         let memories = Arc::new(Memories::new(arenas));
@@ -186,6 +207,7 @@ impl SimBackend {
             config,
             devices,
             host,
+            bytes_host,
             pagemaps: Mutex::new(Vec::new()),
         })
     }
@@ -215,7 +237,13 @@ impl SimBackend {
         maps.iter().find(|(i, _)| *i == id).map(|(_, p)| p.stats())
     }
 
-    /// The host memory as the concrete type (free-frame counts for tests).
+    /// The host memory over [`SimConfig::host_bytes`], when the config gave bytes.
+    pub fn bytes_host(&self) -> Option<&Arc<BytesHostMemory>> {
+        self.bytes_host.as_ref()
+    }
+
+    /// The host memory as the concrete type (free-frame counts for tests). Empty when the
+    /// config gave [`SimConfig::host_bytes`] (see [`SimBackend::bytes_host`]).
     pub fn arena_host(&self) -> &Arc<ArenaHostMemory> {
         &self.host
     }
@@ -255,7 +283,10 @@ impl Backend for SimBackend {
     }
 
     fn host_memory(&self) -> Arc<dyn HostMemory> {
-        let host: Arc<dyn HostMemory> = self.host.clone();
+        let host: Arc<dyn HostMemory> = match &self.bytes_host {
+            Some(b) => b.clone(),
+            None => self.host.clone(),
+        };
         match &self.config.faults {
             Some(f) => f.wrap_host(host),
             None => host,

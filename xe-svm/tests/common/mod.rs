@@ -54,6 +54,7 @@ pub fn rig(o: Opts) -> Rig {
             owner_groups: o.owner_groups,
             copy_latency: o.copy_latency,
             faults: o.faults,
+            host_bytes: None,
         })
         .unwrap(),
     );

@@ -1,0 +1,102 @@
+//! # drm-pagemap-uffd
+//!
+//! Ranges that are real memory of this process: the application reads and writes them with
+//! plain loads and stores through a pointer, and a page that lives in device memory faults
+//! home through userfaultfd, as `migrate_to_ram` does in the kernel. No kernel module.
+//!
+//! # Design
+//! The engine (`drm-pagemap-core`) has no `unsafe` and no system calls; everything that
+//! maps memory lives here, and the engine offers two safe hooks:
+//! - [`CpuMappings::take_out`](drm_pagemap_core::CpuMappings): called by a migration to
+//!   device memory once its pages are locked and before any copy is issued (the kernel's
+//!   `migrate_vma_setup` unmapping the pages). No CPU store can reach a page's frame while
+//!   it is copied, nor after the frame went back to the pool.
+//! - [`AddressSpace::with_cpu_page`](drm_pagemap_core::AddressSpace::with_cpu_page): the
+//!   CPU-fault entry. It makes a page a system page (a device page comes home through the
+//!   engine's CPU-fault path, its allocation's window, honouring the timeslice; an
+//!   unpopulated page gets a zeroed frame; a page under migration is waited for until the
+//!   migration commits or rolls back) and, under the engine's state lock, hands the handler
+//!   the page's frame so it maps it before the page can move again.
+//!
+//! The memory:
+//! - System memory is one memfd ([`MemfdMemory`]); frame `f` is the file's bytes at
+//!   `f * 4096`. The engine and the simulated copy engines reach it through one shared
+//!   mapping of the whole file (the pool); the simulated backend uses it as
+//!   `SimConfig::host_bytes`. A freed frame's memory is given back (`FALLOC_FL_PUNCH_HOLE`),
+//!   so a page resident on a device holds no host memory.
+//! - A range ([`PointerRange`]) is address space reserved at the range's page alignment
+//!   and first mapped (shared) from an empty memfd of its own, registered with userfaultfd
+//!   for missing and minor faults (`UFFD_FEATURE_MISSING_SHMEM`, `UFFD_FEATURE_MINOR_SHMEM`).
+//!   The range's address in the engine is the pointer.
+//! - A fault (a first touch: missing; a page taken out: minor, its data still in the page
+//!   cache; a page whose frame was freed: missing) is read by the handler thread, which calls
+//!   `with_cpu_page`; under its lock, if the range's mapping of that page does not show the
+//!   page's current frame it maps the frame there (`mmap MAP_FIXED|MAP_SHARED` of the pool
+//!   file at the frame's offset, registered again), then `UFFDIO_CONTINUE` maps the page and
+//!   wakes the thread. The handler never maps a frame the engine did not just name, so a
+//!   stale mapping (a frame freed and reused elsewhere) only ever causes another fault.
+//! - Taking pages out is `MADV_DONTNEED` on the range's mapping: page-table entries go, the
+//!   page cache (the frame's data) stays, and the next access is a minor fault. A migration
+//!   that rolls back leaves the frame in place: the next fault maps it again.
+//! - Freeing a range frees it in the engine (waiting for migrations on it) and unmaps it.
+//!
+//! # Limits
+//! - **Mappings** ([`limits`]): frames contiguous in the file and mapped at contiguous
+//!   addresses merge into one mapping; scattered ones need one mapping per page. A range is
+//!   refused at creation ([`UffdError::MapCountLimit`]) unless its worst case (one mapping
+//!   per page) fits under `vm.max_map_count` with headroom, counting the worst case of the
+//!   live ranges. With 4 KiB pages and the usual limit of 65,530 that is about 240 MiB of
+//!   pointer ranges; 2 MiB pages reach 120 GiB.
+//! - **Unprivileged processes** (`vm.unprivileged_userfaultfd=0`): the userfaultfd is made
+//!   with `UFFD_USER_MODE_ONLY`, which serves the application's loads and stores; a system
+//!   call writing into a page of the range that is not mapped (`read(2)` into it) fails with
+//!   `EFAULT` ([`PointerSpace::user_mode_only`] says so).
+//! - **userfaultfd unavailable**: [`UffdError::Unavailable`] (or
+//!   [`UffdError::MissingFeature`]) from the first [`PointerSpace::create_range`]; the
+//!   explicit `AddressSpace::read` / `write` API needs none of this and keeps working.
+//! - **A fault the engine cannot serve** (a device copy failing) cannot be returned to the
+//!   faulting thread: the handler counts it ([`PointerSpace::fault_stats`],
+//!   [`PointerSpace::last_fault_error`]) and retries every millisecond for
+//!   [`UffdConfig::fault_retry`] (one second); then, or at once when the engine no longer has
+//!   the range (freed through the address space instead of [`PointerRange`]), the faulting
+//!   thread gets SIGBUS, as when the kernel's `migrate_to_ram` fails.
+//! - **One handler thread** serves the faults of a space one at a time.
+//!
+//! # Backends
+//! [`support`] says which backends can give pointer ranges: the simulated backend (on
+//! [`MemfdMemory`]); CUDA, Level Zero and plug-ins report "unsupported: reason" for now.
+
+mod error;
+pub mod limits;
+mod memfd;
+mod space;
+mod sys;
+
+pub use error::UffdError;
+pub use memfd::{FrameFile, MemfdMemory};
+pub use space::{FaultStats, PointerRange, PointerSpace, UffdConfig};
+
+/// Whether backend `name` can give pointer ranges: `Ok` for `"sim"` (with its host memory a
+/// [`MemfdMemory`]); [`UffdError::Unsupported`] with the reason otherwise.
+pub fn support(name: &str) -> Result<(), UffdError> {
+    let reason = match name {
+        "sim" => return Ok(()),
+        "cuda" => {
+            "not yet: its system memory must become a memfd registered with cuMemHostRegister \
+             (measured to work on the H200), which this crate does not do yet"
+        }
+        "level-zero" => {
+            "Level Zero host memory is allocated by the driver (zeMemAllocHost) and cannot be \
+             a memfd mapped at the range's addresses; importing a memfd needs an external \
+             memory extension this backend does not use"
+        }
+        _ => {
+            "a plug-in's system memory is its own and the plug-in interface has no way to \
+             name it as a file a process can map"
+        }
+    };
+    Err(UffdError::Unsupported {
+        backend: name.to_string(),
+        reason,
+    })
+}

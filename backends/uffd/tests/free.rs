@@ -1,0 +1,143 @@
+//! Freeing a pointer range gives back every mapping and frame (its own test binary: the
+//! process's mapping count must not move with other tests' threads).
+#![allow(dead_code)]
+
+use drm_pagemap_core::{AddressSpace, Backend, MigrateDetails, PageSize, PagemapId, VaRange};
+use drm_pagemap_sim::{SimBackend, SimConfig};
+use drm_pagemap_uffd::{MemfdMemory, PointerSpace, UffdConfig, UffdError};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+struct Rig {
+    _sim: SimBackend,
+    mm: Arc<AddressSpace>,
+    mem: Arc<MemfdMemory>,
+    space: Arc<PointerSpace>,
+}
+
+fn rig(devices: usize, config: UffdConfig) -> Rig {
+    let mem = Arc::new(MemfdMemory::new(256 << 20).unwrap());
+    let sim = SimBackend::new(SimConfig {
+        devices,
+        device_capacity: 256 << 20,
+        host_bytes: Some(mem.clone()),
+        ..SimConfig::default()
+    })
+    .unwrap();
+    let mm = Arc::new(AddressSpace::new(sim.host_memory()));
+    for pm in sim.pagemap_per_device().unwrap() {
+        mm.add_pagemap(pm).unwrap();
+    }
+    let space = PointerSpace::new(mm.clone(), mem.clone(), config).unwrap();
+    Rig {
+        _sim: sim,
+        mm,
+        mem,
+        space,
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it has not finished within `limit` (a hang
+/// of the fault handler would otherwise hang the test run); a panic of `f` is the test's.
+fn watchdog<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let t = std::thread::spawn(f);
+    let end = Instant::now() + limit;
+    while !t.is_finished() {
+        assert!(
+            Instant::now() < end,
+            "watchdog: not finished within {limit:?} (deadlock?)"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Skips (one line) where this machine has no usable userfaultfd.
+fn available() -> bool {
+    let r = rig(1, UffdConfig::default());
+    match r.space.create_range(4096, PageSize::Size4K) {
+        Ok(_) => true,
+        Err(e @ (UffdError::Unavailable { .. } | UffdError::MissingFeature { .. })) => {
+            println!("skipped: {e}");
+            false
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn freeing_unmaps_and_returns_every_frame() {
+    watchdog(Duration::from_secs(30), || {
+        let r = rig(1, UffdConfig::default());
+        // Warm up (the handler thread, its descriptors) before taking the baseline; no
+        // other rig is made (a dropped one's pool goes when its copy threads end).
+        match r.space.create_range(4096, PageSize::Size4K) {
+            Ok(warm) => drop(warm),
+            Err(e @ (UffdError::Unavailable { .. } | UffdError::MissingFeature { .. })) => {
+                println!("skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        let maps0 = drm_pagemap_uffd::limits::mappings_in_use();
+        let host = r._sim.bytes_host().unwrap().clone();
+        let free0 = host.free_granules();
+        let pr = r.space.create_range(64 * 4096, PageSize::Size4K).unwrap();
+        let span = pr.range();
+        // Scatter the frames: every other page through a device and back.
+        for i in 0..64 * 512 {
+            pr.word(i).unwrap().store(i, Ordering::Relaxed);
+        }
+        for p in (0..64).step_by(2) {
+            r.mm.migrate(
+                VaRange::new(pr.range().start + p * 4096, 4096),
+                PagemapId(0),
+                &MigrateDetails::default(),
+            )
+            .unwrap();
+        }
+        // Another range takes the frames just freed, so the pages come home to other ones.
+        let other = r.space.create_range(32 * 4096, PageSize::Size4K).unwrap();
+        for i in 0..32 * 512 {
+            other.word(i).unwrap().store(1, Ordering::Relaxed);
+        }
+        for i in 0..64 * 512 {
+            assert_eq!(pr.word(i).unwrap().load(Ordering::Relaxed), i);
+        }
+        drop(other);
+        // Scattered frames: one mapping per page, or close to it.
+        assert!(drm_pagemap_uffd::limits::mappings_within(span.start, span.len) >= 32);
+        assert!(drm_pagemap_uffd::limits::mappings_in_use() > maps0);
+        assert!(maps_named("drm-pagemap-host") >= 32);
+        assert!(host.free_granules() < free0);
+        pr.free().unwrap();
+        assert_eq!(
+            drm_pagemap_uffd::limits::mappings_within(span.start, span.len),
+            0
+        );
+        // Nothing of the range anywhere: no mapping of its file, only the pool maps the
+        // host file. (The process's total moves with the sim's heap: device arena chunks.)
+        assert_eq!(maps_named("drm-pagemap-range"), 0);
+        assert_eq!(
+            maps_named("drm-pagemap-host"),
+            1,
+            "{}\nrange {span}",
+            std::fs::read_to_string("/proc/self/maps").unwrap()
+        );
+        assert!(drm_pagemap_uffd::limits::mappings_in_use() <= maps0 + 16);
+        assert_eq!(host.free_granules(), free0);
+        assert_eq!(r.space.range_count(), 0);
+        assert!(r.mm.ranges().is_empty());
+        assert_eq!(r.mem.allocated_bytes(), 0);
+    });
+}
+
+/// Mappings whose name (the memfd's) contains `name`.
+fn maps_named(name: &str) -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(name))
+        .count()
+}

@@ -1,0 +1,648 @@
+//! Pointer ranges on the simulated backend: loads and stores through the pointer while the
+//! engine migrates and evicts the same pages.
+
+use drm_pagemap_core::{
+    AddressSpace, Backend, MigrateDetails, PageLocation, PageSize, PagemapId, VaRange,
+};
+use drm_pagemap_sim::{SimBackend, SimConfig};
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
+use drm_pagemap_uffd::{MemfdMemory, PointerSpace, UffdConfig, UffdError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+struct Rig {
+    _sim: SimBackend,
+    mm: Arc<AddressSpace>,
+    mem: Arc<MemfdMemory>,
+    space: Arc<PointerSpace>,
+}
+
+fn rig(devices: usize, config: UffdConfig) -> Rig {
+    rig_with(devices, config, Duration::ZERO)
+}
+
+fn rig_with(devices: usize, config: UffdConfig, copy_latency: Duration) -> Rig {
+    rig_full(devices, config, copy_latency, None)
+}
+
+fn rig_full(
+    devices: usize,
+    config: UffdConfig,
+    copy_latency: Duration,
+    faults: Option<Arc<FaultInjector>>,
+) -> Rig {
+    let mem = Arc::new(MemfdMemory::new(256 << 20).unwrap());
+    let sim = SimBackend::new(SimConfig {
+        devices,
+        device_capacity: 256 << 20,
+        host_bytes: Some(mem.clone()),
+        copy_latency,
+        faults,
+        ..SimConfig::default()
+    })
+    .unwrap();
+    let mm = Arc::new(AddressSpace::new(sim.host_memory()));
+    for pm in sim.pagemap_per_device().unwrap() {
+        mm.add_pagemap(pm).unwrap();
+    }
+    let space = PointerSpace::new(mm.clone(), mem.clone(), config).unwrap();
+    Rig {
+        _sim: sim,
+        mm,
+        mem,
+        space,
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it has not finished within `limit` (a hang
+/// of the fault handler would otherwise hang the test run); a panic of `f` is the test's.
+fn watchdog<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let t = std::thread::spawn(f);
+    let end = Instant::now() + limit;
+    while !t.is_finished() {
+        assert!(
+            Instant::now() < end,
+            "watchdog: not finished within {limit:?} (deadlock?)"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Skips (one line) where this machine has no usable userfaultfd.
+fn available() -> bool {
+    let r = rig(1, UffdConfig::default());
+    match r.space.create_range(4096, PageSize::Size4K) {
+        Ok(_) => true,
+        Err(e @ (UffdError::Unavailable { .. } | UffdError::MissingFeature { .. })) => {
+            println!("skipped: {e}");
+            false
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn stores_survive_a_round_trip_through_a_device_and_fault_home() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        let r = rig(2, UffdConfig::default());
+        let pages = 64u64;
+        let pr = r
+            .space
+            .create_range(pages * 4096, PageSize::Size4K)
+            .unwrap();
+        let words = pages * 512;
+        for i in 0..words {
+            pr.word(i).unwrap().store(i * 7 + 1, Ordering::Relaxed);
+        }
+        // The explicit API sees the pointer's stores: the same frames.
+        let mut b = [0u8; 8];
+        r.mm.read(pr.range().start + 8 * 100, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 701);
+        let allocated = r.mem.allocated_bytes();
+        assert!(allocated >= pages * 4096, "{allocated}");
+        let d = MigrateDetails::default();
+        r.mm.migrate(pr.range(), PagemapId(0), &d).unwrap();
+        assert!(matches!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::Device { .. }
+        ));
+        // Device-resident pages hold no host memory.
+        assert!(
+            r.mem.allocated_bytes() <= allocated - pages * 4096,
+            "{} of {allocated} bytes still allocated",
+            r.mem.allocated_bytes()
+        );
+        // Device to device, then loads through the pointer fault every page home.
+        r.mm.migrate(pr.range(), PagemapId(1), &d).unwrap();
+        let served = r.space.fault_stats().served;
+        for i in 0..words {
+            assert_eq!(
+                pr.word(i).unwrap().load(Ordering::Relaxed),
+                i * 7 + 1,
+                "word {i}"
+            );
+        }
+        // The handler counts a fault after waking its thread: give it a moment.
+        let t = Instant::now();
+        while r.space.fault_stats().served < served + pages && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(r.space.fault_stats().served >= served + pages);
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::System
+        );
+        assert_eq!(
+            r.space.fault_stats().errors,
+            0,
+            "{:?}",
+            r.space.last_fault_error()
+        );
+    });
+}
+
+#[test]
+fn first_touch_reads_zero_and_populates() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(30), || {
+        let r = rig(1, UffdConfig::default());
+        let pr = r.space.create_range(16 * 4096, PageSize::Size4K).unwrap();
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::Unpopulated
+        );
+        // Dirty the pool first: a fresh frame must still read zero through the pointer.
+        let junk = r.space.create_range(16 * 4096, PageSize::Size4K).unwrap();
+        for i in 0..16 * 512 {
+            junk.word(i).unwrap().store(u64::MAX, Ordering::Relaxed);
+        }
+        drop(junk);
+        for i in 0..16 * 512 {
+            assert_eq!(pr.word(i).unwrap().load(Ordering::Relaxed), 0, "word {i}");
+        }
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::System
+        );
+        // A store after a load lands (the page is mapped writable).
+        pr.word(3).unwrap().store(5, Ordering::Relaxed);
+        let mut b = [0u8; 8];
+        r.mm.read(pr.range().start + 24, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 5);
+    });
+}
+
+#[test]
+fn two_mib_pages_round_trip() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        let r = rig(1, UffdConfig::default());
+        let pr = r.space.create_range(4 << 20, PageSize::Size2M).unwrap();
+        assert_eq!(pr.range().start % (2 << 20), 0);
+        let words = (4 << 20) / 8;
+        for i in (0..words).step_by(61) {
+            pr.word(i).unwrap().store(!i, Ordering::Relaxed);
+        }
+        r.mm.migrate(pr.range(), PagemapId(0), &MigrateDetails::default())
+            .unwrap();
+        for i in (0..words).step_by(61) {
+            assert_eq!(pr.word(i).unwrap().load(Ordering::Relaxed), !i);
+        }
+    });
+}
+
+#[test]
+fn many_threads_store_and_load_while_others_migrate_and_evict() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(120), || {
+        // Copies take 100 us: stores land while pages are in flight.
+        let r = rig_with(3, UffdConfig::default(), Duration::from_micros(100));
+        let moved = Arc::new(AtomicU64::new(0));
+        let evicted = Arc::new(AtomicU64::new(0));
+        let pages = 32u64;
+        let pr = Arc::new(
+            r.space
+                .create_range(pages * 4096, PageSize::Size4K)
+                .unwrap(),
+        );
+        let writers = 4u64;
+        let rounds = 2000u64;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let start = Arc::new(Barrier::new(writers as usize + 2));
+        let mut threads = Vec::new();
+        // Writer w owns the words w, w + writers, ... of every page (its model is exact):
+        // each round it stores round+1 into its word of a page, then loads it back.
+        // Each writer goes on past `rounds` until the movers have done enough (at most 30 s),
+        // and returns how many rounds it did.
+        let mut writer_threads = Vec::new();
+        for w in 0..writers {
+            let (pr, start) = (pr.clone(), start.clone());
+            let (moved, evicted) = (moved.clone(), evicted.clone());
+            writer_threads.push(std::thread::spawn(move || {
+                start.wait();
+                let t0 = Instant::now();
+                let mut round = 0u64;
+                while round < rounds
+                    || ((moved.load(Ordering::Relaxed) < 20 || evicted.load(Ordering::Relaxed) < 2)
+                        && t0.elapsed() < Duration::from_secs(30))
+                {
+                    for p in 0..pages {
+                        let i = p * 512 + w + writers * (round % 8);
+                        let v = (w << 32) | (round + 1);
+                        pr.word(i).unwrap().store(v, Ordering::Relaxed);
+                        assert_eq!(pr.word(i).unwrap().load(Ordering::Relaxed), v);
+                    }
+                    round += 1;
+                }
+                round
+            }));
+        }
+        // Movers: migrate the whole range and halves of it between devices, and evict.
+        for m in 0..2u64 {
+            let (mm, pr, start, stop) = (r.mm.clone(), pr.clone(), start.clone(), stop.clone());
+            let (moved, evicted) = (moved.clone(), evicted.clone());
+            threads.push(std::thread::spawn(move || {
+                start.wait();
+                let d = MigrateDetails::default();
+                let mut k = m;
+                while !stop.load(Ordering::Relaxed) {
+                    let half = pr.len() / 2;
+                    let target = match k % 3 {
+                        0 => pr.range(),
+                        1 => VaRange::new(pr.range().start, half),
+                        _ => VaRange::new(pr.range().start + half, half),
+                    };
+                    if let Ok(rep) = mm.migrate(target, PagemapId((k % 3) as u8), &d)
+                        && rep.alloc.is_some()
+                    {
+                        moved.fetch_add(1, Ordering::Relaxed);
+                        if k % 4 == 1
+                            && let Some(a) = rep.alloc
+                            && mm.evict_to_ram(a).is_ok()
+                        {
+                            evicted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    k += 1;
+                }
+            }));
+        }
+        let movers = threads;
+        let done: Vec<u64> = writer_threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        for t in movers {
+            t.join().unwrap();
+        }
+        let (moved, evicted) = (
+            moved.load(Ordering::Relaxed),
+            evicted.load(Ordering::Relaxed),
+        );
+        let faults = r.space.fault_stats().served;
+        println!("{moved} migrations, {evicted} evictions, {faults} faults served");
+        assert!(
+            moved >= 20 && evicted >= 2 && faults >= 10,
+            "{moved} {evicted} {faults}"
+        );
+        // The model: every writer's last store of each of its 8 slots per page.
+        for w in 0..writers {
+            for slot in 0..8u64 {
+                let last = (0..done[w as usize]).rev().find(|r| r % 8 == slot).unwrap();
+                for p in 0..pages {
+                    let i = p * 512 + w + writers * slot;
+                    let want = (w << 32) | (last + 1);
+                    assert_eq!(
+                        pr.word(i).unwrap().load(Ordering::Relaxed),
+                        want,
+                        "page {p} word {i}"
+                    );
+                    let mut b = [0u8; 8];
+                    r.mm.read(pr.range().start + i * 8, &mut b).unwrap();
+                    assert_eq!(u64::from_le_bytes(b), want);
+                }
+            }
+        }
+        assert_eq!(
+            r.space.fault_stats().errors,
+            0,
+            "{:?}",
+            r.space.last_fault_error()
+        );
+    });
+}
+
+#[test]
+fn userfaultfd_unavailable_is_a_typed_error_and_the_explicit_api_works() {
+    let r = rig(
+        1,
+        UffdConfig {
+            inject_open_errno: Some(libc_eperm()),
+            ..UffdConfig::default()
+        },
+    );
+    let e = r.space.create_range(4096, PageSize::Size4K).unwrap_err();
+    assert!(
+        matches!(e, UffdError::Unavailable { step: "open", .. }),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("explicit read/write API still works"),
+        "{e}"
+    );
+    assert_eq!(r.space.range_count(), 0);
+    let va = VaRange::new(1 << 40, 4 * 4096);
+    r.mm.create_range(va, PageSize::Size4K).unwrap();
+    r.mm.write(va.start, &[9u8; 100]).unwrap();
+    r.mm.migrate(va, PagemapId(0), &MigrateDetails::default())
+        .unwrap();
+    let mut b = [0u8; 100];
+    r.mm.read(va.start, &mut b).unwrap();
+    assert_eq!(b, [9u8; 100]);
+}
+
+#[test]
+fn a_range_that_could_exceed_the_map_count_is_refused() {
+    if !available() {
+        return;
+    }
+    let r = rig(
+        1,
+        UffdConfig {
+            limits: drm_pagemap_uffd::limits::MapLimits {
+                max_map_count: Some(drm_pagemap_uffd::limits::mappings_in_use() + 5000),
+                headroom: 1000,
+            },
+            ..UffdConfig::default()
+        },
+    );
+    let ok = r.space.create_range(1000 * 4096, PageSize::Size4K).unwrap();
+    // The first range's worst case stays reserved: a second one of 3,500 pages no longer fits.
+    let e = r
+        .space
+        .create_range(3500 * 4096, PageSize::Size4K)
+        .unwrap_err();
+    assert!(
+        matches!(e, UffdError::MapCountLimit { pages: 3500, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("vm.max_map_count"), "{e}");
+    drop(ok);
+    // Freed: its reservation is back.
+    r.space.create_range(3500 * 4096, PageSize::Size4K).unwrap();
+}
+
+#[test]
+fn backends_without_support_say_why() {
+    assert!(drm_pagemap_uffd::support("sim").is_ok());
+    for b in ["cuda", "level-zero", "tier"] {
+        let e = drm_pagemap_uffd::support(b).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("pointer ranges unsupported on backend {b}: ")),
+            "{e}"
+        );
+    }
+}
+
+fn libc_eperm() -> i32 {
+    1
+}
+
+#[test]
+fn fault_round_trip_figures() {
+    if !available() {
+        return;
+    }
+    // Printed, not asserted: the CPU-fault round trip through the pointer against the
+    // explicit read, 4 KiB and 2 MiB pages.
+    let r = rig(1, UffdConfig::default());
+    for (ps, len) in [(PageSize::Size4K, 4096u64), (PageSize::Size2M, 2 << 20)] {
+        let pr = r.space.create_range(len, ps).unwrap();
+        pr.word(0).unwrap().store(1, Ordering::Relaxed);
+        let n = if len == 4096 { 200 } else { 20 };
+        let d = MigrateDetails::default();
+        let mut fault = Duration::ZERO;
+        let mut explicit = Duration::ZERO;
+        let mut buf = vec![0u8; len as usize];
+        for _ in 0..n {
+            r.mm.migrate(pr.range(), PagemapId(0), &d).unwrap();
+            let t = Instant::now();
+            assert_eq!(pr.word(0).unwrap().load(Ordering::Relaxed), 1);
+            fault += t.elapsed();
+            r.mm.migrate(pr.range(), PagemapId(0), &d).unwrap();
+            let t = Instant::now();
+            r.mm.read(pr.range().start, &mut buf).unwrap();
+            explicit += t.elapsed();
+        }
+        println!(
+            "round trip {len} B page: pointer fault {:?}, explicit read {:?} (mean of {n})",
+            fault / n,
+            explicit / n
+        );
+    }
+}
+
+/// `memcpy` into the pointer, a migration to a device, `memcpy` out: the bytes are intact.
+fn memcpy_round_trip(len: u64) {
+    let mem = Arc::new(MemfdMemory::new(len + (64 << 20)).unwrap());
+    let sim = SimBackend::new(SimConfig {
+        devices: 1,
+        device_capacity: len + (64 << 20),
+        host_bytes: Some(mem.clone()),
+        ..SimConfig::default()
+    })
+    .unwrap();
+    let mm = Arc::new(AddressSpace::new(sim.host_memory()));
+    for pm in sim.pagemap_per_device().unwrap() {
+        mm.add_pagemap(pm).unwrap();
+    }
+    let space = PointerSpace::new(mm.clone(), mem.clone(), UffdConfig::default()).unwrap();
+    let pr = space.create_range(len, PageSize::Size2M).unwrap();
+    let src: Vec<u8> = (0..len).map(|i| (i * 31 + i / 4096) as u8).collect();
+    let t = Instant::now();
+    // SAFETY: the range's mapping is `len` bytes from `as_ptr()` and lives while `pr` does;
+    // `src` is a separate buffer of `len` bytes.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), pr.as_ptr(), len as usize) };
+    let first_touch = t.elapsed();
+    mm.migrate(pr.range(), PagemapId(0), &MigrateDetails::default())
+        .unwrap();
+    assert_eq!(
+        mem.allocated_bytes(),
+        0,
+        "device-resident pages hold no host memory"
+    );
+    let mut dst = vec![0u8; len as usize];
+    let t = Instant::now();
+    // SAFETY: as above, the other way.
+    unsafe { std::ptr::copy_nonoverlapping(pr.as_ptr(), dst.as_mut_ptr(), len as usize) };
+    let home = t.elapsed();
+    assert!(src == dst, "bytes differ after the round trip");
+    println!(
+        "memcpy of {} MiB through the pointer: in (first touch) {first_touch:?}, out (faulting \
+         home from the device) {home:?}",
+        len >> 20
+    );
+}
+
+#[test]
+fn memcpy_through_the_pointer_64_mib() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(120), || memcpy_round_trip(64 << 20));
+}
+
+/// The issue's 1 GiB `memcpy` (4 GiB of memory in all): `cargo test --release -- --ignored`.
+#[test]
+#[ignore = "1 GiB: run in release with --ignored"]
+fn memcpy_through_the_pointer_1_gib() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(600), || memcpy_round_trip(1 << 30));
+}
+
+#[test]
+fn a_store_to_a_page_in_flight_waits_for_the_migration_and_lands() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        // Copies take 50 ms: the store comes 10 ms into the migration.
+        let r = rig_with(1, UffdConfig::default(), Duration::from_millis(50));
+        let pr = Arc::new(r.space.create_range(4096, PageSize::Size4K).unwrap());
+        pr.word(0).unwrap().store(1, Ordering::Relaxed);
+        let storer = {
+            let pr = pr.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(10));
+                pr.word(0).unwrap().store(2, Ordering::Relaxed);
+                Instant::now()
+            })
+        };
+        r.mm.migrate(pr.range(), PagemapId(0), &MigrateDetails::default())
+            .unwrap();
+        let migrated = Instant::now();
+        let stored = storer.join().unwrap();
+        // Taken out of the mapping before the copy: the store waited for the commit, then
+        // brought the page home (another copy) and landed there.
+        assert!(
+            stored > migrated,
+            "the store did not wait for the migration"
+        );
+        assert_eq!(pr.word(0).unwrap().load(Ordering::Relaxed), 2);
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::System
+        );
+    });
+}
+
+#[test]
+fn a_store_during_a_migration_that_rolls_back_lands_in_system_memory() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        let inj = FaultInjector::new();
+        let r = rig_full(
+            1,
+            UffdConfig::default(),
+            Duration::from_millis(50),
+            Some(inj.clone()),
+        );
+        let pr = Arc::new(r.space.create_range(4096, PageSize::Size4K).unwrap());
+        pr.word(0).unwrap().store(1, Ordering::Relaxed);
+        pr.word(1).unwrap().store(7, Ordering::Relaxed);
+        // The copy's fence signals an error: the migration rolls back.
+        inj.fail_nth(FaultSite::FenceError, 1);
+        let t0 = Instant::now();
+        let storer = {
+            let pr = pr.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(10));
+                pr.word(0).unwrap().store(2, Ordering::Relaxed);
+                Instant::now()
+            })
+        };
+        let e =
+            r.mm.migrate(pr.range(), PagemapId(0), &MigrateDetails::default());
+        let done = Instant::now();
+        assert!(
+            e.is_err(),
+            "the injected fence error must fail the migration"
+        );
+        let stored = storer.join().unwrap();
+        // Issued 10 ms in, it waited for the copy's fence (50 ms) and the roll back.
+        assert!(
+            stored >= t0 + Duration::from_millis(45),
+            "the store did not wait ({:?})",
+            stored - t0
+        );
+        assert!(done >= t0 + Duration::from_millis(45));
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::System
+        );
+        assert_eq!(pr.word(0).unwrap().load(Ordering::Relaxed), 2);
+        assert_eq!(pr.word(1).unwrap().load(Ordering::Relaxed), 7);
+        let mut b = [0u8; 8];
+        r.mm.read(pr.range().start, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 2);
+    });
+}
+
+#[test]
+fn user_mode_only_exactly_where_the_process_is_unprivileged() {
+    if !available() {
+        return;
+    }
+    let r = rig(1, UffdConfig::default());
+    let pr = r.space.create_range(4096, PageSize::Size4K).unwrap();
+    pr.word(0).unwrap().store(3, Ordering::Relaxed);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let euid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false);
+    println!(
+        "euid {euid}, vm.unprivileged_userfaultfd={}, user mode only: {}",
+        sysctl as u8,
+        r.space.user_mode_only()
+    );
+    // Root (CAP_SYS_PTRACE) gets every fault; an unprivileged process without the sysctl
+    // gets the user-mode-only descriptor (and the stores above were served through it).
+    if euid == 0 || sysctl {
+        assert!(!r.space.user_mode_only());
+    } else {
+        assert!(r.space.user_mode_only());
+    }
+    assert_eq!(pr.word(0).unwrap().load(Ordering::Relaxed), 3);
+}
+
+#[test]
+fn a_fault_whose_copy_home_fails_is_retried_and_the_load_completes() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        let inj = FaultInjector::new();
+        let r = rig_full(1, UffdConfig::default(), Duration::ZERO, Some(inj.clone()));
+        let pr = r.space.create_range(4096, PageSize::Size4K).unwrap();
+        pr.word(7).unwrap().store(42, Ordering::Relaxed);
+        r.mm.migrate(pr.range(), PagemapId(0), &MigrateDetails::default())
+            .unwrap();
+        // The next copy (the page's way home) fails: the handler cannot give the faulting
+        // thread an error, so it retries; the load completes once a copy succeeds.
+        inj.fail_nth(FaultSite::Copy, 1);
+        assert_eq!(pr.word(7).unwrap().load(Ordering::Relaxed), 42);
+        assert_eq!(inj.injected(), 1);
+        assert_eq!(r.space.fault_stats().errors, 1);
+        let e = r.space.last_fault_error().unwrap();
+        assert!(e.contains("fault at"), "{e}");
+        assert_eq!(
+            r.mm.location(pr.range().start).unwrap(),
+            PageLocation::System
+        );
+    });
+}
