@@ -160,16 +160,33 @@ impl crate::HostMemory for BytesHostMemory {
             .free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
     }
 
-    fn read(&self, frame: crate::HostFrame, offset: usize, buf: &mut [u8]) {
-        self.bytes.read(frame.0 * GRANULE + offset as u64, buf)
+    fn read(
+        &self,
+        frame: crate::HostFrame,
+        offset: usize,
+        buf: &mut [u8],
+    ) -> Result<(), crate::BackendError> {
+        self.bytes.read(frame.0 * GRANULE + offset as u64, buf);
+        Ok(())
     }
 
-    fn write(&self, frame: crate::HostFrame, offset: usize, data: &[u8]) {
-        self.bytes.write(frame.0 * GRANULE + offset as u64, data)
+    fn write(
+        &self,
+        frame: crate::HostFrame,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), crate::BackendError> {
+        self.bytes.write(frame.0 * GRANULE + offset as u64, data);
+        Ok(())
     }
 
-    fn zero(&self, frame: crate::HostFrame, page_size: crate::PageSize) {
-        self.bytes.zero(frame.0 * GRANULE, page_size.bytes())
+    fn zero(
+        &self,
+        frame: crate::HostFrame,
+        page_size: crate::PageSize,
+    ) -> Result<(), crate::BackendError> {
+        self.bytes.zero(frame.0 * GRANULE, page_size.bytes());
+        Ok(())
     }
 
     fn map_frames(
@@ -227,7 +244,7 @@ mod tests {
         let host = BytesHostMemory::try_new(1, arena.clone()).unwrap();
         let mut f = [crate::HostFrame(0); 2];
         host.alloc_frames(PageSize::Size4K, &mut f).unwrap();
-        host.write(f[1], 10, &[5u8; 20]);
+        host.write(f[1], 10, &[5u8; 20]).expect("host memory");
         let mut b = [0u8; 20];
         arena.read(f[1].0 * GRANULE + 10, &mut b);
         assert_eq!(b, [5u8; 20]);
@@ -260,7 +277,7 @@ mod tests {
             .unwrap();
         assert_eq!((va, ps), (r.start + 4096, PageSize::Size4K));
         let mut b = vec![1u8; 4096];
-        host.read(frame, 0, &mut b);
+        host.read(frame, 0, &mut b).expect("host memory");
         assert!(b.iter().all(|&x| x == 0));
         assert_eq!(mm.location(va).unwrap(), PageLocation::System);
         assert!(rec.0.lock().unwrap().is_empty());

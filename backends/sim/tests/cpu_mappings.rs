@@ -72,7 +72,9 @@ fn take_out_precedes_the_copy_and_with_cpu_page_brings_pages_home() {
         })
         .unwrap();
     let mut b = vec![0u8; 4096];
-    sim.host_memory().read(frame, 0, &mut b);
+    sim.host_memory()
+        .read(frame, 0, &mut b)
+        .expect("host memory");
     assert_eq!(b, data[5 * 4096..6 * 4096]);
     assert_eq!(mm.location(va).unwrap(), PageLocation::System);
     let mut buf = vec![0u8; r.len as usize];
