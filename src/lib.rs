@@ -108,7 +108,8 @@ pub use drm_pagemap_level_zero as level_zero;
 
 /// Ranges that are memory of the process (the `drm-pagemap-uffd` crate): a pointer the
 /// application loads and stores through, device-resident pages faulting home through
-/// userfaultfd. The simulated backend for now ([`uffd::support`] says why the others are not).
+/// userfaultfd. The simulated backend, and CUDA when feature `cuda` is on too (its host memory
+/// made with `cuda.host_memfd=1`; [`uffd::support`] says why the others are not).
 #[cfg(feature = "uffd")]
 pub use drm_pagemap_uffd as uffd;
 /// The SVM layer a GPU runtime talks to (the `xe-svm` crate): GPU VMs, the fault handler,

@@ -2,8 +2,14 @@
 //! `DEVICEMAP | PORTABLE`, not write-combined, so CPU reads stay fast), carved into 4 KiB
 //! frames. Backed lazily in chunks; with unified addressing a frame's device address is its
 //! host address, the same for every GPU, so `map_frames` is arithmetic.
+//!
+//! With `cuda.host_memfd` the memory is instead one memfd mapped shared ([`HostFile`]), each
+//! chunk pinned by `cuMemHostRegister(DEVICEMAP | PORTABLE)` when first needed: frame `f` is
+//! the file's bytes at `f * 4096`, so a pointer range can map a frame at its own address and
+//! the CPU's loads and stores reach the pages the GPUs copy.
 
 use crate::driver::{Context, DriverResult, err, mem};
+use crate::memfd::HostFile;
 use drm_pagemap_core::{
     BackendError, BackendErrorKind, DeviceId, Direction, DmaAddr, ExtentAllocator, GRANULE,
     HostFrame, HostMemory, PageSize,
@@ -14,8 +20,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub(crate) const HOST_CHUNK: u64 = 64 << 20;
 
 struct Chunk {
-    // INVARIANT: `host` is a `mem::host_alloc` allocation of `HOST_CHUNK` bytes whose device
-    // address is `dev == host` (unified addressing), freed only by the owner's Drop.
+    // INVARIANT: `host` is a `mem::host_alloc` allocation of `HOST_CHUNK` bytes (or, when the
+    // memory is a memfd, `HOST_CHUNK` bytes of its mapping registered with
+    // `mem::host_register`) whose device address is `dev == host` (unified addressing), freed
+    // (unregistered) only by the owner's Drop.
     host: *mut u8,
     dev: u64,
 }
@@ -27,13 +35,23 @@ unsafe impl Send for Chunk {}
 unsafe impl Sync for Chunk {}
 
 /// The host memory of an address space on the CUDA backend.
+///
+/// Frames are never given back to the system while the memory lives: pinned memory cannot
+/// be released page by page (`cuMemHostAlloc` chunks are freed whole; a registered memfd's
+/// pages cannot be punched out while registered, the pin keeps them). So a page resident on
+/// a device keeps its host memory on CUDA: the frame returns to this pool's allocator, not to
+/// the system, and the chunk stays pinned (the cost: up to the peak of system-resident
+/// bytes, rounded up to 64 MiB chunks, stays pinned).
 pub struct PinnedHostMemory {
+    // Field order is drop order: Drop frees (unregisters) the chunks, then `file` unmaps.
     ctx: Arc<Context>,
     chunks: Box<[OnceLock<Chunk>]>,
     grow: Mutex<()>,
     frames: ExtentAllocator,
     capacity: u64,
     devices: u32,
+    /// The memfd the chunks are registered from (`cuda.host_memfd`), else `None`.
+    file: Option<HostFile>,
 }
 
 impl std::fmt::Debug for PinnedHostMemory {
@@ -49,11 +67,14 @@ impl PinnedHostMemory {
     /// Host memory of `capacity` bytes (rounded up to whole chunks; at most
     /// [`crate::MAX_HOST_CAPACITY`], checked by the config), allocated through `ctx`
     /// (portable: every context of the process reaches it) for `devices` devices. Out of
-    /// memory when the chunk table does not fit.
+    /// memory when the chunk table does not fit. With `memfd`, the memory is one memfd of the
+    /// whole capacity (sparse) mapped shared, its chunks registered as needed; making it can
+    /// fail ([`BackendErrorKind::OutOfMemory`] naming the call).
     pub(crate) fn new(
         ctx: Arc<Context>,
         capacity: u64,
         devices: u32,
+        memfd: bool,
     ) -> Result<PinnedHostMemory, BackendError> {
         let n = capacity.div_ceil(HOST_CHUNK).max(1);
         let mut chunks = Vec::new();
@@ -67,6 +88,18 @@ impl PinnedHostMemory {
                 )
             })?;
         chunks.extend((0..n).map(|_| OnceLock::new()));
+        let file = match memfd {
+            false => None,
+            true => Some(HostFile::new(n * HOST_CHUNK).map_err(|e| {
+                err(
+                    BackendErrorKind::OutOfMemory,
+                    format!(
+                        "cuda host memory (cuda.host_memfd) of {} bytes: memfd or its mapping: {e}",
+                        n * HOST_CHUNK
+                    ),
+                )
+            })?),
+        };
         Ok(PinnedHostMemory {
             ctx,
             chunks: chunks.into_boxed_slice(),
@@ -74,7 +107,22 @@ impl PinnedHostMemory {
             frames: ExtentAllocator::new(n * HOST_CHUNK / GRANULE),
             capacity: n * HOST_CHUNK,
             devices,
+            file,
         })
+    }
+
+    /// The memfd whose bytes at `f * 4096` are frame `f`, when the memory was made with
+    /// `cuda.host_memfd` ([`crate::CudaConfig::host_memfd`]); `None` otherwise. A mapping
+    /// of it (`MAP_SHARED`) reaches the same pinned pages the GPUs copy: what a pointer
+    /// range maps at its addresses. Frames stay allocated in it while the memory lives.
+    pub fn memfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.file.as_ref().map(|f| f.fd())
+    }
+
+    /// Bytes of memory the memfd holds (`None` without `cuda.host_memfd`): every registered
+    /// chunk, whole (registration pins it).
+    pub fn memfd_allocated_bytes(&self) -> Option<u64> {
+        self.file.as_ref().map(|f| f.allocated_bytes())
     }
 
     /// Bytes pinned so far.
@@ -104,6 +152,9 @@ impl PinnedHostMemory {
             return Ok(());
         }
         self.ctx.bind()?;
+        if let Some(file) = &self.file {
+            return self.register(idx, file);
+        }
         // Freed in Drop.
         let p = match mem::host_alloc(HOST_CHUNK as usize) {
             Ok(p) => p,
@@ -145,6 +196,55 @@ impl PinnedHostMemory {
         Ok(())
     }
 
+    /// Registers chunk `idx` of the memfd mapping with the driver (the caller holds `grow`).
+    fn register(&self, idx: usize, file: &HostFile) -> Result<(), BackendError> {
+        // SAFETY: chunk `idx` lies inside the mapping (the file covers every chunk).
+        let p = unsafe { file.base().add(idx * HOST_CHUNK as usize) };
+        let what = || format!("cuda host memory (memfd) chunk {idx}");
+        // SAFETY: a page-aligned, read-write shared mapping owned by `file`, which outlives
+        // the registration (Drop unregisters every chunk before the mapping goes); chunk
+        // `idx` is not registered yet (its OnceLock is empty under `grow`).
+        match unsafe { mem::host_register(p.cast(), HOST_CHUNK as usize) } {
+            Ok(()) => {}
+            Err(e) if e.is_out_of_memory() => {
+                return Err(err(
+                    BackendErrorKind::OutOfMemory,
+                    format!(
+                        "{}: pinning another {} MiB failed",
+                        what(),
+                        HOST_CHUNK >> 20
+                    ),
+                ));
+            }
+            Err(e) => return Err(e.about(what())),
+        }
+        // SAFETY: `p` starts a range just registered.
+        let dev = unsafe { mem::host_device_pointer(p.cast()) }.about(what());
+        let undo = || {
+            // SAFETY: registered above, not shared yet.
+            let _ = unsafe { mem::host_unregister(p.cast()) };
+        };
+        let dev = match dev {
+            Ok(d) if d == p as u64 => d,
+            Ok(_) => {
+                undo();
+                return Err(err(
+                    BackendErrorKind::Unsupported,
+                    format!(
+                        "{}: device pointer differs from host pointer (no unified addressing)",
+                        what()
+                    ),
+                ));
+            }
+            Err(e) => {
+                undo();
+                return Err(e);
+            }
+        };
+        let _ = self.chunks[idx].set(Chunk { host: p, dev });
+        Ok(())
+    }
+
     /// The host pointer of `frame` (its chunk must be backed).
     fn ptr(&self, frame: HostFrame) -> *mut u8 {
         let byte = frame.0 * GRANULE;
@@ -174,8 +274,16 @@ impl PinnedHostMemory {
 impl Drop for PinnedHostMemory {
     fn drop(&mut self) {
         let _ = self.ctx.bind();
+        let registered = self.file.is_some();
         for c in self.chunks.iter_mut() {
             if let Some(c) = c.take() {
+                if registered {
+                    // SAFETY: registered by `register` (INVARIANT); no copy is in flight once
+                    // the address spaces and pagemaps using it are gone. The mapping goes
+                    // after this (field `file`).
+                    let _ = unsafe { mem::host_unregister(c.host as *mut std::ffi::c_void) };
+                    continue;
+                }
                 // SAFETY: allocated by `host_alloc` (INVARIANT); no copy is in flight once the
                 // address spaces and pagemaps using it are gone.
                 let _ = unsafe { mem::free_host(c.host as *mut std::ffi::c_void) };
@@ -219,6 +327,8 @@ impl HostMemory for PinnedHostMemory {
     }
 
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize) {
+        // Back to the allocator only: the memory stays pinned (and, with a memfd, is not
+        // punched out: a registered page cannot be), see the type's docs.
         self.frames
             .free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
     }

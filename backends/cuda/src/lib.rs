@@ -15,7 +15,12 @@
 //! - **System pages** ([`PinnedHostMemory`]) live in pinned, device-mapped, portable host
 //!   memory (`cuMemHostAlloc(DEVICEMAP | PORTABLE)`, not write-combined, so CPU reads are
 //!   fast), allocated in chunks as needed. Mapping one for a device is an address
-//!   computation (unified addressing).
+//!   computation (unified addressing). With [`CudaConfig::host_memfd`] (`cuda.host_memfd=1`)
+//!   the memory is one memfd mapped shared whose chunks are registered with
+//!   `cuMemHostRegister(DEVICEMAP | PORTABLE)` ([`PinnedHostMemory::memfd`]): another
+//!   mapping of a frame (a pointer range of `drm-pagemap-uffd`) reaches the very pages the
+//!   GPUs copy. Pinned memory is never given back page by page: a page resident on a device
+//!   keeps its host memory on CUDA (its frame returns to the pool, not to the system).
 //! - **Copies** run on the executing pagemap's stream. A call is split into runs that are
 //!   contiguous on both sides; runs of at least the DMA crossover go to `cuMemcpyAsync`
 //!   (direction and peer inferred through unified addressing), everything else to **one**
@@ -51,6 +56,7 @@ mod fence;
 mod gate;
 mod host;
 mod kernel;
+mod memfd;
 mod pagemap;
 mod plan;
 mod settle;
@@ -100,6 +106,7 @@ pub const MAX_HOST_CAPACITY: u64 = 1 << 47;
 /// | `kernel` | `auto`, `nvrtc`, `ptx` (or `fallback`) | [`kernel`](Self::kernel) | `DRM_PAGEMAP_CUDA_KERNEL` |
 /// | `device_capacity` | a byte count | [`device_capacity`](Self::device_capacity) | |
 /// | `disable` | a boolean | [`disable`](Self::disable) | `DRM_PAGEMAP_CUDA_DISABLE` (set: on) |
+/// | `host_memfd` | a boolean | [`host_memfd`](Self::host_memfd) | |
 ///
 /// [`BackendConfig::devices`] and [`BackendConfig::host_capacity`] set
 /// [`devices`](Self::devices) and [`host_capacity`](Self::host_capacity).
@@ -130,6 +137,13 @@ pub struct CudaConfig {
     /// [`CudaBackend::new`] refuses ([`BackendErrorKind::Unavailable`]), as on a machine
     /// without CUDA. Default `false`.
     pub disable: bool,
+    /// Make the host memory one memfd mapped shared and registered with the driver
+    /// (`cuMemHostRegister(DEVICEMAP | PORTABLE)`, a 64 MiB chunk at a time) instead of
+    /// `cuMemHostAlloc` chunks, so that its frames can be mapped at other addresses: what
+    /// pointer ranges (`drm-pagemap-uffd`) need ([`PinnedHostMemory::memfd`]). The memory
+    /// is pinned either way and frames are never given back to the system while it lives.
+    /// Default `false`.
+    pub host_memfd: bool,
 }
 
 impl Default for CudaConfig {
@@ -144,6 +158,7 @@ impl Default for CudaConfig {
             vmm: true,
             clear_on_free: true,
             disable: false,
+            host_memfd: false,
         }
     }
 }
@@ -187,6 +202,7 @@ impl CudaConfig {
             vmm: r.bool("vmm")?.unwrap_or(d.vmm),
             clear_on_free: r.bool("clear_on_free")?.unwrap_or(d.clear_on_free),
             disable: r.bool("disable")?.unwrap_or(d.disable),
+            host_memfd: r.bool("host_memfd")?.unwrap_or(d.host_memfd),
         };
         r.finish()?;
         Ok(config)
@@ -304,6 +320,7 @@ impl CudaBackend {
             devices[0].ctx.clone(),
             config.host_capacity,
             n as u32,
+            config.host_memfd,
         )?);
         Ok(CudaBackend {
             pagemaps: Mutex::new(Vec::new()),
@@ -555,8 +572,8 @@ mod tests {
             (DEFAULT_DMA_MIN_HOST, DEFAULT_DMA_MIN_DEVICE)
         );
         assert_eq!(
-            (d.kernel, d.vmm, d.clear_on_free, d.disable),
-            (KernelSource::Auto, true, true, false)
+            (d.kernel, d.vmm, d.clear_on_free, d.disable, d.host_memfd),
+            (KernelSource::Auto, true, true, false, false)
         );
         assert_eq!(
             CudaConfig::from_backend_config(&BackendConfig::default()).unwrap(),
@@ -579,6 +596,7 @@ mod tests {
                 ("cuda.kernel", "ptx"),
                 ("cuda.device_capacity", "8G"),
                 ("cuda.disable", "true"),
+                ("cuda.host_memfd", "1"),
                 ("sim.copy_latency", "1ms"),
             ])
             .options,
@@ -596,6 +614,7 @@ mod tests {
                 vmm: false,
                 clear_on_free: false,
                 disable: true,
+                host_memfd: true,
             }
         );
         for (v, k) in [
@@ -618,6 +637,7 @@ mod tests {
             ("cuda.dma_min_device", "1PiB"),
             ("cuda.device_capacity", "lots"),
             ("cuda.disable", "2"),
+            ("cuda.host_memfd", "yes please"),
             ("cuda.vmmm", "0"),
             ("cuda.host_capacity", "1G"),
         ] {

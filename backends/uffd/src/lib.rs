@@ -64,26 +64,43 @@
 //!
 //! # Backends
 //! [`support`] says which backends can give pointer ranges: the simulated backend (on
-//! [`MemfdMemory`]); CUDA, Level Zero and plug-ins report "unsupported: reason" for now.
+//! [`MemfdMemory`]); CUDA with the cargo feature `cuda` (on its host memory made with
+//! `cuda.host_memfd=1`, as a `CudaHostFile`); Level Zero and plug-ins report
+//! "unsupported: reason" for now.
+//!
+//! On CUDA the frames are pinned (each 64 MiB chunk of the memfd is registered with
+//! `cuMemHostRegister`), and a registered page cannot be punched out of the file: a page
+//! resident on a device keeps its host memory (its frame goes back to the backend's pool,
+//! not to the system). The cost is pinned memory up to the peak of system-resident bytes,
+//! rounded up to 64 MiB chunks, for as long as the backend lives.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
 pub mod limits;
 mod memfd;
 mod space;
 mod sys;
 
+#[cfg(feature = "cuda")]
+pub use cuda::CudaHostFile;
 pub use error::UffdError;
 pub use memfd::{FrameFile, MemfdMemory};
 pub use space::{FaultStats, PointerRange, PointerSpace, UffdConfig};
 
 /// Whether backend `name` can give pointer ranges: `Ok` for `"sim"` (with its host memory a
-/// [`MemfdMemory`]); [`UffdError::Unsupported`] with the reason otherwise.
+/// [`MemfdMemory`]) and, when this crate is built with feature `cuda`, for `"cuda"` (its
+/// backend opened with `cuda.host_memfd=1`, its host memory given as a `CudaHostFile`);
+/// [`UffdError::Unsupported`] with the reason otherwise.
 pub fn support(name: &str) -> Result<(), UffdError> {
     let reason = match name {
         "sim" => return Ok(()),
+        #[cfg(feature = "cuda")]
+        "cuda" => return Ok(()),
+        #[cfg(not(feature = "cuda"))]
         "cuda" => {
-            "not yet: its system memory must become a memfd registered with cuMemHostRegister \
-             (measured to work on the H200), which this crate does not do yet"
+            "this build of drm-pagemap-uffd lacks its cargo feature `cuda` (which maps the \
+             backend's memfd host memory, cuda.host_memfd=1)"
         }
         "level-zero" => {
             "Level Zero host memory is allocated by the driver (zeMemAllocHost) and cannot be \

@@ -1,6 +1,6 @@
 //! Linear device memory, pinned host memory and stream-ordered copies and sets
-//! (`cuMemAlloc`, `cuMemFree`, `cuMemHostAlloc`, `cuMemHostGetDevicePointer`, `cuMemFreeHost`,
-//! `cuMemcpyAsync`, `cuMemsetD32Async`). Device addresses are `u64` (a `CUdeviceptr`), pinned
+//! (`cuMemAlloc`, `cuMemFree`, `cuMemHostAlloc`, `cuMemHostRegister`, `cuMemHostUnregister`,
+//! `cuMemHostGetDevicePointer`, `cuMemFreeHost`, `cuMemcpyAsync`, `cuMemsetD32Async`). Device addresses are `u64` (a `CUdeviceptr`), pinned
 //! host memory a raw pointer: their owners free them explicitly, in the order they choose.
 
 use super::{DriverError, Stream, result};
@@ -35,14 +35,42 @@ pub(crate) fn host_alloc(bytes: usize) -> Result<*mut c_void, DriverError> {
     result("cuMemHostAlloc", r).map(|()| p)
 }
 
-/// The device address of pinned host memory from [`host_alloc`]
-/// (`cuMemHostGetDevicePointer`).
+/// Pins the existing mapping `[p, p + bytes)` of this process and maps it for every device
+/// and context (`cuMemHostRegister(DEVICEMAP | PORTABLE)`): the pages are faulted in and
+/// stay resident (they cannot be given back, e.g. punched out of a file, while registered).
 ///
 /// # Safety
-/// `p` must come from [`host_alloc`] and not be freed yet.
+/// `[p, p + bytes)` must be a readable and writable mapping of this process, page aligned,
+/// not registered already, that stays mapped until [`host_unregister`] has returned.
+pub(crate) unsafe fn host_register(p: *mut c_void, bytes: usize) -> Result<(), DriverError> {
+    let flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE;
+    // SAFETY: the caller vouches for the mapping; the driver only pins and maps its pages.
+    let r = unsafe { sys::cuMemHostRegister_v2(p, bytes, flags) };
+    result("cuMemHostRegister", r)
+}
+
+/// Unpins and unmaps from the devices a range registered with [`host_register`]
+/// (`cuMemHostUnregister`); the mapping itself stays, the caller unmaps it.
+///
+/// # Safety
+/// `p` must be the start of a range registered with [`host_register`] and not unregistered
+/// yet, and no queued work may still use it.
+pub(crate) unsafe fn host_unregister(p: *mut c_void) -> Result<(), DriverError> {
+    // SAFETY: the caller vouches for `p`.
+    let r = unsafe { sys::cuMemHostUnregister(p) };
+    result("cuMemHostUnregister", r)
+}
+
+/// The device address of pinned host memory from [`host_alloc`], or of a range registered
+/// with [`host_register`] (`cuMemHostGetDevicePointer`).
+///
+/// # Safety
+/// `p` must come from [`host_alloc`] (not freed yet) or lie in a range registered with
+/// [`host_register`] (not unregistered yet).
 pub(crate) unsafe fn host_device_pointer(p: *mut c_void) -> Result<u64, DriverError> {
     let mut dev = 0u64;
-    // SAFETY: writes one pointer; `p` was allocated with DEVICEMAP (the caller vouches).
+    // SAFETY: writes one pointer; `p` is DEVICEMAP memory (allocated or registered: the
+    // caller vouches).
     let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0) };
     result("cuMemHostGetDevicePointer", r).map(|()| dev)
 }
