@@ -160,6 +160,58 @@ fn system_pages_migrate_to_a_pagemap_and_read_back() {
     assert!(st.kernel_launches + st.dma_copies > 0);
 }
 
+/// `cuda.host_memfd=1`: the host memory is a memfd registered with `cuMemHostRegister`.
+/// Pages written in it migrate to a pagemap (the kernel for 4 KiB pages, DMA for 2 MiB ones),
+/// on to a second pagemap, and read back intact; the registered chunks stay allocated in the
+/// file while the pages live on the GPU (pinned memory is never punched out).
+#[test]
+fn memfd_host_memory_round_trips_through_two_pagemaps() {
+    if !gpu() {
+        return;
+    }
+    let _gpu = shared();
+    let r = rig_with(
+        CudaConfig {
+            host_memfd: true,
+            // Both paths: runs of 4 KiB pages to the kernel, 2 MiB pages to DMA.
+            dma_min_host: 2 << 20,
+            ..config()
+        },
+        2,
+    );
+    let host = r.backend.pinned_host();
+    assert!(host.memfd().is_some());
+    let d = MigrateDetails::default();
+    for (k, ps) in sizes().into_iter().enumerate() {
+        let n = if ps == PageSize::Size2M { 8 } else { 64 };
+        let base = (k as u64 + 20) << 36;
+        let range = VaRange::new(base, n * ps.bytes());
+        r.mm.create_range(range, ps).unwrap();
+        fill(&r.mm, base, n, ps, 30 + k as u64);
+        let backed = host.backed_bytes();
+        assert!(backed > 0);
+        let in_file = host.memfd_allocated_bytes().unwrap();
+        assert!(
+            in_file >= backed,
+            "{in_file} bytes in the file, {backed} registered"
+        );
+        r.mm.migrate(range, PagemapId(0), &d).unwrap();
+        assert_eq!(layout(&r.mm, range), "0".repeat(n as usize));
+        assert_eq!(
+            host.memfd_allocated_bytes(),
+            Some(in_file),
+            "nothing punched"
+        );
+        r.mm.migrate(range, PagemapId(1), &d).unwrap();
+        assert_eq!(layout(&r.mm, range), "1".repeat(n as usize));
+        verify(&r.mm, base, n, ps, 30 + k as u64);
+        assert_eq!(layout(&r.mm, range), "s".repeat(n as usize));
+    }
+    assert!(r.mm.allocations().is_empty());
+    let st = r.pms[0].stats();
+    assert!(st.kernel_launches > 0 && st.dma_copies > 0, "{st:?}");
+}
+
 #[test]
 fn mixed_layout_is_pushed_by_its_sources_and_reads_back() {
     if !gpu() {
