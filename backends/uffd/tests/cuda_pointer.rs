@@ -208,10 +208,12 @@ fn a_gpu_resident_page_loaded_by_the_cpu_faults_home() {
         let after = r.space.fault_stats();
         assert!(after.served > before.served, "{before:?} -> {after:?}");
         assert_eq!(r.mm.location(va).unwrap(), PageLocation::System);
-        // A store after the fault goes to the GPU with the next migration and back through
-        // the explicit read.
+        // A store after the fault goes to the GPU with the next migration (of that page: the
+        // others are still there, and a migration refuses to split their allocation) and back
+        // through the explicit read.
         pr.word(w).unwrap().store(0xfeed_f00d, Ordering::Relaxed);
-        r.mm.migrate(pr.range(), PagemapId(0), &d).unwrap();
+        r.mm.migrate(drm_pagemap_core::VaRange::new(va, 4096), PagemapId(0), &d)
+            .unwrap();
         assert_eq!(on_pagemap(&r.mm, va), Some(PagemapId(0)));
         let mut b = [0u8; 8];
         r.mm.read(va + 3 * 8, &mut b).unwrap();
