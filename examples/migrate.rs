@@ -46,7 +46,7 @@ use drm_pagemap::{
     MigrateDetails, MigrateOutcome, PageSize, PagemapId, StatsSnapshot, VaRange,
 };
 use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
-use drm_pagemap::uffd::{PointerRange, PointerSpace, UffdConfig};
+use drm_pagemap::uffd::{PointerSpace, UffdConfig};
 use drm_pagemap_testkit::layout::{self, LayoutPage};
 use serde::Serialize;
 use std::io::Write;
@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 mod tool;
 
 use tool::cli;
-use tool::pointers;
+use tool::pointers::{self, Cpu, CpuError};
 use tool::progress::Progress;
 
 /// Where the range starts (any page-aligned address works).
@@ -286,30 +286,6 @@ fn fill_pattern(i: u64, buf: &mut [u8]) {
     }
 }
 
-/// How the tool's CPU side reaches the range: the explicit API, or the range's pointer.
-enum Cpu<'a> {
-    Explicit(&'a AddressSpace),
-    Pointer(&'a PointerRange),
-}
-
-impl Cpu<'_> {
-    fn write(&self, va: u64, data: &[u8]) -> Result<(), RunError> {
-        match self {
-            Cpu::Explicit(mm) => Ok(mm.write(va, data)?),
-            Cpu::Pointer(r) => pointers::store(r, va - r.range().start, data)
-                .map_err(|e| RunError::Pointers(format!("storing through the pointer: {e}"))),
-        }
-    }
-
-    fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), RunError> {
-        match self {
-            Cpu::Explicit(mm) => Ok(mm.read(va, buf)?),
-            Cpu::Pointer(r) => pointers::load(r, va - r.range().start, buf)
-                .map_err(|e| RunError::Pointers(format!("loading through the pointer: {e}"))),
-        }
-    }
-}
-
 /// Why a run stopped: the engine's error, or one of `--pointers` (printed after
 /// `--pointers: `).
 enum RunError {
@@ -320,6 +296,15 @@ enum RunError {
 impl From<Error> for RunError {
     fn from(e: Error) -> RunError {
         RunError::Engine(e)
+    }
+}
+
+impl From<CpuError> for RunError {
+    fn from(e: CpuError) -> RunError {
+        match e {
+            CpuError::Engine(e) => RunError::Engine(e),
+            CpuError::Pointer(e) => RunError::Pointers(e),
+        }
     }
 }
 

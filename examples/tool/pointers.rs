@@ -4,8 +4,56 @@
 
 use drm_pagemap::sim::{SimBackend, SimConfig};
 use drm_pagemap::uffd::{self, MemfdMemory, PointerRange};
+use drm_pagemap::{AddressSpace, Error};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+
+/// How a tool's CPU side reaches its range: the explicit API (`AddressSpace::write` /
+/// `read`), or plain stores and loads through the range's pointer.
+pub enum Cpu<'a> {
+    /// `AddressSpace::write` / `read`.
+    Explicit(&'a AddressSpace),
+    /// Through the pointer of this range.
+    Pointer(&'a PointerRange),
+}
+
+/// Why a CPU access failed.
+#[derive(Debug)]
+pub enum CpuError {
+    /// The explicit API's error.
+    Engine(Error),
+    /// The access does not fit the pointer range.
+    Pointer(String),
+}
+
+impl std::fmt::Display for CpuError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CpuError::Engine(e) => write!(f, "{e}"),
+            CpuError::Pointer(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Cpu<'_> {
+    /// Writes `data` at address `va`.
+    pub fn write(&self, va: u64, data: &[u8]) -> Result<(), CpuError> {
+        match self {
+            Cpu::Explicit(mm) => mm.write(va, data).map_err(CpuError::Engine),
+            Cpu::Pointer(r) => store(r, va.wrapping_sub(r.range().start), data)
+                .map_err(|e| CpuError::Pointer(format!("storing through the pointer: {e}"))),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at address `va`.
+    pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), CpuError> {
+        match self {
+            Cpu::Explicit(mm) => mm.read(va, buf).map_err(CpuError::Engine),
+            Cpu::Pointer(r) => load(r, va.wrapping_sub(r.range().start), buf)
+                .map_err(|e| CpuError::Pointer(format!("loading through the pointer: {e}"))),
+        }
+    }
+}
 
 /// Why `backend` cannot run with `--pointers` (`uffd::support`'s reason), if it cannot.
 pub fn unsupported(backend: &str) -> Option<String> {
@@ -38,7 +86,7 @@ fn words(range: &PointerRange, offset: u64, len: usize) -> Result<std::ops::Rang
 
 /// Stores `data` at byte `offset` of `range` through its pointer (8-byte stores; `offset`
 /// and the length are multiples of 8).
-pub fn store(range: &PointerRange, offset: u64, data: &[u8]) -> Result<(), String> {
+fn store(range: &PointerRange, offset: u64, data: &[u8]) -> Result<(), String> {
     for (i, w) in words(range, offset, data.len())?.zip(data.chunks_exact(8)) {
         let v = u64::from_ne_bytes(w.try_into().unwrap_or_default());
         match range.word(i) {
@@ -51,7 +99,7 @@ pub fn store(range: &PointerRange, offset: u64, data: &[u8]) -> Result<(), Strin
 
 /// Loads `buf.len()` bytes at byte `offset` of `range` through its pointer (8-byte loads;
 /// `offset` and the length are multiples of 8).
-pub fn load(range: &PointerRange, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+fn load(range: &PointerRange, offset: u64, buf: &mut [u8]) -> Result<(), String> {
     for (i, w) in words(range, offset, buf.len())?.zip(buf.chunks_exact_mut(8)) {
         match range.word(i) {
             Some(word) => w.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes()),
