@@ -41,12 +41,12 @@
 //! usable userfaultfd: one line `migrate: --pointers: REASON` and exit 1.
 
 use clap::{Parser, ValueEnum};
+use drm_pagemap::uffd::{PointerSpace, UffdConfig};
 use drm_pagemap::{
     AddressSpace, Backend, BackendConfig, BackendOptions, Coalesce, CopyCall, CopyOp, Error,
     MigrateDetails, MigrateOutcome, PageSize, PagemapId, StatsSnapshot, VaRange,
 };
 use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
-use drm_pagemap::uffd::{PointerSpace, UffdConfig};
 use drm_pagemap_testkit::layout::{self, LayoutPage};
 use serde::Serialize;
 use std::io::Write;

@@ -173,10 +173,10 @@ fn setup(
     let (backend, svm, pointers): (Arc<dyn Backend>, _, _) = if with_pointers {
         // The simulated backend (checked in main) over memfd memory, one pagemap per device,
         // and the pointer ranges of the address space.
-        let sim = drm_pagemap::sim::SimConfig::from_backend_config(&config)
-            .map_err(|e| e.to_string())?;
-        let (sim, mem) = pointers::sim_over_memfd(sim, host_bytes)
-            .map_err(|e| format!("--pointers: {e}"))?;
+        let sim =
+            drm_pagemap::sim::SimConfig::from_backend_config(&config).map_err(|e| e.to_string())?;
+        let (sim, mem) =
+            pointers::sim_over_memfd(sim, host_bytes).map_err(|e| format!("--pointers: {e}"))?;
         let pagemaps = sim.pagemap_per_device().map_err(|e| e.to_string())?;
         let backend: Arc<dyn Backend> = Arc::new(sim);
         let mm = Arc::new(AddressSpace::new(backend.host_memory()));

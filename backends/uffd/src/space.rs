@@ -319,7 +319,11 @@ impl PointerSpace {
         let hole = sys::memfd(c"drm-pagemap-range", len).map_err(map_err("memfd_create"))?;
         // A range of 2 MiB or more starts on a 2 MiB boundary (as the kernel aligns large
         // anonymous mappings), so 2 MiB chunks of it (the SVM layer's) line up.
-        let align = if len >= 2 << 20 { 2 << 20 } else { ps.max(GRANULE) };
+        let align = if len >= 2 << 20 {
+            2 << 20
+        } else {
+            ps.max(GRANULE)
+        };
         let start = sys::reserve(len, align.max(ps)).map_err(map_err("mmap (reserve)"))?;
         let undo = |e| {
             sys::munmap(start, len);
