@@ -7,7 +7,7 @@
 //! cargo run --release --example migrate -- [--backend auto|sim|cuda|level-zero|plugin:PATH|NAME] [--devices N]
 //!     [--page-size BYTES] [--layout LAYOUT] [--to K] [--no-source-peer-migrates]
 //!     [--same-pagemap] [--coalesce by-source|consecutive] [--foreign K]... [--fail-copy N]
-//!     [--option BACKEND.KEY=VALUE]... [--json] [--stats]
+//!     [--option BACKEND.KEY=VALUE]... [--pointers] [--json] [--stats]
 //! ```
 //! `--help` lists the flags and explains the layout notation. Without `--layout`: a 1 GiB range spread over system memory and every other pagemap,
 //! migrated to pagemap 0, with a table of what moved. Exit codes: 0 success; 1 the migration
@@ -31,8 +31,17 @@
 //! already in the environment win: `ZE_SOFT_*`, `ZE_ENABLE_ALT_DRIVERS`). With
 //! `DRM_PAGEMAP_LEVEL_ZERO_REAL=1` the loader keeps its own drivers (an Intel GPU's). `auto`
 //! never routes the loader: it picks CUDA, else an Intel GPU, else sim.
+//!
+//! `--pointers` (the simulated backend): the range is memory of this process
+//! (`drm_pagemap::uffd`: the sim's system memory is a memfd, the range a `PointerRange`),
+//! filled with plain stores through its pointer and verified with loads through it (a page on
+//! a device faults home through userfaultfd); same migration, output and exit codes. The
+//! default workload is then at most 32768 pages (128 MiB of 4 KiB pages), so that its
+//! mappings fit under the usual `vm.max_map_count`. A backend without pointer ranges, or no
+//! usable userfaultfd: one line `migrate: --pointers: REASON` and exit 1.
 
 use clap::{Parser, ValueEnum};
+use drm_pagemap::uffd::{PointerSpace, UffdConfig};
 use drm_pagemap::{
     AddressSpace, Backend, BackendConfig, BackendOptions, Coalesce, CopyCall, CopyOp, Error,
     MigrateDetails, MigrateOutcome, PageSize, PagemapId, StatsSnapshot, VaRange,
@@ -49,6 +58,7 @@ use std::time::{Duration, Instant};
 mod tool;
 
 use tool::cli;
+use tool::pointers::{self, Cpu, CpuError};
 use tool::progress::Progress;
 
 /// Where the range starts (any page-aligned address works).
@@ -57,6 +67,9 @@ const BASE: u64 = 1 << 40;
 const DEFAULT_BYTES: u64 = 1 << 30;
 /// Pages per run of one source in the default workload's layout.
 const DEFAULT_RUN: usize = 16;
+/// Most pages of the default workload with `--pointers`: a pointer range may need one mapping
+/// per page, and 65,530 is the usual `vm.max_map_count`.
+const POINTER_DEFAULT_PAGES: u64 = 32768;
 
 /// What `--help` says after the flags.
 const AFTER_HELP: &str = "\
@@ -77,8 +90,13 @@ Output: a table (no --layout), the layouts and copy calls (--layout), or one JSO
 adds the address space's statistics of the migration as tables (with --json they are in
 its \"stats\" field only).
 
+--pointers (sim): the range is memory of the process; it is filled with plain stores through
+its pointer and verified with loads through it (device pages fault home through
+userfaultfd). The default workload is then at most 32768 pages (128 MiB of 4 KiB pages).
+
 Exit codes: 0 success; 1 the migration failed (the data still verifies) or the backend is
-unavailable; 2 bad arguments (also a backend option that does not parse).
+unavailable (also --pointers where the backend or the system cannot give pointers); 2 bad
+arguments (also a backend option that does not parse).
 
 Environment: DRM_PAGEMAP_PLUGIN_PATH (plug-ins, `:`-separated files or directories, nameable
 by --backend), the backends' DRM_PAGEMAP_* settings (before --option), ZE_SOFT_* and
@@ -125,6 +143,9 @@ struct Args {
     /// wins): cuda.kernel=ptx, sim.copy_latency=1ms, ...
     #[arg(long = "option", value_name = "BACKEND.KEY=VALUE", value_parser = option)]
     options: Vec<String>,
+    /// The range is memory of the process (sim): filled and verified through its pointer.
+    #[arg(long)]
+    pointers: bool,
     /// One JSON line instead of the text.
     #[arg(long)]
     json: bool,
@@ -245,7 +266,11 @@ fn wanted_layout(a: &Args) -> Result<Vec<LayoutPage>, String> {
                     .filter(|&k| k != a.to)
                     .map(|k| LayoutPage::Device(k as u8)),
             );
-            let n = (DEFAULT_BYTES / a.page_size.bytes()) as usize;
+            let mut n = DEFAULT_BYTES / a.page_size.bytes();
+            if a.pointers {
+                n = n.min(POINTER_DEFAULT_PAGES);
+            }
+            let n = n as usize;
             Ok((0..n)
                 .map(|i| sources[(i / DEFAULT_RUN) % sources.len()])
                 .collect())
@@ -261,22 +286,54 @@ fn fill_pattern(i: u64, buf: &mut [u8]) {
     }
 }
 
+/// Why a run stopped: the engine's error, or one of `--pointers` (printed after
+/// `--pointers: `).
+enum RunError {
+    Engine(Error),
+    Pointers(String),
+}
+
+impl From<Error> for RunError {
+    fn from(e: Error) -> RunError {
+        RunError::Engine(e)
+    }
+}
+
+impl From<CpuError> for RunError {
+    fn from(e: CpuError) -> RunError {
+        match e {
+            CpuError::Engine(e) => RunError::Engine(e),
+            CpuError::Pointer(e) => RunError::Pointers(e),
+        }
+    }
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Engine(e) => write!(f, "{e}"),
+            RunError::Pointers(e) => write!(f, "--pointers: {e}"),
+        }
+    }
+}
+
 /// Writes every page's pattern (holes stay unpopulated) and moves pages to the pagemaps the
 /// layout names, run by run.
 fn build(
     mm: &AddressSpace,
+    cpu: &Cpu,
     range: VaRange,
     ps: PageSize,
     pages: &[LayoutPage],
     p: &Progress,
-) -> Result<(), Error> {
+) -> Result<(), RunError> {
     let psz = ps.bytes();
     let mut buf = vec![0u8; psz as usize];
     p.phase("filling", pages.len() as u64);
     for (i, page) in pages.iter().enumerate() {
         if *page != LayoutPage::Hole {
             fill_pattern(i as u64, &mut buf);
-            mm.write(range.start + i as u64 * psz, &buf)?;
+            cpu.write(range.start + i as u64 * psz, &buf)?;
         }
         if i % 1024 == 0 {
             p.set(i as u64);
@@ -301,14 +358,15 @@ fn build(
     Ok(())
 }
 
-/// Reads the range back through the CPU path; true if every byte is as written.
+/// Reads the range back through the CPU path (or loads it through the pointer); true if every
+/// byte is as written.
 fn verify(
-    mm: &AddressSpace,
+    cpu: &Cpu,
     range: VaRange,
     ps: PageSize,
     pages: &[LayoutPage],
     p: &Progress,
-) -> Result<bool, Error> {
+) -> Result<bool, RunError> {
     let psz = ps.bytes() as usize;
     let mut want = vec![0u8; psz];
     // Read in chunks of up to 8 MiB to keep the CPU path's calls few.
@@ -321,7 +379,7 @@ fn verify(
     while i < pages.len() {
         let n = per_read.min(pages.len() - i);
         let chunk = &mut got[..n * psz];
-        mm.read(range.start + (i * psz) as u64, chunk)?;
+        cpu.read(range.start + (i * psz) as u64, chunk)?;
         for k in 0..n {
             if pages[i + k] == LayoutPage::Hole {
                 want.fill(0);
@@ -500,8 +558,13 @@ fn print_table(a: &Args, config: &BackendConfig, backend: &dyn Backend, o: &Outc
         Err(e) => println!("migration failed: {e}"),
     }
     println!(
-        "data {} (read back through the CPU path)",
-        if o.verified { "verified" } else { "CORRUPT" }
+        "data {} ({})",
+        if o.verified { "verified" } else { "CORRUPT" },
+        if a.pointers {
+            "loaded back through the range's pointer"
+        } else {
+            "read back through the CPU path"
+        }
     );
 }
 
@@ -559,6 +622,16 @@ fn main() -> ExitCode {
         cli::bad_argument("migrate", &e.to_string());
         return ExitCode::from(cli::BAD_ARGUMENTS);
     }
+    if args.pointers {
+        let name = match args.backend.as_str() {
+            "auto" => drm_pagemap::auto_backend_with(&config),
+            name => name,
+        };
+        if let Some(why) = pointers::unsupported(name) {
+            eprintln!("migrate: --pointers: {why}");
+            return ExitCode::from(1);
+        }
+    }
     if args.backend == "level-zero"
         && let Err(e) = route_level_zero(&args, &config)
     {
@@ -601,10 +674,22 @@ fn config(args: &Args, options: &BackendOptions, bytes: u64) -> BackendConfig {
     }
 }
 
-fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<ExitCode, Error> {
+fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<ExitCode, RunError> {
     let psz = args.page_size.bytes();
     let bytes = pages.len() as u64 * psz;
-    let backend: Arc<dyn Backend> = Arc::from(drm_pagemap::open_backend(&args.backend, config)?);
+    // With --pointers (sim only, checked in main): the sim's system memory is a memfd.
+    let (backend, memfd): (Arc<dyn Backend>, _) = if args.pointers {
+        let sim = drm_pagemap::sim::SimConfig::from_backend_config(config)
+            .map_err(|e| RunError::Pointers(e.to_string()))?;
+        let capacity = sim.host_capacity;
+        let (sim, mem) = pointers::sim_over_memfd(sim, capacity).map_err(RunError::Pointers)?;
+        (Arc::new(sim), Some(mem))
+    } else {
+        (
+            Arc::from(drm_pagemap::open_backend(&args.backend, config)?),
+            None,
+        )
+    };
     let injector = FaultInjector::new();
     let machine = drm_pagemap::Machine::build(
         backend.clone(),
@@ -613,14 +698,28 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
         config.device_capacity,
     )?;
     // Wrap every pagemap so `--fail-copy` works on any backend.
-    let mm = AddressSpace::new(backend.host_memory());
+    let mm = Arc::new(AddressSpace::new(backend.host_memory()));
     for pm in &machine.pagemaps {
         mm.add_pagemap(injector.wrap_pagemap(pm))?;
     }
-    let range = VaRange::new(BASE, bytes);
-    mm.create_range(range, args.page_size)?;
+    // With --pointers the range is where its mapping is (its address is the pointer).
+    let pointer = match memfd {
+        Some(mem) => {
+            let fail = |e: drm_pagemap::uffd::UffdError| RunError::Pointers(e.to_string());
+            let space = PointerSpace::new(mm.clone(), mem, UffdConfig::default()).map_err(fail)?;
+            Some(space.create_range(bytes, args.page_size).map_err(fail)?)
+        }
+        None => {
+            mm.create_range(VaRange::new(BASE, bytes), args.page_size)?;
+            None
+        }
+    };
+    let (range, cpu) = match &pointer {
+        Some(r) => (r.range(), Cpu::Pointer(r)),
+        None => (VaRange::new(BASE, bytes), Cpu::Explicit(&mm)),
+    };
     let progress = Progress::new(!args.json);
-    build(&mm, range, args.page_size, pages, &progress)?;
+    build(&mm, &cpu, range, args.page_size, pages, &progress)?;
     let before = layout::of(&mm, range)?;
     let details = MigrateDetails {
         source_peer_migrates: args.source_peer_migrates,
@@ -642,7 +741,7 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
     progress.inc(1);
     injector.disarm();
     let after = layout::of(&mm, range)?;
-    let verified = verify(&mm, range, args.page_size, pages, &progress)?;
+    let verified = verify(&cpu, range, args.page_size, pages, &progress)?;
     progress.finish();
     let failed = result.is_err();
     let not_needed = matches!(&result, Ok(r) if r.outcome == MigrateOutcome::NotNeeded);

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example svm-multi-device -- [--backend auto|sim|cuda|level-zero] [--mib N]
-//!     [--rounds N] [--capacity-mib N] [--stats]
+//!     [--rounds N] [--capacity-mib N] [--pointers] [--stats]
 //! cargo run --release --example svm-multi-device -- latency [--backend auto|sim|cuda|level-zero]
 //!     [--iters N] [--stats]
 //! ```
@@ -33,19 +33,31 @@
 //! loader (routed before anything probes Level Zero: 3 devices of 1 GiB; `ZE_SOFT_*` settings
 //! already in the environment win); `DRM_PAGEMAP_LEVEL_ZERO_REAL=1` keeps the loader's own
 //! drivers (an Intel GPU's). `auto` never routes the loader to the software driver.
+//!
+//! `--pointers` (default mode, simulated backend): the buffer is memory of this process
+//! (`drm_pagemap::uffd`: the sim's system memory is a memfd, the buffer a `PointerRange`);
+//! the CPU writes each phase's pattern with plain stores through its pointer and checks it with
+//! loads through it (pages on a device fault home through userfaultfd). A backend without
+//! pointer ranges, or no usable userfaultfd: one line `svm-multi-device: --pointers: REASON`
+//! and exit 1.
 
 use clap::{Parser, Subcommand};
 use drm_pagemap::svm::{
     Access, Attributes, FaultAction, GpuVm, Placement, PreferredLocation, Svm, SvmConfig,
 };
-use drm_pagemap::{AddressSpace, BackendConfig, Location, Machine, PageSize, PagemapId, VaRange};
+use drm_pagemap::uffd::{PointerRange, PointerSpace, UffdConfig};
+use drm_pagemap::{
+    AddressSpace, Backend, BackendConfig, Location, Machine, PageSize, PagemapId, VaRange,
+};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[path = "tool/mod.rs"]
 mod tool;
 
 use tool::cli;
+use tool::pointers::{self, Cpu};
 use tool::progress::Progress;
 
 const BASE: u64 = 1 << 40;
@@ -60,12 +72,17 @@ Phase 2: each device faults a disjoint third at the same time, three times, the 
 rotating. Phase 3: device 0 prefers device 1's memory and maps it remotely. After each
 phase every page table is checked and the CPU reads every byte back. With --capacity-mib
 below the buffer's size, device memory is oversubscribed and LRU eviction keeps it running.
+With --pointers (sim), the buffer is memory of the process: the CPU writes and checks it
+with plain stores and loads through its pointer (device pages fault home through
+userfaultfd).
 
 latency: the CPU wall time of GPU fault -> migrate -> page table for a 2 MiB and a 64 KiB
 range in system memory (4 KiB pages, and one page of the range's size), and of a fault on a
 resident range; a table per case (min, median, p90, p99, mean, resident) and a breakdown.
 
-Exit codes: 0 success; 1 a check failed or the backend is unavailable; 2 bad arguments.
+Exit codes: 0 success; 1 a check failed or the backend is unavailable (also --pointers
+where the backend or the system cannot give pointers); 2 bad arguments (also --pointers with
+latency).
 
 Environment: the backends' DRM_PAGEMAP_* settings (DRM_PAGEMAP_CUDA_VMM=0, ...); for
 level-zero, ZE_SOFT_* and DRM_PAGEMAP_LEVEL_ZERO_REAL=1 (keep the loader's own drivers).";
@@ -91,6 +108,10 @@ struct Args {
     /// oversubscribes.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
     capacity_mib: Option<u64>,
+    /// The buffer is memory of the process (sim, default mode): the CPU writes and checks it
+    /// through its pointer.
+    #[arg(long)]
+    pointers: bool,
     /// Also print the address space's statistics as tables (after everything else).
     #[arg(long, global = true)]
     stats: bool,
@@ -122,42 +143,66 @@ struct Setup {
     devices: Vec<String>,
     svm: Svm,
     vms: Vec<GpuVm>,
+    /// With `--pointers`: the pointer ranges of the address space.
+    pointers: Option<Arc<PointerSpace>>,
 }
 
-fn setup(backend: &str, capacity: Option<u64>, host_bytes: u64) -> Result<Setup, String> {
-    // Backend options from the environment (`DRM_PAGEMAP_CUDA_VMM=0` and the others): the
-    // library reads none itself.
-    let config = BackendConfig {
+/// The config of the three pagemaps' backend (options from the environment:
+/// `DRM_PAGEMAP_CUDA_VMM=0` and the others; the library reads none itself).
+fn backend_config(host_bytes: u64) -> BackendConfig {
+    BackendConfig {
         devices: Some(3),
         device_capacity: Some(1 << 30),
         host_capacity: Some(host_bytes),
         ..BackendConfig::from_env()
+    }
+}
+
+fn setup(
+    backend: &str,
+    capacity: Option<u64>,
+    host_bytes: u64,
+    with_pointers: bool,
+) -> Result<Setup, String> {
+    let config = backend_config(host_bytes);
+    let svm_config = SvmConfig {
+        capacity,
+        fence_timeout: Some(Duration::from_secs(30)),
     };
     // One address space: the SVM context owns the machine's pagemaps.
-    let (machine, svm) = Machine::open_svm(
-        backend,
-        &config,
-        3,
-        SvmConfig {
-            capacity,
-            fence_timeout: Some(Duration::from_secs(30)),
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let (backend, svm, pointers): (Arc<dyn Backend>, _, _) = if with_pointers {
+        // The simulated backend (checked in main) over memfd memory, one pagemap per device,
+        // and the pointer ranges of the address space.
+        let sim =
+            drm_pagemap::sim::SimConfig::from_backend_config(&config).map_err(|e| e.to_string())?;
+        let (sim, mem) =
+            pointers::sim_over_memfd(sim, host_bytes).map_err(|e| format!("--pointers: {e}"))?;
+        let pagemaps = sim.pagemap_per_device().map_err(|e| e.to_string())?;
+        let backend: Arc<dyn Backend> = Arc::new(sim);
+        let mm = Arc::new(AddressSpace::new(backend.host_memory()));
+        let svm = Svm::new(mm.clone(), pagemaps, svm_config).map_err(|e| e.to_string())?;
+        let space = PointerSpace::new(mm, mem, UffdConfig::default())
+            .map_err(|e| format!("--pointers: {e}"))?;
+        (backend, svm, Some(space))
+    } else {
+        let (machine, svm) =
+            Machine::open_svm(backend, &config, 3, svm_config).map_err(|e| e.to_string())?;
+        (machine.backend, svm, None)
+    };
     let mut vms = Vec::with_capacity(3);
     for k in 0..3u8 {
         vms.push(svm.vm(PagemapId(k)).map_err(|e| e.to_string())?);
     }
     Ok(Setup {
-        backend: machine.backend.name().to_string(),
-        devices: machine
-            .backend
+        backend: backend.name().to_string(),
+        devices: backend
             .devices()
             .iter()
             .map(|d| d.name.to_string())
             .collect(),
         svm,
         vms,
+        pointers,
     })
 }
 
@@ -185,10 +230,11 @@ impl Checks {
         }
     }
 
-    /// The CPU reads `range` back and compares every byte with the pattern of `seed`.
-    fn data(&mut self, mm: &AddressSpace, range: VaRange, seed: u8, phase: &str) {
+    /// The CPU reads `range` back (or loads it through its pointer) and compares every byte
+    /// with the pattern of `seed`.
+    fn data(&mut self, cpu: &Cpu, range: VaRange, seed: u8, phase: &str) {
         let mut got = vec![0u8; range.len as usize];
-        if let Err(e) = mm.read(range.start, &mut got) {
+        if let Err(e) = cpu.read(range.start, &mut got) {
             return self.fail(format!("{phase}: reading {range}: {e}"));
         }
         let want = pattern(range, seed);
@@ -245,20 +291,40 @@ fn demo(a: &Args) -> Result<usize, String> {
     let bytes = a.mib << 20;
     let capacity = a.capacity_mib.map(|m| m << 20);
     let progress = Progress::new(true);
-    let s = setup(&a.backend, capacity, (bytes * 4).max(256 << 20))?;
+    let s = setup(&a.backend, capacity, (bytes * 4).max(256 << 20), a.pointers)?;
     let mm = s.svm.mm().clone();
     println!(
-        "backend {} ({}), 3 pagemaps on devices {:?}, buffer {} MiB, device memory per pagemap {}",
+        "backend {} ({}), 3 pagemaps on devices {:?}, buffer {} MiB{}, device memory per pagemap {}",
         s.backend,
         s.devices.join(", "),
         s.svm.devices(),
         a.mib,
+        if a.pointers {
+            " (through its pointer)"
+        } else {
+            ""
+        },
         capacity.map_or("uncapped".to_string(), |c| format!("{} MiB", c >> 20))
     );
-    let buf = VaRange::new(BASE, bytes);
-    mm.create_range(buf, PageSize::Size4K)
-        .map_err(|e| e.to_string())?;
-    let ranges: Vec<u64> = (0..bytes / M2).map(|i| BASE + i * M2).collect();
+    // With --pointers the buffer is where its mapping is (2 MiB aligned: its address is the
+    // pointer); otherwise at BASE.
+    let pointer: Option<PointerRange> = match &s.pointers {
+        Some(space) => Some(
+            space
+                .create_range(bytes, PageSize::Size4K)
+                .map_err(|e| format!("--pointers: {e}"))?,
+        ),
+        None => {
+            mm.create_range(VaRange::new(BASE, bytes), PageSize::Size4K)
+                .map_err(|e| e.to_string())?;
+            None
+        }
+    };
+    let (buf, cpu) = match &pointer {
+        Some(r) => (r.range(), Cpu::Pointer(r)),
+        None => (VaRange::new(BASE, bytes), Cpu::Explicit(&mm)),
+    };
+    let ranges: Vec<u64> = (0..bytes / M2).map(|i| buf.start + i * M2).collect();
     let mut c = Checks::default();
     let t0 = Instant::now();
     // Phase 1: turns on the whole buffer.
@@ -266,7 +332,7 @@ fn demo(a: &Args) -> Result<usize, String> {
     progress.phase("turns", a.rounds * 3 * ranges.len() as u64);
     for round in 0..a.rounds as usize {
         let seed = (round as u8).wrapping_add(1);
-        mm.write(buf.start, &pattern(buf, seed))
+        cpu.write(buf.start, &pattern(buf, seed))
             .map_err(|e| e.to_string())?;
         for (d, vm) in s.vms.iter().enumerate() {
             let phase = format!("turns round {round}, device {d}");
@@ -279,11 +345,11 @@ fn demo(a: &Args) -> Result<usize, String> {
                 progress.inc(1);
             }
         }
-        c.data(&mm, buf, seed, &format!("turns round {round}"));
+        c.data(&cpu, buf, seed, &format!("turns round {round}"));
     }
     // Phase 2: disjoint thirds at the same time, then rotated.
     let seed = 0x40;
-    mm.write(buf.start, &pattern(buf, seed))
+    cpu.write(buf.start, &pattern(buf, seed))
         .map_err(|e| e.to_string())?;
     progress.phase("pieces", 3 * ranges.len() as u64);
     for shift in 0..3 {
@@ -335,7 +401,7 @@ fn demo(a: &Args) -> Result<usize, String> {
             }
         }
     }
-    c.data(&mm, buf, seed, "pieces");
+    c.data(&cpu, buf, seed, "pieces");
     // Phase 3: device 0 prefers device 1's memory and maps it remotely.
     let (vm0, vm1) = (&s.vms[0], &s.vms[1]);
     vm0.madvise(
@@ -360,7 +426,7 @@ fn demo(a: &Args) -> Result<usize, String> {
             );
         }
     }
-    c.data(&mm, buf, seed, "peer mapping");
+    c.data(&cpu, buf, seed, "peer mapping");
     let elapsed = t0.elapsed();
     progress.finish();
     for d in s.svm.devices() {
@@ -416,7 +482,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 fn latency(a: &Args, iters: usize) -> Result<usize, String> {
-    let s = setup(&a.backend, None, 256 << 20)?;
+    let s = setup(&a.backend, None, 256 << 20, false)?;
     let mm = s.svm.mm().clone();
     let vm = &s.vms[0];
     println!(
@@ -502,7 +568,7 @@ fn latency(a: &Args, iters: usize) -> Result<usize, String> {
             Placement::Device(vm.local_pagemap()),
             "latency",
         );
-        c.data(&mm, range, k as u8, "latency");
+        c.data(&Cpu::Explicit(&mm), range, k as u8, "latency");
         progress.finish();
         cold.sort();
         warm.sort();
@@ -561,6 +627,23 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
+    if args.pointers {
+        if matches!(args.mode, Some(Mode::Latency { .. })) {
+            cli::bad_argument(
+                "svm-multi-device",
+                "--pointers: the latency mode works through the explicit API only",
+            );
+            return ExitCode::from(cli::BAD_ARGUMENTS);
+        }
+        let name = match args.backend.as_str() {
+            "auto" => drm_pagemap::auto_backend_with(&backend_config(256 << 20)),
+            name => name,
+        };
+        if let Some(why) = pointers::unsupported(name) {
+            eprintln!("svm-multi-device: --pointers: {why}");
+            return ExitCode::from(1);
+        }
+    }
     if args.backend == "level-zero"
         && std::env::var_os("DRM_PAGEMAP_LEVEL_ZERO_REAL").is_none_or(|v| v != "1")
         && let Err(e) =
@@ -576,6 +659,11 @@ fn main() -> ExitCode {
     match r {
         Ok(0) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(1),
+        // What --pointers could not do: one line, as the tool's own.
+        Err(e) if e.starts_with("--pointers: ") => {
+            eprintln!("svm-multi-device: {e}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(1)

@@ -384,3 +384,138 @@ fn level_zero_runs_every_layout_as_sim_does() {
         }
     }
 }
+
+/// Whether `--pointers` could not run because this system has no usable userfaultfd (then
+/// the test prints one `skipped:` line).
+fn no_userfaultfd(code: i32, err: &str) -> bool {
+    let unavailable = code == 1
+        && err.starts_with("migrate: --pointers: ")
+        && (err.contains("userfaultfd unavailable") || err.contains("userfaultfd lacks"));
+    if unavailable {
+        println!("skipped: {}", err.trim());
+    }
+    unavailable
+}
+
+#[test]
+fn pointers_give_the_explicit_apis_answer_on_every_layout() {
+    let (code, _, err) = run(&["--pointers", "--layout", "s0", "--to", "1", "--json"]);
+    if no_userfaultfd(code, &err) {
+        return;
+    }
+    assert_eq!(code, 0, "{err}");
+    let cases: &[&[&str]] = &[
+        &["--devices", "3", "--layout", "ss00s11s0", "--to", "2"],
+        &[
+            "--layout",
+            "ss00s11s0",
+            "--to",
+            "2",
+            "--coalesce",
+            "consecutive",
+        ],
+        &["--layout", "s.0.1.2", "--to", "1"],
+        &["--layout", "....", "--to", "1"],
+        &["--layout", "0000", "--to", "0"],
+        &["--layout", "s*100,.,0*50,2*3,.*7,1", "--to", "2"],
+        &["--layout", "s0s1s2", "--page-size", "65536"],
+        &["--layout", "s1s2.1", "--page-size", "2097152", "--to", "2"],
+        &["--layout", "ss00s11s0", "--to", "2", "--fail-copy", "1"],
+    ];
+    for args in cases {
+        let args = [*args, &["--json"]].concat();
+        let explicit = outcome("sim", &args);
+        let pointers = outcome("sim", &[&args[..], &["--pointers"]].concat());
+        assert_eq!(
+            pointers, explicit,
+            "{args:?}: --pointers (left) and the explicit API differ"
+        );
+    }
+}
+
+#[test]
+fn pointers_failed_copy_exits_1_with_data_verified_and_layout_unchanged() {
+    let args = [
+        "--pointers",
+        "--layout",
+        "ss00s11s0",
+        "--to",
+        "2",
+        "--fail-copy",
+        "2",
+        "--json",
+    ];
+    let (code, out, err) = run(&args);
+    if no_userfaultfd(code, &err) {
+        return;
+    }
+    assert_eq!(code, 1, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(v["result"], "error");
+    assert!(
+        v["error"].as_str().unwrap().contains("copy_to_ram"),
+        "{out}"
+    );
+    assert_eq!(v["layout_before"], "ss00s11s0");
+    assert_eq!(v["layout_after"], "ss00s11s0");
+    // Loaded back through the pointer: the pages on devices faulted home.
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["copies"].as_array().unwrap().len(), 1);
+    assert_eq!(v["stats"]["failures"]["injected"], 1, "{out}");
+    // The same JSON fields as without --pointers.
+    let (_, plain, _) = run(&args[1..]);
+    let plain: serde_json::Value = serde_json::from_str(plain.trim()).expect("one JSON line");
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&v), keys(&plain));
+}
+
+#[test]
+fn pointers_default_workload_verifies_through_the_pointer() {
+    // The default workload, at most 32768 pages with --pointers: 128 MiB of 4 KiB pages in
+    // runs of 16 over system memory and pagemaps 1 and 2 (2048 runs: 683, 683, 682), migrated
+    // to pagemap 0.
+    let (code, out, err) = run(&["--pointers"]);
+    if no_userfaultfd(code, &err) {
+        return;
+    }
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(
+        out.lines()
+            .next()
+            .unwrap_or("")
+            .contains("32768 pages (128 MiB) -> pagemap 0"),
+        "{out}"
+    );
+    for (source, pages) in [
+        ("system memory", 10928),
+        ("pagemap 1", 10928),
+        ("pagemap 2", 10912),
+    ] {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with(source))
+            .unwrap_or_else(|| panic!("no {source} row: {out}"));
+        let cols: Vec<&str> = row[source.len()..].split_whitespace().collect();
+        assert_eq!(cols[0], pages.to_string(), "{row}");
+    }
+    assert!(
+        out.contains("data verified (loaded back through the range's pointer)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn pointers_on_a_backend_without_them_is_one_line_and_exit_1() {
+    for backend in ["level-zero", "cuda"] {
+        let (code, out, err) = run_on(backend, &["--pointers", "--layout", "s0"]);
+        assert_eq!(code, 1, "{backend}: {err}");
+        assert!(out.is_empty(), "{backend}: {out}");
+        assert_eq!(err.lines().count(), 1, "{backend}: {err}");
+        assert!(
+            err.starts_with(&format!(
+                "migrate: --pointers: pointer ranges unsupported on backend {backend}: "
+            )),
+            "{err}"
+        );
+    }
+}

@@ -131,3 +131,68 @@ fn stats_prints_the_address_space_tables() {
     assert!(pages >= 3 * 512, "{row}");
     assert!(table.contains("failures 0:"), "{table}");
 }
+
+/// The link rows of the statistics table (`from -> to`, calls, pages, bytes), device time
+/// left out.
+fn link_rows(out: &str) -> Vec<String> {
+    out.lines()
+        .filter(|l| l.starts_with("system ->") || (l.starts_with("pagemap ") && l.contains("->")))
+        .map(|l| l.split_whitespace().take(7).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+#[test]
+fn pointers_run_the_same_workload_and_verify_through_the_pointer() {
+    for extra in [&[][..], &["--capacity-mib", "4"]] {
+        let args = [
+            &["--backend", "sim", "--mib", "6", "--rounds", "1", "--stats"],
+            extra,
+        ]
+        .concat();
+        let (code, out, err) = run(&[&args[..], &["--pointers"]].concat());
+        if code == 1
+            && (err.contains("userfaultfd unavailable") || err.contains("userfaultfd lacks"))
+        {
+            println!("skipped: {}", err.trim());
+            return;
+        }
+        assert_eq!(code, 0, "{extra:?}: {out} {err}");
+        assert!(out.contains("buffer 6 MiB (through its pointer)"), "{out}");
+        assert!(
+            out.contains("verification: every byte and page table checked, OK"),
+            "{out}"
+        );
+        let (code, plain, err) = run(&args);
+        assert_eq!(code, 0, "{plain} {err}");
+        if extra.is_empty() {
+            // The buffer is 2 MiB aligned like BASE: the same migrations, page for page.
+            assert!(!link_rows(&out).is_empty(), "{out}");
+            assert_eq!(link_rows(&out), link_rows(&plain), "{out}\n{plain}");
+        }
+    }
+}
+
+#[test]
+fn pointers_on_a_backend_without_them_is_one_line_and_exit_1() {
+    for backend in ["level-zero", "cuda"] {
+        let (code, out, err) = run(&["--backend", backend, "--pointers"]);
+        assert_eq!(code, 1, "{backend}: {err}");
+        assert!(out.is_empty(), "{backend}: {out}");
+        assert_eq!(err.lines().count(), 1, "{backend}: {err}");
+        assert!(
+            err.starts_with(&format!(
+                "svm-multi-device: --pointers: pointer ranges unsupported on backend {backend}: "
+            )),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn pointers_with_latency_is_a_bad_argument() {
+    let (code, out, err) = run(&["--backend", "sim", "--pointers", "latency"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("svm-multi-device: --pointers: "), "{err}");
+}

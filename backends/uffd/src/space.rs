@@ -271,7 +271,8 @@ impl PointerSpace {
     }
 
     /// Creates a range of `len` bytes (a multiple of `page_size`) that is memory of this
-    /// process: its address ([`PointerRange::as_ptr`]) is also its address in the engine.
+    /// process: its address ([`PointerRange::as_ptr`]) is also its address in the engine,
+    /// aligned to its page size, and to 2 MiB when it is 2 MiB or longer.
     /// Every page starts unpopulated (a first access reads zeros).
     ///
     /// Errors: [`UffdError::Unavailable`] / [`UffdError::MissingFeature`] (no usable
@@ -316,7 +317,14 @@ impl PointerSpace {
         }
         let map_err = |op| move |source| UffdError::Map { op, len, source };
         let hole = sys::memfd(c"drm-pagemap-range", len).map_err(map_err("memfd_create"))?;
-        let start = sys::reserve(len, ps.max(GRANULE)).map_err(map_err("mmap (reserve)"))?;
+        // A range of 2 MiB or more starts on a 2 MiB boundary (as the kernel aligns large
+        // anonymous mappings), so 2 MiB chunks of it (the SVM layer's) line up.
+        let align = if len >= 2 << 20 {
+            2 << 20
+        } else {
+            ps.max(GRANULE)
+        };
+        let start = sys::reserve(len, align.max(ps)).map_err(map_err("mmap (reserve)"))?;
         let undo = |e| {
             sys::munmap(start, len);
             e

@@ -648,3 +648,30 @@ fn a_fault_whose_copy_home_fails_is_retried_and_the_load_completes() {
         );
     });
 }
+
+#[test]
+fn ranges_of_2_mib_or_more_start_on_a_2_mib_boundary() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(30), || {
+        let r = rig(1, UffdConfig::default());
+        // Several, so that one lucky kernel placement cannot pass the test alone; a small range
+        // in between shifts the next free address off any boundary.
+        let mut keep = Vec::new();
+        for len in [2 << 20, 6 << 20, 2 << 20, 10 << 20] {
+            keep.push(r.space.create_range(3 * 4096, PageSize::Size4K).unwrap());
+            let pr = r.space.create_range(len, PageSize::Size4K).unwrap();
+            assert_eq!(
+                pr.range().start % (2 << 20),
+                0,
+                "{len} bytes at {:#x}",
+                pr.range().start
+            );
+            keep.push(pr);
+        }
+        // Smaller ones keep their page size's alignment.
+        let small = r.space.create_range(16 << 10, PageSize::Size4K).unwrap();
+        assert_eq!(small.range().start % 4096, 0);
+    });
+}
