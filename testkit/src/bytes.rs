@@ -115,6 +115,11 @@ impl BytesHostMemory {
         })
     }
 
+    /// The memory id in its addresses.
+    pub fn mem_id(&self) -> u16 {
+        self.mem_id
+    }
+
     /// The bytes behind it.
     pub fn bytes(&self) -> &Arc<dyn FrameBytes> {
         &self.bytes

@@ -7,7 +7,7 @@
 //! This is what the simulated backend is made of; a real backend brings its own memory (the
 //! extent allocator both use is the core's [`ExtentAllocator`]).
 
-use drm_pagemap_core::{ExtentAllocator, GRANULE};
+use crate::bytes::BytesHostMemory;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -259,9 +259,9 @@ pub mod arena_addr {
 /// every device reaches them at [`arena_addr::encode`]`(mem_id, byte offset)`.
 #[derive(Debug)]
 pub struct ArenaHostMemory {
-    mem_id: u16,
     arena: std::sync::Arc<AtomicArena>,
-    frames: ExtentAllocator,
+    /// The frames and their accesses: [`BytesHostMemory`] over the arena.
+    inner: BytesHostMemory,
 }
 
 impl ArenaHostMemory {
@@ -288,17 +288,13 @@ impl ArenaHostMemory {
             )));
         }
         let arena = std::sync::Arc::new(AtomicArena::try_new(bytes)?);
-        let frames = ExtentAllocator::new(arena.len() / GRANULE);
-        Ok(ArenaHostMemory {
-            mem_id,
-            arena,
-            frames,
-        })
+        let inner = BytesHostMemory::try_new(mem_id, arena.clone())?;
+        Ok(ArenaHostMemory { arena, inner })
     }
 
     /// The memory id in its addresses.
     pub fn mem_id(&self) -> u16 {
-        self.mem_id
+        self.inner.mem_id()
     }
 
     /// The bytes behind it.
@@ -308,39 +304,23 @@ impl ArenaHostMemory {
 
     /// Frames not handed out, in granules.
     pub fn free_granules(&self) -> u64 {
-        self.frames.free_granules()
+        self.inner.free_granules()
     }
 }
 
+/// Forwards to the [`BytesHostMemory`] over the arena (one implementation of frames and
+/// accesses for every byte store).
 impl crate::HostMemory for ArenaHostMemory {
     fn alloc_frames(
         &self,
         page_size: crate::PageSize,
         out: &mut [crate::HostFrame],
     ) -> Result<(), crate::BackendError> {
-        let count = out.len();
-        let mut starts = Vec::new();
-        if !self
-            .frames
-            .alloc_pages(count, page_size.granules(), &mut starts)
-        {
-            return Err(crate::BackendError::new(
-                crate::BackendErrorKind::OutOfMemory,
-                format!(
-                    "host memory: {count} pages of {page_size} requested, {} KiB free",
-                    self.frames.free_granules() * 4
-                ),
-            ));
-        }
-        for (o, s) in out.iter_mut().zip(starts) {
-            *o = crate::HostFrame(s);
-        }
-        Ok(())
+        self.inner.alloc_frames(page_size, out)
     }
 
     fn free_frames(&self, frames: &[crate::HostFrame], page_size: crate::PageSize) {
-        self.frames
-            .free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
+        self.inner.free_frames(frames, page_size)
     }
 
     fn read(
@@ -349,8 +329,7 @@ impl crate::HostMemory for ArenaHostMemory {
         offset: usize,
         buf: &mut [u8],
     ) -> Result<(), crate::BackendError> {
-        self.arena.read(frame.0 * GRANULE + offset as u64, buf);
-        Ok(())
+        self.inner.read(frame, offset, buf)
     }
 
     fn write(
@@ -359,8 +338,7 @@ impl crate::HostMemory for ArenaHostMemory {
         offset: usize,
         data: &[u8],
     ) -> Result<(), crate::BackendError> {
-        self.arena.write(frame.0 * GRANULE + offset as u64, data);
-        Ok(())
+        self.inner.write(frame, offset, data)
     }
 
     fn zero(
@@ -368,35 +346,32 @@ impl crate::HostMemory for ArenaHostMemory {
         frame: crate::HostFrame,
         page_size: crate::PageSize,
     ) -> Result<(), crate::BackendError> {
-        self.arena.zero(frame.0 * GRANULE, page_size.bytes());
-        Ok(())
+        self.inner.zero(frame, page_size)
     }
 
     fn map_frames(
         &self,
-        _device: crate::DeviceId,
+        device: crate::DeviceId,
         frames: &[crate::HostFrame],
-        _page_size: crate::PageSize,
-        _dir: crate::Direction,
+        page_size: crate::PageSize,
+        dir: crate::Direction,
         out: &mut [crate::DmaAddr],
     ) -> Result<(), crate::BackendError> {
-        for (o, f) in out.iter_mut().zip(frames) {
-            *o = arena_addr::encode(self.mem_id, f.0 * GRANULE);
-        }
-        Ok(())
+        self.inner.map_frames(device, frames, page_size, dir, out)
     }
 
     fn unmap_frames(
         &self,
-        _device: crate::DeviceId,
-        _addrs: &[crate::DmaAddr],
-        _page_size: crate::PageSize,
-        _dir: crate::Direction,
+        device: crate::DeviceId,
+        addrs: &[crate::DmaAddr],
+        page_size: crate::PageSize,
+        dir: crate::Direction,
     ) {
+        self.inner.unmap_frames(device, addrs, page_size, dir)
     }
 
     fn capacity_bytes(&self) -> u64 {
-        self.arena.len()
+        self.inner.capacity_bytes()
     }
 }
 
