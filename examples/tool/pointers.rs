@@ -55,9 +55,19 @@ impl Cpu<'_> {
     }
 }
 
-/// Why `backend` cannot run with `--pointers` (`uffd::support`'s reason), if it cannot.
+/// Why `backend` cannot run with `--pointers`, if it cannot: `uffd::support`'s reason, and
+/// the tools build their pointer mode on the simulated backend only (the library supports
+/// CUDA too, with `cuda.host_memfd=1`: see `drm-pagemap-uffd`'s CUDA tests).
 pub fn unsupported(backend: &str) -> Option<String> {
-    uffd::support(backend).err().map(|e| e.to_string())
+    if let Err(e) = uffd::support(backend) {
+        return Some(e.to_string());
+    }
+    (backend != "sim").then(|| {
+        format!(
+            "pointer ranges unsupported on backend {backend}: the tools' pointer mode runs on \
+             the simulated backend only"
+        )
+    })
 }
 
 /// The simulated backend over memfd memory of `capacity` bytes (the memory a pointer range
