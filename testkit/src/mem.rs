@@ -5,7 +5,7 @@
 //! [`HostMemory`](drm_pagemap_core::HostMemory) over an arena.
 //!
 //! This is what the simulated backend is made of; a real backend brings its own memory (the
-//! extent allocator both use is the core's [`ExtentAllocator`]).
+//! extent allocator both use is the core's [`ExtentAllocator`](drm_pagemap_core::ExtentAllocator)).
 
 use crate::bytes::BytesHostMemory;
 use std::sync::OnceLock;
