@@ -340,7 +340,6 @@ impl HostMemory for PinnedHostMemory {
         unsafe {
             std::ptr::copy_nonoverlapping(self.ptr(frame).add(offset), buf.as_mut_ptr(), buf.len())
         }
-
         Ok(())
     }
 
@@ -350,7 +349,6 @@ impl HostMemory for PinnedHostMemory {
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr(frame).add(offset), data.len())
         }
-
         Ok(())
     }
 
@@ -358,7 +356,6 @@ impl HostMemory for PinnedHostMemory {
         self.check_span(frame, 0, page_size.bytes() as usize, page_size.bytes());
         // SAFETY: as in `read`.
         unsafe { std::ptr::write_bytes(self.ptr(frame), 0, page_size.bytes() as usize) }
-
         Ok(())
     }
 

@@ -190,7 +190,6 @@ impl HostMemory for ZeHostMemory {
         unsafe {
             std::ptr::copy_nonoverlapping(self.ptr(frame).add(offset), buf.as_mut_ptr(), buf.len())
         }
-
         Ok(())
     }
 
@@ -200,7 +199,6 @@ impl HostMemory for ZeHostMemory {
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr(frame).add(offset), data.len())
         }
-
         Ok(())
     }
 
@@ -208,7 +206,6 @@ impl HostMemory for ZeHostMemory {
         self.check_span(frame, 0, page_size.bytes() as usize, page_size.bytes());
         // SAFETY: as in `read`.
         unsafe { std::ptr::write_bytes(self.ptr(frame), 0, page_size.bytes() as usize) }
-
         Ok(())
     }
 

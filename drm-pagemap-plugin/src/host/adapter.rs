@@ -444,7 +444,6 @@ impl HostMemory for PluginHost {
         if s != DPP_OK {
             return Err(self.error_of("read", s, &err));
         }
-
         Ok(())
     }
 
@@ -464,7 +463,6 @@ impl HostMemory for PluginHost {
         if s != DPP_OK {
             return Err(self.error_of("write", s, &err));
         }
-
         Ok(())
     }
 
@@ -477,7 +475,6 @@ impl HostMemory for PluginHost {
         if s != DPP_OK {
             return Err(self.error_of("zero", s, &err));
         }
-
         Ok(())
     }
 

@@ -306,7 +306,6 @@ impl HostMemory for TierHost {
             .expect("tier: read past the host memory");
         // SAFETY: inside the mapping (checked); the core does not copy into this frame now.
         unsafe { std::ptr::copy_nonoverlapping(p.add(offset), buf.as_mut_ptr(), buf.len()) };
-
         Ok(())
     }
 
@@ -318,7 +317,6 @@ impl HostMemory for TierHost {
             .expect("tier: write past the host memory");
         // SAFETY: as `read`.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.add(offset), data.len()) };
-
         Ok(())
     }
 
@@ -330,7 +328,6 @@ impl HostMemory for TierHost {
             .expect("tier: zero past the host memory");
         // SAFETY: as `read`.
         unsafe { std::ptr::write_bytes(p, 0, page_size.bytes() as usize) };
-
         Ok(())
     }
 
