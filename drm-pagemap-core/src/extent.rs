@@ -85,6 +85,41 @@ impl ExtentAllocator {
         true
     }
 
+    /// Frames for `out` (pages of `page_size`) from memory reached in chunks of `chunk`
+    /// granules that are backed on first use: `back(i)` runs for each chunk index the pages
+    /// land in (a host memory pool's allocation of chunk `i`; it must be cheap when the chunk
+    /// is already backed). All or nothing: `Ok(false)` when the pages do not fit what is
+    /// free; `Err` when `back` failed, with every page given back.
+    pub fn alloc_frames_backed<E>(
+        &self,
+        page_size: crate::PageSize,
+        chunk: u64,
+        out: &mut [crate::HostFrame],
+        mut back: impl FnMut(usize) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let page = page_size.granules();
+        // Not sized from `out.len()` up front: an absurd count is "does not fit", not an abort.
+        let mut starts = Vec::new();
+        if !self.alloc_pages(out.len(), page, &mut starts) {
+            return Ok(false);
+        }
+        let mut last = None;
+        for &s in &starts {
+            let idx = (s / chunk.max(1)) as usize;
+            if last != Some(idx) {
+                if let Err(e) = back(idx) {
+                    self.free_pages(&starts, page);
+                    return Err(e);
+                }
+                last = Some(idx);
+            }
+        }
+        for (o, s) in out.iter_mut().zip(starts) {
+            *o = crate::HostFrame(s);
+        }
+        Ok(true)
+    }
+
     /// Returns `len` granules at `start`.
     pub fn free(&self, start: u64, len: u64) {
         self.lock().free(start, len)
@@ -155,5 +190,44 @@ impl Extents {
         }
         self.free.insert(s, l);
         self.free_granules += len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExtentAllocator;
+    use crate::{HostFrame, PageSize};
+
+    #[test]
+    fn backed_frames_back_each_chunk_once_and_give_everything_back_on_failure() {
+        // 4 chunks of 16 granules (64 KiB each).
+        let a = ExtentAllocator::new(64);
+        let mut backed = Vec::new();
+        let mut out = [HostFrame(u64::MAX); 20];
+        let r: Result<bool, ()> = a.alloc_frames_backed(PageSize::Size4K, 16, &mut out, |i| {
+            backed.push(i);
+            Ok(())
+        });
+        assert_eq!(r, Ok(true));
+        assert_eq!(
+            backed,
+            vec![0, 1],
+            "one call per chunk the 20 pages land in"
+        );
+        assert_eq!(out[19], HostFrame(19));
+        assert_eq!(a.free_granules(), 44);
+        // A failing chunk: nothing kept, the error returned.
+        let mut out = [HostFrame(u64::MAX); 30];
+        let r = a.alloc_frames_backed(PageSize::Size4K, 16, &mut out, |i| {
+            if i == 3 { Err(i) } else { Ok(()) }
+        });
+        assert_eq!(r, Err(3));
+        assert_eq!(a.free_granules(), 44);
+        // Too many pages: does not fit, nothing backed.
+        let mut out = vec![HostFrame(0); 45];
+        let r: Result<bool, ()> =
+            a.alloc_frames_backed(PageSize::Size4K, 16, &mut out, |_| panic!("backed"));
+        assert_eq!(r, Ok(false));
+        assert_eq!(a.free_granules(), 44);
     }
 }

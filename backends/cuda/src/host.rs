@@ -295,10 +295,10 @@ impl Drop for PinnedHostMemory {
 impl HostMemory for PinnedHostMemory {
     fn alloc_frames(&self, page_size: PageSize, out: &mut [HostFrame]) -> Result<(), BackendError> {
         let count = out.len();
-        let g = page_size.granules();
-        // Not sized from `count` up front: an absurd count is out of memory, not an abort.
-        let mut starts = Vec::new();
-        if !self.frames.alloc_pages(count, g, &mut starts) {
+        let fits =
+            self.frames
+                .alloc_frames_backed(page_size, HOST_CHUNK / GRANULE, out, |idx| self.back(idx))?;
+        if !fits {
             return Err(err(
                 BackendErrorKind::OutOfMemory,
                 format!(
@@ -307,21 +307,6 @@ impl HostMemory for PinnedHostMemory {
                     self.capacity >> 20
                 ),
             ));
-        }
-        let per_chunk = HOST_CHUNK / GRANULE;
-        let mut last = usize::MAX;
-        for &s in &starts {
-            let idx = (s / per_chunk) as usize;
-            if idx != last {
-                if let Err(e) = self.back(idx) {
-                    self.frames.free_pages(&starts, g);
-                    return Err(e);
-                }
-                last = idx;
-            }
-        }
-        for (o, s) in out.iter_mut().zip(starts) {
-            *o = HostFrame(s);
         }
         Ok(())
     }

@@ -148,9 +148,10 @@ impl Drop for ZeHostMemory {
 impl HostMemory for ZeHostMemory {
     fn alloc_frames(&self, page_size: PageSize, out: &mut [HostFrame]) -> Result<(), BackendError> {
         let count = out.len();
-        let g = page_size.granules();
-        let mut starts = Vec::new();
-        if !self.frames.alloc_pages(count, g, &mut starts) {
+        let fits =
+            self.frames
+                .alloc_frames_backed(page_size, CHUNK_BYTES / GRANULE, out, |idx| self.back(idx))?;
+        if !fits {
             return Err(BackendError::new(
                 BackendErrorKind::OutOfMemory,
                 format!(
@@ -159,21 +160,6 @@ impl HostMemory for ZeHostMemory {
                     self.capacity >> 20
                 ),
             ));
-        }
-        let per_chunk = CHUNK_BYTES / GRANULE;
-        let mut last = usize::MAX;
-        for &s in &starts {
-            let idx = (s / per_chunk) as usize;
-            if idx != last {
-                if let Err(e) = self.back(idx) {
-                    self.frames.free_pages(&starts, g);
-                    return Err(e);
-                }
-                last = idx;
-            }
-        }
-        for (o, s) in out.iter_mut().zip(starts) {
-            *o = HostFrame(s);
         }
         Ok(())
     }
