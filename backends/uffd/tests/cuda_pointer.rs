@@ -2,19 +2,23 @@
 //! `cuMemHostRegister` (`cuda.host_memfd=1`), mapped at the range's addresses. CPU stores
 //! through the pointer are migrated by GPU copies and come back intact; a GPU-resident page
 //! loaded by the CPU faults home; the CPU-fault round trip is measured against the explicit
-//! read.
+//! read and against CUDA managed memory's CPU-fault migration; many threads load and store
+//! through the pointer while the GPU pagemaps push the pages to each other and evict them.
 //!
 //! Each test probes at run time: without a CUDA driver and GPU, or without a usable
 //! userfaultfd, the binary prints one `skipped: <reason>` line and every test passes.
 
+use cudarc::driver::sys;
 use drm_pagemap_core::{
-    AddressSpace, Backend, DeviceId, MigrateDetails, PageLocation, PageSize, PagemapId, PagemapSpec,
+    AddressSpace, Backend, DeviceId, MigrateDetails, PageLocation, PageSize, PagemapId,
+    PagemapSpec, VaRange,
 };
 use drm_pagemap_cuda::{CudaBackend, CudaConfig};
 use drm_pagemap_uffd::{CudaHostFile, PointerRange, PointerSpace, UffdConfig, UffdError};
 use std::io::Write;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Once, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Barrier, Once, RwLock};
 use std::time::{Duration, Instant};
 
 const GIB: u64 = 1 << 30;
@@ -249,8 +253,110 @@ fn host_memory_without_the_option_is_refused() {
     );
 }
 
-/// The CPU-fault round trip through the pointer against the explicit read, for a 4 KiB and
-/// a 2 MiB window (a range of one page of that size), printed as a table. Asserts the bytes.
+/// CUDA managed memory (`cuMemAllocManaged`) on GPU 0: the baseline of the figures test.
+/// Its pages are prefetched to the GPU, then read by the CPU, which faults them back (the
+/// driver's CPU-fault migration).
+struct Managed {
+    ptr: u64,
+    len: usize,
+}
+
+/// Panics with the call's name on a driver error (the baseline has no recovery).
+fn ck(call: &str, r: sys::CUresult) {
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS, "{call}");
+}
+
+impl Managed {
+    /// `len` bytes of managed memory on GPU 0's primary context (the one the backend uses),
+    /// made current on this thread.
+    fn new(len: usize) -> Managed {
+        let mut ptr = 0u64;
+        // SAFETY: plain driver calls with valid out-pointers; the backend already
+        // initialised the driver (cuInit is idempotent); the primary context is retained
+        // for the process by the backend and here once more (never released: a test).
+        unsafe {
+            ck("cuInit", sys::cuInit(0));
+            let mut dev = 0;
+            ck("cuDeviceGet", sys::cuDeviceGet(&mut dev, 0));
+            let mut ctx = std::ptr::null_mut();
+            ck(
+                "cuDevicePrimaryCtxRetain",
+                sys::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+            );
+            ck("cuCtxSetCurrent", sys::cuCtxSetCurrent(ctx));
+            ck(
+                "cuMemAllocManaged",
+                sys::cuMemAllocManaged(
+                    &mut ptr,
+                    len,
+                    sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL as u32,
+                ),
+            );
+        }
+        Managed { ptr, len }
+    }
+
+    /// The memory as bytes (the CPU reaches managed memory through its address).
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: a managed allocation of `len` bytes, alive while `self` is; no kernel
+        // writes it (prefetches are synchronised before the CPU reads).
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+
+    /// The memory as bytes to write.
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as `bytes`, and `&mut self` makes this the only slice.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u8, self.len) }
+    }
+
+    /// Moves every page to GPU 0 and waits.
+    fn to_gpu(&self) {
+        let loc = sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: 0,
+        };
+        // SAFETY: the allocation is managed and `len` bytes long; the null stream is the
+        // current context's, synchronised before returning.
+        unsafe {
+            ck(
+                "cuMemPrefetchAsync",
+                sys::cuMemPrefetchAsync_v2(self.ptr, self.len, loc, 0, std::ptr::null_mut()),
+            );
+            ck(
+                "cuStreamSynchronize",
+                sys::cuStreamSynchronize(std::ptr::null_mut()),
+            );
+        }
+    }
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemAllocManaged, freed once; nothing uses it any more.
+        let _ = unsafe { sys::cuMemFree_v2(self.ptr) };
+    }
+}
+
+/// One row of the figures test: mean times per round.
+struct FigureRow {
+    len: u64,
+    rounds: u32,
+    /// The load of one word through the pointer (faults the page home).
+    fault: Duration,
+    /// `AddressSpace::read` of the whole window.
+    explicit: Duration,
+    /// A `memcpy` of the whole window out of the pointer (faults included).
+    pointer_copy: Duration,
+    /// The load of the window's last word of managed memory prefetched to the GPU.
+    managed_load: Duration,
+    /// A `memcpy` of the whole window out of managed memory prefetched to the GPU.
+    managed_copy: Duration,
+}
+
+/// The CPU-fault round trip through the pointer against the explicit read and against CUDA
+/// managed memory's CPU-fault migration on the same GPU, for a 4 KiB and a 2 MiB window (a
+/// range of one page of that size; managed memory of the same size), printed as a table.
+/// Asserts the bytes.
 #[test]
 fn fault_round_trip_figures() {
     let _g = GPU.write().unwrap_or_else(|p| p.into_inner());
@@ -263,9 +369,21 @@ fn fault_round_trip_figures() {
         ] {
             let pr = r.space.create_range(len, ps).unwrap();
             fill(&pr, 3);
+            let mut managed = Managed::new(len as usize);
+            for (i, b) in managed.bytes_mut().iter_mut().enumerate() {
+                *b = (i % 251) as u8;
+            }
             let d = MigrateDetails::default();
             let last = len / 8 - 1;
-            let (mut fault, mut explicit) = (Duration::ZERO, Duration::ZERO);
+            let mut row = FigureRow {
+                len,
+                rounds: n,
+                fault: Duration::ZERO,
+                explicit: Duration::ZERO,
+                pointer_copy: Duration::ZERO,
+                managed_load: Duration::ZERO,
+                managed_copy: Duration::ZERO,
+            };
             let mut buf = vec![0u8; len as usize];
             // One warm-up round (first faults, kernel loading), not counted.
             for i in 0..=n {
@@ -280,12 +398,46 @@ fn fault_round_trip_figures() {
                 r.mm.read(pr.range().start, &mut buf).unwrap();
                 let e = t.elapsed();
                 assert_eq!(buf[..8], pattern(3, 0).to_le_bytes());
+                r.mm.migrate(pr.range(), PagemapId(0), &d).unwrap();
+                buf.fill(0);
+                let t = Instant::now();
+                // SAFETY: the range's mapping is `len` bytes from `as_ptr()` and lives while
+                // `pr` does; `buf` is a separate buffer of `len` bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(pr.as_ptr(), buf.as_mut_ptr(), len as usize)
+                };
+                let pc = t.elapsed();
+                assert_eq!(buf[(last * 8) as usize..], pattern(3, last).to_le_bytes());
+                managed.to_gpu();
+                let t = Instant::now();
+                // SAFETY: the managed allocation is `len` bytes; a volatile load so that the
+                // access is not elided.
+                let m = unsafe { std::ptr::read_volatile((managed.ptr + last * 8) as *const u64) };
+                let ml = t.elapsed();
+                assert_eq!(m.to_le_bytes()[0], ((last * 8) % 251) as u8);
+                managed.to_gpu();
+                let t = Instant::now();
+                buf.copy_from_slice(managed.bytes());
+                let mc = t.elapsed();
+                assert_eq!(buf[4095], (4095 % 251) as u8);
                 if i > 0 {
-                    fault += f;
-                    explicit += e;
+                    row.fault += f;
+                    row.explicit += e;
+                    row.pointer_copy += pc;
+                    row.managed_load += ml;
+                    row.managed_copy += mc;
                 }
             }
-            rows.push((len, n, fault / n, explicit / n));
+            for t in [
+                &mut row.fault,
+                &mut row.explicit,
+                &mut row.pointer_copy,
+                &mut row.managed_load,
+                &mut row.managed_copy,
+            ] {
+                *t /= n;
+            }
+            rows.push(row);
             pr.free().unwrap();
         }
         rows
@@ -294,18 +446,149 @@ fn fault_round_trip_figures() {
     let _ = writeln!(
         out,
         "cuda CPU-fault round trip (device -> system), mean per round:\n\
-         | window | pointer load (uffd fault) | explicit read | rounds |\n\
-         |---|---|---|---|"
+         | window | pointer load (uffd fault) | explicit read | memcpy through the pointer | \
+         managed memory: one load | managed memory: memcpy | rounds |\n\
+         |---|---|---|---|---|---|---|"
     );
-    for (len, n, fault, explicit) in rows {
+    let cell = |len: u64, t: Duration| {
+        format!(
+            "{:.1} us ({:.2} GB/s)",
+            t.as_secs_f64() * 1e6,
+            len as f64 / t.as_secs_f64() / 1e9
+        )
+    };
+    for row in rows {
+        let len = row.len;
         let _ = writeln!(
             out,
-            "| {} | {:.1} us ({:.2} GB/s) | {:.1} us ({:.2} GB/s) | {n} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             if len == 4096 { "4 KiB" } else { "2 MiB" },
-            fault.as_secs_f64() * 1e6,
-            len as f64 / fault.as_secs_f64() / 1e9,
-            explicit.as_secs_f64() * 1e6,
-            len as f64 / explicit.as_secs_f64() / 1e9,
+            cell(len, row.fault),
+            cell(len, row.explicit),
+            cell(len, row.pointer_copy),
+            cell(len, row.managed_load),
+            cell(len, row.managed_copy),
+            row.rounds,
         );
     }
+}
+
+/// Many threads store and load through the pointer while other threads migrate the range
+/// (whole and halves) between three GPU pagemaps (pagemap to pagemap: the sources push) and
+/// evict it: every writer's last store of every word it owns is what the pointer and the
+/// explicit read return at the end (an exact model), no fault fails, and a watchdog bounds
+/// the run.
+#[test]
+fn threads_through_the_pointer_while_gpu_pagemaps_push_and_evict() {
+    let _g = GPU.read().unwrap_or_else(|p| p.into_inner());
+    let Some(r) = rig(3) else { return };
+    watchdog(Duration::from_secs(180), move || {
+        let pages = 64u64;
+        let pr = Arc::new(
+            r.space
+                .create_range(pages * 4096, PageSize::Size4K)
+                .unwrap(),
+        );
+        let (moved, evicted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let writers = 4u64;
+        let stop = Arc::new(AtomicBool::new(false));
+        let start = Arc::new(Barrier::new(writers as usize + 2));
+        // Writer w owns words w + writers * slot (8 slots) of every page: each round it
+        // stores (w, round + 1) into slot round % 8 of each page and loads it back. It goes
+        // on until the movers have done enough (at most 60 s) and returns its round count.
+        let writer_threads: Vec<_> = (0..writers)
+            .map(|w| {
+                let (pr, start) = (pr.clone(), start.clone());
+                let (moved, evicted) = (moved.clone(), evicted.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let t0 = Instant::now();
+                    let mut round = 0u64;
+                    while round < 1000
+                        || ((moved.load(Ordering::Relaxed) < 200
+                            || evicted.load(Ordering::Relaxed) < 10)
+                            && t0.elapsed() < Duration::from_secs(60))
+                    {
+                        for p in 0..pages {
+                            let i = p * 512 + w + writers * (round % 8);
+                            let v = (w << 32) | (round + 1);
+                            pr.word(i).unwrap().store(v, Ordering::Relaxed);
+                            assert_eq!(pr.word(i).unwrap().load(Ordering::Relaxed), v);
+                        }
+                        round += 1;
+                    }
+                    round
+                })
+            })
+            .collect();
+        let movers: Vec<_> = (0..2u64)
+            .map(|m| {
+                let (mm, pr, start, stop) = (r.mm.clone(), pr.clone(), start.clone(), stop.clone());
+                let (moved, evicted) = (moved.clone(), evicted.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let d = MigrateDetails::default();
+                    let mut k = m;
+                    while !stop.load(Ordering::Relaxed) {
+                        let half = pr.len() / 2;
+                        let target = match k % 3 {
+                            0 => pr.range(),
+                            1 => VaRange::new(pr.range().start, half),
+                            _ => VaRange::new(pr.range().start + half, half),
+                        };
+                        if let Ok(rep) = mm.migrate(target, PagemapId((k % 3) as u8), &d)
+                            && let Some(a) = rep.alloc
+                        {
+                            moved.fetch_add(1, Ordering::Relaxed);
+                            if k % 5 == 1 && mm.evict_to_ram(a).is_ok() {
+                                evicted.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        k += 1;
+                    }
+                })
+            })
+            .collect();
+        let done: Vec<u64> = writer_threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        for t in movers {
+            t.join().unwrap();
+        }
+        let (moved, evicted) = (
+            moved.load(Ordering::Relaxed),
+            evicted.load(Ordering::Relaxed),
+        );
+        let stats = r.space.fault_stats();
+        let _ = writeln!(
+            std::io::stdout(),
+            "{moved} migrations, {evicted} evictions, {} faults served, rounds {done:?}",
+            stats.served
+        );
+        assert!(
+            moved >= 20 && evicted >= 2 && stats.served >= 10,
+            "{moved} {evicted} {stats:?}"
+        );
+        for w in 0..writers {
+            for slot in 0..8u64 {
+                let last = (0..done[w as usize]).rev().find(|r| r % 8 == slot).unwrap();
+                for p in 0..pages {
+                    let i = p * 512 + w + writers * slot;
+                    let want = (w << 32) | (last + 1);
+                    assert_eq!(
+                        pr.word(i).unwrap().load(Ordering::Relaxed),
+                        want,
+                        "page {p} word {i}"
+                    );
+                    let mut b = [0u8; 8];
+                    r.mm.read(pr.range().start + i * 8, &mut b).unwrap();
+                    assert_eq!(u64::from_le_bytes(b), want, "page {p} word {i} (explicit)");
+                }
+            }
+        }
+        assert_eq!(stats.errors, 0, "{:?}", r.space.last_fault_error());
+        assert_eq!(stats.sigbus, 0);
+    });
 }
