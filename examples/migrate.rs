@@ -32,8 +32,9 @@
 //! `DRM_PAGEMAP_LEVEL_ZERO_REAL=1` the loader keeps its own drivers (an Intel GPU's). `auto`
 //! never routes the loader: it picks CUDA, else an Intel GPU, else sim.
 //!
-//! `--pointers` (the simulated backend): the range is memory of this process
-//! (`drm_pagemap::uffd`: the sim's system memory is a memfd, the range a `PointerRange`),
+//! `--pointers` (sim, and CUDA in a build with the `cuda` feature): the range is memory of
+//! this process (`drm_pagemap::uffd`: the backend's system memory is a memfd, on CUDA
+//! registered with the driver as `cuda.host_memfd=1` makes it; the range a `PointerRange`),
 //! filled with plain stores through its pointer and verified with loads through it (a page on
 //! a device faults home through userfaultfd); same migration, output and exit codes. The
 //! default workload is then at most 32768 pages (128 MiB of 4 KiB pages), so that its
@@ -90,7 +91,7 @@ Output: a table (no --layout), the layouts and copy calls (--layout), or one JSO
 adds the address space's statistics of the migration as tables (with --json they are in
 its \"stats\" field only).
 
---pointers (sim): the range is memory of the process; it is filled with plain stores through
+--pointers (sim, cuda): the range is memory of the process; it is filled with plain stores through
 its pointer and verified with loads through it (device pages fault home through
 userfaultfd). The default workload is then at most 32768 pages (128 MiB of 4 KiB pages).
 
@@ -677,13 +678,15 @@ fn config(args: &Args, options: &BackendOptions, bytes: u64) -> BackendConfig {
 fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<ExitCode, RunError> {
     let psz = args.page_size.bytes();
     let bytes = pages.len() as u64 * psz;
-    // With --pointers (sim only, checked in main): the sim's system memory is a memfd.
+    // With --pointers (a backend uffd supports, checked in main): the backend's system
+    // memory is a memfd that pointer ranges map.
     let (backend, memfd): (Arc<dyn Backend>, _) = if args.pointers {
-        let sim = drm_pagemap::sim::SimConfig::from_backend_config(config)
-            .map_err(|e| RunError::Pointers(e.to_string()))?;
-        let capacity = sim.host_capacity;
-        let (sim, mem) = pointers::sim_over_memfd(sim, capacity).map_err(RunError::Pointers)?;
-        (Arc::new(sim), Some(mem))
+        let name = match args.backend.as_str() {
+            "auto" => drm_pagemap::auto_backend_with(config),
+            name => name,
+        };
+        let (backend, file) = pointers::open_backend(name, config).map_err(RunError::Pointers)?;
+        (backend, Some(file))
     } else {
         (
             Arc::from(drm_pagemap::open_backend(&args.backend, config)?),

@@ -34,8 +34,10 @@
 //! already in the environment win); `DRM_PAGEMAP_LEVEL_ZERO_REAL=1` keeps the loader's own
 //! drivers (an Intel GPU's). `auto` never routes the loader to the software driver.
 //!
-//! `--pointers` (default mode, simulated backend): the buffer is memory of this process
-//! (`drm_pagemap::uffd`: the sim's system memory is a memfd, the buffer a `PointerRange`);
+//! `--pointers` (default mode; sim, and CUDA in a build with the `cuda` feature): the buffer
+//! is memory of this process (`drm_pagemap::uffd`: the backend's system memory is a memfd,
+//! on CUDA registered with the driver as `cuda.host_memfd=1` makes it; the buffer a
+//! `PointerRange`);
 //! the CPU writes each phase's pattern with plain stores through its pointer and checks it with
 //! loads through it (pages on a device fault home through userfaultfd). A backend without
 //! pointer ranges, or no usable userfaultfd: one line `svm-multi-device: --pointers: REASON`
@@ -46,9 +48,7 @@ use drm_pagemap::svm::{
     Access, Attributes, FaultAction, GpuVm, Placement, PreferredLocation, Svm, SvmConfig,
 };
 use drm_pagemap::uffd::{PointerRange, PointerSpace, UffdConfig};
-use drm_pagemap::{
-    AddressSpace, Backend, BackendConfig, Location, Machine, PageSize, PagemapId, VaRange,
-};
+use drm_pagemap::{Backend, BackendConfig, Location, Machine, PageSize, PagemapId, VaRange};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,7 +72,7 @@ Phase 2: each device faults a disjoint third at the same time, three times, the 
 rotating. Phase 3: device 0 prefers device 1's memory and maps it remotely. After each
 phase every page table is checked and the CPU reads every byte back. With --capacity-mib
 below the buffer's size, device memory is oversubscribed and LRU eviction keeps it running.
-With --pointers (sim), the buffer is memory of the process: the CPU writes and checks it
+With --pointers (sim, cuda), the buffer is memory of the process: the CPU writes and checks it
 with plain stores and loads through its pointer (device pages fault home through
 userfaultfd).
 
@@ -171,19 +171,19 @@ fn setup(
     };
     // One address space: the SVM context owns the machine's pagemaps.
     let (backend, svm, pointers): (Arc<dyn Backend>, _, _) = if with_pointers {
-        // The simulated backend (checked in main) over memfd memory, one pagemap per device,
-        // and the pointer ranges of the address space.
-        let sim =
-            drm_pagemap::sim::SimConfig::from_backend_config(&config).map_err(|e| e.to_string())?;
-        let (sim, mem) =
-            pointers::sim_over_memfd(sim, host_bytes).map_err(|e| format!("--pointers: {e}"))?;
-        let pagemaps = sim.pagemap_per_device().map_err(|e| e.to_string())?;
-        let backend: Arc<dyn Backend> = Arc::new(sim);
-        let mm = Arc::new(AddressSpace::new(backend.host_memory()));
-        let svm = Svm::new(mm.clone(), pagemaps, svm_config).map_err(|e| e.to_string())?;
-        let space = PointerSpace::new(mm, mem, UffdConfig::default())
+        // A backend whose system memory pointer ranges map (checked in main), three
+        // pagemaps, and the pointer ranges of the address space.
+        let name = match backend {
+            "auto" => drm_pagemap::auto_backend_with(&config),
+            name => name,
+        };
+        let (backend, file) =
+            pointers::open_backend(name, &config).map_err(|e| format!("--pointers: {e}"))?;
+        let (machine, svm) = Machine::svm_on(backend, 3, config.device_capacity, svm_config)
+            .map_err(|e| e.to_string())?;
+        let space = PointerSpace::new(machine.mm.clone(), file, UffdConfig::default())
             .map_err(|e| format!("--pointers: {e}"))?;
-        (backend, svm, Some(space))
+        (machine.backend, svm, Some(space))
     } else {
         let (machine, svm) =
             Machine::open_svm(backend, &config, 3, svm_config).map_err(|e| e.to_string())?;

@@ -380,7 +380,21 @@ impl Machine {
         svm_config: svm::SvmConfig,
     ) -> std::result::Result<(Machine, svm::Svm), svm::SvmError> {
         let backend: Arc<dyn Backend> = Arc::from(open_backend(backend, config)?);
-        let machine = Machine::make(backend, n, &[], config.device_capacity, false)?;
+        Machine::svm_on(backend, n, config.device_capacity, svm_config)
+    }
+
+    /// [`Machine::open_svm`] on a backend already open (one opened with settings of its own,
+    /// such as a CUDA backend whose host memory pointer ranges can map): `n` pagemaps of at
+    /// most `pagemap_capacity` bytes each, and an SVM context over them.
+    #[cfg(feature = "svm")]
+    #[allow(clippy::result_large_err)] // the SVM layer's own error, as its API returns it
+    pub fn svm_on(
+        backend: Arc<dyn Backend>,
+        n: usize,
+        pagemap_capacity: Option<u64>,
+        svm_config: svm::SvmConfig,
+    ) -> std::result::Result<(Machine, svm::Svm), svm::SvmError> {
+        let machine = Machine::make(backend, n, &[], pagemap_capacity, false)?;
         let svm = svm::Svm::new(machine.mm.clone(), machine.pagemaps.clone(), svm_config)?;
         Ok((machine, svm))
     }

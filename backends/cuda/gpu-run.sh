@@ -9,6 +9,9 @@
 #   ../shared/tools/gpu-pack bench -p drm-pagemap-cuda
 #   ../shared/tools/gpu-pack example migrate
 #   ../shared/tools/gpu-pack test -p drm-pagemap --test scenarios --test engine_faults --test stress
+#   ../shared/tools/gpu-pack example svm-multi-device          (step svm-pointers)
+#   ../shared/tools/gpu-pack test -p drm-pagemap-uffd --test cuda_pointer   (step cuda-pointer:
+#     pointer ranges on CUDA, the managed-memory baseline and the pointer stress)
 # On the GPU machine, from the repository root:  OUT=/some/dir backends/cuda/gpu-run.sh
 # The plots of BENCHMARKS.md: STEPS=plots (also packs `example svm-multi-device`) runs the copy
 # bench, the fault-latency bench, `svm_multi_device latency` and the main job at each page
@@ -56,8 +59,12 @@ if have migrate; then
         $B/migrate --backend cuda --coalesce consecutive; echo \"exit \$?\"
         $B/migrate --backend cuda --layout 's*1000,1*500,.,2*7,s1s2s' --to 0; echo \"exit \$?\"
         $B/migrate --backend cuda --fail-copy 2; echo \"exit \$? (1 expected: failed, data verified)\"
+        $B/migrate --backend cuda --pointers; echo \"exit \$?\"
+        $B/migrate --backend cuda --pointers --page-size 2097152; echo \"exit \$?\"
     "
 fi
+have svm_multi_device && step svm-pointers 60 "$B/svm_multi_device" --backend cuda --pointers
+have test-cuda_pointer && step cuda-pointer 120 "$B/test-cuda_pointer" --include-ignored --test-threads 1 --nocapture
 have bench-cuda_copy && step bench 140 env DRM_PAGEMAP_CUDA_BENCH=${DRM_PAGEMAP_CUDA_BENCH:-} "$B/bench-cuda_copy" --bench
 for t in engine_faults scenarios back_to_ram; do
     have "test-$t" && step "$t" 60 "$B/test-$t"

@@ -3,8 +3,8 @@
 //! device faults home through userfaultfd) instead of `AddressSpace::write` / `read`.
 
 use drm_pagemap::sim::{SimBackend, SimConfig};
-use drm_pagemap::uffd::{self, MemfdMemory, PointerRange};
-use drm_pagemap::{AddressSpace, Error};
+use drm_pagemap::uffd::{self, FrameFile, MemfdMemory, PointerRange};
+use drm_pagemap::{AddressSpace, Backend, BackendConfig, Error};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -55,24 +55,49 @@ impl Cpu<'_> {
     }
 }
 
-/// Why `backend` cannot run with `--pointers`, if it cannot: `uffd::support`'s reason, and
-/// the tools build their pointer mode on the simulated backend only (the library supports
-/// CUDA too, with `cuda.host_memfd=1`: see `drm-pagemap-uffd`'s CUDA tests).
+/// Why `backend` cannot run with `--pointers`, if it cannot: `uffd::support`'s reason (the
+/// tools run pointer ranges wherever the library gives them: the simulated backend, and CUDA
+/// in a build with the `cuda` feature).
 pub fn unsupported(backend: &str) -> Option<String> {
-    if let Err(e) = uffd::support(backend) {
-        return Some(e.to_string());
+    uffd::support(backend).err().map(|e| e.to_string())
+}
+
+/// A backend and the frame file its pointer ranges map (see [`open_backend`]).
+pub type PointerBackend = (Arc<dyn Backend>, Arc<dyn FrameFile>);
+
+/// A backend whose system memory pointer ranges map, and that memory as the frame file of
+/// a `PointerSpace`: the simulated backend over memfd memory of its host capacity, or the
+/// CUDA backend opened with `cuda.host_memfd=1` (its pinned memory a memfd). `name` is a
+/// backend `unsupported` accepted ("auto" resolved).
+pub fn open_backend(name: &str, config: &BackendConfig) -> Result<PointerBackend, String> {
+    match name {
+        "sim" => {
+            let sim = SimConfig::from_backend_config(config).map_err(|e| e.to_string())?;
+            let capacity = sim.host_capacity;
+            let (sim, mem) = sim_over_memfd(sim, capacity)?;
+            Ok((Arc::new(sim), mem))
+        }
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            use drm_pagemap::cuda::{CudaBackend, CudaConfig};
+            let cuda = CudaConfig {
+                host_memfd: true,
+                ..CudaConfig::from_backend_config(config).map_err(|e| e.to_string())?
+            };
+            let backend = CudaBackend::new(cuda).map_err(|e| format!("backend cuda: {e}"))?;
+            let file = uffd::CudaHostFile::new(backend.pinned_host().clone())
+                .map_err(|e| e.to_string())?;
+            Ok((Arc::new(backend), file))
+        }
+        other => Err(unsupported(other).unwrap_or_else(|| {
+            format!("pointer ranges unsupported on backend {other} in this tool")
+        })),
     }
-    (backend != "sim").then(|| {
-        format!(
-            "pointer ranges unsupported on backend {backend}: the tools' pointer mode runs on \
-             the simulated backend only"
-        )
-    })
 }
 
 /// The simulated backend over memfd memory of `capacity` bytes (the memory a pointer range
 /// maps its frames from).
-pub fn sim_over_memfd(
+fn sim_over_memfd(
     mut config: SimConfig,
     capacity: u64,
 ) -> Result<(SimBackend, Arc<MemfdMemory>), String> {
