@@ -102,13 +102,23 @@ fn one_migration_traces_every_phase_with_its_fields() {
             .expect("migrate");
     });
     let names: Vec<&str> = seen.spans.iter().map(|s| s.1.as_str()).collect();
+    // Each call is mapped just before it is issued: a map span per call inside the issue
+    // span.
     assert_eq!(
         names,
         [
-            "migrate", "collect", "plan", "map", "issue", "wait", "commit"
+            "migrate", "collect", "plan", "issue", "map", "map", "wait", "commit"
         ],
         "phases in order"
     );
+    let mapped: Vec<&str> = seen
+        .spans
+        .iter()
+        .filter(|s| s.1 == "map")
+        .map(|s| s.2["executor"].as_str())
+        .collect();
+    assert_eq!(mapped.len(), 2, "one map span per call");
+    assert!(mapped.contains(&"0") && mapped.contains(&"1"), "{mapped:?}");
     let m = span(&seen, "migrate");
     assert_eq!(m["range"], range.to_string());
     assert_eq!(m["pages"], "4");

@@ -1,6 +1,8 @@
-//! Migration to device memory: collect -> classify -> plan -> map -> issue every call ->
-//! wait once -> commit all pages, or roll back leaving every source page as it was (the
-//! transaction of [`crate::txn`]).
+//! Migration to device memory: collect -> classify -> plan -> for each call, map its pages
+//! and issue it (the device starts on the first call while the CPU maps the next) -> wait
+//! once -> commit all pages, or roll back leaving every source page as it was (the
+//! transaction of [`crate::txn`]; a failure to map a call after earlier calls were issued
+//! waits for those as any failure does).
 
 use crate::alloc::{AllocId, AllocState, Release, release_all, release_unused};
 use crate::backend::{CopyRequest, Pagemap};
@@ -9,7 +11,7 @@ use crate::fence::Fence;
 use crate::mapping::MapSource;
 use crate::mm::{AddressSpace, MmState, Span};
 use crate::page::{Kind, PageEntry, RmapEntry, Summary};
-use crate::plan::{Classified, Coalesce, Plan, PlanParams, Verdict, plan, plan_into};
+use crate::plan::{Classified, Coalesce, Plan, PlanParams, PlannedCall, Verdict, plan, plan_into};
 use crate::stats::{Link, Location};
 use crate::txn::{Locked, Scratch, Txn};
 use crate::types::{CopyOp, DeviceId, Direction, HostFrame, PagemapId, Pfn, VaRange};
@@ -74,9 +76,10 @@ pub enum MigrateOutcome {
 pub struct MigrateTiming {
     /// Collecting, classifying and coalescing.
     pub plan: Duration,
-    /// Mapping pages for the executing devices.
+    /// Mapping pages for the executing devices (summed over the calls: each call is mapped
+    /// just before it is issued).
     pub map: Duration,
-    /// Issuing the copy calls.
+    /// Issuing the copy calls (summed over the calls).
     pub issue: Duration,
     /// Waiting for the copies (and the pre-migrate fence).
     pub wait: Duration,
@@ -585,24 +588,8 @@ impl AddressSpace {
             dst_pfns: &dst_pfns,
         };
         let plan = &*planned;
-        // Map.
-        let t = Instant::now();
-        let mapping = traced.then(|| {
-            tracing::trace_span!(
-                target: "drm_pagemap",
-                "map",
-                pagemap = dest.id().0,
-                calls = plan.calls.len()
-            )
-            .entered()
-        });
-        pages.resize(plan.order.len(), Pfn(0));
-        txn.prepare_addrs(plan.order.len());
-        job.map_all(txn, plan, pages, frames, pfns)?;
-        drop(mapping);
-        let t1 = Instant::now();
-        timing.map = t1 - t;
-        // Issue every call before waiting for any.
+        // Map and issue call by call, so that the first copy starts while the CPU maps the
+        // next call's pages; no call is waited for before all are issued.
         let issuing = traced.then(|| {
             tracing::trace_span!(
                 target: "drm_pagemap",
@@ -612,10 +599,28 @@ impl AddressSpace {
             )
             .entered()
         });
+        let t1 = Instant::now();
+        pages.resize(plan.order.len(), Pfn(0));
+        txn.prepare_addrs(plan.order.len());
         let to = Location::of(dest.id());
         let mut calls: Vec<CopyCall> = Vec::with_capacity(plan.calls.len());
         let mut failure: Option<Error> = None;
+        // When the first call was issued (its device time is known without a subtraction).
+        let mut first_at = None;
         for call in &plan.calls {
+            let mapping = traced.then(|| {
+                tracing::trace_span!(target: "drm_pagemap", "map", executor = call.executor.0)
+                    .entered()
+            });
+            let t = Instant::now();
+            let mapped = job.map_call(txn, plan, call, pages, frames, pfns);
+            let at = Instant::now();
+            timing.map += at - t;
+            drop(mapping);
+            if let Err(e) = mapped {
+                failure = Some(e);
+                break;
+            }
             // The destination executes most calls: no lookup for it.
             let looked_up;
             let exec = if call.executor == dest.id() {
@@ -642,7 +647,7 @@ impl AddressSpace {
                     MapSource::Pagemap(p) => Location::of(p),
                 },
             };
-            let at = if calls.is_empty() { t1 } else { Instant::now() };
+            first_at.get_or_insert(at);
             let issued = {
                 let req = CopyRequest {
                     page_size: span.page_size,
@@ -687,15 +692,14 @@ impl AddressSpace {
         }
         drop(issuing);
         let t2 = Instant::now();
-        timing.issue = t2 - t1;
+        timing.issue = (t2 - t1).saturating_sub(timing.map);
         // Wait once for everything issued, then for the pre-migrate fence (it orders the
         // clear of pages no call wrote, such as holes, and carries its error). On a
         // failure the transaction rolls back: the sources are untouched.
         let waited = txn.wait(failure);
         let t3 = Instant::now();
-        // The first call was issued at `t1`: its device time is known without a subtraction.
         timing.wait = t3 - t2;
-        txn.landed(t3, Some((t1, timing.issue + timing.wait)));
+        txn.landed(t3, first_at.map(|at| (at, t3 - at)));
         waited?;
         // Commit. A timeslice past any reachable instant saturates ("for ever").
         let committing =
@@ -803,81 +807,80 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Fills `pages`, and the mappings of `txn`, for every call of `plan`.
-    fn map_all(
+    /// Fills `pages`, and the mappings of `txn`, for `call` of `plan`.
+    fn map_call(
         &self,
         txn: &mut Txn<'_>,
         plan: &Plan,
+        call: &PlannedCall,
         pages: &mut [Pfn],
         frames: &mut Vec<HostFrame>,
         pfns: &mut Vec<Pfn>,
     ) -> Result<()> {
-        for call in &plan.calls {
-            let (s, e) = (call.start as usize, call.end as usize);
-            let idx = &plan.order[s..e];
-            match call.op {
-                CopyOp::ToRam => {
-                    // The executor pushes its own pages into the destination's pages,
-                    // mapped for the executor's device.
-                    let exec = self.mm.pagemap_for(self.range, call.executor)?;
-                    pfns.clear();
-                    for (k, &i) in idx.iter().enumerate() {
-                        pages[s + k] = self.src_pfns[i as usize];
-                        pfns.push(self.dst_pfns[i as usize]);
-                    }
-                    txn.map(
-                        MapSource::Pagemap(self.dest.id()),
-                        exec.device(),
-                        Direction::FromDevice,
-                        &[],
-                        pfns,
-                        s,
-                    )?;
+        let (s, e) = (call.start as usize, call.end as usize);
+        let idx = &plan.order[s..e];
+        match call.op {
+            CopyOp::ToRam => {
+                // The executor pushes its own pages into the destination's pages,
+                // mapped for the executor's device.
+                let exec = self.mm.pagemap_for(self.range, call.executor)?;
+                pfns.clear();
+                for (k, &i) in idx.iter().enumerate() {
+                    pages[s + k] = self.src_pfns[i as usize];
+                    pfns.push(self.dst_pfns[i as usize]);
                 }
-                CopyOp::ToDevmem => {
-                    // The destination reads every source: group by provider, map per group.
-                    for (p, &i) in pages[s..e].iter_mut().zip(idx) {
-                        *p = self.dst_pfns[i as usize];
-                    }
-                    let mut k = 0;
-                    while k < idx.len() {
-                        let src = self.source_of(idx[k]);
-                        frames.clear();
-                        pfns.clear();
-                        // Holes are in no call: a page that is not a device page is a
-                        // system page.
-                        match src {
-                            MapSource::Host => {
-                                frames.reserve(idx.len() - k);
-                                for &i in &idx[k..] {
-                                    let e = self.snapshot[i as usize];
-                                    if e.kind() == Kind::Device {
-                                        break;
-                                    }
-                                    frames.push(e.frame());
+                txn.map(
+                    MapSource::Pagemap(self.dest.id()),
+                    exec.device(),
+                    Direction::FromDevice,
+                    &[],
+                    pfns,
+                    s,
+                )?;
+            }
+            CopyOp::ToDevmem => {
+                // The destination reads every source: group by provider, map per group.
+                for (p, &i) in pages[s..e].iter_mut().zip(idx) {
+                    *p = self.dst_pfns[i as usize];
+                }
+                let mut k = 0;
+                while k < idx.len() {
+                    let src = self.source_of(idx[k]);
+                    frames.clear();
+                    pfns.clear();
+                    // Holes are in no call: a page that is not a device page is a
+                    // system page.
+                    match src {
+                        MapSource::Host => {
+                            frames.reserve(idx.len() - k);
+                            for &i in &idx[k..] {
+                                let e = self.snapshot[i as usize];
+                                if e.kind() == Kind::Device {
+                                    break;
                                 }
-                            }
-                            MapSource::Pagemap(pm) => {
-                                for &i in &idx[k..] {
-                                    let e = self.snapshot[i as usize];
-                                    if e.kind() != Kind::Device || e.pagemap() != pm {
-                                        break;
-                                    }
-                                    pfns.push(self.src_pfns[i as usize]);
-                                }
+                                frames.push(e.frame());
                             }
                         }
-                        let j = k + frames.len() + pfns.len();
-                        txn.map(
-                            src,
-                            self.dest.device(),
-                            Direction::ToDevice,
-                            frames,
-                            pfns,
-                            s + k,
-                        )?;
-                        k = j;
+                        MapSource::Pagemap(pm) => {
+                            for &i in &idx[k..] {
+                                let e = self.snapshot[i as usize];
+                                if e.kind() != Kind::Device || e.pagemap() != pm {
+                                    break;
+                                }
+                                pfns.push(self.src_pfns[i as usize]);
+                            }
+                        }
                     }
+                    let j = k + frames.len() + pfns.len();
+                    txn.map(
+                        src,
+                        self.dest.device(),
+                        Direction::ToDevice,
+                        frames,
+                        pfns,
+                        s + k,
+                    )?;
+                    k = j;
                 }
             }
         }
