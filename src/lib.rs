@@ -82,7 +82,7 @@ pub use drm_pagemap_core::{
     HostMemory, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming, NativeFence,
     NativeFenceKind, NativeFenceKinds, NativeWait, OptionError, OptionReader, OwnerId, PageBacking,
     PageLocation, PageSize, Pagemap, PagemapId, PagemapOps, PagemapSpec, Pfn, Plan, PlannedCall,
-    RangeProblem, Result, VaRange, WhileCopying, sort_dependencies,
+    RangeProblem, ReleaseMode, Result, VaRange, WhileCopying, sort_dependencies,
 };
 pub use drm_pagemap_core::{
     FailureKind, Failures, Histogram, LinkStats, Location, PageSizeStats, PagemapStats,

@@ -66,7 +66,8 @@ use drm_pagemap::{
     AddressSpace, AllocId, AllocState, Backend, BackendConfig, BackendError, BackendErrorKind,
     BusyReason, Coalesce, CopyCaps, CopyOp, CopyRequest, DeviceId, DevmemBacking, DevmemOps,
     Direction, DmaAddr, Error, Fence, FenceError, HostFrame, HostMemory, Machine, MigrateDetails,
-    MigrateOutcome, PageLocation, PageSize, Pagemap, PagemapId, Pfn, RangeProblem, VaRange,
+    MigrateOutcome, PageLocation, PageSize, Pagemap, PagemapId, Pfn, RangeProblem, ReleaseMode,
+    VaRange,
 };
 use drm_pagemap_level_zero::testing::{SoftCounters, SoftDriver};
 use drm_pagemap_level_zero::{LevelZeroBackend, LevelZeroConfig};
@@ -1063,6 +1064,8 @@ impl World {
 
     /// The accounting invariants that hold between operations.
     fn check_invariants(&self) -> Check {
+        // Releases queued in the background are part of the step.
+        self.mm.flush_releases();
         let snap = self.snapshot()?;
         let allocs = self.mm.allocations();
         let mut refs: HashMap<AllocId, usize> = HashMap::new();
@@ -2044,6 +2047,8 @@ impl World {
                 self.slots[slot] = None;
             }
         }
+        // Releases the final reads queued in the background are part of the end.
+        self.mm.flush_releases();
         // The final reads moved every page home, so nothing may be on a device even when
         // ranges are kept; freeing must then return every host frame too.
         ensure!(
@@ -2123,6 +2128,12 @@ fn run_world(mut w: World, ops: &[Op]) -> Check {
 /// Runs `cases` random sequences on `backend` (GPU faults included when `gpu`); prints the
 /// figures.
 fn run_model(name: &str, backend: &'static str, gpu: bool, cases: u32) {
+    run_model_with(name, backend, gpu, cases, ReleaseMode::Inline)
+}
+
+/// [`run_model`] with the address space giving back replaced pages as `release` says (the
+/// checks after each step wait for queued releases first).
+fn run_model_with(name: &str, backend: &'static str, gpu: bool, cases: u32, release: ReleaseMode) {
     let cases: u32 = std::env::var("DRM_PAGEMAP_MODEL_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -2182,7 +2193,9 @@ fn run_model(name: &str, backend: &'static str, gpu: bool, cases: u32) {
             .packed_cases
             .fetch_add(packed as u64, Ordering::Relaxed);
         run_case_on(backend, || {
-            run_world(World::build_on(backend, Mutation::None, gpu, packed), &ops)
+            let w = World::build_on(backend, Mutation::None, gpu, packed);
+            w.mm.set_release_mode(release);
+            run_world(w, &ops)
         })
         .map_err(TestCaseError::fail)
     });
@@ -2259,6 +2272,28 @@ fn run_model(name: &str, backend: &'static str, gpu: bool, cases: u32) {
 #[test]
 fn engine_matches_the_reference_model() {
     run_model("model", "sim", false, if long() { 200_000 } else { 2_000 });
+}
+
+#[test]
+fn engine_matches_the_reference_model_with_background_release() {
+    run_model_with(
+        "model, background release",
+        "sim",
+        false,
+        if long() { 50_000 } else { 500 },
+        ReleaseMode::background(),
+    );
+}
+
+#[test]
+fn engine_and_gpu_faults_match_the_reference_model_with_background_release() {
+    run_model_with(
+        "model+xe-svm, background release",
+        "sim",
+        true,
+        if long() { 10_000 } else { 100 },
+        ReleaseMode::background(),
+    );
 }
 
 #[test]

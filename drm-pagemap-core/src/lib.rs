@@ -72,6 +72,7 @@ mod mm;
 pub mod options;
 mod page;
 mod plan;
+mod reclaim;
 pub mod stats;
 mod sync;
 mod table;
@@ -103,6 +104,7 @@ pub use migrate::{
 pub use mm::{AddressSpace, PageBacking, PageLocation};
 pub use options::{BackendOption, BackendOptions, OptionError, OptionReader};
 pub use plan::{Classified, Coalesce, Plan, PlannedCall};
+pub use reclaim::ReleaseMode;
 pub use stats::{
     FailureKind, Failures, Histogram, LinkStats, Location, PageSizeStats, PagemapStats,
     StatsSnapshot,

@@ -965,13 +965,21 @@ impl Job<'_> {
             self.mm.notify_unlocked(st);
             st.generation_of(span)
         };
-        if !frames.is_empty() {
-            self.mm.host.free_frames(frames, span.page_size);
-            self.mm
-                .stats
-                .host_frames(-(frames.len() as i64), span.page_size);
+        if self.mm.reclaim.is_background() {
+            // The scratch buffer goes with the job (the next migration makes another).
+            let host = (!frames.is_empty())
+                .then(|| (self.mm.host.clone(), std::mem::take(frames), span.page_size));
+            let job = crate::reclaim::Job::new(host, releases, self.mm.stats.clone());
+            self.mm.reclaim.release(job);
+        } else {
+            if !frames.is_empty() {
+                self.mm.host.free_frames(frames, span.page_size);
+                self.mm
+                    .stats
+                    .host_frames(-(frames.len() as i64), span.page_size);
+            }
+            release_all(releases);
         }
-        release_all(releases);
         generation
     }
 }

@@ -155,7 +155,9 @@ pub struct AddressSpace {
     /// Longest wait for a copy fence on the way back to RAM (eviction, CPU faults).
     pub(crate) to_ram_timeout: Mutex<Option<Duration>>,
     /// Statistics (see [`crate::stats`]).
-    pub(crate) stats: crate::stats::Counters,
+    pub(crate) stats: Arc<crate::stats::Counters>,
+    /// Gives back replaced pages, inline or in the background (see [`crate::reclaim`]).
+    pub(crate) reclaim: crate::reclaim::Reclaimer,
     /// The process mapping kept in step with migrations, if a layer installed one.
     pub(crate) cpu_maps: std::sync::OnceLock<Arc<dyn crate::CpuMappings>>,
 }
@@ -385,9 +387,36 @@ impl AddressSpace {
             state: Mutex::new(MmState::default()),
             unlocked: Condvar::new(),
             to_ram_timeout: Mutex::new(None),
-            stats: crate::stats::Counters::default(),
+            stats: Arc::default(),
+            reclaim: crate::reclaim::Reclaimer::default(),
             cpu_maps: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets how the pages a migration or a copy back to RAM replaced are given back (see
+    /// [`ReleaseMode`]; [`ReleaseMode::Inline`] by default). Takes effect for the calls that
+    /// commit after it.
+    ///
+    /// [`ReleaseMode`]: crate::ReleaseMode
+    pub fn set_release_mode(&self, mode: crate::ReleaseMode) {
+        self.reclaim.set_mode(mode);
+    }
+
+    /// How replaced pages are given back (see [`AddressSpace::set_release_mode`]).
+    pub fn release_mode(&self) -> crate::ReleaseMode {
+        self.reclaim.mode()
+    }
+
+    /// Waits until every release queued so far in [`crate::ReleaseMode::Background`] has
+    /// run (their memory is free when this returns). Returns whether any was waiting.
+    pub fn flush_releases(&self) -> bool {
+        self.reclaim.drain()
+    }
+
+    /// Releases queued and not yet run in [`crate::ReleaseMode::Background`]: how many
+    /// calls' worth, and the bytes of pages they hold.
+    pub fn pending_releases(&self) -> (u64, u64) {
+        self.reclaim.pending()
     }
 
     /// Installs the layer that maps ranges of this address space into the process (see
@@ -738,10 +767,14 @@ impl AddressSpace {
             device: Some(pm.device()),
             source,
         };
-        let backing = pm
-            .devmem()
-            .allocate(npages, page_size)
-            .map_err(|e| backend_err(crate::BackendOp::Allocate, e))?;
+        // Device memory that background releases still hold is waited for, once.
+        let backing = match pm.devmem().allocate(npages, page_size) {
+            Err(e) if crate::reclaim::out_of_memory(&e) && self.reclaim.drain() => {
+                pm.devmem().allocate(npages, page_size)
+            }
+            r => r,
+        }
+        .map_err(|e| backend_err(crate::BackendOp::Allocate, e))?;
         let mut pfns: Arc<[Pfn]> = std::iter::repeat_n(Pfn(0), npages).collect();
         let out = Arc::get_mut(&mut pfns).expect("not shared yet");
         if let Err(e) = pm.devmem().populate_devmem_pfn(&backing, out) {
@@ -1036,15 +1069,19 @@ impl AddressSpace {
         st.range_mut(span.slot)
             .reserve(span.first, span.count, range)?;
         let mut frames = vec![HostFrame(0); holes];
-        self.host
-            .alloc_frames(span.page_size, &mut frames)
-            .map_err(|source| Error::Backend {
-                range,
-                op: crate::BackendOp::AllocFrames,
-                pagemap: None,
-                device: None,
-                source,
-            })?;
+        // Frames that background releases still hold are waited for, once (the reclaimer
+        // never takes the state lock this holds).
+        let mut got = self.host.alloc_frames(span.page_size, &mut frames);
+        if got.as_ref().is_err_and(crate::reclaim::out_of_memory) && self.reclaim.drain() {
+            got = self.host.alloc_frames(span.page_size, &mut frames);
+        }
+        got.map_err(|source| Error::Backend {
+            range,
+            op: crate::BackendOp::AllocFrames,
+            pagemap: None,
+            device: None,
+            source,
+        })?;
         let ps = span.page_size;
         // Fresh frames may hold old bytes: clear what the write will not cover, before any
         // entry changes (a failed clear gives the frames back and changes no page).

@@ -322,7 +322,8 @@ impl AddressSpace {
                 self.notify_unlocked(st);
                 st.allocs.get(alloc).is_none()
             };
-            release_all(releases);
+            self.reclaim
+                .release(crate::reclaim::Job::new(None, releases, self.stats.clone()));
             Ok(Pass {
                 moved: n,
                 busy: 0,

@@ -325,7 +325,12 @@ impl<'a> Txn<'a> {
         // the host memory, leaves it none to free.
         let mut frames = std::mem::take(self.frames);
         frames.resize(n, HostFrame(0));
-        if let Err(source) = self.mm.host.alloc_frames(ps, &mut frames) {
+        // Frames that background releases still hold are waited for, once.
+        let mut got = self.mm.host.alloc_frames(ps, &mut frames);
+        if got.as_ref().is_err_and(crate::reclaim::out_of_memory) && self.mm.reclaim.drain() {
+            got = self.mm.host.alloc_frames(ps, &mut frames);
+        }
+        if let Err(source) = got {
             frames.clear();
             *self.frames = frames;
             return Err(self.backend_error(BackendOp::AllocFrames, self.pagemap, device, source));
