@@ -7,13 +7,20 @@
 //! cargo run --release --example migrate -- [--backend auto|sim|cuda|level-zero|plugin:PATH|NAME] [--devices N]
 //!     [--page-size BYTES] [--layout LAYOUT] [--to K] [--no-source-peer-migrates]
 //!     [--same-pagemap] [--coalesce by-source|consecutive] [--foreign K]... [--fail-copy N]
-//!     [--option BACKEND.KEY=VALUE]... [--pointers] [--json] [--stats]
+//!     [--option BACKEND.KEY=VALUE]... [--release background|inline] [--pointers] [--json]
+//!     [--stats]
 //! ```
 //! `--help` lists the flags and explains the layout notation. Without `--layout`: a 1 GiB range spread over system memory and every other pagemap,
 //! migrated to pagemap 0, with a table of what moved. Exit codes: 0 success; 1 the migration
 //! failed (the data still verifies) or the backend is unavailable; 2 bad arguments (also a
 //! backend option that does not parse; one line `migrate: MESSAGE` on stderr). A progress bar
 //! shows on stderr when stdout and stderr are a terminal (never with `--json`).
+//!
+//! `--release` (default `background`): the pages the migration replaced are given back by the
+//! address space's reclaimer thread after the call returns (`ReleaseMode::Background`), and
+//! the tool waits for that before it checks anything, printing how long after the return it
+//! took; `inline` gives them back before the call returns. The `moved ... in` time is the
+//! call's.
 //!
 //! Plug-ins: `--backend plugin:PATH` loads the shared object at PATH; the plug-ins in
 //! `DRM_PAGEMAP_PLUGIN_PATH` (files or directories, `:`-separated) are loaded at start and
@@ -45,7 +52,7 @@ use clap::{Parser, ValueEnum};
 use drm_pagemap::uffd::{PointerSpace, UffdConfig};
 use drm_pagemap::{
     AddressSpace, Backend, BackendConfig, BackendOptions, Coalesce, CopyCall, CopyOp, Error,
-    MigrateDetails, MigrateOutcome, PageSize, PagemapId, StatsSnapshot, VaRange,
+    MigrateDetails, MigrateOutcome, PageSize, PagemapId, ReleaseMode, StatsSnapshot, VaRange,
 };
 use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
 use drm_pagemap_testkit::layout::{self, LayoutPage};
@@ -144,7 +151,12 @@ struct Args {
     /// wins): cuda.kernel=ptx, sim.copy_latency=1ms, ...
     #[arg(long = "option", value_name = "BACKEND.KEY=VALUE", value_parser = option)]
     options: Vec<String>,
-    /// The range is memory of the process (sim): filled and verified through its pointer.
+    /// When the pages the migration replaced are given back: on the address space's
+    /// reclaimer thread after the call returns, or before it returns.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ReleaseArg::Background)]
+    release: ReleaseArg,
+    /// The range is memory of the process (sim, cuda): filled and verified through its
+    /// pointer.
     #[arg(long)]
     pointers: bool,
     /// One JSON line instead of the text.
@@ -169,6 +181,24 @@ impl From<CoalesceArg> for Coalesce {
         match c {
             CoalesceArg::BySource => Coalesce::BySource,
             CoalesceArg::Consecutive => Coalesce::Consecutive,
+        }
+    }
+}
+
+/// `--release`'s values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ReleaseArg {
+    /// After the call returns (`ReleaseMode::Background`).
+    Background,
+    /// Before the call returns (`ReleaseMode::Inline`).
+    Inline,
+}
+
+impl From<ReleaseArg> for ReleaseMode {
+    fn from(r: ReleaseArg) -> ReleaseMode {
+        match r {
+            ReleaseArg::Background => ReleaseMode::background(),
+            ReleaseArg::Inline => ReleaseMode::Inline,
         }
     }
 }
@@ -399,6 +429,8 @@ struct Outcome {
     result: Result<drm_pagemap::MigrateReport, Error>,
     trace: Vec<CopyCall>,
     elapsed: Duration,
+    /// How long after the call returned its replaced pages were all given back.
+    released: Duration,
     before: Vec<LayoutPage>,
     after: Vec<LayoutPage>,
     verified: bool,
@@ -557,6 +589,12 @@ fn print_table(a: &Args, config: &BackendConfig, backend: &dyn Backend, o: &Outc
             );
         }
         Err(e) => println!("migration failed: {e}"),
+    }
+    if matches!(a.release, ReleaseArg::Background) {
+        println!(
+            "old pages given back {:.2} ms after the call returned (--release background)",
+            o.released.as_secs_f64() * 1e3
+        );
     }
     println!(
         "data {} ({})",
@@ -737,9 +775,13 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
     let mut trace = Vec::new();
     // The statistics cover the migration, not the placing of the layout.
     mm.reset_stats();
+    mm.set_release_mode(args.release.into());
     let t = Instant::now();
     let result = mm.migrate_traced(range, PagemapId(args.to as u8), &details, &mut trace);
     let elapsed = t.elapsed();
+    // The old pages are given back before anything else is measured or checked.
+    mm.flush_releases();
+    let released = t.elapsed().saturating_sub(elapsed);
     let stats = mm.stats();
     progress.inc(1);
     injector.disarm();
@@ -752,6 +794,7 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
         result,
         trace,
         elapsed,
+        released,
         before,
         after,
         verified,
@@ -773,6 +816,12 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
             Err(e) => println!("result: error: {e}"),
         }
         println!("layout after:  {}", layout::format(&o.after));
+        if matches!(args.release, ReleaseArg::Background) {
+            println!(
+                "old pages given back {:.2} ms after the call returned (--release background)",
+                o.released.as_secs_f64() * 1e3
+            );
+        }
         println!("verified: {}", o.verified);
     }
     if args.stats && !args.json {

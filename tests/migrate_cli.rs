@@ -535,3 +535,30 @@ fn pointers_on_cuda_run_or_say_why_the_backend_is_unavailable() {
         );
     }
 }
+
+/// `--release`: both modes move and verify the same data; the default (background) says
+/// when the old pages were given back, `inline` gives them back before the call returns.
+#[test]
+fn release_modes_verify_and_background_reports_the_give_back() {
+    let layout = [
+        "--backend",
+        "sim",
+        "--layout",
+        "s*3,1*20,2*7,s",
+        "--to",
+        "0",
+    ];
+    let (code, out, err) = run(&layout);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("verified: true"), "{out}");
+    assert!(
+        out.contains("after the call returned (--release background)"),
+        "{out}"
+    );
+    let (code, out, err) = run(&[&layout[..], &["--release", "inline"]].concat());
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("verified: true"), "{out}");
+    assert!(!out.contains("after the call returned"), "{out}");
+    let (code, _, err) = run(&["--backend", "sim", "--release", "later"]);
+    assert_eq!(code, 2, "{err}");
+}
