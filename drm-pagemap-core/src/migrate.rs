@@ -457,11 +457,7 @@ impl AddressSpace {
         // Source pfns of device pages (only those are read); none without device pages.
         if summary.any_device() {
             src_pfns.resize(span.count, Pfn(0));
-            for (o, e) in src_pfns.iter_mut().zip(snapshot.iter()) {
-                if e.kind() == Kind::Device {
-                    *o = st.allocs.by_slot(e.slot()).pfns[e.index() as usize];
-                }
-            }
+            source_pfns(&st.allocs, snapshot, src_pfns);
         }
         let reserved = reserved.map(|alloc| {
             let rec = st.allocs.get_mut(alloc).expect("checked above");
@@ -792,6 +788,34 @@ impl AddressSpace {
             },
             out,
         )
+    }
+}
+
+/// Fills `out[i]` with the pfn of `snapshot[i]` where that is a device page (other entries
+/// are left as they are). A run of pages that are consecutive pages of one allocation is one
+/// lookup of the allocation and one slice copy.
+fn source_pfns(allocs: &crate::alloc::AllocTable, snapshot: &[PageEntry], out: &mut [Pfn]) {
+    let n = snapshot.len().min(out.len());
+    let mut i = 0;
+    while i < n {
+        let e = snapshot[i];
+        if e.kind() != Kind::Device {
+            i += 1;
+            continue;
+        }
+        let (slot, first) = (e.slot(), e.index() as usize);
+        let mut j = i + 1;
+        while j < n {
+            let f = snapshot[j];
+            if f.kind() != Kind::Device || f.slot() != slot || f.index() as usize != first + (j - i)
+            {
+                break;
+            }
+            j += 1;
+        }
+        let pfns = &allocs.by_slot(slot).pfns;
+        out[i..j].copy_from_slice(&pfns[first..first + (j - i)]);
+        i = j;
     }
 }
 
