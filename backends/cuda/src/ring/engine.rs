@@ -210,10 +210,15 @@ impl Engine {
         }
     }
 
-    /// Fails every seq not done yet (only once no instance can run them).
+    /// Fails every seq not done yet (only once no instance can run them) and closes the
+    /// ring for good: its `done` word is forced to the end, so that device work ordered
+    /// after ring copies (`cuStreamWaitValue64`) is not held forever; the fences check the
+    /// failure first.
     fn fail_unfinished(&self, err: BackendError) {
         let from = self.ring.done().saturating_add(1);
-        let _ = self.failure.set((from, err));
+        if self.failure.set((from, err)).is_ok() {
+            self.ring.abandon();
+        }
     }
 
     /// The outcome of seq `seq`: `None` while pending.
@@ -325,7 +330,6 @@ impl Engine {
                             self.what, self.cfg.stop_wait
                         ),
                     ));
-                    self.ring.abandon();
                     self.abandoned.store(true, Ordering::SeqCst);
                     st.run = Run::Idle;
                     tracing::warn!(target: "drm_pagemap::cuda", ring = %self.what,
