@@ -122,11 +122,13 @@ __device__ __forceinline__ void dpm_copy_item_cv(u64 item, u32 item_shift, u32 p
 }
 
 // One instance of epoch `epoch` (launched with DPM_RING_THREADS threads, one block, on a
-// stream of its own): resumes after `done`; thread 0 polls `head` and the slot's seq word,
-// the block loads the descriptor into shared memory and copies it (one warp per 4 KiB
-// item), makes the bytes visible to the system, then thread 0 publishes `done`. Returns when
-// idle with `stop >= epoch`, when `lease_ns` of %globaltimer have passed (busy or not: the
-// CPU relaunches for what is left), or on a torn descriptor (`fault`); writes `exited`.
+// stream of its own): resumes after `done`; thread 0 polls `head`, the block loads the slot
+// (its seq word with it) into shared memory, takes it only if the seq word says `next`,
+// copies it (one warp per 4 KiB item), makes the bytes visible to the system, then thread 0
+// publishes `done`. Returns when idle with `stop >= epoch` (read every 16th empty poll: each
+// read of host memory is a PCIe round trip), when `lease_ns` of %globaltimer have passed
+// (busy or not: the CPU relaunches for what is left), or when a slot's seq word never
+// matches (`fault`); writes `exited` last.
 extern "C" __global__ void __launch_bounds__(DPM_RING_THREADS)
 dpm_ring(dpm_ring_header* ring, u64 epoch, u64 lease_ns)
 {
@@ -145,28 +147,34 @@ dpm_ring(dpm_ring_header* ring, u64 epoch, u64 lease_ns)
     }
     __syncthreads();
     u64 next = s_next;
+    u32 tries = 0;
     for (;;) {
         if (tid == 0) {
-            u32 exit = 0, tries = 0;
+            u32 quit = 0, polls = 0;
             for (;;) {
-                if (dpm_globaltimer() - t0 >= lease_ns) { exit = 1; break; }
-                if (next != ~0ull && h->head >= next) {
-                    // The slot's loads after head's.
-                    __threadfence_system();
-                    const volatile u64* seq = &slots[next % DPM_RING_SLOTS].seq;
-                    if (*seq == next) break;
-                    if (++tries == DPM_SEQ_RETRIES) { h->fault = next; exit = 1; break; }
-                    continue;
-                }
-                if (h->stop >= epoch) { exit = 1; break; }
+                if (dpm_globaltimer() - t0 >= lease_ns) { quit = 1; break; }
+                if (next != ~0ull && h->head >= next) break;
+                if ((++polls & 15) == 0 && h->stop >= epoch) { quit = 1; break; }
             }
-            s_exit = exit;
+            // The slot's loads after head's.
+            __threadfence_system();
+            s_exit = quit;
         }
         __syncthreads();
         if (s_exit) break;
         if (tid < sizeof(dpm_ring_desc) / 16)
             ((uint4*)&d)[tid] = __ldcv((const uint4*)&slots[next % DPM_RING_SLOTS] + tid);
         __syncthreads();
+        if (d.seq != next) {
+            // Not (yet) this seq: load it again, a bounded number of times.
+            if (++tries == DPM_SEQ_RETRIES) {
+                if (tid == 0) h->fault = next;
+                break;
+            }
+            __syncthreads();
+            continue;
+        }
+        tries = 0;
         const u64 n_items = (u64)d.n_entries << d.item_shift;
         const u32 lane = tid & 31;
         for (u64 item = tid >> 5; item < n_items; item += DPM_RING_THREADS / 32) {

@@ -354,13 +354,13 @@ impl Engine {
     }
 
     /// Whether an instance runs or is being stopped (tests).
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg_attr(not(any(test, feature = "internals")), allow(dead_code))]
     pub(crate) fn running(&self) -> bool {
         self.lock().run != Run::Idle
     }
 
     /// The epoch of the newest instance (tests).
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg_attr(not(any(test, feature = "internals")), allow(dead_code))]
     pub(crate) fn epoch(&self) -> u64 {
         self.lock().epoch
     }
