@@ -48,6 +48,7 @@ step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 --print-li
     "$B/test-gpu" --include-ignored --skip device_fault_fails_the_fence_with_its_curesult
 step tests-lib 20 "$B/test-lib-drm_pagemap_cuda" --include-ignored
 have test-ring && step ring 60 "$B/test-ring" --include-ignored --nocapture
+have test-ring && step ring-ptx 60 env DRM_PAGEMAP_CUDA_KERNEL=ptx "$B/test-ring" --include-ignored --nocapture
 have test-ring && step ring-memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
     --print-limit 50 "$B/test-ring" --include-ignored
 if have migrate; then
@@ -96,7 +97,7 @@ fi
     echo "== summary"
     cat "$L/gpu.txt"
     printf '%s\n' "${rows[@]}"
-    for f in tests tests-ptx tests-eager tests-lib ring ring-memcheck scenarios engine_faults back_to_ram stress; do
+    for f in tests tests-ptx tests-eager tests-lib ring ring-ptx ring-memcheck scenarios engine_faults back_to_ram stress; do
         [ -f "$L/$f.log" ] && echo "$f: $(grep -E '^test result' "$L/$f.log" | tail -1)"
     done
     grep -h -E 'kernel: forced|device fault reported|device 0:|stall ' "$L/tests.log" 2>/dev/null

@@ -71,6 +71,7 @@ dpm_copy_small(const dpm_small_lists lists, u64 n_items, u64 own_base, u32 item_
 // pinned host memory and copies each as dpm_copy_small would, completing through the ring's
 // `done` word, which the CPU polls. No atomics on host memory (none across PCIe): each side
 // writes its own words. Layout as src/ring/layout.rs (a unit test compares the numbers).
+// pages.ll has the same kernel (so the fallback PTX has it too).
 #define DPM_RING_SLOTS 64
 #define DPM_RING_THREADS 512
 #define DPM_SEQ_RETRIES (1u << 20)

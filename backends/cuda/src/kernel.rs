@@ -55,7 +55,8 @@ pub(crate) struct Kernels {
     copy: Function,
     /// `dpm_copy_small` (NVRTC builds; the fallback PTX has none).
     small: Option<Function>,
-    /// `dpm_ring`, the ring's persistent kernel (NVRTC builds; the fallback PTX has none).
+    /// `dpm_ring`, the ring's persistent kernel (both sources have it; looked up only where
+    /// the PTX defines it, as `small`).
     ring: Option<Function>,
     // Looked up whatever the features; launched only by the `internals` hooks.
     #[cfg_attr(not(feature = "internals"), allow(dead_code))]
@@ -368,8 +369,12 @@ mod tests {
         assert_eq!(std::mem::align_of::<SmallLists>(), 8);
         assert!(KERNEL_SOURCE.contains(&format!("#define DPM_RING_THREADS {RING_THREADS}\n")));
         assert!(
-            !FALLBACK_PTX.contains("dpm_ring"),
-            "the fallback PTX has no ring kernel (loading treats it as optional)"
+            FALLBACK_PTX.contains(".entry dpm_ring"),
+            "the fallback PTX has the ring kernel too (from pages.ll)"
+        );
+        assert!(
+            FALLBACK_PTX.contains(&format!(".maxntid {RING_THREADS}, 1, 1")),
+            "dpm_ring's block size"
         );
         assert!(
             !FALLBACK_PTX.contains("dpm_copy_small"),

@@ -163,8 +163,9 @@ pub struct CudaConfig {
     /// [`ring_idle`](Self::ring_idle) without copies (a keeper thread per pagemap decides),
     /// or after a 20 ms lease while busy (then restarted), so an implicitly synchronising
     /// driver call of the application (`cuCtxSynchronize`, `cuMemFree`, an allocation)
-    /// waits at most about that long for it. Needs the NVRTC kernels (not in the fallback
-    /// PTX) and 64-bit stream memory operations; without them pagemaps use the stream only.
+    /// waits at most about that long for it. Needs 64-bit stream memory operations (a CUDA
+    /// 11.7 or newer driver); without them pagemaps use the stream only
+    /// ([`CudaPagemap::ring_status`] says why). Both kernel sources have the ring's kernel.
     /// Ring fences have no native handle: other queues wait for them from the host.
     pub ring: bool,
     /// How long the ring's kernel may sit idle before it is stopped (default
@@ -716,7 +717,7 @@ mod tests {
 
     #[test]
     fn kernel_sources_agree_on_names() {
-        for name in ["dpm_copy_pages", "dpm_spin"] {
+        for name in ["dpm_copy_pages", "dpm_spin", "dpm_ring"] {
             assert!(KERNEL_SOURCE.contains(name));
             assert!(FALLBACK_PTX.contains(&format!(".entry {name}")));
         }

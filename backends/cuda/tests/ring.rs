@@ -1,6 +1,7 @@
 //! GPU tests of the ring of small copies (option `cuda.ring`). Each probes at run time:
 //! without a driver or GPU the binary prints one "skipped: <reason>" line and every test
-//! passes; with the fallback PTX (no ring kernel) likewise "skipped: ring: <reason>".
+//! passes; where the pagemap has no ring (no 64-bit stream memory operations) likewise
+//! "skipped: ring: <reason>". gpu-run.sh also runs them with the fallback PTX's kernel.
 //!
 //! They check real outcomes: bytes through the ring in both directions read back through the
 //! stream path (calls of more than 64 entries never take the ring), the ring's counter,

@@ -120,9 +120,10 @@ pub(crate) struct RingPath {
 }
 
 impl RingPath {
-    /// The ring of a pagemap on `device`, or why there is none: the kernels have no
-    /// `dpm_ring` (the fallback PTX), or the device has no 64-bit stream memory operations
-    /// (the copy stream orders itself after ring copies with `cuStreamWaitValue64`).
+    /// The ring of a pagemap on `device`, or why there is none: the loaded module has no
+    /// `dpm_ring` (both sources define it), the driver predates CUDA 11.7, or the device has
+    /// no 64-bit stream memory operations (the copy stream orders itself after ring copies
+    /// with `cuStreamWaitValue64`).
     pub(crate) fn new(
         device: &CudaDevice,
         pagemap: u8,

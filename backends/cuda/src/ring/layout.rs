@@ -165,5 +165,26 @@ mod tests {
             "static_assert(sizeof(dpm_ring_header) == {}, \"ring header\");",
             size_of::<Header>()
         )));
+        // The IR twin (pages.ll, the fallback PTX) spells the same numbers out.
+        let ll = include_str!("../../kernels/pages.ll");
+        let warps = crate::kernel::RING_THREADS / 32;
+        for want in [
+            format!("%slot_off = mul i64 %slot, {}", size_of::<Desc>()),
+            format!("%desc0 = add i64 %ring, {}", size_of::<Header>()),
+            format!("%slot = and i64 %next, {}", RING_SLOTS - 1),
+            format!("%loader = icmp ult i32 %tid, {}", size_of::<Desc>() / 16),
+            format!("%item_next = add i64 %item, {warps}"),
+            format!("!\"maxntidx\", i32 {}}}", crate::kernel::RING_THREADS),
+            format!(
+                "getelementptr i8, i8 addrspace(3)* %desc_b, i64 {}",
+                8 + std::mem::offset_of!(DescBody, pfns)
+            ),
+            format!(
+                "getelementptr i64, i64 addrspace(1)* %hp, i64 {}",
+                offset_of!(Header, done) / 8
+            ),
+        ] {
+            assert!(ll.contains(&want), "pages.ll lacks {want:?}");
+        }
     }
 }
