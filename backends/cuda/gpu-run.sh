@@ -50,6 +50,10 @@ step tests 45 "$B/test-gpu" --include-ignored
 step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 50 \
     "$B/test-gpu" --include-ignored --skip device_fault_fails_the_fence_with_its_curesult
 step tests-lib 20 "$B/test-lib-drm_pagemap_cuda" --include-ignored
+have test-ring && step ring 60 "$B/test-ring" --include-ignored --nocapture
+have test-ring && step ring-ptx 60 env DRM_PAGEMAP_CUDA_KERNEL=ptx "$B/test-ring" --include-ignored --nocapture
+have test-ring && step ring-memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    --print-limit 50 "$B/test-ring" --include-ignored
 if have migrate; then
     step example 30 bash -c "
         set -x
@@ -100,12 +104,12 @@ fi
     echo "== summary"
     cat "$L/gpu.txt"
     printf '%s\n' "${rows[@]}"
-    for f in tests tests-ptx tests-eager tests-lib scenarios engine_faults back_to_ram stress; do
+    for f in tests tests-ptx tests-eager tests-lib ring ring-ptx ring-memcheck scenarios engine_faults back_to_ram stress; do
         [ -f "$L/$f.log" ] && echo "$f: $(grep -E '^test result' "$L/$f.log" | tail -1)"
     done
     grep -h -E 'kernel: forced|device fault reported|device 0:|stall ' "$L/tests.log" 2>/dev/null
     grep -h -E '^test .*FAILED|panicked' "$L"/tests*.log 2>/dev/null | head -20
-    grep -h 'ERROR SUMMARY' "$L/memcheck.log" 2>/dev/null
+    grep -H 'ERROR SUMMARY' "$L/memcheck.log" "$L/ring-memcheck.log" 2>/dev/null
     grep -h -E '^exit|^\+ \.gpu|migration failed|^copy calls' "$L/example.log" 2>/dev/null
     grep -h -E '^(== drm|TARGET|note)' "$L/bench.log" 2>/dev/null
 } | tee "$L/summary.txt"

@@ -81,6 +81,21 @@ fn case_label(bytes: u64, n: usize, ps: PageSize) -> String {
     format!("{range}, {n}x{page}")
 }
 
+/// Multiprocessors of device 0 (the ring's kernel holds one of them).
+fn sm_count() -> i32 {
+    let mut n = 0;
+    // SAFETY: writes one int; the driver was initialised by the probe.
+    let r = unsafe {
+        sys::cuDeviceGetAttribute(
+            &mut n,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            0,
+        )
+    };
+    ck("cuDeviceGetAttribute", r);
+    n
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -371,6 +386,14 @@ fn main() {
     // The fallback PTX has no small-call kernel: its calls read their lists from a staging
     // buffer in system memory.
     let lists = open(true, KernelSource::Fallback);
+    // Small copies through the ring (option cuda.ring): a persistent kernel, one block.
+    let ring = CudaBackend::new(CudaConfig {
+        devices: Some(1),
+        host_capacity: 256 * MIB,
+        ring: true,
+        ..env_config()
+    })
+    .expect("open cuda");
     println!(
         "fault latency, backend level (allocate -> copy_to_devmem -> fence), {iters} faults each, \
          medians (p90) in microseconds"
@@ -420,12 +443,28 @@ fn main() {
             ("on allocate", &on_alloc, false),
             ("free, staged", &lists, false),
             ("free, DMA", &on_free, true),
+            ("free, ring", &ring, false),
         ];
         for (label, backend, dma) in runs {
             if dma && n == 1 && ps == PageSize::Size2M {
                 continue; // one 2 MiB run goes to DMA anyway
             }
+            if label == "free, ring" && (n > 64 || bytes > MIB) {
+                continue; // calls the ring does not take
+            }
             let mut s = faults(backend, id, n, ps, iters, dma);
+            if label == "free, ring" {
+                let pm = backend.cuda_pagemap(PagemapId(id)).unwrap();
+                match pm.ring_status() {
+                    Ok(()) => println!(
+                        "  (ring: {} of {} copies through the ring; it holds 1 of {} SMs while running)",
+                        pm.stats().ring_copies,
+                        pm.stats().copy_to_devmem_calls + pm.stats().copy_to_ram_calls,
+                        sm_count()
+                    ),
+                    Err(why) => println!("  (no ring: {why}; the row is the stream path)"),
+                }
+            }
             id += 1;
             let total = pct(&mut s.total, 0.5);
             records.push(record(
@@ -477,13 +516,21 @@ fn main() {
         "case", "allocate", "plan", "map", "issue", "wait", "commit", "rest", "total"
     );
     for &(bytes, ps) in &cases {
-        for settle in [false, true] {
-            let n = (bytes / ps.bytes()) as usize;
-            let m = engine_steps(&on_free, id, n, ps, iters, settle);
+        let n = (bytes / ps.bytes()) as usize;
+        let rows = [
+            ("", &on_free, false),
+            (" settled", &on_free, true),
+            (" ring", &ring, false),
+        ];
+        for (label, backend, settle) in rows {
+            if label == " ring" && (n > 64 || bytes > MIB) {
+                continue;
+            }
+            let m = engine_steps(backend, id, n, ps, iters, settle);
             id += 1;
             println!(
                 "{:<16} {:>9.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1}",
-                format!("{} x{}{}", ps, n, if settle { " settled" } else { "" }),
+                format!("{} x{}{}", ps, n, label),
                 m[0],
                 m[1],
                 m[2],

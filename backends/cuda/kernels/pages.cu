@@ -67,6 +67,138 @@ dpm_copy_small(const dpm_small_lists lists, u64 n_items, u64 own_base, u32 item_
     }
 }
 
+// The persistent copy kernel of the ring (src/ring): one block polls a ring of descriptors in
+// pinned host memory and copies each as dpm_copy_small would, completing through the ring's
+// `done` word, which the CPU polls. No atomics on host memory (none across PCIe): each side
+// writes its own words. Layout as src/ring/layout.rs (a unit test compares the numbers).
+// pages.ll has the same kernel (so the fallback PTX has it too).
+#define DPM_RING_SLOTS 64
+#define DPM_RING_THREADS 512
+#define DPM_SEQ_RETRIES (1u << 20)
+struct dpm_ring_header {
+    u64 head;     // CPU: newest published seq
+    u64 stop;     // CPU: instances of an epoch <= stop return once idle
+    u64 cpu_pad[6];
+    u64 done;     // kernel: newest completed seq
+    u64 alive;    // kernel: epoch of the instance that started last
+    u64 exited;   // kernel: epoch of the instance that returned last
+    u64 fault;    // kernel: seq of a torn descriptor (its seq word never matched)
+    u64 gpu_pad[4];
+};
+struct dpm_ring_desc {
+    u64 seq;      // written last by the CPU: the slot holds this seq
+    u64 own_base;
+    u32 n_entries;
+    u32 item_shift;
+    u32 to_own;
+    u32 pad;
+    u64 addrs[DPM_SMALL];
+    u32 pfns[DPM_SMALL];
+};
+static_assert(sizeof(dpm_ring_desc) == 800, "ring descriptor");
+static_assert(sizeof(dpm_ring_header) == 128, "ring header");
+
+__device__ __forceinline__ u64 dpm_globaltimer()
+{
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// dpm_copy_item with loads that never hit a cached line: the kernel lives across many
+// copies, and a line of system memory it read before may have changed since.
+__device__ __forceinline__ void dpm_copy_item_cv(u64 item, u32 item_shift, u32 pfn, u64 other,
+                                                 u64 own_base, u32 to_own, u32 lane)
+{
+    u64 sub = (item & ((1ull << item_shift) - 1)) << 12;
+    u64 own = own_base + ((u64)pfn << 12) + sub;
+    other += sub;
+    const uint4* src = (const uint4*)(to_own ? other : own);
+    uint4* dst = (uint4*)(to_own ? own : other);
+    uint4 v[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) v[k] = __ldcv(src + lane + 32 * k);
+#pragma unroll
+    for (int k = 0; k < 8; k++) dst[lane + 32 * k] = v[k];
+}
+
+// One instance of epoch `epoch` (launched with DPM_RING_THREADS threads, one block, on a
+// stream of its own): resumes after `done`; thread 0 polls `head`, the block loads the slot
+// (its seq word with it) into shared memory, takes it only if the seq word says `next`,
+// copies it (one warp per 4 KiB item), makes the bytes visible to the system, then thread 0
+// publishes `done`. Returns when idle with `stop >= epoch` (read every 16th empty poll: each
+// read of host memory is a PCIe round trip), when `lease_ns` of %globaltimer have passed
+// (busy or not: the CPU relaunches for what is left), or when a slot's seq word never
+// matches (`fault`); writes `exited` last.
+extern "C" __global__ void __launch_bounds__(DPM_RING_THREADS)
+dpm_ring(dpm_ring_header* ring, u64 epoch, u64 lease_ns)
+{
+    volatile dpm_ring_header* h = ring;
+    const dpm_ring_desc* slots = (const dpm_ring_desc*)(ring + 1);
+    __shared__ __align__(16) dpm_ring_desc d;
+    __shared__ u64 s_next;
+    __shared__ u32 s_exit;
+    const u32 tid = threadIdx.x;
+    const u64 t0 = dpm_globaltimer();
+    if (tid == 0) {
+        h->alive = epoch;
+        __threadfence_system();
+        u64 done = h->done;
+        s_next = done == ~0ull ? done : done + 1;
+    }
+    __syncthreads();
+    u64 next = s_next;
+    u32 tries = 0;
+    for (;;) {
+        if (tid == 0) {
+            u32 quit = 0, polls = 0;
+            for (;;) {
+                if (dpm_globaltimer() - t0 >= lease_ns) { quit = 1; break; }
+                if (next != ~0ull && h->head >= next) break;
+                if ((++polls & 15) == 0 && h->stop >= epoch) { quit = 1; break; }
+            }
+            // The slot's loads after head's.
+            __threadfence_system();
+            s_exit = quit;
+        }
+        __syncthreads();
+        if (s_exit) break;
+        if (tid < sizeof(dpm_ring_desc) / 16)
+            ((uint4*)&d)[tid] = __ldcv((const uint4*)&slots[next % DPM_RING_SLOTS] + tid);
+        __syncthreads();
+        if (d.seq != next) {
+            // Not (yet) this seq: load it again, a bounded number of times.
+            if (++tries == DPM_SEQ_RETRIES) {
+                if (tid == 0) h->fault = next;
+                break;
+            }
+            __syncthreads();
+            continue;
+        }
+        tries = 0;
+        const u64 n_items = (u64)d.n_entries << d.item_shift;
+        const u32 lane = tid & 31;
+        for (u64 item = tid >> 5; item < n_items; item += DPM_RING_THREADS / 32) {
+            u64 e = item >> d.item_shift;
+            u64 other = d.addrs[e];
+            if (other != 0) dpm_copy_item_cv(item, d.item_shift, d.pfns[e], other, d.own_base, d.to_own, lane);
+        }
+        // Every thread's stores visible to the system before `done` says so.
+        __threadfence_system();
+        __syncthreads();
+        if (tid == 0) {
+            h->done = next;
+            __threadfence_system();
+        }
+        next++;
+    }
+    if (tid == 0) {
+        __threadfence_system();
+        h->exited = epoch;
+        __threadfence_system();
+    }
+}
+
 // Zeroes `bytes` (a multiple of 16) at `dst`: the clear of new allocations. A kernel rather
 // than cuMemsetD*Async, which the driver may serialise against every stream of the device.
 extern "C" __global__ void __launch_bounds__(256) dpm_zero(u64 dst, u64 bytes)

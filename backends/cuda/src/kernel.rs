@@ -20,6 +20,9 @@ pub(crate) const GATE_ABORT: u32 = 2;
 
 /// Threads per block of the copy kernel (8 warps, one 4 KiB item each).
 pub(crate) const BLOCK_THREADS: u32 = 256;
+/// Threads of the ring's persistent kernel (`DPM_RING_THREADS` in `pages.cu`): one block,
+/// 16 warps, so a 64 KiB copy has all sixteen 4 KiB items in flight at once.
+pub(crate) const RING_THREADS: u32 = 512;
 /// Entries a small call passes to the kernel by value (`DPM_SMALL` in `pages.cu`).
 pub(crate) const SMALL_ENTRIES: usize = 64;
 
@@ -52,6 +55,9 @@ pub(crate) struct Kernels {
     copy: Function,
     /// `dpm_copy_small` (NVRTC builds; the fallback PTX has none).
     small: Option<Function>,
+    /// `dpm_ring`, the ring's persistent kernel (both sources have it; looked up only where
+    /// the PTX defines it, as `small`).
+    ring: Option<Function>,
     // Looked up whatever the features; launched only by the `internals` hooks.
     #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     spin: Function,
@@ -123,9 +129,15 @@ fn load_ptx(
     } else {
         None
     };
+    let ring = if ptx.contains(".entry dpm_ring") {
+        module.function(c"dpm_ring").ok()
+    } else {
+        None
+    };
     Ok(Kernels {
         copy,
         small,
+        ring,
         spin,
         wait,
         zero,
@@ -247,6 +259,43 @@ impl Kernels {
         r.about("dpm_copy_small").map(|()| true)
     }
 
+    /// Whether the module has the ring's persistent kernel ([`Kernels::launch_ring`]).
+    pub(crate) fn has_ring(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// Queues instance `epoch` of the ring's persistent kernel (one block of
+    /// [`RING_THREADS`]) on `stream`, on the ring block at device address `ring`, with a lease
+    /// of `lease_ns` nanoseconds. `Ok(false)`: this module has no ring kernel.
+    ///
+    /// # Safety
+    /// `ring` must be a ring block (`ring::layout`) mapped for the device that stays valid
+    /// until the instance has returned, and every address its descriptors name must be valid
+    /// for the kernel's accesses until the descriptor is done.
+    pub(crate) unsafe fn launch_ring(
+        &self,
+        stream: &Stream,
+        ring: u64,
+        epoch: u64,
+        lease_ns: u64,
+    ) -> Result<bool, BackendError> {
+        let Some(f) = &self.ring else {
+            return Ok(false);
+        };
+        let mut a_ring = ring;
+        let mut a_epoch = epoch;
+        let mut a_lease = lease_ns;
+        let mut params: [*mut c_void; 3] = [
+            &mut a_ring as *mut u64 as *mut c_void,
+            &mut a_epoch as *mut u64 as *mut c_void,
+            &mut a_lease as *mut u64 as *mut c_void,
+        ];
+        // SAFETY: `self` keeps the module loaded; three 64-bit parameters, matching the
+        // kernel; the caller vouches for the block and the descriptors.
+        let r = unsafe { f.launch(1, RING_THREADS, stream, &mut params) };
+        r.about("dpm_ring").map(|()| true)
+    }
+
     /// Queues a kernel that holds `stream` until the word at `flag` is non-zero (or
     /// `max_cycles` SM cycles pass; 0: no limit).
     ///
@@ -318,6 +367,15 @@ mod tests {
         assert!(KERNEL_SOURCE.contains(&format!("#define DPM_SMALL {SMALL_ENTRIES}\n")));
         assert_eq!(std::mem::size_of::<SmallLists>(), SMALL_ENTRIES * 12);
         assert_eq!(std::mem::align_of::<SmallLists>(), 8);
+        assert!(KERNEL_SOURCE.contains(&format!("#define DPM_RING_THREADS {RING_THREADS}\n")));
+        assert!(
+            FALLBACK_PTX.contains(".entry dpm_ring"),
+            "the fallback PTX has the ring kernel too (from pages.ll)"
+        );
+        assert!(
+            FALLBACK_PTX.contains(&format!(".maxntid {RING_THREADS}, 1, 1")),
+            "dpm_ring's block size"
+        );
         assert!(
             !FALLBACK_PTX.contains("dpm_copy_small"),
             "the fallback PTX has no small-call kernel (loading treats it as optional)"

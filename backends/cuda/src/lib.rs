@@ -59,6 +59,7 @@ mod kernel;
 mod memfd;
 mod pagemap;
 mod plan;
+mod ring;
 mod settle;
 
 pub use fence::CudaFence;
@@ -84,6 +85,10 @@ pub const DEFAULT_DMA_MIN_HOST: u64 = 2 << 20;
 pub const DEFAULT_DMA_MIN_DEVICE: u64 = 256 << 20;
 /// Default bytes of host memory for system pages (pinned lazily, 64 MiB at a time).
 pub const DEFAULT_HOST_CAPACITY: u64 = 16 << 30;
+/// Default [`CudaConfig::ring_idle`]: how long the ring's kernel may sit idle before it is
+/// stopped (so an implicitly synchronising driver call of the application waits at most
+/// about this long for it).
+pub const DEFAULT_RING_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
 /// Most bytes of host memory for system pages: 128 TiB, the user address space of x86-64
 /// (pinned memory must fit in RAM besides; the chunk table costs 24 bytes per
 /// 64 MiB chunk of capacity, 48 MiB at this limit).
@@ -107,6 +112,8 @@ pub const MAX_HOST_CAPACITY: u64 = 1 << 47;
 /// | `device_capacity` | a byte count | [`device_capacity`](Self::device_capacity) | |
 /// | `disable` | a boolean | [`disable`](Self::disable) | `DRM_PAGEMAP_CUDA_DISABLE` (set: on) |
 /// | `host_memfd` | a boolean | [`host_memfd`](Self::host_memfd) | |
+/// | `ring` | a boolean | [`ring`](Self::ring) | |
+/// | `ring_idle` | a duration | [`ring_idle`](Self::ring_idle) | |
 ///
 /// [`BackendConfig::devices`] and [`BackendConfig::host_capacity`] set
 /// [`devices`](Self::devices) and [`host_capacity`](Self::host_capacity).
@@ -144,6 +151,26 @@ pub struct CudaConfig {
     /// is pinned either way and frames are never given back to the system while it lives.
     /// Default `false`.
     pub host_memfd: bool,
+    /// Small copies skip the driver's submission (opt-in, default `false`): each pagemap
+    /// keeps a persistent copy kernel (`dpm_ring`: **one block of 512 threads, holding one
+    /// multiprocessor** of the GPU while it runs) that polls a ring of descriptors in pinned
+    /// host memory and completes through a word the CPU polls. A copy takes the ring when it
+    /// has at most 64 entries and 1 MiB, its pre-fence has signalled (or is an earlier ring
+    /// copy of the same pagemap) and the copy stream has nothing pending; otherwise, or when
+    /// the ring is full, it takes the stream as before. Copies queued on the stream after ring
+    /// copies wait for them on the device (`cuStreamWaitValue64`), so the pagemap's copies
+    /// stay in submission order. The kernel is started on demand and stopped after
+    /// [`ring_idle`](Self::ring_idle) without copies (a keeper thread per pagemap decides),
+    /// or after a 20 ms lease while busy (then restarted), so an implicitly synchronising
+    /// driver call of the application (`cuCtxSynchronize`, `cuMemFree`, an allocation)
+    /// waits at most about that long for it. Needs 64-bit stream memory operations (a CUDA
+    /// 11.7 or newer driver); without them pagemaps use the stream only
+    /// ([`CudaPagemap::ring_status`] says why). Both kernel sources have the ring's kernel.
+    /// Ring fences have no native handle: other queues wait for them from the host.
+    pub ring: bool,
+    /// How long the ring's kernel may sit idle before it is stopped (default
+    /// [`DEFAULT_RING_IDLE`], at least 50 us).
+    pub ring_idle: std::time::Duration,
 }
 
 impl Default for CudaConfig {
@@ -159,6 +186,8 @@ impl Default for CudaConfig {
             clear_on_free: true,
             disable: false,
             host_memfd: false,
+            ring: false,
+            ring_idle: DEFAULT_RING_IDLE,
         }
     }
 }
@@ -203,6 +232,11 @@ impl CudaConfig {
             clear_on_free: r.bool("clear_on_free")?.unwrap_or(d.clear_on_free),
             disable: r.bool("disable")?.unwrap_or(d.disable),
             host_memfd: r.bool("host_memfd")?.unwrap_or(d.host_memfd),
+            ring: r.bool("ring")?.unwrap_or(d.ring),
+            ring_idle: r
+                .duration("ring_idle")?
+                .unwrap_or(d.ring_idle)
+                .max(std::time::Duration::from_micros(50)),
         };
         r.finish()?;
         Ok(config)
@@ -575,6 +609,7 @@ mod tests {
             (d.kernel, d.vmm, d.clear_on_free, d.disable, d.host_memfd),
             (KernelSource::Auto, true, true, false, false)
         );
+        assert_eq!((d.ring, d.ring_idle), (false, DEFAULT_RING_IDLE));
         assert_eq!(
             CudaConfig::from_backend_config(&BackendConfig::default()).unwrap(),
             d
@@ -597,6 +632,8 @@ mod tests {
                 ("cuda.device_capacity", "8G"),
                 ("cuda.disable", "true"),
                 ("cuda.host_memfd", "1"),
+                ("cuda.ring", "1"),
+                ("cuda.ring_idle", "5ms"),
                 ("sim.copy_latency", "1ms"),
             ])
             .options,
@@ -615,6 +652,8 @@ mod tests {
                 clear_on_free: false,
                 disable: true,
                 host_memfd: true,
+                ring: true,
+                ring_idle: std::time::Duration::from_millis(5),
             }
         );
         for (v, k) in [
@@ -638,6 +677,8 @@ mod tests {
             ("cuda.device_capacity", "lots"),
             ("cuda.disable", "2"),
             ("cuda.host_memfd", "yes please"),
+            ("cuda.ring", "fast"),
+            ("cuda.ring_idle", "soon"),
             ("cuda.vmmm", "0"),
             ("cuda.host_capacity", "1G"),
         ] {
@@ -676,7 +717,7 @@ mod tests {
 
     #[test]
     fn kernel_sources_agree_on_names() {
-        for name in ["dpm_copy_pages", "dpm_spin"] {
+        for name in ["dpm_copy_pages", "dpm_spin", "dpm_ring"] {
             assert!(KERNEL_SOURCE.contains(name));
             assert!(FALLBACK_PTX.contains(&format!(".entry {name}")));
         }

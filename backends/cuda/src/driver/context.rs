@@ -26,6 +26,8 @@ pub(crate) enum Attribute {
     VirtualAddressManagementSupported,
     UnifiedAddressing,
     MultiprocessorCount,
+    /// 64-bit stream memory operations (`cuStreamWaitValue64`).
+    StreamMemOps64,
 }
 
 impl Attribute {
@@ -39,6 +41,7 @@ impl Attribute {
             }
             Attribute::UnifiedAddressing => A::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING,
             Attribute::MultiprocessorCount => A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            Attribute::StreamMemOps64 => A::CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS,
         }
     }
 }

@@ -54,6 +54,38 @@ impl Stream {
         result("cuStreamWaitEvent", r)
     }
 
+    /// Whether everything queued so far has run (`cuStreamQuery`): `Ok(false)` while work is
+    /// pending; `Err` for a failure of the stream's work (a sticky context error).
+    pub(crate) fn query(&self) -> Result<bool, BackendError> {
+        self.ctx.bind()?;
+        // SAFETY: the stream lives while `self` does.
+        let r = unsafe { sys::cuStreamQuery(self.raw) };
+        if r == sys::CUresult::CUDA_ERROR_NOT_READY {
+            return Ok(false);
+        }
+        check("cuStreamQuery", r, "stream").map(|()| true)
+    }
+
+    /// Makes work queued on the stream from now on wait until the 64-bit word at device
+    /// address `addr` is at least `value` (`cuStreamWaitValue64_v2`, `GEQ`; CUDA 11.7 or newer). The device must
+    /// support 64-bit stream memory operations.
+    ///
+    /// # Safety
+    /// `addr` must be a device-readable, 8-byte aligned word (pinned, mapped host memory or
+    /// device memory) that stays valid until the wait has been satisfied.
+    pub(crate) unsafe fn wait_value64(&self, addr: u64, value: u64) -> Result<(), DriverError> {
+        // SAFETY: the stream lives while `self` does; the caller vouches for the word.
+        let r = unsafe {
+            sys::cuStreamWaitValue64_v2(
+                self.raw,
+                addr,
+                value,
+                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+            )
+        };
+        result("cuStreamWaitValue64", r)
+    }
+
     /// The raw `CUstream` as an integer (benches record timing events on it).
     #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub(crate) fn handle(&self) -> usize {

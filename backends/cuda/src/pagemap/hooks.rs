@@ -70,3 +70,13 @@ impl CudaPagemap {
         })
     }
 }
+
+impl CudaPagemap {
+    /// The ring's newest kernel instance (its epoch, 0 before the first) and whether one
+    /// runs (or is being stopped) as far as the ring's keeper knows; `None` without a ring.
+    pub fn ring_instance(&self) -> Option<(u64, bool)> {
+        self.ring
+            .as_ref()
+            .map(|r| (r.engine().epoch(), r.engine().running()))
+    }
+}

@@ -27,6 +27,7 @@ use crate::driver::{DriverResult, Stream, err, mem};
 use crate::fence::CudaFence;
 use crate::gate::{ControlPage, Gates};
 use crate::host::PinnedHostMemory;
+use crate::ring::cuda::RingPath;
 use crate::settle::Settling;
 use arena::Arena;
 use drm_pagemap_core::{
@@ -80,6 +81,8 @@ pub struct CudaStats {
     /// Allocations that took settling pages before their clear was seen done (nothing else
     /// fitted): their pre-migrate fence is that clear.
     pub settling_taken: u64,
+    /// Copies that went through the ring (option `cuda.ring`) rather than the stream.
+    pub ring_copies: u64,
 }
 
 #[derive(Default)]
@@ -98,6 +101,7 @@ struct Counters {
     clears: AtomicU64,
     alloc_clears: AtomicU64,
     settling_taken: AtomicU64,
+    ring: AtomicU64,
 }
 
 /// Submission state of the copy stream (under one lock, so seqnos follow stream order).
@@ -158,6 +162,9 @@ pub struct CudaPagemap {
     counters: Counters,
     /// The pagemap's id (for `tracing` fields).
     pagemap: u8,
+    /// The ring of small copies (option `cuda.ring`), or why there is none.
+    ring: Option<RingPath>,
+    ring_why: Option<String>,
 }
 
 impl std::fmt::Debug for CudaPagemap {
@@ -233,7 +240,21 @@ impl CudaPagemap {
             }
         }
         let granules = capacity / GRANULE;
+        let (ring, ring_why) = if config.ring {
+            match RingPath::new(&device, pagemap.0, config.ring_idle) {
+                Ok(r) => (Some(r), None),
+                Err(why) => {
+                    tracing::info!(target: "drm_pagemap::cuda", pagemap = pagemap.0,
+                        device = device.id.0, %why, "no ring: small copies take the stream");
+                    (None, Some(why))
+                }
+            }
+        } else {
+            (None, Some("off (option cuda.ring)".to_string()))
+        };
         Ok(CudaPagemap {
+            ring,
+            ring_why,
             frames: ExtentAllocator::new(capacity / GRANULE),
             device,
             group,
@@ -294,6 +315,7 @@ impl CudaPagemap {
             allocations_cleared: l(&c.alloc_clears),
             settling_bytes: settling * GRANULE,
             settling_taken: l(&c.settling_taken),
+            ring_copies: l(&c.ring),
         }
     }
 
@@ -324,6 +346,16 @@ impl CudaPagemap {
         self.device.kernels().map(|k| k.has_small())
     }
 
+    /// Whether small copies may take the ring (option `cuda.ring`); `Err`: why not ("off
+    /// (option cuda.ring)", no ring kernel in the loaded module, no 64-bit stream memory
+    /// operations).
+    pub fn ring_status(&self) -> Result<(), String> {
+        match &self.ring {
+            Some(_) => Ok(()),
+            None => Err(self.ring_why.clone().unwrap_or_default()),
+        }
+    }
+
     /// The DMA crossover `(host, device)` in bytes.
     pub fn dma_min(&self) -> (u64, u64) {
         (
@@ -335,6 +367,14 @@ impl CudaPagemap {
     /// Blocks until every copy and clear queued on this pagemap's streams has run; freed
     /// pages whose clear has run go back to the allocator.
     pub fn synchronize(&self) -> Result<(), BackendError> {
+        if let Some(r) = &self.ring {
+            r.fence(r.engine().published(), self.device.id)
+                .wait()
+                .map_err(|e| match e {
+                    drm_pagemap_core::FenceError::Failed(e) => e,
+                    other => err(BackendErrorKind::CopyFailed, other.to_string()),
+                })?;
+        }
         self.stream.synchronize()?;
         self.clear_stream.synchronize()?;
         let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
@@ -346,6 +386,9 @@ impl CudaPagemap {
     pub fn fence(&self) -> Result<Fence, BackendError> {
         let _g = self.submit.lock().unwrap_or_else(|p| p.into_inner());
         self.device.ctx.bind()?;
+        if let Some(r) = &self.ring {
+            r.order_stream(&self.stream)?;
+        }
         self.record(Vec::new()).map(Fence::new)
     }
 
@@ -378,6 +421,11 @@ impl CudaPagemap {
 
 impl Drop for CudaPagemap {
     fn drop(&mut self) {
+        // The ring's kernel first (bounded; a stuck one is abandoned, its memory leaked and
+        // every wait for it satisfied), so that the streams' waits on it end.
+        if let Some(r) = &self.ring {
+            r.engine().shutdown();
+        }
         // Nothing may stay blocked on a gate whose fence never signals.
         self.submit
             .get_mut()

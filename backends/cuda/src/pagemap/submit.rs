@@ -11,6 +11,8 @@ use crate::driver::{DriverResult, Event, err, mem};
 use crate::fence::CudaFence;
 use crate::kernel::{Kernels, SMALL_ENTRIES, SmallLists};
 use crate::plan;
+use crate::ring::cuda::RING_MAX_BYTES;
+use crate::ring::layout::{DescBody, RING_ENTRIES};
 use drm_pagemap_core::{
     BackendError, BackendErrorKind, CopyOp, CopyRequest, Dependencies, Fence, FenceContext,
     GRANULE, NativeFence, NativeFenceKind, NativeWait, sort_dependencies,
@@ -64,8 +66,17 @@ impl CudaPagemap {
         self.counters
             .pages
             .fetch_add(split.live_entries as u64, Ordering::Relaxed);
+        // Earlier ring copies of this pagemap need no wait: the ring runs in order, and the
+        // stream waits for every ring copy published before it queues anything.
+        let ring_pre = self.take_ring_pre(&mut deps);
+        if deps.host.is_empty()
+            && deps.device.is_empty()
+            && let Some(f) = self.try_ring(req, to_own, &split)
+        {
+            return Ok(f);
+        }
         if !deps.host.is_empty() {
-            return self.copy_deferred(req, to_own, split, deps);
+            return self.copy_deferred(req, to_own, split, deps, ring_pre);
         }
         let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
         let ev = self.submit_locked(&mut sub, req, to_own, &split, &deps.device)?;
@@ -74,8 +85,65 @@ impl CudaPagemap {
             self.timeline.next_seqno(),
             self.device.id,
             ev,
-            deps.device.into_iter().map(|(f, _)| f).collect(),
+            deps.device
+                .into_iter()
+                .map(|(f, _)| f)
+                .chain(ring_pre)
+                .collect(),
         )))
+    }
+
+    /// Moves the pending fences of this pagemap's ring out of `deps.host`: they are ordered
+    /// already (see [`Self::copy`]); the copy's fence keeps them to learn of a failure.
+    fn take_ring_pre(&self, deps: &mut Dependencies) -> Vec<Fence> {
+        let Some(ring) = &self.ring else {
+            return Vec::new();
+        };
+        let own = ring.engine().context();
+        if deps.host.iter().all(|f| f.context() != own) {
+            return Vec::new();
+        }
+        let (mine, rest) = std::mem::take(&mut deps.host)
+            .into_iter()
+            .partition(|f| f.context() == own);
+        deps.host = rest;
+        mine
+    }
+
+    /// The ring path (option `cuda.ring`): a copy of at most [`RING_ENTRIES`] entries and
+    /// [`RING_MAX_BYTES`], with nothing to wait for, while the copy stream is idle (so that
+    /// it runs after every copy issued before it), is published to the ring. `None`: it
+    /// takes the stream (no ring, the call does not qualify, the ring is full or closed).
+    fn try_ring(&self, req: &CopyRequest<'_>, to_own: bool, split: &plan::Split) -> Option<Fence> {
+        let ring = self.ring.as_ref()?;
+        let n = req.pages.len();
+        if n == 0
+            || n > RING_ENTRIES
+            || split.live_entries as u64 * req.page_size.bytes() > RING_MAX_BYTES
+            || !self.stream.query().unwrap_or(false)
+        {
+            return None;
+        }
+        let mut body = DescBody::EMPTY;
+        body.own_base = self.arena.base;
+        body.n_entries = n as u32;
+        body.item_shift = req.page_size.granules().trailing_zeros();
+        body.to_own = to_own as u32;
+        for i in 0..n {
+            body.addrs[i] = req.addrs[i].0;
+            body.pfns[i] = req.pages[i].0;
+        }
+        match ring.engine().submit(&body) {
+            Ok(seq) => {
+                self.counters.ring.fetch_add(1, Ordering::Relaxed);
+                Some(ring.fence(seq, self.device.id))
+            }
+            Err(why) => {
+                tracing::trace!(target: "drm_pagemap::cuda", pagemap = self.pagemap,
+                    reason = ?why, "ring refused a copy: stream path");
+                None
+            }
+        }
     }
 
     /// Splits a call into DMA runs and kernel entries (the crossover by where each run's
@@ -133,6 +201,7 @@ impl CudaPagemap {
         to_own: bool,
         split: plan::Split,
         deps: Dependencies,
+        ring_pre: Vec<Fence>,
     ) -> Result<Fence, BackendError> {
         let me = self
             .me
@@ -159,6 +228,7 @@ impl CudaPagemap {
             .iter()
             .map(|(f, _)| f.clone())
             .chain(deps.host.iter().cloned())
+            .chain(ring_pre)
             .collect();
         let fence = Arc::new(CudaFence::deferred(
             FenceContext::new(),
@@ -252,6 +322,11 @@ impl CudaPagemap {
             None
         };
         self.device.ctx.bind()?;
+        // In submission order: after every ring copy published before (nothing is queued
+        // when the wait cannot be).
+        if let Some(ring) = &self.ring {
+            ring.order_stream(&self.stream)?;
+        }
         let mut issued = 0usize;
         let queued = self.queue_copy(
             sub,
