@@ -456,12 +456,26 @@ fn main() {
             if label == "free, ring" {
                 let pm = backend.cuda_pagemap(PagemapId(id)).unwrap();
                 match pm.ring_status() {
-                    Ok(()) => println!(
-                        "  (ring: {} of {} copies through the ring; it holds 1 of {} SMs while running)",
-                        pm.stats().ring_copies,
-                        pm.stats().copy_to_devmem_calls + pm.stats().copy_to_ram_calls,
-                        sm_count()
-                    ),
+                    Ok(()) => {
+                        println!(
+                            "  (ring: {} of {} copies through the ring; it holds 1 of {} SMs while running)",
+                            pm.stats().ring_copies,
+                            pm.stats().copy_to_devmem_calls + pm.stats().copy_to_ram_calls,
+                            sm_count()
+                        );
+                        // Where the kernel's time goes (its %globaltimer phase clocks).
+                        if let Some([slot, copy, done, n]) = pm.ring_clocks()
+                            && n > 0
+                        {
+                            let us = |ns: u64| ns as f64 / n as f64 / 1e3;
+                            println!(
+                                "  (ring kernel, mean of {n} copies: head seen -> slot loaded {:.2} us, -> bytes copied and visible {:.2} us, -> done written {:.2} us)",
+                                us(slot),
+                                us(copy),
+                                us(done)
+                            );
+                        }
+                    }
                     Err(why) => println!("  (no ring: {why}; the row is the stream path)"),
                 }
             }

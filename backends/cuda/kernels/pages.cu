@@ -83,7 +83,9 @@ struct dpm_ring_header {
     u64 alive;    // kernel: epoch of the instance that started last
     u64 exited;   // kernel: epoch of the instance that returned last
     u64 fault;    // kernel: seq of a torn descriptor (its seq word never matched)
-    u64 gpu_pad[4];
+    // kernel (NVRTC builds): %globaltimer ns summed over copies, for profiles: head seen ->
+    // slot loaded, slot loaded -> bytes copied and visible, -> `done` written; copies timed.
+    u64 clocks[4];
 };
 struct dpm_ring_desc {
     u64 seq;      // written last by the CPU: the slot holds this seq
@@ -140,11 +142,18 @@ dpm_ring(dpm_ring_header* ring, u64 epoch, u64 lease_ns)
     __shared__ u32 s_exit;
     const u32 tid = threadIdx.x;
     const u64 t0 = dpm_globaltimer();
+    // Thread 0's phase clocks (see dpm_ring_header::clocks), carried over from the last
+    // instance: read once at start, written (never read) after each copy.
+    u64 c_slot = 0, c_copy = 0, c_done = 0, c_n = 0, t_seen = 0;
     if (tid == 0) {
         h->alive = epoch;
         __threadfence_system();
         u64 done = h->done;
         s_next = done == ~0ull ? done : done + 1;
+        c_slot = h->clocks[0];
+        c_copy = h->clocks[1];
+        c_done = h->clocks[2];
+        c_n = h->clocks[3];
     }
     __syncthreads();
     u64 next = s_next;
@@ -159,6 +168,7 @@ dpm_ring(dpm_ring_header* ring, u64 epoch, u64 lease_ns)
             }
             // The slot's loads after head's.
             __threadfence_system();
+            t_seen = dpm_globaltimer();
             s_exit = quit;
         }
         __syncthreads();
@@ -176,6 +186,7 @@ dpm_ring(dpm_ring_header* ring, u64 epoch, u64 lease_ns)
             continue;
         }
         tries = 0;
+        const u64 t_slot = dpm_globaltimer();
         const u64 n_items = (u64)d.n_entries << d.item_shift;
         const u32 lane = tid & 31;
         for (u64 item = tid >> 5; item < n_items; item += DPM_RING_THREADS / 32) {
@@ -187,8 +198,17 @@ dpm_ring(dpm_ring_header* ring, u64 epoch, u64 lease_ns)
         __threadfence_system();
         __syncthreads();
         if (tid == 0) {
+            const u64 t_copy = dpm_globaltimer();
             h->done = next;
             __threadfence_system();
+            c_slot += t_slot - t_seen;
+            c_copy += t_copy - t_slot;
+            c_done += dpm_globaltimer() - t_copy;
+            c_n += 1;
+            h->clocks[0] = c_slot;
+            h->clocks[1] = c_copy;
+            h->clocks[2] = c_done;
+            h->clocks[3] = c_n;
         }
         next++;
     }

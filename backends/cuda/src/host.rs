@@ -143,6 +143,17 @@ impl PinnedHostMemory {
             .any(|c| addr >= c.dev && addr < c.dev + HOST_CHUNK)
     }
 
+    /// One past the last device address of the chunk holding `addr`, if one does: a copy
+    /// must not cross it (each chunk is its own allocation or registration to the driver,
+    /// even where two lie back to back, as a memfd's chunks always do).
+    pub(crate) fn chunk_end(&self, addr: u64) -> Option<u64> {
+        self.chunks
+            .iter()
+            .filter_map(|c| c.get())
+            .find(|c| addr >= c.dev && addr < c.dev + HOST_CHUNK)
+            .map(|c| c.dev + HOST_CHUNK)
+    }
+
     fn back(&self, idx: usize) -> Result<(), BackendError> {
         if self.chunks[idx].get().is_some() {
             return Ok(());

@@ -592,3 +592,105 @@ fn threads_through_the_pointer_while_gpu_pagemaps_push_and_evict() {
         assert_eq!(stats.sigbus, 0);
     });
 }
+
+/// The `migrate` tool's pointer workload on CUDA: 128 MiB of 4 KiB pages filled through the
+/// pointer, laid out in runs of 16 pages over system memory and pagemaps 1 and 2, migrated
+/// to pagemap 0 with background release, loaded back through the pointer. The memory is as
+/// tight as the tool's (host 2.5x the range, each pagemap the range plus 64 MiB). A monitor
+/// prints the pointer space's last fault error while a fault is retried (a fault the engine
+/// cannot serve would otherwise end the process with SIGBUS and no word).
+#[test]
+fn the_migrate_tools_pointer_workload_on_cuda() {
+    let _g = GPU.write().unwrap_or_else(|p| p.into_inner());
+    let bytes = 128u64 << 20;
+    let cfg = CudaConfig {
+        host_capacity: 2 * bytes + (64 << 20),
+        device_capacity: None,
+        ..config()
+    };
+    if let Err(reason) = drm_pagemap_cuda::probe_with(&cfg) {
+        skip(&reason);
+        return;
+    }
+    let backend = Arc::new(CudaBackend::new(cfg).expect("open cuda"));
+    let mm = Arc::new(AddressSpace::new(backend.host_memory()));
+    for k in 0..3u8 {
+        let pm = backend
+            .create_pagemap(&PagemapSpec {
+                id: PagemapId(k),
+                device: DeviceId(0),
+                owner: None,
+                capacity_bytes: bytes + (64 << 20),
+            })
+            .expect("create pagemap");
+        mm.add_pagemap(pm).unwrap();
+    }
+    let file = CudaHostFile::new(backend.pinned_host().clone()).unwrap();
+    let space = PointerSpace::new(
+        mm.clone(),
+        file,
+        UffdConfig {
+            fault_retry: Some(Duration::from_secs(20)),
+            ..UffdConfig::default()
+        },
+    )
+    .unwrap();
+    let pr = match space.create_range(bytes, PageSize::Size4K) {
+        Ok(pr) => pr,
+        Err(e @ (UffdError::Unavailable { .. } | UffdError::MissingFeature { .. })) => {
+            skip(&e.to_string());
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    let monitor = {
+        let (space, done) = (space.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut last = None;
+            while !done.load(Ordering::Relaxed) {
+                let e = space.last_fault_error();
+                if e.is_some() && e != last {
+                    let _ = writeln!(
+                        std::io::stdout(),
+                        "fault error: {e:?} ({:?})",
+                        space.fault_stats()
+                    );
+                    last = e;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let step = |what: &str| {
+        let _ = writeln!(std::io::stdout(), "step: {what}");
+    };
+    step("fill");
+    fill(&pr, 9);
+    let d = MigrateDetails::default();
+    let run = 16 * 4096u64;
+    step("layout");
+    for (i, start) in (0..bytes).step_by(run as usize).enumerate() {
+        let k = (i % 3) as u8;
+        if k != 0 {
+            mm.migrate(
+                VaRange::new(pr.range().start + start, run),
+                PagemapId(k),
+                &d,
+            )
+            .unwrap();
+        }
+    }
+    step("migrate");
+    mm.set_release_mode(drm_pagemap_core::ReleaseMode::background());
+    mm.migrate(pr.range(), PagemapId(0), &d).unwrap();
+    mm.flush_releases();
+    step("check");
+    check(&pr, 9);
+    done.store(true, Ordering::Relaxed);
+    monitor.join().unwrap();
+    let stats = space.fault_stats();
+    assert_eq!(stats.errors, 0, "{:?}", space.last_fault_error());
+    assert_eq!(stats.sigbus, 0);
+    pr.free().unwrap();
+}

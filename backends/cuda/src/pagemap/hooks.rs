@@ -79,4 +79,15 @@ impl CudaPagemap {
             .as_ref()
             .map(|r| (r.engine().epoch(), r.engine().running()))
     }
+
+    /// The ring kernel's phase clocks (NVRTC kernels; zeros with the fallback PTX), summed
+    /// over its copies: nanoseconds from seeing `head` to the slot loaded, from there to
+    /// the bytes copied and visible, from there to `done` written; and the copies timed.
+    /// `None` without a ring.
+    pub fn ring_clocks(&self) -> Option<[u64; 4]> {
+        self.ring.as_ref().map(|r| {
+            let c = &r.engine().ring().header().clocks;
+            std::array::from_fn(|i| c[i].load(std::sync::atomic::Ordering::Acquire))
+        })
+    }
 }

@@ -489,7 +489,9 @@ impl CudaPagemap {
     }
 
     /// Step 3: one `cuMemcpyAsync` per DMA run (unified addressing: the driver infers the
-    /// direction), each counted in `issued`.
+    /// direction), each counted in `issued`; a run whose system-memory side crosses from one
+    /// host chunk into the next is one copy per chunk (the driver refuses a copy spanning
+    /// two registrations, even back to back).
     fn queue_dma_runs(
         &self,
         req: &CopyRequest<'_>,
@@ -501,13 +503,30 @@ impl CudaPagemap {
         for &(s, len) in &split.dma {
             let own = self.pfn_addr(req.pages[s]);
             let other = req.addrs[s].0;
-            let (dst, src) = if to_own { (own, other) } else { (other, own) };
-            // SAFETY: both ranges are valid device-reachable memory of `len` pages (unified
-            // addressing: the driver infers the direction).
-            let r = unsafe { mem::copy_async(dst, src, (len as u64 * b) as usize, &self.stream) };
-            r.about(format_args!("{} bytes", len as u64 * b))?;
-            *issued += 1;
-            self.counters.dmas.fetch_add(1, Ordering::Relaxed);
+            let total = len as u64 * b;
+            let mut done = 0u64;
+            while done < total {
+                // The piece up to the end of the other side's host chunk, if it is host
+                // memory (device arenas are one reservation: no limit).
+                let at = other + done;
+                let piece = match self.host.chunk_end(at) {
+                    Some(end) => (end - at).min(total - done),
+                    None => total - done,
+                };
+                let (dst, src) = if to_own {
+                    (own + done, at)
+                } else {
+                    (at, own + done)
+                };
+                // SAFETY: both ranges are valid device-reachable memory of `piece` bytes
+                // inside the run's `len` pages, the host side inside one chunk (unified
+                // addressing: the driver infers the direction).
+                let r = unsafe { mem::copy_async(dst, src, piece as usize, &self.stream) };
+                r.about(format_args!("{piece} bytes"))?;
+                *issued += 1;
+                self.counters.dmas.fetch_add(1, Ordering::Relaxed);
+                done += piece;
+            }
         }
         Ok(())
     }

@@ -34,7 +34,10 @@ pub(crate) struct Header {
     /// Consumer -> CPU: seq of a descriptor found malformed (its seq word never matched);
     /// the instance returned without copying it. 0: none.
     pub fault: AtomicU64,
-    _gpu: [u64; 4],
+    /// Consumer -> CPU (NVRTC kernels; the fallback PTX leaves them 0): `%globaltimer`
+    /// nanoseconds summed over the copies, for profiles: head seen -> slot loaded, slot
+    /// loaded -> bytes copied and visible, -> `done` written; and the copies timed.
+    pub clocks: [AtomicU64; 4],
 }
 
 /// One descriptor slot: the copy (`body`) and the seq it was written for, stored last.
