@@ -516,6 +516,24 @@ fn transfer_rows<'a>(env: &'a Env, sc: &'a Scatter, to_device: bool) -> Vec<Row<
             };
             vec![f.unwrap()]
         }),
+        Row::new("ours-bulk", move || {
+            let req = CopyRequest {
+                page_size: ps,
+                pages: &sc.pfns0,
+                addrs: &sc.host_addrs,
+                pre_fence: None,
+            };
+            // Hopper's bulk copies for this call (option cuda.bulk); the plain kernel
+            // where the module has none.
+            pm0.set_bulk(true).expect("kernels");
+            let f = if to_device {
+                pm0.copy_to_devmem(&req)
+            } else {
+                pm0.copy_to_ram(&req)
+            };
+            pm0.set_bulk(false).expect("kernels");
+            vec![f.unwrap()]
+        }),
         Row::new("contiguous", move || {
             if to_device {
                 memcpy(env.contig_dev, env.contig_host, BYTES, s);
@@ -627,6 +645,18 @@ fn transfers(c: &mut Criterion, env: &Env) {
                     pre_fence: None,
                 };
                 vec![pm0.copy_to_ram(&req).unwrap()]
+            }),
+            Row::new("ours-push-bulk", move || {
+                let req = CopyRequest {
+                    page_size: ps,
+                    pages: &sc_ref.pfns0,
+                    addrs: &sc_ref.p1_addrs,
+                    pre_fence: None,
+                };
+                pm0.set_bulk(true).expect("kernels");
+                let f = pm0.copy_to_ram(&req);
+                pm0.set_bulk(false).expect("kernels");
+                vec![f.unwrap()]
             }),
             Row::new("d2d-contiguous", move || {
                 memcpy(contig_dev2, contig_dev, BYTES, s);

@@ -44,6 +44,63 @@ dpm_copy_pages(const u32* pfns, const u64* addrs, u64 n_items, u64 own_base, u32
     }
 }
 
+// The same copy with Hopper's bulk copies (sm_90 and later; NVRTC builds only, option
+// cuda.bulk): lane 0 of each warp moves its 4 KiB item with one cp.async.bulk from the source
+// into a 4 KiB buffer in shared memory (completion counted in bytes on an mbarrier) and one
+// cp.async.bulk from there to the destination, instead of 8 x 16-byte loads and stores per
+// lane: the copy engine of the SM (TMA) issues the reads, in larger requests. Same parameters
+// as dpm_copy_pages.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+extern "C" __global__ void __launch_bounds__(256)
+dpm_copy_pages_bulk(const u32* pfns, const u64* addrs, u64 n_items, u64 own_base, u32 item_shift,
+                    u32 to_own, const volatile u32* abort)
+{
+    __shared__ __align__(128) unsigned char buf[8][4096];
+    __shared__ __align__(8) u64 bar[8];
+    if (abort != 0 && *abort == DPM_ABORT) return;
+    const u32 w = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) != 0) return;
+    const u32 sbuf = (u32)__cvta_generic_to_shared(buf[w]);
+    const u32 sbar = (u32)__cvta_generic_to_shared(&bar[w]);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(sbar) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const u64 nwarps = ((u64)gridDim.x * blockDim.x) >> 5;
+    u32 phase = 0;
+    for (u64 item = warp; item < n_items; item += nwarps) {
+        const u64 e = item >> item_shift;
+        u64 other = addrs[e];
+        if (other == 0) continue;
+        const u64 sub = (item & ((1ull << item_shift) - 1)) << 12;
+        const u64 own = own_base + ((u64)pfns[e] << 12) + sub;
+        other += sub;
+        const u64 src = to_own ? other : own;
+        const u64 dst = to_own ? own : other;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], 4096;"
+                     :: "r"(sbar) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+                     " [%0], [%1], 4096, [%2];"
+                     :: "r"(sbuf), "l"(src), "r"(sbar) : "memory");
+        u32 ready = 0;
+        while (!ready) {
+            asm volatile("{\n\t.reg .pred p;\n\t"
+                         "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+                         "selp.u32 %0, 1, 0, p;\n\t}"
+                         : "=r"(ready) : "r"(sbar), "r"(phase) : "memory");
+        }
+        phase ^= 1;
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], 4096;"
+                     :: "l"(dst), "r"(sbuf) : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        // The buffer is free again once the store has read it.
+        asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    }
+    // Every store complete before the kernel is.
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+#endif
+
 // The same copy for calls of at most DPM_SMALL entries, with the page lists passed by value
 // as a kernel parameter: no staging buffer, and no read of the lists across the bus before
 // the first byte moves (the small calls of GPU faults are latency-bound). Not in pages.ll:

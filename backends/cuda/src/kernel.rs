@@ -53,6 +53,8 @@ pub(crate) struct Kernels {
     // INVARIANT: the functions are kernels of `_module`, which this value keeps loaded (it
     // unloads when this value drops, functions and all), in the device's context.
     copy: Function,
+    /// `dpm_copy_pages_bulk` (NVRTC builds for sm_90 and later: Hopper's bulk copies).
+    bulk: Option<Function>,
     /// `dpm_copy_small` (NVRTC builds; the fallback PTX has none).
     small: Option<Function>,
     /// `dpm_ring`, the ring's persistent kernel (both sources have it; looked up only where
@@ -129,6 +131,11 @@ fn load_ptx(
     } else {
         None
     };
+    let bulk = if ptx.contains(".entry dpm_copy_pages_bulk") {
+        module.function(c"dpm_copy_pages_bulk").ok()
+    } else {
+        None
+    };
     let ring = if ptx.contains(".entry dpm_ring") {
         module.function(c"dpm_ring").ok()
     } else {
@@ -136,6 +143,7 @@ fn load_ptx(
     };
     Ok(Kernels {
         copy,
+        bulk,
         small,
         ring,
         spin,
@@ -174,7 +182,8 @@ impl Kernels {
 
     /// Queues the gather/scatter kernel on `stream`: `n_items` 4 KiB items; entry
     /// `item >> item_shift` has its own page at `own_base + pfns[e] * 4096` and the other
-    /// side at `addrs[e]` (0: skipped). `to_own`: copy other -> own.
+    /// side at `addrs[e]` (0: skipped). `to_own`: copy other -> own. `bulk`: with
+    /// `dpm_copy_pages_bulk` where the module has it.
     ///
     /// # Safety
     /// `pfns` and `addrs` must be device-readable arrays covering every entry, and every
@@ -190,7 +199,12 @@ impl Kernels {
         item_shift: u32,
         to_own: bool,
         abort: u64,
+        bulk: bool,
     ) -> Result<(), BackendError> {
+        let (f, name) = match &self.bulk {
+            Some(b) if bulk => (b, "dpm_copy_pages_bulk"),
+            _ => (&self.copy, "dpm_copy_pages"),
+        };
         let warps_per_block = (BLOCK_THREADS / 32) as u64;
         let blocks = n_items.div_ceil(warps_per_block).clamp(1, MAX_BLOCKS) as u32;
         let mut a_pfns = pfns;
@@ -211,8 +225,13 @@ impl Kernels {
         ];
         // SAFETY: `self` keeps the module loaded; the parameters match the kernel's signature
         // and outlive the call (the driver copies them); the caller vouches for the addresses.
-        let r = unsafe { self.copy.launch(blocks, BLOCK_THREADS, stream, &mut params) };
-        r.about("dpm_copy_pages")
+        let r = unsafe { f.launch(blocks, BLOCK_THREADS, stream, &mut params) };
+        r.about(name)
+    }
+
+    /// Whether the module has the bulk-copy kernel (`launch_copy` with `bulk`).
+    pub(crate) fn has_bulk(&self) -> bool {
+        self.bulk.is_some()
     }
 
     /// Whether small calls can pass their lists by value ([`Kernels::launch_copy_small`]).

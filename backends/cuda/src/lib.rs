@@ -112,6 +112,7 @@ pub const MAX_HOST_CAPACITY: u64 = 1 << 47;
 /// | `device_capacity` | a byte count | [`device_capacity`](Self::device_capacity) | |
 /// | `disable` | a boolean | [`disable`](Self::disable) | `DRM_PAGEMAP_CUDA_DISABLE` (set: on) |
 /// | `host_memfd` | a boolean | [`host_memfd`](Self::host_memfd) | |
+/// | `bulk` | a boolean | [`bulk`](Self::bulk) | |
 /// | `ring` | a boolean | [`ring`](Self::ring) | |
 /// | `ring_idle` | a duration | [`ring_idle`](Self::ring_idle) | |
 ///
@@ -168,6 +169,12 @@ pub struct CudaConfig {
     /// ([`CudaPagemap::ring_status`] says why). Both kernel sources have the ring's kernel.
     /// Ring fences have no native handle: other queues wait for them from the host.
     pub ring: bool,
+    /// Copies staged for the gather/scatter kernel use Hopper's bulk copies
+    /// (`dpm_copy_pages_bulk`: one `cp.async.bulk` per 4 KiB into shared memory and one out,
+    /// issued by the SM's tensor memory accelerator) instead of 16-byte loads and stores.
+    /// NVRTC builds for sm_90 and later only (elsewhere the plain kernel runs). Default
+    /// `false`; BENCHMARKS.md compares both.
+    pub bulk: bool,
     /// How long the ring's kernel may sit idle before it is stopped (default
     /// [`DEFAULT_RING_IDLE`], at least 50 us).
     pub ring_idle: std::time::Duration,
@@ -187,6 +194,7 @@ impl Default for CudaConfig {
             disable: false,
             host_memfd: false,
             ring: false,
+            bulk: false,
             ring_idle: DEFAULT_RING_IDLE,
         }
     }
@@ -233,6 +241,7 @@ impl CudaConfig {
             disable: r.bool("disable")?.unwrap_or(d.disable),
             host_memfd: r.bool("host_memfd")?.unwrap_or(d.host_memfd),
             ring: r.bool("ring")?.unwrap_or(d.ring),
+            bulk: r.bool("bulk")?.unwrap_or(d.bulk),
             ring_idle: r
                 .duration("ring_idle")?
                 .unwrap_or(d.ring_idle)
@@ -634,6 +643,7 @@ mod tests {
                 ("cuda.host_memfd", "1"),
                 ("cuda.ring", "1"),
                 ("cuda.ring_idle", "5ms"),
+                ("cuda.bulk", "1"),
                 ("sim.copy_latency", "1ms"),
             ])
             .options,
@@ -654,6 +664,7 @@ mod tests {
                 host_memfd: true,
                 ring: true,
                 ring_idle: std::time::Duration::from_millis(5),
+                bulk: true,
             }
         );
         for (v, k) in [

@@ -375,6 +375,7 @@ impl CudaPagemap {
                     shift,
                     true,
                     0,
+                    false,
                 )?
             };
             self.counters.clears.fetch_add(1, Ordering::Relaxed);

@@ -20,6 +20,14 @@ impl CudaPagemap {
         self.dma_min_device.store(device, Ordering::SeqCst);
     }
 
+    /// Staged kernel copies with Hopper's bulk copies (`dpm_copy_pages_bulk`) or not, as
+    /// option `cuda.bulk`; returns whether the loaded module has that kernel (without it the
+    /// setting changes nothing).
+    pub fn set_bulk(&self, on: bool) -> Result<bool, BackendError> {
+        self.bulk.store(on, Ordering::SeqCst);
+        Ok(self.device.kernels()?.has_bulk())
+    }
+
     /// The raw `CUstream` of this pagemap's copies (benches record timing events on it).
     pub fn stream_handle(&self) -> usize {
         self.stream.handle()

@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex};
 
 /// Bytes of device memory for page lists of large-page calls.
 const LISTS_DEV_BYTES: usize = 1 << 20;
+
 /// Bytes of the zeroed device buffer that scattered pages are cleared from (the largest page).
 const ZERO_SRC_BYTES: usize = 2 << 20;
 
@@ -158,6 +159,9 @@ pub struct CudaPagemap {
     allocs: Mutex<AllocTable>,
     dma_min_host: AtomicU64,
     dma_min_device: AtomicU64,
+    /// Staged kernel copies use `dpm_copy_pages_bulk` where the module has it (option
+    /// `cuda.bulk`).
+    bulk: std::sync::atomic::AtomicBool,
     clear_on_free: bool,
     counters: Counters,
     /// The pagemap's id (for `tracing` fields).
@@ -278,6 +282,8 @@ impl CudaPagemap {
             allocs: Mutex::new(AllocTable::default()),
             dma_min_host: AtomicU64::new(config.dma_min_host),
             dma_min_device: AtomicU64::new(config.dma_min_device),
+            bulk: std::sync::atomic::AtomicBool::new(config.bulk),
+
             clear_on_free: config.clear_on_free,
             counters: Counters::default(),
             pagemap: pagemap.0,

@@ -461,7 +461,8 @@ impl CudaPagemap {
         }
         let shift = req.page_size.granules().trailing_zeros();
         // Large pages: hundreds of warps read each entry; give them device memory rather
-        // than host memory across the bus (the copy is tiny).
+        // than host memory across the bus (the copy is tiny). Large calls of small pages
+        // gain nothing from it on the H200 (measured: BENCHMARKS.md, bulk copies).
         let mut lists = slot.dev;
         if shift >= 9 && bytes <= sub.lists_cap {
             // SAFETY: both buffers hold `bytes`; the stream orders this copy after the
@@ -483,6 +484,7 @@ impl CudaPagemap {
                 shift,
                 to_own,
                 0,
+                self.bulk.load(Ordering::Relaxed),
             )?;
         }
         Ok(si)
