@@ -74,9 +74,11 @@
 //! not to the system). The cost is pinned memory up to the peak of system-resident bytes,
 //! rounded up to 64 MiB chunks, for as long as the backend lives.
 
+mod attach;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod error;
+mod handler;
 pub mod limits;
 mod memfd;
 mod space;
@@ -85,6 +87,7 @@ mod sys;
 #[cfg(feature = "cuda")]
 pub use cuda::CudaHostFile;
 pub use error::UffdError;
+pub use handler::handler_threads;
 pub use memfd::{FrameFile, MemfdMemory};
 pub use space::{FaultStats, PointerRange, PointerSpace, UffdConfig};
 

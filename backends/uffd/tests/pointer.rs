@@ -675,3 +675,95 @@ fn ranges_of_2_mib_or_more_start_on_a_2_mib_boundary() {
         assert_eq!(small.range().start % 4096, 0);
     });
 }
+
+#[test]
+fn a_slow_fault_of_one_space_does_not_hold_up_another_space() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        // Space `slow`: its device's copies take a second. Space `fast`: no latency. One
+        // handler serves both.
+        let slow = rig_with(1, UffdConfig::default(), Duration::from_secs(1));
+        let fast = rig(1, UffdConfig::default());
+        let ps = Arc::new(slow.space.create_range(4096, PageSize::Size4K).unwrap());
+        let pf = fast.space.create_range(4096, PageSize::Size4K).unwrap();
+        ps.word(0).unwrap().store(1, Ordering::Relaxed);
+        pf.word(0).unwrap().store(2, Ordering::Relaxed);
+        let d = MigrateDetails::default();
+        slow.mm.migrate(ps.range(), PagemapId(0), &d).unwrap();
+        fast.mm.migrate(pf.range(), PagemapId(0), &d).unwrap();
+        let t0 = Instant::now();
+        let slow_load = {
+            let ps = ps.clone();
+            std::thread::spawn(move || {
+                assert_eq!(ps.word(0).unwrap().load(Ordering::Relaxed), 1);
+                Instant::now()
+            })
+        };
+        // The slow fault is in service (its copy home takes a second) when this one comes.
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        assert_eq!(pf.word(0).unwrap().load(Ordering::Relaxed), 2);
+        let fast_done = Instant::now();
+        let slow_done = slow_load.join().unwrap();
+        println!(
+            "fast space's fault: {:?} while the slow one's took {:?}",
+            fast_done - t,
+            slow_done - t0
+        );
+        assert!(slow_done - t0 >= Duration::from_millis(900));
+        assert!(
+            fast_done < slow_done && fast_done - t < Duration::from_millis(500),
+            "the fast space's fault waited {:?} behind the slow one's",
+            fast_done - t
+        );
+    });
+}
+
+/// A CPU mapping layer that is not this crate's.
+struct Foreign;
+impl drm_pagemap_core::CpuMappings for Foreign {
+    fn take_out(&self, _: VaRange) {}
+}
+
+#[test]
+fn one_pointer_space_per_address_space() {
+    let Rig {
+        _sim,
+        mm,
+        mem,
+        space,
+    } = rig(1, UffdConfig::default());
+    let e = PointerSpace::new(mm.clone(), mem.clone(), UffdConfig::default()).unwrap_err();
+    assert!(matches!(e, UffdError::AlreadyAttached { .. }), "{e}");
+    assert!(e.to_string().contains("a live PointerSpace"), "{e}");
+    assert!(Arc::ptr_eq(&PointerSpace::attached(&mm).unwrap(), &space));
+    // Once the first is dropped, a new one attaches (the engine keeps the layer the first
+    // installed; the new space takes it over) and its ranges work.
+    drop(space);
+    assert!(PointerSpace::attached(&mm).is_none());
+    let second = PointerSpace::new(mm.clone(), mem.clone(), UffdConfig::default()).unwrap();
+    assert!(Arc::ptr_eq(&PointerSpace::attached(&mm).unwrap(), &second));
+    match second.create_range(4 * 4096, PageSize::Size4K) {
+        Ok(pr) => {
+            pr.word(9).unwrap().store(99, Ordering::Relaxed);
+            mm.migrate(pr.range(), PagemapId(0), &MigrateDetails::default())
+                .unwrap();
+            assert_eq!(pr.word(9).unwrap().load(Ordering::Relaxed), 99);
+            assert!(second.fault_stats().served >= 1);
+        }
+        Err(e @ (UffdError::Unavailable { .. } | UffdError::MissingFeature { .. })) => {
+            println!("skipped: {e}")
+        }
+        Err(e) => panic!("{e}"),
+    }
+    // An address space with somebody else's layer is refused too, naming that.
+    let other = Arc::new(AddressSpace::new(_sim.host_memory()));
+    other
+        .set_cpu_mappings(Arc::new(Foreign))
+        .unwrap_or_else(|_| panic!("fresh"));
+    let e = PointerSpace::new(other.clone(), mem, UffdConfig::default()).unwrap_err();
+    assert!(e.to_string().contains("not drm-pagemap-uffd's"), "{e}");
+    assert!(PointerSpace::attached(&other).is_none());
+}
