@@ -29,7 +29,7 @@
 //!   for missing and minor faults (`UFFD_FEATURE_MISSING_SHMEM`, `UFFD_FEATURE_MINOR_SHMEM`).
 //!   The range's address in the engine is the pointer.
 //! - A fault (a first touch: missing; a page taken out: minor, its data still in the page
-//!   cache; a page whose frame was freed: missing) is read by the handler thread, which calls
+//!   cache; a page whose frame was freed: missing) is read by the fault handler, which calls
 //!   `with_cpu_page`; under its lock, if the range's mapping of that page does not show the
 //!   page's current frame it maps the frame there (`mmap MAP_FIXED|MAP_SHARED` of the pool
 //!   file at the frame's offset, registered again), then `UFFDIO_CONTINUE` maps the page and
@@ -39,6 +39,40 @@
 //!   page cache (the frame's data) stays, and the next access is a minor fault. A migration
 //!   that rolls back leaves the frame in place: the next fault maps it again.
 //! - Freeing a range frees it in the engine (waiting for migrations on it) and unmaps it.
+//!
+//! # The fault handler
+//! Each [`PointerSpace`] has its own userfaultfd (made with its first range); one pool of
+//! threads serves all of them for the whole process (leader/follower over one `epoll` set of
+//! every space's descriptor and a stop signal):
+//! - **Threads**: one at rest, however many spaces; a thread that takes a fault hands the
+//!   polling to an idle thread or starts one, so a steady stream of faults keeps two; a
+//!   helper idle for 200 ms ends. The pool starts with the first space's first range and ends
+//!   (its threads joined) when the last space is dropped. [`handler_threads`] counts them.
+//! - **Bound**: a space has at most 2 faults in service at once (its descriptor is armed
+//!   `EPOLLONESHOT` again only below that), and the pool grows to 1 + 2 per space threads (at
+//!   most 16). A slow fault of one space (a copy home behind a slow device, a migration it
+//!   waits for, a failing copy retried for [`UffdConfig::fault_retry`]) therefore holds up
+//!   only that space's further faults beyond its second; with up to 7 spaces another space's
+//!   fault always finds a thread. Within one range faults are served one at a time (the
+//!   range's mapping lock).
+//! - **One space per address space**: [`PointerSpace::new`] on an address space whose
+//!   space still lives is [`UffdError::AlreadyAttached`] ([`PointerSpace::attached`] returns
+//!   the live one); after it is dropped a new one may attach (it takes over the CPU mapping
+//!   layer the engine keeps). A second space is refused rather than returned because it may
+//!   name another memory and configuration.
+//!
+//! # fork
+//! A child process inherits nothing of a pointer range: the range's mappings (and every
+//! frame mapped into it later) and the [`MemfdMemory`] pool are `MADV_DONTFORK`. A child that
+//! touches a range's address, or whose copy of the engine reaches the pool, gets SIGSEGV. The
+//! alternatives are worse: an inherited shared mapping would show the child the parent's
+//! frames (its stores would land in the parent's memory, and a frame the parent frees and
+//! reuses for another range would change under the child), an inherited hole would read
+//! zeros, and no handler thread serves the child's faults (threads are not forked; the
+//! userfaultfd registration is dropped in the child). The kernel's SVM ranges are not usefully
+//! inherited either. `MADV_WIPEONFORK` applies to private anonymous memory only, not to
+//! these shared mappings. The parent's ranges keep working while a child lives and after;
+//! `fork` + `exec` (`std::process::Command`) is unaffected.
 //!
 //! # Limits
 //! - **Mappings** ([`limits`]): frames contiguous in the file and mapped at contiguous
@@ -60,7 +94,8 @@
 //!   [`UffdConfig::fault_retry`] (one second); then, or at once when the engine no longer has
 //!   the range (freed through the address space instead of [`PointerRange`]), the faulting
 //!   thread gets SIGBUS, as when the kernel's `migrate_to_ram` fails.
-//! - **One handler thread** serves the faults of a space one at a time.
+//! - **The fault handler** serves at most 2 faults of a space at once and has at most 16
+//!   threads (see above).
 //!
 //! # Backends
 //! [`support`] says which backends can give pointer ranges: the simulated backend (on
