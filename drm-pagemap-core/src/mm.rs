@@ -56,12 +56,21 @@ pub(crate) struct RangeRecord {
     /// page of that block last changed (see [`AddressSpace::generation`]); blocks never
     /// changed carry the range's creation stamp without storing it.
     pub stamps: Stamps,
+    /// The first frame of the range's home extent ([`HostMemory::reserve_home`]), if it has
+    /// one: page `i` asks for frame `home + i * granules` when it needs a system frame.
+    pub home: Option<HostFrame>,
 }
 
 /// Blocks of addresses that carry one stamp each.
 const STAMP_BLOCK_SHIFT: u32 = 21;
 
 impl RangeRecord {
+    /// The frame page `page` asks for (see [`RangeRecord::home`]).
+    pub fn home_of(&self, page: usize) -> Option<HostFrame> {
+        self.home
+            .map(|h| HostFrame(h.0 + page as u64 * self.page_size.granules()))
+    }
+
     /// The stamp blocks holding pages `first..first + count`.
     fn blocks(&self, first: usize, count: usize) -> std::ops::RangeInclusive<usize> {
         let ps = self.page_size.bytes();
@@ -527,6 +536,29 @@ impl AddressSpace {
 
     /// Creates a range of unpopulated pages of `page_size` at `range`.
     pub fn create_range(&self, range: VaRange, page_size: PageSize) -> Result<()> {
+        self.create_range_inner(range, page_size, None)
+    }
+
+    /// [`AddressSpace::create_range`] for a range with a home extent of the host memory
+    /// (`home`, from [`HostMemory::reserve_home`] for the range's page count and page size):
+    /// whenever a page of it needs a system frame (first touch, coming back from a device) it
+    /// asks for its own frame of the extent ([`HostMemory::alloc_frames_at`]). The extent
+    /// stays the caller's: it gives it back after [`AddressSpace::free_range`].
+    pub fn create_range_homed(
+        &self,
+        range: VaRange,
+        page_size: PageSize,
+        home: HostFrame,
+    ) -> Result<()> {
+        self.create_range_inner(range, page_size, Some(home))
+    }
+
+    fn create_range_inner(
+        &self,
+        range: VaRange,
+        page_size: PageSize,
+        home: Option<HostFrame>,
+    ) -> Result<()> {
         let bad = |problem| Error::BadRange { range, problem };
         if range.len == 0 {
             return Err(bad(RangeProblem::Empty));
@@ -572,6 +604,7 @@ impl AddressSpace {
             page_size,
             pages,
             stamps,
+            home,
         };
         let slot = match st.free_range_slots.pop() {
             Some(s) => {
@@ -1036,15 +1069,33 @@ impl AddressSpace {
         st.range_mut(span.slot)
             .reserve(span.first, span.count, range)?;
         let mut frames = vec![HostFrame(0); holes];
-        self.host
-            .alloc_frames(span.page_size, &mut frames)
-            .map_err(|source| Error::Backend {
-                range,
-                op: crate::BackendOp::AllocFrames,
-                pagemap: None,
-                device: None,
-                source,
-            })?;
+        let rec = st.range(span.slot);
+        let placed = if rec.home.is_some() {
+            // Each hole asks for its own frame of the range's home extent.
+            let mut wish = frames.iter_mut();
+            for (i, e) in rec
+                .pages
+                .slices(span.first, span.count)
+                .flatten()
+                .enumerate()
+            {
+                if e.kind() == Kind::Hole
+                    && let (Some(w), Some(h)) = (wish.next(), rec.home_of(span.first + i))
+                {
+                    *w = h;
+                }
+            }
+            self.host.alloc_frames_at(span.page_size, &mut frames)
+        } else {
+            self.host.alloc_frames(span.page_size, &mut frames)
+        };
+        placed.map_err(|source| Error::Backend {
+            range,
+            op: crate::BackendOp::AllocFrames,
+            pagemap: None,
+            device: None,
+            source,
+        })?;
         let ps = span.page_size;
         // Fresh frames may hold old bytes: clear what the write will not cover, before any
         // entry changes (a failed clear gives the frames back and changes no page).

@@ -7,7 +7,7 @@ use crate::handler::{self, FaultServer};
 use crate::limits::{MapLimits, mappings_in_use};
 use crate::memfd::FrameFile;
 use crate::sys;
-use drm_pagemap_core::{AddressSpace, CpuMappings, GRANULE, PageSize, VaRange};
+use drm_pagemap_core::{AddressSpace, CpuMappings, GRANULE, HostFrame, PageSize, VaRange};
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -24,6 +24,10 @@ pub struct UffdConfig {
     /// SIGBUS (a page whose range was freed in the engine gets it at once). `None`: one
     /// second.
     pub fault_retry: Option<Duration>,
+    /// Map every range page by page, as on a host memory that does not place frames (no
+    /// home extent): the map-count check then counts one mapping per page. For tests and
+    /// comparisons; `false` (the default) asks the host memory for a home extent.
+    pub scattered: bool,
     /// Test hook: make opening the userfaultfd fail with this `errno` (as a kernel without
     /// it, or a seccomp filter, would), so the typed error can be tested on a machine that
     /// has it.
@@ -34,6 +38,9 @@ pub struct UffdConfig {
 const NO_FRAME: u64 = u64::MAX;
 /// The frame was mapped but registering it failed: map it again on the next fault.
 const UNREGISTERED: u64 = u64::MAX - 1;
+/// Mappings a range with a home extent reserves in the map-count check: itself, the pieces
+/// a page mapped elsewhere splits it into, and a few such pages (see the crate doc).
+const HOMED_MAPS: u64 = 16;
 
 /// One range's mapping state.
 #[derive(Debug)]
@@ -41,15 +48,21 @@ pub(crate) struct RangeState {
     start: u64,
     len: u64,
     page_bytes: u64,
-    /// An empty memfd mapped where a page has no frame mapped yet: a first access is a
-    /// missing fault.
-    _hole: OwnedFd,
+    /// The first frame of the range's home extent: the range is one mapping of the frame
+    /// file from there ([`PointerRange::coalesced`]).
+    home: Option<HostFrame>,
+    /// Mappings reserved for it in the map-count check.
+    maps: u64,
+    /// Without a home: an empty memfd mapped where a page has no frame mapped yet (a first
+    /// access is a missing fault).
+    _hole: Option<OwnedFd>,
     inner: Mutex<RangeInner>,
 }
 
 #[derive(Debug)]
 struct RangeInner {
-    /// The memfd frame each page's mapping shows ([`NO_FRAME`]: the hole file).
+    /// The memfd frame each page's mapping shows ([`NO_FRAME`]: the hole file; a page of a
+    /// range with a home starts with its home frame).
     frames: Vec<u64>,
     /// Freed: faults are not served any more.
     dead: bool,
@@ -326,12 +339,38 @@ impl PointerSpace {
         let faults = self.faults()?;
         let uffd = &faults.uffd;
         let pages = len / ps;
-        let need = pages + 2;
+        let mut frames = Vec::new();
+        if frames.try_reserve_exact(pages as usize).is_err() {
+            return Err(bad("too many pages for the mapping state's memory"));
+        }
+        // A home extent of the frame file: page i always comes home to frame home + i, so
+        // the range is one mapping of the file. Where the host memory does not place frames
+        // (or has no room), pages map their frames one by one.
+        let host = self.shared.mm.host();
+        let home = if self.shared.config.scattered {
+            None
+        } else {
+            host.reserve_home(page_size, pages)
+        };
+        let unhome = || {
+            if let Some(h) = home {
+                host.release_home(h, page_size, pages)
+            }
+        };
+        // Worst case: one mapping per page (plus the pieces around); with a home, the range
+        // and a few pages whose home frame was still held (a late copy's) when they came
+        // back.
+        let need = if home.is_some() {
+            HOMED_MAPS
+        } else {
+            pages + 2
+        };
         let limits = self.shared.config.limits;
         let limit = limits.limit();
         let in_use = mappings_in_use();
         let reserved = self.shared.reserved_maps.load(Ordering::Relaxed);
         if in_use + reserved + need + limits.headroom > limit {
+            unhome();
             return Err(UffdError::MapCountLimit {
                 pages,
                 in_use,
@@ -341,7 +380,14 @@ impl PointerSpace {
             });
         }
         let map_err = |op| move |source| UffdError::Map { op, len, source };
-        let hole = sys::memfd(c"drm-pagemap-range", len).map_err(map_err("memfd_create"))?;
+        let hole = match home {
+            Some(_) => None,
+            None => Some(
+                sys::memfd(c"drm-pagemap-range", len)
+                    .map_err(map_err("memfd_create"))
+                    .inspect_err(|_| unhome())?,
+            ),
+        };
         // A range of 2 MiB or more starts on a 2 MiB boundary (as the kernel aligns large
         // anonymous mappings), so 2 MiB chunks of it (the SVM layer's) line up.
         let align = if len >= 2 << 20 {
@@ -349,13 +395,21 @@ impl PointerSpace {
         } else {
             ps.max(GRANULE)
         };
-        let start = sys::reserve(len, align.max(ps)).map_err(map_err("mmap (reserve)"))?;
+        let start = sys::reserve(len, align.max(ps))
+            .map_err(map_err("mmap (reserve)"))
+            .inspect_err(|_| unhome())?;
         let undo = |e| {
             sys::munmap(start, len);
+            unhome();
             e
         };
+        let (fd, offset) = match (&hole, home) {
+            (Some(hole), _) => (hole.as_fd(), 0),
+            (None, Some(h)) => (self.shared.mem.frame_fd(), h.0 * GRANULE),
+            (None, None) => unreachable!("a range without a home has a hole file"),
+        };
         // SAFETY: [start, start + len) was just reserved by `sys::reserve` for this range.
-        unsafe { sys::map_fixed(start, len, hole.as_fd(), 0) }
+        unsafe { sys::map_fixed(start, len, fd, offset) }
             .map_err(map_err("mmap (range)"))
             .map_err(undo)?;
         // Not inherited by a child process (see the crate doc's "fork").
@@ -366,18 +420,25 @@ impl PointerSpace {
             .map_err(map_err("UFFDIO_REGISTER"))
             .map_err(undo)?;
         let va = VaRange::new(start, len);
-        self.shared
-            .mm
-            .create_range(va, page_size)
-            .map_err(|source| UffdError::Engine { range: va, source })
-            .map_err(undo)?;
+        match home {
+            Some(h) => self.shared.mm.create_range_homed(va, page_size, h),
+            None => self.shared.mm.create_range(va, page_size),
+        }
+        .map_err(|source| UffdError::Engine { range: va, source })
+        .map_err(undo)?;
+        match home {
+            Some(h) => frames.extend((0..pages).map(|i| h.0 + i * page_size.granules())),
+            None => frames.resize(pages as usize, NO_FRAME),
+        }
         let state = Arc::new(RangeState {
             start,
             len,
             page_bytes: ps,
+            home,
+            maps: need,
             _hole: hole,
             inner: Mutex::new(RangeInner {
-                frames: vec![NO_FRAME; pages as usize],
+                frames,
                 dead: false,
             }),
         });
@@ -529,6 +590,14 @@ impl PointerRange {
         self.page_size
     }
 
+    /// Whether it is one mapping of a home extent of the frame file (its pages come home to
+    /// frames of their own, so faults map nothing and the range needs one mapping), rather
+    /// than mapped page by page (a host memory that does not place frames, such as CUDA's,
+    /// or [`UffdConfig::scattered`]).
+    pub fn coalesced(&self) -> bool {
+        self.state.home.is_some()
+    }
+
     /// The space it belongs to.
     pub fn space(&self) -> &Arc<PointerSpace> {
         &self.space
@@ -569,10 +638,18 @@ impl PointerRange {
         inner.dead = true;
         let result = shared.mm.free_range(self.state.start);
         sys::munmap(self.state.start, self.state.len);
-        shared.reserved_maps.fetch_sub(
-            self.state.len / self.state.page_bytes + 2,
-            Ordering::Relaxed,
-        );
+        if let Some(h) = self.state.home {
+            // After the engine let go of the range's frames (a frame a late copy still
+            // writes returns to the pool when it is freed).
+            shared.mm.host().release_home(
+                h,
+                self.page_size,
+                self.state.len / self.state.page_bytes,
+            );
+        }
+        shared
+            .reserved_maps
+            .fetch_sub(self.state.maps, Ordering::Relaxed);
         drop(inner);
         result.map_err(|source| UffdError::Engine {
             range: self.range(),

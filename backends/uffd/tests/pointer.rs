@@ -360,6 +360,8 @@ fn a_range_that_could_exceed_the_map_count_is_refused() {
     if !available() {
         return;
     }
+    // Page by page (a host memory that does not place frames): one mapping per page at
+    // worst, counted at creation.
     let r = rig(
         1,
         UffdConfig {
@@ -367,6 +369,7 @@ fn a_range_that_could_exceed_the_map_count_is_refused() {
                 max_map_count: Some(drm_pagemap_uffd::limits::mappings_in_use() + 5000),
                 headroom: 1000,
             },
+            scattered: true,
             ..UffdConfig::default()
         },
     );
@@ -766,4 +769,79 @@ fn one_pointer_space_per_address_space() {
     let e = PointerSpace::new(other.clone(), mem, UffdConfig::default()).unwrap_err();
     assert!(e.to_string().contains("not drm-pagemap-uffd's"), "{e}");
     assert!(PointerSpace::attached(&other).is_none());
+}
+
+#[test]
+fn a_range_of_more_4_kib_pages_than_the_map_count_is_one_mapping() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(120), || {
+        // 70,000 pages of 4 KiB against the usual limit of 65,530 mappings.
+        let pages = 70_000u64;
+        let mem = Arc::new(MemfdMemory::new(pages * 4096 + (64 << 20)).unwrap());
+        let sim = SimBackend::new(SimConfig {
+            devices: 1,
+            device_capacity: 64 << 20,
+            host_bytes: Some(mem.clone()),
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let mm = Arc::new(AddressSpace::new(sim.host_memory()));
+        for pm in sim.pagemap_per_device().unwrap() {
+            mm.add_pagemap(pm).unwrap();
+        }
+        let limits = drm_pagemap_uffd::limits::MapLimits {
+            max_map_count: Some(drm_pagemap_uffd::limits::DEFAULT_MAX_MAP_COUNT),
+            ..Default::default()
+        };
+        let config = UffdConfig {
+            limits,
+            ..UffdConfig::default()
+        };
+        let space = PointerSpace::new(mm.clone(), mem.clone(), config).unwrap();
+        let pr = space.create_range(pages * 4096, PageSize::Size4K).unwrap();
+        assert!(pr.coalesced());
+        let span = pr.range();
+        // Scattered 4 KiB runs: every 7th page stored, every 14th through the device.
+        for p in (0..pages).step_by(7) {
+            pr.word(p * 512 + 1).unwrap().store(p, Ordering::Relaxed);
+        }
+        for p in (0..pages).step_by(14).take(1000) {
+            mm.migrate(
+                VaRange::new(span.start + p * 4096, 4096),
+                PagemapId(0),
+                &MigrateDetails::default(),
+            )
+            .unwrap();
+        }
+        for p in (0..pages).step_by(7) {
+            assert_eq!(pr.word(p * 512 + 1).unwrap().load(Ordering::Relaxed), p);
+        }
+        assert_eq!(
+            drm_pagemap_uffd::limits::mappings_within(span.start, span.len),
+            1
+        );
+        assert_eq!(space.fault_stats().errors, 0);
+        // Page by page, the same range is refused: its worst case does not fit.
+        drop(pr);
+        drop(space);
+        let scattered = UffdConfig {
+            limits,
+            scattered: true,
+            ..UffdConfig::default()
+        };
+        let space = PointerSpace::new(mm.clone(), mem.clone(), scattered).unwrap();
+        let e = space
+            .create_range(pages * 4096, PageSize::Size4K)
+            .unwrap_err();
+        assert!(matches!(e, UffdError::MapCountLimit { .. }), "{e}");
+        // Where the host memory has no room for the extent, a range maps page by page.
+        drop(space);
+        let space = PointerSpace::new(mm, mem, UffdConfig::default()).unwrap();
+        let big = space.create_range(512 << 20, PageSize::Size2M).unwrap();
+        assert!(!big.coalesced());
+        big.word(0).unwrap().store(3, Ordering::Relaxed);
+        assert_eq!(big.word(0).unwrap().load(Ordering::Relaxed), 3);
+    });
 }
