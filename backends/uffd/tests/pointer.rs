@@ -845,3 +845,61 @@ fn a_range_of_more_4_kib_pages_than_the_map_count_is_one_mapping() {
         assert_eq!(big.word(0).unwrap().load(Ordering::Relaxed), 3);
     });
 }
+
+#[test]
+fn a_page_whose_home_frame_is_held_comes_back_elsewhere_and_later_home() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        // Copies take 200 ms; the way back to RAM gives up after 50 ms at first, keeping
+        // the home frame aside for the late copy.
+        let r = rig_with(1, UffdConfig::default(), Duration::from_millis(200));
+        let pr = Arc::new(r.space.create_range(4 * 4096, PageSize::Size4K).unwrap());
+        assert!(pr.coalesced());
+        let span = pr.range();
+        for p in 0..4 {
+            pr.word(p * 512).unwrap().store(10 + p, Ordering::Relaxed);
+        }
+        let page1 = VaRange::new(span.start + 4096, 4096);
+        r.mm.migrate(page1, PagemapId(0), &MigrateDetails::default())
+            .unwrap();
+        r.mm.set_to_ram_fence_timeout(Some(Duration::from_millis(50)));
+        let lifter = {
+            let mm = r.mm.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(120));
+                mm.set_to_ram_fence_timeout(None);
+            })
+        };
+        // The fault's first attempts time out (retried); one after the lift succeeds, while
+        // the home frame is still held by the first attempt's copy: another frame.
+        assert_eq!(pr.word(512).unwrap().load(Ordering::Relaxed), 11);
+        lifter.join().unwrap();
+        let stats = r.space.fault_stats();
+        assert!(stats.errors >= 1 && stats.sigbus == 0, "{stats:?}");
+        let within = drm_pagemap_uffd::limits::mappings_within(span.start, span.len);
+        assert_eq!(within, 3, "page 1 mapped over itself alone");
+        for p in 0..4 {
+            assert_eq!(pr.word(p * 512).unwrap().load(Ordering::Relaxed), 10 + p);
+        }
+        // Once the late copy is over its frame is free again: the page's next way home
+        // lands in it and the range is one mapping again.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut one = false;
+        for _ in 0..5 {
+            r.mm.migrate(page1, PagemapId(0), &MigrateDetails::default())
+                .unwrap();
+            assert_eq!(pr.word(512).unwrap().load(Ordering::Relaxed), 11);
+            if drm_pagemap_uffd::limits::mappings_within(span.start, span.len) == 1 {
+                one = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(one, "page 1 never came back to its home frame");
+        for p in 0..4 {
+            assert_eq!(pr.word(p * 512).unwrap().load(Ordering::Relaxed), 10 + p);
+        }
+    });
+}
