@@ -95,6 +95,34 @@ pub trait HostMemory: Send + Sync {
     );
     /// Bytes of frames the pool can hand out in total.
     fn capacity_bytes(&self) -> u64;
+
+    /// Reserves a *home extent* of `pages` consecutive frames of `page_size` (aligned to
+    /// it): frames the pool hands out only through [`HostMemory::alloc_frames_at`] to
+    /// whoever asks for them by number, never through [`HostMemory::alloc_frames`]. A range
+    /// given it ([`crate::AddressSpace::create_range_homed`]) gets page `i`'s frame at
+    /// `first + i * page_size.granules()` whenever that frame is free, so a layer mapping
+    /// the range into the process can map it once, whole. The reserved frames hold no
+    /// memory until allocated. Returns the first frame, or `None` where the pool does not
+    /// place frames (the default) or has no room.
+    fn reserve_home(&self, _page_size: PageSize, _pages: u64) -> Option<HostFrame> {
+        None
+    }
+
+    /// Gives back a home extent of [`HostMemory::reserve_home`]. Frames of it still
+    /// allocated (a range's frames kept aside for a late copy) return to the pool when freed.
+    fn release_home(&self, _first: HostFrame, _page_size: PageSize, _pages: u64) {}
+
+    /// [`HostMemory::alloc_frames`] with a placement: `frames[i]` holds on entry the frame
+    /// wanted for page `i` (a frame of a home extent); it gets that frame where the pool
+    /// honours placement and the frame is free, any frame otherwise. All or nothing, as
+    /// [`HostMemory::alloc_frames`]. The default ignores the wish.
+    fn alloc_frames_at(
+        &self,
+        page_size: PageSize,
+        frames: &mut [HostFrame],
+    ) -> Result<(), BackendError> {
+        self.alloc_frames(page_size, frames)
+    }
 }
 
 /// Mapping of one pagemap's pages for devices (upstream `drm_pagemap_ops`).

@@ -56,12 +56,21 @@ pub(crate) struct RangeRecord {
     /// page of that block last changed (see [`AddressSpace::generation`]); blocks never
     /// changed carry the range's creation stamp without storing it.
     pub stamps: Stamps,
+    /// The first frame of the range's home extent ([`HostMemory::reserve_home`]), if it has
+    /// one: page `i` asks for frame `home + i * granules` when it needs a system frame.
+    pub home: Option<HostFrame>,
 }
 
 /// Blocks of addresses that carry one stamp each.
 const STAMP_BLOCK_SHIFT: u32 = 21;
 
 impl RangeRecord {
+    /// The frame page `page` asks for (see [`RangeRecord::home`]).
+    pub fn home_of(&self, page: usize) -> Option<HostFrame> {
+        self.home
+            .map(|h| HostFrame(h.0 + page as u64 * self.page_size.granules()))
+    }
+
     /// The stamp blocks holding pages `first..first + count`.
     fn blocks(&self, first: usize, count: usize) -> std::ops::RangeInclusive<usize> {
         let ps = self.page_size.bytes();
@@ -556,6 +565,29 @@ impl AddressSpace {
 
     /// Creates a range of unpopulated pages of `page_size` at `range`.
     pub fn create_range(&self, range: VaRange, page_size: PageSize) -> Result<()> {
+        self.create_range_inner(range, page_size, None)
+    }
+
+    /// [`AddressSpace::create_range`] for a range with a home extent of the host memory
+    /// (`home`, from [`HostMemory::reserve_home`] for the range's page count and page size):
+    /// whenever a page of it needs a system frame (first touch, coming back from a device) it
+    /// asks for its own frame of the extent ([`HostMemory::alloc_frames_at`]). The extent
+    /// stays the caller's: it gives it back after [`AddressSpace::free_range`].
+    pub fn create_range_homed(
+        &self,
+        range: VaRange,
+        page_size: PageSize,
+        home: HostFrame,
+    ) -> Result<()> {
+        self.create_range_inner(range, page_size, Some(home))
+    }
+
+    fn create_range_inner(
+        &self,
+        range: VaRange,
+        page_size: PageSize,
+        home: Option<HostFrame>,
+    ) -> Result<()> {
         let bad = |problem| Error::BadRange { range, problem };
         if range.len == 0 {
             return Err(bad(RangeProblem::Empty));
@@ -601,6 +633,7 @@ impl AddressSpace {
             page_size,
             pages,
             stamps,
+            home,
         };
         let slot = match st.free_range_slots.pop() {
             Some(s) => {
@@ -1069,13 +1102,36 @@ impl AddressSpace {
         st.range_mut(span.slot)
             .reserve(span.first, span.count, range)?;
         let mut frames = vec![HostFrame(0); holes];
-        // Frames that background releases still hold are waited for, once (the reclaimer
+        let rec = st.range(span.slot);
+        // Each hole asks for its own frame of the range's home extent, if it has one;
+        // frames that background releases still hold are waited for, once (the reclaimer
         // never takes the state lock this holds).
-        let mut got = self.host.alloc_frames(span.page_size, &mut frames);
-        if got.as_ref().is_err_and(crate::reclaim::out_of_memory) && self.reclaim.drain() {
-            got = self.host.alloc_frames(span.page_size, &mut frames);
+        let alloc = |frames: &mut [HostFrame]| {
+            if rec.home.is_some() {
+                frames.fill(HostFrame(0));
+                let mut wish = frames.iter_mut();
+                for (i, e) in rec
+                    .pages
+                    .slices(span.first, span.count)
+                    .flatten()
+                    .enumerate()
+                {
+                    if e.kind() == Kind::Hole
+                        && let (Some(w), Some(h)) = (wish.next(), rec.home_of(span.first + i))
+                    {
+                        *w = h;
+                    }
+                }
+                self.host.alloc_frames_at(span.page_size, frames)
+            } else {
+                self.host.alloc_frames(span.page_size, frames)
+            }
+        };
+        let mut placed = alloc(&mut frames);
+        if placed.as_ref().is_err_and(crate::reclaim::out_of_memory) && self.reclaim.drain() {
+            placed = alloc(&mut frames);
         }
-        got.map_err(|source| Error::Backend {
+        placed.map_err(|source| Error::Backend {
             range,
             op: crate::BackendOp::AllocFrames,
             pagemap: None,

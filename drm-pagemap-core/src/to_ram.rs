@@ -9,7 +9,7 @@ use crate::mm::AddressSpace;
 use crate::page::{PageEntry, RmapEntry};
 use crate::stats::{Link, Location};
 use crate::txn::{Locked, Scratch, Txn};
-use crate::types::{CopyOp, Direction, Pfn, VaRange};
+use crate::types::{CopyOp, Direction, HostFrame, Pfn, VaRange};
 use std::time::Instant;
 
 /// What an eviction did.
@@ -199,6 +199,7 @@ impl AddressSpace {
             maps,
             copies,
             new_frames,
+            wishes,
             ..
         } = sc;
         // Collect and lock the pages of `alloc` (inside `window`).
@@ -256,6 +257,19 @@ impl AddressSpace {
                 pages.push(rec.pfns[j]);
             }
             st.set_pages_locked(picked, true);
+            // Pages of ranges with a home extent ask for their own frames (any frame for the
+            // others: a wish outside every extent).
+            wishes.clear();
+            if picked
+                .iter()
+                .any(|(_, r)| st.range(r.range_slot()).home.is_some())
+            {
+                wishes.extend(picked.iter().map(|(_, r)| {
+                    st.range(r.range_slot())
+                        .home_of(r.page() as usize)
+                        .unwrap_or(HostFrame(u64::MAX))
+                }));
+            }
             if picked.is_empty() {
                 return Ok(Pass {
                     moved: 0,
@@ -285,7 +299,7 @@ impl AddressSpace {
             let pm = self.pagemap_for(range, pm_id)?;
             let dev = pm.device();
             // Destination frames, mapped for the owning device.
-            txn.alloc_frames(n, dev)?;
+            txn.alloc_frames(n, dev, wishes)?;
             txn.map_frames(dev, Direction::FromDevice)?;
             let at = Instant::now();
             let issued = {

@@ -61,6 +61,9 @@ pub(crate) struct Scratch {
     pub copies: Vec<Issued>,
     /// The transaction's new system frames (a copy back to RAM).
     pub new_frames: Vec<HostFrame>,
+    /// The frames the pages of a copy back to RAM ask for (their ranges' home extents;
+    /// empty when none has one).
+    pub wishes: Vec<HostFrame>,
 }
 
 /// Buffers of more entries than this are not kept (a huge transaction would pin its memory).
@@ -90,6 +93,7 @@ impl Scratch {
             self.maps.addrs.capacity(),
             self.maps.records.capacity(),
             self.new_frames.capacity(),
+            self.wishes.capacity(),
         ]
         .into_iter()
         .any(|c| c > SCRATCH_KEEP);
@@ -108,6 +112,7 @@ impl Scratch {
         self.maps.records.clear();
         self.copies.clear();
         self.new_frames.clear();
+        self.wishes.clear();
         SCRATCH.with(|c| c.set(Some(self)));
     }
 }
@@ -319,18 +324,35 @@ impl<'a> Txn<'a> {
 
     /// New system frames for `n` pages, the destination of the copies (freed by a roll
     /// back). `device`: the device the transaction's pagemap is on (named if this fails).
-    pub(crate) fn alloc_frames(&mut self, n: usize, device: DeviceId) -> Result<()> {
+    /// `wishes`: empty, or the frame each page asks for ([`HostMemory::alloc_frames_at`]).
+    ///
+    /// [`HostMemory::alloc_frames_at`]: crate::HostMemory::alloc_frames_at
+    pub(crate) fn alloc_frames(
+        &mut self,
+        n: usize,
+        device: DeviceId,
+        wishes: &[HostFrame],
+    ) -> Result<()> {
         let ps = self.page_size();
         // The frames become the transaction's only once allocated: a failure, or a panic of
         // the host memory, leaves it none to free.
         let mut frames = std::mem::take(self.frames);
         frames.resize(n, HostFrame(0));
-        // Frames that background releases still hold are waited for, once.
-        let mut got = self.mm.host.alloc_frames(ps, &mut frames);
-        if got.as_ref().is_err_and(crate::reclaim::out_of_memory) && self.mm.reclaim.drain() {
-            got = self.mm.host.alloc_frames(ps, &mut frames);
+        // Each page asks for its own frame where it has one (`wishes`); frames that
+        // background releases still hold are waited for, once.
+        let alloc = |frames: &mut [HostFrame]| {
+            if wishes.len() == n {
+                frames.copy_from_slice(wishes);
+                self.mm.host.alloc_frames_at(ps, frames)
+            } else {
+                self.mm.host.alloc_frames(ps, frames)
+            }
+        };
+        let mut r = alloc(&mut frames);
+        if r.as_ref().is_err_and(crate::reclaim::out_of_memory) && self.mm.reclaim.drain() {
+            r = alloc(&mut frames);
         }
-        if let Err(source) = got {
+        if let Err(source) = r {
             frames.clear();
             *self.frames = frames;
             return Err(self.backend_error(BackendOp::AllocFrames, self.pagemap, device, source));

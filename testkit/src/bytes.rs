@@ -79,12 +79,16 @@ pub fn copy_bytes(
 
 /// [`HostMemory`](drm_pagemap_core::HostMemory) over a [`FrameBytes`]: frames are its 4 KiB
 /// granules; every device reaches them at [`arena_addr::encode`]`(mem_id, byte offset)`.
-/// Freed frames are [`FrameBytes::release`]d.
+/// Freed frames are [`FrameBytes::release`]d. It places frames: home extents
+/// ([`HostMemory::reserve_home`](drm_pagemap_core::HostMemory::reserve_home)) are runs of
+/// its granules, and a page asking for its frame of one gets it unless that frame is still
+/// held (then any frame).
 #[derive(Debug)]
 pub struct BytesHostMemory {
     mem_id: u16,
     bytes: Arc<dyn FrameBytes>,
     frames: ExtentAllocator,
+    homes: crate::homes::Homes,
 }
 
 impl BytesHostMemory {
@@ -112,6 +116,7 @@ impl BytesHostMemory {
             mem_id,
             bytes,
             frames,
+            homes: Default::default(),
         })
     }
 
@@ -125,9 +130,19 @@ impl BytesHostMemory {
         &self.bytes
     }
 
-    /// Frames not handed out, in granules.
+    /// Frames not handed out (nor reserved as home extents), in granules.
     pub fn free_granules(&self) -> u64 {
         self.frames.free_granules()
+    }
+
+    fn out_of_memory(&self, count: usize, page_size: crate::PageSize) -> crate::BackendError {
+        crate::BackendError::new(
+            crate::BackendErrorKind::OutOfMemory,
+            format!(
+                "host memory: {count} pages of {page_size} requested, {} KiB free",
+                self.frames.free_granules() * 4
+            ),
+        )
     }
 }
 
@@ -143,13 +158,7 @@ impl crate::HostMemory for BytesHostMemory {
             .frames
             .alloc_pages(count, page_size.granules(), &mut starts)
         {
-            return Err(crate::BackendError::new(
-                crate::BackendErrorKind::OutOfMemory,
-                format!(
-                    "host memory: {count} pages of {page_size} requested, {} KiB free",
-                    self.frames.free_granules() * 4
-                ),
-            ));
+            return Err(self.out_of_memory(count, page_size));
         }
         for (o, s) in out.iter_mut().zip(starts) {
             *o = crate::HostFrame(s);
@@ -157,12 +166,70 @@ impl crate::HostMemory for BytesHostMemory {
         Ok(())
     }
 
+    fn alloc_frames_at(
+        &self,
+        page_size: crate::PageSize,
+        frames: &mut [crate::HostFrame],
+    ) -> Result<(), crate::BackendError> {
+        /// An entry still to be given a pool frame.
+        const ANY: crate::HostFrame = crate::HostFrame(u64::MAX);
+        let mut homes = self.homes.lock();
+        let mut need = 0;
+        for f in frames.iter_mut() {
+            if !homes.claim(*f, page_size) {
+                *f = ANY;
+                need += 1;
+            }
+        }
+        if need == 0 {
+            return Ok(());
+        }
+        let mut starts = Vec::new();
+        if !self
+            .frames
+            .alloc_pages(need, page_size.granules(), &mut starts)
+        {
+            // All or nothing: the home frames claimed above go back.
+            for &f in frames.iter().filter(|&&f| f != ANY) {
+                homes.unclaim(f, page_size);
+            }
+            return Err(self.out_of_memory(frames.len(), page_size));
+        }
+        for (f, s) in frames.iter_mut().filter(|f| **f == ANY).zip(starts) {
+            *f = crate::HostFrame(s);
+        }
+        Ok(())
+    }
+
+    fn reserve_home(&self, page_size: crate::PageSize, pages: u64) -> Option<crate::HostFrame> {
+        self.homes.lock().reserve(&self.frames, page_size, pages)
+    }
+
+    fn release_home(&self, first: crate::HostFrame, _page_size: crate::PageSize, _pages: u64) {
+        self.homes.lock().release(&self.frames, first)
+    }
+
     fn free_frames(&self, frames: &[crate::HostFrame], page_size: crate::PageSize) {
         for f in frames {
             self.bytes.release(f.0 * GRANULE, page_size.bytes());
         }
-        self.frames
-            .free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
+        let mut homes = self.homes.lock();
+        // Frames of home extents go back to their extent, the others to the pool.
+        let mut home = [false; 64];
+        let mut any_home = false;
+        for chunk in frames.chunks(64) {
+            for (h, &f) in home.iter_mut().zip(chunk) {
+                *h = homes.unclaim(f, page_size);
+                any_home |= *h;
+            }
+            self.frames.free_page_iter(
+                chunk.iter().zip(home).filter(|(_, h)| !h).map(|(f, _)| f.0),
+                page_size.granules(),
+            );
+        }
+        if any_home {
+            homes.sweep(&self.frames);
+        }
     }
 
     fn read(
@@ -257,6 +324,85 @@ mod tests {
         host.free_frames(&f, PageSize::Size4K);
         assert_eq!(host.free_granules(), free + 2);
         assert!(BytesHostMemory::try_new(0, arena).is_err());
+    }
+
+    /// Home extents: a page asking for its frame gets it; a frame is never handed out twice;
+    /// the pool never hands out a home frame; all or nothing; a home given back while a
+    /// frame is held returns with that frame.
+    #[test]
+    fn home_extents_place_frames_and_never_hand_one_out_twice() {
+        let host = ArenaHostMemory::new(1, 4 << 20);
+        let ps = PageSize::Size4K;
+        let free0 = host.free_granules();
+        let first = host.reserve_home(ps, 16).unwrap().0;
+        assert_eq!(host.free_granules(), free0 - 16);
+        let home = |i: u64| crate::HostFrame(first + i);
+        let in_home = |f: crate::HostFrame| (first..first + 16).contains(&f.0);
+        // The pool: every other frame, none of the extent.
+        let mut pool = vec![crate::HostFrame(0); host.free_granules() as usize];
+        host.alloc_frames(ps, &mut pool).unwrap();
+        assert!(!pool.iter().any(|&f| in_home(f)));
+        host.free_frames(&pool[..4], ps);
+        // Wishes: its own frame, the same frame again (held: another), a frame outside.
+        let mut f = [home(3), home(3), home(5), crate::HostFrame(u64::MAX)];
+        host.alloc_frames_at(ps, &mut f).unwrap();
+        assert_eq!((f[0], f[2]), (home(3), home(5)));
+        assert!(!in_home(f[1]) && !in_home(f[3]), "{f:?}");
+        // All or nothing: two pool frames are left, three are needed.
+        let any = crate::HostFrame(u64::MAX);
+        assert!(
+            host.alloc_frames_at(ps, &mut [home(7), any, any, any])
+                .is_err()
+        );
+        let mut one = [home(7)];
+        host.alloc_frames_at(ps, &mut one).unwrap();
+        assert_eq!(one[0], home(7), "the failed call gave its home frame back");
+        // Freed, a home frame is handed out again to the page asking for it.
+        host.free_frames(&[f[0]], ps);
+        let mut again = [home(3)];
+        host.alloc_frames_at(ps, &mut again).unwrap();
+        assert_eq!(again[0], home(3));
+        // Given back while frames are held: the extent returns with the last of them.
+        host.release_home(crate::HostFrame(first), ps, 16);
+        let mut late = [home(9)];
+        host.alloc_frames_at(ps, &mut late).unwrap();
+        assert!(!in_home(late[0]), "an extent given back hands out nothing");
+        host.free_frames(&[f[1], f[3], late[0]], ps);
+        host.free_frames(&pool[4..], ps);
+        host.free_frames(&[home(3), home(5)], ps);
+        assert_eq!(host.free_granules(), free0 - 16);
+        host.free_frames(&one, ps);
+        assert_eq!(host.free_granules(), free0);
+        // 2 MiB pages: an aligned extent.
+        let big = host.reserve_home(PageSize::Size2M, 1).unwrap();
+        assert_eq!(big.0 % 512, 0);
+        host.release_home(big, PageSize::Size2M, 1);
+        assert_eq!(host.free_granules(), free0);
+        assert!(host.reserve_home(ps, 0).is_none());
+        assert!(host.reserve_home(ps, u64::MAX).is_none());
+    }
+
+    /// The engine asks for a homed range's own frames (populating a hole).
+    #[test]
+    fn a_homed_range_populates_into_its_home_frames() {
+        let host = Arc::new(ArenaHostMemory::new(1, 8 << 20));
+        let mm = AddressSpace::new(host.clone());
+        let r = VaRange::new(1 << 30, 8 * 4096);
+        let home = host.reserve_home(PageSize::Size4K, 8).unwrap();
+        mm.create_range_homed(r, PageSize::Size4K, home).unwrap();
+        for i in [5u64, 0, 7] {
+            let frame = mm.with_cpu_page(r.start + i * 4096, |_, f, _| f).unwrap();
+            assert_eq!(frame.0, home.0 + i);
+        }
+        // A write populating several holes at once.
+        mm.write(r.start + 4096, &[1u8; 3 * 4096]).unwrap();
+        for i in 1..4u64 {
+            let frame = mm.with_cpu_page(r.start + i * 4096, |_, f, _| f).unwrap();
+            assert_eq!(frame.0, home.0 + i);
+        }
+        mm.free_range(r.start).unwrap();
+        host.release_home(home, PageSize::Size4K, 8);
+        assert_eq!(host.free_granules(), (8 << 20) / 4096);
     }
 
     /// The engine's side of pointer ranges, without userfaultfd: a migration to a device

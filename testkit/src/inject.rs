@@ -264,6 +264,20 @@ impl HostMemory for InjectedHost {
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize) {
         self.inner.free_frames(frames, page_size)
     }
+    fn alloc_frames_at(
+        &self,
+        page_size: PageSize,
+        frames: &mut [HostFrame],
+    ) -> Result<(), BackendError> {
+        self.inj.check(FaultSite::Alloc, "host frame allocation")?;
+        self.inner.alloc_frames_at(page_size, frames)
+    }
+    fn reserve_home(&self, page_size: PageSize, pages: u64) -> Option<HostFrame> {
+        self.inner.reserve_home(page_size, pages)
+    }
+    fn release_home(&self, first: HostFrame, page_size: PageSize, pages: u64) {
+        self.inner.release_home(first, page_size, pages)
+    }
     fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) -> Result<(), BackendError> {
         self.inner.read(frame, offset, buf)
     }

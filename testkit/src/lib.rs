@@ -29,6 +29,7 @@
 
 pub mod bytes;
 pub mod fence;
+mod homes;
 pub mod inject;
 pub mod layout;
 pub mod mem;

@@ -323,6 +323,22 @@ impl crate::HostMemory for ArenaHostMemory {
         self.inner.free_frames(frames, page_size)
     }
 
+    fn alloc_frames_at(
+        &self,
+        page_size: crate::PageSize,
+        frames: &mut [crate::HostFrame],
+    ) -> Result<(), crate::BackendError> {
+        self.inner.alloc_frames_at(page_size, frames)
+    }
+
+    fn reserve_home(&self, page_size: crate::PageSize, pages: u64) -> Option<crate::HostFrame> {
+        self.inner.reserve_home(page_size, pages)
+    }
+
+    fn release_home(&self, first: crate::HostFrame, page_size: crate::PageSize, pages: u64) {
+        self.inner.release_home(first, page_size, pages)
+    }
+
     fn read(
         &self,
         frame: crate::HostFrame,

@@ -79,11 +79,13 @@ pub enum UffdError {
         /// What is wrong.
         problem: &'static str,
     },
-    /// The address space already has a process mapping layer.
-    #[error(
-        "the address space already has a CPU mapping layer (one PointerSpace per address space)"
-    )]
-    AlreadyAttached,
+    /// The address space already has a process mapping layer: a live [`crate::PointerSpace`]
+    /// (one per address space) or somebody else's.
+    #[error("the address space already has {holder}: one PointerSpace per address space")]
+    AlreadyAttached {
+        /// Who holds it.
+        holder: &'static str,
+    },
     /// The engine refused the range.
     #[error("pointer range {range}: the engine refused it: {source}")]
     Engine {

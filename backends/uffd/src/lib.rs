@@ -24,14 +24,29 @@
 //!   mapping of the whole file (the pool); the simulated backend uses it as
 //!   `SimConfig::host_bytes`. A freed frame's memory is given back (`FALLOC_FL_PUNCH_HOLE`),
 //!   so a page resident on a device holds no host memory.
-//! - A range ([`PointerRange`]) is address space reserved at the range's page alignment
-//!   and first mapped (shared) from an empty memfd of its own, registered with userfaultfd
-//!   for missing and minor faults (`UFFD_FEATURE_MISSING_SHMEM`, `UFFD_FEATURE_MINOR_SHMEM`).
-//!   The range's address in the engine is the pointer.
+//! - A range ([`PointerRange`]) is address space reserved at the range's page alignment,
+//!   mapped shared and registered with userfaultfd for missing and minor faults
+//!   (`UFFD_FEATURE_MISSING_SHMEM`, `UFFD_FEATURE_MINOR_SHMEM`). The range's address in the
+//!   engine is the pointer.
+//! - **Coalesced** ([`PointerRange::coalesced`], the default where the host memory places
+//!   frames, as the simulated backend's does): the range gets a *home extent* of the frame
+//!   file (`HostMemory::reserve_home`: `pages` frames taken out of the pool, holding no
+//!   memory until written) and the engine range is made with it
+//!   (`AddressSpace::create_range_homed`): whenever a page needs a system frame (first
+//!   touch, back from a device) the engine asks for the page's own frame
+//!   (`HostMemory::alloc_frames_at`). The range is then ONE mapping of the file at the
+//!   extent, made at creation: a fault maps nothing, only `UFFDIO_CONTINUE`. The one
+//!   exception is a page whose home frame is still held when it comes back (a frame kept
+//!   aside for a copy that timed out and may still write it): it gets another frame, mapped
+//!   over that page alone until it comes home again (the mapping then merges back).
+//! - **Page by page** (a host memory that does not place frames, such as CUDA's; one with
+//!   no room for the extent; [`UffdConfig::scattered`]): the range is first mapped from an
+//!   empty memfd of its own, and each page's frame is mapped over it when the page faults.
 //! - A fault (a first touch: missing; a page taken out: minor, its data still in the page
-//!   cache; a page whose frame was freed: missing) is read by the handler thread, which calls
+//!   cache; a page whose frame was freed: missing) is read by the fault handler, which calls
 //!   `with_cpu_page`; under its lock, if the range's mapping of that page does not show the
-//!   page's current frame it maps the frame there (`mmap MAP_FIXED|MAP_SHARED` of the pool
+//!   page's current frame (page by page: the frame it last mapped; coalesced: the home
+//!   frame) it maps the frame there (`mmap MAP_FIXED|MAP_SHARED` of the pool
 //!   file at the frame's offset, registered again), then `UFFDIO_CONTINUE` maps the page and
 //!   wakes the thread. The handler never maps a frame the engine did not just name, so a
 //!   stale mapping (a frame freed and reused elsewhere) only ever causes another fault.
@@ -40,13 +55,56 @@
 //!   that rolls back leaves the frame in place: the next fault maps it again.
 //! - Freeing a range frees it in the engine (waiting for migrations on it) and unmaps it.
 //!
+//! # The fault handler
+//! Each [`PointerSpace`] has its own userfaultfd (made with its first range); one pool of
+//! threads serves all of them for the whole process (leader/follower over one `epoll` set of
+//! every space's descriptor and a stop signal):
+//! - **Threads**: one at rest, however many spaces; a thread that takes a fault hands the
+//!   polling to an idle thread or starts one, so a steady stream of faults keeps two; a
+//!   helper idle for 200 ms ends. The pool starts with the first space's first range and ends
+//!   (its threads joined) when the last space is dropped. [`handler_threads`] counts them.
+//! - **Bound**: a space has at most 2 faults in service at once (its descriptor is armed
+//!   `EPOLLONESHOT` again only below that), and the pool grows to 1 + 2 per space threads (at
+//!   most 16). A slow fault of one space (a copy home behind a slow device, a migration it
+//!   waits for, a failing copy retried for [`UffdConfig::fault_retry`]) therefore holds up
+//!   only that space's further faults beyond its second; with up to 7 spaces another space's
+//!   fault always finds a thread. Within one range faults are served one at a time (the
+//!   range's mapping lock).
+//! - **One space per address space**: [`PointerSpace::new`] on an address space whose
+//!   space still lives is [`UffdError::AlreadyAttached`] ([`PointerSpace::attached`] returns
+//!   the live one); after it is dropped a new one may attach (it takes over the CPU mapping
+//!   layer the engine keeps). A second space is refused rather than returned because it may
+//!   name another memory and configuration.
+//!
+//! # fork
+//! A child process inherits nothing of a pointer range: the range's mappings (and every
+//! frame mapped into it later) and the [`MemfdMemory`] pool are `MADV_DONTFORK`. A child that
+//! touches a range's address, or whose copy of the engine reaches the pool, gets SIGSEGV. The
+//! alternatives are worse: an inherited shared mapping would show the child the parent's
+//! frames (its stores would land in the parent's memory, and a frame the parent frees and
+//! reuses for another range would change under the child), an inherited hole would read
+//! zeros, and no handler thread serves the child's faults (threads are not forked; the
+//! userfaultfd registration is dropped in the child). The kernel's SVM ranges are not usefully
+//! inherited either. `MADV_WIPEONFORK` applies to private anonymous memory only, not to
+//! these shared mappings. The parent's ranges keep working while a child lives and after;
+//! `fork` + `exec` (`std::process::Command`) is unaffected.
+//!
 //! # Limits
-//! - **Mappings** ([`limits`]): frames contiguous in the file and mapped at contiguous
-//!   addresses merge into one mapping; scattered ones need one mapping per page. A range is
-//!   refused at creation ([`UffdError::MapCountLimit`]) unless its worst case (one mapping
-//!   per page) fits under `vm.max_map_count` with headroom, counting the worst case of the
-//!   live ranges. With 4 KiB pages and the usual limit of 65,530 that is about 240 MiB of
-//!   pointer ranges; 2 MiB pages reach 120 GiB.
+//! - **Mappings** ([`limits`]): a coalesced range is one mapping; it reserves 16 in the
+//!   map-count check (itself, and the pieces around a few pages back in a frame other than
+//!   their home; beyond that a fault whose `mmap` hits the limit is retried and then
+//!   SIGBUS, counted in [`PointerSpace::fault_stats`]). A range mapped page by page needs up
+//!   to one mapping per page (frames contiguous in the file and mapped at contiguous
+//!   addresses merge); it is refused at creation ([`UffdError::MapCountLimit`]) unless that
+//!   worst case fits under `vm.max_map_count` with headroom, counting the worst case of the
+//!   live ranges: with 4 KiB pages and the usual limit of 65,530, about 240 MiB of such
+//!   ranges; 2 MiB pages reach 120 GiB. On CUDA (no placement yet) every range is mapped
+//!   page by page.
+//! - **Home extents take pool capacity**: a coalesced range's extent is taken out of the
+//!   host memory's frame pool for the range's life, even while its pages live on devices
+//!   (it holds no memory then: only the pool's numbering). Coalesced pointer ranges
+//!   therefore add up to at most the host memory's capacity; a range that does not fit is
+//!   mapped page by page instead.
 //! - **Unprivileged processes** (`vm.unprivileged_userfaultfd=0`): the userfaultfd is made
 //!   with `UFFD_USER_MODE_ONLY`, which serves the application's loads and stores; a system
 //!   call writing into a page of the range that is not mapped (`read(2)` into it) fails with
@@ -60,7 +118,8 @@
 //!   [`UffdConfig::fault_retry`] (one second); then, or at once when the engine no longer has
 //!   the range (freed through the address space instead of [`PointerRange`]), the faulting
 //!   thread gets SIGBUS, as when the kernel's `migrate_to_ram` fails.
-//! - **One handler thread** serves the faults of a space one at a time.
+//! - **The fault handler** serves at most 2 faults of a space at once and has at most 16
+//!   threads (see above).
 //!
 //! # Backends
 //! [`support`] says which backends can give pointer ranges: the simulated backend (on
@@ -74,9 +133,11 @@
 //! not to the system). The cost is pinned memory up to the peak of system-resident bytes,
 //! rounded up to 64 MiB chunks, for as long as the backend lives.
 
+mod attach;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod error;
+mod handler;
 pub mod limits;
 mod memfd;
 mod space;
@@ -85,6 +146,7 @@ mod sys;
 #[cfg(feature = "cuda")]
 pub use cuda::CudaHostFile;
 pub use error::UffdError;
+pub use handler::handler_threads;
 pub use memfd::{FrameFile, MemfdMemory};
 pub use space::{FaultStats, PointerRange, PointerSpace, UffdConfig};
 

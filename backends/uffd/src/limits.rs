@@ -1,9 +1,10 @@
 //! The number of mappings a process may have (`vm.max_map_count`) and how many it has.
 //!
-//! A pointer range maps each run of frames that are contiguous in the memfd as one mapping,
-//! so a range whose frames are scattered needs up to one mapping per page. Rather than fail
-//! a fault later (which could only kill the faulting thread), a range is refused at creation
-//! when its worst case does not fit: [`crate::UffdError::MapCountLimit`].
+//! A coalesced pointer range (one with a home extent of the frame file) is one mapping. A
+//! range mapped page by page maps each run of frames that are contiguous in the memfd as one
+//! mapping, so one whose frames are scattered needs up to one mapping per page. Rather than
+//! fail a fault later (which could only kill the faulting thread), a range is refused at
+//! creation when its worst case does not fit: [`crate::UffdError::MapCountLimit`].
 
 /// Where the map-count check gets its numbers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

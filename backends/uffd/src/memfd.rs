@@ -50,6 +50,12 @@ impl MemfdMemory {
         };
         let fd = sys::memfd(c"drm-pagemap-host", len).map_err(err("memfd_create"))?;
         let pool = sys::map_shared(len, fd.as_fd()).map_err(err("mmap"))?;
+        // A child process does not inherit the pool: the engine's copy in a child would
+        // otherwise store into frames the parent goes on using (see the crate doc's "fork").
+        if let Err(e) = sys::dont_fork(pool, len) {
+            sys::munmap(pool, len);
+            return Err(err("madvise (MADV_DONTFORK)")(e));
+        }
         Ok(MemfdMemory { fd, pool, len })
     }
 

@@ -1,18 +1,18 @@
-//! [`PointerSpace`]: the pointer ranges of one address space, their userfaultfd and the
-//! handler thread that serves its faults; [`PointerRange`]: one range, whose address is
-//! the pointer the application uses.
+//! [`PointerSpace`]: the pointer ranges of one address space, their userfaultfd and how one
+//! of its faults is served (by the process's fault handler, `handler`); [`PointerRange`]:
+//! one range, whose address is the pointer the application uses.
 
 use crate::error::UffdError;
+use crate::handler::{self, FaultServer};
 use crate::limits::{MapLimits, mappings_in_use};
 use crate::memfd::FrameFile;
 use crate::sys;
-use drm_pagemap_core::{AddressSpace, CpuMappings, GRANULE, PageSize, VaRange};
+use drm_pagemap_core::{AddressSpace, CpuMappings, GRANULE, HostFrame, PageSize, VaRange};
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How a [`PointerSpace`] is made.
@@ -24,6 +24,10 @@ pub struct UffdConfig {
     /// SIGBUS (a page whose range was freed in the engine gets it at once). `None`: one
     /// second.
     pub fault_retry: Option<Duration>,
+    /// Map every range page by page, as on a host memory that does not place frames (no
+    /// home extent): the map-count check then counts one mapping per page. For tests and
+    /// comparisons; `false` (the default) asks the host memory for a home extent.
+    pub scattered: bool,
     /// Test hook: make opening the userfaultfd fail with this `errno` (as a kernel without
     /// it, or a seccomp filter, would), so the typed error can be tested on a machine that
     /// has it.
@@ -34,22 +38,31 @@ pub struct UffdConfig {
 const NO_FRAME: u64 = u64::MAX;
 /// The frame was mapped but registering it failed: map it again on the next fault.
 const UNREGISTERED: u64 = u64::MAX - 1;
+/// Mappings a range with a home extent reserves in the map-count check: itself, the pieces
+/// a page mapped elsewhere splits it into, and a few such pages (see the crate doc).
+const HOMED_MAPS: u64 = 16;
 
 /// One range's mapping state.
 #[derive(Debug)]
-struct RangeState {
+pub(crate) struct RangeState {
     start: u64,
     len: u64,
     page_bytes: u64,
-    /// An empty memfd mapped where a page has no frame mapped yet: a first access is a
-    /// missing fault.
-    _hole: OwnedFd,
+    /// The first frame of the range's home extent: the range is one mapping of the frame
+    /// file from there ([`PointerRange::coalesced`]).
+    home: Option<HostFrame>,
+    /// Mappings reserved for it in the map-count check.
+    maps: u64,
+    /// Without a home: an empty memfd mapped where a page has no frame mapped yet (a first
+    /// access is a missing fault).
+    _hole: Option<OwnedFd>,
     inner: Mutex<RangeInner>,
 }
 
 #[derive(Debug)]
 struct RangeInner {
-    /// The memfd frame each page's mapping shows ([`NO_FRAME`]: the hole file).
+    /// The memfd frame each page's mapping shows ([`NO_FRAME`]: the hole file; a page of a
+    /// range with a home starts with its home frame).
     frames: Vec<u64>,
     /// Freed: faults are not served any more.
     dead: bool,
@@ -61,7 +74,7 @@ impl RangeState {
     }
 }
 
-type Ranges = Arc<RwLock<BTreeMap<u64, Arc<RangeState>>>>;
+pub(crate) type Ranges = Arc<RwLock<BTreeMap<u64, Arc<RangeState>>>>;
 
 fn find(ranges: &Ranges, addr: u64) -> Option<Arc<RangeState>> {
     let map = ranges.read().unwrap_or_else(|p| p.into_inner());
@@ -74,8 +87,8 @@ fn find(ranges: &Ranges, addr: u64) -> Option<Arc<RangeState>> {
 /// The hook the engine calls before a migration copies pages: drops their page-table
 /// entries in the range's mapping (the data stays in the memfd's page cache), so the next
 /// CPU access is a minor fault the handler serves once the migration is over.
-struct TakeOut {
-    ranges: Ranges,
+pub(crate) struct TakeOut {
+    pub(crate) ranges: Ranges,
 }
 
 impl CpuMappings for TakeOut {
@@ -110,7 +123,6 @@ struct Shared {
     mem: Arc<dyn FrameFile>,
     ranges: Ranges,
     config: UffdConfig,
-    handler: Mutex<Option<Handler>>,
     /// Mappings the live ranges may need at worst (one per page, plus the pieces around).
     reserved_maps: AtomicU64,
     stop: AtomicBool,
@@ -121,10 +133,28 @@ struct Shared {
     last_error: Mutex<Option<String>>,
 }
 
-struct Handler {
-    uffd: Arc<OwnedFd>,
-    wake: Arc<OwnedFd>,
-    thread: Option<JoinHandle<()>>,
+/// A space's userfaultfd as the process's fault handler serves it.
+struct Faults {
+    shared: Arc<Shared>,
+    uffd: OwnedFd,
+}
+
+impl FaultServer for Faults {
+    fn uffd(&self) -> BorrowedFd<'_> {
+        self.uffd.as_fd()
+    }
+
+    fn serve(&self, addr: u64, tid: i32) {
+        serve(&self.shared, &self.uffd, addr, tid)
+    }
+
+    fn abandon(&self, addr: u64, tid: i32, why: String) {
+        note_error(
+            &self.shared,
+            format!("fault at {addr:#x}: serving it panicked: {why}"),
+        );
+        give_up(&self.shared, &self.uffd, addr, tid);
+    }
 }
 
 /// The pointer ranges of one [`AddressSpace`] whose system memory is a [`FrameFile`] such as
@@ -132,11 +162,14 @@ struct Handler {
 /// host memory of the backend the address space uses: the simulated backend with
 /// `SimConfig::host_bytes` set to the same memory). One per address space.
 ///
-/// The userfaultfd and its handler thread are made with the first range (so an unavailable
-/// userfaultfd is the typed error of [`PointerSpace::create_range`]) and end when the space
-/// is dropped (every range holds it).
+/// The space's userfaultfd is made with its first range (so an unavailable userfaultfd is
+/// the typed error of [`PointerSpace::create_range`]) and handed to the process's one fault
+/// handler (see the crate doc), which serves every space; it is closed when the space is
+/// dropped (every range holds it), and the handler's threads end with the last space.
 pub struct PointerSpace {
     shared: Arc<Shared>,
+    /// The userfaultfd and its place in the process's fault handler, from the first range.
+    faults: Mutex<Option<(Arc<Faults>, handler::Attached)>>,
 }
 
 impl std::fmt::Debug for PointerSpace {
@@ -147,25 +180,26 @@ impl std::fmt::Debug for PointerSpace {
 
 impl PointerSpace {
     /// Attaches to `mm`, whose host memory must be `mem`'s frames (a range maps the frames
-    /// the engine gives its pages from `mem`'s file). Fails with
-    /// [`UffdError::AlreadyAttached`] when `mm` already has a CPU mapping layer.
+    /// the engine gives its pages from `mem`'s file).
+    ///
+    /// One space per address space: while a space of `mm` lives, this fails with
+    /// [`UffdError::AlreadyAttached`] (the live one is [`PointerSpace::attached`]); once it is
+    /// dropped, a new one may attach. A second space is refused rather than handed the first
+    /// one's ranges because it may name other memory and another configuration. It also fails
+    /// with that error when `mm` has a CPU mapping layer that is not a space of this crate.
     pub fn new(
         mm: Arc<AddressSpace>,
         mem: Arc<dyn FrameFile>,
         config: UffdConfig,
     ) -> Result<Arc<PointerSpace>, UffdError> {
-        let ranges: Ranges = Arc::default();
-        mm.set_cpu_mappings(Arc::new(TakeOut {
-            ranges: ranges.clone(),
-        }))
-        .map_err(|_| UffdError::AlreadyAttached)?;
-        Ok(Arc::new(PointerSpace {
+        let mut table = crate::attach::lock();
+        let ranges = crate::attach::claim(&mut table, &mm)?;
+        let space = Arc::new(PointerSpace {
             shared: Arc::new(Shared {
-                mm,
+                mm: mm.clone(),
                 mem,
                 ranges,
                 config,
-                handler: Mutex::new(None),
                 reserved_maps: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
                 user_mode_only: AtomicBool::new(false),
@@ -174,7 +208,15 @@ impl PointerSpace {
                 sigbus: AtomicU64::new(0),
                 last_error: Mutex::new(None),
             }),
-        }))
+            faults: Mutex::new(None),
+        });
+        crate::attach::settle(&mut table, &mm, Arc::downgrade(&space));
+        Ok(space)
+    }
+
+    /// The live space of `mm`, if it has one.
+    pub fn attached(mm: &Arc<AddressSpace>) -> Option<Arc<PointerSpace>> {
+        crate::attach::live(&crate::attach::lock(), mm)
     }
 
     /// The address space.
@@ -216,14 +258,12 @@ impl PointerSpace {
             .len()
     }
 
-    fn uffd(&self) -> Result<Arc<OwnedFd>, UffdError> {
-        let mut h = self
-            .shared
-            .handler
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = &*h {
-            return Ok(h.uffd.clone());
+    /// The space's userfaultfd, opened (and handed to the process's fault handler) on first
+    /// use.
+    fn faults(&self) -> Result<Arc<Faults>, UffdError> {
+        let mut f = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((faults, _)) = &*f {
+            return Ok(faults.clone());
         }
         let open = |source| UffdError::Unavailable {
             step: "open",
@@ -254,20 +294,17 @@ impl PointerSpace {
                 features,
             });
         }
-        let wake = sys::eventfd().map_err(open)?;
-        let (uffd, wake) = (Arc::new(uffd), Arc::new(wake));
-        let shared = self.shared.clone();
-        let (u, w) = (uffd.clone(), wake.clone());
-        let thread = std::thread::Builder::new()
-            .name("drm-pagemap-uffd".into())
-            .spawn(move || handler_loop(&shared, &u, &w))
-            .map_err(open)?;
-        *h = Some(Handler {
-            uffd: uffd.clone(),
-            wake,
-            thread: Some(thread),
+        let faults = Arc::new(Faults {
+            shared: self.shared.clone(),
+            uffd,
         });
-        Ok(uffd)
+        let attached =
+            handler::attach(faults.clone()).map_err(|source| UffdError::Unavailable {
+                step: "fault handler",
+                source,
+            })?;
+        *f = Some((faults.clone(), attached));
+        Ok(faults)
     }
 
     /// Creates a range of `len` bytes (a multiple of `page_size`) that is memory of this
@@ -299,14 +336,41 @@ impl PointerSpace {
         if len > (1 << 46) {
             return Err(bad("larger than 64 TiB"));
         }
-        let uffd = self.uffd()?;
+        let faults = self.faults()?;
+        let uffd = &faults.uffd;
         let pages = len / ps;
-        let need = pages + 2;
+        let mut frames = Vec::new();
+        if frames.try_reserve_exact(pages as usize).is_err() {
+            return Err(bad("too many pages for the mapping state's memory"));
+        }
+        // A home extent of the frame file: page i always comes home to frame home + i, so
+        // the range is one mapping of the file. Where the host memory does not place frames
+        // (or has no room), pages map their frames one by one.
+        let host = self.shared.mm.host();
+        let home = if self.shared.config.scattered {
+            None
+        } else {
+            host.reserve_home(page_size, pages)
+        };
+        let unhome = || {
+            if let Some(h) = home {
+                host.release_home(h, page_size, pages)
+            }
+        };
+        // Worst case: one mapping per page (plus the pieces around); with a home, the range
+        // and a few pages whose home frame was still held (a late copy's) when they came
+        // back.
+        let need = if home.is_some() {
+            HOMED_MAPS
+        } else {
+            pages + 2
+        };
         let limits = self.shared.config.limits;
         let limit = limits.limit();
         let in_use = mappings_in_use();
         let reserved = self.shared.reserved_maps.load(Ordering::Relaxed);
         if in_use + reserved + need + limits.headroom > limit {
+            unhome();
             return Err(UffdError::MapCountLimit {
                 pages,
                 in_use,
@@ -316,7 +380,14 @@ impl PointerSpace {
             });
         }
         let map_err = |op| move |source| UffdError::Map { op, len, source };
-        let hole = sys::memfd(c"drm-pagemap-range", len).map_err(map_err("memfd_create"))?;
+        let hole = match home {
+            Some(_) => None,
+            None => Some(
+                sys::memfd(c"drm-pagemap-range", len)
+                    .map_err(map_err("memfd_create"))
+                    .inspect_err(|_| unhome())?,
+            ),
+        };
         // A range of 2 MiB or more starts on a 2 MiB boundary (as the kernel aligns large
         // anonymous mappings), so 2 MiB chunks of it (the SVM layer's) line up.
         let align = if len >= 2 << 20 {
@@ -324,31 +395,50 @@ impl PointerSpace {
         } else {
             ps.max(GRANULE)
         };
-        let start = sys::reserve(len, align.max(ps)).map_err(map_err("mmap (reserve)"))?;
+        let start = sys::reserve(len, align.max(ps))
+            .map_err(map_err("mmap (reserve)"))
+            .inspect_err(|_| unhome())?;
         let undo = |e| {
             sys::munmap(start, len);
+            unhome();
             e
         };
+        let (fd, offset) = match (&hole, home) {
+            (Some(hole), _) => (hole.as_fd(), 0),
+            (None, Some(h)) => (self.shared.mem.frame_fd(), h.0 * GRANULE),
+            (None, None) => unreachable!("a range without a home has a hole file"),
+        };
         // SAFETY: [start, start + len) was just reserved by `sys::reserve` for this range.
-        unsafe { sys::map_fixed(start, len, hole.as_fd(), 0) }
+        unsafe { sys::map_fixed(start, len, fd, offset) }
             .map_err(map_err("mmap (range)"))
+            .map_err(undo)?;
+        // Not inherited by a child process (see the crate doc's "fork").
+        sys::dont_fork(start, len)
+            .map_err(map_err("madvise (MADV_DONTFORK)"))
             .map_err(undo)?;
         sys::uffd_register(uffd.as_fd(), start, len)
             .map_err(map_err("UFFDIO_REGISTER"))
             .map_err(undo)?;
         let va = VaRange::new(start, len);
-        self.shared
-            .mm
-            .create_range(va, page_size)
-            .map_err(|source| UffdError::Engine { range: va, source })
-            .map_err(undo)?;
+        match home {
+            Some(h) => self.shared.mm.create_range_homed(va, page_size, h),
+            None => self.shared.mm.create_range(va, page_size),
+        }
+        .map_err(|source| UffdError::Engine { range: va, source })
+        .map_err(undo)?;
+        match home {
+            Some(h) => frames.extend((0..pages).map(|i| h.0 + i * page_size.granules())),
+            None => frames.resize(pages as usize, NO_FRAME),
+        }
         let state = Arc::new(RangeState {
             start,
             len,
             page_bytes: ps,
+            home,
+            maps: need,
             _hole: hole,
             inner: Mutex::new(RangeInner {
-                frames: vec![NO_FRAME; pages as usize],
+                frames,
                 dead: false,
             }),
         });
@@ -370,40 +460,25 @@ impl PointerSpace {
 impl Drop for PointerSpace {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        let h = self
-            .shared
-            .handler
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(mut h) = h {
-            sys::eventfd_signal(h.wake.as_fd());
-            if let Some(t) = h.thread.take() {
-                let _ = t.join();
-            }
+        let f = self.faults.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Detaching waits for this space's faults in service; the last space ends the
+        // handler's threads. The userfaultfd closes with the last `Faults`.
+        if let Some((faults, attached)) = f {
+            drop(attached);
+            drop(faults);
         }
     }
 }
 
-fn handler_loop(shared: &Shared, uffd: &OwnedFd, wake: &OwnedFd) {
-    while !shared.stop.load(Ordering::Acquire) {
-        if sys::poll2(uffd.as_fd(), wake.as_fd(), 1000).is_err() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        loop {
-            match sys::uffd_read(uffd.as_fd()) {
-                Ok(Some(msg)) if msg.event == sys::EVENT_PAGEFAULT => {
-                    serve(shared, uffd, msg.address, msg.thread_id())
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    note_error(shared, format!("reading the userfaultfd: {e}"));
-                    break;
-                }
-            }
-        }
+/// The fault of thread `tid` at `addr` cannot be served: the thread gets SIGBUS.
+fn give_up(shared: &Shared, uffd: &OwnedFd, addr: u64, tid: i32) {
+    shared.sigbus.fetch_add(1, Ordering::Relaxed);
+    if sys::sigbus(tid).is_err() {
+        // The thread is gone: nothing waits.
+        return;
     }
+    // The signal interrupts the wait; wake it too in case it is already past it.
+    let _ = sys::uffd_wake(uffd.as_fd(), addr & !(GRANULE - 1), GRANULE);
 }
 
 fn note_error(shared: &Shared, e: String) {
@@ -423,7 +498,7 @@ fn serve(shared: &Shared, uffd: &OwnedFd, addr: u64, tid: i32) {
         let _ = sys::uffd_wake(uffd.as_fd(), addr & !(GRANULE - 1), GRANULE);
         return;
     };
-    let give_up =
+    let deadline =
         std::time::Instant::now() + shared.config.fault_retry.unwrap_or(Duration::from_secs(1));
     loop {
         let mut inner = r.lock();
@@ -445,6 +520,8 @@ fn serve(shared: &Shared, uffd: &OwnedFd, addr: u64, tid: i32) {
                         frame.0 * GRANULE,
                     )?
                 };
+                // Not inherited by a child process, like the rest of the range.
+                sys::dont_fork(page_va, r.page_bytes)?;
                 sys::uffd_register(uffd.as_fd(), page_va, r.page_bytes)?;
                 inner.frames[i] = frame.0;
             }
@@ -460,14 +537,8 @@ fn serve(shared: &Shared, uffd: &OwnedFd, addr: u64, tid: i32) {
             Err(e) => note_error(shared, format!("fault at {addr:#x}: {e}")),
         }
         drop(inner);
-        if gone || std::time::Instant::now() >= give_up {
-            shared.sigbus.fetch_add(1, Ordering::Relaxed);
-            if sys::sigbus(tid).is_err() {
-                // The thread is gone: nothing waits.
-                return;
-            }
-            // The signal interrupts the wait; wake it too in case it is already past it.
-            let _ = sys::uffd_wake(uffd.as_fd(), addr & !(GRANULE - 1), GRANULE);
+        if gone || std::time::Instant::now() >= deadline {
+            give_up(shared, uffd, addr, tid);
             return;
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -519,6 +590,14 @@ impl PointerRange {
         self.page_size
     }
 
+    /// Whether it is one mapping of a home extent of the frame file (its pages come home to
+    /// frames of their own, so faults map nothing and the range needs one mapping), rather
+    /// than mapped page by page (a host memory that does not place frames, such as CUDA's,
+    /// or [`UffdConfig::scattered`]).
+    pub fn coalesced(&self) -> bool {
+        self.state.home.is_some()
+    }
+
     /// The space it belongs to.
     pub fn space(&self) -> &Arc<PointerSpace> {
         &self.space
@@ -559,10 +638,18 @@ impl PointerRange {
         inner.dead = true;
         let result = shared.mm.free_range(self.state.start);
         sys::munmap(self.state.start, self.state.len);
-        shared.reserved_maps.fetch_sub(
-            self.state.len / self.state.page_bytes + 2,
-            Ordering::Relaxed,
-        );
+        if let Some(h) = self.state.home {
+            // After the engine let go of the range's frames (a frame a late copy still
+            // writes returns to the pool when it is freed).
+            shared.mm.host().release_home(
+                h,
+                self.page_size,
+                self.state.len / self.state.page_bytes,
+            );
+        }
+        shared
+            .reserved_maps
+            .fetch_sub(self.state.maps, Ordering::Relaxed);
         drop(inner);
         result.map_err(|source| UffdError::Engine {
             range: self.range(),

@@ -203,29 +203,40 @@ pub(crate) fn uffd_read(fd: BorrowedFd<'_>) -> io::Result<Option<UffdMsg>> {
     Ok((n as usize == size_of::<UffdMsg>()).then_some(msg))
 }
 
-/// Waits until `a` or `b` is readable, at most `timeout_ms`.
-pub(crate) fn poll2(a: BorrowedFd<'_>, b: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<()> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a valid array of two pollfd for the call's duration.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+/// A close-on-exec epoll instance (the fault handler's: every space's userfaultfd and its
+/// stop signal).
+pub(crate) fn epoll() -> io::Result<OwnedFd> {
+    // SAFETY: epoll_create1 takes one integer and touches no memory.
+    owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })
+}
+
+/// `epoll_ctl` of `fd` in `ep` with `events` and the token `data` (ignored by `EPOLL_CTL_DEL`).
+pub(crate) fn epoll_ctl(
+    ep: BorrowedFd<'_>,
+    op: libc::c_int,
+    fd: BorrowedFd<'_>,
+    events: u32,
+    data: u64,
+) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: data };
+    // SAFETY: `ev` is a valid epoll_event for the call's duration; both descriptors are open.
+    check(unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) }).map(|_| ())
+}
+
+/// Waits at most `timeout_ms` for one event of `ep`: its token, or `None` (timeout or signal).
+pub(crate) fn epoll_wait1(ep: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<Option<u64>> {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: room for exactly one event, valid for the call's duration.
+    let rc = unsafe { libc::epoll_wait(ep.as_raw_fd(), &mut ev, 1, timeout_ms) };
     match check(rc) {
-        Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
-        r => r.map(|_| ()),
+        Ok(0) => Ok(None),
+        Ok(_) => Ok(Some(ev.u64)),
+        Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
-/// A close-on-exec eventfd (the handler's stop signal).
+/// A close-on-exec eventfd (the fault handler's stop signal).
 pub(crate) fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: eventfd takes two integers and touches no memory.
     owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })
@@ -364,6 +375,16 @@ pub(crate) fn zap(addr: u64, len: u64) -> io::Result<()> {
     // SAFETY: MADV_DONTNEED on a shared file mapping changes no content, only page tables;
     // the crate calls it on its own mappings.
     check(unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) })
+        .map(|_| ())
+}
+
+/// Marks `[addr, addr + len)` not to be inherited by a child process (`MADV_DONTFORK`): the
+/// child has nothing mapped there, so a touch is SIGSEGV rather than a look at frames the
+/// parent goes on moving and reusing.
+pub(crate) fn dont_fork(addr: u64, len: u64) -> io::Result<()> {
+    // SAFETY: MADV_DONTFORK only changes how the mapping is copied at fork; the crate calls
+    // it on its own mappings.
+    check(unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTFORK) })
         .map(|_| ())
 }
 

@@ -360,6 +360,8 @@ fn a_range_that_could_exceed_the_map_count_is_refused() {
     if !available() {
         return;
     }
+    // Page by page (a host memory that does not place frames): one mapping per page at
+    // worst, counted at creation.
     let r = rig(
         1,
         UffdConfig {
@@ -367,6 +369,7 @@ fn a_range_that_could_exceed_the_map_count_is_refused() {
                 max_map_count: Some(drm_pagemap_uffd::limits::mappings_in_use() + 5000),
                 headroom: 1000,
             },
+            scattered: true,
             ..UffdConfig::default()
         },
     );
@@ -673,5 +676,230 @@ fn ranges_of_2_mib_or_more_start_on_a_2_mib_boundary() {
         // Smaller ones keep their page size's alignment.
         let small = r.space.create_range(16 << 10, PageSize::Size4K).unwrap();
         assert_eq!(small.range().start % 4096, 0);
+    });
+}
+
+#[test]
+fn a_slow_fault_of_one_space_does_not_hold_up_another_space() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        // Space `slow`: its device's copies take a second. Space `fast`: no latency. One
+        // handler serves both.
+        let slow = rig_with(1, UffdConfig::default(), Duration::from_secs(1));
+        let fast = rig(1, UffdConfig::default());
+        let ps = Arc::new(slow.space.create_range(4096, PageSize::Size4K).unwrap());
+        let pf = fast.space.create_range(4096, PageSize::Size4K).unwrap();
+        ps.word(0).unwrap().store(1, Ordering::Relaxed);
+        pf.word(0).unwrap().store(2, Ordering::Relaxed);
+        let d = MigrateDetails::default();
+        slow.mm.migrate(ps.range(), PagemapId(0), &d).unwrap();
+        fast.mm.migrate(pf.range(), PagemapId(0), &d).unwrap();
+        let t0 = Instant::now();
+        let slow_load = {
+            let ps = ps.clone();
+            std::thread::spawn(move || {
+                assert_eq!(ps.word(0).unwrap().load(Ordering::Relaxed), 1);
+                Instant::now()
+            })
+        };
+        // The slow fault is in service (its copy home takes a second) when this one comes.
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        assert_eq!(pf.word(0).unwrap().load(Ordering::Relaxed), 2);
+        let fast_done = Instant::now();
+        let slow_done = slow_load.join().unwrap();
+        println!(
+            "fast space's fault: {:?} while the slow one's took {:?}",
+            fast_done - t,
+            slow_done - t0
+        );
+        assert!(slow_done - t0 >= Duration::from_millis(900));
+        assert!(
+            fast_done < slow_done && fast_done - t < Duration::from_millis(500),
+            "the fast space's fault waited {:?} behind the slow one's",
+            fast_done - t
+        );
+    });
+}
+
+/// A CPU mapping layer that is not this crate's.
+struct Foreign;
+impl drm_pagemap_core::CpuMappings for Foreign {
+    fn take_out(&self, _: VaRange) {}
+}
+
+#[test]
+fn one_pointer_space_per_address_space() {
+    let Rig {
+        _sim,
+        mm,
+        mem,
+        space,
+    } = rig(1, UffdConfig::default());
+    let e = PointerSpace::new(mm.clone(), mem.clone(), UffdConfig::default()).unwrap_err();
+    assert!(matches!(e, UffdError::AlreadyAttached { .. }), "{e}");
+    assert!(e.to_string().contains("a live PointerSpace"), "{e}");
+    assert!(Arc::ptr_eq(&PointerSpace::attached(&mm).unwrap(), &space));
+    // Once the first is dropped, a new one attaches (the engine keeps the layer the first
+    // installed; the new space takes it over) and its ranges work.
+    drop(space);
+    assert!(PointerSpace::attached(&mm).is_none());
+    let second = PointerSpace::new(mm.clone(), mem.clone(), UffdConfig::default()).unwrap();
+    assert!(Arc::ptr_eq(&PointerSpace::attached(&mm).unwrap(), &second));
+    match second.create_range(4 * 4096, PageSize::Size4K) {
+        Ok(pr) => {
+            pr.word(9).unwrap().store(99, Ordering::Relaxed);
+            mm.migrate(pr.range(), PagemapId(0), &MigrateDetails::default())
+                .unwrap();
+            assert_eq!(pr.word(9).unwrap().load(Ordering::Relaxed), 99);
+            assert!(second.fault_stats().served >= 1);
+        }
+        Err(e @ (UffdError::Unavailable { .. } | UffdError::MissingFeature { .. })) => {
+            println!("skipped: {e}")
+        }
+        Err(e) => panic!("{e}"),
+    }
+    // An address space with somebody else's layer is refused too, naming that.
+    let other = Arc::new(AddressSpace::new(_sim.host_memory()));
+    other
+        .set_cpu_mappings(Arc::new(Foreign))
+        .unwrap_or_else(|_| panic!("fresh"));
+    let e = PointerSpace::new(other.clone(), mem, UffdConfig::default()).unwrap_err();
+    assert!(e.to_string().contains("not drm-pagemap-uffd's"), "{e}");
+    assert!(PointerSpace::attached(&other).is_none());
+}
+
+#[test]
+fn a_range_of_more_4_kib_pages_than_the_map_count_is_one_mapping() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(120), || {
+        // 70,000 pages of 4 KiB against the usual limit of 65,530 mappings.
+        let pages = 70_000u64;
+        let mem = Arc::new(MemfdMemory::new(pages * 4096 + (64 << 20)).unwrap());
+        let sim = SimBackend::new(SimConfig {
+            devices: 1,
+            device_capacity: 64 << 20,
+            host_bytes: Some(mem.clone()),
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let mm = Arc::new(AddressSpace::new(sim.host_memory()));
+        for pm in sim.pagemap_per_device().unwrap() {
+            mm.add_pagemap(pm).unwrap();
+        }
+        let limits = drm_pagemap_uffd::limits::MapLimits {
+            max_map_count: Some(drm_pagemap_uffd::limits::DEFAULT_MAX_MAP_COUNT),
+            ..Default::default()
+        };
+        let config = UffdConfig {
+            limits,
+            ..UffdConfig::default()
+        };
+        let space = PointerSpace::new(mm.clone(), mem.clone(), config).unwrap();
+        let pr = space.create_range(pages * 4096, PageSize::Size4K).unwrap();
+        assert!(pr.coalesced());
+        let span = pr.range();
+        // Scattered 4 KiB runs: every 7th page stored, every 14th through the device.
+        for p in (0..pages).step_by(7) {
+            pr.word(p * 512 + 1).unwrap().store(p, Ordering::Relaxed);
+        }
+        for p in (0..pages).step_by(14).take(1000) {
+            mm.migrate(
+                VaRange::new(span.start + p * 4096, 4096),
+                PagemapId(0),
+                &MigrateDetails::default(),
+            )
+            .unwrap();
+        }
+        for p in (0..pages).step_by(7) {
+            assert_eq!(pr.word(p * 512 + 1).unwrap().load(Ordering::Relaxed), p);
+        }
+        assert_eq!(
+            drm_pagemap_uffd::limits::mappings_within(span.start, span.len),
+            1
+        );
+        assert_eq!(space.fault_stats().errors, 0);
+        // Page by page, the same range is refused: its worst case does not fit.
+        drop(pr);
+        drop(space);
+        let scattered = UffdConfig {
+            limits,
+            scattered: true,
+            ..UffdConfig::default()
+        };
+        let space = PointerSpace::new(mm.clone(), mem.clone(), scattered).unwrap();
+        let e = space
+            .create_range(pages * 4096, PageSize::Size4K)
+            .unwrap_err();
+        assert!(matches!(e, UffdError::MapCountLimit { .. }), "{e}");
+        // Where the host memory has no room for the extent, a range maps page by page.
+        drop(space);
+        let space = PointerSpace::new(mm, mem, UffdConfig::default()).unwrap();
+        let big = space.create_range(512 << 20, PageSize::Size2M).unwrap();
+        assert!(!big.coalesced());
+        big.word(0).unwrap().store(3, Ordering::Relaxed);
+        assert_eq!(big.word(0).unwrap().load(Ordering::Relaxed), 3);
+    });
+}
+
+#[test]
+fn a_page_whose_home_frame_is_held_comes_back_elsewhere_and_later_home() {
+    if !available() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        // Copies take 200 ms; the way back to RAM gives up after 50 ms at first, keeping
+        // the home frame aside for the late copy.
+        let r = rig_with(1, UffdConfig::default(), Duration::from_millis(200));
+        let pr = Arc::new(r.space.create_range(4 * 4096, PageSize::Size4K).unwrap());
+        assert!(pr.coalesced());
+        let span = pr.range();
+        for p in 0..4 {
+            pr.word(p * 512).unwrap().store(10 + p, Ordering::Relaxed);
+        }
+        let page1 = VaRange::new(span.start + 4096, 4096);
+        r.mm.migrate(page1, PagemapId(0), &MigrateDetails::default())
+            .unwrap();
+        r.mm.set_to_ram_fence_timeout(Some(Duration::from_millis(50)));
+        let lifter = {
+            let mm = r.mm.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(120));
+                mm.set_to_ram_fence_timeout(None);
+            })
+        };
+        // The fault's first attempts time out (retried); one after the lift succeeds, while
+        // the home frame is still held by the first attempt's copy: another frame.
+        assert_eq!(pr.word(512).unwrap().load(Ordering::Relaxed), 11);
+        lifter.join().unwrap();
+        let stats = r.space.fault_stats();
+        assert!(stats.errors >= 1 && stats.sigbus == 0, "{stats:?}");
+        let within = drm_pagemap_uffd::limits::mappings_within(span.start, span.len);
+        assert_eq!(within, 3, "page 1 mapped over itself alone");
+        for p in 0..4 {
+            assert_eq!(pr.word(p * 512).unwrap().load(Ordering::Relaxed), 10 + p);
+        }
+        // Once the late copy is over its frame is free again: the page's next way home
+        // lands in it and the range is one mapping again.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut one = false;
+        for _ in 0..5 {
+            r.mm.migrate(page1, PagemapId(0), &MigrateDetails::default())
+                .unwrap();
+            assert_eq!(pr.word(512).unwrap().load(Ordering::Relaxed), 11);
+            if drm_pagemap_uffd::limits::mappings_within(span.start, span.len) == 1 {
+                one = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(one, "page 1 never came back to its home frame");
+        for p in 0..4 {
+            assert_eq!(pr.word(p * 512).unwrap().load(Ordering::Relaxed), 10 + p);
+        }
     });
 }
