@@ -44,8 +44,8 @@
 //! registered with the driver as `cuda.host_memfd=1` makes it; the range a `PointerRange`),
 //! filled with plain stores through its pointer and verified with loads through it (a page on
 //! a device faults home through userfaultfd); same migration, output and exit codes. The
-//! default workload is then at most 32768 pages (128 MiB of 4 KiB pages), so that its
-//! mappings fit under the usual `vm.max_map_count`. A backend without pointer ranges, or no
+//! default workload is then at most 32768 pages (128 MiB of 4 KiB pages): checking it through
+//! the pointer faults every page home one at a time. A backend without pointer ranges, or no
 //! usable userfaultfd: one line `migrate: --pointers: REASON` and exit 1.
 
 use clap::{Parser, ValueEnum};
@@ -75,8 +75,10 @@ const BASE: u64 = 1 << 40;
 const DEFAULT_BYTES: u64 = 1 << 30;
 /// Pages per run of one source in the default workload's layout.
 const DEFAULT_RUN: usize = 16;
-/// Most pages of the default workload with `--pointers`: a pointer range may need one mapping
-/// per page, and 65,530 is the usual `vm.max_map_count`.
+/// Most pages of the default workload with `--pointers`: checking it through the pointer
+/// faults every page home one at a time (and a range mapped page by page, where the host
+/// memory does not place frames, needs a mapping per page: 65,530 is the usual
+/// `vm.max_map_count`).
 const POINTER_DEFAULT_PAGES: u64 = 32768;
 
 /// What `--help` says after the flags.

@@ -66,6 +66,7 @@ mod cpu_map;
 mod error;
 mod extent;
 pub mod fence;
+mod homes;
 mod mapping;
 mod migrate;
 mod mm;
@@ -98,6 +99,7 @@ pub use fence::{
     FenceContexts, FenceOps, FenceStatus, FenceTimeline, HostFence, NativeFence, NativeFenceKind,
     NativeWait, sort_dependencies,
 };
+pub use homes::HomeExtents;
 pub use migrate::{
     CopyCall, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming, WhileCopying,
 };

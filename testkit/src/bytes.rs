@@ -88,7 +88,7 @@ pub struct BytesHostMemory {
     mem_id: u16,
     bytes: Arc<dyn FrameBytes>,
     frames: ExtentAllocator,
-    homes: crate::homes::Homes,
+    homes: drm_pagemap_core::HomeExtents,
 }
 
 impl BytesHostMemory {
@@ -171,65 +171,41 @@ impl crate::HostMemory for BytesHostMemory {
         page_size: crate::PageSize,
         frames: &mut [crate::HostFrame],
     ) -> Result<(), crate::BackendError> {
-        /// An entry still to be given a pool frame.
-        const ANY: crate::HostFrame = crate::HostFrame(u64::MAX);
-        let mut homes = self.homes.lock();
-        let mut need = 0;
-        for f in frames.iter_mut() {
-            if !homes.claim(*f, page_size) {
-                *f = ANY;
-                need += 1;
-            }
-        }
-        if need == 0 {
-            return Ok(());
-        }
-        let mut starts = Vec::new();
-        if !self
-            .frames
-            .alloc_pages(need, page_size.granules(), &mut starts)
-        {
-            // All or nothing: the home frames claimed above go back.
-            for &f in frames.iter().filter(|&&f| f != ANY) {
-                homes.unclaim(f, page_size);
-            }
-            return Err(self.out_of_memory(frames.len(), page_size));
-        }
-        for (f, s) in frames.iter_mut().filter(|f| **f == ANY).zip(starts) {
-            *f = crate::HostFrame(s);
-        }
-        Ok(())
+        let count = frames.len();
+        self.homes.alloc_at(
+            page_size,
+            frames,
+            |_| Ok(()),
+            |rest| {
+                let mut starts = Vec::new();
+                if !self
+                    .frames
+                    .alloc_pages(rest.len(), page_size.granules(), &mut starts)
+                {
+                    return Err(self.out_of_memory(count, page_size));
+                }
+                for (f, s) in rest.iter_mut().zip(starts) {
+                    *f = crate::HostFrame(s);
+                }
+                Ok(())
+            },
+        )
     }
 
     fn reserve_home(&self, page_size: crate::PageSize, pages: u64) -> Option<crate::HostFrame> {
-        self.homes.lock().reserve(&self.frames, page_size, pages)
+        self.homes.reserve(&self.frames, page_size, pages)
     }
 
     fn release_home(&self, first: crate::HostFrame, _page_size: crate::PageSize, _pages: u64) {
-        self.homes.lock().release(&self.frames, first)
+        self.homes.release(&self.frames, first)
     }
 
     fn free_frames(&self, frames: &[crate::HostFrame], page_size: crate::PageSize) {
         for f in frames {
             self.bytes.release(f.0 * GRANULE, page_size.bytes());
         }
-        let mut homes = self.homes.lock();
         // Frames of home extents go back to their extent, the others to the pool.
-        let mut home = [false; 64];
-        let mut any_home = false;
-        for chunk in frames.chunks(64) {
-            for (h, &f) in home.iter_mut().zip(chunk) {
-                *h = homes.unclaim(f, page_size);
-                any_home |= *h;
-            }
-            self.frames.free_page_iter(
-                chunk.iter().zip(home).filter(|(_, h)| !h).map(|(f, _)| f.0),
-                page_size.granules(),
-            );
-        }
-        if any_home {
-            homes.sweep(&self.frames);
-        }
+        self.homes.free(&self.frames, frames, page_size);
     }
 
     fn read(

@@ -29,7 +29,6 @@
 
 pub mod bytes;
 pub mod fence;
-mod homes;
 pub mod inject;
 pub mod layout;
 pub mod mem;

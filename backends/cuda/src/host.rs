@@ -48,6 +48,9 @@ pub struct PinnedHostMemory {
     chunks: Box<[OnceLock<Chunk>]>,
     grow: Mutex<()>,
     frames: ExtentAllocator,
+    /// Home extents of pointer ranges (`HostMemory::reserve_home`): a page of such a range
+    /// comes home into its own frame, so the range is one mapping of the memfd.
+    homes: drm_pagemap_core::HomeExtents,
     capacity: u64,
     devices: u32,
     /// The memfd the chunks are registered from (`cuda.host_memfd`), else `None`.
@@ -105,6 +108,7 @@ impl PinnedHostMemory {
             chunks: chunks.into_boxed_slice(),
             grow: Mutex::new(()),
             frames: ExtentAllocator::new(n * HOST_CHUNK / GRANULE),
+            homes: Default::default(),
             capacity: n * HOST_CHUNK,
             devices,
             file,
@@ -323,10 +327,36 @@ impl HostMemory for PinnedHostMemory {
     }
 
     fn free_frames(&self, frames: &[HostFrame], page_size: PageSize) {
-        // Back to the allocator only: the memory stays pinned (and, with a memfd, is not
-        // punched out: a registered page cannot be), see the type's docs.
-        self.frames
-            .free_page_iter(frames.iter().map(|f| f.0), page_size.granules());
+        // Back to the allocator (or to their home extent) only: the memory stays pinned
+        // (and, with a memfd, is not punched out: a registered page cannot be), see the
+        // type's docs.
+        self.homes.free(&self.frames, frames, page_size);
+    }
+
+    fn alloc_frames_at(
+        &self,
+        page_size: PageSize,
+        frames: &mut [HostFrame],
+    ) -> Result<(), BackendError> {
+        let chunk = HOST_CHUNK / GRANULE;
+        self.homes.alloc_at(
+            page_size,
+            frames,
+            // A home frame's chunk is backed (pinned) when the frame is first handed out.
+            |f| self.back((f.0 / chunk) as usize),
+            |rest| self.alloc_frames(page_size, rest),
+        )
+    }
+
+    /// Home extents only for memory a range can map (the memfd): `cuMemHostAlloc` chunks
+    /// lie apart, so a range there maps page by page whatever the frames.
+    fn reserve_home(&self, page_size: PageSize, pages: u64) -> Option<HostFrame> {
+        self.file.as_ref()?;
+        self.homes.reserve(&self.frames, page_size, pages)
+    }
+
+    fn release_home(&self, first: HostFrame, _page_size: PageSize, _pages: u64) {
+        self.homes.release(&self.frames, first)
     }
 
     fn read(&self, frame: HostFrame, offset: usize, buf: &mut [u8]) -> Result<(), BackendError> {

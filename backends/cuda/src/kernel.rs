@@ -230,6 +230,7 @@ impl Kernels {
     }
 
     /// Whether the module has the bulk-copy kernel (`launch_copy` with `bulk`).
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub(crate) fn has_bulk(&self) -> bool {
         self.bulk.is_some()
     }

@@ -29,7 +29,7 @@
 //!   (`UFFD_FEATURE_MISSING_SHMEM`, `UFFD_FEATURE_MINOR_SHMEM`). The range's address in the
 //!   engine is the pointer.
 //! - **Coalesced** ([`PointerRange::coalesced`], the default where the host memory places
-//!   frames, as the simulated backend's does): the range gets a *home extent* of the frame
+//!   frames, as the simulated backend's and CUDA's memfd memory do): the range gets a *home extent* of the frame
 //!   file (`HostMemory::reserve_home`: `pages` frames taken out of the pool, holding no
 //!   memory until written) and the engine range is made with it
 //!   (`AddressSpace::create_range_homed`): whenever a page needs a system frame (first
@@ -39,7 +39,7 @@
 //!   exception is a page whose home frame is still held when it comes back (a frame kept
 //!   aside for a copy that timed out and may still write it): it gets another frame, mapped
 //!   over that page alone until it comes home again (the mapping then merges back).
-//! - **Page by page** (a host memory that does not place frames, such as CUDA's; one with
+//! - **Page by page** (a host memory that does not place frames; one with
 //!   no room for the extent; [`UffdConfig::scattered`]): the range is first mapped from an
 //!   empty memfd of its own, and each page's frame is mapped over it when the page faults.
 //! - A fault (a first touch: missing; a page taken out: minor, its data still in the page
@@ -98,8 +98,8 @@
 //!   addresses merge); it is refused at creation ([`UffdError::MapCountLimit`]) unless that
 //!   worst case fits under `vm.max_map_count` with headroom, counting the worst case of the
 //!   live ranges: with 4 KiB pages and the usual limit of 65,530, about 240 MiB of such
-//!   ranges; 2 MiB pages reach 120 GiB. On CUDA (no placement yet) every range is mapped
-//!   page by page.
+//!   ranges; 2 MiB pages reach 120 GiB. CUDA's memfd memory places frames (its home
+//!   extents' 64 MiB chunks are pinned when a frame of theirs is first handed out).
 //! - **Home extents take pool capacity**: a coalesced range's extent is taken out of the
 //!   host memory's frame pool for the range's life, even while its pages live on devices
 //!   (it holds no memory then: only the pool's numbering). Coalesced pointer ranges

@@ -592,8 +592,9 @@ impl PointerRange {
 
     /// Whether it is one mapping of a home extent of the frame file (its pages come home to
     /// frames of their own, so faults map nothing and the range needs one mapping), rather
-    /// than mapped page by page (a host memory that does not place frames, such as CUDA's,
-    /// or [`UffdConfig::scattered`]).
+    /// than mapped page by page (a host memory that does not place frames, such as CUDA's
+    /// without `cuda.host_memfd`, a pool without room for the extent, or
+    /// [`UffdConfig::scattered`]).
     pub fn coalesced(&self) -> bool {
         self.state.home.is_some()
     }

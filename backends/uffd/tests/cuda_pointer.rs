@@ -643,6 +643,11 @@ fn the_migrate_tools_pointer_workload_on_cuda() {
         }
         Err(e) => panic!("{e}"),
     };
+    // The memfd host memory places frames: the range is one mapping of its home extent.
+    assert!(
+        pr.coalesced(),
+        "a CUDA pointer range over the memfd is coalesced"
+    );
     let done = Arc::new(AtomicBool::new(false));
     let monitor = {
         let (space, done) = (space.clone(), done.clone());
