@@ -243,8 +243,10 @@ fn many_threads_submitting_keep_each_threads_order() {
         })
         .collect();
     let host = r.backend.pinned_host();
-    for h in hs {
-        let (a, pfns, keep, seed) = h.join().unwrap();
+    // Every thread done before any read-back (which checks that it took the stream: no
+    // other thread may submit meanwhile).
+    let done: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    for (a, pfns, keep, seed) in done {
         for (k, b) in read_back(&r, &pfns, ps).iter().enumerate() {
             assert!(
                 *b == pattern(seed, k as u64, ps.bytes()),
