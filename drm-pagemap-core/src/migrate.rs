@@ -692,6 +692,10 @@ impl AddressSpace {
         // Wait once for everything issued, then for the pre-migrate fence (it orders the
         // clear of pages no call wrote, such as holes, and carries its error). On a
         // failure the transaction rolls back: the sources are untouched.
+        // While the device copies, prepare what the commit would otherwise compute under
+        // the lock (large migrations; nothing of it changes any state).
+        let prep = (failure.is_none() && span.count >= COMMIT_PREP_MIN)
+            .then(|| job.prepare_commit(frames));
         let waited = txn.wait(failure);
         let t3 = Instant::now();
         timing.wait = t3 - t2;
@@ -702,7 +706,7 @@ impl AddressSpace {
             traced.then(|| tracing::trace_span!(target: "drm_pagemap", "commit").entered());
         txn.commit();
         let expires = crate::time::saturating_after(t3, details.timeslice);
-        let generation = job.commit(alloc, expires, frames);
+        let generation = job.commit(alloc, expires, frames, prep);
         drop(committing);
         timing.commit = t3.elapsed();
         // The latency: the sum of the phases (no further clock reading or subtraction).
@@ -819,6 +823,20 @@ fn source_pfns(allocs: &crate::alloc::AllocTable, snapshot: &[PageEntry], out: &
     }
 }
 
+/// Migrations of at least this many pages prepare their commit while the copies run
+/// ([`Job::prepare_commit`]); smaller ones compute it under the lock (a few pages' worth).
+const COMMIT_PREP_MIN: usize = 4096;
+
+/// What a large migration's commit needs, computed while the copies run: the new
+/// allocation's reverse map and the runs of source pages by allocation.
+struct CommitPrep {
+    /// The destination allocation's reverse map after the commit.
+    rmap: Vec<RmapEntry>,
+    /// Runs of device pages of one source allocation: (allocation slot, first snapshot
+    /// index, pages).
+    runs: Vec<(u32, usize, usize)>,
+}
+
 /// One migration in progress, between collect and commit.
 struct Job<'a> {
     mm: &'a AddressSpace,
@@ -919,12 +937,57 @@ impl Job<'_> {
         }
     }
 
+    /// The system frames the commit frees (into `frames`, cleared first), the destination's
+    /// reverse map and the runs of source pages by allocation: what [`Job::commit`] needs
+    /// that depends only on the locked pages' snapshot.
+    fn prepare_commit(&self, frames: &mut Vec<HostFrame>) -> CommitPrep {
+        let span = self.span;
+        frames.clear();
+        frames.extend(
+            self.snapshot
+                .iter()
+                .filter(|e| e.kind() == Kind::System)
+                .map(|e| e.frame()),
+        );
+        let rmap = (0..span.count)
+            .map(|k| RmapEntry::new(span.slot, (span.first + k) as u32))
+            .collect();
+        let mut runs = Vec::new();
+        let snap = self.snapshot;
+        let mut i = 0;
+        while i < snap.len() {
+            if snap[i].kind() != Kind::Device {
+                i += 1;
+                continue;
+            }
+            let slot = snap[i].slot();
+            let start = i;
+            while i < snap.len() && snap[i].kind() == Kind::Device && snap[i].slot() == slot {
+                i += 1;
+            }
+            runs.push((slot, start, i - start));
+        }
+        CommitPrep { rmap, runs }
+    }
+
     /// Switches every page to the destination, frees the old pages, unlocks.
-    /// `frames`: scratch space (cleared first).
+    /// `frames`: scratch space (cleared first, or filled by `prep`).
     /// Commits; returns the range's generation right after.
-    fn commit(&self, alloc: AllocId, expires: Instant, frames: &mut Vec<HostFrame>) -> u64 {
+    fn commit(
+        &self,
+        alloc: AllocId,
+        expires: Instant,
+        frames: &mut Vec<HostFrame>,
+        prep: Option<CommitPrep>,
+    ) -> u64 {
         let mut releases: Vec<Release> = Vec::new();
         let span = self.span;
+        if let Some(prep) = prep {
+            let (generation, old_rmap) = self.commit_prepared(alloc, expires, prep, &mut releases);
+            drop(old_rmap);
+            self.give_back(frames, releases);
+            return generation;
+        }
         frames.clear();
         let generation = {
             let mut guard = self.mm.lock();
@@ -989,6 +1052,67 @@ impl Job<'_> {
             self.mm.notify_unlocked(st);
             st.generation_of(span)
         };
+        self.give_back(frames, releases);
+        generation
+    }
+
+    /// [`Job::commit`] with its work prepared: under the lock, the reverse map swapped in,
+    /// the sources' runs put back (the reverse-map entries of an allocation that goes
+    /// altogether are not cleared one by one), the page table switched. Returns the
+    /// generation and the allocation's old reverse map (to drop after the lock).
+    fn commit_prepared(
+        &self,
+        alloc: AllocId,
+        expires: Instant,
+        prep: CommitPrep,
+        releases: &mut Vec<Release>,
+    ) -> (u64, Vec<RmapEntry>) {
+        let span = self.span;
+        let CommitPrep { mut rmap, runs } = prep;
+        let mut guard = self.mm.lock();
+        let slot = alloc.slot;
+        let dest = self.dest.id();
+        {
+            let rec = guard
+                .allocs
+                .get_mut(alloc)
+                .expect("allocation of a running migration");
+            rec.state = AllocState::Live;
+            rec.live = span.count as u32;
+            rec.expires = expires;
+            std::mem::swap(&mut rec.rmap, &mut rmap);
+        }
+        guard.touch(span.slot, span.first, span.count);
+        let st = &mut *guard;
+        let allocs = &mut st.allocs;
+        for (src, start, n) in runs {
+            let a = allocs.by_slot_mut(src);
+            if !(a.live as usize == n && a.state == AllocState::Live) {
+                for e in &self.snapshot[start..start + n] {
+                    a.rmap[e.index() as usize] = RmapEntry::EMPTY;
+                }
+            }
+            allocs.put_pages(src, n as u32, releases);
+        }
+        let table = &mut st.range_slots[span.slot as usize]
+            .as_mut()
+            .expect("range slot in use")
+            .pages;
+        let mut k = 0u32;
+        for pages in table.slices_mut(span.first, span.count) {
+            for (j, new) in pages.iter_mut().enumerate() {
+                *new = PageEntry::device(dest, slot, k + j as u32);
+            }
+            k += pages.len() as u32;
+        }
+        self.mm.notify_unlocked(st);
+        (st.generation_of(span), rmap)
+    }
+
+    /// Gives back the old pages (`frames`, the system frames; `releases`, the allocations
+    /// whose last pages went): now or in the background ([`crate::ReleaseMode`]).
+    fn give_back(&self, frames: &mut Vec<HostFrame>, releases: Vec<Release>) {
+        let span = self.span;
         if self.mm.reclaim.is_background() {
             // The scratch buffer goes with the job (the next migration makes another).
             let host = (!frames.is_empty())
@@ -1004,6 +1128,5 @@ impl Job<'_> {
             }
             release_all(releases);
         }
-        generation
     }
 }
