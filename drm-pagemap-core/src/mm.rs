@@ -407,6 +407,7 @@ impl AddressSpace {
     /// commit after it.
     ///
     /// [`ReleaseMode`]: crate::ReleaseMode
+    /// [`ReleaseMode::Inline`]: crate::ReleaseMode::Inline
     pub fn set_release_mode(&self, mode: crate::ReleaseMode) {
         self.reclaim.set_mode(mode);
     }
