@@ -991,26 +991,14 @@ impl Job<'_> {
         frames.clear();
         let generation = {
             let mut guard = self.mm.lock();
-            let slot = alloc.slot;
-            let dest = self.dest.id();
+            for (k, r) in self
+                .go_live(&mut guard, alloc, expires)
+                .iter_mut()
+                .enumerate()
             {
-                let rec = guard
-                    .allocs
-                    .get_mut(alloc)
-                    .expect("allocation of a running migration");
-                rec.state = AllocState::Live;
-                rec.live = span.count as u32;
-                rec.expires = expires;
-                for (k, r) in rec.rmap.iter_mut().enumerate() {
-                    *r = RmapEntry::new(span.slot, (span.first + k) as u32);
-                }
+                *r = RmapEntry::new(span.slot, (span.first + k) as u32);
             }
-            guard.touch(span.slot, span.first, span.count);
             let st = &mut *guard;
-            let table = &mut st.range_slots[span.slot as usize]
-                .as_mut()
-                .expect("range slot in use")
-                .pages;
             let allocs = &mut st.allocs;
             // Separate simple loops (the compiler vectorises them) rather than one loop
             // that branches on every page's kind.
@@ -1041,16 +1029,7 @@ impl Job<'_> {
                     allocs.put_pages(slot, (i - start) as u32, &mut releases);
                 }
             }
-            // One slice per chunk (allocated when the pages were locked).
-            let mut k = 0u32;
-            for pages in table.slices_mut(span.first, span.count) {
-                for (j, new) in pages.iter_mut().enumerate() {
-                    *new = PageEntry::device(dest, slot, k + j as u32);
-                }
-                k += pages.len() as u32;
-            }
-            self.mm.notify_unlocked(st);
-            st.generation_of(span)
+            self.switch_table(st, alloc.slot)
         };
         self.give_back(frames, releases);
         generation
@@ -1067,22 +1046,9 @@ impl Job<'_> {
         prep: CommitPrep,
         releases: &mut Vec<Release>,
     ) -> (u64, Vec<RmapEntry>) {
-        let span = self.span;
         let CommitPrep { mut rmap, runs } = prep;
         let mut guard = self.mm.lock();
-        let slot = alloc.slot;
-        let dest = self.dest.id();
-        {
-            let rec = guard
-                .allocs
-                .get_mut(alloc)
-                .expect("allocation of a running migration");
-            rec.state = AllocState::Live;
-            rec.live = span.count as u32;
-            rec.expires = expires;
-            std::mem::swap(&mut rec.rmap, &mut rmap);
-        }
-        guard.touch(span.slot, span.first, span.count);
+        std::mem::swap(self.go_live(&mut guard, alloc, expires), &mut rmap);
         let st = &mut *guard;
         let allocs = &mut st.allocs;
         for (src, start, n) in runs {
@@ -1094,10 +1060,39 @@ impl Job<'_> {
             }
             allocs.put_pages(src, n as u32, releases);
         }
+        (self.switch_table(st, alloc.slot), rmap)
+    }
+
+    /// Under the lock: the destination allocation goes live with the span's pages (their
+    /// LRU stamp refreshed); returns its reverse map to fill.
+    fn go_live<'s>(
+        &self,
+        st: &'s mut MmState,
+        alloc: AllocId,
+        expires: Instant,
+    ) -> &'s mut Vec<RmapEntry> {
+        let span = self.span;
+        st.touch(span.slot, span.first, span.count);
+        let rec = st
+            .allocs
+            .get_mut(alloc)
+            .expect("allocation of a running migration");
+        rec.state = AllocState::Live;
+        rec.live = span.count as u32;
+        rec.expires = expires;
+        &mut rec.rmap
+    }
+
+    /// Under the lock: every page of the span becomes page `k` of allocation slot `slot` of
+    /// the destination; waiters are woken; returns the range's generation.
+    fn switch_table(&self, st: &mut MmState, slot: u32) -> u64 {
+        let span = self.span;
+        let dest = self.dest.id();
         let table = &mut st.range_slots[span.slot as usize]
             .as_mut()
             .expect("range slot in use")
             .pages;
+        // One slice per chunk (allocated when the pages were locked).
         let mut k = 0u32;
         for pages in table.slices_mut(span.first, span.count) {
             for (j, new) in pages.iter_mut().enumerate() {
@@ -1106,7 +1101,7 @@ impl Job<'_> {
             k += pages.len() as u32;
         }
         self.mm.notify_unlocked(st);
-        (st.generation_of(span), rmap)
+        st.generation_of(span)
     }
 
     /// Gives back the old pages (`frames`, the system frames; `releases`, the allocations
