@@ -361,6 +361,22 @@ pub fn thread_count() -> usize {
         .unwrap_or(0)
 }
 
+/// Threads of this process that are the driver's engine threads (named `ze-soft-q...` and
+/// `ze-soft-imm...`, once they have named themselves): what the driver owns, whatever other
+/// threads the loader or a layer starts meanwhile.
+pub fn engine_thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|t| t.ok())
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("ze-soft-"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// An all-zero C struct of the Level Zero API.
 pub fn zeroed<T: Copy>() -> T {
     // SAFETY: used only for bindgen structs of integers, raw pointers, arrays and newtype enums,
