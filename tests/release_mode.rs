@@ -223,7 +223,9 @@ fn background_release_returns_before_the_old_pages_are_given_back() {
         ["drm-pagemap-reclaim"]
     );
     r.gates[1].open();
-    assert!(r.mm.flush_releases());
+    // The reclaimer may finish before the flush starts (then there is nothing to wait for):
+    // what counts is that the release has run when the flush returns.
+    r.mm.flush_releases();
     assert_eq!(r.gates[1].released.load(Ordering::SeqCst), 1);
     assert_eq!(r.mm.pending_releases(), (0, 0));
     assert!(!r.mm.flush_releases(), "nothing left to wait for");
@@ -356,17 +358,27 @@ fn a_full_queue_releases_inline() {
 #[test]
 fn dropping_the_address_space_runs_the_queued_releases() {
     let r = rig(64, 256, 1024, ReleaseMode::background());
-    for g in &r.gates {
-        *g.delay.lock().unwrap() = Duration::from_millis(30);
-    }
     let d = MigrateDetails::default();
-    for k in [1u8, 0, 1, 0] {
+    r.mm.migrate(r.range, PagemapId(1), &d).unwrap();
+    // Pagemap 1's first release waits at the gate: everything after it queues behind it.
+    r.gates[1].hold_next.store(1, Ordering::SeqCst);
+    for k in [0u8, 1, 0] {
         r.mm.migrate(r.range, PagemapId(k), &d).unwrap();
     }
     check(&r, 1);
     let Rig { mm, gates, .. } = r;
-    assert!(mm.pending_releases().0 >= 1, "releases still queued");
+    eventually("the reclaimer waits at the gate", || {
+        gates[1].waiting.load(Ordering::SeqCst)
+    });
+    assert!(mm.pending_releases().0 >= 2, "releases still queued");
+    // The gate opens a little later, while the drop waits for the queue.
+    let gate = gates[1].clone();
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        gate.open();
+    });
     drop(mm);
+    opener.join().unwrap();
     let released: u64 = gates
         .iter()
         .map(|g| g.released.load(Ordering::SeqCst))
@@ -393,7 +405,8 @@ fn a_panicking_release_does_not_stop_the_reclaimer() {
     check(&r, 1);
 }
 
-/// System memory whose frees take 30 ms.
+/// System memory whose frees take 150 ms (long enough that a free queued by one call is
+/// still pending when the next call needs its frames, however slow the machine).
 struct SlowFree(Arc<dyn HostMemory>);
 
 impl HostMemory for SlowFree {
@@ -401,7 +414,7 @@ impl HostMemory for SlowFree {
         self.0.alloc_frames(ps, out)
     }
     fn free_frames(&self, frames: &[HostFrame], ps: PageSize) {
-        std::thread::sleep(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(150));
         self.0.free_frames(frames, ps)
     }
     fn read(&self, f: HostFrame, offset: usize, buf: &mut [u8]) -> Result<(), BackendError> {
