@@ -160,11 +160,7 @@ impl FenceOps for CudaFence {
     }
 
     fn status(&self) -> FenceStatus {
-        match self.poll() {
-            None => FenceStatus::Pending,
-            Some(Ok(())) => FenceStatus::Signaled,
-            Some(Err(e)) => FenceStatus::Failed(e),
-        }
+        FenceStatus::from_poll(self.poll())
     }
 
     /// The event, once queued. Complete when the fence depends on nothing else: work queued

@@ -159,11 +159,7 @@ impl FenceOps for ZeFence {
     }
 
     fn status(&self) -> FenceStatus {
-        match self.poll() {
-            None => FenceStatus::Pending,
-            Some(Ok(())) => FenceStatus::Signaled,
-            Some(Err(e)) => FenceStatus::Failed(e),
-        }
+        FenceStatus::from_poll(self.poll())
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {

@@ -55,6 +55,16 @@ pub enum FenceStatus {
 }
 
 impl FenceStatus {
+    /// The status of a polled outcome: `None` pending, `Some(Ok)` signalled, `Some(Err)`
+    /// failed (what a backend's fence learns from polling its native primitive).
+    pub fn from_poll(polled: Option<Result<(), BackendError>>) -> FenceStatus {
+        match polled {
+            None => FenceStatus::Pending,
+            Some(Ok(())) => FenceStatus::Signaled,
+            Some(Err(e)) => FenceStatus::Failed(e),
+        }
+    }
+
     /// The outcome once signalled (`None` while pending).
     pub fn outcome(&self) -> Option<Result<(), FenceError>> {
         match self {

@@ -64,11 +64,7 @@ impl FenceOps for RingFence {
     }
 
     fn status(&self) -> FenceStatus {
-        match self.poll() {
-            None => FenceStatus::Pending,
-            Some(Ok(())) => FenceStatus::Signaled,
-            Some(Err(e)) => FenceStatus::Failed(e),
-        }
+        FenceStatus::from_poll(self.poll())
     }
 
     /// None: see the type's documentation.
