@@ -16,10 +16,13 @@ use drm_pagemap_core::{
 use drm_pagemap_cuda::{CudaBackend, CudaConfig};
 use drm_pagemap_uffd::{CudaHostFile, PointerRange, PointerSpace, UffdConfig, UffdError};
 use std::io::Write;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Barrier, Once, RwLock};
+use std::sync::{Arc, Once, RwLock};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::watchdog;
 
 const GIB: u64 = 1 << 30;
 
@@ -86,21 +89,6 @@ fn rig(pagemaps: u8) -> Option<Rig> {
         Err(e) => panic!("{e}"),
     }
     Some(Rig { space, mm, backend })
-}
-
-/// Runs `f` on a thread and fails the test if it has not finished within `limit` (a hang of
-/// the fault handler would otherwise hang the run).
-fn watchdog<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let t = std::thread::spawn(f);
-    let end = Instant::now() + limit;
-    while !t.is_finished() {
-        assert!(
-            Instant::now() < end,
-            "watchdog: not finished within {limit:?} (deadlock?)"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
 fn on_pagemap(mm: &AddressSpace, va: u64) -> Option<PagemapId> {
@@ -476,118 +464,33 @@ fn fault_round_trip_figures() {
 /// Many threads store and load through the pointer while other threads migrate the range
 /// (whole and halves) between three GPU pagemaps (pagemap to pagemap: the sources push) and
 /// evict it: every writer's last store of every word it owns is what the pointer and the
-/// explicit read return at the end (an exact model), no fault fails, and a watchdog bounds
-/// the run.
+/// explicit read return at the end (an exact model, `common::store_load_while_moving`), no
+/// fault fails, and a watchdog bounds the run.
 #[test]
 fn threads_through_the_pointer_while_gpu_pagemaps_push_and_evict() {
     let _g = GPU.read().unwrap_or_else(|p| p.into_inner());
     let Some(r) = rig(3) else { return };
     watchdog(Duration::from_secs(180), move || {
-        let pages = 64u64;
-        let pr = Arc::new(
-            r.space
-                .create_range(pages * 4096, PageSize::Size4K)
-                .unwrap(),
-        );
-        let (moved, evicted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let writers = 4u64;
-        let stop = Arc::new(AtomicBool::new(false));
-        let start = Arc::new(Barrier::new(writers as usize + 2));
-        // Writer w owns words w + writers * slot (8 slots) of every page: each round it
-        // stores (w, round + 1) into slot round % 8 of each page and loads it back. It goes
-        // on until the movers have done enough (at most 60 s) and returns its round count.
-        let writer_threads: Vec<_> = (0..writers)
-            .map(|w| {
-                let (pr, start) = (pr.clone(), start.clone());
-                let (moved, evicted) = (moved.clone(), evicted.clone());
-                std::thread::spawn(move || {
-                    start.wait();
-                    let t0 = Instant::now();
-                    let mut round = 0u64;
-                    while round < 1000
-                        || ((moved.load(Ordering::Relaxed) < 200
-                            || evicted.load(Ordering::Relaxed) < 10)
-                            && t0.elapsed() < Duration::from_secs(60))
-                    {
-                        for p in 0..pages {
-                            let i = p * 512 + w + writers * (round % 8);
-                            let v = (w << 32) | (round + 1);
-                            pr.word(i).unwrap().store(v, Ordering::Relaxed);
-                            assert_eq!(pr.word(i).unwrap().load(Ordering::Relaxed), v);
-                        }
-                        round += 1;
-                    }
-                    round
-                })
-            })
-            .collect();
-        let movers: Vec<_> = (0..2u64)
-            .map(|m| {
-                let (mm, pr, start, stop) = (r.mm.clone(), pr.clone(), start.clone(), stop.clone());
-                let (moved, evicted) = (moved.clone(), evicted.clone());
-                std::thread::spawn(move || {
-                    start.wait();
-                    let d = MigrateDetails::default();
-                    let mut k = m;
-                    while !stop.load(Ordering::Relaxed) {
-                        let half = pr.len() / 2;
-                        let target = match k % 3 {
-                            0 => pr.range(),
-                            1 => VaRange::new(pr.range().start, half),
-                            _ => VaRange::new(pr.range().start + half, half),
-                        };
-                        if let Ok(rep) = mm.migrate(target, PagemapId((k % 3) as u8), &d)
-                            && let Some(a) = rep.alloc
-                        {
-                            moved.fetch_add(1, Ordering::Relaxed);
-                            if k % 5 == 1 && mm.evict_to_ram(a).is_ok() {
-                                evicted.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        k += 1;
-                    }
-                })
-            })
-            .collect();
-        let done: Vec<u64> = writer_threads
-            .into_iter()
-            .map(|t| t.join().unwrap())
-            .collect();
-        stop.store(true, Ordering::Relaxed);
-        for t in movers {
-            t.join().unwrap();
-        }
-        let (moved, evicted) = (
-            moved.load(Ordering::Relaxed),
-            evicted.load(Ordering::Relaxed),
-        );
+        let pr = Arc::new(r.space.create_range(64 * 4096, PageSize::Size4K).unwrap());
+        let stress = common::Stress {
+            pagemaps: 3,
+            rounds: 1000,
+            want_moved: 200,
+            want_evicted: 10,
+            at_most: Duration::from_secs(60),
+            evict_every: 5,
+        };
+        let (moved, evicted) = common::store_load_while_moving(&r.mm, &pr, &stress);
         let stats = r.space.fault_stats();
         let _ = writeln!(
             std::io::stdout(),
-            "{moved} migrations, {evicted} evictions, {} faults served, rounds {done:?}",
+            "{moved} migrations, {evicted} evictions, {} faults served",
             stats.served
         );
         assert!(
             moved >= 20 && evicted >= 2 && stats.served >= 10,
             "{moved} {evicted} {stats:?}"
         );
-        for w in 0..writers {
-            for slot in 0..8u64 {
-                let last = (0..done[w as usize]).rev().find(|r| r % 8 == slot).unwrap();
-                for p in 0..pages {
-                    let i = p * 512 + w + writers * slot;
-                    let want = (w << 32) | (last + 1);
-                    assert_eq!(
-                        pr.word(i).unwrap().load(Ordering::Relaxed),
-                        want,
-                        "page {p} word {i}"
-                    );
-                    let mut b = [0u8; 8];
-                    r.mm.read(pr.range().start + i * 8, &mut b).unwrap();
-                    assert_eq!(u64::from_le_bytes(b), want, "page {p} word {i} (explicit)");
-                }
-            }
-        }
         assert_eq!(stats.errors, 0, "{:?}", r.space.last_fault_error());
         assert_eq!(stats.sigbus, 0);
     });

@@ -7,8 +7,8 @@ use drm_pagemap_core::{
 use drm_pagemap_sim::{SimBackend, SimConfig};
 use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
 use drm_pagemap_uffd::{MemfdMemory, PointerSpace, UffdConfig, UffdError};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -140,113 +140,22 @@ fn many_threads_store_and_load_while_others_migrate_and_evict() {
     watchdog(Duration::from_secs(120), || {
         // Copies take 100 us: stores land while pages are in flight.
         let r = rig_with(3, UffdConfig::default(), Duration::from_micros(100));
-        let moved = Arc::new(AtomicU64::new(0));
-        let evicted = Arc::new(AtomicU64::new(0));
-        let pages = 32u64;
-        let pr = Arc::new(
-            r.space
-                .create_range(pages * 4096, PageSize::Size4K)
-                .unwrap(),
-        );
-        let writers = 4u64;
-        let rounds = 2000u64;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let start = Arc::new(Barrier::new(writers as usize + 2));
-        let mut threads = Vec::new();
-        // Writer w owns the words w, w + writers, ... of every page (its model is exact):
-        // each round it stores round+1 into its word of a page, then loads it back.
-        // Each writer goes on past `rounds` until the movers have done enough (at most 30 s),
-        // and returns how many rounds it did.
-        let mut writer_threads = Vec::new();
-        for w in 0..writers {
-            let (pr, start) = (pr.clone(), start.clone());
-            let (moved, evicted) = (moved.clone(), evicted.clone());
-            writer_threads.push(std::thread::spawn(move || {
-                start.wait();
-                let t0 = Instant::now();
-                let mut round = 0u64;
-                while round < rounds
-                    || ((moved.load(Ordering::Relaxed) < 20 || evicted.load(Ordering::Relaxed) < 2)
-                        && t0.elapsed() < Duration::from_secs(30))
-                {
-                    for p in 0..pages {
-                        let i = p * 512 + w + writers * (round % 8);
-                        let v = (w << 32) | (round + 1);
-                        pr.word(i).unwrap().store(v, Ordering::Relaxed);
-                        assert_eq!(pr.word(i).unwrap().load(Ordering::Relaxed), v);
-                    }
-                    round += 1;
-                }
-                round
-            }));
-        }
-        // Movers: migrate the whole range and halves of it between devices, and evict.
-        for m in 0..2u64 {
-            let (mm, pr, start, stop) = (r.mm.clone(), pr.clone(), start.clone(), stop.clone());
-            let (moved, evicted) = (moved.clone(), evicted.clone());
-            threads.push(std::thread::spawn(move || {
-                start.wait();
-                let d = MigrateDetails::default();
-                let mut k = m;
-                while !stop.load(Ordering::Relaxed) {
-                    let half = pr.len() / 2;
-                    let target = match k % 3 {
-                        0 => pr.range(),
-                        1 => VaRange::new(pr.range().start, half),
-                        _ => VaRange::new(pr.range().start + half, half),
-                    };
-                    if let Ok(rep) = mm.migrate(target, PagemapId((k % 3) as u8), &d)
-                        && rep.alloc.is_some()
-                    {
-                        moved.fetch_add(1, Ordering::Relaxed);
-                        if k % 4 == 1
-                            && let Some(a) = rep.alloc
-                            && mm.evict_to_ram(a).is_ok()
-                        {
-                            evicted.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    k += 1;
-                }
-            }));
-        }
-        let movers = threads;
-        let done: Vec<u64> = writer_threads
-            .into_iter()
-            .map(|t| t.join().unwrap())
-            .collect();
-        stop.store(true, Ordering::Relaxed);
-        for t in movers {
-            t.join().unwrap();
-        }
-        let (moved, evicted) = (
-            moved.load(Ordering::Relaxed),
-            evicted.load(Ordering::Relaxed),
-        );
+        let pr = Arc::new(r.space.create_range(32 * 4096, PageSize::Size4K).unwrap());
+        let stress = Stress {
+            pagemaps: 3,
+            rounds: 2000,
+            want_moved: 20,
+            want_evicted: 2,
+            at_most: Duration::from_secs(30),
+            evict_every: 4,
+        };
+        let (moved, evicted) = store_load_while_moving(&r.mm, &pr, &stress);
         let faults = r.space.fault_stats().served;
         println!("{moved} migrations, {evicted} evictions, {faults} faults served");
         assert!(
             moved >= 20 && evicted >= 2 && faults >= 10,
             "{moved} {evicted} {faults}"
         );
-        // The model: every writer's last store of each of its 8 slots per page.
-        for w in 0..writers {
-            for slot in 0..8u64 {
-                let last = (0..done[w as usize]).rev().find(|r| r % 8 == slot).unwrap();
-                for p in 0..pages {
-                    let i = p * 512 + w + writers * slot;
-                    let want = (w << 32) | (last + 1);
-                    assert_eq!(
-                        pr.word(i).unwrap().load(Ordering::Relaxed),
-                        want,
-                        "page {p} word {i}"
-                    );
-                    let mut b = [0u8; 8];
-                    r.mm.read(pr.range().start + i * 8, &mut b).unwrap();
-                    assert_eq!(u64::from_le_bytes(b), want);
-                }
-            }
-        }
         assert_eq!(
             r.space.fault_stats().errors,
             0,
