@@ -303,6 +303,28 @@ fn options_reach_the_backend() {
 }
 
 #[test]
+fn the_simulators_device_memory_is_resident_unless_an_option_says_otherwise() {
+    // The tool makes the simulator's device memory resident where the machine has room (a
+    // small layout's devices always fit), and says how long that took; `sim.resident=false`
+    // keeps it backed on first write; a value that is not a boolean is a bad argument.
+    let base = ["--backend", "sim", "--layout", "s1.2", "--to", "0"];
+    let (code, out, err) = run(&base);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("verified: true"), "{out}");
+    assert!(
+        out.contains("device memory made resident at start-up in"),
+        "{out}"
+    );
+    let (code, out, err) = run(&[&base[..], &["--option", "sim.resident=false"]].concat());
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("verified: true"), "{out}");
+    assert!(!out.contains("resident"), "{out}");
+    let (code, _, err) = run(&[&base[..], &["--option", "sim.resident=maybe"]].concat());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("sim.resident"), "{err}");
+}
+
+#[test]
 fn foreign_owner_is_busy_with_nothing_moved() {
     let (code, out, _) = run(&["--layout", "0s1", "--foreign", "1", "--json"]);
     assert_eq!(code, 1);

@@ -738,6 +738,7 @@ impl Bed {
                     host_capacity: HOST_CAPACITY,
                     owner_groups: Some(GROUPS.to_vec()),
                     copy_latency: Duration::ZERO,
+                    resident: false,
                     faults: Some(inj.clone()),
                     host_bytes: None,
                 })

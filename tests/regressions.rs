@@ -44,6 +44,7 @@ fn machine(devices: usize, capacity: u64, copy_latency: Duration) -> Machine {
         host_capacity: 4 * capacity,
         owner_groups: None,
         copy_latency,
+        resident: false,
         faults: None,
         host_bytes: None,
     })

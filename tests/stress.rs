@@ -617,6 +617,7 @@ fn run_on(b: &'static str, faults: bool, gpu: bool) {
         host_capacity: 64 << 20,
         owner_groups: None,
         copy_latency: Duration::from_micros(50),
+        resident: false,
         faults: faults.then(|| inj.clone()),
         host_bytes: None,
     })

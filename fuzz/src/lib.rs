@@ -182,6 +182,7 @@ impl Driver {
             host_capacity: 8 << 20,
             owner_groups: Some(vec![0, 0, 0, 1]),
             copy_latency: Duration::ZERO,
+            resident: false,
             faults: Some(inj.clone()),
             host_bytes: None,
         })

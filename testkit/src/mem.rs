@@ -90,11 +90,61 @@ impl AtomicArena {
         chunks as u64 * CHUNK_BYTES
     }
 
+    fn group(&self, i: usize) -> &[Chunk] {
+        self.groups[i / GROUP_CHUNKS]
+            .get_or_init(|| (0..GROUP_CHUNKS).map(|_| OnceLock::new()).collect())
+    }
+
     fn chunk(&self, i: usize) -> &[AtomicU64] {
-        let group = self.groups[i / GROUP_CHUNKS]
-            .get_or_init(|| (0..GROUP_CHUNKS).map(|_| OnceLock::new()).collect());
-        group[i % GROUP_CHUNKS]
-            .get_or_init(|| (0..CHUNK_WORDS).map(|_| AtomicU64::new(0)).collect())
+        // Zeroed memory straight from the allocator (fresh pages are zero already): no pass
+        // that writes zeros before the first copy writes the bytes. Out of memory aborts, as
+        // any allocation of the process does.
+        self.group(i)[i % GROUP_CHUNKS].get_or_init(|| {
+            zeroed_chunk().unwrap_or_else(|()| {
+                std::alloc::handle_alloc_error(std::alloc::Layout::new::<[u64; CHUNK_WORDS]>())
+            })
+        })
+    }
+
+    /// Chunks (of 2 MiB) in the arena.
+    pub fn chunks(&self) -> usize {
+        (self.bytes / CHUNK_BYTES) as usize
+    }
+
+    /// Backs chunks `chunks` (indices of 2 MiB chunks, clamped to the arena) now, each page
+    /// written once so the operating system has given it a frame: what a device's memory is
+    /// (resident), where a lazily backed arena pays a page fault on the first write of each
+    /// page. Chunks already backed keep their bytes; a chunk is made resident before it is
+    /// published, so this may run while other threads copy into the arena. Several threads
+    /// may back disjoint (or overlapping) ranges at once.
+    ///
+    /// Out of memory while allocating a chunk is an error naming how much was backed; the
+    /// chunks backed until then stay.
+    pub fn back_chunks(&self, chunks: std::ops::Range<usize>) -> Result<(), crate::BackendError> {
+        const WORDS_PER_PAGE: usize = 4096 / 8;
+        let end = chunks.end.min(self.chunks());
+        for i in chunks.start.min(end)..end {
+            let slot = &self.group(i)[i % GROUP_CHUNKS];
+            if slot.get().is_some() {
+                continue;
+            }
+            let words = zeroed_chunk().map_err(|()| {
+                crate::BackendError::new(
+                    crate::BackendErrorKind::OutOfMemory,
+                    format!(
+                        "memory arena of {} bytes: chunk {i} (at byte {}) cannot be backed:                          out of memory",
+                        self.bytes,
+                        i as u64 * CHUNK_BYTES
+                    ),
+                )
+            })?;
+            for w in words.iter().step_by(WORDS_PER_PAGE) {
+                w.store(0, Ordering::Relaxed);
+            }
+            // Another thread may have published the chunk meanwhile: its bytes win.
+            let _ = slot.set(words);
+        }
+        Ok(())
     }
 
     fn chunk_if_present(&self, i: usize) -> Option<&[AtomicU64]> {
@@ -202,6 +252,12 @@ impl AtomicArena {
             done += n;
         }
     }
+}
+
+/// A chunk of zero words from the allocator's zeroed memory (`Err` when it cannot be had).
+fn zeroed_chunk() -> Result<Box<[AtomicU64]>, ()> {
+    use zerocopy::FromZeros;
+    <[AtomicU64]>::new_box_zeroed_with_elems(CHUNK_WORDS).map_err(|_| ())
 }
 
 fn read_words(words: &[AtomicU64], byte_off: usize, dst: &mut [u8]) {
@@ -418,6 +474,56 @@ mod tests {
         dst.read(6 << 20, &mut buf);
         assert_eq!(buf, [7u8; 64]);
         assert_eq!(dst.resident_bytes(), 4 << 20);
+    }
+
+    #[test]
+    fn backing_chunks_keeps_written_bytes_and_reads_zeros_elsewhere() {
+        let a = AtomicArena::new(8 << 20);
+        assert_eq!(a.chunks(), 4);
+        a.write((2 << 20) + 8, &[9u8; 100]);
+        assert_eq!(a.resident_bytes(), 2 << 20);
+        // Ranges past the end are clamped; an empty or reversed range backs nothing.
+        a.back_chunks(3..usize::MAX).unwrap();
+        assert_eq!(a.resident_bytes(), 4 << 20);
+        #[allow(clippy::reversed_empty_ranges)]
+        a.back_chunks(2..1).unwrap();
+        a.back_chunks(usize::MAX..usize::MAX).unwrap();
+        assert_eq!(a.resident_bytes(), 4 << 20);
+        a.back_chunks(0..4).unwrap();
+        assert_eq!(a.resident_bytes(), 8 << 20);
+        let mut buf = vec![1u8; 4 << 20];
+        a.read(0, &mut buf);
+        assert!(buf[..(2 << 20) + 8].iter().all(|&x| x == 0));
+        assert!(buf[(2 << 20) + 8..(2 << 20) + 108].iter().all(|&x| x == 9));
+        assert!(buf[(2 << 20) + 108..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn backing_while_other_threads_write_loses_no_byte() {
+        // Threads back the whole arena while others write a pattern into every chunk: a
+        // chunk is published once, so every written byte is read back.
+        let a = AtomicArena::new(32 << 20);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| a.back_chunks(0..a.chunks()).unwrap());
+            }
+            for t in 0..2u8 {
+                let a = &a;
+                s.spawn(move || {
+                    for c in 0..16u64 {
+                        a.write(c * (2 << 20) + u64::from(t) * 4096, &[t + 1; 4096]);
+                    }
+                });
+            }
+        });
+        assert_eq!(a.resident_bytes(), 32 << 20);
+        let mut buf = vec![0u8; 4096];
+        for c in 0..16u64 {
+            for t in 0..2u8 {
+                a.read(c * (2 << 20) + u64::from(t) * 4096, &mut buf);
+                assert!(buf.iter().all(|&x| x == t + 1), "chunk {c} thread {t}");
+            }
+        }
     }
 
     /// The engine over arena host memory (moved from the core's `mm.rs`, whose unit tests

@@ -68,6 +68,12 @@ pub struct SimConfig {
     pub owner_groups: Option<Vec<u32>>,
     /// Extra time each copy call takes (to widen race windows in tests).
     pub copy_latency: Duration,
+    /// Back every device's memory when the backend is built (all cores at once), as a
+    /// GPU's memory is resident: copies into it then pay no page fault on first write. Costs
+    /// the devices' whole capacity in RAM and the time to fault it in at start-up
+    /// ([`SimBackend::resident_time`]); off by default, where a large capacity costs
+    /// nothing until written.
+    pub resident: bool,
     /// Fault injection shared by every pagemap and the host memory.
     pub faults: Option<Arc<FaultInjector>>,
     /// The bytes of system memory, instead of the default arena (which `host_capacity`
@@ -84,6 +90,7 @@ impl Default for SimConfig {
             host_capacity: 8 << 30,
             owner_groups: None,
             copy_latency: Duration::ZERO,
+            resident: false,
             faults: None,
             host_bytes: None,
         }
@@ -98,6 +105,7 @@ impl SimConfig {
     /// |---|---|---|
     /// | `sim.copy_latency` | a duration (`0`, `250us`, `5ms`) | [`copy_latency`](Self::copy_latency) |
     /// | `sim.owner_groups` | a list, one group per device (`0,0,1`) | [`owner_groups`](Self::owner_groups) |
+    /// | `sim.resident` | a boolean | [`resident`](Self::resident) |
     /// | `sim.disable` | a boolean | nothing here: [`open`] refuses (unavailable) |
     ///
     /// Another `sim.*` key, or a value that does not parse, is an [`OptionError`] naming the
@@ -108,6 +116,7 @@ impl SimConfig {
         let mut r = c.options.reader("sim")?;
         let copy_latency = r.duration("copy_latency")?.unwrap_or(d.copy_latency);
         let owner_groups = r.u32_list("owner_groups")?.or(d.owner_groups);
+        let resident = r.bool("resident")?.unwrap_or(d.resident);
         r.finish()?;
         Ok(SimConfig {
             devices: c.devices.unwrap_or(d.devices),
@@ -115,10 +124,76 @@ impl SimConfig {
             host_capacity: c.host_capacity.unwrap_or(d.host_capacity),
             owner_groups,
             copy_latency,
+            resident,
             faults: None,
             host_bytes: None,
         })
     }
+}
+
+/// The memory the system says is available for new allocations without swapping (Linux:
+/// `MemAvailable` of `/proc/meminfo`); `None` where that cannot be read. What
+/// [`SimConfig::resident`] checks its devices' capacity against.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line
+        .trim_start_matches("MemAvailable:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Backs every device's memory ([`SimConfig::resident`]): pieces of 64 MiB handed to one
+/// thread per core (at most 16). Out of memory is an error naming the device.
+fn make_resident(devices: &[Arc<SimDevice>]) -> Result<(), BackendError> {
+    const PIECE_CHUNKS: usize = 32;
+    let pieces: Vec<(usize, usize)> = devices
+        .iter()
+        .enumerate()
+        .flat_map(|(d, dev)| {
+            (0..dev.arena.chunks())
+                .step_by(PIECE_CHUNKS)
+                .map(move |c| (d, c))
+        })
+        .collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 16)
+        .min(pieces.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || -> Result<(), BackendError> {
+        loop {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&(d, c)) = pieces.get(k) else {
+                return Ok(());
+            };
+            devices[d]
+                .arena
+                .back_chunks(c..c + PIECE_CHUNKS)
+                .map_err(|e| {
+                    BackendError::new(
+                        e.kind,
+                        format!(
+                            "sim device {d}: making device memory resident: {}",
+                            e.message
+                        ),
+                    )
+                })?;
+        }
+    };
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut result = work();
+        for h in helpers {
+            let r = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            result = result.and(r);
+        }
+        result
+    })
 }
 
 /// A simulated machine: devices, host memory, pagemaps.
@@ -128,6 +203,7 @@ pub struct SimBackend {
     host: Arc<ArenaHostMemory>,
     bytes_host: Option<Arc<BytesHostMemory>>,
     pagemaps: Mutex<Vec<(PagemapId, Arc<SimPagemap>)>>,
+    resident_time: Option<Duration>,
 }
 
 impl std::fmt::Debug for SimBackend {
@@ -199,6 +275,27 @@ impl SimBackend {
             arenas.push(dev.arena.clone() as Arc<dyn FrameBytes>);
             devices.push(dev);
         }
+        let resident_time = if config.resident {
+            let needed = config.device_capacity.saturating_mul(config.devices as u64);
+            if let Some(available) = available_memory()
+                && needed > available
+            {
+                return Err(BackendError::new(
+                    BackendErrorKind::OutOfMemory,
+                    format!(
+                        "sim: resident device memory of {needed} bytes ({} devices of {} \
+                         bytes, sim.resident) exceeds the {available} bytes of memory \
+                         available",
+                        config.devices, config.device_capacity
+                    ),
+                ));
+            }
+            let t = std::time::Instant::now();
+            make_resident(&devices)?;
+            Some(t.elapsed())
+        } else {
+            None
+        };
         let memories = Arc::new(Memories::new(arenas));
         for dev in &devices {
             dev.start(memories.clone(), config.copy_latency);
@@ -209,7 +306,22 @@ impl SimBackend {
             host,
             bytes_host,
             pagemaps: Mutex::new(Vec::new()),
+            resident_time,
         })
+    }
+
+    /// How long backing the devices' memory took when the backend was built
+    /// ([`SimConfig::resident`]); `None` when it was not asked for.
+    pub fn resident_time(&self) -> Option<Duration> {
+        self.resident_time
+    }
+
+    /// Bytes of `device`'s memory that are backed (written at least once, or made resident);
+    /// `None` for a device it does not have.
+    pub fn device_resident_bytes(&self, device: DeviceId) -> Option<u64> {
+        self.devices
+            .get(device.0 as usize)
+            .map(|d| d.arena.resident_bytes())
     }
 
     /// The owner group of `device`.

@@ -48,6 +48,7 @@ fn unknown_keys_and_bad_values_are_refused_naming_the_key() {
         ("sim.devices", "2"),
         ("sim.latency", "1ms"),
         ("sim.disable", "2"),
+        ("sim.resident", "maybe"),
     ] {
         let cfg = config(&[(key, value)]);
         let e = SimConfig::from_backend_config(&cfg).expect_err(key);
@@ -105,4 +106,76 @@ fn options_reach_the_backend() {
     );
     let (_, none) = migrate(&config(&[]));
     assert_eq!(none, Duration::ZERO);
+}
+
+#[test]
+fn resident_backs_every_device_before_the_backend_is_returned() {
+    let lazy = drm_pagemap_sim::open(&config(&[])).unwrap();
+    drop(lazy);
+    let sim = SimBackend::new(
+        SimConfig::from_backend_config(&config(&[("sim.resident", "true")])).unwrap(),
+    )
+    .unwrap();
+    assert!(sim.config().resident);
+    assert!(sim.resident_time().is_some());
+    for d in 0..2 {
+        assert_eq!(
+            sim.device_resident_bytes(DeviceId(d)),
+            Some(64 << 20),
+            "device {d}"
+        );
+    }
+    assert_eq!(sim.device_resident_bytes(DeviceId(2)), None);
+    // Without the option nothing is backed until written.
+    let sim = SimBackend::new(SimConfig::from_backend_config(&config(&[])).unwrap()).unwrap();
+    assert_eq!(sim.resident_time(), None);
+    assert_eq!(sim.device_resident_bytes(DeviceId(0)), Some(0));
+    // A migration into resident memory moves the bytes as into lazily backed memory.
+    let sim = SimBackend::new(SimConfig {
+        devices: 1,
+        device_capacity: 8 << 20,
+        host_capacity: 8 << 20,
+        resident: true,
+        ..SimConfig::default()
+    })
+    .unwrap();
+    let pm = sim.pagemap_per_device().unwrap();
+    let mm = AddressSpace::new(sim.host_memory());
+    mm.add_pagemap(pm[0].clone()).unwrap();
+    let r = VaRange::new(1 << 30, 16 * 4096);
+    mm.create_range(r, PageSize::Size4K).unwrap();
+    let data: Vec<u8> = (0..r.len).map(|i| (i % 251) as u8).collect();
+    mm.write(r.start, &data).unwrap();
+    mm.migrate(r, PagemapId(0), &MigrateDetails::default())
+        .unwrap();
+    assert!(matches!(
+        mm.location(r.start).unwrap(),
+        PageLocation::Device {
+            pagemap: PagemapId(0),
+            ..
+        }
+    ));
+    let mut back = vec![0u8; data.len()];
+    mm.read(r.start, &mut back).unwrap();
+    assert_eq!(back, data);
+}
+
+#[test]
+fn resident_memory_past_what_the_machine_has_is_a_typed_error() {
+    // 16 TiB per device is more than any machine here has available: refused before any
+    // memory is touched, naming the option.
+    let Some(available) = drm_pagemap_sim::available_memory() else {
+        println!("skipped: /proc/meminfo has no MemAvailable here");
+        return;
+    };
+    assert!(available > 0);
+    let e = SimBackend::new(SimConfig {
+        devices: 2,
+        device_capacity: drm_pagemap_sim::MAX_DEVICE_CAPACITY,
+        resident: true,
+        ..SimConfig::default()
+    })
+    .expect_err("refused");
+    assert_eq!(e.kind, BackendErrorKind::OutOfMemory, "{e}");
+    assert!(e.message.contains("sim.resident"), "{e}");
 }

@@ -53,6 +53,7 @@ pub fn rig(o: Opts) -> Rig {
             host_capacity: 1 << 30,
             owner_groups: o.owner_groups,
             copy_latency: o.copy_latency,
+            resident: false,
             faults: o.faults,
             host_bytes: None,
         })
