@@ -146,6 +146,11 @@ struct Args {
     /// Pagemap K belongs to another owner (repeatable).
     #[arg(long, value_name = "K")]
     foreign: Vec<usize>,
+    /// Most pages one copy call moves: a source's call of more pages is issued in pieces
+    /// of N pages, the device starting on the first while the CPU prepares the next (0:
+    /// each source's call whole).
+    #[arg(long, value_name = "N", default_value_t = MigrateDetails::CALL_PAGES.get())]
+    max_call_pages: u32,
     /// The Nth copy call of the migration fails (from 1).
     #[arg(long, value_name = "N", value_parser = fail_copy)]
     fail_copy: Option<u64>,
@@ -802,6 +807,7 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
         source_peer_migrates: args.source_peer_migrates,
         can_migrate_same_pagemap: args.same_pagemap,
         coalesce: args.coalesce.into(),
+        max_call_pages: std::num::NonZeroU32::new(args.max_call_pages),
         ..MigrateDetails::default()
     };
     if let Some(n) = args.fail_copy {

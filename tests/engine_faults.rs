@@ -66,6 +66,16 @@ fn cases() -> Vec<Case> {
             to: 2,
             details: MigrateDetails {
                 coalesce: Coalesce::Consecutive,
+                ..d.clone()
+            },
+        },
+        // Calls issued in pieces of 2 pages (5 + 3 calls, in rounds): a fault at any piece.
+        Case {
+            layout: "ss1s.ss11s1s",
+            devices: 3,
+            to: 0,
+            details: MigrateDetails {
+                max_call_pages: std::num::NonZeroU32::new(2),
                 ..d
             },
         },

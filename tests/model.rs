@@ -387,6 +387,12 @@ impl Flags {
                 Coalesce::BySource
             },
             fence_timeout: self.timeout.then_some(Duration::from_secs(120)),
+            // Calls cut into pieces of 2 pages in some flag sets, issued whole in others.
+            max_call_pages: if self.spm && !self.consecutive {
+                std::num::NonZeroU32::new(2)
+            } else {
+                None
+            },
         }
     }
 }
@@ -1714,15 +1720,42 @@ impl World {
         let runs = 1 + data.windows(2).filter(|w| w[0] != w[1]).count();
         if !flags.consecutive {
             let mut keys: Vec<(u8, CopyOp)> = Vec::new();
+            let mut counts: Vec<usize> = Vec::new();
             for k in locs.iter().filter_map(key) {
-                if !keys.contains(&k) {
-                    keys.push(k);
+                match keys.iter().position(|&x| x == k) {
+                    Some(i) => counts[i] += 1,
+                    None => {
+                        keys.push(k);
+                        counts.push(1);
+                    }
                 }
             }
-            let got: Vec<(u8, CopyOp)> = calls.iter().map(|c| (c.executor.0, c.op)).collect();
+            // One call per source in first-page order, cut into pieces of at most
+            // `max_call_pages` pages (the last piece of a source takes the rest), issued in
+            // rounds: every source's first piece in that order, then every second piece, ...
+            let piece = flags
+                .details()
+                .max_call_pages
+                .map_or(usize::MAX, |n| n.get() as usize);
+            let mut expected: Vec<(u8, CopyOp, usize)> = Vec::new();
+            let mut left = counts.clone();
+            while left.iter().any(|&n| n > 0) {
+                for (&k, n) in keys.iter().zip(left.iter_mut()) {
+                    if *n > 0 {
+                        let p = (*n).min(piece);
+                        expected.push((k.0, k.1, p));
+                        *n -= p;
+                    }
+                }
+            }
+            let got: Vec<(u8, CopyOp, usize)> = calls
+                .iter()
+                .map(|c| (c.executor.0, c.op, c.pages))
+                .collect();
             ensure!(
-                got == keys,
-                "BySource issued {got:?}, expected one call per source in first-page order {keys:?}"
+                got == expected,
+                "BySource issued {got:?}, expected one call per source in first-page order, \
+                 in pieces of at most {piece} pages: {expected:?}"
             );
             if !data.is_empty() && runs > keys.len() {
                 totals().reappearing_sources.fetch_add(1, Ordering::Relaxed);

@@ -81,6 +81,53 @@ fn run_ok(
     rig.finish();
 }
 
+#[test]
+fn calls_of_more_pages_than_max_call_pages_are_issued_in_pieces() {
+    // Each source's call is cut into pieces of at most 4 pages, issued in rounds: the first
+    // piece of each source in the plan's order (the destination's pull of the system pages
+    // first: its first page comes first), then the second, ...; each piece is a call of its
+    // own that the backend receives; all commit together.
+    let pieces = MigrateDetails {
+        max_call_pages: std::num::NonZeroU32::new(4),
+        ..MigrateDetails::default()
+    };
+    let whole = MigrateDetails {
+        max_call_pages: None,
+        ..MigrateDetails::default()
+    };
+    let layout = "ss1s.ss11sss111s1ss";
+    for b in backends() {
+        run_ok(
+            b,
+            layout,
+            3,
+            PageSize::Size4K,
+            0,
+            &pieces,
+            &[(0, D, 4), (1, R, 4), (0, D, 4), (1, R, 3), (0, D, 3)],
+        );
+        run_ok(
+            b,
+            layout,
+            3,
+            PageSize::Size4K,
+            0,
+            &whole,
+            &[(0, D, 11), (1, R, 7)],
+        );
+        // Exactly the limit: one call per source.
+        run_ok(
+            b,
+            "ssss1111",
+            3,
+            PageSize::Size4K,
+            2,
+            &pieces,
+            &[(2, D, 4), (1, R, 4)],
+        );
+    }
+}
+
 fn dev(rig: &common::Rig, k: usize) -> u32 {
     rig.pagemaps[k].device().0
 }

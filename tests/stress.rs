@@ -413,6 +413,7 @@ fn worker(sh: &Shared, t: usize, seed: u64) -> Vec<Vec<u64>> {
                         Coalesce::Consecutive
                     },
                     fence_timeout: None,
+                    ..MigrateDetails::default()
                 };
                 match sh.mm.migrate(range, to, &d) {
                     Ok(_) => {

@@ -59,6 +59,9 @@ pub(crate) struct AllocRecord {
     pub page_size: PageSize,
     /// The pages, as `populate_devmem_pfn` gave them (shared: never changes).
     pub pfns: Arc<[Pfn]>,
+    /// The range page each page backs: one entry per page once the allocation is live;
+    /// empty before (a reserved or migrating allocation backs no page yet, and a large
+    /// migration brings a reverse map it built while its copies ran).
     pub rmap: Vec<RmapEntry>,
     pub live: u32,
     pub expires: Instant,

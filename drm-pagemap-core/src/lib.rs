@@ -19,7 +19,9 @@
 //!   `devmem_release` runs once, when its last page is gone.
 //! - **One copy call per source.** With [`Coalesce::BySource`] (the default) a migration
 //!   issues one call per distinct (executor, operation); all calls are issued before any
-//!   wait, so devices copy concurrently.
+//!   wait, so devices copy concurrently. A call of more than
+//!   [`MigrateDetails::max_call_pages`] pages is issued in pieces of that many (in rounds
+//!   over the sources), so the devices start on the first pieces while the CPU maps the rest.
 //! - **Back to RAM** ([`AddressSpace::evict_to_ram`], CPU access through
 //!   [`AddressSpace::read`] / [`AddressSpace::write`]) is executed by the owning device.
 //!   CPU access honours the allocation's timeslice; eviction does not (memory pressure

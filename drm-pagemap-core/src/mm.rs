@@ -822,7 +822,8 @@ impl AddressSpace {
             pagemap,
             page_size,
             pfns: pfns.clone(),
-            rmap: vec![RmapEntry::EMPTY; npages],
+            // Filled when the allocation goes live (see `AllocRecord::rmap`).
+            rmap: Vec::new(),
             live: 0,
             expires: Instant::now(),
             backing: Some(backing),

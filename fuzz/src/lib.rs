@@ -283,6 +283,12 @@ impl Driver {
                 Coalesce::BySource
             },
             fence_timeout: (f & 8 != 0).then_some(Duration::from_secs(60)),
+            // Whole calls, or pieces of 1 to 3 pages.
+            max_call_pages: if f & 16 != 0 {
+                std::num::NonZeroU32::new(u32::from(f >> 5) % 3 + 1)
+            } else {
+                None
+            },
         }
     }
 

@@ -1129,13 +1129,26 @@ pub fn check_first_pages(layout: &[LayoutPage], to: u8, details: &MigrateDetails
             key,
             "call {call:?} starts at a page of another source"
         );
-        if details.coalesce == drm_pagemap::Coalesce::BySource {
-            let first = layout.iter().position(|&p| key_of(p, to, details) == key);
+    }
+    if details.coalesce == drm_pagemap::Coalesce::BySource {
+        // A source's calls (one, or its pieces of at most `max_call_pages`) start at its
+        // first page, then where the pages of the calls before them end.
+        let mut done: std::collections::HashMap<(u8, CopyOp), usize> = Default::default();
+        for call in c {
+            let key = (call.executor.0, call.op);
+            let before = done.entry(key).or_default();
+            let first = layout
+                .iter()
+                .enumerate()
+                .filter(|&(_, &p)| key_of(p, to, details) == Some(key))
+                .nth(*before)
+                .map(|(i, _)| i);
             assert_eq!(
                 first,
                 Some(call.first_page),
-                "call {call:?}: first page of its source"
+                "call {call:?}: its source's page {before}"
             );
+            *before += call.pages;
         }
     }
 }

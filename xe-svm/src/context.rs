@@ -388,6 +388,7 @@ impl SvmInner {
             source_peer_migrates: true,
             coalesce: Coalesce::BySource,
             fence_timeout: fence_limit(self.config.fence_timeout),
+            ..MigrateDetails::default()
         };
         let mut work = |pfns: &[Pfn]| while_copying(alloc, pfns);
         match self
