@@ -325,3 +325,41 @@ fn spans_across_page_table_chunks_behave_like_one_array() {
         })
         .unwrap();
 }
+
+#[test]
+fn a_large_migration_is_issued_in_pieces_in_rounds() {
+    // 70,000 pages: each source's call is cut into pieces of 16,384 pages (the default),
+    // issued in rounds (every source's first piece, then the rest); the layout after and
+    // every stamp are as with whole calls.
+    let text = "s*20000,1*20000,.*10000,2*20000";
+    let pieces = vec![
+        (0, D, 16384),
+        (1, R, 16384),
+        (2, R, 16384),
+        (0, D, 3616),
+        (1, R, 3616),
+        (2, R, 3616),
+    ];
+    let whole = vec![(0, D, 20000), (1, R, 20000), (2, R, 20000)];
+    for b in backends() {
+        for (details, want) in [
+            (MigrateDetails::default(), &pieces),
+            (
+                MigrateDetails {
+                    max_call_pages: None,
+                    ..MigrateDetails::default()
+                },
+                &whole,
+            ),
+        ] {
+            let rig = build(text, 3, PageSize::Size4K, Options::on(b).stamps());
+            let r = rig.migrate(0, &details).unwrap();
+            assert_eq!(r.outcome, MigrateOutcome::Migrated);
+            assert_eq!(r.pages, 70_000);
+            assert_eq!(&calls(&r.calls), want, "{b}");
+            rig.assert_layout("0*70000");
+            rig.verify();
+            rig.finish();
+        }
+    }
+}
