@@ -421,7 +421,10 @@ fn a_failed_relaunch_fails_only_the_stranded_copies() {
     // with the next two published but not taken.
     let rest: Vec<Fence> = (1..3).map(|i| submit(&r, &pages.to_own(&[i]))).collect();
     r.knobs.fail_launch.store(true, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(40));
+    // Well past the 30 ms lease, counted from when the instance started (which may be a
+    // while after the submission on a busy machine: 40 ms here once let the instance go on
+    // to the next copies, and the test fail).
+    std::thread::sleep(Duration::from_millis(150));
     r.knobs.hold.store(false, Ordering::SeqCst);
     assert_eq!(first.wait(), Ok(()));
     for f in &rest {
