@@ -1,6 +1,7 @@
 //! Memory of real bytes for simulated devices and tests: an arena that devices (threads) and
 //! the CPU may touch concurrently without undefined behaviour (it is made of atomic words,
-//! backed lazily in 2 MiB chunks so a large capacity costs nothing until used), the address
+//! backed lazily in 2 MiB chunks so a large capacity costs nothing until used, or up front
+//! with [`AtomicArena::back_chunks`]), the address
 //! encoding that names a byte of an arena ([`arena_addr`]), and [`ArenaHostMemory`], a
 //! [`HostMemory`](drm_pagemap_core::HostMemory) over an arena.
 //!

@@ -3,7 +3,8 @@
 //! A backend of simulated devices that needs no GPU: the default when none is present, and
 //! the engine's test vehicle. Everything is real except the hardware:
 //! - each device has a device-memory arena of real bytes with a capacity, carved into pages
-//!   by an extent allocator (several pagemaps may share one device);
+//!   by an extent allocator (several pagemaps may share one device); backed on first write,
+//!   or all of it when the backend is built ([`SimConfig::resident`], as a GPU's memory is);
 //! - each device has a copy engine: a worker thread that executes copy calls in order,
 //!   waits for their input fence first, and signals a fence when the bytes have landed;
 //! - fresh allocations are cleared asynchronously on that engine and the clear is their
@@ -13,7 +14,8 @@
 //!   allocation, map or copy fails, or the Nth copy fence signals an error or never signals.
 //!
 //! Configured by [`SimConfig`], or through the generic [`BackendConfig`] with its `sim.*`
-//! options (`sim.copy_latency`, `sim.owner_groups`: [`SimConfig::from_backend_config`]). No
+//! options (`sim.copy_latency`, `sim.owner_groups`, `sim.resident`:
+//! [`SimConfig::from_backend_config`]). No
 //! environment variable is read.
 //!
 //! Memory is made of atomic words ([`drm_pagemap_testkit::mem::AtomicArena`]), so the backend
