@@ -69,8 +69,27 @@ pub(crate) struct AllocRecord {
     pub devmem: Arc<dyn DevmemOps>,
 }
 
-/// What must be released after the table's lock is dropped.
-pub(crate) type Release = (Arc<dyn DevmemOps>, DevmemBacking);
+/// What must be released after the table's lock is dropped: the backing, and the removed
+/// record's page arrays (freed with the release, after the lock or on the reclaimer thread,
+/// not under the lock: a migration that empties thousands of small source allocations
+/// would otherwise free two arrays each while every other caller waits).
+pub(crate) struct Release {
+    pub ops: Arc<dyn DevmemOps>,
+    pub backing: DevmemBacking,
+    _arrays: Option<(Arc<[Pfn]>, Vec<RmapEntry>)>,
+}
+
+impl Release {
+    /// A release of `backing` through `ops` (no arrays of a record).
+    #[cfg(test)]
+    pub(crate) fn new(ops: Arc<dyn DevmemOps>, backing: DevmemBacking) -> Release {
+        Release {
+            ops,
+            backing,
+            _arrays: None,
+        }
+    }
+}
 
 pub(crate) struct AllocTable {
     slots: Vec<Option<AllocRecord>>,
@@ -155,7 +174,18 @@ impl AllocTable {
         let rec = self.slots.get_mut(slot as usize)?.take()?;
         self.free.push(slot);
         self.released += 1;
-        rec.backing.map(|b| (rec.devmem, b))
+        let AllocRecord {
+            pfns,
+            rmap,
+            backing,
+            devmem,
+            ..
+        } = rec;
+        backing.map(|backing| Release {
+            ops: devmem,
+            backing,
+            _arrays: Some((pfns, rmap)),
+        })
     }
 
     /// Drops `n` page references of `slot`; removes it when none is left.
@@ -220,7 +250,10 @@ impl AllocTable {
 /// Releases allocations into which no copy was ever issued (outside any lock): see
 /// [`DevmemOps::devmem_release_unused`].
 pub(crate) fn release_unused(list: impl IntoIterator<Item = Release>) {
-    for (ops, b) in list {
+    for Release {
+        ops, backing: b, ..
+    } in list
+    {
         tracing::trace!(
             target: "drm_pagemap",
             cookie = b.cookie,
@@ -238,13 +271,19 @@ pub(crate) fn release_all(list: Vec<Release>) {
     }
     tracing::trace!(target: "drm_pagemap", allocations = list.len(), "release");
     if list.len() == 1 {
-        for (ops, b) in list {
+        for Release {
+            ops, backing: b, ..
+        } in list
+        {
             ops.devmem_release(b);
         }
         return;
     }
     let mut groups: Vec<(Arc<dyn DevmemOps>, Vec<DevmemBacking>)> = Vec::new();
-    for (ops, b) in list {
+    for Release {
+        ops, backing: b, ..
+    } in list
+    {
         match groups.iter_mut().find(|(o, _)| Arc::ptr_eq(o, &ops)) {
             Some((_, v)) => v.push(b),
             None => groups.push((ops, vec![b])),
@@ -314,16 +353,16 @@ mod tests {
         let (a, b) = (Arc::new(Calls::default()), Arc::new(Calls::default()));
         let (da, db): (Arc<dyn DevmemOps>, Arc<dyn DevmemOps>) = (a.clone(), b.clone());
         release_all(vec![
-            (da.clone(), backing(1)),
-            (da.clone(), backing(2)),
-            (da.clone(), backing(3)),
-            (db.clone(), backing(4)),
-            (da.clone(), backing(5)),
+            Release::new(da.clone(), backing(1)),
+            Release::new(da.clone(), backing(2)),
+            Release::new(da.clone(), backing(3)),
+            Release::new(db.clone(), backing(4)),
+            Release::new(da.clone(), backing(5)),
         ]);
         assert_eq!(*a.0.lock().unwrap(), vec![vec![1, 2, 3, 5]]);
         assert_eq!(*b.0.lock().unwrap(), vec![vec![4]]);
         release_all(Vec::new());
-        release_all(vec![(da.clone(), backing(6))]);
+        release_all(vec![Release::new(da.clone(), backing(6))]);
         assert_eq!(*a.0.lock().unwrap(), vec![vec![1, 2, 3, 5], vec![6]]);
     }
 

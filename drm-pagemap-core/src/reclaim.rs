@@ -94,7 +94,8 @@ impl Job {
         let host_bytes = host
             .as_ref()
             .map_or(0, |(_, f, ps)| (f.len() as u64).saturating_mul(ps.bytes()));
-        let device_bytes = releases.iter().fold(0u64, |n, (_, b)| {
+        let device_bytes = releases.iter().fold(0u64, |n, r| {
+            let b = &r.backing;
             n.saturating_add((b.npages as u64).saturating_mul(b.page_size.bytes()))
         });
         Job {
