@@ -617,7 +617,11 @@ impl AddressSpace {
             .entered()
         });
         let t1 = Instant::now();
-        pages.resize(plan.order.len(), Pfn(0));
+        // The pages of one call at a time (the backend takes them during the call): as many
+        // entries as the largest call, not one per page of the migration.
+        let longest = pieces_longest(plan, details.max_call_pages);
+        pages.clear();
+        pages.resize(longest, Pfn(0));
         txn.prepare_addrs(plan.order.len());
         let to = Location::of(dest.id());
         let pieces = Pieces::new(plan, details.max_call_pages);
@@ -670,7 +674,7 @@ impl AddressSpace {
             let issued = {
                 let req = CopyRequest {
                     page_size: span.page_size,
-                    pages: &pages[s..e],
+                    pages: &pages[..e - s],
                     addrs: txn.addrs(s..e),
                     pre_fence: txn.pre_fence(),
                 };
@@ -915,6 +919,16 @@ impl Iterator for Pieces<'_> {
 
 impl ExactSizeIterator for Pieces<'_> {}
 
+/// The most pages any call of `plan` cut as [`Pieces`] cuts it moves.
+fn pieces_longest(plan: &Plan, max: Option<NonZeroU32>) -> usize {
+    let max = max.map_or(u32::MAX, NonZeroU32::get);
+    plan.calls
+        .iter()
+        .map(|c| (c.end - c.start).min(max) as usize)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Migrations of at least this many pages prepare their commit while the copies run
 /// ([`Job::prepare_commit`]); smaller ones compute it under the lock (a few pages' worth).
 const COMMIT_PREP_MIN: usize = 4096;
@@ -941,7 +955,8 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Fills `pages`, and the mappings of `txn`, for `call` of `plan`.
+    /// Fills `pages` (from its start: the call's pages), and the mappings of `txn`, for
+    /// `call` of `plan`.
     fn map_call(
         &self,
         txn: &mut Txn<'_>,
@@ -960,7 +975,7 @@ impl Job<'_> {
                 let exec = self.mm.pagemap_for(self.range, call.executor)?;
                 pfns.clear();
                 for (k, &i) in idx.iter().enumerate() {
-                    pages[s + k] = self.src_pfns[i as usize];
+                    pages[k] = self.src_pfns[i as usize];
                     pfns.push(self.dst_pfns[i as usize]);
                 }
                 txn.map(
@@ -974,7 +989,7 @@ impl Job<'_> {
             }
             CopyOp::ToDevmem => {
                 // The destination reads every source: group by provider, map per group.
-                for (p, &i) in pages[s..e].iter_mut().zip(idx) {
+                for (p, &i) in pages.iter_mut().zip(idx) {
                     *p = self.dst_pfns[i as usize];
                 }
                 let mut k = 0;
