@@ -1090,6 +1090,9 @@ impl Job<'_> {
         let mut releases: Vec<Release> = Vec::new();
         let span = self.span;
         if let Some(prep) = prep {
+            // Room for a release per source run, before the lock (each run's allocation may
+            // go altogether; growing the list under the lock would copy it there).
+            releases.reserve(prep.runs.len());
             let (generation, old_rmap) = self.commit_prepared(alloc, expires, prep, &mut releases);
             drop(old_rmap);
             self.give_back(frames, releases);

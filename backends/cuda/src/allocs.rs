@@ -70,6 +70,20 @@ impl AllocTable {
             },
             _ => Pages::List(starts.into()),
         };
+        self.insert_pages(pages)
+    }
+
+    /// Records an allocation of `n` touching pages of `granules` each from granule `first`
+    /// (no list of starts); returns its cookie.
+    pub(crate) fn insert_run(&mut self, first: u64, n: usize, granules: u64) -> u64 {
+        let pages = match (u32::try_from(n), u32::try_from(granules)) {
+            (Ok(n), Ok(granules)) => Pages::Run { first, n, granules },
+            _ => Pages::List((0..n as u64).map(|i| first + i * granules).collect()),
+        };
+        self.insert_pages(pages)
+    }
+
+    fn insert_pages(&mut self, pages: Pages) -> u64 {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -148,6 +162,20 @@ mod tests {
         assert!(t.remove_into(run, &mut freed));
         assert!(t.remove_into(list, &mut freed));
         assert_eq!(freed, vec![32, 48, 64, 7, 3, 9]);
+    }
+
+    #[test]
+    fn a_run_recorded_without_a_list_reads_as_its_pages() {
+        let mut t = AllocTable::default();
+        let run = t.insert_run(32, 3, 16);
+        let same = t.insert(&[32, 48, 64], 16);
+        assert_eq!(t.slot(run), t.slot(same));
+        let mut out = [Pfn(0); 3];
+        assert!(t.pfns_into(run, &mut out));
+        assert_eq!(out, [Pfn(32), Pfn(48), Pfn(64)]);
+        let mut freed = Vec::new();
+        assert!(t.remove_into(run, &mut freed));
+        assert_eq!(freed, vec![32, 48, 64]);
     }
 
     #[test]

@@ -22,6 +22,54 @@ const PAGE_SIZES: [PageSize; 3] = [PageSize::Size4K, PageSize::Size64K, PageSize
 /// the zeroed buffer over a page list.
 const ZERO_EXTENTS_DIRECT: usize = 4;
 
+/// The pages an allocation took: one run of touching pages, or a list of page starts.
+enum Taken {
+    /// `npages` pages of `g` granules from granule `first`.
+    Run { first: u64, npages: usize, g: u64 },
+    /// Pages of `g` granules at these starts.
+    List { starts: Vec<u64>, g: u64 },
+}
+
+impl Taken {
+    /// The granule past the last page.
+    fn end(&self) -> u64 {
+        match self {
+            Taken::Run { first, npages, g } => first + *npages as u64 * g,
+            Taken::List { starts, g } => starts.iter().max().map_or(0, |&s| s + g),
+        }
+    }
+
+    /// Gives the pages back to `frames`.
+    fn free(&self, frames: &drm_pagemap_core::ExtentAllocator) {
+        match self {
+            Taken::Run { first, npages, g } => frames.free(*first, *npages as u64 * g),
+            Taken::List { starts, g } => frames.free_pages(starts, *g),
+        }
+    }
+
+    /// Appends the starts of the pages `clean` says are dirty (a run is checked whole
+    /// first: a clean run lists nothing).
+    fn dirty_pages(&self, clean: &CleanMap, out: &mut Vec<u64>) {
+        match self {
+            Taken::Run { first, npages, g } => {
+                if clean.any_dirty(*first, *npages as u64 * g) {
+                    let starts: Vec<u64> = (0..*npages as u64).map(|i| first + i * g).collect();
+                    clean.dirty_pages(&starts, *g, out);
+                }
+            }
+            Taken::List { starts, g } => clean.dirty_pages(starts, *g, out),
+        }
+    }
+
+    /// Records the allocation in `allocs`; returns its cookie.
+    fn insert(&self, allocs: &mut crate::allocs::AllocTable) -> u64 {
+        match self {
+            Taken::Run { first, npages, g } => allocs.insert_run(*first, *npages, *g),
+            Taken::List { starts, g } => allocs.insert(starts, *g),
+        }
+    }
+}
+
 impl CudaPagemap {
     /// [`DevmemOps::allocate`]: pages of the arena (backed on the way), clean or cleared on
     /// the copy stream, with the clear they wait for as the pre-migrate fence.
@@ -32,17 +80,27 @@ impl CudaPagemap {
     ) -> Result<DevmemBacking, BackendError> {
         let g = page_size.granules();
         let bytes = npages as u64 * page_size.bytes();
-        let mut starts = Vec::with_capacity(npages);
-        // Pages still settling (freed, clear running) are taken only when nothing else fits.
-        let fits = npages > 0
-            && (self.frames.alloc_pages(npages, g, &mut starts) || {
-                let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
-                self.take_settling(&mut sub) && {
-                    drop(sub);
-                    starts.clear();
-                    self.frames.alloc_pages(npages, g, &mut starts)
-                }
-            });
+        // One run of touching pages when one fits (no list of page starts, which for a large
+        // allocation is megabytes written fresh); else page by page. Pages still settling
+        // (freed, clear running) are taken only when nothing else fits.
+        let run = (npages > 0)
+            .then(|| bytes / GRANULE)
+            .and_then(|len| self.frames.alloc(len, g));
+        let mut starts = Vec::new();
+        let fits = run.is_some()
+            || npages > 0
+                && (self.frames.alloc_pages(npages, g, &mut starts) || {
+                    let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
+                    self.take_settling(&mut sub) && {
+                        drop(sub);
+                        starts.clear();
+                        self.frames.alloc_pages(npages, g, &mut starts)
+                    }
+                });
+        let taken = match run {
+            Some(first) => Taken::Run { first, npages, g },
+            None => Taken::List { starts, g },
+        };
         if !fits {
             return Err(err(
                 BackendErrorKind::OutOfMemory,
@@ -55,14 +113,14 @@ impl CudaPagemap {
             ));
         }
         let undo = |e: BackendError| {
-            self.frames.free_pages(&starts, g);
+            taken.free(&self.frames);
             Err(e)
         };
         let kernels = match self.device.kernels() {
             Ok(k) => k,
             Err(e) => return undo(e),
         };
-        let end = starts.iter().max().map_or(0, |&s| (s + g) * GRANULE);
+        let end = taken.end() * GRANULE;
         let grown = self.arena.ensure(end, |off, size| {
             if self.clear_on_free {
                 self.clear_fresh_segment(&kernels, off, size);
@@ -78,7 +136,7 @@ impl CudaPagemap {
         let pre = {
             let mut sub = self.submit.lock().unwrap_or_else(|p| p.into_inner());
             let mut dirty = Vec::new();
-            sub.clean.dirty_pages(&starts, g, &mut dirty);
+            taken.dirty_pages(&sub.clean, &mut dirty);
             if dirty.is_empty() {
                 Ok(Self::pending_clear(&mut sub))
             } else {
@@ -98,11 +156,7 @@ impl CudaPagemap {
                 return undo(e);
             }
         };
-        let cookie = self
-            .allocs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(&starts, g);
+        let cookie = taken.insert(&mut self.allocs.lock().unwrap_or_else(|p| p.into_inner()));
         self.counters.allocations.fetch_add(1, Ordering::SeqCst);
         self.counters.used.fetch_add(bytes, Ordering::SeqCst);
         Ok(DevmemBacking {
