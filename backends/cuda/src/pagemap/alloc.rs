@@ -84,7 +84,7 @@ impl CudaPagemap {
         // allocation is megabytes written fresh); else page by page. Pages still settling
         // (freed, clear running) are taken only when nothing else fits.
         let run = (npages > 0)
-            .then(|| bytes / GRANULE)
+            .then_some(bytes / GRANULE)
             .and_then(|len| self.frames.alloc(len, g));
         let mut starts = Vec::new();
         let fits = run.is_some()
