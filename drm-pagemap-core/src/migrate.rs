@@ -156,6 +156,8 @@ struct Collected {
     span: Span,
     dest: Pagemap,
     reserved: Option<Destination>,
+    /// Some page is a device page (its source pfn is looked up before a call reads it).
+    any_device: bool,
 }
 
 /// A refused request: what to release (a reserved allocation is consumed), and why.
@@ -172,12 +174,15 @@ struct Run<'r, 'w> {
     trace: Option<&'r mut Vec<CopyCall>>,
     while_copying: Option<WhileCopying<'w>>,
     t0: Instant,
+    /// Some page is a device page.
+    any_device: bool,
 }
 
 /// The thread's buffers a migration uses besides its transaction's (see [`Scratch`]).
 struct Buffers<'a> {
     snapshot: &'a [PageEntry],
-    src_pfns: &'a [Pfn],
+    /// The source pfns of the device pages, filled before the first call that reads one.
+    src_pfns: &'a mut Vec<Pfn>,
     plan: &'a mut Plan,
     pages: &'a mut Vec<Pfn>,
     frames: &'a mut Vec<HostFrame>,
@@ -321,7 +326,7 @@ impl AddressSpace {
         let traced = crate::stats::trace_on();
         let collecting =
             traced.then(|| tracing::trace_span!(target: "drm_pagemap", "collect").entered());
-        let collected = self.collect(target, range, &mut sc.snapshot, &mut sc.src_pfns);
+        let collected = self.collect(target, range, &mut sc.snapshot);
         drop(collecting);
         let collected = match collected {
             Ok(c) => c,
@@ -336,6 +341,7 @@ impl AddressSpace {
             span,
             dest,
             reserved,
+            any_device,
         } = collected;
         let Scratch {
             snapshot,
@@ -381,8 +387,18 @@ impl AddressSpace {
             trace,
             while_copying,
             t0,
+            any_device,
         };
         txn.run(|txn| self.run_collected(txn, run, bufs))
+    }
+
+    /// The source pfns of the device pages of `snapshot` into `out` (one per entry; other
+    /// entries are left zero). The pages are locked, so their allocations stay.
+    fn look_up_source_pfns(&self, snapshot: &[PageEntry], out: &mut Vec<Pfn>) {
+        out.clear();
+        out.resize(snapshot.len(), Pfn(0));
+        let st = self.lock();
+        source_pfns(&st.allocs, snapshot, out);
     }
 
     /// Validates the request, snapshots the pages and locks them. Refused when a page is
@@ -392,7 +408,6 @@ impl AddressSpace {
         target: Target,
         range: VaRange,
         snapshot: &mut Vec<PageEntry>,
-        src_pfns: &mut Vec<Pfn>,
     ) -> std::result::Result<Collected, Refused> {
         let mut st = self.lock();
         let (dest_id, reserved) = match target {
@@ -475,11 +490,6 @@ impl AddressSpace {
         st.range(span.slot)
             .pages
             .copy_into(span.first, span.count, snapshot);
-        // Source pfns of device pages (only those are read); none without device pages.
-        if summary.any_device() {
-            src_pfns.resize(span.count, Pfn(0));
-            source_pfns(&st.allocs, snapshot, src_pfns);
-        }
         let reserved = reserved.map(|alloc| {
             let rec = st.allocs.get_mut(alloc).expect("checked above");
             rec.state = AllocState::Migrating;
@@ -497,6 +507,7 @@ impl AddressSpace {
             span,
             dest,
             reserved,
+            any_device: summary.any_device(),
         })
     }
 
@@ -538,6 +549,7 @@ impl AddressSpace {
             trace,
             while_copying,
             t0,
+            any_device,
         } = run;
         let Buffers {
             snapshot,
@@ -595,15 +607,6 @@ impl AddressSpace {
                 (d.alloc, d.pfns)
             }
         };
-        let job = Job {
-            mm: self,
-            range,
-            span,
-            dest,
-            snapshot,
-            src_pfns,
-            dst_pfns: &dst_pfns,
-        };
         let plan = &*planned;
         // Map and issue call by call, so that the first copy starts while the CPU maps the
         // next call's pages; no call is waited for before all are issued.
@@ -622,15 +625,33 @@ impl AddressSpace {
         let longest = pieces_longest(plan, details.max_call_pages);
         pages.clear();
         pages.resize(longest, Pfn(0));
-        txn.prepare_addrs(plan.order.len());
         let to = Location::of(dest.id());
         let pieces = Pieces::new(plan, details.max_call_pages);
         let mut calls: Vec<CopyCall> = Vec::with_capacity(pieces.len());
         let mut failure: Option<Error> = None;
         // When the first call was issued (its device time is known without a subtraction).
         let mut first_at = None;
+        // The source pfns of device pages are looked up before the first call that reads
+        // one, not before the first copy: a first call of system pages starts without them.
+        let mut src_ready = !any_device;
         for piece in pieces {
             let call = &piece;
+            if !src_ready && reads_device_pages(call, plan, snapshot) {
+                self.look_up_source_pfns(snapshot, src_pfns);
+                src_ready = true;
+            }
+            let job = Job {
+                mm: self,
+                range,
+                span,
+                dest,
+                snapshot,
+                src_pfns,
+                dst_pfns: &dst_pfns,
+            };
+            // The mapped addresses reach as far as this call's pages (written as calls are
+            // mapped, rather than all before the first call).
+            txn.grow_addrs(call.end as usize);
             let mapping = traced.then(|| {
                 tracing::trace_span!(target: "drm_pagemap", "map", executor = call.executor.0)
                     .entered()
@@ -708,6 +729,15 @@ impl AddressSpace {
         if let Some(trace) = trace {
             trace.extend_from_slice(&calls);
         }
+        let job = Job {
+            mm: self,
+            range,
+            span,
+            dest,
+            snapshot,
+            src_pfns,
+            dst_pfns: &dst_pfns,
+        };
         if failure.is_none()
             && let Some(work) = while_copying
         {
@@ -918,6 +948,15 @@ impl Iterator for Pieces<'_> {
 }
 
 impl ExactSizeIterator for Pieces<'_> {}
+
+/// Whether `call` reads device pages (their source pfns): a push, or a pull of a peer's
+/// pages.
+fn reads_device_pages(call: &PlannedCall, plan: &Plan, snapshot: &[PageEntry]) -> bool {
+    call.op == CopyOp::ToRam
+        || plan.order[call.start as usize..call.end as usize]
+            .iter()
+            .any(|&i| snapshot[i as usize].kind() == Kind::Device)
+}
 
 /// The most pages any call of `plan` cut as [`Pieces`] cuts it moves.
 fn pieces_longest(plan: &Plan, max: Option<NonZeroU32>) -> usize {

@@ -270,10 +270,13 @@ impl<'a> Txn<'a> {
         self.pre_fence.as_ref().map(|p| &p.fence)
     }
 
-    /// Room for `n` addresses (unmapped until a map fills them).
+    /// Room for addresses up to position `n` (unmapped until a map fills them; never
+    /// shrinks).
     #[inline]
-    pub(crate) fn prepare_addrs(&mut self, n: usize) {
-        self.maps.addrs.resize(n, DmaAddr::NONE);
+    pub(crate) fn grow_addrs(&mut self, n: usize) {
+        if self.maps.addrs.len() < n {
+            self.maps.addrs.resize(n, DmaAddr::NONE);
+        }
     }
 
     /// The mapped addresses `at`.
