@@ -634,21 +634,23 @@ impl AddressSpace {
         // The source pfns of device pages are looked up before the first call that reads
         // one, not before the first copy: a first call of system pages starts without them.
         let mut src_ready = !any_device;
+        // The job of every call: `src_pfns` is the one field that changes (once filled).
+        let base = Job {
+            mm: self,
+            range,
+            span,
+            dest,
+            snapshot,
+            src_pfns: &[],
+            dst_pfns: &dst_pfns,
+        };
         for piece in pieces {
             let call = &piece;
             if !src_ready && reads_device_pages(call, plan, snapshot) {
                 self.look_up_source_pfns(snapshot, src_pfns);
                 src_ready = true;
             }
-            let job = Job {
-                mm: self,
-                range,
-                span,
-                dest,
-                snapshot,
-                src_pfns,
-                dst_pfns: &dst_pfns,
-            };
+            let job = Job { src_pfns, ..base };
             // The mapped addresses reach as far as this call's pages (written as calls are
             // mapped, rather than all before the first call).
             txn.grow_addrs(call.end as usize);
@@ -729,15 +731,7 @@ impl AddressSpace {
         if let Some(trace) = trace {
             trace.extend_from_slice(&calls);
         }
-        let job = Job {
-            mm: self,
-            range,
-            span,
-            dest,
-            snapshot,
-            src_pfns,
-            dst_pfns: &dst_pfns,
-        };
+        let job = Job { src_pfns, ..base };
         if failure.is_none()
             && let Some(work) = while_copying
         {
@@ -983,6 +977,7 @@ struct CommitPrep {
 }
 
 /// One migration in progress, between collect and commit.
+#[derive(Clone, Copy)]
 struct Job<'a> {
     mm: &'a AddressSpace,
     range: VaRange,
