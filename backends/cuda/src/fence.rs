@@ -8,52 +8,10 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long a polling wait polls back to back (small copies finish within this).
+/// How long a timed wait polls the event back to back (small copies finish within this).
 const SPIN_HOT: Duration = Duration::from_micros(50);
-/// How long a polling wait polls, yielding between polls, before it starts to sleep.
+/// How long a timed wait polls the event, yielding between polls, before it starts to sleep.
 const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(500);
-
-/// Polls `poll` until it gives an outcome or `timeout` passes. Copies of a few MiB finish
-/// within tens of microseconds: it polls back to back for [`SPIN_HOT`] (a yield is a system
-/// call that may cost a microsecond of latency), then yields until [`SPIN_BEFORE_SLEEP`],
-/// then naps 20 us (200 us after 1,000 naps; never past the limit), since a sleep of 20 us
-/// costs 50 us or more once the kernel's timer slack is added, and that lands on every
-/// fault's latency. `asleep` runs before each nap; `recheck` after each round that found no
-/// outcome, and may end the wait with its own.
-pub(crate) fn poll_until(
-    timeout: Option<Duration>,
-    mut poll: impl FnMut() -> Option<Result<(), BackendError>>,
-    mut asleep: impl FnMut(),
-    mut recheck: impl FnMut() -> Option<Result<(), FenceError>>,
-) -> Result<(), FenceError> {
-    let start = Instant::now();
-    let mut naps = 0u32;
-    loop {
-        if let Some(r) = poll() {
-            return r.map_err(FenceError::Failed);
-        }
-        let elapsed = start.elapsed();
-        if let Some(limit) = timeout
-            && elapsed >= limit
-        {
-            return Err(FenceError::Timeout(limit));
-        }
-        if elapsed < SPIN_HOT {
-            std::hint::spin_loop();
-        } else if elapsed < SPIN_BEFORE_SLEEP {
-            std::thread::yield_now();
-        } else {
-            asleep();
-            naps += 1;
-            let nap = Duration::from_micros(if naps < 1000 { 20 } else { 200 });
-            let nap = timeout.map_or(nap, |l| nap.min(l.saturating_sub(elapsed)));
-            std::thread::sleep(nap);
-        }
-        if let Some(r) = recheck() {
-            return r;
-        }
-    }
-}
 
 /// A fence of this backend: a CUDA event recorded on a copy stream after the work it guards.
 ///
@@ -268,13 +226,37 @@ impl CudaFence {
             }
             return done(self.deps_outcome().map_or(Ok(()), |r| self.finish(r)));
         }
-        // With a limit, or while deferred work is not queued yet: poll. Deferred work
-        // queued meanwhile: block in the driver instead of polling.
-        poll_until(
-            timeout,
-            || self.poll(),
-            || {},
-            || (timeout.is_none() && self.event.get().is_some()).then(|| self.wait_untraced(None)),
-        )
+        // With a limit, or while deferred work is not queued yet: poll.
+        let start = Instant::now();
+        let mut naps = 0u32;
+        loop {
+            if let Some(r) = self.poll() {
+                return done(r);
+            }
+            let elapsed = start.elapsed();
+            if let Some(limit) = timeout
+                && elapsed >= limit
+            {
+                return Err(FenceError::Timeout(limit));
+            }
+            // Copies of a few MiB finish within tens of microseconds: poll for a while before
+            // sleeping, since a sleep of 20 us costs 50 us or more once the kernel's timer
+            // slack is added, and that lands on every fault's latency.
+            if elapsed < SPIN_HOT {
+                // A yield is a system call that may cost a microsecond of latency.
+                std::hint::spin_loop();
+            } else if elapsed < SPIN_BEFORE_SLEEP {
+                std::thread::yield_now();
+            } else {
+                naps += 1;
+                let nap = Duration::from_micros(if naps < 1000 { 20 } else { 200 });
+                let nap = timeout.map_or(nap, |l| nap.min(l.saturating_sub(elapsed)));
+                std::thread::sleep(nap);
+            }
+            // Deferred work queued meanwhile: block in the driver instead of polling.
+            if timeout.is_none() && self.event.get().is_some() {
+                return self.wait_untraced(None);
+            }
+        }
     }
 }

@@ -4,7 +4,13 @@ use super::engine::Engine;
 use drm_pagemap_core::{BackendError, DeviceId, FenceError, FenceOps, FenceStatus, NativeFence};
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a wait polls the `done` word back to back (a ring copy of 64 KiB takes a few
+/// microseconds).
+const SPIN_HOT: Duration = Duration::from_micros(50);
+/// How long it polls, yielding between polls, before it sleeps.
+const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(500);
 
 /// A copy that went through a ring ([`Engine`]).
 ///
@@ -82,10 +88,32 @@ impl FenceOps for RingFence {
 }
 
 impl RingFence {
-    /// Polls the `done` word ([`crate::fence::poll_until`]: a ring copy of 64 KiB takes a
-    /// few microseconds); before each nap it looks after the consumer too (a returned
-    /// instance with this copy unfinished is relaunched, a failed one fails the fence).
     fn wait_untraced(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
-        crate::fence::poll_until(timeout, || self.poll(), || self.engine.tick(), || None)
+        let start = Instant::now();
+        let mut naps = 0u32;
+        loop {
+            if let Some(r) = self.poll() {
+                return r.map_err(FenceError::Failed);
+            }
+            let elapsed = start.elapsed();
+            if let Some(limit) = timeout
+                && elapsed >= limit
+            {
+                return Err(FenceError::Timeout(limit));
+            }
+            if elapsed < SPIN_HOT {
+                std::hint::spin_loop();
+            } else if elapsed < SPIN_BEFORE_SLEEP {
+                std::thread::yield_now();
+            } else {
+                // Asleep: look after the consumer too (a returned instance with this copy
+                // unfinished is relaunched, a failed one fails the fence), then nap.
+                self.engine.tick();
+                naps += 1;
+                let nap = Duration::from_micros(if naps < 1000 { 20 } else { 200 });
+                let nap = timeout.map_or(nap, |l| nap.min(l.saturating_sub(elapsed)));
+                std::thread::sleep(nap);
+            }
+        }
     }
 }
