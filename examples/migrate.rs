@@ -166,6 +166,12 @@ struct Args {
     /// pointer.
     #[arg(long)]
     pointers: bool,
+    /// Do not keep migration buffers for the range (`AddressSpace::keep_buffers`, made at
+    /// start-up by default, as a runtime that migrates such ranges would): the migration
+    /// then allocates and first writes its buffers itself, as a process's first large
+    /// migration does.
+    #[arg(long)]
+    no_kept_buffers: bool,
     /// One JSON line instead of the text.
     #[arg(long)]
     json: bool,
@@ -445,6 +451,9 @@ struct Outcome {
     stats: StatsSnapshot,
     /// How long opening the backend took (the simulator's resident memory is backed then).
     opened: Duration,
+    /// The migration buffers kept for the range, and how long making them took (`None`:
+    /// `--no-kept-buffers`).
+    kept: Option<(drm_pagemap::KeptBufferInfo, Duration)>,
 }
 
 /// The `--json` line.
@@ -512,9 +521,18 @@ fn print_json(o: &Outcome) -> bool {
     }
 }
 
-/// With the simulator's resident memory, how long making it resident took (at start-up,
-/// outside the measured migration).
-fn print_resident(config: &BackendConfig, backend: &dyn Backend, o: &Outcome) {
+/// What was made at start-up, outside the measured migration: the kept migration buffers,
+/// and with the simulator's resident memory, how long making it resident took.
+fn print_start_up(config: &BackendConfig, backend: &dyn Backend, o: &Outcome) {
+    if let Some((kept, took)) = o.kept {
+        println!(
+            "migration buffers kept for {} pages ({:.1} MiB), made at start-up in {:.1} ms \
+             (--no-kept-buffers: the migration makes its own)",
+            kept.pages,
+            kept.bytes as f64 / (1u64 << 20) as f64,
+            took.as_secs_f64() * 1e3
+        );
+    }
     if backend.name() == "sim" && config.options.get(SIM_RESIDENT) == Some("true") {
         println!(
             "device memory made resident at start-up in {:.0} ms ({SIM_RESIDENT}=true, as a \
@@ -617,7 +635,7 @@ fn print_table(a: &Args, config: &BackendConfig, backend: &dyn Backend, o: &Outc
             o.released.as_secs_f64() * 1e3
         );
     }
-    print_resident(config, backend, o);
+    print_start_up(config, backend, o);
     println!(
         "data {} ({})",
         if o.verified { "verified" } else { "CORRUPT" },
@@ -802,6 +820,13 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
     };
     let progress = Progress::new(!args.json);
     build(&mm, &cpu, range, args.page_size, pages, &progress)?;
+    // Kept after the layout is built: its migrations are small, the timed one is not.
+    let kept = if args.no_kept_buffers {
+        None
+    } else {
+        let t = Instant::now();
+        Some((mm.keep_buffers(range)?, t.elapsed()))
+    };
     let before = layout::of(&mm, range)?;
     let details = MigrateDetails {
         source_peer_migrates: args.source_peer_migrates,
@@ -842,6 +867,7 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
         verified,
         stats,
         opened,
+        kept,
     };
     let mut printed = true;
     if args.json {
@@ -865,7 +891,7 @@ fn run(args: &Args, config: &BackendConfig, pages: &[LayoutPage]) -> Result<Exit
                 o.released.as_secs_f64() * 1e3
             );
         }
-        print_resident(config, backend.as_ref(), &o);
+        print_start_up(config, backend.as_ref(), &o);
         println!("verified: {}", o.verified);
     }
     if args.stats && !args.json {

@@ -79,10 +79,11 @@ pub use drm_pagemap_core::{
     DevmemBacking, DevmemOps, Direction, DmaAddr, Error, EvictReport, ExtentAllocator, Fence,
     FenceArray, FenceCallback, FenceContext, FenceContextSource, FenceContexts, FenceError,
     FenceOps, FenceRole, FenceStatus, FenceTimeline, GRANULE, HostFence, HostFenceWait, HostFrame,
-    HostMemory, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming, NativeFence,
-    NativeFenceKind, NativeFenceKinds, NativeWait, OptionError, OptionReader, OwnerId, PageBacking,
-    PageLocation, PageSize, Pagemap, PagemapId, PagemapOps, PagemapSpec, Pfn, Plan, PlannedCall,
-    RangeProblem, ReleaseMode, Result, VaRange, WhileCopying, sort_dependencies,
+    HostMemory, KeptBufferInfo, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming,
+    NativeFence, NativeFenceKind, NativeFenceKinds, NativeWait, OptionError, OptionReader, OwnerId,
+    PageBacking, PageLocation, PageSize, Pagemap, PagemapId, PagemapOps, PagemapSpec, Pfn, Plan,
+    PlannedCall, RangeProblem, ReleaseMode, Result, VaRange, WhileCopying, available_memory,
+    sort_dependencies,
 };
 pub use drm_pagemap_core::{
     FailureKind, Failures, Histogram, LinkStats, Location, PageSizeStats, PagemapStats,

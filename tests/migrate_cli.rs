@@ -325,6 +325,30 @@ fn the_simulators_device_memory_is_resident_unless_an_option_says_otherwise() {
 }
 
 #[test]
+fn migration_buffers_are_kept_for_the_range_unless_asked_not_to() {
+    // The tool keeps migration buffers for its range (AddressSpace::keep_buffers) after
+    // building the layout and says so; --no-kept-buffers leaves the migration to make its
+    // own; --json carries no new field either way.
+    let base = ["--backend", "sim", "--layout", "s1.2s", "--to", "0"];
+    let (code, out, err) = run(&base);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("verified: true"), "{out}");
+    assert!(
+        out.contains("migration buffers kept for 5 pages ("),
+        "{out}"
+    );
+    let (code, out, err) = run(&[&base[..], &["--no-kept-buffers"]].concat());
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("verified: true"), "{out}");
+    assert!(!out.contains("migration buffers"), "{out}");
+    for extra in [&[][..], &["--no-kept-buffers"][..]] {
+        let (code, out, err) = run(&[&base[..], &["--json"], extra].concat());
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(!out.contains("kept"), "{out}");
+    }
+}
+
+#[test]
 fn foreign_owner_is_busy_with_nothing_moved() {
     let (code, out, _) = run(&["--layout", "0s1", "--foreign", "1", "--json"]);
     assert_eq!(code, 1);

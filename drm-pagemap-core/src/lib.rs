@@ -69,6 +69,7 @@ mod error;
 mod extent;
 pub mod fence;
 mod homes;
+mod host_info;
 mod mapping;
 mod migrate;
 mod mm;
@@ -76,6 +77,7 @@ pub mod options;
 mod page;
 mod plan;
 mod reclaim;
+mod scratch;
 pub mod stats;
 mod sync;
 mod table;
@@ -102,6 +104,7 @@ pub use fence::{
     NativeWait, sort_dependencies,
 };
 pub use homes::HomeExtents;
+pub use host_info::available_memory;
 pub use migrate::{
     CopyCall, MigrateDetails, MigrateOutcome, MigrateReport, MigrateTiming, WhileCopying,
 };
@@ -109,6 +112,7 @@ pub use mm::{AddressSpace, PageBacking, PageLocation};
 pub use options::{BackendOption, BackendOptions, OptionError, OptionReader};
 pub use plan::{Classified, Coalesce, Plan, PlannedCall};
 pub use reclaim::ReleaseMode;
+pub use scratch::KeptBufferInfo;
 pub use stats::{
     FailureKind, Failures, Histogram, LinkStats, Location, PageSizeStats, PagemapStats,
     StatsSnapshot,

@@ -12,8 +12,9 @@ use crate::mapping::MapSource;
 use crate::mm::{AddressSpace, MmState, Span};
 use crate::page::{Kind, PageEntry, RmapEntry, Summary};
 use crate::plan::{Classified, Coalesce, Plan, PlanParams, PlannedCall, Verdict, plan, plan_into};
+use crate::scratch::Scratch;
 use crate::stats::{Link, Location};
-use crate::txn::{Locked, Scratch, Txn};
+use crate::txn::{Locked, Txn};
 use crate::types::{CopyOp, DeviceId, Direction, HostFrame, PagemapId, Pfn, VaRange};
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -278,9 +279,9 @@ impl AddressSpace {
             outcome = tracing::field::Empty,
         );
         let _entered = span.enter();
-        let mut sc = Scratch::take();
+        let mut sc = self.take_scratch(range);
         let r = self.migrate_with(target, range, details, trace, while_copying, &mut sc);
-        sc.put_back();
+        self.put_scratch(sc);
         match &r {
             Ok(rep) => {
                 if !span.is_disabled() {

@@ -169,6 +169,8 @@ pub struct AddressSpace {
     pub(crate) reclaim: crate::reclaim::Reclaimer,
     /// The process mapping kept in step with migrations, if a layer installed one.
     pub(crate) cpu_maps: std::sync::OnceLock<Arc<dyn crate::CpuMappings>>,
+    /// Buffers kept for large migrations (see [`AddressSpace::keep_buffers`]).
+    pub(crate) kept: crate::scratch::KeptBuffers,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -399,6 +401,7 @@ impl AddressSpace {
             stats: Arc::default(),
             reclaim: crate::reclaim::Reclaimer::default(),
             cpu_maps: std::sync::OnceLock::new(),
+            kept: crate::scratch::KeptBuffers::default(),
         }
     }
 

@@ -7,8 +7,9 @@ use crate::backend::CopyRequest;
 use crate::error::{BusyReason, Error, Result};
 use crate::mm::AddressSpace;
 use crate::page::{PageEntry, RmapEntry};
+use crate::scratch::Scratch;
 use crate::stats::{Link, Location};
-use crate::txn::{Locked, Scratch, Txn};
+use crate::txn::{Locked, Txn};
 use crate::types::{CopyOp, Direction, HostFrame, Pfn, VaRange};
 use std::time::Instant;
 
@@ -175,9 +176,9 @@ impl AddressSpace {
     }
 
     fn to_ram_pass(&self, alloc: AllocId, window: Option<Window>, range: VaRange) -> Result<Pass> {
-        let mut sc = Scratch::take();
+        let mut sc = self.take_scratch(range);
         let r = self.to_ram_pass_with(alloc, window, range, &mut sc);
-        sc.put_back();
+        self.put_scratch(sc);
         r
     }
 

@@ -20,7 +20,7 @@
 //! and then continues to the caller; a panic while rolling back (an unmap) is finished by
 //! the unwinding roll back without undoing anything twice.
 //!
-//! The transaction borrows its buffers from the thread's [`Scratch`] (kept between
+//! The transaction borrows its buffers from a [`crate::scratch::Scratch`] (kept between
 //! transactions), so a small transaction makes no heap allocation of its own.
 
 use crate::alloc::{AllocId, release_all, release_unused};
@@ -29,93 +29,11 @@ use crate::error::{BackendError, BackendOp, Error, FenceError, FenceRole, Result
 use crate::fence::Fence;
 use crate::mapping::{MapRecord, MapSource, Mappings};
 use crate::mm::{AddressSpace, Deferred, MmState, Span};
-use crate::page::{PageEntry, RmapEntry};
-use crate::plan::Plan;
+use crate::page::RmapEntry;
 use crate::stats::Link;
 use crate::types::{CopyOp, DeviceId, Direction, DmaAddr, HostFrame, PagemapId, Pfn, VaRange};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::time::{Duration, Instant};
-
-/// Buffers one transaction (and the migration or copy back around it) uses, kept per thread
-/// between transactions so that a small one makes no heap allocation of its own (a lookup in
-/// the thread's cache instead).
-#[derive(Default)]
-pub(crate) struct Scratch {
-    /// A migration's snapshot of its pages.
-    pub snapshot: Vec<PageEntry>,
-    /// A migration's source pfns (of device pages).
-    pub src_pfns: Vec<Pfn>,
-    /// A migration's copy calls.
-    pub plan: Plan,
-    /// The pages each copy call reads or writes, in call order.
-    pub pages: Vec<Pfn>,
-    /// Frames to map (a migration), or to free (its commit).
-    pub frames: Vec<HostFrame>,
-    /// Pfns to map.
-    pub pfns: Vec<Pfn>,
-    /// The pages a copy back to RAM took: (index in the allocation, where it is mapped).
-    pub picked: Vec<(u32, RmapEntry)>,
-    /// The transaction's mappings.
-    pub maps: Mappings,
-    /// The transaction's copies.
-    pub copies: Vec<Issued>,
-    /// The transaction's new system frames (a copy back to RAM).
-    pub new_frames: Vec<HostFrame>,
-    /// The frames the pages of a copy back to RAM ask for (their ranges' home extents;
-    /// empty when none has one).
-    pub wishes: Vec<HostFrame>,
-}
-
-/// Buffers of more entries than this are not kept (a huge transaction would pin its memory).
-const SCRATCH_KEEP: usize = 1 << 14;
-
-thread_local! {
-    static SCRATCH: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
-}
-
-impl Scratch {
-    /// The thread's buffers (fresh ones if another transaction of this thread holds them).
-    pub(crate) fn take() -> Box<Scratch> {
-        SCRATCH.with(|c| c.take()).unwrap_or_default()
-    }
-
-    /// Empties the buffers (dropping the fences) and gives them back to the thread, unless
-    /// they grew too large to keep.
-    pub(crate) fn put_back(mut self: Box<Scratch>) {
-        let big = [
-            self.snapshot.capacity(),
-            self.src_pfns.capacity(),
-            self.plan.order.capacity(),
-            self.pages.capacity(),
-            self.frames.capacity(),
-            self.pfns.capacity(),
-            self.picked.capacity(),
-            self.maps.addrs.capacity(),
-            self.maps.records.capacity(),
-            self.new_frames.capacity(),
-            self.wishes.capacity(),
-        ]
-        .into_iter()
-        .any(|c| c > SCRATCH_KEEP);
-        if big || self.copies.capacity() > 1024 {
-            return;
-        }
-        self.snapshot.clear();
-        self.src_pfns.clear();
-        self.plan.calls.clear();
-        self.plan.order.clear();
-        self.pages.clear();
-        self.frames.clear();
-        self.pfns.clear();
-        self.picked.clear();
-        self.maps.addrs.clear();
-        self.maps.records.clear();
-        self.copies.clear();
-        self.new_frames.clear();
-        self.wishes.clear();
-        SCRATCH.with(|c| c.set(Some(self)));
-    }
-}
 
 /// A fence of a transaction, with the pagemap and device it belongs to (named if it fails).
 pub(crate) struct Issued {
@@ -187,7 +105,7 @@ pub(crate) struct Txn<'a> {
 
 impl<'a> Txn<'a> {
     /// Takes over the `locked` pages (of `page_size`) of `mm`, for the request `range` and
-    /// `pagemap` (see [`Txn`]'s fields); its buffers (emptied here) come from a [`Scratch`].
+    /// `pagemap` (see [`Txn`]'s fields); its buffers (emptied here) come from a [`crate::scratch::Scratch`].
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(crate) fn new(
@@ -201,7 +119,7 @@ impl<'a> Txn<'a> {
         frames: &'a mut Vec<HostFrame>,
         timeout: Option<Duration>,
     ) -> Txn<'a> {
-        // The thread's buffers come back empty (see [`Scratch::put_back`]).
+        // Kept buffers come back empty (see `AddressSpace::put_scratch`).
         debug_assert!(copies.is_empty() && frames.is_empty() && maps.records.is_empty());
         maps.page_size = Some(page_size);
         maps.unmapped = 0;

@@ -133,21 +133,10 @@ impl SimConfig {
     }
 }
 
-/// The memory the system says is available for new allocations without swapping (Linux:
-/// `MemAvailable` of `/proc/meminfo`); `None` where that cannot be read. What
-/// [`SimConfig::resident`] checks its devices' capacity against.
-pub fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line
-        .trim_start_matches("MemAvailable:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    kib.checked_mul(1024)
-}
+/// The memory the system says is available for new allocations without swapping; what
+/// [`SimConfig::resident`] checks its devices' capacity against (the core's
+/// [`drm_pagemap_core::available_memory`]).
+pub use drm_pagemap_core::available_memory;
 
 /// Backs every device's memory ([`SimConfig::resident`]): pieces of 64 MiB handed to one
 /// thread per core (at most 16). Out of memory is an error naming the device.

@@ -1,0 +1,215 @@
+//! `AddressSpace::keep_buffers`: the buffers kept for a range's large migrations are made once,
+//! used by each large migration (and so absent while it runs), given back after it whatever
+//! its outcome, left alone by migrations they do not fit and by small ones, and released on
+//! request; bad ranges and sizes the system cannot hold are typed errors that change nothing.
+
+mod common;
+
+use common::{Options, backends, build};
+use drm_pagemap::{
+    AddressSpace, Error, KeptBufferInfo, MigrateDetails, PageSize, PagemapId, VaRange,
+};
+use drm_pagemap_testkit::inject::{FaultInjector, FaultSite};
+
+/// Pages of the ranges below: more than a thread keeps buffers for (16,384).
+const PAGES: usize = 20_000;
+
+/// A layout of `PAGES` pages: system pages and the pages of two peers in runs.
+fn layout() -> String {
+    vec!["s*8,1*4,2*4,.*2,s*2"; PAGES / 20].join(",")
+}
+
+/// The kept set after a migration used it: the same pages, and no page-sized buffer grew
+/// (a grown one would add at least 80 KB here; the small ones, of calls and fences, may).
+fn assert_given_back(now: KeptBufferInfo, made: KeptBufferInfo, what: &str) {
+    assert_eq!(now.pages, made.pages, "{what}");
+    assert!(
+        now.bytes >= made.bytes && now.bytes < made.bytes + 16 * 1024,
+        "{what}: {now:?} after, {made:?} made"
+    );
+}
+
+/// Migrates the rig's whole range to `to` through a reserved allocation, returning what
+/// `kept_buffers` said while the copies ran (`None`: a copy call failed, so the work that
+/// runs while they copy did not run).
+fn migrate_watching(rig: &common::Rig, to: u8) -> (Result<(), Error>, Option<KeptBufferInfo>) {
+    let mm: &AddressSpace = &rig.mm;
+    let alloc = mm
+        .allocate_devmem(PagemapId(to), PAGES, rig.page_size, rig.range)
+        .expect("allocate");
+    let mut during = None;
+    let r = mm.migrate_to_devmem_with(alloc, rig.range, &MigrateDetails::default(), &mut |_| {
+        during = Some(mm.kept_buffers())
+    });
+    (r.map(|_| ()), during)
+}
+
+#[test]
+fn kept_buffers_are_made_for_the_range_and_released() {
+    let rig = build(&layout(), 3, PageSize::Size4K, Options::on("sim").stamps());
+    let mm = &rig.mm;
+    assert_eq!(mm.kept_buffers(), KeptBufferInfo::default());
+    let kept = mm.keep_buffers(rig.range).unwrap();
+    assert_eq!(kept.pages, PAGES);
+    // Seven buffers of a page each: at least 40 bytes per page.
+    assert!(kept.bytes >= PAGES * 40, "{kept:?}");
+    assert_eq!(mm.kept_buffers(), kept);
+    // A part of the range: buffers for its pages, replacing the first set.
+    let part = VaRange::new(rig.range.start, 100 * 4096);
+    assert_eq!(mm.keep_buffers(part).unwrap().pages, 100);
+    assert_eq!(mm.kept_buffers().pages, 100);
+    assert!(mm.release_buffers() >= 100 * 40);
+    assert_eq!(mm.kept_buffers(), KeptBufferInfo::default());
+    assert_eq!(mm.release_buffers(), 0);
+    rig.finish();
+}
+
+#[test]
+fn a_large_migration_uses_the_kept_buffers_and_gives_them_back() {
+    for b in backends() {
+        let rig = build(&layout(), 3, PageSize::Size4K, Options::on(b).stamps());
+        let kept = rig.mm.keep_buffers(rig.range).unwrap();
+        // To pagemap 0 (three sources), then all of it to pagemap 1 (one push), then back.
+        for to in [0, 1, 0] {
+            let (r, during) = migrate_watching(&rig, to);
+            r.unwrap();
+            let in_use = KeptBufferInfo {
+                pages: PAGES,
+                bytes: 0,
+            };
+            assert_eq!(during, Some(in_use), "{b}: in use");
+            // Back, and no larger: the migration wrote into the kept memory.
+            assert_given_back(rig.mm.kept_buffers(), kept, b);
+            rig.assert_layout(&format!("{to}*{PAGES}"));
+            rig.verify();
+        }
+        rig.finish();
+    }
+}
+
+#[test]
+fn without_kept_buffers_a_large_migration_keeps_nothing() {
+    let rig = build(&layout(), 3, PageSize::Size4K, Options::on("sim").stamps());
+    let (r, during) = migrate_watching(&rig, 0);
+    r.unwrap();
+    assert_eq!(during, Some(KeptBufferInfo::default()));
+    assert_eq!(rig.mm.kept_buffers(), KeptBufferInfo::default());
+    rig.verify();
+    rig.finish();
+}
+
+#[test]
+fn a_failed_migration_gives_the_kept_buffers_back_and_loses_no_data() {
+    let inj = FaultInjector::new();
+    let rig = build(
+        &layout(),
+        3,
+        PageSize::Size4K,
+        Options::on("sim").faults(&inj).stamps(),
+    );
+    let kept = rig.mm.keep_buffers(rig.range).unwrap();
+    inj.fail_nth(FaultSite::Copy, 2);
+    let before = rig.layout_str();
+    let (r, during) = migrate_watching(&rig, 0);
+    assert!(r.is_err());
+    // The second copy call failed: nothing ran while copying.
+    assert_eq!(during, None);
+    assert_given_back(rig.mm.kept_buffers(), kept, "failed");
+    assert_eq!(rig.layout_str(), before);
+    rig.verify();
+    // The next migration succeeds in the same buffers.
+    inj.disarm();
+    let (r, _) = migrate_watching(&rig, 0);
+    r.unwrap();
+    assert_given_back(rig.mm.kept_buffers(), kept, "after");
+    rig.verify();
+    rig.finish();
+}
+
+#[test]
+fn buffers_kept_for_a_smaller_range_stay_out_of_larger_and_small_migrations() {
+    let rig = build(&layout(), 3, PageSize::Size4K, Options::on("sim").stamps());
+    let part = VaRange::new(rig.range.start, 17_000 * 4096);
+    let kept = rig.mm.keep_buffers(part).unwrap();
+    // The whole range is larger than what is kept: fresh buffers, the kept set untouched.
+    let (r, during) = migrate_watching(&rig, 0);
+    r.unwrap();
+    assert_eq!(during, Some(kept));
+    assert_eq!(rig.mm.kept_buffers(), kept);
+    // A small migration uses the thread's buffers.
+    let small = VaRange::new(rig.range.start, 16 * 4096);
+    let alloc = rig
+        .mm
+        .allocate_devmem(PagemapId(1), 16, PageSize::Size4K, small)
+        .unwrap();
+    let mut during = None;
+    rig.mm
+        .migrate_to_devmem_with(alloc, small, &MigrateDetails::default(), &mut |_| {
+            during = Some(rig.mm.kept_buffers())
+        })
+        .unwrap();
+    assert_eq!(during, Some(kept));
+    // The part itself fits: it uses them.
+    let alloc = rig
+        .mm
+        .allocate_devmem(PagemapId(2), 17_000, PageSize::Size4K, part)
+        .unwrap();
+    let mut during = None;
+    rig.mm
+        .migrate_to_devmem_with(alloc, part, &MigrateDetails::default(), &mut |_| {
+            during = Some(rig.mm.kept_buffers())
+        })
+        .unwrap();
+    assert_eq!(during.map(|k| k.bytes), Some(0));
+    assert_given_back(rig.mm.kept_buffers(), kept, "the part");
+    rig.verify();
+    rig.finish();
+}
+
+#[test]
+fn bad_ranges_and_oversized_requests_are_typed_errors_that_change_nothing() {
+    let rig = build(&layout(), 3, PageSize::Size4K, Options::on("sim").stamps());
+    let mm = &rig.mm;
+    let kept = mm.keep_buffers(rig.range).unwrap();
+    // Not a range of this address space, unaligned, empty, past the end of the range.
+    let end = rig.range.start + rig.range.len;
+    for bad in [
+        VaRange::new(1 << 50, 4096),
+        VaRange::new(rig.range.start + 1, 4096),
+        VaRange::new(rig.range.start, 0),
+        VaRange::new(end - 4096, 8192),
+        VaRange::new(u64::MAX - 4095, 4096),
+    ] {
+        let e = mm.keep_buffers(bad).unwrap_err();
+        assert!(matches!(e, Error::BadRange { .. }), "{bad}: {e}");
+        assert_eq!(mm.kept_buffers(), kept, "{bad}: unchanged");
+    }
+    // The largest range an address space takes: u32::MAX pages (16 TiB of 4 KiB pages):
+    // buffers of about 160 GiB, more than half of what any machine here has available.
+    let huge_pages = u32::MAX as u64;
+    let huge = VaRange::new(1 << 61, huge_pages * 4096);
+    mm.create_range(huge, PageSize::Size4K).unwrap();
+    let need = huge_pages * 40;
+    match drm_pagemap::available_memory() {
+        Some(avail) if need > avail / 2 => {
+            let e = mm.keep_buffers(huge).unwrap_err();
+            match &e {
+                Error::OutOfMemory { range, bytes, .. } => {
+                    assert_eq!(*range, huge);
+                    assert!(*bytes >= need, "{e}");
+                }
+                other => panic!("not OutOfMemory: {other}"),
+            }
+            assert!(e.to_string().contains("kept migration buffers"), "{e}");
+            // Nothing kept (the earlier set is released first).
+            assert_eq!(mm.kept_buffers(), KeptBufferInfo::default());
+        }
+        avail => println!("skipped: the oversized case ({avail:?} bytes available)"),
+    }
+    // Migrations still work, and keeping works again.
+    assert_eq!(mm.keep_buffers(rig.range).unwrap(), kept);
+    let (r, _) = migrate_watching(&rig, 0);
+    r.unwrap();
+    rig.verify();
+    rig.finish();
+}
