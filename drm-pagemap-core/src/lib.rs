@@ -54,6 +54,10 @@
 //!   subscriber each costs a check of the global level filter: no formatting, no
 //!   allocation.
 //!
+//! - **Memory of its own, bounded.** A migration's buffers (about 40 bytes per page) stay
+//!   with the thread up to 16,384 pages and are freed above that, unless the caller keeps a
+//!   set for its large ranges ([`AddressSpace::keep_buffers`]).
+//!
 //! The core has no `unsafe` and no FFI: backends ([`HostMemory`], [`PagemapOps`],
 //! [`DevmemOps`]) bring the hardware. Page state lives in packed arrays (one `u64` per page),
 //! in chunks allocated when first written: a range costs memory for the pages it populates,
