@@ -25,9 +25,13 @@ fn real() -> bool {
     std::env::var_os("DRM_PAGEMAP_LEVEL_ZERO_REAL").is_some_and(|v| v == "1")
 }
 
-/// The backend on the software driver, one test at a time (the out-of-memory test fills a
-/// device), or `None` after printing the skip line once.
-fn backend() -> Option<(LevelZeroBackend, MutexGuard<'static, ()>)> {
+/// The lock that keeps the other tests out, and the backend on the software driver (one test
+/// at a time: the out-of-memory test fills a device), or `None` after printing the skip line
+/// once. The guard comes first: bound as `let Some((_guard, b))`, it is dropped after the
+/// backend, whose pagemaps hold the driver's device memory until the backend goes (dropped
+/// the other way round, the next test could start allocating while a full device 0 was not
+/// given back yet, and its faults fell back to system memory).
+fn backend() -> Option<(MutexGuard<'static, ()>, LevelZeroBackend)> {
     static LOCK: Mutex<()> = Mutex::new(());
     static READY: OnceLock<Result<(), String>> = OnceLock::new();
     static SKIPPED: Once = Once::new();
@@ -52,7 +56,7 @@ fn backend() -> Option<(LevelZeroBackend, MutexGuard<'static, ()>)> {
         ..LevelZeroConfig::default()
     })
     .expect("the probe found the driver");
-    Some((b, guard))
+    Some((guard, b))
 }
 
 fn pagemap(b: &LevelZeroBackend, id: u8, device: u32) -> Result<Pagemap, BackendError> {
@@ -104,7 +108,7 @@ fn check_placed(vm: &GpuVm, va: u64, want: Placement) {
 
 #[test]
 fn devices_take_turns_and_every_byte_survives() {
-    let Some((b, _guard)) = backend() else { return };
+    let Some((_guard, b)) = backend() else { return };
     let (mm, svm, vms) = svm_over(&b, &[0, 1, 2]);
     let buf = VaRange::new(BASE, 8 * M2);
     create(&mm, buf, PageSize::Size4K);
@@ -145,7 +149,7 @@ fn devices_take_turns_and_every_byte_survives() {
 
 #[test]
 fn three_devices_fault_at_once() {
-    let Some((b, _guard)) = backend() else { return };
+    let Some((_guard, b)) = backend() else { return };
     let (mm, svm, vms) = svm_over(&b, &[0, 1, 2]);
     let buf = VaRange::new(BASE, 12 * M2);
     create(&mm, buf, PageSize::Size4K);
@@ -182,7 +186,7 @@ fn out_of_device_memory_in_the_driver_evicts_and_retries() {
         println!("skipped: level-zero: needs the software driver's 128 MiB devices");
         return;
     }
-    let Some((b, _guard)) = backend() else { return };
+    let Some((_guard, b)) = backend() else { return };
     // Two pagemaps of the whole of device 0: their chunks exhaust the device before either
     // pagemap is full, so the allocations that fail are the driver's
     // (ZE_RESULT_ERROR_OUT_OF_DEVICE_MEMORY): xe-svm evicts the least recently used range of
