@@ -14,6 +14,21 @@ use std::time::{Duration, Instant};
 mod common;
 use common::*;
 
+/// Copy calls `mm` has issued so far (the statistics count a call when it is submitted).
+fn copies_issued(mm: &AddressSpace) -> u64 {
+    mm.stats().links.iter().map(|l| l.calls).sum()
+}
+
+/// Waits (at most 10 s) until `mm` has issued more than `issued` copy calls: a migration that
+/// got that far has taken its pages out of the process's mapping, and its copy is running.
+fn wait_for_a_copy(mm: &AddressSpace, issued: u64) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while copies_issued(mm) <= issued {
+        assert!(Instant::now() < end, "no copy was issued within 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn stores_survive_a_round_trip_through_a_device_and_fault_home() {
     if !available() {
@@ -348,14 +363,17 @@ fn a_store_to_a_page_in_flight_waits_for_the_migration_and_lands() {
         return;
     }
     watchdog(Duration::from_secs(60), || {
-        // Copies take 50 ms: the store comes 10 ms into the migration.
+        // Copies take 50 ms: the store comes while the migration's copy runs (once the copy
+        // is issued, not after a sleep that a busy machine could make outlast the start of
+        // the migration: a store before it would land in system memory and travel with it).
         let r = rig_with(1, UffdConfig::default(), Duration::from_millis(50));
         let pr = Arc::new(r.space.create_range(4096, PageSize::Size4K).unwrap());
         pr.word(0).unwrap().store(1, Ordering::Relaxed);
+        let issued = copies_issued(&r.mm);
         let storer = {
-            let pr = pr.clone();
+            let (pr, mm) = (pr.clone(), r.mm.clone());
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(10));
+                wait_for_a_copy(&mm, issued);
                 pr.word(0).unwrap().store(2, Ordering::Relaxed);
                 Instant::now()
             })
@@ -397,10 +415,12 @@ fn a_store_during_a_migration_that_rolls_back_lands_in_system_memory() {
         // The copy's fence signals an error: the migration rolls back.
         inj.fail_nth(FaultSite::FenceError, 1);
         let t0 = Instant::now();
+        // The store comes while the copy runs (see the test above).
+        let issued = copies_issued(&r.mm);
         let storer = {
-            let pr = pr.clone();
+            let (pr, mm) = (pr.clone(), r.mm.clone());
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(10));
+                wait_for_a_copy(&mm, issued);
                 pr.word(0).unwrap().store(2, Ordering::Relaxed);
                 Instant::now()
             })
@@ -413,7 +433,7 @@ fn a_store_during_a_migration_that_rolls_back_lands_in_system_memory() {
             "the injected fence error must fail the migration"
         );
         let stored = storer.join().unwrap();
-        // Issued 10 ms in, it waited for the copy's fence (50 ms) and the roll back.
+        // Issued while the copy ran, it waited for the copy's fence (50 ms) and the roll back.
         assert!(
             stored >= t0 + Duration::from_millis(45),
             "the store did not wait ({:?})",
