@@ -725,10 +725,18 @@ fn a_page_whose_home_frame_is_held_comes_back_elsewhere_and_later_home() {
         r.mm.migrate(page1, PagemapId(0), &MigrateDetails::default())
             .unwrap();
         r.mm.set_to_ram_fence_timeout(Some(Duration::from_millis(50)));
+        // The limit is lifted as soon as the fault's first attempt has timed out (its 200 ms
+        // copy holds the home frame for about 150 ms more), not after a fixed 120 ms: on a
+        // busy machine that could come before the first attempt (no timeout at all) or so late
+        // that the retry after it found the home frame free again.
         let lifter = {
-            let mm = r.mm.clone();
+            let (mm, space) = (r.mm.clone(), r.space.clone());
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(120));
+                let end = Instant::now() + Duration::from_secs(10);
+                while space.fault_stats().errors == 0 {
+                    assert!(Instant::now() < end, "the fault never timed out");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 mm.set_to_ram_fence_timeout(None);
             })
         };
