@@ -298,7 +298,10 @@ mod tests {
     use super::*;
     use crate::config::fence_limit;
     use crate::stats::CommandTally;
-    use drm_pagemap_core::{DmaAddr, FenceTimeline, HostFence, NativeFenceKind, NativeFenceKinds};
+    use drm_pagemap_core::{
+        DmaAddr, FenceError, FenceOps, FenceStatus, FenceTimeline, HostFence, NativeFenceKind,
+        NativeFenceKinds,
+    };
     use drm_pagemap_testkit::fence::NativeTestFence as Dev;
     use std::sync::Mutex;
 
@@ -666,6 +669,35 @@ mod tests {
         })
     }
 
+    /// A host fence that is still pending when the policy sorts it, however late the call
+    /// comes: the first wait for it starts the thread that signals it 20 ms later. (Started
+    /// before the call, that thread could signal first on a busy machine; the policy drops a
+    /// signalled part, and there would be nothing to wait for.)
+    #[derive(Debug)]
+    struct SignalledWhileWaited {
+        host: Arc<HostFence>,
+        signaller: Mutex<Option<std::thread::JoinHandle<()>>>,
+    }
+
+    impl FenceOps for SignalledWhileWaited {
+        fn context(&self) -> u64 {
+            self.host.context()
+        }
+        fn seqno(&self) -> u64 {
+            self.host.seqno()
+        }
+        fn status(&self) -> FenceStatus {
+            self.host.status()
+        }
+        fn wait(&self, timeout: Option<Duration>) -> Result<(), FenceError> {
+            self.signaller
+                .lock()
+                .unwrap()
+                .get_or_insert_with(|| signal_later(self.host.clone(), false));
+            self.host.wait(timeout)
+        }
+    }
+
     /// A backend that declares nothing would block on host fences in the call: the policy
     /// waits for them first, with the context's fence timeout as `Svm::new` hands it over,
     /// at 0, 1 ns and `Duration::MAX` (issue 11, D1): no panic; the short ones time a
@@ -681,13 +713,15 @@ mod tests {
             });
             let (mut p, stats) = policy(fake.clone());
             p.fence_timeout = fence_limit(Some(d));
-            let host = HostFence::new(drm_pagemap_core::FenceContext::new(), 1);
+            let host = Arc::new(SignalledWhileWaited {
+                host: HostFence::new(drm_pagemap_core::FenceContext::new(), 1),
+                signaller: Mutex::new(None),
+            });
             let dev = FenceTimeline::new().host_fence();
             let pre = Fence::new(FenceArray::new(vec![
-                Fence::from_host(host.clone()),
+                Fence::from_arc(host.clone()),
                 Fence::new(Dev(dev.clone())),
             ]));
-            let t = signal_later(host, false);
             match p.copy_to_devmem(&req(&contiguous(3), &addrs(3), Some(&pre))) {
                 Ok(_) => {
                     assert!(forever, "{d:?}: a pending fence was not timed out");
@@ -705,7 +739,8 @@ mod tests {
                 }
             }
             assert_eq!(stats.snapshot().cpu_fence_waits.count, 1);
-            t.join().unwrap();
+            let t = host.signaller.lock().unwrap().take();
+            t.expect("the host fence was waited for").join().unwrap();
             dev.signal();
         }
     }
