@@ -33,12 +33,22 @@ fn assert_given_back(now: KeptBufferInfo, made: KeptBufferInfo, what: &str) {
 /// `kept_buffers` said while the copies ran (`None`: a copy call failed, so the work that
 /// runs while they copy did not run).
 fn migrate_watching(rig: &common::Rig, to: u8) -> (Result<(), Error>, Option<KeptBufferInfo>) {
+    migrate_part_watching(rig, rig.range, to)
+}
+
+/// [`migrate_watching`] for `range`, a part of the rig's range.
+fn migrate_part_watching(
+    rig: &common::Rig,
+    range: VaRange,
+    to: u8,
+) -> (Result<(), Error>, Option<KeptBufferInfo>) {
     let mm: &AddressSpace = &rig.mm;
+    let pages = (range.len / rig.page_size.bytes()) as usize;
     let alloc = mm
-        .allocate_devmem(PagemapId(to), PAGES, rig.page_size, rig.range)
+        .allocate_devmem(PagemapId(to), pages, rig.page_size, range)
         .expect("allocate");
     let mut during = None;
-    let r = mm.migrate_to_devmem_with(alloc, rig.range, &MigrateDetails::default(), &mut |_| {
+    let r = mm.migrate_to_devmem_with(alloc, range, &MigrateDetails::default(), &mut |_| {
         during = Some(mm.kept_buffers())
     });
     (r.map(|_| ()), during)
@@ -138,28 +148,12 @@ fn buffers_kept_for_a_smaller_range_stay_out_of_larger_and_small_migrations() {
     assert_eq!(rig.mm.kept_buffers(), kept);
     // A small migration uses the thread's buffers.
     let small = VaRange::new(rig.range.start, 16 * 4096);
-    let alloc = rig
-        .mm
-        .allocate_devmem(PagemapId(1), 16, PageSize::Size4K, small)
-        .unwrap();
-    let mut during = None;
-    rig.mm
-        .migrate_to_devmem_with(alloc, small, &MigrateDetails::default(), &mut |_| {
-            during = Some(rig.mm.kept_buffers())
-        })
-        .unwrap();
+    let (r, during) = migrate_part_watching(&rig, small, 1);
+    r.unwrap();
     assert_eq!(during, Some(kept));
     // The part itself fits: it uses them.
-    let alloc = rig
-        .mm
-        .allocate_devmem(PagemapId(2), 17_000, PageSize::Size4K, part)
-        .unwrap();
-    let mut during = None;
-    rig.mm
-        .migrate_to_devmem_with(alloc, part, &MigrateDetails::default(), &mut |_| {
-            during = Some(rig.mm.kept_buffers())
-        })
-        .unwrap();
+    let (r, during) = migrate_part_watching(&rig, part, 2);
+    r.unwrap();
     assert_eq!(during.map(|k| k.bytes), Some(0));
     assert_given_back(rig.mm.kept_buffers(), kept, "the part");
     rig.verify();
