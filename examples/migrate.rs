@@ -616,11 +616,12 @@ fn print_table(a: &Args, config: &BackendConfig, backend: &dyn Backend, o: &Outc
         Ok(r) => {
             let t = r.timing;
             println!(
-                "moved {:.1} MiB in {:.3} s: {:.2} GB/s (plan {:.2} ms, map {:.2} ms, issue {:.2} ms, wait {:.2} ms, commit {:.2} ms)",
+                "moved {:.1} MiB in {:.3} s: {:.2} GB/s (plan {:.2} ms, allocate {:.2} ms, map {:.2} ms, issue {:.2} ms, wait {:.2} ms, commit {:.2} ms)",
                 bytes as f64 / (1 << 20) as f64,
                 secs,
                 bytes as f64 / secs / 1e9,
                 t.plan.as_secs_f64() * 1e3,
+                t.allocate.as_secs_f64() * 1e3,
                 t.map.as_secs_f64() * 1e3,
                 t.issue.as_secs_f64() * 1e3,
                 t.wait.as_secs_f64() * 1e3,

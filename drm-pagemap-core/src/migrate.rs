@@ -98,6 +98,10 @@ pub enum MigrateOutcome {
 pub struct MigrateTiming {
     /// Collecting, classifying and coalescing.
     pub plan: Duration,
+    /// After the plan, before the first call is mapped: the pages taken out of a process
+    /// mapping (where a layer keeps one) and the destination allocated (a fresh one: zero
+    /// for a reserved allocation, apart from the former).
+    pub allocate: Duration,
     /// Mapping pages for the executing devices (summed over the calls: each call is mapped
     /// just before it is issued).
     pub map: Duration,
@@ -590,6 +594,7 @@ impl AddressSpace {
             }
             Verdict::Plan => {}
         }
+        let allocating = Instant::now();
         // Pages will move: take them out of a process mapping first (they are locked), so
         // that no CPU store through it lands while (or after) they are copied.
         if let Some(hook) = self.cpu_maps.get() {
@@ -621,6 +626,7 @@ impl AddressSpace {
             .entered()
         });
         let t1 = Instant::now();
+        timing.allocate = t1 - allocating;
         // The pages of one call at a time (the backend takes them during the call): as many
         // entries as the largest call, not one per page of the migration.
         let longest = pieces_longest(plan, details.max_call_pages);
@@ -762,8 +768,9 @@ impl AddressSpace {
         drop(committing);
         timing.commit = t3.elapsed();
         // The latency: the sum of the phases (no further clock reading or subtraction).
-        self.stats
-            .migrated(timing.plan + timing.map + timing.issue + timing.wait + timing.commit);
+        self.stats.migrated(
+            timing.plan + timing.allocate + timing.map + timing.issue + timing.wait + timing.commit,
+        );
         Ok(MigrateReport {
             outcome: MigrateOutcome::Migrated,
             alloc: Some(alloc),

@@ -556,8 +556,8 @@ pub struct StatsSnapshot {
     /// Copy calls by size: buckets of bytes per call.
     pub call_bytes: Histogram,
     /// Migrations to device memory by latency: buckets of nanoseconds. The latency is the
-    /// sum of the migration's [`crate::MigrateTiming`] phases (plan, map, issue, wait,
-    /// commit): the allocation of a fresh destination, between plan and map, is not in it.
+    /// sum of the migration's [`crate::MigrateTiming`] phases (plan, allocate, map, issue,
+    /// wait, commit).
     pub migrate_latency_ns: Histogram,
     /// Migrations to device memory that moved pages.
     pub migrations: u64,

@@ -368,6 +368,8 @@ pub struct Audit {
     refuse_to_ram: AtomicBool,
     /// 4 KiB granules of host frames allocated and not freed.
     host_granules: AtomicU64,
+    /// How long each device allocation sleeps first.
+    alloc_delay: Mutex<Duration>,
 }
 
 impl Audit {
@@ -410,6 +412,11 @@ impl Audit {
     pub fn fail_populate(&self, n: u64) {
         let seen = self.populate_seen.load(Ordering::SeqCst);
         self.populate_fail_at.store(seen + n, Ordering::SeqCst);
+    }
+
+    /// Device allocations from now on sleep `d` first (`Duration::ZERO`: normal).
+    pub fn slow_allocations(&self, d: Duration) {
+        *self.alloc_delay.lock().unwrap_or_else(|p| p.into_inner()) = d;
     }
 
     /// Makes every `copy_to_ram` fail as unsupported (or stops doing so).
@@ -673,6 +680,14 @@ impl AuditPagemap {
 
 impl DevmemOps for AuditPagemap {
     fn allocate(&self, npages: usize, page_size: PageSize) -> Result<DevmemBacking, BackendError> {
+        let delay = *self
+            .audit
+            .alloc_delay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         let mut b = self.devmem.allocate(npages, page_size)?;
         self.audit.push(Event::Alloc {
             pagemap: self.id,
