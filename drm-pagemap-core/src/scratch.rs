@@ -239,9 +239,10 @@ impl AddressSpace {
     ///
     /// # Errors
     /// [`Error::BadRange`] when `range` is not (a page-aligned part of) a range of this
-    /// address space; [`Error::OutOfMemory`] when the buffers cannot be allocated, or would
-    /// take more than half the memory the system has available ([`crate::available_memory`]);
-    /// nothing is kept then, and what an earlier call kept is released.
+    /// address space (what an earlier call kept stays); [`Error::OutOfMemory`] when the
+    /// buffers cannot be allocated, or would take more than half the memory the system has
+    /// available ([`crate::available_memory`]): nothing is kept then (what an earlier call
+    /// kept was released first).
     pub fn keep_buffers(&self, range: VaRange) -> Result<KeptBufferInfo> {
         let pages = self.lock().locate(range, true)?.count;
         // The earlier set goes first (its memory is not held twice).
