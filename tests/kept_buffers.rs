@@ -79,9 +79,13 @@ fn kept_buffers_are_made_for_the_range_and_released() {
 fn a_large_migration_uses_the_kept_buffers_and_gives_them_back() {
     for b in backends() {
         let rig = build(&layout(), 3, PageSize::Size4K, Options::on(b).stamps());
-        let kept = rig.mm.keep_buffers(rig.range).unwrap();
-        // To pagemap 0 (three sources), then all of it to pagemap 1 (one push), then back.
+        assert_eq!(rig.mm.keep_buffers(rig.range).unwrap().pages, PAGES);
+        // To pagemap 0 (three sources), then to 1 and to 0 again (each `verify` reads the
+        // pages through the CPU, which brings them home in between).
         for to in [0, 1, 0] {
+            // Before: what was made, then what the copies back to RAM of `verify` (CPU reads
+            // bring the pages home) added to it.
+            let before = rig.mm.kept_buffers();
             let (r, during) = migrate_watching(&rig, to);
             r.unwrap();
             let in_use = KeptBufferInfo {
@@ -90,12 +94,41 @@ fn a_large_migration_uses_the_kept_buffers_and_gives_them_back() {
             };
             assert_eq!(during, Some(in_use), "{b}: in use");
             // Back, and no larger: the migration wrote into the kept memory.
-            assert_given_back(rig.mm.kept_buffers(), kept, b);
+            assert_given_back(rig.mm.kept_buffers(), before, b);
             rig.assert_layout(&format!("{to}*{PAGES}"));
             rig.verify();
         }
         rig.finish();
     }
+}
+
+#[test]
+fn evicting_a_large_allocation_works_in_the_kept_buffers_too() {
+    // The way back to RAM of an allocation the kept set fits takes the set: its own buffers
+    // (the pages it picks, the new frames) join the set the first time and are reused after.
+    let rig = build(&layout(), 3, PageSize::Size4K, Options::on("sim").stamps());
+    let made = rig.mm.keep_buffers(rig.range).unwrap();
+    let migrate_and_evict = |to: u8| {
+        let r = rig
+            .mm
+            .migrate(rig.range, PagemapId(to), &MigrateDetails::default())
+            .unwrap();
+        let ev = rig.mm.evict_to_ram(r.alloc.expect("moved")).unwrap();
+        assert_eq!((ev.pages, ev.released), (PAGES, true));
+        rig.assert_layout(&format!("s*{PAGES}"));
+        rig.verify();
+        rig.mm.kept_buffers()
+    };
+    let first = migrate_and_evict(0);
+    assert_eq!(first.pages, PAGES);
+    // At least the picked pages (12 bytes each) and the new frames (8) joined the set.
+    assert!(
+        first.bytes >= made.bytes + PAGES * 20,
+        "{first:?} after the first eviction, {made:?} made"
+    );
+    // The second round reuses them.
+    assert_given_back(migrate_and_evict(1), first, "second eviction");
+    rig.finish();
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::mapping::MapSource;
 use crate::mm::{AddressSpace, MmState, Span};
 use crate::page::{Kind, PageEntry, RmapEntry, Summary};
 use crate::plan::{Classified, Coalesce, Plan, PlanParams, PlannedCall, Verdict, plan, plan_into};
-use crate::scratch::Scratch;
+use crate::scratch::{Scratch, ScratchFor};
 use crate::stats::{Link, Location};
 use crate::txn::{Locked, Txn};
 use crate::types::{CopyOp, DeviceId, Direction, HostFrame, PagemapId, Pfn, VaRange};
@@ -283,7 +283,7 @@ impl AddressSpace {
             outcome = tracing::field::Empty,
         );
         let _entered = span.enter();
-        let mut sc = self.take_scratch(range);
+        let mut sc = self.take_scratch(ScratchFor::Range(range));
         let r = self.migrate_with(target, range, details, trace, while_copying, &mut sc);
         self.put_scratch(sc);
         match &r {

@@ -6,7 +6,8 @@
 //!   own.
 //! - **The address space's** ([`AddressSpace::keep_buffers`]): one set of buffers sized for
 //!   a range the caller names, made and written once (their memory resident) when it asks,
-//!   and reused by the large migrations that follow. Without it, the buffers of a large
+//!   and reused by the large migrations that follow (and the copies back to RAM of the
+//!   allocations they fit). Without it, the buffers of a large
 //!   migration (about 40 bytes per page: 10 MiB for a 1 GiB range of 4 KiB pages)
 //!   are allocated fresh each time, and writing fresh memory costs a page fault per 4 KiB
 //!   (1.7 us on the GPU machine) before the first copy starts.
@@ -63,6 +64,15 @@ const PREPARED_BYTES_PER_PAGE: u64 = (size_of::<PageEntry>()
     + size_of::<u32>()
     + size_of::<HostFrame>()
     + size_of::<DmaAddr>()) as u64;
+
+/// What a transaction moves, to size its buffers by.
+#[derive(Clone, Copy)]
+pub(crate) enum ScratchFor {
+    /// The pages of a range (a migration to device memory).
+    Range(VaRange),
+    /// The pages of an allocation (the way back to RAM).
+    Alloc(crate::AllocId),
+}
 
 /// Copy fences a kept set of buffers may have room for (one per copy call issued).
 const COPIES_KEEP: usize = 1024;
@@ -182,21 +192,30 @@ pub struct KeptBufferInfo {
 }
 
 impl AddressSpace {
-    /// Buffers for a transaction over `range`: the address space's kept set when the range
-    /// has more pages than the thread keeps buffers for, no more than the set was made for,
-    /// and the set is free; else the thread's.
-    pub(crate) fn take_scratch(&self, range: VaRange) -> Box<Scratch> {
+    /// Buffers for a transaction of `size`: the address space's kept set when it moves more
+    /// pages than the thread keeps buffers for, no more than the set was made for, and the
+    /// set is free; else the thread's.
+    pub(crate) fn take_scratch(&self, size: ScratchFor) -> Box<Scratch> {
         let kept = self.kept.pages.load(Ordering::Relaxed);
-        // A 4 KiB page is the smallest: fewer bytes than this many pages is a small range
-        // whatever its page size (and needs no look-up).
-        if kept > 0
-            && range.len / crate::PageSize::Size4K.bytes() > THREAD_KEEP as u64
-            && self
-                .lock()
-                .locate(range, true)
-                .is_ok_and(|s| s.count > THREAD_KEEP && s.count <= kept)
-            && let Some(sc) = self.kept.lock().take()
-        {
+        let large = |pages: usize| pages > THREAD_KEEP && pages <= kept;
+        let fits = kept > 0
+            && match size {
+                // A 4 KiB page is the smallest: fewer bytes than this many pages is a small
+                // range whatever its page size (and needs no look-up).
+                ScratchFor::Range(range) => {
+                    range.len / crate::PageSize::Size4K.bytes() > THREAD_KEEP as u64
+                        && self
+                            .lock()
+                            .locate(range, true)
+                            .is_ok_and(|s| large(s.count))
+                }
+                ScratchFor::Alloc(alloc) => self
+                    .lock()
+                    .allocs
+                    .get(alloc)
+                    .is_some_and(|rec| large(rec.pfns.len())),
+            };
+        if fits && let Some(sc) = self.kept.lock().take() {
             return sc;
         }
         Scratch::take_thread()
@@ -232,6 +251,10 @@ impl AddressSpace {
     /// without first faulting in fresh memory. About 40 bytes per page (10 MiB for a 1 GiB
     /// range of 4 KiB pages), held until [`AddressSpace::release_buffers`] or until the
     /// address space drops. Replaces what an earlier call kept.
+    ///
+    /// The way back to RAM (eviction, a CPU fault) of an allocation of up to that many pages
+    /// works in them too; its own buffers (about 24 bytes per page more) join the set the
+    /// first time and stay.
     ///
     /// One set is kept: concurrent large migrations beyond the first use fresh buffers, as
     /// do migrations larger than `range` (their buffers are then not kept). Small

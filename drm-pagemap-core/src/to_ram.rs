@@ -7,7 +7,7 @@ use crate::backend::CopyRequest;
 use crate::error::{BusyReason, Error, Result};
 use crate::mm::AddressSpace;
 use crate::page::{PageEntry, RmapEntry};
-use crate::scratch::Scratch;
+use crate::scratch::{Scratch, ScratchFor};
 use crate::stats::{Link, Location};
 use crate::txn::{Locked, Txn};
 use crate::types::{CopyOp, Direction, HostFrame, Pfn, VaRange};
@@ -176,7 +176,7 @@ impl AddressSpace {
     }
 
     fn to_ram_pass(&self, alloc: AllocId, window: Option<Window>, range: VaRange) -> Result<Pass> {
-        let mut sc = self.take_scratch(range);
+        let mut sc = self.take_scratch(ScratchFor::Alloc(alloc));
         let r = self.to_ram_pass_with(alloc, window, range, &mut sc);
         self.put_scratch(sc);
         r
@@ -235,6 +235,10 @@ impl AddressSpace {
             let (pm_id, ps) = (rec.pagemap, rec.page_size);
             picked.clear();
             pages.clear();
+            // Room for every page before the walk (no growth under the lock, and no more than
+            // the allocation's pages, so kept buffers stay kept: see `crate::scratch`).
+            picked.reserve_exact(rec.rmap.len());
+            pages.reserve_exact(rec.rmap.len());
             let mut busy = 0;
             for (j, r) in rec.rmap.iter().enumerate() {
                 if r.is_empty() {
