@@ -9,6 +9,9 @@
 #   (the same in a worktree of the baseline commit, then copy its .gpu/bin/* to .gpu/base/)
 # On the GPU machine:  OUT=/some/dir ROUNDS=3 PARTS=main,latency,copy backends/cuda/ab-run.sh
 # (ORDER="bin base" runs this build first in each round, to rule out an order effect.)
+# BASE_ARGS="--no-kept-buffers": the baseline's main-job runs get these arguments too; without
+# a .gpu/base the baseline is this build's binaries with them (an A/B of a flag in one build).
+#   OUT=/some/dir ROUNDS=7 PARTS=main BASE_ARGS=--no-kept-buffers backends/cuda/ab-run.sh
 # RESULTS=1: this build's (.gpu/bin) runs also leave results files for the plots of
 # BENCHMARKS.md in $OUT/results.tgz (copy bench JSON lines, fault_latency --json, the latency
 # and main-job text); unpack into docs/plots/data/<machine>/ and run
@@ -24,27 +27,34 @@ mkdir -p "$L"
 # results FILE: where this build's run of a part keeps its results file (none for the baseline).
 res() { [ "${RESULTS:-0}" = 1 ] && [ "$b" = bin ] && echo "$R/$1"; }
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
+# dir NAME: where NAME's binaries are (the baseline without .gpu/base: this build's).
+dir() { if [ "$1" = base ] && [ ! -d .gpu/base ]; then echo bin; else echo "$1"; fi; }
+# The baseline's extra main-job arguments (BASE_ARGS, split on spaces).
+extra=()
+read -r -a extra <<<"${BASE_ARGS:-}"
+args() { [ "$1" = base ] && [ ${#extra[@]} -gt 0 ] && printf '%s\n' "${extra[@]}"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$L/gpu.txt" 2>&1
 [ "${RESULTS:-0}" = 1 ] && cp "$L/gpu.txt" "$R/machine.txt"
 for r in $(seq 1 "$ROUNDS"); do
     for b in ${ORDER:-base bin}; do
         if want main; then
             for ps in 4096 65536 2097152; do
-                timeout 60 ".gpu/$b/migrate" --backend cuda --page-size "$ps" \
-                    >"$L/main-$b-$ps-$r.txt" 2>&1
+                mapfile -t more < <(args "$b")
+                timeout 60 ".gpu/$(dir "$b")/migrate" --backend cuda --page-size "$ps" \
+                    "${more[@]}" >"$L/main-$b-$ps-$r.txt" 2>&1
                 f=$(res "migrate-cuda-$ps-$r.txt") && cp "$L/main-$b-$ps-$r.txt" "$f"
             done
         fi
         if want latency; then
-            timeout 120 ".gpu/$b/svm_multi_device" latency --iters 1000 >"$L/svm-$b-$r.txt" 2>&1
+            timeout 120 ".gpu/$(dir "$b")/svm_multi_device" latency --iters 1000 >"$L/svm-$b-$r.txt" 2>&1
             f=$(res "svm-latency-cuda-run$r.txt") && cp "$L/svm-$b-$r.txt" "$f"
             json=()
             f=$(res "fault_latency-run$r.jsonl") && json=(--json "$f")
-            timeout 90 ".gpu/$b/bench-fault_latency" --iters 300 "${json[@]}" >"$L/fl-$b-$r.txt" 2>&1
+            timeout 90 ".gpu/$(dir "$b")/bench-fault_latency" --iters 300 "${json[@]}" >"$L/fl-$b-$r.txt" 2>&1
         fi
         if want copy && [ "$r" = 1 ]; then
             f=$(res cuda_copy.jsonl) || f=
-            DRM_PAGEMAP_BENCH_JSON=$f timeout 200 ".gpu/$b/bench-cuda_copy" --bench >"$L/copy-$b.txt" 2>&1
+            DRM_PAGEMAP_BENCH_JSON=$f timeout 200 ".gpu/$(dir "$b")/bench-cuda_copy" --bench >"$L/copy-$b.txt" 2>&1
         fi
     done
 done
