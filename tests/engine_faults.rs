@@ -301,6 +301,20 @@ fn every_step(b: &'static str, sites: &[FaultSite]) {
     }
 }
 
+/// Waits (within `common::DEADLOCK`) until `rig` has no deferred cleanup left: a deferred
+/// destination is released once the copies or clear still writing it are done, which run on
+/// the devices' engine threads and may still be running when a test's gate opens.
+fn wait_for_deferred_release(rig: &common::Rig) {
+    let t0 = std::time::Instant::now();
+    while rig.mm.deferred_cleanups() != 0 {
+        assert!(
+            t0.elapsed() < common::DEADLOCK,
+            "the deferred destination was never released"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn allocation_failure() {
     for b in backends() {
@@ -396,14 +410,7 @@ fn late_copy_fence_releases_the_destination_once_it_signals() {
         // The copy fences are the gate and the backend's copies, which run on the devices'
         // engine threads: on a busy machine one can still be running when the gate opens,
         // and the destination is released when it is done.
-        let t0 = std::time::Instant::now();
-        while rig.mm.deferred_cleanups() != 0 {
-            assert!(
-                t0.elapsed() < common::DEADLOCK,
-                "the deferred destination was never released"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_deferred_release(&rig);
         rig.audit.assert_released_once_since(mark);
         rig.audit.assert_mappings_balanced_since(mark);
         // Nothing changed, and a retry works.
@@ -451,14 +458,7 @@ fn pre_migrate_fence_that_is_late_fails_the_migration_cleanly() {
         rig.audit.assert_not_released_since(mark);
         gate.open();
         // The held copies now run and signal; the destination goes exactly once.
-        let t0 = std::time::Instant::now();
-        while rig.mm.deferred_cleanups() != 0 {
-            assert!(
-                t0.elapsed() < common::DEADLOCK,
-                "the deferred destination was never released"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_deferred_release(&rig);
         rig.audit.assert_released_once_since(mark);
         let r = rig.migrate(0, &MigrateDetails::default()).unwrap();
         assert_eq!(calls(&r.calls), vec![(0, common::D, 2), (1, common::R, 2)]);
@@ -563,14 +563,7 @@ fn late_pre_migrate_fence_keeps_the_destination_until_it_signals() {
         // The pre-migrate fence is the gate and the backend's clear, which runs on the
         // device's engine thread: on a busy machine it can still be running when the gate
         // opens, and the destination is released when the engine finishes it.
-        let t0 = std::time::Instant::now();
-        while rig.mm.deferred_cleanups() != 0 {
-            assert!(
-                t0.elapsed() < common::DEADLOCK,
-                "the deferred destination was never released"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_deferred_release(&rig);
         rig.audit.assert_released_once_since(mark);
         rig.verify();
         rig.finish();
