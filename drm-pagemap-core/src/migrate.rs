@@ -183,7 +183,8 @@ struct Run<'r, 'w> {
     any_device: bool,
 }
 
-/// The thread's buffers a migration uses besides its transaction's (see [`Scratch`]).
+/// The buffers a migration uses besides its transaction's (the thread's, or the address
+/// space's kept set: see [`Scratch`]).
 struct Buffers<'a> {
     snapshot: &'a [PageEntry],
     /// The source pfns of the device pages, filled before the first call that reads one.
