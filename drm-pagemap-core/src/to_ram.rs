@@ -182,11 +182,11 @@ impl AddressSpace {
         r
     }
 
-    /// [`AddressSpace::to_ram_pass`] in the buffers `sc` (see [`Scratch`]): collects and locks the
-    /// pages, then copies them back as a transaction ([`crate::txn`]): whatever happens after
-    /// the pages are locked (an error, a timeout, a panic of the backend), they are committed
-    /// or unlocked unchanged, and the new frames a copy may still write are parked until its
-    /// fence signals.
+    /// [`AddressSpace::to_ram_pass`] in the buffers `sc` (see [`Scratch`]): collects and
+    /// locks the pages, then copies them back as a transaction ([`crate::txn`]): whatever
+    /// happens after the pages are locked (an error, a timeout, a panic of the backend), they
+    /// are committed or unlocked unchanged, and the new frames a copy may still write are
+    /// parked until its fence signals.
     fn to_ram_pass_with(
         &self,
         alloc: AllocId,
